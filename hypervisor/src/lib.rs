@@ -1,0 +1,2 @@
+//! Guest backends: the `Guest` trait the replication engine drives, and its
+//! backends (`kvm`: the built-in micro-VM; `qemu`; `xen`). See DESIGN.md.

@@ -1,0 +1,1 @@
+//! Site PKI (certificate authority and site certificates for mutual TLS).

@@ -1,0 +1,1 @@
+//! Configuration: TOML file + REMUS_WAN_* environment overrides.

@@ -1,0 +1,5 @@
+//! remus-wan: the engine that wires the crates together (configuration,
+//! certificates, CLI commands; later the replication engine and status).
+
+pub mod certs;
+pub mod config;

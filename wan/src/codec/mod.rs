@@ -1,0 +1,1 @@
+//! Checkpoint wire format and delta codec (see docs/wire-format.md).

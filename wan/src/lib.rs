@@ -1,0 +1,4 @@
+//! Everything that crosses the wide-area link between sites: the checkpoint
+//! wire format and delta codec, the QUIC transport, and the WAN emulator.
+
+pub mod codec;
