@@ -2,4 +2,5 @@
 //! certificates, CLI commands; later the replication engine and status).
 
 pub mod certs;
+pub mod cli;
 pub mod config;

@@ -1,0 +1,24 @@
+//! Exit codes that mean something to scripts and service managers.
+
+use std::process::ExitCode;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Code {
+    Success = 0,
+    /// A runtime failure (I/O, peer, guest).
+    Failure = 1,
+    /// Bad command line (clap uses 2 as well).
+    Usage = 2,
+    /// The configuration file is unreadable or invalid.
+    Config = 3,
+    /// The command refused to act: it would overwrite keys, or lacks a
+    /// permission it needs.
+    Refused = 4,
+}
+
+impl From<Code> for ExitCode {
+    fn from(c: Code) -> Self {
+        ExitCode::from(c as u8)
+    }
+}

@@ -1,0 +1,69 @@
+//! The `remus-wan` command line: one file per subcommand.
+
+mod certs;
+mod config;
+pub mod exit;
+mod logging;
+
+use clap::{Parser, Subcommand};
+
+pub use logging::LogFormat;
+
+const ABOUT: &str =
+    "Keep a running VM alive, with its open TCP connections, when its whole datacenter goes dark";
+
+const LONG_ABOUT: &str = "\
+remus-wan checkpoints a running virtual machine many times a second at its
+primary site, ships each checkpoint delta-compressed over QUIC to a backup
+site in another datacenter, and holds the VM's network output until the
+backup has acknowledged the checkpoint it belongs to. When the primary site
+fails, a witness at a third site arbitrates, the backup resumes the VM from
+its last committed checkpoint and moves the VM's addresses (BGP or DNS).
+
+One configuration file describes the whole deployment; every process picks
+its own part with --site. Start with `remus-wan certs init` on each party
+and `remus-wan config check`.";
+
+const AFTER_HELP: &str = "\
+Roles (arriving with their issues; not in this build yet):
+  standby --site dc2        hold the replica of the VMs backed up at dc2
+  witness                   arbitrate which site may run each VM
+  protect web1 --site dc2   protect VM web1 towards site dc2
+  status, switchover        observe; move a VM by plan with no loss
+
+Exit codes: 0 success, 1 failure, 2 usage error, 3 invalid configuration,
+4 refused (would overwrite keys, missing permission).
+Logs go to stderr; RUST_LOG sets the filter (default: info).
+Documentation: docs/ in the source tree (operations.md, configuration.md).";
+
+#[derive(Debug, Parser)]
+#[command(name = "remus-wan", version, about = ABOUT, long_about = LONG_ABOUT, after_help = AFTER_HELP)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true, env = "REMUS_WAN_LOG_FORMAT")]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check a configuration file: structure, and with --site the files that party needs.
+    #[command(subcommand)]
+    Config(config::ConfigCommand),
+    /// Create the deployment's certificate authority and per-site certificates (mutual TLS).
+    #[command(subcommand)]
+    Certs(certs::CertsCommand),
+}
+
+impl Cli {
+    /// Runs the command; the returned code is the process exit status.
+    pub fn run(self) -> exit::Code {
+        logging::init(self.log_format);
+        match self.command {
+            Command::Config(c) => c.run(),
+            Command::Certs(c) => c.run(),
+        }
+    }
+}

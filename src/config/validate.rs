@@ -1,0 +1,580 @@
+//! Semantic checks that a well-typed configuration can still fail: names
+//! that must match, ranges, prefixes, and (for one host) files on disk.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use ipnet::IpNet;
+
+use super::error::Issue;
+use super::model::*;
+
+/// Checks everything that does not depend on the host the file is read on.
+pub fn structure(cfg: &Config) -> Vec<Issue> {
+    let mut v = Validator::default();
+    v.replication("replication", &cfg.replication);
+    v.sites(cfg);
+    v.vms(cfg);
+    v.bgp(cfg);
+    v.dns(cfg);
+    v.hooks(cfg);
+    v.issues
+}
+
+/// Checks that the files the party `party` (a site or the witness) needs
+/// are present: its own certificate and key, the CA, and the images, disks
+/// and secrets of the VMs it runs or backs up.
+pub fn files_for(cfg: &Config, party: &str) -> Vec<Issue> {
+    let mut v = Validator::default();
+    let mut known = false;
+    for (i, s) in cfg.sites.iter().enumerate() {
+        if s.name == party {
+            known = true;
+            v.tls_files(&format!("sites[{i}].tls"), &s.tls);
+        }
+    }
+    if let Some(w) = &cfg.witness {
+        if w.name == party {
+            known = true;
+            v.tls_files("witness.tls", &w.tls);
+        }
+    }
+    if !known {
+        v.push(
+            "--site",
+            format!(
+                "expected the name of a site or of the witness ({}), found {party:?}",
+                party_names(cfg).join(", ")
+            ),
+        );
+        return v.issues;
+    }
+    for (i, vm) in cfg.vms.iter().enumerate() {
+        if vm.primary != party && vm.backup != party {
+            continue;
+        }
+        let key = format!("vms[{i}]");
+        for (field, path) in [
+            ("guest_image", &vm.guest_image),
+            ("kernel", &vm.kernel),
+            ("initramfs", &vm.initramfs),
+            ("disk", &vm.disk),
+        ] {
+            if let Some(p) = path {
+                v.file_exists(&format!("{key}.{field}"), p);
+            }
+        }
+    }
+    if let Some(bgp) = &cfg.netops.bgp {
+        for (i, sp) in bgp.speakers.iter().enumerate() {
+            if sp.site != party {
+                continue;
+            }
+            for (j, p) in sp.peers.iter().enumerate() {
+                if let Some(f) = &p.md5_password_file {
+                    v.file_exists(
+                        &format!("netops.bgp.speakers[{i}].peers[{j}].md5_password_file"),
+                        f,
+                    );
+                }
+            }
+        }
+    }
+    if let Some(dns) = &cfg.netops.dns {
+        v.file_exists("netops.dns.tsig_secret_file", &dns.tsig_secret_file);
+    }
+    for (i, h) in cfg.netops.hooks.iter().enumerate() {
+        v.executable(&format!("netops.hooks[{i}].command"), &h.command);
+    }
+    v.issues
+}
+
+fn party_names(cfg: &Config) -> Vec<String> {
+    let mut names: Vec<String> = cfg.sites.iter().map(|s| s.name.clone()).collect();
+    if let Some(w) = &cfg.witness {
+        names.push(w.name.clone());
+    }
+    names
+}
+
+#[derive(Default)]
+struct Validator {
+    issues: Vec<Issue>,
+}
+
+impl Validator {
+    fn push(&mut self, key: &str, problem: impl Into<String>) {
+        self.issues.push(Issue::new(key, problem));
+    }
+
+    fn range<T: PartialOrd + std::fmt::Display>(&mut self, key: &str, value: T, lo: T, hi: T) {
+        if value < lo || value > hi {
+            self.push(
+                key,
+                format!("expected a value from {lo} to {hi}, found {value}"),
+            );
+        }
+    }
+
+    fn replication(&mut self, key: &str, r: &Replication) {
+        self.range(
+            &format!("{key}.epoch_interval_ms"),
+            r.epoch_interval_ms,
+            1,
+            60_000,
+        );
+        self.range(
+            &format!("{key}.page_cache_mib"),
+            r.page_cache_mib,
+            1,
+            1 << 20,
+        );
+        self.range(
+            &format!("{key}.compression_level"),
+            r.compression_level,
+            1,
+            22,
+        );
+        self.range(
+            &format!("{key}.max_epochs_in_flight"),
+            r.max_epochs_in_flight,
+            1,
+            64,
+        );
+        self.range(&format!("{key}.max_epoch_mib"), r.max_epoch_mib, 1, 1 << 16);
+    }
+
+    fn name(&mut self, key: &str, name: &str, what: &str) {
+        let ok = !name.is_empty()
+            && name.len() <= 63
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !name.starts_with('-')
+            && !name.ends_with('-');
+        if !ok {
+            self.push(
+                key,
+                format!(
+                    "expected a {what} name of 1-63 lowercase letters, digits and inner hyphens \
+                     (it is used as a certificate identity), found {name:?}"
+                ),
+            );
+        }
+    }
+
+    fn sites(&mut self, cfg: &Config) {
+        if cfg.sites.is_empty() {
+            self.push("sites", "expected at least one [[sites]] table, found none");
+        }
+        let mut seen = BTreeSet::new();
+        for (i, s) in cfg.sites.iter().enumerate() {
+            let key = format!("sites[{i}]");
+            self.name(&format!("{key}.name"), &s.name, "site");
+            if !seen.insert(s.name.as_str()) {
+                self.push(
+                    &format!("{key}.name"),
+                    format!("expected a unique site name, found {:?} twice", s.name),
+                );
+            }
+            if s.listen.port() == 0 {
+                self.push(&format!("{key}.listen"), "expected a non-zero UDP port");
+            }
+            if s.connect_addr().ip().is_unspecified() {
+                self.push(
+                    &format!("{key}.connect"),
+                    format!(
+                        "expected an address other parties can dial; `listen` is the wildcard \
+                         {}, so set `connect`",
+                        s.listen
+                    ),
+                );
+            }
+        }
+        if let Some(w) = &cfg.witness {
+            self.name("witness.name", &w.name, "witness");
+            if seen.contains(w.name.as_str()) {
+                self.push(
+                    "witness.name",
+                    format!(
+                        "expected a name different from every site, found {:?}",
+                        w.name
+                    ),
+                );
+            }
+            if w.listen.port() == 0 {
+                self.push("witness.listen", "expected a non-zero UDP port");
+            }
+        }
+    }
+
+    fn site_ref(&mut self, key: &str, cfg: &Config, name: &str) -> bool {
+        if cfg.sites.iter().any(|s| s.name == name) {
+            return true;
+        }
+        let known: Vec<&str> = cfg.sites.iter().map(|s| s.name.as_str()).collect();
+        self.push(
+            key,
+            format!(
+                "expected the name of a site defined in [[sites]] ({}), found {name:?}",
+                known.join(", ")
+            ),
+        );
+        false
+    }
+
+    fn vms(&mut self, cfg: &Config) {
+        let mut names = BTreeSet::new();
+        let mut prefixes: BTreeMap<IpNet, usize> = BTreeMap::new();
+        for (i, vm) in cfg.vms.iter().enumerate() {
+            let key = format!("vms[{i}]");
+            self.name(&format!("{key}.name"), &vm.name, "VM");
+            if !names.insert(vm.name.as_str()) {
+                self.push(
+                    &format!("{key}.name"),
+                    format!("expected a unique VM name, found {:?} twice", vm.name),
+                );
+            }
+            let p = self.site_ref(&format!("{key}.primary"), cfg, &vm.primary);
+            let b = self.site_ref(&format!("{key}.backup"), cfg, &vm.backup);
+            if p && b && vm.primary == vm.backup {
+                self.push(
+                    &format!("{key}.backup"),
+                    format!(
+                        "expected a site other than the primary {:?}: a replica in the same \
+                         site does not survive the site",
+                        vm.primary
+                    ),
+                );
+            }
+            match vm.backend {
+                Backend::Kvm if vm.guest_image.is_none() => self.push(
+                    &format!("{key}.guest_image"),
+                    "expected the path of the micro-VM guest program (backend \"kvm\"); \
+                     build it with `cargo xtask guest-image`",
+                ),
+                Backend::Qemu if vm.kernel.is_none() => self.push(
+                    &format!("{key}.kernel"),
+                    "expected the path of a Linux kernel image (backend \"qemu\")",
+                ),
+                _ => {}
+            }
+            // The micro-VM maps guest memory with 2 MiB pages.
+            if vm.memory_mib < 2 || vm.memory_mib % 2 != 0 || vm.memory_mib > 1 << 20 {
+                self.push(
+                    &format!("{key}.memory_mib"),
+                    format!(
+                        "expected an even number of MiB from 2 to 1048576, found {}",
+                        vm.memory_mib
+                    ),
+                );
+            }
+            self.range(&format!("{key}.vcpus"), vm.vcpus, 1, 64);
+            self.network(&format!("{key}.network"), &vm.network);
+            for (j, net) in vm.service_prefixes.iter().enumerate() {
+                let pkey = format!("{key}.service_prefixes[{j}]");
+                if net.trunc() != *net {
+                    self.push(
+                        &pkey,
+                        format!(
+                            "expected a prefix with no host bits set, found {net} (did you mean {}?)",
+                            net.trunc()
+                        ),
+                    );
+                }
+                if let Some(other) = prefixes.insert(*net, i) {
+                    self.push(
+                        &pkey,
+                        format!(
+                            "expected each prefix to belong to one VM, found {net} also in vms[{other}]"
+                        ),
+                    );
+                }
+            }
+            self.announce(&format!("{key}.announce"), &vm.announce);
+            if let Some(r) = &vm.replication {
+                self.replication(&format!("{key}.replication"), r);
+            }
+            for (j, rec) in vm.dns.iter().enumerate() {
+                self.dns_record(&format!("{key}.dns[{j}]"), cfg, vm, rec);
+            }
+        }
+    }
+
+    fn network(&mut self, key: &str, n: &VmNetwork) {
+        if n.tap.is_empty() || n.tap.len() > 15 || n.tap.contains(['/', ' ']) {
+            self.push(
+                &format!("{key}.tap"),
+                format!(
+                    "expected an interface name of 1-15 characters without '/' or spaces, found {:?}",
+                    n.tap
+                ),
+            );
+        }
+        if parse_mac(&n.mac).is_none() {
+            self.push(
+                &format!("{key}.mac"),
+                format!(
+                    "expected a unicast MAC address like \"52:54:00:12:34:56\", found {:?}",
+                    n.mac
+                ),
+            );
+        }
+        if let Some(gw) = n.gateway {
+            if !n.address.contains(&gw) {
+                self.push(
+                    &format!("{key}.gateway"),
+                    format!(
+                        "expected an address inside the guest's network {}, found {gw}",
+                        n.address.trunc()
+                    ),
+                );
+            }
+        }
+    }
+
+    fn announce(&mut self, key: &str, a: &Announce) {
+        for (j, c) in a.communities.iter().enumerate() {
+            if parse_community(c).is_none() {
+                self.push(
+                    &format!("{key}.communities[{j}]"),
+                    format!(
+                        "expected a community \"ASN:VALUE\" with two 16-bit numbers, found {c:?}"
+                    ),
+                );
+            }
+        }
+        for (j, c) in a.large_communities.iter().enumerate() {
+            if parse_large_community(c).is_none() {
+                self.push(
+                    &format!("{key}.large_communities[{j}]"),
+                    format!(
+                        "expected a large community \"ASN:DATA1:DATA2\" with three 32-bit numbers, found {c:?}"
+                    ),
+                );
+            }
+        }
+        self.range(&format!("{key}.prepend"), a.prepend, 0, 32);
+    }
+
+    fn dns_record(&mut self, key: &str, cfg: &Config, vm: &Vm, rec: &DnsRecord) {
+        match &cfg.netops.dns {
+            None => self.push(
+                key,
+                "expected a [netops.dns] section: this VM has DNS records to update",
+            ),
+            Some(dns) => {
+                if !in_zone(&rec.name, &dns.zone) {
+                    self.push(
+                        &format!("{key}.name"),
+                        format!(
+                            "expected a fully qualified name ending in '.' inside zone {:?}, found {:?}",
+                            dns.zone, rec.name
+                        ),
+                    );
+                }
+            }
+        }
+        for site in rec.addresses.keys() {
+            self.site_ref(&format!("{key}.addresses.{site}"), cfg, site);
+        }
+        for needed in [&vm.primary, &vm.backup] {
+            if !rec.addresses.contains_key(needed.as_str()) {
+                self.push(
+                    &format!("{key}.addresses"),
+                    format!("expected an address for site {needed:?}, where the VM can run"),
+                );
+            }
+        }
+        let families: BTreeSet<bool> = rec.addresses.values().map(|a| a.is_ipv4()).collect();
+        if families.len() > 1 {
+            self.push(
+                &format!("{key}.addresses"),
+                "expected addresses of one family per record (A or AAAA), found both",
+            );
+        }
+    }
+
+    fn bgp(&mut self, cfg: &Config) {
+        let Some(bgp) = &cfg.netops.bgp else { return };
+        if bgp.hold_time_s != 0 && bgp.hold_time_s < 3 {
+            self.push(
+                "netops.bgp.hold_time_s",
+                format!(
+                    "expected 0 or at least 3 seconds (RFC 4271), found {}",
+                    bgp.hold_time_s
+                ),
+            );
+        }
+        self.range("netops.bgp.connect_retry_s", bgp.connect_retry_s, 1, 3600);
+        self.range("netops.bgp.standby_prepend", bgp.standby_prepend, 1, 32);
+        let mut sites = BTreeSet::new();
+        for (i, sp) in bgp.speakers.iter().enumerate() {
+            let key = format!("netops.bgp.speakers[{i}]");
+            if self.site_ref(&format!("{key}.site"), cfg, &sp.site) && !sites.insert(&sp.site) {
+                self.push(
+                    &format!("{key}.site"),
+                    format!("expected one speaker per site, found {:?} twice", sp.site),
+                );
+            }
+            if sp.local_as == 0 || sp.local_as == 23456 {
+                self.push(
+                    &format!("{key}.local_as"),
+                    format!(
+                        "expected an AS number other than 0 and AS_TRANS 23456, found {}",
+                        sp.local_as
+                    ),
+                );
+            }
+            if sp.router_id.is_unspecified() {
+                self.push(
+                    &format!("{key}.router_id"),
+                    "expected a non-zero IPv4 router id",
+                );
+            }
+            if sp.peers.is_empty() {
+                self.push(&format!("{key}.peers"), "expected at least one peer");
+            }
+            for (j, p) in sp.peers.iter().enumerate() {
+                let pkey = format!("{key}.peers[{j}]");
+                if p.remote_as == 0 || p.remote_as == 23456 {
+                    self.push(
+                        &format!("{pkey}.remote_as"),
+                        format!(
+                            "expected an AS number other than 0 and AS_TRANS 23456, found {}",
+                            p.remote_as
+                        ),
+                    );
+                }
+                if p.port == 0 {
+                    self.push(&format!("{pkey}.port"), "expected a non-zero TCP port");
+                }
+            }
+        }
+        // A VM whose prefixes move by BGP needs a speaker wherever it can run.
+        for (i, vm) in cfg.vms.iter().enumerate() {
+            if vm.service_prefixes.is_empty() {
+                continue;
+            }
+            for (field, site) in [("primary", &vm.primary), ("backup", &vm.backup)] {
+                if cfg.sites.iter().any(|s| &s.name == site)
+                    && !bgp.speakers.iter().any(|sp| &sp.site == site)
+                {
+                    self.push(
+                        &format!("vms[{i}].{field}"),
+                        format!(
+                            "expected a BGP speaker for site {site:?} in [[netops.bgp.speakers]]: \
+                             the VM has service_prefixes to announce there"
+                        ),
+                    );
+                }
+            }
+        }
+    }
+
+    fn dns(&mut self, cfg: &Config) {
+        let Some(dns) = &cfg.netops.dns else { return };
+        if !dns.zone.ends_with('.') || dns.zone.len() < 2 {
+            self.push(
+                "netops.dns.zone",
+                format!(
+                    "expected a fully qualified zone name ending in '.', found {:?}",
+                    dns.zone
+                ),
+            );
+        }
+        if dns.tsig_key_name.is_empty() {
+            self.push("netops.dns.tsig_key_name", "expected a TSIG key name");
+        }
+        self.range("netops.dns.timeout_s", dns.timeout_s, 1, 300);
+    }
+
+    fn hooks(&mut self, cfg: &Config) {
+        for (i, h) in cfg.netops.hooks.iter().enumerate() {
+            self.range(
+                &format!("netops.hooks[{i}].timeout_s"),
+                h.timeout_s,
+                1,
+                3600,
+            );
+        }
+    }
+
+    fn tls_files(&mut self, key: &str, tls: &Tls) {
+        self.file_exists(&format!("{key}.ca"), &tls.ca);
+        self.file_exists(&format!("{key}.cert"), &tls.cert);
+        self.file_exists(&format!("{key}.key"), &tls.key);
+    }
+
+    fn file_exists(&mut self, key: &str, path: &Path) {
+        match std::fs::metadata(path) {
+            Ok(m) if m.is_file() => {}
+            Ok(_) => self.push(
+                key,
+                format!("expected a file, found a directory at {}", path.display()),
+            ),
+            Err(e) => self.push(
+                key,
+                format!("expected a readable file at {}: {e}", path.display()),
+            ),
+        }
+    }
+
+    fn executable(&mut self, key: &str, path: &Path) {
+        use std::os::unix::fs::PermissionsExt;
+        match std::fs::metadata(path) {
+            Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => {}
+            Ok(_) => self.push(
+                key,
+                format!("expected an executable file at {}", path.display()),
+            ),
+            Err(e) => self.push(
+                key,
+                format!("expected an executable file at {}: {e}", path.display()),
+            ),
+        }
+    }
+}
+
+/// `52:54:00:12:34:56` → bytes; refuses multicast addresses, which a NIC
+/// cannot own.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut out {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    if parts.next().is_some() || out[0] & 1 != 0 {
+        return None;
+    }
+    Some(out)
+}
+
+/// `"65000:100"` → (65000, 100).
+pub fn parse_community(s: &str) -> Option<(u16, u16)> {
+    let (a, b) = s.split_once(':')?;
+    Some((a.parse().ok()?, b.parse().ok()?))
+}
+
+/// `"65000:1:2"` → (65000, 1, 2).
+pub fn parse_large_community(s: &str) -> Option<(u32, u32, u32)> {
+    let mut it = s.split(':');
+    let r = (
+        it.next()?.parse().ok()?,
+        it.next()?.parse().ok()?,
+        it.next()?.parse().ok()?,
+    );
+    it.next().is_none().then_some(r)
+}
+
+fn in_zone(name: &str, zone: &str) -> bool {
+    if !name.ends_with('.') {
+        return false;
+    }
+    let (n, z) = (name.to_ascii_lowercase(), zone.to_ascii_lowercase());
+    n == z || n.ends_with(&format!(".{z}"))
+}
