@@ -176,6 +176,21 @@ fn expected_text(e: &config::ConfigError) -> String {
         .unwrap_or(&msg)
         .trim()
         .to_owned();
+    if let Some((name, value)) = msg
+        .strip_prefix("enum ")
+        .and_then(|r| r.split_once(" does not have variant constructor "))
+    {
+        return match enum_values(name) {
+            Some(values) => format!("expected one of {values}, found {value:?}"),
+            None => format!("unknown value {value:?}"),
+        };
+    }
+    if msg.contains("invalid IP address syntax") || msg.contains("invalid IP network") {
+        return format!(
+            "expected an IP address or prefix such as 198.51.100.80, 198.51.100.0/24 or \
+             2001:db8::/48, found something else ({msg})"
+        );
+    }
     if let Some(rest) = msg.strip_prefix("invalid type: ") {
         if let Some((found, expected)) = rest.split_once(", expected ") {
             return format!("expected {expected}, found {found}");
@@ -196,4 +211,18 @@ fn expected_text(e: &config::ConfigError) -> String {
         return format!("unknown value {rest}");
     }
     msg
+}
+
+/// The accepted spellings of our enums, for error messages.
+fn enum_values(name: &str) -> Option<&'static str> {
+    Some(match name {
+        "Backend" => "\"kvm\", \"qemu\", \"xen\"",
+        "StandbyPolicy" => "\"none\", \"prepend\"",
+        "PeerMode" => "\"active\", \"passive\", \"both\"",
+        "TsigAlgorithm" => "\"hmac-sha256\", \"hmac-sha384\", \"hmac-sha512\"",
+        "HookEvent" => {
+            "\"promote\", \"demote\", \"fence\", \"protection-lost\", \"protection-restored\""
+        }
+        _ => return None,
+    })
 }

@@ -1,1 +1,54 @@
-fn main() {}
+//! Project tasks: `cargo xtask test`, `cargo xtask demo`, `cargo xtask fuzz`.
+//!
+//! Each task installs what it needs first (idempotently: Debian packages
+//! with apt-get, tools with cargo install), so a fresh machine needs nothing
+//! but these commands.
+
+mod deps;
+mod tasks;
+
+use std::process::ExitCode;
+
+const USAGE: &str = "\
+usage: cargo xtask <task> [options]
+
+tasks:
+  test [--no-lint] [--fuzz-seconds N]
+                 install test dependencies, lint (fmt, clippy), run a bounded
+                 fuzz pass when the nightly toolchain is present, then every
+                 test of the workspace (cargo nextest); ends with the
+                 runner's summary line
+  demo           install what the demo needs and run it
+  fuzz [--seconds N]
+                 run every cargo-fuzz target for N seconds (default 60)
+  deps           only install the test dependencies";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(task) = args.first() else {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    let rest = &args[1..];
+    let result = match task.as_str() {
+        "test" => tasks::test(rest),
+        "demo" => tasks::demo(rest),
+        "fuzz" => tasks::fuzz(rest),
+        "deps" => deps::install_test_deps(),
+        "-h" | "--help" | "help" => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        other => {
+            eprintln!("unknown task {other:?}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask {task}: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! The tasks themselves.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+use crate::deps::{self, run};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_owned()
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn flag_value(args: &[String], name: &str) -> Result<Option<u64>> {
+    match args.iter().position(|a| a == name) {
+        None => Ok(None),
+        Some(i) => {
+            let v = args
+                .get(i + 1)
+                .with_context(|| format!("{name} needs a number"))?;
+            Ok(Some(v.parse().with_context(|| {
+                format!("{name}: expected a number, found {v:?}")
+            })?))
+        }
+    }
+}
+
+pub fn test(args: &[String]) -> Result<()> {
+    let lint = !args.iter().any(|a| a == "--no-lint");
+    let fuzz_seconds = flag_value(args, "--fuzz-seconds")?.unwrap_or(20);
+    deps::install_test_deps()?;
+
+    if lint {
+        eprintln!("xtask: cargo fmt --check");
+        run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+        eprintln!("xtask: cargo clippy");
+        run(cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
+    }
+
+    if fuzz_seconds > 0 {
+        fuzz_all(fuzz_seconds)?;
+    }
+
+    eprintln!("xtask: doc tests");
+    run(cargo().args(["test", "--workspace", "--doc", "--quiet"]))?;
+
+    // Last, so the final lines are the runner's summary.
+    eprintln!("xtask: cargo nextest run --workspace");
+    run(cargo().args([
+        "nextest",
+        "run",
+        "--workspace",
+        "--no-fail-fast",
+        "--profile",
+        "ci",
+    ]))
+}
+
+pub fn demo(_args: &[String]) -> Result<()> {
+    eprintln!("xtask: building and running the codec demo (release build)");
+    run(cargo().args([
+        "run",
+        "--release",
+        "--quiet",
+        "-p",
+        "wan",
+        "--example",
+        "codec_demo",
+    ]))
+}
+
+pub fn fuzz(args: &[String]) -> Result<()> {
+    let seconds = flag_value(args, "--seconds")?.unwrap_or(60);
+    if !deps::has_nightly() {
+        bail!("cargo-fuzz needs the nightly toolchain (rustup toolchain install nightly)");
+    }
+    fuzz_all(seconds)
+}
+
+/// Runs each fuzz target for a bounded time. cargo-fuzz needs nightly: where
+/// there is none, say so plainly (the decoders' property tests still run in
+/// the normal suite).
+fn fuzz_all(seconds: u64) -> Result<()> {
+    let fuzz_dirs = fuzz_projects();
+    if fuzz_dirs.is_empty() {
+        return Ok(());
+    }
+    if !deps::has_nightly() {
+        eprintln!(
+            "xtask: NOTE: no nightly toolchain, fuzz targets not run (their seed corpora run as tests)"
+        );
+        return Ok(());
+    }
+    deps::ensure_cargo_tool("cargo-fuzz", "cargo-fuzz")?;
+    for dir in fuzz_dirs {
+        let out = Command::new("cargo")
+            .args(["+nightly", "fuzz", "list"])
+            .current_dir(&dir)
+            .output()
+            .context("cargo fuzz list")?;
+        let targets = String::from_utf8_lossy(&out.stdout).to_string();
+        for target in targets.lines().map(str::trim).filter(|t| !t.is_empty()) {
+            eprintln!(
+                "xtask: fuzzing {target} in {} for {seconds} s",
+                dir.display()
+            );
+            run(Command::new("cargo")
+                .args([
+                    "+nightly",
+                    "fuzz",
+                    "run",
+                    target,
+                    "--",
+                    "-rss_limit_mb=2048",
+                ])
+                .arg(format!("-max_total_time={seconds}"))
+                .current_dir(&dir))?;
+        }
+    }
+    Ok(())
+}
+
+/// Crate folders that hold a cargo-fuzz project (`<crate>/fuzz/Cargo.toml`).
+fn fuzz_projects() -> Vec<PathBuf> {
+    ["wan", "netops", "failover", "hypervisor"]
+        .iter()
+        .map(|c| root().join(c))
+        .filter(|c| c.join("fuzz/Cargo.toml").exists())
+        .collect()
+}
