@@ -1,2 +1,5 @@
 //! Guest backends: the `Guest` trait the replication engine drives, and its
 //! backends (`kvm`: the built-in micro-VM; `qemu`; `xen`). See DESIGN.md.
+
+pub mod guest_build;
+pub mod kvm;

@@ -1,0 +1,285 @@
+//! virtio-blk on a raw image file. Every write passes a [`WriteHook`] (the
+//! replication engine records it for the current epoch) before it reaches
+//! the file; completions reach the guest at once.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use virtio_queue::{Queue, QueueState, QueueT};
+
+use super::virtio::{read_config_bytes, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1};
+use crate::kvm::memory::GuestMemoryMmap;
+
+/// VIRTIO_BLK_F_FLUSH.
+pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+/// Sector size.
+pub const SECTOR: u64 = 512;
+const QUEUE_SIZE: u16 = 128;
+/// Largest request accepted, in bytes.
+const MAX_REQUEST: usize = 1 << 20;
+
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const T_GET_ID: u32 = 8;
+const S_OK: u8 = 0;
+const S_IOERR: u8 = 1;
+const S_UNSUPP: u8 = 2;
+
+/// Sees every disk write before it is applied.
+pub trait WriteHook: Send {
+    /// `data` is about to be written at byte `offset` of the image.
+    fn on_write(&mut self, offset: u64, data: &[u8]);
+    /// The guest asked for a flush (writes so far must be durable).
+    fn on_flush(&mut self) {}
+}
+
+/// Counters of the device.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BlockStats {
+    /// Read requests.
+    pub reads: u64,
+    /// Write requests.
+    pub writes: u64,
+    /// Flushes.
+    pub flushes: u64,
+    /// Requests refused (bad range, malformed chain, I/O error).
+    pub errors: u64,
+}
+
+/// Saved state of a virtio-blk device. Requests complete synchronously, so
+/// none is ever in flight when the vCPUs are paused.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BlockState {
+    /// Capacity in sectors.
+    pub capacity: u64,
+    /// Features the driver accepted.
+    pub acked_features: u64,
+    /// The request queue.
+    pub queues: Vec<QueueState>,
+    /// Whether the device was activated.
+    pub activated: bool,
+}
+
+/// The virtio-blk device.
+pub struct Block {
+    file: File,
+    capacity: u64,
+    acked_features: u64,
+    queues: Vec<Queue>,
+    mem: Option<GuestMemoryMmap>,
+    hook: Option<Box<dyn WriteHook>>,
+    stats: BlockStats,
+}
+
+impl std::fmt::Debug for Block {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Block")
+            .field("capacity", &self.capacity)
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+impl Block {
+    /// Opens `path` read-write.
+    pub fn open(path: &Path) -> std::io::Result<Block> {
+        let file = File::options().read(true).write(true).open(path)?;
+        let len = file.metadata()?.len();
+        Ok(Block {
+            file,
+            capacity: len / SECTOR,
+            acked_features: 0,
+            queues: vec![Queue::new(QUEUE_SIZE).expect("constant queue size is valid")],
+            mem: None,
+            hook: None,
+            stats: BlockStats::default(),
+        })
+    }
+
+    /// Installs the write hook.
+    pub fn set_write_hook(&mut self, hook: Option<Box<dyn WriteHook>>) {
+        self.hook = hook;
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> BlockStats {
+        self.stats
+    }
+
+    /// Saves the device state.
+    pub fn save(&self) -> BlockState {
+        BlockState {
+            capacity: self.capacity,
+            acked_features: self.acked_features,
+            queues: self.queues.iter().map(|q| q.state()).collect(),
+            activated: self.mem.is_some(),
+        }
+    }
+
+    fn range_ok(&self, sector: u64, len: usize) -> Option<u64> {
+        let off = sector.checked_mul(SECTOR)?;
+        let end = off.checked_add(len as u64)?;
+        (len as u64 % SECTOR == 0 && end <= self.capacity * SECTOR).then_some(off)
+    }
+
+    fn process(&mut self) {
+        let Some(mem) = self.mem.clone() else {
+            return;
+        };
+        for _ in 0..QUEUE_SIZE {
+            let Some(chain) = self.queues[0].pop_descriptor_chain(&mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let used = match (chain.clone().reader(&mem), chain.writer(&mem)) {
+                (Ok(r), Ok(w)) => self.request(r, w),
+                _ => {
+                    self.stats.errors += 1;
+                    0
+                }
+            };
+            if let Err(e) = self.queues[0].add_used(&mem, head, used) {
+                tracing::warn!("virtio-blk: cannot complete request: {e}");
+            }
+        }
+    }
+
+    /// Serves one request; returns the bytes written into guest buffers.
+    fn request<B: vm_memory::bitmap::BitmapSlice>(
+        &mut self,
+        mut r: virtio_queue::Reader<'_, B>,
+        mut w: virtio_queue::Writer<'_, B>,
+    ) -> u32 {
+        let mut hdr = [0u8; 16];
+        let writable = w.available_bytes();
+        if writable == 0 || r.read_exact(&mut hdr).is_err() {
+            self.stats.errors += 1;
+            return 0;
+        }
+        let Ok(mut status_w) = w.split_at(writable - 1) else {
+            self.stats.errors += 1;
+            return 0;
+        };
+        let ty = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
+        let sector = u64::from_le_bytes(hdr[8..16].try_into().unwrap_or([0; 8]));
+        let mut data_written = 0usize;
+        let status = match ty {
+            T_IN => {
+                let len = w.available_bytes();
+                match self.range_ok(sector, len).filter(|_| len <= MAX_REQUEST) {
+                    Some(off) => {
+                        let mut buf = vec![0u8; len];
+                        match self.file.read_exact_at(&mut buf, off).and_then(|_| w.write_all(&buf)) {
+                            Ok(()) => {
+                                self.stats.reads += 1;
+                                data_written = len;
+                                S_OK
+                            }
+                            Err(_) => S_IOERR,
+                        }
+                    }
+                    None => S_IOERR,
+                }
+            }
+            T_OUT => {
+                let len = r.available_bytes();
+                match self.range_ok(sector, len).filter(|_| len <= MAX_REQUEST) {
+                    Some(off) => {
+                        let mut buf = vec![0u8; len];
+                        match r.read_exact(&mut buf) {
+                            Ok(()) => {
+                                if let Some(h) = &mut self.hook {
+                                    h.on_write(off, &buf);
+                                }
+                                match self.file.write_all_at(&buf, off) {
+                                    Ok(()) => {
+                                        self.stats.writes += 1;
+                                        S_OK
+                                    }
+                                    Err(_) => S_IOERR,
+                                }
+                            }
+                            Err(_) => S_IOERR,
+                        }
+                    }
+                    None => S_IOERR,
+                }
+            }
+            T_FLUSH => {
+                if let Some(h) = &mut self.hook {
+                    h.on_flush();
+                }
+                self.stats.flushes += 1;
+                if self.file.sync_data().is_ok() {
+                    S_OK
+                } else {
+                    S_IOERR
+                }
+            }
+            T_GET_ID => {
+                let id = b"remus-wan-disk\0\0\0\0\0\0";
+                let n = w.available_bytes().min(id.len());
+                if w.write_all(&id[..n]).is_ok() {
+                    data_written = n;
+                    S_OK
+                } else {
+                    S_IOERR
+                }
+            }
+            _ => S_UNSUPP,
+        };
+        if status != S_OK {
+            self.stats.errors += 1;
+        }
+        if status_w.write_all(&[status]).is_err() {
+            return data_written as u32;
+        }
+        (data_written + 1) as u32
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        TYPE_BLOCK
+    }
+    fn avail_features(&self) -> u64 {
+        VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH
+    }
+    fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features;
+    }
+    fn queues(&self) -> &[Queue] {
+        &self.queues
+    }
+    fn queues_mut(&mut self) -> &mut [Queue] {
+        &mut self.queues
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.capacity.to_le_bytes(), offset, data);
+    }
+    fn activate(&mut self, mem: GuestMemoryMmap) -> Result<(), String> {
+        self.mem = Some(mem);
+        Ok(())
+    }
+    fn is_activated(&self) -> bool {
+        self.mem.is_some()
+    }
+    fn notify(&mut self, index: u16) {
+        if index == 0 {
+            self.process();
+        }
+    }
+    fn reset(&mut self) {
+        self.mem = None;
+        self.acked_features = 0;
+        for q in &mut self.queues {
+            q.reset();
+        }
+    }
+}

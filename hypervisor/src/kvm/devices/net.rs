@@ -1,0 +1,287 @@
+//! virtio-net. Transmitted frames leave through a [`FrameSink`] (the tap,
+//! or the replication engine, which holds them until their epoch commits).
+//! Received frames are written into the guest's receive buffers at once.
+
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use virtio_queue::{Queue, QueueState, QueueT};
+
+use super::tap::Tap;
+use super::virtio::{read_config_bytes, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1};
+use crate::kvm::memory::GuestMemoryMmap;
+
+/// VIRTIO_NET_F_MAC.
+pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+/// Header before every frame when VERSION_1 is negotiated.
+pub const HDR_LEN: usize = 12;
+/// Largest frame accepted from the guest (no offloads: MTU 1500 + header).
+pub const MAX_FRAME: usize = 1514;
+const QUEUE_SIZE: u16 = 256;
+const RX: usize = 0;
+const TX: usize = 1;
+/// Frames kept while the guest has no receive buffer posted.
+const MAX_PENDING_RX: usize = 256;
+
+/// Where transmitted frames go.
+pub trait FrameSink: Send {
+    /// One Ethernet frame (without virtio header) from the guest.
+    fn send(&mut self, frame: &[u8]);
+}
+
+/// Counters of the device.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NetStats {
+    /// Frames the guest sent.
+    pub tx_frames: u64,
+    /// Frames given to the guest.
+    pub rx_frames: u64,
+    /// Frames dropped (no buffer, too big, malformed chain).
+    pub dropped: u64,
+}
+
+/// Saved state of a virtio-net device.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NetState {
+    /// MAC address.
+    pub mac: [u8; 6],
+    /// Features the driver accepted.
+    pub acked_features: u64,
+    /// The receive and transmit queues.
+    pub queues: Vec<QueueState>,
+    /// Whether the device was activated.
+    pub activated: bool,
+    /// Received frames not yet delivered.
+    pub pending_rx: Vec<Vec<u8>>,
+}
+
+/// The virtio-net device.
+pub struct Net {
+    mac: [u8; 6],
+    acked_features: u64,
+    queues: Vec<Queue>,
+    mem: Option<GuestMemoryMmap>,
+    sink: Box<dyn FrameSink>,
+    pending_rx: VecDeque<Vec<u8>>,
+    stats: NetStats,
+}
+
+impl std::fmt::Debug for Net {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Net")
+            .field("mac", &self.mac)
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+impl Net {
+    /// A device with `mac` whose transmitted frames go to `sink`.
+    pub fn new(mac: [u8; 6], sink: Box<dyn FrameSink>) -> Self {
+        Net {
+            mac,
+            acked_features: 0,
+            queues: (0..2)
+                .map(|_| Queue::new(QUEUE_SIZE).expect("constant queue size is valid"))
+                .collect(),
+            mem: None,
+            sink,
+            pending_rx: VecDeque::new(),
+            stats: NetStats::default(),
+        }
+    }
+
+    /// Replaces the transmit sink (the engine takes over output).
+    pub fn set_sink(&mut self, sink: Box<dyn FrameSink>) {
+        self.sink = sink;
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> NetStats {
+        self.stats
+    }
+
+    /// Saves the device state.
+    pub fn save(&self) -> NetState {
+        NetState {
+            mac: self.mac,
+            acked_features: self.acked_features,
+            queues: self.queues.iter().map(|q| q.state()).collect(),
+            activated: self.mem.is_some(),
+            pending_rx: self.pending_rx.iter().cloned().collect(),
+        }
+    }
+
+    /// A frame arrived for the guest: deliver it now, or keep it until the
+    /// guest posts a buffer.
+    pub fn receive(&mut self, frame: &[u8]) {
+        if self.mem.is_none() {
+            self.stats.dropped += 1;
+            return;
+        }
+        if !self.pending_rx.is_empty() || !self.deliver(frame) {
+            if self.pending_rx.len() >= MAX_PENDING_RX {
+                self.pending_rx.pop_front();
+                self.stats.dropped += 1;
+            }
+            self.pending_rx.push_back(frame.to_vec());
+            self.flush_pending();
+        }
+    }
+
+    fn flush_pending(&mut self) {
+        while let Some(f) = self.pending_rx.pop_front() {
+            if !self.deliver(&f) {
+                self.pending_rx.push_front(f);
+                return;
+            }
+        }
+    }
+
+    /// Writes one frame into the next receive buffer; `false` when the
+    /// guest has none posted.
+    fn deliver(&mut self, frame: &[u8]) -> bool {
+        let Some(mem) = self.mem.as_ref() else {
+            return false;
+        };
+        let q = &mut self.queues[RX];
+        let Some(chain) = q.pop_descriptor_chain(mem) else {
+            return false;
+        };
+        let head = chain.head_index();
+        let mut written = 0u32;
+        match chain.writer(mem) {
+            Ok(mut w) if w.available_bytes() >= HDR_LEN + frame.len() => {
+                let mut hdr = [0u8; HDR_LEN];
+                hdr[10..12].copy_from_slice(&1u16.to_le_bytes()); // num_buffers
+                if w.write_all(&hdr).and_then(|_| w.write_all(frame)).is_ok() {
+                    written = (HDR_LEN + frame.len()) as u32;
+                    self.stats.rx_frames += 1;
+                } else {
+                    self.stats.dropped += 1;
+                }
+            }
+            _ => self.stats.dropped += 1,
+        }
+        if let Err(e) = q.add_used(mem, head, written) {
+            tracing::warn!("virtio-net: cannot return rx buffer: {e}");
+        }
+        true
+    }
+
+    fn process_tx(&mut self) {
+        let Some(mem) = self.mem.as_ref() else {
+            return;
+        };
+        let mut frame = Vec::with_capacity(HDR_LEN + MAX_FRAME);
+        // Bounded: at most one pass over the ring per notification.
+        for _ in 0..QUEUE_SIZE {
+            let q = &mut self.queues[TX];
+            let Some(chain) = q.pop_descriptor_chain(mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            frame.clear();
+            let ok = match chain.reader(mem) {
+                Ok(r) => {
+                    let n = r.available_bytes();
+                    (HDR_LEN..=HDR_LEN + MAX_FRAME).contains(&n)
+                        && r.take(n as u64).read_to_end(&mut frame).is_ok()
+                }
+                Err(_) => false,
+            };
+            if ok {
+                self.stats.tx_frames += 1;
+                self.sink.send(&frame[HDR_LEN..]);
+            } else {
+                self.stats.dropped += 1;
+            }
+            if let Err(e) = q.add_used(mem, head, 0) {
+                tracing::warn!("virtio-net: cannot return tx buffer: {e}");
+            }
+        }
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        TYPE_NET
+    }
+    fn avail_features(&self) -> u64 {
+        VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC
+    }
+    fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features;
+    }
+    fn queues(&self) -> &[Queue] {
+        &self.queues
+    }
+    fn queues_mut(&mut self) -> &mut [Queue] {
+        &mut self.queues
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // mac[6], status u16 (link up; only read if STATUS was negotiated).
+        let mut cfg = [0u8; 8];
+        cfg[..6].copy_from_slice(&self.mac);
+        cfg[6] = 1;
+        read_config_bytes(&cfg, offset, data);
+    }
+    fn activate(&mut self, mem: GuestMemoryMmap) -> Result<(), String> {
+        if self.acked_features & VIRTIO_F_VERSION_1 == 0 {
+            return Err("driver did not accept VIRTIO_F_VERSION_1".into());
+        }
+        self.mem = Some(mem);
+        Ok(())
+    }
+    fn is_activated(&self) -> bool {
+        self.mem.is_some()
+    }
+    fn notify(&mut self, index: u16) {
+        match index as usize {
+            RX => self.flush_pending(),
+            TX => self.process_tx(),
+            _ => {}
+        }
+    }
+    fn reset(&mut self) {
+        self.mem = None;
+        self.acked_features = 0;
+        self.pending_rx.clear();
+        for q in &mut self.queues {
+            q.reset();
+        }
+    }
+}
+
+/// Moves frames from the tap into the device until `stop` is set.
+pub fn spawn_rx_pump(
+    tap: Tap,
+    net: Arc<Mutex<Net>>,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(format!("net-rx-{}", tap.name()))
+        .spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while !stop.load(Ordering::Relaxed) {
+                match tap.recv_timeout(&mut buf, Duration::from_millis(100)) {
+                    Ok(Some(n)) => net
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .receive(&buf[..n]),
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(tap = %tap.name(), "tap read failed, receive path stops: {e}");
+                        return;
+                    }
+                }
+            }
+        })
+}

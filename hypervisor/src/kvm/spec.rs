@@ -1,0 +1,180 @@
+//! What a micro-VM is made of: a plain description, independent of any
+//! configuration file format (the `remus-wan` crate converts its config).
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use super::devices::net::FrameSink;
+use super::devices::block::WriteHook;
+
+/// A micro-VM to build.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    /// Name (for logs and errors).
+    pub name: String,
+    /// Path to the guest ELF image.
+    pub guest_image: PathBuf,
+    /// RAM in MiB.
+    pub memory_mib: u64,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// Raw disk image, exposed as virtio-blk.
+    pub disk: Option<PathBuf>,
+    /// Network device, exposed as virtio-net.
+    pub network: Option<NetSpec>,
+    /// Dirtying workload of the network guest.
+    pub workload: Workload,
+    /// Where the debug console goes.
+    pub console: ConsoleSpec,
+    /// Free argument passed to the guest program (`BootInfo::arg`).
+    pub guest_arg: u64,
+}
+
+/// A virtio-net device backed by a tap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetSpec {
+    /// Tap device name (created if missing).
+    pub tap: String,
+    /// Guest MAC address.
+    pub mac: [u8; 6],
+    /// Guest IPv4 address.
+    pub address: Ipv4Addr,
+    /// Prefix length of `address`.
+    pub prefix_len: u8,
+    /// Default gateway.
+    pub gateway: Option<Ipv4Addr>,
+}
+
+/// Memory-dirtying workload the guest runs beside its services.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Workload {
+    /// Working set in 4 KiB pages (0: no workload).
+    pub dirty_set_pages: u64,
+    /// Pages written per millisecond.
+    pub dirty_pages_per_ms: u64,
+}
+
+/// Where console output goes (it is always kept in memory too).
+#[derive(Debug, Clone, Default)]
+pub struct ConsoleSpec {
+    /// Append console lines to this file.
+    pub log_file: Option<PathBuf>,
+    /// Also print console lines on standard error.
+    pub to_terminal: bool,
+}
+
+impl VmSpec {
+    /// A spec with one vCPU, 64 MiB, no devices.
+    pub fn new(name: impl Into<String>, guest_image: impl Into<PathBuf>) -> Self {
+        VmSpec {
+            name: name.into(),
+            guest_image: guest_image.into(),
+            memory_mib: 64,
+            vcpus: 1,
+            disk: None,
+            network: None,
+            workload: Workload::default(),
+            console: ConsoleSpec::default(),
+            guest_arg: 0,
+        }
+    }
+
+    /// Sets RAM size.
+    pub fn memory_mib(mut self, mib: u64) -> Self {
+        self.memory_mib = mib;
+        self
+    }
+
+    /// Sets the vCPU count.
+    pub fn vcpus(mut self, n: u8) -> Self {
+        self.vcpus = n;
+        self
+    }
+
+    /// Adds a virtio-blk disk.
+    pub fn disk(mut self, path: impl Into<PathBuf>) -> Self {
+        self.disk = Some(path.into());
+        self
+    }
+
+    /// Adds a virtio-net device.
+    pub fn network(mut self, net: NetSpec) -> Self {
+        self.network = Some(net);
+        self
+    }
+
+    /// Sets the dirtying workload.
+    pub fn workload(mut self, w: Workload) -> Self {
+        self.workload = w;
+        self
+    }
+
+    /// Sets the guest program's argument.
+    pub fn guest_arg(mut self, arg: u64) -> Self {
+        self.guest_arg = arg;
+        self
+    }
+
+    /// Sets the console destination.
+    pub fn console(mut self, c: ConsoleSpec) -> Self {
+        self.console = c;
+        self
+    }
+}
+
+impl NetSpec {
+    /// Parses `"52:54:00:12:34:56"`.
+    pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+        let mut mac = [0u8; 6];
+        let mut parts = s.split(':');
+        for b in &mut mac {
+            *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+        }
+        parts.next().is_none().then_some(mac)
+    }
+
+    /// Parses `"192.0.2.10/24"`.
+    pub fn parse_address(s: &str) -> Option<(Ipv4Addr, u8)> {
+        let (a, p) = s.split_once('/')?;
+        let p: u8 = p.parse().ok()?;
+        (p <= 32).then_some((a.parse().ok()?, p))
+    }
+}
+
+/// Seams through which the engine takes over the devices' output.
+#[derive(Default)]
+pub struct Seams {
+    /// Transmitted frames go here instead of the tap.
+    pub frame_sink: Option<Box<dyn FrameSink>>,
+    /// Called with every disk write before it reaches the image.
+    pub write_hook: Option<Box<dyn WriteHook>>,
+}
+
+impl std::fmt::Debug for Seams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Seams")
+            .field("frame_sink", &self.frame_sink.is_some())
+            .field("write_hook", &self.write_hook.is_some())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_mac_and_address() {
+        assert_eq!(
+            NetSpec::parse_mac("52:54:00:12:34:5f"),
+            Some([0x52, 0x54, 0, 0x12, 0x34, 0x5f])
+        );
+        assert_eq!(NetSpec::parse_mac("52:54:00:12:34"), None);
+        assert_eq!(NetSpec::parse_mac("52:54:00:12:34:56:78"), None);
+        assert_eq!(
+            NetSpec::parse_address("192.0.2.10/24"),
+            Some((Ipv4Addr::new(192, 0, 2, 10), 24))
+        );
+        assert_eq!(NetSpec::parse_address("192.0.2.10/33"), None);
+    }
+}

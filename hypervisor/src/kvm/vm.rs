@@ -1,0 +1,281 @@
+//! A running micro-VM: its vCPU threads, devices and the state they share.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::VmFd;
+
+use super::devices::block::{Block, BlockStats};
+use super::devices::bus::MmioBus;
+use super::devices::console::Console;
+use super::devices::net::{Net, NetStats};
+use super::error::{Error, Result};
+use super::kick;
+use super::memory::{self, GuestMemoryMmap};
+
+/// How a VM ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// The guest wrote its exit code to the exit port.
+    Guest(u32),
+    /// The VM was stopped from outside (`Vm::shutdown`, a signal).
+    Stopped,
+}
+
+/// What a vCPU reports when it stops.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    Exited(u32),
+    Failed(Error),
+}
+
+#[derive(Debug, Default)]
+struct Status {
+    ready_at: Option<Instant>,
+    outcome: Option<Outcome>,
+    running: usize,
+    threads: Vec<Option<libc::pthread_t>>,
+}
+
+/// State shared by the vCPU threads and the `Vm` handle.
+pub(crate) struct Shared {
+    pub(crate) mem: GuestMemoryMmap,
+    pub(crate) bus: MmioBus,
+    console: Mutex<Console>,
+    stop: Arc<AtomicBool>,
+    status: Mutex<Status>,
+    changed: Condvar,
+}
+
+impl Shared {
+    pub(crate) fn new(mem: GuestMemoryMmap, bus: MmioBus, console: Console, vcpus: usize) -> Self {
+        Shared {
+            mem,
+            bus,
+            console: Mutex::new(console),
+            stop: Arc::new(AtomicBool::new(false)),
+            status: Mutex::new(Status {
+                running: vcpus,
+                threads: vec![None; vcpus],
+                ..Default::default()
+            }),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn status(&self) -> MutexGuard<'_, Status> {
+        self.status.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn console(&self) -> MutexGuard<'_, Console> {
+        self.console.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
+    pub(crate) fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_ready(&self) {
+        let mut s = self.status();
+        s.ready_at.get_or_insert_with(Instant::now);
+        self.changed.notify_all();
+    }
+
+    pub(crate) fn register_thread(&self, index: usize) {
+        // SAFETY: pthread_self has no preconditions.
+        let tid = unsafe { libc::pthread_self() };
+        self.status().threads[index] = Some(tid);
+    }
+
+    /// Sets the stop flag and kicks every vCPU still running.
+    pub(crate) fn request_stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        let s = self.status();
+        for tid in s.threads.iter().flatten() {
+            // The thread clears its entry (under this lock) before it ends,
+            // so every tid here is alive.
+            kick::kick(*tid);
+        }
+        self.changed.notify_all();
+    }
+
+    pub(crate) fn vcpu_done(&self, index: usize, outcome: Option<Outcome>) {
+        let ends_vm = outcome.is_some();
+        {
+            let mut s = self.status();
+            s.threads[index] = None;
+            s.running -= 1;
+            if s.outcome.is_none() {
+                s.outcome = outcome;
+            }
+        }
+        if ends_vm {
+            self.request_stop();
+        }
+        self.changed.notify_all();
+    }
+
+    pub(crate) fn park_until_stop(&self) {
+        let mut s = self.status();
+        while !self.stopping() {
+            s = self
+                .changed
+                .wait_timeout(s, Duration::from_millis(200))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+/// A running micro-VM. Dropping it stops it.
+pub struct Vm {
+    pub(crate) name: String,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) vm_fd: VmFd,
+    pub(crate) vcpu_threads: Vec<JoinHandle<()>>,
+    pub(crate) io_threads: Vec<JoinHandle<()>>,
+    pub(crate) net: Option<Arc<Mutex<Net>>>,
+    pub(crate) block: Option<Arc<Mutex<Block>>>,
+    pub(crate) started: Instant,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm").field("name", &self.name).finish()
+    }
+}
+
+impl Vm {
+    /// The VM's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Waits until the guest reports ready; returns the time from start.
+    /// Fails if the VM ends first or `timeout` passes.
+    pub fn wait_ready(&self, timeout: Duration) -> std::result::Result<Duration, String> {
+        let deadline = Instant::now() + timeout;
+        let mut s = self.shared.status();
+        loop {
+            if let Some(t) = s.ready_at {
+                return Ok(t - self.started);
+            }
+            if let Some(o) = &s.outcome {
+                return Err(format!("VM ended before it was ready: {o:?}"));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(format!("guest not ready after {timeout:?}"));
+            }
+            s = self
+                .shared
+                .changed
+                .wait_timeout(s, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Waits up to `timeout` for the VM to end by itself; `true` if it did.
+    pub fn wait(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut s = self.shared.status();
+        loop {
+            if s.outcome.is_some() || s.running == 0 || self.shared.stopping() {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            s = self
+                .shared
+                .changed
+                .wait_timeout(s, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// A handle that stops the VM from another thread or a signal watcher.
+    pub fn stopper(&self) -> Stopper {
+        Stopper(self.shared.clone())
+    }
+
+    /// Stops the VM (if still running), joins its threads and says how it
+    /// ended; a guest fault or KVM failure is an error.
+    pub fn shutdown(mut self) -> Result<Exit> {
+        self.stop_and_join();
+        let outcome = self.shared.status().outcome.take();
+        match outcome {
+            None => Ok(Exit::Stopped),
+            Some(Outcome::Exited(code)) => Ok(Exit::Guest(code)),
+            Some(Outcome::Failed(e)) => Err(e),
+        }
+    }
+
+    fn stop_and_join(&mut self) {
+        self.shared.request_stop();
+        for t in self.vcpu_threads.drain(..).chain(self.io_threads.drain(..)) {
+            let _ = t.join();
+        }
+    }
+
+    /// Console lines printed so far.
+    pub fn console_lines(&self) -> Vec<String> {
+        self.shared.console().lines()
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.shared.mem
+    }
+
+    /// Takes and clears the dirty-page log (guest and VMM writes).
+    pub fn take_dirty_log(&self) -> Result<Vec<u64>> {
+        memory::take_dirty_log(&self.vm_fd, &self.shared.mem)
+    }
+
+    /// Counters of the network device.
+    pub fn net_stats(&self) -> Option<NetStats> {
+        self.net
+            .as_ref()
+            .map(|n| n.lock().unwrap_or_else(|e| e.into_inner()).stats())
+    }
+
+    /// Counters of the block device.
+    pub fn block_stats(&self) -> Option<BlockStats> {
+        self.block
+            .as_ref()
+            .map(|b| b.lock().unwrap_or_else(|e| e.into_inner()).stats())
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+/// Stops a VM from elsewhere.
+#[derive(Clone)]
+pub struct Stopper(Arc<Shared>);
+
+impl Stopper {
+    /// Requests the stop; `Vm::wait` then returns and `Vm::shutdown` joins.
+    pub fn stop(&self) {
+        self.0.request_stop();
+    }
+}
+
+impl std::fmt::Debug for Stopper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Stopper")
+    }
+}

@@ -1,0 +1,47 @@
+//! Shared helpers of the micro-VM integration tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use hypervisor::guest_build::{self, GuestImages};
+
+/// `true` when the test may run here; otherwise prints why and either
+/// returns `false` (REMUS_WAN_ALLOW_SKIP=1) or panics with the reason.
+pub fn require_kvm_root() -> bool {
+    let mut why = Vec::new();
+    if let Err(e) = hypervisor::kvm::available() {
+        why.push(e.to_string());
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        why.push("needs root (tap devices, network namespaces)".to_string());
+    }
+    if why.is_empty() {
+        return true;
+    }
+    let msg = why.join("; ");
+    if std::env::var("REMUS_WAN_ALLOW_SKIP").as_deref() == Ok("1") {
+        eprintln!("SKIPPED (REMUS_WAN_ALLOW_SKIP=1): {msg}");
+        false
+    } else {
+        panic!("this test needs KVM and root: {msg} (set REMUS_WAN_ALLOW_SKIP=1 to skip)");
+    }
+}
+
+/// The guest images: from REMUS_WAN_GUEST_DIR if set (prebuilt by
+/// `cargo xtask guest-image`), else built once per test binary.
+pub fn images() -> &'static GuestImages {
+    static IMAGES: OnceLock<GuestImages> = OnceLock::new();
+    IMAGES.get_or_init(|| {
+        if let Some(dir) = std::env::var_os("REMUS_WAN_GUEST_DIR") {
+            let dir = PathBuf::from(dir);
+            return GuestImages {
+                counter: dir.join(guest_build::COUNTER_GUEST),
+                net: dir.join(guest_build::NET_GUEST),
+            };
+        }
+        let target = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("guests");
+        guest_build::build(&target).expect("building the guest images")
+    })
+}
