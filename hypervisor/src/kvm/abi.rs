@@ -14,6 +14,12 @@ pub const PORT_EXIT: u16 = 0x00f4;
 pub const PORT_PARK: u16 = 0x00f5;
 /// 32-bit `out`: a guest event, see `EVENT_*`.
 pub const PORT_EVENT: u16 = 0x00f6;
+/// 32-bit `out`: the guest has nothing to do for up to that many
+/// microseconds; the VMM sleeps the vCPU until then or until a device has
+/// something for the guest (a received frame).
+pub const PORT_IDLE: u16 = 0x00f7;
+/// Longest idle the VMM grants, in microseconds.
+pub const MAX_IDLE_US: u32 = 100_000;
 
 /// The guest is up and its services listen.
 pub const EVENT_READY: u32 = 1;

@@ -209,7 +209,7 @@ pub fn start(spec: &VmSpec, seams: Seams) -> Result<Vm> {
     let mut io_threads = Vec::new();
     if let (Some(tap), Some(dev)) = (tap_dev, &net_dev) {
         io_threads.push(
-            net::spawn_rx_pump(tap, dev.clone(), shared.stop_flag())
+            net::spawn_rx_pump(tap, dev.clone(), shared.doorbell.clone(), shared.stop_flag())
                 .map_err(Error::io("spawning the network receive thread"))?,
         );
     }

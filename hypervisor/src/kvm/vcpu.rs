@@ -2,6 +2,7 @@
 //! or the MMIO bus.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress};
@@ -25,7 +26,7 @@ fn le_u32(data: &[u8]) -> u32 {
     u32::from_le_bytes(b)
 }
 
-fn port_out(shared: &Shared, port: u16, data: &[u8]) -> Control {
+fn port_out(shared: &Shared, port: u16, data: &[u8], seen: &mut u64) -> Control {
     match port {
         abi::PORT_CONSOLE_BYTE => shared.console().write(&data[..data.len().min(1)]),
         abi::PORT_CONSOLE_FLUSH => {
@@ -37,6 +38,12 @@ fn port_out(shared: &Shared, port: u16, data: &[u8]) -> Control {
         }
         abi::PORT_EXIT => return Control::Exit(le_u32(data)),
         abi::PORT_PARK => return Control::Park,
+        abi::PORT_IDLE => {
+            let us = le_u32(data).min(abi::MAX_IDLE_US);
+            shared
+                .doorbell
+                .wait(seen, Duration::from_micros(u64::from(us)), || shared.stopping());
+        }
         abi::PORT_EVENT => {
             if le_u32(data) == abi::EVENT_READY {
                 shared.set_ready();
@@ -81,12 +88,14 @@ pub fn run(index: usize, mut vcpu: VcpuFd, shared: Arc<Shared>) {
 }
 
 fn run_loop(index: usize, vcpu: &mut VcpuFd, shared: &Shared) -> Option<Outcome> {
+    // Doorbell generation this vCPU has seen (see PORT_IDLE).
+    let mut seen = 0;
     loop {
         if shared.stopping() {
             return None;
         }
         let control = match vcpu.run() {
-            Ok(VcpuExit::IoOut(port, data)) => port_out(shared, port, data),
+            Ok(VcpuExit::IoOut(port, data)) => port_out(shared, port, data, &mut seen),
             Ok(VcpuExit::IoIn(port, data)) => {
                 tracing::trace!("in from unknown port {port:#x}");
                 data.fill(0xff);

@@ -10,6 +10,7 @@ use kvm_ioctls::VmFd;
 use super::devices::block::{Block, BlockStats};
 use super::devices::bus::MmioBus;
 use super::devices::console::Console;
+use super::devices::doorbell::Doorbell;
 use super::devices::net::{Net, NetStats};
 use super::error::{Error, Result};
 use super::kick;
@@ -43,6 +44,7 @@ struct Status {
 pub(crate) struct Shared {
     pub(crate) mem: GuestMemoryMmap,
     pub(crate) bus: MmioBus,
+    pub(crate) doorbell: Doorbell,
     console: Mutex<Console>,
     stop: Arc<AtomicBool>,
     status: Mutex<Status>,
@@ -54,6 +56,7 @@ impl Shared {
         Shared {
             mem,
             bus,
+            doorbell: Doorbell::default(),
             console: Mutex::new(console),
             stop: Arc::new(AtomicBool::new(false)),
             status: Mutex::new(Status {
@@ -96,6 +99,7 @@ impl Shared {
     /// Sets the stop flag and kicks every vCPU still running.
     pub(crate) fn request_stop(&self) {
         self.stop.store(true, Ordering::Release);
+        self.doorbell.ring();
         let s = self.status();
         for tid in s.threads.iter().flatten() {
             // The thread clears its entry (under this lock) before it ends,

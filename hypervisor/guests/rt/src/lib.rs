@@ -72,6 +72,12 @@ pub fn exit(code: u32) -> ! {
     }
 }
 
+/// Sleeps up to `micros` (capped by the VMM) or until a device has work.
+pub fn idle(micros: u32) {
+    console::flush();
+    port::out32(abi::PORT_IDLE, micros);
+}
+
 /// Tells the VMM the guest is ready.
 pub fn report_ready() {
     console::flush();
@@ -82,6 +88,13 @@ pub fn report_ready() {
 /// `panic = "abort"` it is never called.
 #[no_mangle]
 pub extern "C" fn rust_eh_personality() {}
+
+/// Referenced by landing pads in the precompiled `alloc`; unreachable with
+/// `panic = "abort"`.
+#[no_mangle]
+pub extern "C" fn _Unwind_Resume() -> ! {
+    exit(0xdead_0002)
+}
 
 #[panic_handler]
 fn panic(info: &PanicInfo) -> ! {

@@ -4,6 +4,7 @@
 pub mod block;
 pub mod bus;
 pub mod console;
+pub mod doorbell;
 pub mod net;
 pub mod tap;
 pub mod virtio;

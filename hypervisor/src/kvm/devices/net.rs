@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use virtio_queue::{Queue, QueueState, QueueT};
 
+use super::doorbell::Doorbell;
 use super::tap::Tap;
 use super::virtio::{read_config_bytes, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1};
 use crate::kvm::memory::GuestMemoryMmap;
@@ -117,29 +118,40 @@ impl Net {
     }
 
     /// A frame arrived for the guest: deliver it now, or keep it until the
-    /// guest posts a buffer.
-    pub fn receive(&mut self, frame: &[u8]) {
+    /// guest posts a buffer. Returns whether anything reached the guest.
+    pub fn receive(&mut self, frame: &[u8]) -> bool {
         if self.mem.is_none() {
             self.stats.dropped += 1;
-            return;
+            return false;
         }
-        if !self.pending_rx.is_empty() || !self.deliver(frame) {
-            if self.pending_rx.len() >= MAX_PENDING_RX {
-                self.pending_rx.pop_front();
-                self.stats.dropped += 1;
-            }
-            self.pending_rx.push_back(frame.to_vec());
-            self.flush_pending();
+        if self.pending_rx.is_empty() && self.deliver(frame) {
+            return true;
         }
+        if self.pending_rx.len() >= MAX_PENDING_RX {
+            self.pending_rx.pop_front();
+            self.stats.dropped += 1;
+        }
+        self.pending_rx.push_back(frame.to_vec());
+        self.flush_pending()
     }
 
-    fn flush_pending(&mut self) {
+    /// Whether received frames wait for guest buffers.
+    pub fn has_pending(&self) -> bool {
+        !self.pending_rx.is_empty()
+    }
+
+    /// Delivers waiting frames into buffers the guest posted since; returns
+    /// whether anything reached the guest.
+    pub fn flush_pending(&mut self) -> bool {
+        let mut any = false;
         while let Some(f) = self.pending_rx.pop_front() {
             if !self.deliver(&f) {
                 self.pending_rx.push_front(f);
-                return;
+                break;
             }
+            any = true;
         }
+        any
     }
 
     /// Writes one frame into the next receive buffer; `false` when the
@@ -237,6 +249,11 @@ impl VirtioDevice for Net {
         if self.acked_features & VIRTIO_F_VERSION_1 == 0 {
             return Err("driver did not accept VIRTIO_F_VERSION_1".into());
         }
+        // The guest need not notify us of new receive buffers (an exit
+        // each): the receive thread retries while frames wait.
+        if let Err(e) = self.queues[RX].disable_notification(&mem) {
+            return Err(format!("cannot set up the receive queue: {e}"));
+        }
         self.mem = Some(mem);
         Ok(())
     }
@@ -245,7 +262,9 @@ impl VirtioDevice for Net {
     }
     fn notify(&mut self, index: u16) {
         match index as usize {
-            RX => self.flush_pending(),
+            RX => {
+                self.flush_pending();
+            }
             TX => self.process_tx(),
             _ => {}
         }
@@ -260,27 +279,32 @@ impl VirtioDevice for Net {
     }
 }
 
-/// Moves frames from the tap into the device until `stop` is set.
+/// Moves frames from the tap into the device until `stop` is set, ringing
+/// `doorbell` whenever the guest got something.
 pub fn spawn_rx_pump(
     tap: Tap,
     net: Arc<Mutex<Net>>,
+    doorbell: Doorbell,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name(format!("net-rx-{}", tap.name()))
         .spawn(move || {
             let mut buf = vec![0u8; 65536];
+            let lock = || net.lock().unwrap_or_else(|e| e.into_inner());
             while !stop.load(Ordering::Relaxed) {
-                match tap.recv_timeout(&mut buf, Duration::from_millis(100)) {
-                    Ok(Some(n)) => net
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .receive(&buf[..n]),
-                    Ok(None) => {}
+                let waiting = lock().has_pending();
+                let timeout = Duration::from_millis(if waiting { 1 } else { 100 });
+                let delivered = match tap.recv_timeout(&mut buf, timeout) {
+                    Ok(Some(n)) => lock().receive(&buf[..n]),
+                    Ok(None) => waiting && lock().flush_pending(),
                     Err(e) => {
                         tracing::warn!(tap = %tap.name(), "tap read failed, receive path stops: {e}");
                         return;
                     }
+                };
+                if delivered {
+                    doorbell.ring();
                 }
             }
         })
