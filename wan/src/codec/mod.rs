@@ -1,1 +1,79 @@
 //! Checkpoint wire format and delta codec (see docs/wire-format.md).
+//!
+//! One epoch of a protected VM (dirty pages, device/vCPU state blob, disk
+//! writes) becomes one self-contained byte string on the sender and a
+//! verified, staged epoch on the receiver.
+//!
+//! # Sender
+//!
+//! ```
+//! use wan::codec::{Encoder, EncoderConfig};
+//! let mut enc = Encoder::new(EncoderConfig { vm_id: 7, ..EncoderConfig::default() })?;
+//! let page = vec![1u8; 4096];
+//! let bytes = enc.encode(1, &[(0, &page[..])], b"vcpu state", &[(512, b"disk")])?;
+//! // ... send `bytes`; when the backup acknowledges epoch 1:
+//! enc.acknowledge(1);
+//! # Ok::<(), wan::codec::CodecError>(())
+//! ```
+//!
+//! * [`Encoder::encode`] / [`Encoder::encode_into`]: one epoch to bytes. Epoch
+//!   numbers grow; several epochs may be in flight.
+//! * [`Encoder::acknowledge`]: the replica committed that epoch.
+//! * [`Encoder::invalidate_from`]: that epoch and all later ones are lost or
+//!   rejected. Frames they carried are sent whole afterwards and never used
+//!   as duplicate sources, and the next epoch is based on the last earlier one.
+//! * [`Encoder::reset`]: the replica's state is unknown (new replica, resync):
+//!   forget everything.
+//!
+//! **Pipelining rule.** Every epoch names its base: the epoch encoded just
+//! before it in the current chain. Its deltas and references are relative to
+//! the replica state right after that base, which is what the sender last
+//! sent for every frame. The decoder refuses an epoch whose base is not the
+//! replica's committed epoch ([`CodecError::BaseMismatch`]), so an epoch built
+//! on a lost one can never be applied. After a loss, call
+//! `invalidate_from(first lost epoch)`; epochs already sent on top of it will
+//! be rejected by the replica and must be invalidated too (invalidating from
+//! the first one covers them).
+//!
+//! # Receiver
+//!
+//! ```
+//! # use wan::codec::{Encoder, EncoderConfig};
+//! use wan::codec::{Decoder, DecoderConfig, VecMemory};
+//! # let mut enc = Encoder::new(EncoderConfig::default())?;
+//! # let page = vec![1u8; 4096];
+//! # let bytes = enc.encode(1, &[(0, &page[..])], b"", &[])?;
+//! let mut replica = VecMemory::new(16, 4096);
+//! let mut dec = Decoder::new(DecoderConfig::default())?;
+//! let staged = dec.decode(&bytes, &replica)?; // verified, nothing written yet
+//! let applied = staged.apply(&mut replica)?;  // pages written, epoch committed
+//! // apply applied.state_blob and applied.disk_writes, then ack applied.epoch
+//! # assert_eq!(replica.as_bytes()[..4096], page[..]);
+//! # Ok::<(), wan::codec::CodecError>(())
+//! ```
+//!
+//! The replica is anything implementing [`PageSource`] (committed pages,
+//! frame count, committed epoch) and [`PageSink`] (write pages, mark the
+//! epoch committed); [`VecMemory`] is a plain in-memory one.
+
+mod block;
+mod decoder;
+mod encoder;
+mod error;
+mod fasthash;
+mod format;
+mod fuzzing;
+mod memory;
+mod page_cache;
+mod rle;
+mod staged;
+pub mod synthetic;
+mod wire;
+
+pub use decoder::{Decoder, DecoderConfig};
+pub use encoder::{EncodeStats, Encoder, EncoderConfig};
+pub use error::CodecError;
+pub use format::{HEADER_LEN, MAGIC, NO_BASE, TRAILER_LEN, VERSION};
+pub use fuzzing::{fuzz_decode, fuzz_memory, fuzz_seed_corpus, reseal, FUZZ_BASE_EPOCH};
+pub use memory::{PageSink, PageSource, VecMemory};
+pub use staged::{AppliedEpoch, DiskWrite, StagedEpoch};

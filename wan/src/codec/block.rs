@@ -1,0 +1,108 @@
+//! Length-prefixed blocks, stored or zstd-compressed: the container for
+//! record chunks, the state blob and disk-write data.
+//!
+//! `method u8 | raw_len u32 | stored_len u32 | stored_len bytes`
+
+use super::error::CodecError;
+use super::format::{BLOCK_STORED, BLOCK_ZSTD};
+use super::wire::Reader;
+
+/// Appends `raw` as a block, compressed when `compressor` is given and that
+/// is smaller. `scratch` is reused between calls to avoid allocation.
+pub fn put_block(
+    out: &mut Vec<u8>,
+    raw: &[u8],
+    compressor: Option<&mut zstd::bulk::Compressor<'static>>,
+    scratch: &mut Vec<u8>,
+) {
+    if let Some(zc) = compressor {
+        scratch.clear();
+        // Capacity one short of raw: zstd gives up as soon as it cannot win.
+        scratch.reserve(raw.len().saturating_sub(1));
+        if raw.len() > 64
+            && zc.compress_to_buffer(raw, scratch).is_ok()
+            && scratch.len() < raw.len()
+        {
+            out.push(BLOCK_ZSTD);
+            out.extend_from_slice(&(raw.len() as u32).to_le_bytes());
+            out.extend_from_slice(&(scratch.len() as u32).to_le_bytes());
+            out.extend_from_slice(scratch);
+            return;
+        }
+    }
+    out.push(BLOCK_STORED);
+    out.extend_from_slice(&(raw.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(raw.len() as u32).to_le_bytes());
+    out.extend_from_slice(raw);
+}
+
+/// A block as read from the wire, not yet decompressed.
+pub struct RawBlock<'a> {
+    pub method: u8,
+    pub raw_len: u64,
+    pub stored: &'a [u8],
+}
+
+/// Reads a block header and its bytes; rejects a raw length above `limit`.
+pub fn read_block<'a>(
+    r: &mut Reader<'a>,
+    what: &'static str,
+    limit: u64,
+) -> Result<RawBlock<'a>, CodecError> {
+    let method = r.u8()?;
+    let raw_len = u64::from(r.u32()?);
+    let stored_len = r.u32()?;
+    if raw_len > limit {
+        return Err(CodecError::Oversized {
+            what,
+            len: raw_len,
+            limit,
+        });
+    }
+    match method {
+        BLOCK_STORED if u64::from(stored_len) != raw_len => {
+            return Err(CodecError::corrupt(format!(
+                "{what}: stored block with stored length {stored_len} != raw length {raw_len}"
+            )))
+        }
+        BLOCK_STORED | BLOCK_ZSTD => {}
+        m => {
+            return Err(CodecError::corrupt(format!(
+                "{what}: unknown block method {m}"
+            )))
+        }
+    }
+    let stored = r.bytes(stored_len as usize)?;
+    Ok(RawBlock {
+        method,
+        raw_len,
+        stored,
+    })
+}
+
+impl RawBlock<'_> {
+    /// Decodes into `out` (cleared first); exactly `raw_len` bytes or an error.
+    pub fn decode_into(
+        &self,
+        out: &mut Vec<u8>,
+        dz: &mut zstd::bulk::Decompressor<'static>,
+        what: &'static str,
+    ) -> Result<(), CodecError> {
+        out.clear();
+        if self.method == BLOCK_STORED {
+            out.extend_from_slice(self.stored);
+            return Ok(());
+        }
+        out.resize(self.raw_len as usize, 0);
+        let n = dz
+            .decompress_to_buffer(self.stored, &mut out[..])
+            .map_err(|e| CodecError::corrupt(format!("{what}: bad zstd block: {e}")))?;
+        if n as u64 != self.raw_len {
+            return Err(CodecError::corrupt(format!(
+                "{what}: zstd block decodes to {n} bytes, header says {}",
+                self.raw_len
+            )));
+        }
+        Ok(())
+    }
+}

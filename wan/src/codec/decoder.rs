@@ -1,0 +1,425 @@
+//! The receiver side: verifies an epoch completely and stages it.
+//!
+//! Order of checks (docs/wire-format.md, "What the decoder rejects"): magic,
+//! version, lengths, checksum, header fields against the replica, then every
+//! record. Only a fully verified epoch comes back, as a [`StagedEpoch`].
+
+use xxhash_rust::xxh3::xxh3_128;
+
+use super::block::read_block;
+use super::error::CodecError;
+use super::format::{
+    Header, HEADER_LEN, MAGIC, MAX_CHUNK_RAW, MAX_PAGE_SIZE, MIN_PAGE_SIZE, NO_BASE, REC_DELTA_RLE,
+    REC_DELTA_ZSTD, REC_FULL_RAW, REC_FULL_ZSTD, REC_REF, REC_ZERO, TRAILER_LEN, VERSION,
+};
+use super::memory::PageSource;
+use super::rle::apply_xor;
+use super::staged::{DiskWrite, StagedEpoch};
+use super::wire::Reader;
+
+/// Receiver limits. Anything above them is rejected as [`CodecError::Oversized`]
+/// before memory is allocated for it.
+#[derive(Debug, Clone)]
+pub struct DecoderConfig {
+    /// Epochs for another VM are rejected. `None` accepts any VM id.
+    pub vm_id: Option<u64>,
+    /// Largest whole epoch on the wire.
+    pub max_epoch_bytes: u64,
+    /// Largest device/vCPU state blob.
+    pub max_state_bytes: u64,
+    /// Largest single disk write.
+    pub max_disk_write_bytes: u64,
+    /// Largest sum of disk writes in one epoch.
+    pub max_disk_total_bytes: u64,
+}
+
+impl Default for DecoderConfig {
+    fn default() -> Self {
+        DecoderConfig {
+            vm_id: None,
+            max_epoch_bytes: 16 << 30,
+            max_state_bytes: 256 << 20,
+            max_disk_write_bytes: 64 << 20,
+            max_disk_total_bytes: 4 << 30,
+        }
+    }
+}
+
+/// Decodes epochs; holds zstd state and scratch reused between epochs.
+pub struct Decoder {
+    cfg: DecoderConfig,
+    dz: zstd::bulk::Decompressor<'static>,
+    chunk: Vec<u8>,
+    xor: Vec<u8>,
+}
+
+impl Decoder {
+    pub fn new(cfg: DecoderConfig) -> Result<Self, CodecError> {
+        let dz = zstd::bulk::Decompressor::new()
+            .map_err(|e| CodecError::corrupt(format!("zstd decompressor: {e}")))?;
+        Ok(Decoder {
+            cfg,
+            dz,
+            chunk: Vec::new(),
+            xor: Vec::new(),
+        })
+    }
+
+    pub fn config(&self) -> &DecoderConfig {
+        &self.cfg
+    }
+
+    /// Verifies `bytes` against `replica` and stages the epoch. The replica is
+    /// only read; on error nothing about it changes.
+    pub fn decode<S: PageSource + ?Sized>(
+        &mut self,
+        bytes: &[u8],
+        replica: &S,
+    ) -> Result<StagedEpoch, CodecError> {
+        let header = self.verify_frame(bytes)?;
+        self.check_header(&header, replica)?;
+        let body = &bytes[HEADER_LEN..HEADER_LEN + header.body_len as usize];
+        let mut r = Reader::new(body, "body");
+        let page_size = header.page_size as usize;
+        let frames = replica.frame_count();
+        let mut staged = StagedEpoch::new(
+            header.vm_id,
+            header.epoch,
+            header.base(),
+            page_size,
+            frames,
+            header.record_count as usize,
+        );
+        if self.xor.len() != page_size {
+            self.xor = vec![0; page_size];
+        }
+
+        let mut chunk = std::mem::take(&mut self.chunk);
+        let result = self.read_chunks(&mut r, &header, replica, &mut staged, &mut chunk);
+        self.chunk = chunk;
+        result?;
+
+        let state = read_block(&mut r, "state blob", self.cfg.max_state_bytes)?;
+        state.decode_into(&mut staged.state_blob, &mut self.dz, "state blob")?;
+
+        let mut disk_total = 0u64;
+        for _ in 0..header.disk_write_count {
+            let offset = r.u64()?;
+            let block = read_block(&mut r, "disk write", self.cfg.max_disk_write_bytes)?;
+            disk_total += block.raw_len;
+            if disk_total > self.cfg.max_disk_total_bytes {
+                return Err(CodecError::Oversized {
+                    what: "disk writes of one epoch",
+                    len: disk_total,
+                    limit: self.cfg.max_disk_total_bytes,
+                });
+            }
+            let mut data = Vec::new();
+            block.decode_into(&mut data, &mut self.dz, "disk write")?;
+            staged.disk_writes.push(DiskWrite { offset, data });
+        }
+        if !r.is_empty() {
+            return Err(CodecError::corrupt(format!(
+                "{} bytes left in the body after the last section",
+                r.remaining()
+            )));
+        }
+        Ok(staged)
+    }
+
+    /// Magic, version, lengths and checksum: everything that does not need
+    /// the replica.
+    fn verify_frame(&self, bytes: &[u8]) -> Result<Header, CodecError> {
+        let mut r = Reader::new(bytes, "header");
+        let mut magic = [0u8; 4];
+        magic.copy_from_slice(r.bytes(4)?);
+        if magic != MAGIC {
+            return Err(CodecError::BadMagic { found: magic });
+        }
+        let version = r.u16()?;
+        if version != VERSION {
+            return Err(CodecError::UnsupportedVersion {
+                found: version,
+                supported: VERSION,
+            });
+        }
+        let header_len = r.u16()?;
+        if usize::from(header_len) != HEADER_LEN {
+            return Err(CodecError::corrupt(format!(
+                "header length {header_len}, version 1 has {HEADER_LEN}"
+            )));
+        }
+        if bytes.len() < HEADER_LEN {
+            return Err(CodecError::Truncated {
+                what: "header",
+                needed: HEADER_LEN as u64,
+                available: bytes.len() as u64,
+            });
+        }
+        let flags = r.u32()?;
+        let page_size = r.u32()?;
+        let vm_id = r.u64()?;
+        let epoch = r.u64()?;
+        let base_epoch = r.u64()?;
+        let record_count = r.u32()?;
+        let chunk_count = r.u32()?;
+        let disk_write_count = r.u32()?;
+        let _reserved = r.u32()?;
+        let body_len = r.u64()?;
+        let header = Header {
+            version,
+            flags,
+            page_size,
+            vm_id,
+            epoch,
+            base_epoch,
+            record_count,
+            chunk_count,
+            disk_write_count,
+            body_len,
+        };
+
+        let limit = self.cfg.max_epoch_bytes;
+        let total = body_len
+            .checked_add((HEADER_LEN + TRAILER_LEN) as u64)
+            .filter(|&t| t <= limit)
+            .ok_or(CodecError::Oversized {
+                what: "epoch",
+                len: body_len,
+                limit,
+            })?;
+        let have = bytes.len() as u64;
+        if have < total {
+            return Err(CodecError::Truncated {
+                what: "epoch",
+                needed: total,
+                available: have,
+            });
+        }
+        if have > total {
+            return Err(CodecError::TrailingBytes {
+                extra: have - total,
+            });
+        }
+        let covered = total as usize - TRAILER_LEN;
+        let mut trailer = [0u8; TRAILER_LEN];
+        trailer.copy_from_slice(&bytes[covered..]);
+        let expected = u128::from_le_bytes(trailer);
+        let computed = xxh3_128(&bytes[..covered]);
+        if expected != computed {
+            return Err(CodecError::ChecksumMismatch { expected, computed });
+        }
+        // Checked after the checksum, so that a flipped bit reads as corruption
+        // of the transfer, and an intact epoch with flags as a version problem.
+        if flags != 0 {
+            return Err(CodecError::UnsupportedFlags { flags });
+        }
+        Ok(header)
+    }
+
+    fn check_header<S: PageSource + ?Sized>(
+        &self,
+        h: &Header,
+        replica: &S,
+    ) -> Result<(), CodecError> {
+        if let Some(vm) = self.cfg.vm_id {
+            if vm != h.vm_id {
+                return Err(CodecError::VmMismatch {
+                    expected: vm,
+                    found: h.vm_id,
+                });
+            }
+        }
+        let ps = u64::from(h.page_size);
+        if !ps.is_power_of_two() || !(MIN_PAGE_SIZE..=MAX_PAGE_SIZE).contains(&ps) {
+            return Err(CodecError::corrupt(format!("invalid page size {ps}")));
+        }
+        if ps != replica.page_size() as u64 {
+            return Err(CodecError::PageSizeMismatch {
+                expected: replica.page_size() as u64,
+                found: ps,
+            });
+        }
+        if h.epoch == NO_BASE {
+            return Err(CodecError::corrupt("epoch number u64::MAX is reserved"));
+        }
+        if let Some(base) = h.base() {
+            if h.epoch <= base {
+                return Err(CodecError::corrupt(format!(
+                    "epoch {} is not after its base {base}",
+                    h.epoch
+                )));
+            }
+            if replica.committed_epoch() != Some(base) {
+                return Err(CodecError::BaseMismatch {
+                    epoch: h.epoch,
+                    base,
+                    committed: replica.committed_epoch(),
+                });
+            }
+        }
+        if u64::from(h.record_count) > replica.frame_count() {
+            return Err(CodecError::Oversized {
+                what: "record count",
+                len: u64::from(h.record_count),
+                limit: replica.frame_count(),
+            });
+        }
+        if h.chunk_count > h.record_count {
+            return Err(CodecError::corrupt("more chunks than records"));
+        }
+        Ok(())
+    }
+
+    fn read_chunks<S: PageSource + ?Sized>(
+        &mut self,
+        r: &mut Reader<'_>,
+        h: &Header,
+        replica: &S,
+        staged: &mut StagedEpoch,
+        chunk: &mut Vec<u8>,
+    ) -> Result<(), CodecError> {
+        let mut records = 0u64;
+        let mut predicted = 0u64;
+        for _ in 0..h.chunk_count {
+            let n = r.u32()?;
+            records += u64::from(n);
+            if n == 0 || records > u64::from(h.record_count) {
+                return Err(CodecError::corrupt(
+                    "chunk record counts disagree with header",
+                ));
+            }
+            let block = read_block(r, "record chunk", MAX_CHUNK_RAW)?;
+            block.decode_into(chunk, &mut self.dz, "record chunk")?;
+            let mut cr = Reader::new(chunk, "page record");
+            for _ in 0..n {
+                predicted = self.read_record(&mut cr, h, replica, staged, predicted)?;
+            }
+            if !cr.is_empty() {
+                return Err(CodecError::corrupt(
+                    "bytes after the last record of a chunk",
+                ));
+            }
+        }
+        if records != u64::from(h.record_count) {
+            return Err(CodecError::corrupt(
+                "chunk record counts disagree with header",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Decodes one record into `staged`; returns the next predicted frame.
+    fn read_record<S: PageSource + ?Sized>(
+        &mut self,
+        r: &mut Reader<'_>,
+        h: &Header,
+        replica: &S,
+        staged: &mut StagedEpoch,
+        predicted: u64,
+    ) -> Result<u64, CodecError> {
+        let frames = replica.frame_count();
+        let ps = h.page_size as usize;
+        let kind = r.u8()?;
+        let frame = predicted.wrapping_add(r.zigzag()? as u64);
+        if frame >= frames {
+            return Err(CodecError::FrameOutOfRange { frame, frames });
+        }
+        if staged.contains(frame) {
+            return Err(CodecError::DuplicateFrame { frame });
+        }
+        let payload_len = |r: &mut Reader<'_>| -> Result<usize, CodecError> {
+            let len = r.uleb()?;
+            if len > ps as u64 {
+                return Err(CodecError::Oversized {
+                    what: "page record payload",
+                    len,
+                    limit: ps as u64,
+                });
+            }
+            Ok(len as usize)
+        };
+        let no_base = |reason| CodecError::BadReference {
+            frame,
+            target: frame,
+            reason,
+        };
+        match kind {
+            REC_ZERO => staged.push_zero(frame)?,
+            REC_REF => {
+                let src = frame.wrapping_add(r.zigzag()? as u64);
+                if src >= frames {
+                    return Err(CodecError::FrameOutOfRange { frame: src, frames });
+                }
+                if src == frame {
+                    return Err(CodecError::BadReference {
+                        frame,
+                        target: src,
+                        reason: "reference to itself",
+                    });
+                }
+                if staged.contains(src) {
+                    staged.push_copy_of_staged(frame, src)?;
+                } else if h.base().is_some() {
+                    staged.push_page(frame, replica.page(src))?;
+                } else {
+                    return Err(CodecError::BadReference {
+                        frame,
+                        target: src,
+                        reason: "committed content referenced by an epoch without base",
+                    });
+                }
+            }
+            REC_DELTA_RLE => {
+                if h.base().is_none() {
+                    return Err(no_base("delta in an epoch without base"));
+                }
+                let n = payload_len(r)?;
+                let runs = r.bytes(n)?;
+                let page = staged.push_page(frame, replica.page(frame))?;
+                apply_xor(runs, page)?;
+            }
+            REC_DELTA_ZSTD => {
+                if h.base().is_none() {
+                    return Err(no_base("delta in an epoch without base"));
+                }
+                let n = payload_len(r)?;
+                let z = r.bytes(n)?;
+                decompress_page(&mut self.dz, z, &mut self.xor)?;
+                let page = staged.push_page(frame, replica.page(frame))?;
+                for (d, x) in page.iter_mut().zip(&self.xor) {
+                    *d ^= x;
+                }
+            }
+            REC_FULL_ZSTD => {
+                let n = payload_len(r)?;
+                let z = r.bytes(n)?;
+                decompress_page(&mut self.dz, z, &mut self.xor)?;
+                staged.push_page(frame, &self.xor)?;
+            }
+            REC_FULL_RAW => {
+                let data = r.bytes(ps)?;
+                staged.push_page(frame, data)?;
+            }
+            k => return Err(CodecError::corrupt(format!("unknown page record kind {k}"))),
+        }
+        Ok(frame.wrapping_add(1))
+    }
+}
+
+fn decompress_page(
+    dz: &mut zstd::bulk::Decompressor<'static>,
+    z: &[u8],
+    out: &mut [u8],
+) -> Result<(), CodecError> {
+    let n = dz
+        .decompress_to_buffer(z, out)
+        .map_err(|e| CodecError::corrupt(format!("bad zstd page: {e}")))?;
+    if n != out.len() {
+        return Err(CodecError::corrupt(format!(
+            "zstd page decodes to {n} bytes, page size is {}",
+            out.len()
+        )));
+    }
+    Ok(())
+}

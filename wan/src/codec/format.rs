@@ -1,0 +1,70 @@
+//! Constants and fixed-layout pieces of wire-format version 1
+//! (docs/wire-format.md is the normative description).
+
+/// First four bytes of every epoch.
+pub const MAGIC: [u8; 4] = *b"RWCK";
+/// The only version this build writes and reads.
+pub const VERSION: u16 = 1;
+/// Size of the fixed header of version 1.
+pub const HEADER_LEN: usize = 64;
+/// Size of the trailer (xxh3-128 of header and body, little-endian).
+pub const TRAILER_LEN: usize = 16;
+/// `base_epoch` value meaning "depends on no earlier epoch".
+pub const NO_BASE: u64 = u64::MAX;
+
+/// Smallest and largest page sizes the format admits.
+pub const MIN_PAGE_SIZE: u64 = 512;
+pub const MAX_PAGE_SIZE: u64 = 65536;
+/// Hard cap on a chunk's decoded size, whatever the configuration: bounds the
+/// decoder's scratch allocation per chunk.
+pub const MAX_CHUNK_RAW: u64 = 16 << 20;
+
+/// Block storage methods.
+pub const BLOCK_STORED: u8 = 0;
+pub const BLOCK_ZSTD: u8 = 1;
+
+/// Page record kinds.
+pub const REC_ZERO: u8 = 0;
+pub const REC_REF: u8 = 1;
+pub const REC_DELTA_RLE: u8 = 2;
+pub const REC_DELTA_ZSTD: u8 = 3;
+pub const REC_FULL_ZSTD: u8 = 4;
+pub const REC_FULL_RAW: u8 = 5;
+
+/// The fixed header, as read from or written to the first [`HEADER_LEN`] bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub version: u16,
+    pub flags: u32,
+    pub page_size: u32,
+    pub vm_id: u64,
+    pub epoch: u64,
+    /// [`NO_BASE`] when the epoch references no earlier content.
+    pub base_epoch: u64,
+    pub record_count: u32,
+    pub chunk_count: u32,
+    pub disk_write_count: u32,
+    pub body_len: u64,
+}
+
+impl Header {
+    pub fn write(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&MAGIC);
+        out.extend_from_slice(&self.version.to_le_bytes());
+        out.extend_from_slice(&(HEADER_LEN as u16).to_le_bytes());
+        out.extend_from_slice(&self.flags.to_le_bytes());
+        out.extend_from_slice(&self.page_size.to_le_bytes());
+        out.extend_from_slice(&self.vm_id.to_le_bytes());
+        out.extend_from_slice(&self.epoch.to_le_bytes());
+        out.extend_from_slice(&self.base_epoch.to_le_bytes());
+        out.extend_from_slice(&self.record_count.to_le_bytes());
+        out.extend_from_slice(&self.chunk_count.to_le_bytes());
+        out.extend_from_slice(&self.disk_write_count.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&self.body_len.to_le_bytes());
+    }
+
+    pub fn base(&self) -> Option<u64> {
+        (self.base_epoch != NO_BASE).then_some(self.base_epoch)
+    }
+}

@@ -1,0 +1,140 @@
+//! The decoder's fuzzing entry point, shared by the cargo-fuzz target
+//! (`wan/fuzz`) and the mutation test in `wan/tests/codec_fuzz.rs`.
+
+use super::decoder::{Decoder, DecoderConfig};
+use super::encoder::{Encoder, EncoderConfig};
+use super::error::CodecError;
+use super::format::TRAILER_LEN;
+use super::memory::{PageSource, VecMemory};
+use xxhash_rust::xxh3::xxh3_128;
+
+/// Epoch the fuzzing replica has committed; seeds are based on it.
+pub const FUZZ_BASE_EPOCH: u64 = 7;
+const FUZZ_FRAMES: u64 = 16;
+const FUZZ_PAGE: usize = 4096;
+const FUZZ_VM: u64 = 42;
+
+/// The small replica every fuzz input is decoded against: 16 pages of
+/// varied content, committed at [`FUZZ_BASE_EPOCH`].
+pub fn fuzz_memory() -> VecMemory {
+    let mut m = VecMemory::new(FUZZ_FRAMES, FUZZ_PAGE);
+    for f in 0..FUZZ_FRAMES {
+        let page = m.page_mut(f);
+        match f % 4 {
+            0 => {}
+            1 => page.fill(f as u8),
+            _ => {
+                for (i, b) in page.iter_mut().enumerate() {
+                    *b = (i as u64 * (f + 1) / 7) as u8;
+                }
+            }
+        }
+    }
+    m.with_committed_epoch(Some(FUZZ_BASE_EPOCH))
+}
+
+fn small_limits() -> DecoderConfig {
+    DecoderConfig {
+        vm_id: Some(FUZZ_VM),
+        max_epoch_bytes: 4 << 20,
+        max_state_bytes: 1 << 20,
+        max_disk_write_bytes: 1 << 20,
+        max_disk_total_bytes: 2 << 20,
+    }
+}
+
+/// Rewrites the trailer of `bytes` so the checksum matches its content.
+///
+/// For tests and fuzzing: a mutated epoch with a stale checksum never gets
+/// past the checksum check, a resealed one exercises the whole parser.
+pub fn reseal(bytes: &mut [u8]) {
+    if let Some(covered) = bytes.len().checked_sub(TRAILER_LEN) {
+        let sum = xxh3_128(&bytes[..covered]);
+        bytes[covered..].copy_from_slice(&sum.to_le_bytes());
+    }
+}
+
+/// Decodes `data` against [`fuzz_memory`] and applies it if accepted, then
+/// does the same with `data` resealed (see [`reseal`]). Returns the result
+/// for `data` as given.
+///
+/// This is a harness: it panics if the codec breaks its contract, i.e. if a
+/// rejected epoch changed the replica, or an accepted one did not commit.
+pub fn fuzz_decode(data: &[u8]) -> Result<(), CodecError> {
+    let mut sealed = data.to_vec();
+    reseal(&mut sealed);
+    let _ = decode_and_apply(&sealed);
+    decode_and_apply(data)
+}
+
+fn decode_and_apply(data: &[u8]) -> Result<(), CodecError> {
+    let mut replica = fuzz_memory();
+    let before = replica.clone();
+    let mut dec = Decoder::new(small_limits())?;
+    let staged = dec.decode(data, &replica);
+    assert_eq!(replica, before, "decode must not change the replica");
+    let applied = staged.and_then(|s| s.apply(&mut replica));
+    match &applied {
+        Ok(a) => assert_eq!(replica.committed_epoch(), Some(a.epoch)),
+        Err(_) => assert_eq!(replica, before, "a rejected epoch changed the replica"),
+    }
+    applied.map(|_| ())
+}
+
+/// Valid epochs against [`fuzz_memory`] exercising every record kind, for
+/// the fuzzer's seed corpus and the mutation test.
+pub fn fuzz_seed_corpus() -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let Ok(mut enc) = Encoder::new(EncoderConfig {
+        vm_id: FUZZ_VM,
+        page_size: FUZZ_PAGE,
+        cache_budget_bytes: 1 << 20,
+        chunk_bytes: 8 << 10,
+        ..EncoderConfig::default()
+    }) else {
+        return out;
+    };
+    let mem = fuzz_memory();
+    let pages: Vec<Vec<u8>> = (0..FUZZ_FRAMES).map(|f| mem.page(f).to_vec()).collect();
+    // Teach the encoder the replica's content as epoch FUZZ_BASE_EPOCH.
+    let all: Vec<(u64, &[u8])> = pages
+        .iter()
+        .enumerate()
+        .map(|(f, p)| (f as u64, &p[..]))
+        .collect();
+    if let Ok(e) = enc.encode(FUZZ_BASE_EPOCH, &all, b"", &[]) {
+        out.push(e);
+    }
+    // Next epoch: sparse edits (RLE deltas), a rewrite (zstd), random data
+    // (raw), a zeroed page, a copy of another frame (reference).
+    let mut next = pages.clone();
+    next[2][100] ^= 0x55;
+    next[3][4000] = 9;
+    next[5]
+        .iter_mut()
+        .enumerate()
+        .for_each(|(i, b)| *b = (i / 3) as u8);
+    let mut x = 0x9e37_79b9_u32;
+    for b in next[6].iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        *b = x as u8;
+    }
+    next[9].fill(0);
+    next[10] = pages[1].clone();
+    next[11] = next[6].clone();
+    let changed: Vec<(u64, &[u8])> = [2u64, 3, 5, 6, 9, 10, 11]
+        .iter()
+        .map(|&f| (f, &next[f as usize][..]))
+        .collect();
+    if let Ok(e) = enc.encode(
+        FUZZ_BASE_EPOCH + 1,
+        &changed,
+        &[3u8; 600],
+        &[(0, &[1u8; 300][..]), (4096, b"tiny")],
+    ) {
+        out.push(e);
+    }
+    out
+}

@@ -1,0 +1,253 @@
+//! The sender's cache of page contents it last sent, the base of XOR deltas
+//! and the source of cross-frame duplicate references.
+//!
+//! Invariant (what makes deltas and references safe): if frame `f` has an
+//! entry, its content is exactly what the sender put on the wire for `f` in
+//! the latest epoch of the current chain that carried `f`. Entries sent in an
+//! epoch that is later declared lost are dropped ([`PageCache::remove_sent_since`]),
+//! never kept, because the replica holds older content we no longer have.
+//!
+//! Replacement is CLOCK with a small saturating counter per entry: a page
+//! that is dirtied again gains credit, the clock hand spends it. Pages written
+//! once by a streaming pass are evicted before pages the guest keeps
+//! rewriting, which is where deltas pay.
+
+use super::fasthash::{map_with_capacity, U64Map};
+
+const HOT_MAX: u8 = 3;
+
+#[derive(Clone, Copy)]
+struct Slot {
+    frame: u64,
+    hash: u64,
+    epoch: u64,
+    hot: u8,
+    live: bool,
+}
+
+/// Content cache with a fixed memory budget for page data.
+pub struct PageCache {
+    page_size: usize,
+    capacity: usize,
+    data: Vec<u8>,
+    slots: Vec<Slot>,
+    by_frame: U64Map<u32>,
+    by_hash: U64Map<u32>,
+    free: Vec<u32>,
+    hand: usize,
+}
+
+impl PageCache {
+    /// `budget_bytes / page_size` pages are kept (page data only; the
+    /// per-entry bookkeeping adds about 80 bytes).
+    pub fn new(page_size: usize, budget_bytes: usize) -> Self {
+        let capacity = (budget_bytes / page_size.max(1)).min(u32::MAX as usize);
+        PageCache {
+            page_size,
+            capacity,
+            data: Vec::new(),
+            slots: Vec::new(),
+            by_frame: map_with_capacity(0),
+            by_hash: map_with_capacity(0),
+            free: Vec::new(),
+            hand: 0,
+        }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_frame.len()
+    }
+
+    fn content(&self, slot: u32) -> &[u8] {
+        let at = slot as usize * self.page_size;
+        &self.data[at..at + self.page_size]
+    }
+
+    /// Last-sent content of `frame`, if cached.
+    pub fn get(&self, frame: u64) -> Option<&[u8]> {
+        self.by_frame.get(&frame).map(|&s| self.content(s))
+    }
+
+    /// The epoch in which the cached content of `frame` was sent.
+    #[cfg(test)]
+    pub fn sent_epoch(&self, frame: u64) -> Option<u64> {
+        self.by_frame
+            .get(&frame)
+            .map(|&s| self.slots[s as usize].epoch)
+    }
+
+    /// A frame whose cached content has xxh3-64 `hash`, with that content.
+    /// Hashes collide: the caller must compare bytes before trusting it.
+    pub fn find_by_hash(&self, hash: u64) -> Option<(u64, &[u8])> {
+        let &s = self.by_hash.get(&hash)?;
+        let slot = &self.slots[s as usize];
+        (slot.live && slot.hash == hash).then(|| (slot.frame, self.content(s)))
+    }
+
+    /// Records that `content` (hashing to `hash`) was sent for `frame` in `epoch`.
+    pub fn store(&mut self, frame: u64, content: &[u8], hash: u64, epoch: u64) {
+        if content.len() != self.page_size || self.capacity == 0 {
+            self.remove(frame);
+            return;
+        }
+        let slot = match self.by_frame.get(&frame) {
+            Some(&s) => {
+                let old_hash = self.slots[s as usize].hash;
+                if self.by_hash.get(&old_hash) == Some(&s) {
+                    self.by_hash.remove(&old_hash);
+                }
+                let sl = &mut self.slots[s as usize];
+                sl.hot = (sl.hot + 1).min(HOT_MAX);
+                s
+            }
+            None => {
+                // New entries start without credit: a page must be dirtied
+                // again to earn protection from the clock hand, so a long
+                // streaming pass mostly recycles its own slots.
+                let s = self.allocate();
+                self.slots[s as usize].hot = 0;
+                self.by_frame.insert(frame, s);
+                s
+            }
+        };
+        let sl = &mut self.slots[slot as usize];
+        sl.frame = frame;
+        sl.hash = hash;
+        sl.epoch = epoch;
+        sl.live = true;
+        self.by_hash.insert(hash, slot);
+        let at = slot as usize * self.page_size;
+        self.data[at..at + self.page_size].copy_from_slice(content);
+    }
+
+    fn allocate(&mut self) -> u32 {
+        if let Some(s) = self.free.pop() {
+            return s;
+        }
+        if self.slots.len() < self.capacity {
+            let s = self.slots.len() as u32;
+            self.slots.push(Slot {
+                frame: 0,
+                hash: 0,
+                epoch: 0,
+                hot: 0,
+                live: false,
+            });
+            self.data.resize(self.slots.len() * self.page_size, 0);
+            return s;
+        }
+        // Every live slot has hot <= HOT_MAX, so this ends within
+        // (HOT_MAX + 1) turns of the clock.
+        loop {
+            let s = self.hand;
+            self.hand = (self.hand + 1) % self.slots.len();
+            let sl = &mut self.slots[s];
+            if sl.hot == 0 || !sl.live {
+                self.evict(s as u32);
+                return s as u32;
+            }
+            sl.hot -= 1;
+        }
+    }
+
+    fn evict(&mut self, s: u32) {
+        let sl = self.slots[s as usize];
+        if sl.live {
+            if self.by_frame.get(&sl.frame) == Some(&s) {
+                self.by_frame.remove(&sl.frame);
+            }
+            if self.by_hash.get(&sl.hash) == Some(&s) {
+                self.by_hash.remove(&sl.hash);
+            }
+        }
+        self.slots[s as usize].live = false;
+    }
+
+    /// Forgets `frame`: it will be sent whole next time.
+    pub fn remove(&mut self, frame: u64) {
+        if let Some(&s) = self.by_frame.get(&frame) {
+            self.evict(s);
+            self.free.push(s);
+        }
+    }
+
+    /// Drops every entry whose content was sent in `epoch` or later.
+    pub fn remove_sent_since(&mut self, epoch: u64) {
+        for s in 0..self.slots.len() {
+            let sl = self.slots[s];
+            if sl.live && sl.epoch >= epoch {
+                self.evict(s as u32);
+                self.free.push(s as u32);
+            }
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.by_frame.clear();
+        self.by_hash.clear();
+        self.free.clear();
+        self.slots.clear();
+        self.data.clear();
+        self.hand = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page(b: u8) -> Vec<u8> {
+        vec![b; 64]
+    }
+
+    #[test]
+    fn store_get_and_hash_lookup() {
+        let mut c = PageCache::new(64, 64 * 4);
+        c.store(5, &page(1), 11, 1);
+        assert_eq!(c.get(5), Some(&page(1)[..]));
+        assert_eq!(c.find_by_hash(11).map(|(f, _)| f), Some(5));
+        c.store(5, &page(2), 22, 2);
+        assert_eq!(c.find_by_hash(11), None);
+        assert_eq!(c.sent_epoch(5), Some(2));
+    }
+
+    #[test]
+    fn hot_pages_survive_a_scan() {
+        let mut c = PageCache::new(64, 64 * 4);
+        for e in 0..4 {
+            c.store(1, &page(e as u8), 100 + e, e);
+        }
+        // A scan of twice the cache size: LRU would have evicted frame 1.
+        for f in 10..18u64 {
+            c.store(f, &page(f as u8), 1000 + f, 10);
+        }
+        assert!(c.get(1).is_some(), "the rewritten page should stay");
+        assert!(c.len() <= 4);
+    }
+
+    #[test]
+    fn invalidation_drops_later_epochs_only() {
+        let mut c = PageCache::new(64, 64 * 8);
+        c.store(1, &page(1), 1, 3);
+        c.store(2, &page(2), 2, 4);
+        c.store(3, &page(3), 3, 5);
+        c.remove_sent_since(4);
+        assert!(c.get(1).is_some());
+        assert!(c.get(2).is_none() && c.get(3).is_none());
+        assert!(c.find_by_hash(2).is_none());
+        c.store(4, &page(4), 4, 6);
+        c.store(5, &page(5), 5, 6);
+        assert_eq!(c.len(), 3);
+    }
+
+    #[test]
+    fn zero_budget_caches_nothing() {
+        let mut c = PageCache::new(64, 10);
+        c.store(1, &page(1), 1, 1);
+        assert!(c.get(1).is_none());
+    }
+}

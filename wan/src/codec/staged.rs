@@ -1,0 +1,213 @@
+//! A decoded, verified epoch waiting to be applied.
+//!
+//! Decoding builds the epoch's new page contents aside from the replica;
+//! nothing is written until [`StagedEpoch::apply`], which cannot fail halfway:
+//! it re-checks that the replica is still the one the epoch was verified
+//! against, then writes every page.
+
+use super::error::CodecError;
+use super::fasthash::{map_with_capacity, U64Map};
+use super::memory::{PageSink, PageSource};
+
+const ZERO_SLOT: u32 = u32::MAX;
+
+/// One disk write of the epoch, to be applied by the caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskWrite {
+    pub offset: u64,
+    pub data: Vec<u8>,
+}
+
+/// What the caller still has to apply after the pages: device/vCPU state and
+/// disk writes. The epoch counts as committed only once these are applied too.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppliedEpoch {
+    pub epoch: u64,
+    pub state_blob: Vec<u8>,
+    pub disk_writes: Vec<DiskWrite>,
+}
+
+/// A complete, checksum-verified epoch whose references all resolved.
+#[derive(Debug)]
+pub struct StagedEpoch {
+    pub(crate) vm_id: u64,
+    pub(crate) epoch: u64,
+    pub(crate) base: Option<u64>,
+    pub(crate) page_size: usize,
+    pub(crate) frame_count: u64,
+    frames: Vec<u64>,
+    /// Per frame: `ZERO_SLOT` or the index of its content in `data`.
+    slots: Vec<u32>,
+    data: Vec<u8>,
+    index: U64Map<u32>,
+    pub(crate) state_blob: Vec<u8>,
+    pub(crate) disk_writes: Vec<DiskWrite>,
+}
+
+impl StagedEpoch {
+    pub(crate) fn new(
+        vm_id: u64,
+        epoch: u64,
+        base: Option<u64>,
+        page_size: usize,
+        frame_count: u64,
+        expected_records: usize,
+    ) -> Self {
+        // The header's record count is untrusted: never pre-allocate page data
+        // from it, only small per-record bookkeeping, and that capped too.
+        let n = expected_records.min(1 << 16);
+        StagedEpoch {
+            vm_id,
+            epoch,
+            base,
+            page_size,
+            frame_count,
+            frames: Vec::with_capacity(n),
+            slots: Vec::with_capacity(n),
+            data: Vec::new(),
+            index: map_with_capacity(n),
+            state_blob: Vec::new(),
+            disk_writes: Vec::new(),
+        }
+    }
+
+    pub fn vm_id(&self) -> u64 {
+        self.vm_id
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The epoch the replica must have committed for this one to apply.
+    pub fn base_epoch(&self) -> Option<u64> {
+        self.base
+    }
+
+    /// Pages this epoch writes.
+    pub fn page_count(&self) -> usize {
+        self.frames.len()
+    }
+
+    pub fn state_blob(&self) -> &[u8] {
+        &self.state_blob
+    }
+
+    pub fn disk_writes(&self) -> &[DiskWrite] {
+        &self.disk_writes
+    }
+
+    /// The staged content of `frame`, if this epoch writes it (`None` for a
+    /// zero page is not distinguished: zero pages return an empty slice).
+    pub fn staged_page(&self, frame: u64) -> Option<&[u8]> {
+        let &i = self.index.get(&frame)?;
+        Some(self.slot(self.slots[i as usize]))
+    }
+
+    fn slot(&self, slot: u32) -> &[u8] {
+        if slot == ZERO_SLOT {
+            return &[];
+        }
+        let at = slot as usize * self.page_size;
+        &self.data[at..at + self.page_size]
+    }
+
+    pub(crate) fn contains(&self, frame: u64) -> bool {
+        self.index.contains_key(&frame)
+    }
+
+    fn register(&mut self, frame: u64, slot: u32) -> Result<(), CodecError> {
+        if self.index.insert(frame, self.frames.len() as u32).is_some() {
+            return Err(CodecError::DuplicateFrame { frame });
+        }
+        self.frames.push(frame);
+        self.slots.push(slot);
+        Ok(())
+    }
+
+    pub(crate) fn push_zero(&mut self, frame: u64) -> Result<(), CodecError> {
+        self.register(frame, ZERO_SLOT)
+    }
+
+    /// Adds a page slot for `frame` initialised with `content` and returns it
+    /// for in-place completion (delta XOR, decompression).
+    pub(crate) fn push_page(
+        &mut self,
+        frame: u64,
+        content: &[u8],
+    ) -> Result<&mut [u8], CodecError> {
+        let slot = (self.data.len() / self.page_size) as u32;
+        self.register(frame, slot)?;
+        self.data.extend_from_slice(content);
+        let at = slot as usize * self.page_size;
+        Ok(&mut self.data[at..at + self.page_size])
+    }
+
+    /// Adds `frame` with the content `src` has at this point of the epoch,
+    /// which the caller has checked is staged.
+    pub(crate) fn push_copy_of_staged(&mut self, frame: u64, src: u64) -> Result<(), CodecError> {
+        let Some(&i) = self.index.get(&src) else {
+            return Err(CodecError::BadReference {
+                frame,
+                target: src,
+                reason: "source not staged",
+            });
+        };
+        let src_slot = self.slots[i as usize];
+        if src_slot == ZERO_SLOT {
+            return self.push_zero(frame);
+        }
+        let slot = (self.data.len() / self.page_size) as u32;
+        self.register(frame, slot)?;
+        let at = src_slot as usize * self.page_size;
+        self.data.extend_from_within(at..at + self.page_size);
+        Ok(())
+    }
+
+    /// Writes the epoch into `replica` and marks it committed.
+    ///
+    /// Checked first, with nothing written on error: the replica has the page
+    /// size and memory size the epoch was decoded against, and has committed
+    /// exactly the epoch this one is based on.
+    pub fn apply<R: PageSource + PageSink + ?Sized>(
+        self,
+        replica: &mut R,
+    ) -> Result<AppliedEpoch, CodecError> {
+        if replica.page_size() != self.page_size {
+            return Err(CodecError::PageSizeMismatch {
+                expected: replica.page_size() as u64,
+                found: self.page_size as u64,
+            });
+        }
+        if replica.frame_count() != self.frame_count {
+            return Err(CodecError::corrupt(format!(
+                "replica has {} frames, epoch was verified against {}",
+                replica.frame_count(),
+                self.frame_count
+            )));
+        }
+        if let Some(base) = self.base {
+            if replica.committed_epoch() != Some(base) {
+                return Err(CodecError::BaseMismatch {
+                    epoch: self.epoch,
+                    base,
+                    committed: replica.committed_epoch(),
+                });
+            }
+        }
+        for (&frame, &slot) in self.frames.iter().zip(&self.slots) {
+            if slot == ZERO_SLOT {
+                replica.zero_page(frame);
+            } else {
+                let at = slot as usize * self.page_size;
+                replica.write_page(frame, &self.data[at..at + self.page_size]);
+            }
+        }
+        replica.set_committed_epoch(self.epoch);
+        Ok(AppliedEpoch {
+            epoch: self.epoch,
+            state_blob: self.state_blob,
+            disk_writes: self.disk_writes,
+        })
+    }
+}
