@@ -12,6 +12,7 @@
 mod message;
 mod site;
 mod timers;
+pub mod wire;
 mod witness;
 
 pub use message::{Message, SiteId, Stance};
