@@ -33,8 +33,17 @@ pub enum BuildError {
         /// The guests folder.
         dir: PathBuf,
     },
+    /// An image could not be copied to its destination.
+    #[error("cannot install guest image {path}: {source}", path = path.display())]
+    Install {
+        /// The destination.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The build succeeded but an image is missing.
-    #[error("guest image {0} missing after the build")]
+    #[error("guest image {} missing after the build", .0.display())]
     Missing(PathBuf),
 }
 
@@ -69,7 +78,10 @@ pub fn rustflags() -> Vec<String> {
     ]
     .iter()
     .map(|s| s.to_string())
-    .chain(["-C".to_string(), format!("link-arg=-Wl,-T,{}", script.display())])
+    .chain([
+        "-C".to_string(),
+        format!("link-arg=-Wl,-T,{}", script.display()),
+    ])
     .collect()
 }
 
@@ -108,4 +120,27 @@ pub fn build(target_dir: &Path) -> Result<GuestImages, BuildError> {
         }
     }
     Ok(images)
+}
+
+/// Builds all guests into `target_dir` and copies them into `out_dir` as
+/// `netguest.elf` and `counter.elf` (the names the example configuration
+/// uses).
+pub fn install(target_dir: &Path, out_dir: &Path) -> Result<GuestImages, BuildError> {
+    let built = build(target_dir)?;
+    let installed = GuestImages {
+        counter: out_dir.join("counter.elf"),
+        net: out_dir.join("netguest.elf"),
+    };
+    let copy = |from: &Path, to: &Path| {
+        std::fs::create_dir_all(out_dir)
+            .and_then(|_| std::fs::copy(from, to))
+            .map(|_| ())
+            .map_err(|source| BuildError::Install {
+                path: to.to_owned(),
+                source,
+            })
+    };
+    copy(&built.counter, &installed.counter)?;
+    copy(&built.net, &installed.net)?;
+    Ok(installed)
 }

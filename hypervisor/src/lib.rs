@@ -3,3 +3,4 @@
 
 pub mod guest_build;
 pub mod kvm;
+pub mod netns;

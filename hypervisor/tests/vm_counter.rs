@@ -20,12 +20,17 @@ fn counter_guest_runs_to_its_exit_code() {
     }
     let vm = Vm::start(&spec(0), Default::default()).expect("start");
     assert!(vm.wait(Duration::from_secs(60)), "guest did not finish");
-    let ready = vm.wait_ready(Duration::from_secs(1)).expect("ready reported");
+    let ready = vm
+        .wait_ready(Duration::from_secs(1))
+        .expect("ready reported");
     let lines = vm.console_lines();
     let exit = vm.shutdown().expect("clean exit");
     assert_eq!(exit, Exit::Guest(42), "console: {lines:?}");
     assert!(lines.iter().any(|l| l == "count 10"), "{lines:?}");
-    assert!(lines.iter().any(|l| l == "sse: sqrt(2) = 1.414214"), "{lines:?}");
+    assert!(
+        lines.iter().any(|l| l == "sse: sqrt(2) = 1.414214"),
+        "{lines:?}"
+    );
     eprintln!("counter guest ready after {ready:?}");
 }
 
@@ -50,12 +55,10 @@ fn a_spinning_guest_is_stopped_and_its_writes_are_in_the_dirty_log() {
         return;
     }
     let vm = Vm::start(
-        &spec(4)
-            .vcpus(2)
-            .workload(hypervisor::kvm::Workload {
-                dirty_set_pages: 100,
-                dirty_pages_per_ms: 0,
-            }),
+        &spec(4).vcpus(2).workload(hypervisor::kvm::Workload {
+            dirty_set_pages: 100,
+            dirty_pages_per_ms: 0,
+        }),
         Default::default(),
     )
     .expect("start");
@@ -63,15 +66,25 @@ fn a_spinning_guest_is_stopped_and_its_writes_are_in_the_dirty_log() {
     let log = vm.take_dirty_log().expect("dirty log");
     let base = (32u64 << 20) / 2 / 4096;
     for page in base..base + 100 {
-        assert!(log[(page / 64) as usize] & (1 << (page % 64)) != 0, "page {page} not dirty");
+        assert!(
+            log[(page / 64) as usize] & (1 << (page % 64)) != 0,
+            "page {page} not dirty"
+        );
     }
-    assert!(!vm.wait(Duration::from_millis(50)), "guest should still spin");
+    assert!(
+        !vm.wait(Duration::from_millis(50)),
+        "guest should still spin"
+    );
     assert_eq!(vm.shutdown().expect("stop"), Exit::Stopped);
 }
 
 #[test]
 fn clear_errors_for_missing_image_and_disk() {
-    let e = Vm::start(&VmSpec::new("x", "/nonexistent/guest.elf"), Default::default()).unwrap_err();
+    let e = Vm::start(
+        &VmSpec::new("x", "/nonexistent/guest.elf"),
+        Default::default(),
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("cargo xtask guest-image"), "{e}");
     let e = Vm::start(
         &VmSpec::new("x", std::env::current_exe().unwrap()).disk("/nonexistent/disk.img"),

@@ -99,7 +99,12 @@ fn echo_counter_and_kv_over_tap_survive_a_restart() {
         echo_round_trip();
         counter_stream();
         assert_eq!(
-            kv(&["SET alpha one", "SET beta two words", "GET alpha", "GET nothing"]),
+            kv(&[
+                "SET alpha one",
+                "SET beta two words",
+                "GET alpha",
+                "GET nothing"
+            ]),
             ["OK", "OK", "VALUE one", "NONE"]
         );
         let stats = vm.net_stats().unwrap();

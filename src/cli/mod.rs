@@ -4,6 +4,7 @@ mod certs;
 mod config;
 pub mod exit;
 mod logging;
+mod vm;
 
 use clap::{Parser, Subcommand};
 
@@ -55,6 +56,9 @@ pub enum Command {
     /// Create the deployment's certificate authority and per-site certificates (mutual TLS).
     #[command(subcommand)]
     Certs(certs::CertsCommand),
+    /// Run a VM of the configuration on the built-in micro-VM (foreground).
+    #[command(subcommand)]
+    Vm(vm::VmCommand),
 }
 
 impl Cli {
@@ -64,6 +68,7 @@ impl Cli {
         match self.command {
             Command::Config(c) => c.run(),
             Command::Certs(c) => c.run(),
+            Command::Vm(c) => c.run(),
         }
     }
 }

@@ -37,7 +37,10 @@ unsafe impl ByteValued for BootInfoBytes {}
 
 fn validate(spec: &VmSpec) -> Result<u64> {
     if spec.vcpus == 0 || spec.vcpus > MAX_VCPUS {
-        return Err(Error::Spec(format!("vcpus must be 1..={MAX_VCPUS}, got {}", spec.vcpus)));
+        return Err(Error::Spec(format!(
+            "vcpus must be 1..={MAX_VCPUS}, got {}",
+            spec.vcpus
+        )));
     }
     let size = spec
         .memory_mib
@@ -75,7 +78,10 @@ fn write_fixed_area(mem: &GuestMemoryMmap) -> Result<()> {
         let bytes: Vec<u8> = entries.iter().flat_map(|e| e.to_le_bytes()).collect();
         w(addr, &bytes)?;
     }
-    let gdt: Vec<u8> = gdt::gdt_entries().iter().flat_map(|e| e.to_le_bytes()).collect();
+    let gdt: Vec<u8> = gdt::gdt_entries()
+        .iter()
+        .flat_map(|e| e.to_le_bytes())
+        .collect();
     w(layout::GDT, &gdt)?;
     w(layout::TSS, &gdt::tss_bytes())
 }
@@ -85,13 +91,20 @@ fn setup_vcpu(kvm: &Kvm, vm: &VmFd, index: u8, entry: u64, stack_top: u64) -> Re
         .create_vcpu(u64::from(index))
         .map_err(Error::kvm("KVM_CREATE_VCPU"))?;
     let cpuid = cpuid::for_vcpu(kvm, index).map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))?;
-    vcpu.set_cpuid2(&cpuid).map_err(Error::kvm("KVM_SET_CPUID2"))?;
+    vcpu.set_cpuid2(&cpuid)
+        .map_err(Error::kvm("KVM_SET_CPUID2"))?;
     let sregs = vcpu.get_sregs().map_err(Error::kvm("KVM_GET_SREGS"))?;
     vcpu.set_sregs(&regs::sregs(sregs))
         .map_err(Error::kvm("KVM_SET_SREGS"))?;
-    vcpu.set_regs(&regs::regs(entry, stack_top, abi::BOOT_INFO, u64::from(index)))
-        .map_err(Error::kvm("KVM_SET_REGS"))?;
-    vcpu.set_fpu(&regs::fpu()).map_err(Error::kvm("KVM_SET_FPU"))?;
+    vcpu.set_regs(&regs::regs(
+        entry,
+        stack_top,
+        abi::BOOT_INFO,
+        u64::from(index),
+    ))
+    .map_err(Error::kvm("KVM_SET_REGS"))?;
+    vcpu.set_fpu(&regs::fpu())
+        .map_err(Error::kvm("KVM_SET_FPU"))?;
     vcpu.set_xcrs(&regs::xcrs(cpuid::xcr0(&cpuid)))
         .map_err(Error::kvm("KVM_SET_XCRS"))?;
     Ok(vcpu)
@@ -120,8 +133,12 @@ pub fn start(spec: &VmSpec, seams: Seams) -> Result<Vm> {
         )));
     }
 
-    let console = Console::new(&spec.name, spec.console.log_file.as_deref(), spec.console.to_terminal)
-        .map_err(Error::io("opening the console log"))?;
+    let console = Console::new(
+        &spec.name,
+        spec.console.log_file.as_deref(),
+        spec.console.to_terminal,
+    )
+    .map_err(Error::io("opening the console log"))?;
 
     let Seams {
         frame_sink,
@@ -156,7 +173,11 @@ pub fn start(spec: &VmSpec, seams: Seams) -> Result<Vm> {
             None => Box::new(tap.clone()),
         };
         let dev = Arc::new(Mutex::new(Net::new(n.mac, sink)));
-        add_window(TYPE_NET, MmioTransport::new(dev.clone(), mem.clone()), &mut bus)?;
+        add_window(
+            TYPE_NET,
+            MmioTransport::new(dev.clone(), mem.clone()),
+            &mut bus,
+        )?;
         net_dev = Some(dev);
         tap_dev = Some(tap);
     }
@@ -168,7 +189,11 @@ pub fn start(spec: &VmSpec, seams: Seams) -> Result<Vm> {
         })?;
         blk.set_write_hook(write_hook);
         let dev = Arc::new(Mutex::new(blk));
-        add_window(TYPE_BLOCK, MmioTransport::new(dev.clone(), mem.clone()), &mut bus)?;
+        add_window(
+            TYPE_BLOCK,
+            MmioTransport::new(dev.clone(), mem.clone()),
+            &mut bus,
+        )?;
         block_dev = Some(dev);
     }
 
@@ -209,8 +234,13 @@ pub fn start(spec: &VmSpec, seams: Seams) -> Result<Vm> {
     let mut io_threads = Vec::new();
     if let (Some(tap), Some(dev)) = (tap_dev, &net_dev) {
         io_threads.push(
-            net::spawn_rx_pump(tap, dev.clone(), shared.doorbell.clone(), shared.stop_flag())
-                .map_err(Error::io("spawning the network receive thread"))?,
+            net::spawn_rx_pump(
+                tap,
+                dev.clone(),
+                shared.doorbell.clone(),
+                shared.stop_flag(),
+            )
+            .map_err(Error::io("spawning the network receive thread"))?,
         );
     }
     let mut vm = Vm {

@@ -85,7 +85,10 @@ pub fn parse(image: &[u8]) -> std::result::Result<(u64, Vec<Segment>), String> {
         if seg.filesz > seg.memsz {
             return Err("segment file size exceeds memory size".into());
         }
-        let end = seg.offset.checked_add(seg.filesz).ok_or("segment overflows")?;
+        let end = seg
+            .offset
+            .checked_add(seg.filesz)
+            .ok_or("segment overflows")?;
         if end > image.len() as u64 {
             return Err("segment extends past the end of the file".into());
         }
@@ -111,7 +114,10 @@ pub fn load(path: &Path, mem: &GuestMemoryMmap, ram_size: u64) -> Result<Loaded>
     let mut end = 0;
     let mut entry_ok = false;
     for s in &segs {
-        let seg_end = s.paddr.checked_add(s.memsz).ok_or_else(|| bad("segment overflows".into()))?;
+        let seg_end = s
+            .paddr
+            .checked_add(s.memsz)
+            .ok_or_else(|| bad("segment overflows".into()))?;
         if s.paddr < abi::IMAGE_START || seg_end > ram_size {
             return Err(bad(format!(
                 "segment {:#x}..{:#x} outside guest RAM {:#x}..{:#x} (memory too small?)",
@@ -161,7 +167,12 @@ mod tests {
     }
 
     fn seg(filesz: u64) -> Segment {
-        Segment { offset: 0, paddr: 0x20_0000, filesz, memsz: 0x1000 }
+        Segment {
+            offset: 0,
+            paddr: 0x20_0000,
+            filesz,
+            memsz: 0x1000,
+        }
     }
 
     #[test]
@@ -174,9 +185,16 @@ mod tests {
     #[test]
     fn refuses_pie_truncation_and_garbage() {
         assert!(parse(&elf(3, seg(64), 0)).unwrap_err().contains("no-pie"));
-        let huge = Segment { memsz: 1 << 40, ..seg(1 << 40) };
-        assert!(parse(&elf(2, huge, 0)).unwrap_err().contains("past the end"));
-        assert!(parse(&elf(2, seg(0x2000), 0)).unwrap_err().contains("exceeds"));
+        let huge = Segment {
+            memsz: 1 << 40,
+            ..seg(1 << 40)
+        };
+        assert!(parse(&elf(2, huge, 0))
+            .unwrap_err()
+            .contains("past the end"));
+        assert!(parse(&elf(2, seg(0x2000), 0))
+            .unwrap_err()
+            .contains("exceeds"));
         assert!(parse(b"hello").is_err());
         let full = elf(2, seg(64), 0);
         for n in 0..full.len() {

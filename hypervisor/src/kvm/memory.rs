@@ -35,7 +35,8 @@ pub fn create(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap> {
         };
         // SAFETY: the mapping lives as long as `mem`, which the VM keeps for
         // its whole life (the VM fd is dropped before the memory).
-        unsafe { vm.set_user_memory_region(r) }.map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION"))?;
+        unsafe { vm.set_user_memory_region(r) }
+            .map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION"))?;
     }
     Ok(mem)
 }

@@ -18,6 +18,7 @@ pub mod kick;
 pub mod loader;
 pub mod memory;
 pub mod spec;
+pub mod termination;
 mod vcpu;
 pub mod vm;
 
@@ -34,5 +35,7 @@ impl Vm {
 
 /// Whether `/dev/kvm` can be opened by this process.
 pub fn available() -> std::result::Result<(), Error> {
-    kvm_ioctls::Kvm::new().map(|_| ()).map_err(Error::KvmUnavailable)
+    kvm_ioctls::Kvm::new()
+        .map(|_| ())
+        .map_err(Error::KvmUnavailable)
 }

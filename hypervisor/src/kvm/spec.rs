@@ -4,8 +4,8 @@
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
-use super::devices::net::FrameSink;
 use super::devices::block::WriteHook;
+use super::devices::net::FrameSink;
 
 /// A micro-VM to build.
 #[derive(Debug, Clone)]

@@ -32,7 +32,11 @@ fn port_out(shared: &Shared, port: u16, data: &[u8], seen: &mut u64) -> Control 
         abi::PORT_CONSOLE_FLUSH => {
             let len = (le_u32(data) as usize).min(abi::CONSOLE_BUF_SIZE);
             let mut buf = vec![0u8; len];
-            if shared.mem.read_slice(&mut buf, GuestAddress(abi::CONSOLE_BUF)).is_ok() {
+            if shared
+                .mem
+                .read_slice(&mut buf, GuestAddress(abi::CONSOLE_BUF))
+                .is_ok()
+            {
                 shared.console().write(&buf);
             }
         }
@@ -42,7 +46,9 @@ fn port_out(shared: &Shared, port: u16, data: &[u8], seen: &mut u64) -> Control 
             let us = le_u32(data).min(abi::MAX_IDLE_US);
             shared
                 .doorbell
-                .wait(seen, Duration::from_micros(u64::from(us)), || shared.stopping());
+                .wait(seen, Duration::from_micros(u64::from(us)), || {
+                    shared.stopping()
+                });
         }
         abi::PORT_EVENT => {
             if le_u32(data) == abi::EVENT_READY {
@@ -129,6 +135,7 @@ fn run_loop(index: usize, vcpu: &mut VcpuFd, shared: &Shared) -> Option<Outcome>
                 }))
             }
             Ok(VcpuExit::InternalError) => {
+                // SAFETY: the exit reason says the `internal` member is valid.
                 let sub = unsafe { vcpu.get_kvm_run().__bindgen_anon_1.internal.suberror };
                 return Some(Outcome::Failed(Error::VcpuFailed {
                     vcpu: index,

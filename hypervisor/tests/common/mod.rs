@@ -46,36 +46,9 @@ pub fn images() -> &'static GuestImages {
     })
 }
 
-/// Runs `f` on a new thread inside a fresh network namespace (only `lo`);
-/// every thread and process it starts inherits the namespace, which
-/// disappears with them, so nothing is left behind even on failure.
+/// Runs `f` in a fresh network namespace (see `hypervisor::netns`).
 pub fn in_new_netns<T: Send>(f: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            // SAFETY: unshare(CLONE_NEWNET) affects only this thread.
-            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-                panic!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
-            }
-            ip(&["link", "set", "lo", "up"]);
-            f()
-        })
-        .join()
-        .unwrap_or_else(|e| std::panic::resume_unwind(e))
-    })
-}
-
-/// Runs `ip ARGS` and panics with its output if it fails.
-pub fn ip(args: &[&str]) {
-    let out = std::process::Command::new("ip")
-        .args(args)
-        .output()
-        .expect("running ip (iproute2)");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    hypervisor::netns::in_new_netns(f).expect("creating a network namespace")
 }
 
 /// A zero-filled raw disk image in a temporary directory.

@@ -10,7 +10,12 @@ use guest_rt::{abi::BootInfo, println};
 
 #[no_mangle]
 extern "C" fn guest_main(info: &'static BootInfo) -> u32 {
-    println!("counter guest: {} MiB, tsc {} kHz, mode {}", info.mem_size >> 20, info.tsc_khz, info.arg);
+    println!(
+        "counter guest: {} MiB, tsc {} kHz, mode {}",
+        info.mem_size >> 20,
+        info.tsc_khz,
+        info.arg
+    );
     match info.arg {
         1 => unsafe { core::arch::asm!("ud2") },
         2 => unsafe { (0x1_4000_0000u64 as *mut u64).write_volatile(1) },

@@ -52,9 +52,7 @@ extern "C" fn guest_main(info: &'static BootInfo) -> u32 {
             NET if nic.is_none() => {
                 nic = transport(w).and_then(|t| netdev::Nic::new(t, netdev::BUF_LEN).ok())
             }
-            BLOCK if disk.is_none() => {
-                disk = transport(w).and_then(|t| kvstore::Disk::new(t).ok())
-            }
+            BLOCK if disk.is_none() => disk = transport(w).and_then(|t| kvstore::Disk::new(t).ok()),
             _ => {}
         }
     }
@@ -68,7 +66,11 @@ extern "C" fn guest_main(info: &'static BootInfo) -> u32 {
     }
     let has_disk = disk.is_some();
     let kv = kvstore::KvStore::open(disk);
-    println!("net guest: disk {}, {} keys restored", if has_disk { "yes" } else { "no" }, kv.len());
+    println!(
+        "net guest: disk {}, {} keys restored",
+        if has_disk { "yes" } else { "no" },
+        kv.len()
+    );
 
     let mut device = netdev::Device(Rc::new(RefCell::new(nic)));
     let config = Config::new(HardwareAddress::Ethernet(EthernetAddress(info.mac)));
@@ -79,7 +81,9 @@ extern "C" fn guest_main(info: &'static BootInfo) -> u32 {
     });
     if info.has_gateway != 0 {
         let [a, b, c, d] = info.gateway;
-        let _ = iface.routes_mut().add_default_ipv4_route(Ipv4Address::new(a, b, c, d));
+        let _ = iface
+            .routes_mut()
+            .add_default_ipv4_route(Ipv4Address::new(a, b, c, d));
     }
     let mut sockets = SocketSet::new(alloc::vec![]);
     let mut services = services::Services::new(&mut sockets, kv);

@@ -46,7 +46,11 @@ impl Services {
         let mut conns = Vec::new();
         for port in [ECHO, COUNTER, KV] {
             for _ in 0..PER_SERVICE {
-                let tx = if port == COUNTER { 256 * 1024 } else { 64 * 1024 };
+                let tx = if port == COUNTER {
+                    256 * 1024
+                } else {
+                    64 * 1024
+                };
                 let mut sock = socket(64 * 1024, tx);
                 let _ = sock.listen(port);
                 let handle = sockets.add(sock);

@@ -55,7 +55,10 @@ extern "C" fn rt_start(info: *const BootInfo, vcpu: u64) -> ! {
     let heap_end = info.mem_size - u64::from(info.vcpus) * abi::STACK_SIZE;
     // SAFETY: [heap_start, heap_end) is RAM nobody else uses: above the
     // image, below the stacks.
-    unsafe { HEAP.lock().init(heap_start as *mut u8, (heap_end - heap_start) as usize) };
+    unsafe {
+        HEAP.lock()
+            .init(heap_start as *mut u8, (heap_end - heap_start) as usize)
+    };
     time::init(info.tsc_khz);
     // SAFETY: defined by the guest program.
     let code = unsafe { guest_main(info) };

@@ -65,12 +65,18 @@ pub fn tss_segment() -> kvm_segment {
 /// Encodes a `kvm_segment` as an 8-byte GDT descriptor.
 fn descriptor(seg: &kvm_segment) -> u64 {
     let base = seg.base;
-    let limit = u64::from(if seg.g == 1 { seg.limit >> 12 } else { seg.limit });
+    let limit = u64::from(if seg.g == 1 {
+        seg.limit >> 12
+    } else {
+        seg.limit
+    });
     let access = u64::from(seg.type_)
         | (u64::from(seg.s) << 4)
         | (u64::from(seg.dpl) << 5)
         | (u64::from(seg.present) << 7);
-    let flags = (u64::from(seg.avl)) | (u64::from(seg.l) << 1) | (u64::from(seg.db) << 2)
+    let flags = (u64::from(seg.avl))
+        | (u64::from(seg.l) << 1)
+        | (u64::from(seg.db) << 2)
         | (u64::from(seg.g) << 3);
     (limit & 0xffff)
         | ((base & 0xff_ffff) << 16)

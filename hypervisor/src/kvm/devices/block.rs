@@ -172,7 +172,11 @@ impl Block {
                 match self.range_ok(sector, len).filter(|_| len <= MAX_REQUEST) {
                     Some(off) => {
                         let mut buf = vec![0u8; len];
-                        match self.file.read_exact_at(&mut buf, off).and_then(|_| w.write_all(&buf)) {
+                        match self
+                            .file
+                            .read_exact_at(&mut buf, off)
+                            .and_then(|_| w.write_all(&buf))
+                        {
                             Ok(()) => {
                                 self.stats.reads += 1;
                                 data_written = len;

@@ -23,7 +23,11 @@ impl MmioBus {
     /// Adds a window; refuses overlaps.
     pub fn insert(&mut self, base: u64, size: u64, dev: SharedMmio) -> Result<(), String> {
         let end = base.checked_add(size).ok_or("window overflows")?;
-        if self.windows.iter().any(|(b, s, _)| base < b + s && *b < end) {
+        if self
+            .windows
+            .iter()
+            .any(|(b, s, _)| base < b + s && *b < end)
+        {
             return Err(format!("MMIO window {base:#x}+{size:#x} overlaps another"));
         }
         self.windows.push((base, size, dev));
@@ -78,8 +82,11 @@ mod tests {
     #[test]
     fn dispatches_and_refuses_overlap() {
         let mut bus = MmioBus::default();
-        bus.insert(0x1000, 0x100, Arc::new(Mutex::new(Echo(1)))).unwrap();
-        assert!(bus.insert(0x10f0, 0x100, Arc::new(Mutex::new(Echo(2)))).is_err());
+        bus.insert(0x1000, 0x100, Arc::new(Mutex::new(Echo(1))))
+            .unwrap();
+        assert!(bus
+            .insert(0x10f0, 0x100, Arc::new(Mutex::new(Echo(2))))
+            .is_err());
         let mut b = [0u8; 4];
         assert!(bus.read(0x1002, &mut b));
         assert_eq!(b, [3; 4]);

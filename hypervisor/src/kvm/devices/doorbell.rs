@@ -29,7 +29,10 @@ impl Doorbell {
             }
             // Short slices so a stop request is seen promptly.
             let slice = (deadline - now).min(Duration::from_millis(20));
-            g = cv.wait_timeout(g, slice).unwrap_or_else(|e| e.into_inner()).0;
+            g = cv
+                .wait_timeout(g, slice)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
         *seen = *g;
     }

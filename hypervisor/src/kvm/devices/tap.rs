@@ -65,7 +65,11 @@ impl Tap {
         if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        let len = req.name.iter().position(|&b| b == 0).unwrap_or(req.name.len());
+        let len = req
+            .name
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(req.name.len());
         let name = String::from_utf8_lossy(&req.name[..len]).into_owned();
         set_up(&name)?;
         Ok(Tap {
@@ -81,7 +85,11 @@ impl Tap {
 
     /// Waits up to `timeout` for a frame and reads it into `buf`.
     /// `Ok(None)` on timeout.
-    pub fn recv_timeout(&self, buf: &mut [u8], timeout: Duration) -> std::io::Result<Option<usize>> {
+    pub fn recv_timeout(
+        &self,
+        buf: &mut [u8],
+        timeout: Duration,
+    ) -> std::io::Result<Option<usize>> {
         let mut pfd = libc::pollfd {
             fd: self.file.as_raw_fd(),
             events: libc::POLLIN,

@@ -219,7 +219,10 @@ impl MmioTransport {
                 Err("a ready queue has invalid addresses or size".to_string())
             };
             if let Err(e) = result {
-                tracing::warn!("virtio device type {} failed to activate: {e}", dev.device_type());
+                tracing::warn!(
+                    "virtio device type {} failed to activate: {e}",
+                    dev.device_type()
+                );
                 drop(dev);
                 self.state.device_status = new | status::NEEDS_RESET;
                 return;
