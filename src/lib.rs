@@ -4,3 +4,4 @@
 pub mod certs;
 pub mod cli;
 pub mod config;
+pub mod replica;
