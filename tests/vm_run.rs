@@ -84,7 +84,7 @@ fn vm_run_serves_and_stops_on_sigterm() {
         return;
     }
     let target = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("guests");
-    let images = hypervisor::guest_build::build(&target).expect("building the guest images");
+    let images = hypervisor::guest_build::from_env_or_build(&target).expect("guest images");
     let dir = tempfile::tempdir().unwrap();
     std::fs::File::create(dir.path().join("t1.img"))
         .unwrap()

@@ -116,8 +116,8 @@ fn main() {
             },
         );
     }
-    let target = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/guest-bench");
-    let images = hypervisor::guest_build::build(&target).expect("building the guest images");
+    let target = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/guest-build");
+    let images = hypervisor::guest_build::from_env_or_build(&target).expect("guest images");
     hypervisor::netns::in_new_netns(|| {
         // Start-to-ready, and the same for the trivial guest.
         let counter = VmSpec::new("counter", &images.counter).memory_mib(32).guest_arg(3);

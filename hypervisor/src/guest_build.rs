@@ -127,10 +127,7 @@ pub fn build(target_dir: &Path) -> Result<GuestImages, BuildError> {
 /// uses).
 pub fn install(target_dir: &Path, out_dir: &Path) -> Result<GuestImages, BuildError> {
     let built = build(target_dir)?;
-    let installed = GuestImages {
-        counter: out_dir.join("counter.elf"),
-        net: out_dir.join("netguest.elf"),
-    };
+    let installed = installed_paths(out_dir);
     let copy = |from: &Path, to: &Path| {
         std::fs::create_dir_all(out_dir)
             .and_then(|_| std::fs::copy(from, to))
@@ -143,4 +140,33 @@ pub fn install(target_dir: &Path, out_dir: &Path) -> Result<GuestImages, BuildEr
     copy(&built.counter, &installed.counter)?;
     copy(&built.net, &installed.net)?;
     Ok(installed)
+}
+
+/// Environment variable naming a folder with prebuilt images (as written by
+/// [`install`]); tests and benchmarks use it instead of building.
+pub const GUEST_DIR_ENV: &str = "REMUS_WAN_GUEST_DIR";
+
+/// The installed image names inside `dir` (see [`install`]).
+pub fn installed_paths(dir: &Path) -> GuestImages {
+    GuestImages {
+        counter: dir.join("counter.elf"),
+        net: dir.join("netguest.elf"),
+    }
+}
+
+/// The images from `$REMUS_WAN_GUEST_DIR` when set, else built into
+/// `target_dir`.
+pub fn from_env_or_build(target_dir: &Path) -> Result<GuestImages, BuildError> {
+    match std::env::var_os(GUEST_DIR_ENV) {
+        Some(dir) => {
+            let images = installed_paths(Path::new(&dir));
+            for p in [&images.counter, &images.net] {
+                if !p.is_file() {
+                    return Err(BuildError::Missing(p.clone()));
+                }
+            }
+            Ok(images)
+        }
+        None => build(target_dir),
+    }
 }

@@ -34,15 +34,8 @@ pub fn require_kvm_root() -> bool {
 pub fn images() -> &'static GuestImages {
     static IMAGES: OnceLock<GuestImages> = OnceLock::new();
     IMAGES.get_or_init(|| {
-        if let Some(dir) = std::env::var_os("REMUS_WAN_GUEST_DIR") {
-            let dir = PathBuf::from(dir);
-            return GuestImages {
-                counter: dir.join(guest_build::COUNTER_GUEST),
-                net: dir.join(guest_build::NET_GUEST),
-            };
-        }
         let target = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("guests");
-        guest_build::build(&target).expect("building the guest images")
+        guest_build::from_env_or_build(&target).expect("guest images")
     })
 }
 

@@ -287,3 +287,133 @@ impl VirtioDevice for Block {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+    use crate::kvm::devices::virtio::testing::*;
+
+    struct Recorder(Arc<Mutex<Vec<(u64, usize)>>>);
+    impl WriteHook for Recorder {
+        fn on_write(&mut self, offset: u64, data: &[u8]) {
+            self.0.lock().unwrap().push((offset, data.len()));
+        }
+    }
+
+    fn header(ty: u32, sector: u64) -> [u8; 16] {
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&ty.to_le_bytes());
+        h[8..].copy_from_slice(&sector.to_le_bytes());
+        h
+    }
+
+    fn setup() -> (tempfile::NamedTempFile, Block, GuestMemoryMmap) {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().set_len(8 * SECTOR).unwrap();
+        let blk = Block::open(f.path()).unwrap();
+        (f, blk, memory())
+    }
+
+    #[test]
+    fn write_passes_the_hook_then_reads_back() {
+        let (f, mut blk, mem) = setup();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        blk.set_write_hook(Some(Box::new(Recorder(log.clone()))));
+        let mq = queue(&mem, 0);
+        blk.queues_mut()[0] = device_queue(&mq);
+        blk.activate(mem.clone()).unwrap();
+
+        mem.write_slice(&header(T_OUT, 2), GuestAddress(DATA))
+            .unwrap();
+        mem.write_slice(&[0xab; 512], GuestAddress(DATA + 0x100))
+            .unwrap();
+        chain(
+            &mq,
+            0,
+            &[
+                (DATA, 16, 0),
+                (DATA + 0x100, 512, 0),
+                (DATA + 0x400, 1, WRITE),
+            ],
+        );
+        blk.notify(0);
+        assert_eq!(used_idx(&mq), 1);
+        assert_eq!(read(&mem, DATA + 0x400, 1), [S_OK]);
+        assert_eq!(*log.lock().unwrap(), vec![(1024, 512)]);
+        let disk = std::fs::read(f.path()).unwrap();
+        assert!(disk[1024..1536].iter().all(|&b| b == 0xab));
+
+        mem.write_slice(&header(T_IN, 2), GuestAddress(DATA + 0x800))
+            .unwrap();
+        chain(
+            &mq,
+            3,
+            &[
+                (DATA + 0x800, 16, 0),
+                (DATA + 0x1000, 512, WRITE),
+                (DATA + 0x1400, 1, WRITE),
+            ],
+        );
+        blk.notify(0);
+        assert_eq!(used_idx(&mq), 2);
+        assert_eq!(used(&mq, 1), (3, 513));
+        assert_eq!(read(&mem, DATA + 0x1000, 512), vec![0xab; 512]);
+        assert_eq!(blk.stats().writes, 1);
+        assert_eq!(blk.stats().reads, 1);
+    }
+
+    #[test]
+    fn hostile_requests_get_errors_not_panics() {
+        let (f, mut blk, mem) = setup();
+        let mq = queue(&mem, 0);
+        blk.queues_mut()[0] = device_queue(&mq);
+        blk.activate(mem.clone()).unwrap();
+        // Past the end of the disk.
+        mem.write_slice(&header(T_OUT, 7), GuestAddress(DATA))
+            .unwrap();
+        chain(
+            &mq,
+            0,
+            &[
+                (DATA, 16, 0),
+                (DATA + 0x100, 1024, 0),
+                (DATA + 0x800, 1, WRITE),
+            ],
+        );
+        // Sector number that overflows when turned into bytes.
+        mem.write_slice(&header(T_IN, u64::MAX / 2), GuestAddress(DATA + 0x1000))
+            .unwrap();
+        chain(
+            &mq,
+            3,
+            &[
+                (DATA + 0x1000, 16, 0),
+                (DATA + 0x1100, 512, WRITE),
+                (DATA + 0x1400, 1, WRITE),
+            ],
+        );
+        // Data buffer outside guest RAM.
+        chain(
+            &mq,
+            6,
+            &[(DATA, 16, 0), (1 << 40, 512, 0), (DATA + 0x1800, 1, WRITE)],
+        );
+        // Unknown request type.
+        mem.write_slice(&header(99, 0), GuestAddress(DATA + 0x2000))
+            .unwrap();
+        chain(&mq, 9, &[(DATA + 0x2000, 16, 0), (DATA + 0x2400, 1, WRITE)]);
+        // No status byte at all.
+        chain(&mq, 11, &[(DATA, 16, 0)]);
+        blk.notify(0);
+        assert_eq!(used_idx(&mq), 5);
+        assert_eq!(read(&mem, DATA + 0x800, 1), [S_IOERR]);
+        assert_eq!(read(&mem, DATA + 0x1400, 1), [S_IOERR]);
+        assert_eq!(read(&mem, DATA + 0x2400, 1), [S_UNSUPP]);
+        assert_eq!(blk.stats().errors, 5);
+        assert!(std::fs::read(f.path()).unwrap().iter().all(|&b| b == 0));
+    }
+}

@@ -1,6 +1,8 @@
 //! Virtio devices and their MMIO transport.
 
 pub mod mmio;
+#[cfg(test)]
+pub(crate) mod testing;
 
 use virtio_queue::Queue;
 
