@@ -1,0 +1,8 @@
+//! The replication engine's sans-IO parts: output commit and pacing. The
+//! `protect` and `standby` shells drive them (issue 7).
+
+pub mod output_commit;
+pub mod pacer;
+
+pub use output_commit::{BufferFull, OutputBuffer};
+pub use pacer::{Decision, Pacer};
