@@ -1,7 +1,11 @@
-//! DNS dynamic update (RFC 2136) signed with TSIG (RFC 8945), on hickory
-//! 0.26: `hickory-proto` builds the message and signs it (`TSigner`),
-//! `hickory-net` carries it over TCP (`TcpClientStream` + `DnsMultiplexer`
-//! with the signer, which also verifies the TSIG of the response).
+//! DNS dynamic update (RFC 2136) signed with TSIG (RFC 8945), on
+//! `hickory-proto` 0.26 (feature `dnssec-ring`): it builds the UPDATE,
+//! signs it with `TSigner` and verifies the signed answer with
+//! `TSigVerifier`. The exchange itself is one DNS-over-TCP round trip of
+//! our own (RFC 1035 4.2.2) rather than `hickory-net`'s multiplexer: that
+//! multiplexer rejects an unsigned answer before the caller sees it, and
+//! servers answer TSIG failures unsigned (RFC 8945 5.3.2), so the operator
+//! would get "missing tsig" instead of "NOTAUTH / BADSIG".
 //!
 //! One UPDATE message replaces the A and AAAA RRsets of every given name
 //! with the given address, so a takeover moves all of a VM's names at once
@@ -11,13 +15,7 @@ use std::net::IpAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
-use hickory_net::client::Client;
-use hickory_net::runtime::TokioRuntimeProvider;
-use hickory_net::tcp::TcpClientStream;
-use hickory_net::xfer::{DnsHandle, DnsMultiplexer, FirstAnswer};
-use hickory_proto::op::{
-    DnsRequest, DnsRequestOptions, Message, OpCode, Query, ResponseCode, UpdateMessage,
-};
+use hickory_proto::op::{Message, OpCode, Query, ResponseCode, UpdateMessage};
 use hickory_proto::rr::rdata::{A, AAAA};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType, TSigner};
 
@@ -204,81 +202,102 @@ impl DnsUpdater {
     }
 
     /// Replaces the A/AAAA records of each name with its address, in one
-    /// signed UPDATE. Fails with a clear error on any non-NOERROR answer.
+    /// signed UPDATE. Fails with a clear error on any non-NOERROR answer;
+    /// a NOERROR answer counts only if its TSIG verifies.
     pub async fn update(&self, records: &[RecordUpdate]) -> Result<(), DnsError> {
-        let message = self.build_message(records)?;
+        let mut message = self.build_message(records)?;
+        message.metadata.id = random_id();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let verifier = message
+            .finalize(&self.signer, now)
+            .map_err(|e| DnsError::Config(format!("signing the update: {e}")))?;
+        let request = message
+            .to_vec()
+            .map_err(|e| DnsError::Config(format!("encoding the update: {e}")))?;
         let server = self.server;
         let timeout = self.timeout;
-        let work = async {
-            let provider = TokioRuntimeProvider::default();
-            let (connect, handle) =
-                TcpClientStream::new(server, None, Some(timeout), provider);
-            let stream = match connect.await {
-                Ok(s) => s,
-                Err(e) => {
-                    return Err(DnsError::Transport {
-                        server,
-                        detail: format!("connect: {e}"),
-                    })
-                }
-            };
-            let mux = DnsMultiplexer::new(stream, handle)
-                .with_timeout(timeout)
-                .with_signer(self.signer.clone());
-            let (client, bg) = Client::<TokioRuntimeProvider>::from_sender(mux);
-            let bg = tokio::spawn(bg);
-            let mut opts = DnsRequestOptions::default();
-            opts.use_edns = false;
-            let res = client.send(DnsRequest::new(message, opts)).first_answer().await;
-            bg.abort();
-            Ok(res)
-        };
-        let res = match tokio::time::timeout(timeout + Duration::from_secs(1), work).await {
+        let response = match tokio::time::timeout(timeout, exchange_tcp(server, &request)).await {
             Err(_) => return Err(DnsError::Timeout { server, timeout }),
-            Ok(Err(e)) => return Err(e),
+            Ok(Err(e)) => {
+                return Err(DnsError::Transport {
+                    server,
+                    detail: e.to_string(),
+                })
+            }
             Ok(Ok(r)) => r,
         };
-        match res {
-            Ok(resp) => {
-                let rc = resp.metadata.response_code;
-                if rc == ResponseCode::NoError {
-                    Ok(())
-                } else {
-                    Err(DnsError::Rejected {
-                        server,
-                        rcode: rc.to_string(),
-                        hint: rcode_hint(rc),
-                    })
-                }
-            }
-            Err(e) => Err(classify(server, timeout, e)),
+        let parsed = Message::from_vec(&response).map_err(|e| DnsError::Transport {
+            server,
+            detail: format!("unparsable response: {e}"),
+        })?;
+        if parsed.metadata.id != message.metadata.id {
+            return Err(DnsError::Transport {
+                server,
+                detail: "response id does not match the request".into(),
+            });
+        }
+        let rc = parsed.metadata.response_code;
+        if rc != ResponseCode::NoError {
+            // Servers answer TSIG failures unsigned (RFC 8945 5.3.2) with the
+            // TSIG error in the TSIG record: report both.
+            let tsig_error = parsed
+                .signature()
+                .and_then(|t| t.data.error.as_ref().map(|e| format!("{e:?}")));
+            return Err(match tsig_error {
+                Some(te) => DnsError::BadTsig {
+                    server,
+                    detail: format!("server answered {rc} with TSIG error {te}"),
+                },
+                None => DnsError::Rejected {
+                    server,
+                    rcode: rc.to_string(),
+                    hint: rcode_hint(rc),
+                },
+            });
+        }
+        match verifier {
+            Some(mut v) => v
+                .verify(&response)
+                .map(|_| ())
+                .map_err(|e| DnsError::BadTsig {
+                    server,
+                    detail: format!("the server's answer does not verify: {e}"),
+                }),
+            None => Err(DnsError::Config("the update was not signed".into())),
         }
     }
 }
 
-fn classify(
-    server: std::net::SocketAddr,
-    timeout: Duration,
-    e: hickory_net::NetError,
-) -> DnsError {
-    use hickory_net::{DnsError as HD, NetError as N};
-    match e {
-        N::Dns(HD::ResponseCode(rc)) => DnsError::Rejected {
-            server,
-            rcode: rc.to_string(),
-            hint: rcode_hint(rc),
-        },
-        N::Timeout => DnsError::Timeout { server, timeout },
-        other => {
-            let detail = other.to_string();
-            let lower = detail.to_lowercase();
-            if lower.contains("tsig") || lower.contains("sig") || lower.contains("badkey") {
-                DnsError::BadTsig { server, detail }
-            } else {
-                DnsError::Transport { server, detail }
-            }
-        }
-    }
+fn random_id() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish() as u16
+}
+
+/// One DNS exchange over TCP (RFC 1035 4.2.2: two-octet length prefix).
+async fn exchange_tcp(server: std::net::SocketAddr, request: &[u8]) -> std::io::Result<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(server).await?;
+    let len = u16::try_from(request.len())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "update too large"))?;
+    let mut out = Vec::with_capacity(request.len() + 2);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(request);
+    s.write_all(&out).await?;
+    let mut l = [0u8; 2];
+    s.read_exact(&mut l).await?;
+    let mut resp = vec![0u8; u16::from_be_bytes(l) as usize];
+    s.read_exact(&mut resp).await?;
+    Ok(resp)
 }
 
 /// Standard base64 (with or without padding).
