@@ -5,7 +5,15 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 /// Debian packages the test suite uses (network namespaces, veth, tap).
-pub const TEST_APT_PACKAGES: &[&str] = &["iproute2"];
+pub const TEST_APT_PACKAGES: &[&str] = &[
+    "iproute2",
+    // netops daemon tests: BGP peers and the DNS server, with their CLIs
+    // (birdc ships with bird2, gobgp with gobgpd, kdig with knot-dnsutils).
+    "bird2",
+    "gobgpd",
+    "knot",
+    "knot-dnsutils",
+];
 
 /// Cargo tools the test suite uses.
 pub const TEST_CARGO_TOOLS: &[(&str, &str)] = &[("cargo-nextest", "cargo-nextest")];
