@@ -501,7 +501,7 @@ impl Session {
                 IpNet::V6(_) => peer.ipv6_unicast,
             };
             match self.next_hop_for(conn, &r) {
-                Some(nh) if family_ok => {
+                Some(nh) if family_ok && wire::is_unicast_prefix(&r.prefix) => {
                     groups.entry((r.attributes, nh)).or_default().push(r.prefix);
                 }
                 _ => bad.push(r.prefix),
@@ -510,7 +510,7 @@ impl Session {
         for p in bad {
             warn!(
                 prefix = %p,
-                "cannot announce: address family not negotiated or no next hop for it"
+                "cannot announce: not a unicast prefix, address family not negotiated, or no next hop"
             );
             self.not_announceable.insert(p);
         }

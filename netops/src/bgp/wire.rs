@@ -495,6 +495,15 @@ fn common_attributes(ctx: &UpdateContext, a: &RouteAttributes) -> Vec<PathAttrib
 /// (17 octets per IPv6 prefix, attributes bounded by the community lists).
 const PREFIXES_PER_UPDATE: usize = 64;
 
+/// Whether a prefix can be announced as unicast (netgauze refuses e.g.
+/// multicast ranges in unicast NLRI).
+pub fn is_unicast_prefix(p: &IpNet) -> bool {
+    match p {
+        IpNet::V4(n) => Ipv4Unicast::from_net(n.trunc()).is_ok(),
+        IpNet::V6(n) => Ipv6Unicast::from_net(n.trunc()).is_ok(),
+    }
+}
+
 fn v4(nets: &[Ipv4Net]) -> Vec<Ipv4UnicastAddress> {
     nets.iter()
         .filter_map(|n| Ipv4Unicast::from_net(n.trunc()).ok())
