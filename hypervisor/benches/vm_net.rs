@@ -127,7 +127,10 @@ fn main() {
             trivial.push(vm.wait_ready(Duration::from_secs(30)).unwrap());
             vm.shutdown().unwrap();
         }
-        let spec = VmSpec::new("net", &images.net).memory_mib(64).network(NetSpec {
+        let spec = VmSpec::new("net", &images.net)
+            .memory_mib(64)
+            .tx_worker(std::env::var_os("REMUS_WAN_TX_WORKER").is_some())
+            .network(NetSpec {
             tap: "rwbench0".into(),
             mac: [0x52, 0x54, 0, 0, 0, 1],
             address: GUEST,
@@ -147,13 +150,16 @@ fn main() {
         }
         let vm = vm.unwrap();
         hypervisor::netns::ip(&["addr", "add", "192.0.2.1/24", "dev", "rwbench0"]).unwrap();
+        let mode = if std::env::var_os("REMUS_WAN_TX_WORKER").is_some() { "tx worker" } else { "tx in vCPU thread" };
         let med = |v: &mut Vec<Duration>| {
             v.sort();
             v[v.len() / 2]
         };
         let (g_med, g_p99) = echo_rtt(SocketAddr::from((GUEST, 7)));
+        let before = vm.exit_counts();
         let g_mbs = stream(SocketAddr::from((GUEST, 9000)));
         let stats = vm.net_stats().unwrap();
+        let after = vm.exit_counts();
         vm.shutdown().unwrap();
         let (echo, counter) = host_services();
         let (h_med, h_p99) = echo_rtt(echo);
@@ -166,7 +172,12 @@ fn main() {
         println!("{:<34} {:>13.1} us {:>13.1} us", "echo round trip, median", g_med, h_med);
         println!("{:<34} {:>13.1} us {:>13.1} us", "echo round trip, p99", g_p99, h_p99);
         println!("{:<34} {:>11.1} MB/s {:>11.1} MB/s", "counter stream throughput", g_mbs, h_mbs);
-        println!("guest NIC: {stats:?}");
+        println!("guest NIC ({mode}): {stats:?}");
+        println!(
+            "exits during the counter stream: {} MMIO, {} port I/O",
+            after.mmio - before.mmio,
+            after.io - before.io
+        );
     })
     .expect("network namespace");
 }

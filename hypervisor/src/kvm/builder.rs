@@ -12,6 +12,7 @@ use super::arch::{cpuid, gdt, layout, paging, regs};
 use super::devices::block::Block;
 use super::devices::bus::MmioBus;
 use super::devices::console::Console;
+use super::devices::doorbell::Doorbell;
 use super::devices::net::{self, FrameSink, Net};
 use super::devices::tap::Tap;
 use super::devices::virtio::mmio::MmioTransport;
@@ -233,6 +234,16 @@ pub fn start(spec: &VmSpec, seams: Seams) -> Result<Vm> {
     let shared = Arc::new(Shared::new(mem, bus, console, vcpus.len()));
     let mut io_threads = Vec::new();
     if let (Some(tap), Some(dev)) = (tap_dev, &net_dev) {
+        if spec.tx_worker {
+            let kick = Doorbell::default();
+            dev.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .set_tx_worker(kick.clone());
+            io_threads.push(
+                net::spawn_tx_worker(dev.clone(), kick, shared.stop_flag())
+                    .map_err(Error::io("spawning the network transmit thread"))?,
+            );
+        }
         io_threads.push(
             net::spawn_rx_pump(
                 tap,

@@ -24,7 +24,7 @@ pub mod vm;
 
 pub use error::{Error, Result};
 pub use spec::{ConsoleSpec, NetSpec, Seams, VmSpec, Workload};
-pub use vm::{Exit, Stopper, Vm};
+pub use vm::{Exit, ExitCounts, Stopper, Vm};
 
 impl Vm {
     /// Builds the VM described by `spec` and starts it.

@@ -1,6 +1,7 @@
 //! The vCPU thread: KVM_RUN, then dispatch each exit to the console ports
 //! or the MMIO bus.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -101,13 +102,17 @@ fn run_loop(index: usize, vcpu: &mut VcpuFd, shared: &Shared) -> Option<Outcome>
             return None;
         }
         let control = match vcpu.run() {
-            Ok(VcpuExit::IoOut(port, data)) => port_out(shared, port, data, &mut seen),
+            Ok(VcpuExit::IoOut(port, data)) => {
+                shared.counters.io.fetch_add(1, Ordering::Relaxed);
+                port_out(shared, port, data, &mut seen)
+            }
             Ok(VcpuExit::IoIn(port, data)) => {
                 tracing::trace!("in from unknown port {port:#x}");
                 data.fill(0xff);
                 Control::Continue
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
+                shared.counters.mmio.fetch_add(1, Ordering::Relaxed);
                 if !shared.bus.read(addr, data) {
                     tracing::debug!("vCPU {index}: MMIO read of unmapped {addr:#x}");
                     data.fill(0xff);
@@ -115,6 +120,7 @@ fn run_loop(index: usize, vcpu: &mut VcpuFd, shared: &Shared) -> Option<Outcome>
                 Control::Continue
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
+                shared.counters.mmio.fetch_add(1, Ordering::Relaxed);
                 if !shared.bus.write(addr, data) {
                     tracing::debug!("vCPU {index}: MMIO write to unmapped {addr:#x}");
                 }

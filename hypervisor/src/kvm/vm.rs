@@ -1,6 +1,6 @@
 //! A running micro-VM: its vCPU threads, devices and the state they share.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -25,6 +25,22 @@ pub enum Exit {
     Stopped,
 }
 
+/// Exits to the VMM since start (all vCPUs).
+#[derive(Debug, Default)]
+pub(crate) struct ExitCounters {
+    pub(crate) io: AtomicU64,
+    pub(crate) mmio: AtomicU64,
+}
+
+/// Exit counts, for figures and diagnosis.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExitCounts {
+    /// Port I/O exits (console, idle, events).
+    pub io: u64,
+    /// MMIO exits (virtio registers and notifications).
+    pub mmio: u64,
+}
+
 /// What a vCPU reports when it stops.
 #[derive(Debug)]
 pub(crate) enum Outcome {
@@ -45,6 +61,7 @@ pub(crate) struct Shared {
     pub(crate) mem: GuestMemoryMmap,
     pub(crate) bus: MmioBus,
     pub(crate) doorbell: Doorbell,
+    pub(crate) counters: ExitCounters,
     console: Mutex<Console>,
     stop: Arc<AtomicBool>,
     status: Mutex<Status>,
@@ -57,6 +74,7 @@ impl Shared {
             mem,
             bus,
             doorbell: Doorbell::default(),
+            counters: ExitCounters::default(),
             console: Mutex::new(console),
             stop: Arc::new(AtomicBool::new(false)),
             status: Mutex::new(Status {
@@ -244,6 +262,14 @@ impl Vm {
     /// Takes and clears the dirty-page log (guest and VMM writes).
     pub fn take_dirty_log(&self) -> Result<Vec<u64>> {
         memory::take_dirty_log(&self.vm_fd, &self.shared.mem)
+    }
+
+    /// Exits to the VMM so far.
+    pub fn exit_counts(&self) -> ExitCounts {
+        ExitCounts {
+            io: self.shared.counters.io.load(Ordering::Relaxed),
+            mmio: self.shared.counters.mmio.load(Ordering::Relaxed),
+        }
     }
 
     /// Counters of the network device.

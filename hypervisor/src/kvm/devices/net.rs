@@ -69,6 +69,9 @@ pub struct Net {
     sink: Box<dyn FrameSink>,
     pending_rx: VecDeque<Vec<u8>>,
     stats: NetStats,
+    /// When set, transmit notifications wake the transmit worker instead
+    /// of being served in the vCPU thread.
+    tx_worker: Option<Doorbell>,
 }
 
 impl std::fmt::Debug for Net {
@@ -93,6 +96,29 @@ impl Net {
             sink,
             pending_rx: VecDeque::new(),
             stats: NetStats::default(),
+            tx_worker: None,
+        }
+    }
+
+    /// Hands transmit processing to a worker woken by `kick` (see
+    /// [`spawn_tx_worker`]).
+    pub fn set_tx_worker(&mut self, kick: Doorbell) {
+        self.tx_worker = Some(kick);
+    }
+
+    /// Turns the guest's transmit notifications on or off. Turning them on
+    /// returns whether frames were queued meanwhile (so the caller drains
+    /// again instead of missing them).
+    pub fn set_tx_notify(&mut self, on: bool) -> bool {
+        let Some(mem) = self.mem.as_ref() else {
+            return false;
+        };
+        let q = &mut self.queues[TX];
+        if on {
+            q.enable_notification(mem).unwrap_or(true)
+        } else {
+            let _ = q.disable_notification(mem);
+            false
         }
     }
 
@@ -185,10 +211,13 @@ impl Net {
         true
     }
 
-    fn process_tx(&mut self) {
+    /// Sends the frames the guest queued; returns how many chains were
+    /// consumed.
+    pub fn process_tx(&mut self) -> usize {
         let Some(mem) = self.mem.as_ref() else {
-            return;
+            return 0;
         };
+        let mut done = 0;
         let mut frame = Vec::with_capacity(HDR_LEN + MAX_FRAME);
         // Bounded: at most one pass over the ring per notification.
         for _ in 0..QUEUE_SIZE {
@@ -215,7 +244,9 @@ impl Net {
             if let Err(e) = q.add_used(mem, head, 0) {
                 tracing::warn!("virtio-net: cannot return tx buffer: {e}");
             }
+            done += 1;
         }
+        done
     }
 }
 
@@ -265,7 +296,12 @@ impl VirtioDevice for Net {
             RX => {
                 self.flush_pending();
             }
-            TX => self.process_tx(),
+            TX => match &self.tx_worker {
+                Some(kick) => kick.ring(),
+                None => {
+                    self.process_tx();
+                }
+            },
             _ => {}
         }
     }
@@ -305,6 +341,46 @@ pub fn spawn_rx_pump(
                 };
                 if delivered {
                     doorbell.ring();
+                }
+            }
+        })
+}
+
+/// How long the transmit worker keeps polling the ring after the last frame
+/// before it turns the guest's notifications back on.
+pub const TX_POLL: Duration = Duration::from_micros(50);
+
+/// Serves the transmit queue off the vCPU thread, vhost style: a guest
+/// notification wakes the worker, which turns further notifications off,
+/// drains the ring, keeps polling for [`TX_POLL`], then turns them on again
+/// and re-checks. A guest sending a burst exits once, not once per frame.
+pub fn spawn_tx_worker(
+    net: Arc<Mutex<Net>>,
+    kick: Doorbell,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("net-tx".into())
+        .spawn(move || {
+            let lock = || net.lock().unwrap_or_else(|e| e.into_inner());
+            let stopping = || stop.load(Ordering::Relaxed);
+            let mut seen = 0;
+            while !stopping() {
+                kick.wait(&mut seen, Duration::from_millis(100), stopping);
+                let mut last = std::time::Instant::now();
+                while !stopping() {
+                    let n = {
+                        let mut dev = lock();
+                        dev.set_tx_notify(false);
+                        dev.process_tx()
+                    };
+                    if n > 0 {
+                        last = std::time::Instant::now();
+                    } else if last.elapsed() < TX_POLL {
+                        std::thread::yield_now();
+                    } else if !lock().set_tx_notify(true) {
+                        break;
+                    }
                 }
             }
         })
