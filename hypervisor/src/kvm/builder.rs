@@ -240,8 +240,13 @@ pub fn start(spec: &VmSpec, seams: Seams) -> Result<Vm> {
                 .unwrap_or_else(|e| e.into_inner())
                 .set_tx_worker(kick.clone());
             io_threads.push(
-                net::spawn_tx_worker(dev.clone(), kick, shared.stop_flag())
-                    .map_err(Error::io("spawning the network transmit thread"))?,
+                net::spawn_tx_worker(
+                    dev.clone(),
+                    kick,
+                    shared.doorbell.clone(),
+                    shared.stop_flag(),
+                )
+                .map_err(Error::io("spawning the network transmit thread"))?,
             );
         }
         io_threads.push(

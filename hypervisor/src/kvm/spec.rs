@@ -29,8 +29,9 @@ pub struct VmSpec {
     /// Free argument passed to the guest program (`BootInfo::arg`).
     pub guest_arg: u64,
     /// Serve virtio-net transmit in a worker thread that polls the ring
-    /// with notifications off (fewer exits; needs a spare core), instead of
-    /// in the vCPU thread on each notification.
+    /// with notifications off (default: far fewer exits, 5x the stream
+    /// throughput here), instead of in the vCPU thread on each notification
+    /// (one exit per frame, but no extra thread).
     pub tx_worker: bool,
 }
 
@@ -80,7 +81,7 @@ impl VmSpec {
             workload: Workload::default(),
             console: ConsoleSpec::default(),
             guest_arg: 0,
-            tx_worker: false,
+            tx_worker: true,
         }
     }
 

@@ -49,9 +49,7 @@ extern "C" fn guest_main(info: &'static BootInfo) -> u32 {
     let mut disk = None;
     for w in windows {
         match w.device_id {
-            NET if nic.is_none() => {
-                nic = transport(w).and_then(|t| netdev::Nic::new(t, netdev::BUF_LEN).ok())
-            }
+            NET if nic.is_none() => nic = transport(w).and_then(netdev::Nic::new),
             BLOCK if disk.is_none() => disk = transport(w).and_then(|t| kvstore::Disk::new(t).ok()),
             _ => {}
         }

@@ -354,9 +354,12 @@ pub const TX_POLL: Duration = Duration::from_micros(50);
 /// notification wakes the worker, which turns further notifications off,
 /// drains the ring, keeps polling for [`TX_POLL`], then turns them on again
 /// and re-checks. A guest sending a burst exits once, not once per frame.
+/// `wake` is rung after each drained batch (a guest waiting for transmit
+/// buffers idles on it).
 pub fn spawn_tx_worker(
     net: Arc<Mutex<Net>>,
     kick: Doorbell,
+    wake: Doorbell,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
@@ -375,6 +378,7 @@ pub fn spawn_tx_worker(
                         dev.process_tx()
                     };
                     if n > 0 {
+                        wake.ring();
                         last = std::time::Instant::now();
                     } else if last.elapsed() < TX_POLL {
                         std::thread::yield_now();
