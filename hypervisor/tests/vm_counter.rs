@@ -95,3 +95,20 @@ fn clear_errors_for_missing_image_and_disk() {
     let e = Vm::start(&VmSpec::new("x", "/").memory_mib(1), Default::default()).unwrap_err();
     assert!(e.to_string().contains("memory_mib"), "{e}");
 }
+
+#[test]
+fn a_refused_tap_is_reported_as_such() {
+    if !common::require_kvm_root() {
+        return;
+    }
+    let spec = spec(0).network(hypervisor::kvm::NetSpec {
+        tap: "bad name/with slash".into(),
+        mac: [0x52, 0x54, 0, 0, 0, 9],
+        address: std::net::Ipv4Addr::new(192, 0, 2, 99),
+        prefix_len: 24,
+        gateway: None,
+    });
+    let e = Vm::start(&spec, Default::default()).unwrap_err();
+    assert!(matches!(e, Error::Tap { .. }), "{e:?}");
+    assert!(e.to_string().contains("cannot create tap device"), "{e}");
+}

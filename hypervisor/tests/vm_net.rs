@@ -125,3 +125,40 @@ fn echo_counter_and_kv_over_tap_survive_a_restart() {
         vm.shutdown().expect("clean stop");
     });
 }
+
+#[test]
+fn the_dirtying_workload_covers_its_working_set() {
+    if !common::require_kvm_root() {
+        return;
+    }
+    let spec = VmSpec::new("dirty", &common::images().net)
+        .memory_mib(64)
+        .workload(hypervisor::kvm::Workload {
+            dirty_set_pages: 2048,
+            dirty_pages_per_ms: 200,
+        })
+        .network(NetSpec {
+            tap: TAP.into(),
+            mac: [0x52, 0x54, 0, 0x12, 0x34, 0x57],
+            address: GUEST,
+            prefix_len: 24,
+            gateway: None,
+        });
+    common::in_new_netns(|| {
+        let vm = Vm::start(&spec, Default::default()).expect("start");
+        vm.wait_ready(Duration::from_secs(60)).expect("ready");
+        vm.take_dirty_log().unwrap();
+        // Bounded wait until one round of the dirty log sees the whole set.
+        let mut best = 0;
+        for _ in 0..100 {
+            std::thread::sleep(Duration::from_millis(100));
+            let n = hypervisor::kvm::memory::count_dirty(&vm.take_dirty_log().unwrap());
+            best = best.max(n);
+            if n >= 2048 {
+                break;
+            }
+        }
+        assert!(best >= 2048, "at most {best} dirty pages per round");
+        vm.shutdown().expect("stop");
+    });
+}
