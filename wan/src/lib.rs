@@ -2,3 +2,6 @@
 //! wire format and delta codec, the QUIC transport, and the WAN emulator.
 
 pub mod codec;
+pub mod emulator;
+pub mod session;
+pub mod transport;
