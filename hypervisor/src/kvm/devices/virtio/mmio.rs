@@ -258,3 +258,144 @@ impl MmioDevice for MmioTransport {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use virtio_queue::Queue;
+
+    use super::*;
+    use crate::kvm::devices::virtio::testing::memory;
+
+    struct Fake {
+        acked: u64,
+        queues: Vec<Queue>,
+        active: bool,
+        notified: Vec<u16>,
+        resets: usize,
+    }
+
+    impl VirtioDevice for Fake {
+        fn device_type(&self) -> u32 {
+            7
+        }
+        fn avail_features(&self) -> u64 {
+            (1 << 32) | 0b101
+        }
+        fn acked_features(&self) -> u64 {
+            self.acked
+        }
+        fn set_acked_features(&mut self, f: u64) {
+            self.acked = f;
+        }
+        fn queues(&self) -> &[Queue] {
+            &self.queues
+        }
+        fn queues_mut(&mut self) -> &mut [Queue] {
+            &mut self.queues
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            super::super::read_config_bytes(&[1, 2, 3, 4], offset, data);
+        }
+        fn activate(&mut self, _: GuestMemoryMmap) -> Result<(), String> {
+            self.active = true;
+            Ok(())
+        }
+        fn is_activated(&self) -> bool {
+            self.active
+        }
+        fn notify(&mut self, i: u16) {
+            self.notified.push(i);
+        }
+        fn reset(&mut self) {
+            self.active = false;
+            self.acked = 0;
+            self.resets += 1;
+        }
+    }
+
+    fn rd(t: &mut MmioTransport, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn wr(t: &mut MmioTransport, off: u64, v: u32) {
+        t.write(off, &v.to_le_bytes());
+    }
+
+    fn setup() -> (Arc<Mutex<Fake>>, MmioTransport) {
+        let dev = Arc::new(Mutex::new(Fake {
+            acked: 0,
+            queues: vec![Queue::new(16).unwrap()],
+            active: false,
+            notified: Vec::new(),
+            resets: 0,
+        }));
+        let t = MmioTransport::new(dev.clone(), memory());
+        (dev, t)
+    }
+
+    #[test]
+    fn identifies_and_negotiates_only_offered_features() {
+        let (dev, mut t) = setup();
+        assert_eq!(rd(&mut t, REG_MAGIC), MAGIC);
+        assert_eq!(rd(&mut t, REG_VERSION), 2);
+        assert_eq!(rd(&mut t, REG_DEVICE_ID), 7);
+        wr(&mut t, REG_DEVICE_FEATURES_SEL, 1);
+        assert_eq!(rd(&mut t, REG_DEVICE_FEATURES), 1);
+        wr(&mut t, REG_DRIVER_FEATURES_SEL, 0);
+        wr(&mut t, REG_DRIVER_FEATURES, 0xffff_ffff);
+        wr(&mut t, REG_DRIVER_FEATURES_SEL, 1);
+        wr(&mut t, REG_DRIVER_FEATURES, 1);
+        assert_eq!(dev.lock().unwrap().acked, (1 << 32) | 0b101);
+        let mut cfg = [0u8; 2];
+        t.read(REG_CONFIG + 2, &mut cfg);
+        assert_eq!(cfg, [3, 4]);
+        // Odd-sized or misaligned register accesses are ignored.
+        t.write(REG_STATUS, &[1]);
+        assert_eq!(rd(&mut t, REG_STATUS), 0);
+    }
+
+    #[test]
+    fn activates_notifies_and_resets() {
+        let (dev, mut t) = setup();
+        for s in [status::ACKNOWLEDGE, status::DRIVER, status::FEATURES_OK] {
+            wr(&mut t, REG_STATUS, s);
+        }
+        wr(&mut t, REG_QUEUE_SEL, 0);
+        assert_eq!(rd(&mut t, REG_QUEUE_NUM_MAX), 16);
+        wr(&mut t, REG_QUEUE_NUM, 16);
+        wr(&mut t, REG_QUEUE_DESC_LOW, 0x1000);
+        wr(&mut t, REG_QUEUE_DRIVER_LOW, 0x2000);
+        wr(&mut t, REG_QUEUE_DEVICE_LOW, 0x3000);
+        wr(&mut t, REG_QUEUE_READY, 1);
+        // Notifications before DRIVER_OK are dropped.
+        wr(&mut t, REG_QUEUE_NOTIFY, 0);
+        wr(&mut t, REG_STATUS, status::DRIVER_OK);
+        assert!(dev.lock().unwrap().active);
+        // Queue registers are frozen once running.
+        wr(&mut t, REG_QUEUE_DESC_LOW, 0x9000);
+        assert_eq!(dev.lock().unwrap().queues[0].desc_table(), 0x1000);
+        wr(&mut t, REG_QUEUE_NOTIFY, 0);
+        assert_eq!(dev.lock().unwrap().notified, vec![0]);
+        let saved = t.save();
+        assert_eq!(saved.device_status & status::DRIVER_OK, status::DRIVER_OK);
+        wr(&mut t, REG_STATUS, 0);
+        assert_eq!(dev.lock().unwrap().resets, 1);
+        assert_eq!(rd(&mut t, REG_STATUS), 0);
+        t.restore(saved);
+        assert_eq!(rd(&mut t, REG_STATUS), saved.device_status);
+    }
+
+    #[test]
+    fn a_ready_queue_outside_memory_fails_activation() {
+        let (dev, mut t) = setup();
+        wr(&mut t, REG_STATUS, status::FEATURES_OK);
+        wr(&mut t, REG_QUEUE_NUM, 16);
+        wr(&mut t, REG_QUEUE_DESC_HIGH, 0x10);
+        wr(&mut t, REG_QUEUE_READY, 1);
+        wr(&mut t, REG_STATUS, status::DRIVER_OK);
+        assert!(!dev.lock().unwrap().active);
+        assert_ne!(rd(&mut t, REG_STATUS) & status::NEEDS_RESET, 0);
+    }
+}
