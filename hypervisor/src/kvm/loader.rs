@@ -100,7 +100,7 @@ pub fn parse(image: &[u8]) -> std::result::Result<(u64, Vec<Segment>), String> {
     Ok((entry, segs))
 }
 
-/// Reads and loads the image at `path`.
+/// Reads and loads the image at `path` into fresh (zeroed) guest RAM.
 pub fn load(path: &Path, mem: &GuestMemoryMmap, ram_size: u64) -> Result<Loaded> {
     let image = std::fs::read(path).map_err(|source| Error::GuestImage {
         path: path.to_owned(),
@@ -130,9 +130,8 @@ pub fn load(path: &Path, mem: &GuestMemoryMmap, ram_size: u64) -> Result<Loaded>
         let data = &image[s.offset as usize..(s.offset + s.filesz) as usize];
         mem.write_slice(data, GuestAddress(s.paddr))
             .map_err(|e| bad(e.to_string()))?;
-        let zeros = vec![0u8; (s.memsz - s.filesz) as usize];
-        mem.write_slice(&zeros, GuestAddress(s.paddr + s.filesz))
-            .map_err(|e| bad(e.to_string()))?;
+        // The rest of the segment (.bss) is already zero: guest RAM is a
+        // fresh anonymous mapping.
         end = end.max(seg_end);
         entry_ok |= (s.paddr..seg_end).contains(&entry);
     }

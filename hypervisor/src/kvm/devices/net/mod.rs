@@ -2,17 +2,17 @@
 //! or the replication engine, which holds them until their epoch commits).
 //! Received frames are written into the guest's receive buffers at once.
 
+mod rx_pump;
+mod tx_worker;
+
+pub use rx_pump::spawn_rx_pump;
+pub use tx_worker::{spawn_tx_worker, TX_POLL};
+
 use std::collections::VecDeque;
 use std::io::{Read, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::Duration;
-
 use virtio_queue::{Queue, QueueState, QueueT};
 
 use super::doorbell::Doorbell;
-use super::tap::Tap;
 use super::virtio::{read_config_bytes, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1};
 use crate::kvm::memory::GuestMemoryMmap;
 
@@ -313,81 +313,6 @@ impl VirtioDevice for Net {
             q.reset();
         }
     }
-}
-
-/// Moves frames from the tap into the device until `stop` is set, ringing
-/// `doorbell` whenever the guest got something.
-pub fn spawn_rx_pump(
-    tap: Tap,
-    net: Arc<Mutex<Net>>,
-    doorbell: Doorbell,
-    stop: Arc<AtomicBool>,
-) -> std::io::Result<JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name(format!("net-rx-{}", tap.name()))
-        .spawn(move || {
-            let mut buf = vec![0u8; 65536];
-            let lock = || net.lock().unwrap_or_else(|e| e.into_inner());
-            while !stop.load(Ordering::Relaxed) {
-                let waiting = lock().has_pending();
-                let timeout = Duration::from_millis(if waiting { 1 } else { 100 });
-                let delivered = match tap.recv_timeout(&mut buf, timeout) {
-                    Ok(Some(n)) => lock().receive(&buf[..n]),
-                    Ok(None) => waiting && lock().flush_pending(),
-                    Err(e) => {
-                        tracing::warn!(tap = %tap.name(), "tap read failed, receive path stops: {e}");
-                        return;
-                    }
-                };
-                if delivered {
-                    doorbell.ring();
-                }
-            }
-        })
-}
-
-/// How long the transmit worker keeps polling the ring after the last frame
-/// before it turns the guest's notifications back on.
-pub const TX_POLL: Duration = Duration::from_micros(50);
-
-/// Serves the transmit queue off the vCPU thread, vhost style: a guest
-/// notification wakes the worker, which turns further notifications off,
-/// drains the ring, keeps polling for [`TX_POLL`], then turns them on again
-/// and re-checks. A guest sending a burst exits once, not once per frame.
-/// `wake` is rung after each drained batch (a guest waiting for transmit
-/// buffers idles on it).
-pub fn spawn_tx_worker(
-    net: Arc<Mutex<Net>>,
-    kick: Doorbell,
-    wake: Doorbell,
-    stop: Arc<AtomicBool>,
-) -> std::io::Result<JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name("net-tx".into())
-        .spawn(move || {
-            let lock = || net.lock().unwrap_or_else(|e| e.into_inner());
-            let stopping = || stop.load(Ordering::Relaxed);
-            let mut seen = 0;
-            while !stopping() {
-                kick.wait(&mut seen, Duration::from_millis(100), stopping);
-                let mut last = std::time::Instant::now();
-                while !stopping() {
-                    let n = {
-                        let mut dev = lock();
-                        dev.set_tx_notify(false);
-                        dev.process_tx()
-                    };
-                    if n > 0 {
-                        wake.ring();
-                        last = std::time::Instant::now();
-                    } else if last.elapsed() < TX_POLL {
-                        std::thread::yield_now();
-                    } else if !lock().set_tx_notify(true) {
-                        break;
-                    }
-                }
-            }
-        })
 }
 
 #[cfg(test)]
