@@ -95,12 +95,14 @@ fn mutate(mem: &mut [u8], ps: usize, frames: u64, frame: u64, m: &Mutation) {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_history(
     frames: u64,
     ps: usize,
     cache_pages: usize,
     chunk_bytes: usize,
     level: i32,
+    per_page_zstd: bool,
     seed: u64,
     ops: Vec<Op>,
 ) -> Result<(), TestCaseError> {
@@ -120,6 +122,7 @@ fn run_history(
         cache_budget_bytes: cache_pages * ps,
         zstd_level: level,
         chunk_bytes,
+        per_page_zstd,
         ..EncoderConfig::default()
     })
     .map_err(|e| TestCaseError::fail(e.to_string()))?;
@@ -246,10 +249,11 @@ proptest! {
         cache_pages in prop_oneof![Just(0usize), Just(1), Just(3), Just(16), Just(64)],
         chunk_bytes in prop_oneof![Just(300usize), Just(256 << 10)],
         level in 1i32..4,
+        per_page_zstd in any::<bool>(),
         seed in any::<u64>(),
         ops in prop::collection::vec(op(), 1..40),
     ) {
-        run_history(frames, ps, cache_pages, chunk_bytes, level, seed, ops)?;
+        run_history(frames, ps, cache_pages, chunk_bytes, level, per_page_zstd, seed, ops)?;
     }
 }
 

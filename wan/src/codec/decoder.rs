@@ -13,7 +13,6 @@ use super::format::{
     REC_DELTA_ZSTD, REC_FULL_RAW, REC_FULL_ZSTD, REC_REF, REC_ZERO, TRAILER_LEN, VERSION,
 };
 use super::memory::PageSource;
-use super::rle::apply_xor;
 use super::staged::{DiskWrite, StagedEpoch};
 use super::wire::Reader;
 
@@ -359,7 +358,7 @@ impl Decoder {
                     });
                 }
                 if staged.contains(src) {
-                    staged.push_copy_of_staged(frame, src)?;
+                    staged.push_copy_of_staged(frame, src, replica.page(src))?;
                 } else if h.base().is_some() {
                     staged.push_page(frame, replica.page(src))?;
                 } else {
@@ -375,9 +374,7 @@ impl Decoder {
                     return Err(no_base("delta in an epoch without base"));
                 }
                 let n = payload_len(r)?;
-                let runs = r.bytes(n)?;
-                let page = staged.push_page(frame, replica.page(frame))?;
-                apply_xor(runs, page)?;
+                staged.push_delta(frame, r.bytes(n)?)?;
             }
             REC_DELTA_ZSTD => {
                 if h.base().is_none() {

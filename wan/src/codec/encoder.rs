@@ -34,7 +34,14 @@ pub struct EncoderConfig {
     /// A delta whose run-length coding is at most this long is taken without
     /// trying zstd: a zstd frame has ~10 bytes of overhead, so it can win
     /// only a few bytes here, and skipping it is what keeps sparse writes fast.
+    /// (Per-page mode only.)
     pub rle_accept_bytes: usize,
+    /// `false` (default, "batched"): no zstd per page; each page is the
+    /// smallest of zero / duplicate / RLE delta / raw, and zstd compresses
+    /// whole chunks of records, which is both faster (one frame per chunk,
+    /// not per page) and smaller (matches across pages). `true`: each page
+    /// also tries XOR-then-zstd and page-then-zstd and keeps the smallest.
+    pub per_page_zstd: bool,
 }
 
 impl Default for EncoderConfig {
@@ -46,6 +53,7 @@ impl Default for EncoderConfig {
             zstd_level: 3,
             chunk_bytes: 256 << 10,
             rle_accept_bytes: 128,
+            per_page_zstd: false,
         }
     }
 }
@@ -402,7 +410,9 @@ impl Encoder {
         let mut best_kind = REC_FULL_RAW;
         let mut best_len = ps;
         let mut best_payload = ps;
-        let mut dense = true;
+        // Per page, a raw page that zstd could not shrink is incompressible;
+        // batched, nothing has been compressed yet.
+        let mut dense = self.cfg.per_page_zstd;
         if let Some(old) = cached {
             self.rle.clear();
             if let Some(n) = encode_xor(data, old, &mut self.rle, ps - 1) {
@@ -416,7 +426,7 @@ impl Encoder {
                 best_payload = n;
                 dense = false;
             }
-            if best_len > self.cfg.rle_accept_bytes {
+            if self.cfg.per_page_zstd && best_len > self.cfg.rle_accept_bytes {
                 xor_into(&mut self.xor, data, old);
                 let cap = best_len.saturating_sub(2);
                 if let Ok(n) = self
@@ -433,7 +443,14 @@ impl Encoder {
                 }
             }
         }
-        if best_len > self.cfg.rle_accept_bytes {
+        if !self.cfg.per_page_zstd && best_kind == REC_DELTA_RLE && best_payload > ps / 2 {
+            // Batched: zstd runs over the whole chunk, where a raw page
+            // compresses at least as well as a delta this dense.
+            best_kind = REC_FULL_RAW;
+            best_len = ps;
+            best_payload = ps;
+        }
+        if self.cfg.per_page_zstd && best_len > self.cfg.rle_accept_bytes {
             let cap = best_len.saturating_sub(2);
             if let Ok(n) = self.zc.compress_to_buffer(data, &mut self.zbuf[..cap]) {
                 if n + uleb_len(n as u64) < best_len {

@@ -5,7 +5,7 @@ use super::decoder::{Decoder, DecoderConfig};
 use super::encoder::{Encoder, EncoderConfig};
 use super::error::CodecError;
 use super::format::TRAILER_LEN;
-use super::memory::{PageSource, VecMemory};
+use super::memory::{PageSink, PageSource, VecMemory};
 use xxhash_rust::xxh3::xxh3_128;
 
 /// Epoch the fuzzing replica has committed; seeds are based on it.
@@ -82,17 +82,27 @@ fn decode_and_apply(data: &[u8]) -> Result<(), CodecError> {
 }
 
 /// Valid epochs against [`fuzz_memory`] exercising every record kind, for
-/// the fuzzer's seed corpus and the mutation test.
+/// the fuzzer's seed corpus and the mutation test: each pair (full image as
+/// epoch [`FUZZ_BASE_EPOCH`], then an epoch of edits on top) once batched and
+/// once with per-page zstd.
 pub fn fuzz_seed_corpus() -> Vec<Vec<u8>> {
     let mut out = Vec::new();
+    for per_page_zstd in [false, true] {
+        seed_pair(per_page_zstd, &mut out);
+    }
+    out
+}
+
+fn seed_pair(per_page_zstd: bool, out: &mut Vec<Vec<u8>>) {
     let Ok(mut enc) = Encoder::new(EncoderConfig {
         vm_id: FUZZ_VM,
         page_size: FUZZ_PAGE,
         cache_budget_bytes: 1 << 20,
         chunk_bytes: 8 << 10,
+        per_page_zstd,
         ..EncoderConfig::default()
     }) else {
-        return out;
+        return;
     };
     let mem = fuzz_memory();
     let pages: Vec<Vec<u8>> = (0..FUZZ_FRAMES).map(|f| mem.page(f).to_vec()).collect();
@@ -105,8 +115,10 @@ pub fn fuzz_seed_corpus() -> Vec<Vec<u8>> {
     if let Ok(e) = enc.encode(FUZZ_BASE_EPOCH, &all, b"", &[]) {
         out.push(e);
     }
-    // Next epoch: sparse edits (RLE deltas), a rewrite (zstd), random data
-    // (raw), a zeroed page, a copy of another frame (reference).
+    // Next epoch: sparse edits (RLE deltas), a rewrite, random data (raw),
+    // a zeroed page, copies of a committed and of a just-sent frame
+    // (references), and a page with every 16th byte changed (XOR-then-zstd
+    // in per-page mode).
     let mut next = pages.clone();
     next[2][100] ^= 0x55;
     next[3][4000] = 9;
@@ -124,7 +136,10 @@ pub fn fuzz_seed_corpus() -> Vec<Vec<u8>> {
     next[9].fill(0);
     next[10] = pages[1].clone();
     next[11] = next[6].clone();
-    let changed: Vec<(u64, &[u8])> = [2u64, 3, 5, 6, 9, 10, 11]
+    for b in next[14].iter_mut().step_by(16) {
+        *b = b.wrapping_add(1);
+    }
+    let changed: Vec<(u64, &[u8])> = [2u64, 3, 5, 6, 9, 10, 11, 14]
         .iter()
         .map(|&f| (f, &next[f as usize][..]))
         .collect();
@@ -136,5 +151,4 @@ pub fn fuzz_seed_corpus() -> Vec<Vec<u8>> {
     ) {
         out.push(e);
     }
-    out
 }

@@ -15,12 +15,21 @@ pub trait PageSource {
 
 /// Write access used by [`StagedEpoch::apply`](super::StagedEpoch::apply).
 pub trait PageSink {
-    /// Replaces the content of `frame` (`data.len() == page_size`).
-    fn write_page(&mut self, frame: u64, data: &[u8]);
-    /// Fills `frame` with zeros.
-    fn zero_page(&mut self, frame: u64);
+    /// The page of `frame`, to be changed in place (`frame < frame_count`,
+    /// guaranteed by the caller). Sparse deltas are XORed straight into it,
+    /// so applying them touches only the changed bytes.
+    fn page_mut(&mut self, frame: u64) -> &mut [u8];
     /// Called after all pages of `epoch` are written.
     fn set_committed_epoch(&mut self, epoch: u64);
+
+    /// Replaces the content of `frame` (`data.len() == page_size`).
+    fn write_page(&mut self, frame: u64, data: &[u8]) {
+        self.page_mut(frame).copy_from_slice(data);
+    }
+    /// Fills `frame` with zeros.
+    fn zero_page(&mut self, frame: u64) {
+        self.page_mut(frame).fill(0);
+    }
 }
 
 /// A guest image held in one contiguous `Vec<u8>`, for tests, benchmarks and
@@ -60,11 +69,6 @@ impl VecMemory {
     pub fn as_bytes(&self) -> &[u8] {
         &self.bytes
     }
-
-    pub fn page_mut(&mut self, frame: u64) -> &mut [u8] {
-        let at = frame as usize * self.page_size;
-        &mut self.bytes[at..at + self.page_size]
-    }
 }
 
 impl PageSource for VecMemory {
@@ -87,12 +91,9 @@ impl PageSource for VecMemory {
 }
 
 impl PageSink for VecMemory {
-    fn write_page(&mut self, frame: u64, data: &[u8]) {
-        self.page_mut(frame).copy_from_slice(data);
-    }
-
-    fn zero_page(&mut self, frame: u64) {
-        self.page_mut(frame).fill(0);
+    fn page_mut(&mut self, frame: u64) -> &mut [u8] {
+        let at = frame as usize * self.page_size;
+        &mut self.bytes[at..at + self.page_size]
     }
 
     fn set_committed_epoch(&mut self, epoch: u64) {

@@ -108,8 +108,29 @@ pub fn encode_xor(new: &[u8], old: &[u8], out: &mut Vec<u8>, limit: usize) -> Op
     Some(len)
 }
 
-/// XORs the literals of an encoded delta into `dst` (which holds the base page).
+/// Checks that `runs` is a well-formed delta for a page of `page_size` bytes.
+pub fn check_runs(runs: &[u8], page_size: usize) -> Result<(), CodecError> {
+    walk_runs(runs, page_size, |_, _| {})
+}
+
+/// XORs the literals of an encoded delta into `dst` (which holds the base
+/// page). Fails, possibly after changing `dst`, if the runs are malformed:
+/// callers apply only runs that [`check_runs`] accepted, or scratch pages.
 pub fn apply_xor(runs: &[u8], dst: &mut [u8]) -> Result<(), CodecError> {
+    let len = dst.len();
+    walk_runs(runs, len, |at, lit| {
+        for (d, l) in dst[at..at + lit.len()].iter_mut().zip(lit) {
+            *d ^= l;
+        }
+    })
+}
+
+/// Calls `f(offset, literal)` for every literal, after checking it fits.
+fn walk_runs(
+    runs: &[u8],
+    page_size: usize,
+    mut f: impl FnMut(usize, &[u8]),
+) -> Result<(), CodecError> {
     let mut r = Reader::new(runs, "delta runs");
     let mut pos = 0usize;
     while !r.is_empty() {
@@ -120,16 +141,14 @@ pub fn apply_xor(runs: &[u8], dst: &mut [u8]) -> Result<(), CodecError> {
         }
         let start = (pos as u64)
             .checked_add(zero)
-            .filter(|&s| s <= dst.len() as u64)
+            .filter(|&s| s <= page_size as u64)
             .ok_or_else(|| CodecError::corrupt("delta run beyond page end"))?;
         let end = start
             .checked_add(len)
-            .filter(|&e| e <= dst.len() as u64)
+            .filter(|&e| e <= page_size as u64)
             .ok_or_else(|| CodecError::corrupt("delta run beyond page end"))?;
         let lit = r.bytes(len as usize)?;
-        for (d, l) in dst[start as usize..end as usize].iter_mut().zip(lit) {
-            *d ^= l;
-        }
+        f(start as usize, lit);
         pos = end as usize;
     }
     Ok(())

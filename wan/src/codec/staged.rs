@@ -8,8 +8,20 @@
 use super::error::CodecError;
 use super::fasthash::{map_with_capacity, U64Map};
 use super::memory::{PageSink, PageSource};
+use super::rle::{apply_xor, check_runs};
 
-const ZERO_SLOT: u32 = u32::MAX;
+/// Where the new content of one staged frame lives.
+#[derive(Debug, Clone, Copy)]
+enum Slot {
+    Zero,
+    /// Index of a whole page in `data`.
+    Page(u32),
+    /// Verified XOR runs in `runs`, applied to the replica page in place.
+    Delta {
+        start: usize,
+        len: usize,
+    },
+}
 
 /// One disk write of the epoch, to be applied by the caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,9 +48,9 @@ pub struct StagedEpoch {
     pub(crate) page_size: usize,
     pub(crate) frame_count: u64,
     frames: Vec<u64>,
-    /// Per frame: `ZERO_SLOT` or the index of its content in `data`.
-    slots: Vec<u32>,
+    slots: Vec<Slot>,
     data: Vec<u8>,
+    runs: Vec<u8>,
     index: U64Map<u32>,
     pub(crate) state_blob: Vec<u8>,
     pub(crate) disk_writes: Vec<DiskWrite>,
@@ -65,6 +77,7 @@ impl StagedEpoch {
             frames: Vec::with_capacity(n),
             slots: Vec::with_capacity(n),
             data: Vec::new(),
+            runs: Vec::new(),
             index: map_with_capacity(n),
             state_blob: Vec::new(),
             disk_writes: Vec::new(),
@@ -97,26 +110,11 @@ impl StagedEpoch {
         &self.disk_writes
     }
 
-    /// The staged content of `frame`, if this epoch writes it (`None` for a
-    /// zero page is not distinguished: zero pages return an empty slice).
-    pub fn staged_page(&self, frame: u64) -> Option<&[u8]> {
-        let &i = self.index.get(&frame)?;
-        Some(self.slot(self.slots[i as usize]))
-    }
-
-    fn slot(&self, slot: u32) -> &[u8] {
-        if slot == ZERO_SLOT {
-            return &[];
-        }
-        let at = slot as usize * self.page_size;
-        &self.data[at..at + self.page_size]
-    }
-
     pub(crate) fn contains(&self, frame: u64) -> bool {
         self.index.contains_key(&frame)
     }
 
-    fn register(&mut self, frame: u64, slot: u32) -> Result<(), CodecError> {
+    fn register(&mut self, frame: u64, slot: Slot) -> Result<(), CodecError> {
         if self.index.insert(frame, self.frames.len() as u32).is_some() {
             return Err(CodecError::DuplicateFrame { frame });
         }
@@ -126,7 +124,7 @@ impl StagedEpoch {
     }
 
     pub(crate) fn push_zero(&mut self, frame: u64) -> Result<(), CodecError> {
-        self.register(frame, ZERO_SLOT)
+        self.register(frame, Slot::Zero)
     }
 
     /// Adds a page slot for `frame` initialised with `content` and returns it
@@ -137,15 +135,36 @@ impl StagedEpoch {
         content: &[u8],
     ) -> Result<&mut [u8], CodecError> {
         let slot = (self.data.len() / self.page_size) as u32;
-        self.register(frame, slot)?;
+        self.register(frame, Slot::Page(slot))?;
         self.data.extend_from_slice(content);
         let at = slot as usize * self.page_size;
         Ok(&mut self.data[at..at + self.page_size])
     }
 
-    /// Adds `frame` with the content `src` has at this point of the epoch,
-    /// which the caller has checked is staged.
-    pub(crate) fn push_copy_of_staged(&mut self, frame: u64, src: u64) -> Result<(), CodecError> {
+    /// Adds `frame` as XOR runs against its committed content. `runs` is
+    /// checked here, so that applying it later cannot fail.
+    pub(crate) fn push_delta(&mut self, frame: u64, runs: &[u8]) -> Result<(), CodecError> {
+        check_runs(runs, self.page_size)?;
+        let start = self.runs.len();
+        self.register(
+            frame,
+            Slot::Delta {
+                start,
+                len: runs.len(),
+            },
+        )?;
+        self.runs.extend_from_slice(runs);
+        Ok(())
+    }
+
+    /// Adds `frame` with the content staged `src` has at this point of the
+    /// epoch; `src_committed` is the committed content of `src`.
+    pub(crate) fn push_copy_of_staged(
+        &mut self,
+        frame: u64,
+        src: u64,
+        src_committed: &[u8],
+    ) -> Result<(), CodecError> {
         let Some(&i) = self.index.get(&src) else {
             return Err(CodecError::BadReference {
                 frame,
@@ -153,15 +172,21 @@ impl StagedEpoch {
                 reason: "source not staged",
             });
         };
-        let src_slot = self.slots[i as usize];
-        if src_slot == ZERO_SLOT {
-            return self.push_zero(frame);
+        match self.slots[i as usize] {
+            Slot::Zero => self.push_zero(frame),
+            Slot::Page(p) => {
+                let slot = (self.data.len() / self.page_size) as u32;
+                self.register(frame, Slot::Page(slot))?;
+                let at = p as usize * self.page_size;
+                self.data.extend_from_within(at..at + self.page_size);
+                Ok(())
+            }
+            Slot::Delta { start, len } => {
+                let runs = self.runs[start..start + len].to_vec();
+                let page = self.push_page(frame, src_committed)?;
+                apply_xor(&runs, page)
+            }
         }
-        let slot = (self.data.len() / self.page_size) as u32;
-        self.register(frame, slot)?;
-        let at = src_slot as usize * self.page_size;
-        self.data.extend_from_within(at..at + self.page_size);
-        Ok(())
     }
 
     /// Writes the epoch into `replica` and marks it committed.
@@ -196,11 +221,18 @@ impl StagedEpoch {
             }
         }
         for (&frame, &slot) in self.frames.iter().zip(&self.slots) {
-            if slot == ZERO_SLOT {
-                replica.zero_page(frame);
-            } else {
-                let at = slot as usize * self.page_size;
-                replica.write_page(frame, &self.data[at..at + self.page_size]);
+            match slot {
+                Slot::Zero => replica.zero_page(frame),
+                Slot::Page(p) => {
+                    let at = p as usize * self.page_size;
+                    replica.write_page(frame, &self.data[at..at + self.page_size]);
+                }
+                Slot::Delta { start, len } => {
+                    // Checked by push_delta against this page size.
+                    let applied =
+                        apply_xor(&self.runs[start..start + len], replica.page_mut(frame));
+                    debug_assert!(applied.is_ok());
+                }
             }
         }
         replica.set_committed_epoch(self.epoch);
