@@ -1,6 +1,7 @@
 //! BGP: messages on the wire, RFC 7606 UPDATE decoding, the sans-IO session
 //! FSM, and the tokio speaker that runs sessions to several peers.
 
+pub mod fuzzing;
 pub mod md5;
 pub mod route;
 pub mod session;
