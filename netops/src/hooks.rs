@@ -96,7 +96,9 @@ async fn run_one(h: &HookSettings, ctx: &HookContext) -> HookOutcome {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(true);
+        .kill_on_drop(true)
+        // Its own process group, so a timeout kills what it started too.
+        .process_group(0);
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -130,6 +132,12 @@ async fn run_one(h: &HookSettings, ctx: &HookContext) -> HookOutcome {
     .await;
     let (result, output) = match waited {
         Err(_) => {
+            if let Some(pid) = child.id() {
+                // SAFETY: kill(2) on the process group we created for it.
+                unsafe {
+                    libc::kill(-(pid as libc::pid_t), libc::SIGKILL);
+                }
+            }
             let _ = child.start_kill();
             let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
             (HookResult::TimedOut, String::new())
@@ -155,5 +163,87 @@ async fn run_one(h: &HookSettings, ctx: &HookContext) -> HookOutcome {
         command: h.command.clone(),
         result,
         output,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn script(dir: &std::path::Path, name: &str, body: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        p
+    }
+
+    fn hook(event: HookEvent, command: PathBuf, timeout_s: u32) -> HookSettings {
+        HookSettings {
+            event,
+            command,
+            args: vec!["arg1".into()],
+            timeout_s,
+        }
+    }
+
+    fn ctx() -> HookContext {
+        HookContext {
+            event: HookEvent::Promote,
+            vm: "web1".into(),
+            old_site: Some("dc1".into()),
+            new_site: Some("dc2".into()),
+            fencing_token: 42,
+            local_site: "dc2".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn hooks_get_the_event_in_their_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("env.txt");
+        let ok = script(
+            dir.path(),
+            "ok.sh",
+            &format!(
+                "echo \"$REMUS_WAN_EVENT $REMUS_WAN_VM $REMUS_WAN_OLD_SITE $REMUS_WAN_NEW_SITE \
+                 $REMUS_WAN_FENCING_TOKEN $REMUS_WAN_LOCAL_SITE $1\" > {}\necho done",
+                out.display()
+            ),
+        );
+        let other = script(dir.path(), "other.sh", "exit 0");
+        let hooks = vec![
+            hook(HookEvent::Promote, ok.clone(), 10),
+            hook(HookEvent::Fence, other, 10),
+        ];
+        let res = run_hooks(&hooks, &ctx()).await;
+        assert_eq!(res.len(), 1, "only the hooks of this event run");
+        assert!(res[0].ok(), "{res:?}");
+        assert!(res[0].output.contains("done"));
+        assert_eq!(
+            std::fs::read_to_string(&out).unwrap().trim(),
+            "promote web1 dc1 dc2 42 dc2 arg1"
+        );
+    }
+
+    #[tokio::test]
+    async fn failures_and_timeouts_are_reported_not_raised() {
+        let dir = tempfile::tempdir().unwrap();
+        let fail = script(dir.path(), "fail.sh", "echo oops >&2\nexit 3");
+        let slow = script(dir.path(), "slow.sh", "sleep 600 &\nsleep 600");
+        let ok = script(dir.path(), "ok.sh", "exit 0");
+        let hooks = vec![
+            hook(HookEvent::Promote, fail.clone(), 10),
+            hook(HookEvent::Promote, slow, 1),
+            hook(HookEvent::Promote, dir.path().join("missing"), 10),
+            hook(HookEvent::Promote, ok, 10),
+        ];
+        let res = run_hooks(&hooks, &ctx()).await;
+        assert_eq!(res.len(), 4);
+        assert_eq!(res[0].result, HookResult::Failed { code: Some(3) });
+        assert!(res[0].output.contains("oops"));
+        assert_eq!(res[1].result, HookResult::TimedOut);
+        assert!(matches!(res[2].result, HookResult::SpawnError(_)));
+        assert!(res[3].ok());
     }
 }
