@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Subcommand;
-use hypervisor::kvm::{self, ConsoleSpec, Exit, NetSpec, VmSpec};
+use hypervisor::kvm::{self, ConsoleSpec, Exit, NetSpec, VmSpec, Workload};
 
 use super::exit::Code;
 use crate::config::{self, Backend, Config};
@@ -30,6 +30,13 @@ pub enum VmCommand {
         /// Do not print the guest's console on stderr.
         #[arg(long)]
         quiet: bool,
+        /// Memory-dirtying workload of the network guest: working set in
+        /// 4 KiB pages (0: none).
+        #[arg(long, default_value_t = 0)]
+        dirty_pages: u64,
+        /// Memory-dirtying workload: page writes per millisecond.
+        #[arg(long, default_value_t = 0)]
+        dirty_rate: u64,
     },
 }
 
@@ -41,7 +48,15 @@ impl VmCommand {
                 vm,
                 console_log,
                 quiet,
-            } => run(config, &vm, console_log, quiet),
+                dirty_pages,
+                dirty_rate,
+            } => {
+                let workload = Workload {
+                    dirty_set_pages: dirty_pages,
+                    dirty_pages_per_ms: dirty_rate,
+                };
+                run(config, &vm, console_log, quiet, workload)
+            }
         }
     }
 }
@@ -94,7 +109,13 @@ pub fn spec_from_config(vm: &config::Vm) -> Result<VmSpec, String> {
     Ok(spec)
 }
 
-fn run(file: PathBuf, name: &str, console_log: Option<PathBuf>, quiet: bool) -> Code {
+fn run(
+    file: PathBuf,
+    name: &str,
+    console_log: Option<PathBuf>,
+    quiet: bool,
+    workload: Workload,
+) -> Code {
     let cfg = match Config::load(&file) {
         Ok(c) => c,
         Err(e) => {
@@ -107,10 +128,12 @@ fn run(file: PathBuf, name: &str, console_log: Option<PathBuf>, quiet: bool) -> 
         return Code::Config;
     };
     let spec = match spec_from_config(vm_cfg) {
-        Ok(s) => s.console(ConsoleSpec {
-            log_file: console_log,
-            to_terminal: !quiet,
-        }),
+        Ok(s) => s
+            .console(ConsoleSpec {
+                log_file: console_log,
+                to_terminal: !quiet,
+            })
+            .workload(workload),
         Err(e) => {
             eprintln!("error: {}: {e}", file.display());
             return Code::Config;
