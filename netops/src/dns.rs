@@ -85,7 +85,9 @@ pub enum DnsError {
 
 fn rcode_hint(rc: ResponseCode) -> &'static str {
     match rc {
-        ResponseCode::NotAuth => "server not authoritative for the zone, or the TSIG key was not accepted",
+        ResponseCode::NotAuth => {
+            "server not authoritative for the zone, or the TSIG key was not accepted"
+        }
         ResponseCode::Refused => "the server's policy (ACL) does not allow this update",
         ResponseCode::NotZone => "a name is outside the zone",
         ResponseCode::ServFail => "server failure",

@@ -39,7 +39,9 @@ pub struct HookContext {
 pub enum HookResult {
     Success,
     /// Exited with a non-zero status (or was killed by a signal: `None`).
-    Failed { code: Option<i32> },
+    Failed {
+        code: Option<i32>,
+    },
     TimedOut,
     /// Could not be started.
     SpawnError(String),
@@ -70,7 +72,10 @@ pub async fn run_hooks(hooks: &[HookSettings], ctx: &HookContext) -> Vec<HookOut
         .map(|h| {
             let (h, ctx) = (h.clone(), ctx.clone());
             let command = h.command.clone();
-            (command, tokio::spawn(async move { run_one(&h, &ctx).await }))
+            (
+                command,
+                tokio::spawn(async move { run_one(&h, &ctx).await }),
+            )
         })
         .collect();
     let mut out = Vec::with_capacity(handles.len());
@@ -157,7 +162,9 @@ async fn run_one(h: &HookSettings, ctx: &HookContext) -> HookOutcome {
         HookResult::Success => {
             info!(command = %h.command.display(), event = ctx.event.as_str(), "hook succeeded")
         }
-        r => warn!(command = %h.command.display(), event = ctx.event.as_str(), result = ?r, output = %output, "hook failed"),
+        r => {
+            warn!(command = %h.command.display(), event = ctx.event.as_str(), result = ?r, output = %output, "hook failed")
+        }
     }
     HookOutcome {
         command: h.command.clone(),

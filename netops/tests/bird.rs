@@ -173,7 +173,10 @@ fn bird_sees_announcements_withdrawals_restarts_and_our_death() {
         let routes = bird
             .wait_routes("both routes in BIRD", |r| r.contains(V4) && r.contains(V6))
             .await;
-        assert!(routes.contains("BGP.as_path: 65000 65000 65000"), "{routes}");
+        assert!(
+            routes.contains("BGP.as_path: 65000 65000 65000"),
+            "{routes}"
+        );
         assert!(routes.contains("BGP.med: 50"), "{routes}");
         assert!(routes.contains("(65000,100)"), "{routes}");
         assert!(routes.contains("(65000, 1, 2)"), "{routes}");
@@ -187,8 +190,10 @@ fn bird_sees_announcements_withdrawals_restarts_and_our_death() {
 
         // Withdraw removes the route; announcing again brings it back.
         speaker.withdraw(vec![V4.parse().unwrap()]);
-        bird.wait_routes("IPv4 route withdrawn", |r| !r.contains(V4) && r.contains(V6))
-            .await;
+        bird.wait_routes("IPv4 route withdrawn", |r| {
+            !r.contains(V4) && r.contains(V6)
+        })
+        .await;
         speaker.announce(vec![Route::new(V4.parse().unwrap(), attrs())]);
         bird.wait_routes("IPv4 route announced again", |r| r.contains(V4))
             .await;
@@ -244,10 +249,15 @@ fn bird_with_tcp_md5_and_clean_shutdown() {
         speaker.shutdown().await;
         bird.wait_routes("routes gone after shutdown", |r| !r.contains(V4))
             .await;
-        let proto = wait_until("BIRD reports our CEASE", 60, Duration::from_millis(500), || async {
-            let p = bird.protocol().await;
-            (p.to_lowercase().contains("administrative shutdown"), p)
-        })
+        let proto = wait_until(
+            "BIRD reports our CEASE",
+            60,
+            Duration::from_millis(500),
+            || async {
+                let p = bird.protocol().await;
+                (p.to_lowercase().contains("administrative shutdown"), p)
+            },
+        )
         .await;
         assert!(proto.contains("Received"), "{proto}");
     });

@@ -105,7 +105,11 @@ impl GoBgp {
                 (true, r)
             } else {
                 let n = output_async(self.gobgp(&["neighbor"])).await;
-                let log = self.daemon.as_ref().map(|d| d.log_text()).unwrap_or_default();
+                let log = self
+                    .daemon
+                    .as_ref()
+                    .map(|d| d.log_text())
+                    .unwrap_or_default();
                 (false, format!("{r}\n{n}\n--- gobgpd log ---\n{log}"))
             }
         })
@@ -124,7 +128,10 @@ const V6: &str = "2001:db8:100::/48";
 
 #[test]
 fn gobgp_connects_to_our_passive_speaker_and_sees_routes() {
-    if !preflight("gobgp_connects_to_our_passive_speaker", &["gobgpd", "gobgp", "ip"]) {
+    if !preflight(
+        "gobgp_connects_to_our_passive_speaker",
+        &["gobgpd", "gobgp", "ip"],
+    ) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -170,7 +177,9 @@ fn gobgp_connects_to_our_passive_speaker_and_sees_routes() {
 
         speaker.withdraw(vec![V6.parse().unwrap()]);
         gobgp
-            .wait_rib("IPv6 route withdrawn", |r| r.contains(V4) && !r.contains(V6))
+            .wait_rib("IPv6 route withdrawn", |r| {
+                r.contains(V4) && !r.contains(V6)
+            })
             .await;
 
         // GoBGP restarts, reconnects to us, and gets everything again.

@@ -191,7 +191,12 @@ fn knot_applies_signed_updates_and_refuses_bad_keys() {
         assert_eq!(knot.dig("web1.example.com", "A"), "");
 
         // Wrong secret: refused, reported, nothing changes.
-        let bad = updater(&knot, "example.com", KEY_NAME, b"not-the-right-secret-at-all!!!!!");
+        let bad = updater(
+            &knot,
+            "example.com",
+            KEY_NAME,
+            b"not-the-right-secret-at-all!!!!!",
+        );
         let err = bad
             .update(&[RecordUpdate {
                 name: "web1.example.com".into(),

@@ -112,7 +112,10 @@ pub fn seeds() -> Vec<Vec<u8>> {
         ibgp: false,
         four_octet_as: true,
     };
-    for (nh, p) in [("192.0.2.1", "203.0.113.0/24"), ("2001:db8::1", "2001:db8:1::/48")] {
+    for (nh, p) in [
+        ("192.0.2.1", "203.0.113.0/24"),
+        ("2001:db8::1", "2001:db8:1::/48"),
+    ] {
         for m in wire::encode_announce(&ctx, &attrs, nh.parse().unwrap(), &[p.parse().unwrap()]) {
             v.push([vec![1u8], m].concat());
         }

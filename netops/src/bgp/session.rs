@@ -296,9 +296,7 @@ impl Session {
 
     /// The routes we want announced (whether or not the session is up).
     pub fn routes(&self) -> impl Iterator<Item = Route> + '_ {
-        self.rib_out
-            .iter()
-            .map(|(p, a)| Route::new(*p, a.clone()))
+        self.rib_out.iter().map(|(p, a)| Route::new(*p, a.clone()))
     }
 
     /// Prefixes the peer currently announces to us.
@@ -756,7 +754,11 @@ impl Session {
         self.reset_hold(now, id);
         let c = self.conn_mut(id).expect("connection exists");
         c.state = ConnState::Established;
-        let rid = c.peer.as_ref().map(|p| p.router_id).unwrap_or(Ipv4Addr::UNSPECIFIED);
+        let rid = c
+            .peer
+            .as_ref()
+            .map(|p| p.router_id)
+            .unwrap_or(Ipv4Addr::UNSPECIFIED);
         self.established_since = Some(now);
         self.stats.established_count += 1;
         self.last_error = None;

@@ -112,7 +112,11 @@ pub struct SpeakerStatus {
 
 impl fmt::Display for SpeakerStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "BGP speaker AS{} router-id {}", self.local_as, self.router_id)?;
+        writeln!(
+            f,
+            "BGP speaker AS{} router-id {}",
+            self.local_as, self.router_id
+        )?;
         writeln!(
             f,
             "{:<40} {:>10} {:<8} {:<12} {:>10} {:>9} {:>9}",
@@ -138,7 +142,10 @@ impl fmt::Display for SpeakerStatus {
                 writeln!(f, "    announced {a}")?;
             }
             for a in &p.not_announceable {
-                writeln!(f, "    NOT announced {a} (no next hop / family not negotiated)")?;
+                writeln!(
+                    f,
+                    "    NOT announced {a} (no next hop / family not negotiated)"
+                )?;
             }
             if let Some(e) = &p.last_error {
                 writeln!(f, "    last error: {e}")?;
@@ -222,7 +229,10 @@ impl Speaker {
                     p.address
                 )));
             }
-            if p.md5_password.as_ref().is_some_and(|k| k.len() > super::md5::MAX_KEY_LEN) {
+            if p.md5_password
+                .as_ref()
+                .is_some_and(|k| k.len() > super::md5::MAX_KEY_LEN)
+            {
                 return Err(SpeakerError::Config(format!(
                     "peer {}: TCP-MD5 password longer than 80 bytes",
                     p.address
@@ -491,7 +501,11 @@ impl PeerRunner {
                     let gen = self.gen;
                     let cfg = self.cfg.clone();
                     let tx = self.io_tx.clone();
-                    let timeout = self.session.config().connect_retry.max(Duration::from_secs(1));
+                    let timeout = self
+                        .session
+                        .config()
+                        .connect_retry
+                        .max(Duration::from_secs(1));
                     if let Some((_, h)) = self.connecting.take() {
                         h.abort();
                     }
@@ -526,11 +540,8 @@ impl PeerRunner {
                 }
                 Action::Close { conn } => {
                     if let Some(mut c) = self.conns.remove(&conn) {
-                        let _ = tokio::time::timeout(
-                            Duration::from_secs(2),
-                            c.writer.shutdown(),
-                        )
-                        .await;
+                        let _ =
+                            tokio::time::timeout(Duration::from_secs(2), c.writer.shutdown()).await;
                     }
                     if conn == ConnId::Outbound {
                         if let Some((_, h)) = self.connecting.take() {

@@ -238,7 +238,8 @@ pub fn decode_update(body: &[u8], ctx: ReceiveContext) -> Result<ReceivedUpdate,
                     return Err(update_err(4, &[]));
                 }
                 if discard_only(t) {
-                    out.discarded.push(format!("attribute {t} with wrong flags"));
+                    out.discarded
+                        .push(format!("attribute {t} with wrong flags"));
                 } else {
                     taw.get_or_insert_with(|| format!("attribute {t} with wrong flags"));
                 }
@@ -366,8 +367,8 @@ pub fn decode_update(body: &[u8], ctx: ReceiveContext) -> Result<ReceivedUpdate,
                             a.copy_from_slice(&nh[..16]);
                             IpAddr::V6(Ipv6Addr::from(a))
                         });
-                        mp_reach = parse_prefixes(nlri_bytes, false)
-                            .ok_or_else(|| update_err(9, &[]))?;
+                        mp_reach =
+                            parse_prefixes(nlri_bytes, false).ok_or_else(|| update_err(9, &[]))?;
                     }
                     (2, 1) => {
                         if nhl != 16 && nhl != 32 {
@@ -376,8 +377,8 @@ pub fn decode_update(body: &[u8], ctx: ReceiveContext) -> Result<ReceivedUpdate,
                         let mut a = [0u8; 16];
                         a.copy_from_slice(&nh[..16]);
                         mp_next_hop = Some(IpAddr::V6(Ipv6Addr::from(a)));
-                        mp_reach = parse_prefixes(nlri_bytes, true)
-                            .ok_or_else(|| update_err(9, &[]))?;
+                        mp_reach =
+                            parse_prefixes(nlri_bytes, true).ok_or_else(|| update_err(9, &[]))?;
                     }
                     // Families we did not negotiate: ignored.
                     _ => {}
@@ -403,11 +404,9 @@ pub fn decode_update(body: &[u8], ctx: ReceiveContext) -> Result<ReceivedUpdate,
                 if flags & FLAG_OPTIONAL == 0 {
                     // RFC 4271 6.3, kept by RFC 7606: unrecognized well-known.
                     let mut data = vec![flags, t];
-                    data.extend_from_slice(&(len as u16).to_be_bytes()[if hdr == 4 {
-                        0
-                    } else {
-                        1
-                    }..]);
+                    data.extend_from_slice(
+                        &(len as u16).to_be_bytes()[if hdr == 4 { 0 } else { 1 }..],
+                    );
                     data.extend_from_slice(v);
                     return Err(update_err(2, &data));
                 }

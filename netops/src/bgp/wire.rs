@@ -23,8 +23,8 @@ use netgauze_bgp_pkt::notification::{
 use netgauze_bgp_pkt::open::{BgpOpenMessage, BgpOpenMessageParameter};
 use netgauze_bgp_pkt::path_attribute::{
     As2PathSegment, As4Path, As4PathSegment, AsPath, AsPathSegmentType, Communities,
-    LargeCommunities, LocalPreference, MpReach, MpUnreach, MultiExitDiscriminator, NextHop,
-    Origin, PathAttribute, PathAttributeValue,
+    LargeCommunities, LocalPreference, MpReach, MpUnreach, MultiExitDiscriminator, NextHop, Origin,
+    PathAttribute, PathAttributeValue,
 };
 use netgauze_bgp_pkt::update::BgpUpdateMessage;
 use netgauze_bgp_pkt::wire::deserializer::BgpParsingContext;
@@ -138,7 +138,9 @@ impl Notification {
             (2, 6) => N::OpenMessageError(OpenMessageError::UnacceptableHoldTime { value: v }),
             (2, 7) => N::OpenMessageError(OpenMessageError::UnsupportedCapability { value: v }),
             (3, 0) => N::UpdateMessageError(UpdateMessageError::Unspecific { value: v }),
-            (3, 1) => N::UpdateMessageError(UpdateMessageError::MalformedAttributeList { value: v }),
+            (3, 1) => {
+                N::UpdateMessageError(UpdateMessageError::MalformedAttributeList { value: v })
+            }
             (3, 2) => N::UpdateMessageError(UpdateMessageError::UnrecognizedWellKnownAttribute {
                 value: v,
             }),
@@ -147,11 +149,15 @@ impl Notification {
             }
             (3, 4) => N::UpdateMessageError(UpdateMessageError::AttributeFlagsError { value: v }),
             (3, 5) => N::UpdateMessageError(UpdateMessageError::AttributeLengthError { value: v }),
-            (3, 6) => N::UpdateMessageError(UpdateMessageError::InvalidOriginAttribute { value: v }),
+            (3, 6) => {
+                N::UpdateMessageError(UpdateMessageError::InvalidOriginAttribute { value: v })
+            }
             (3, 8) => {
                 N::UpdateMessageError(UpdateMessageError::InvalidNextHopAttribute { value: v })
             }
-            (3, 9) => N::UpdateMessageError(UpdateMessageError::OptionalAttributeError { value: v }),
+            (3, 9) => {
+                N::UpdateMessageError(UpdateMessageError::OptionalAttributeError { value: v })
+            }
             (3, 10) => N::UpdateMessageError(UpdateMessageError::InvalidNetworkField { value: v }),
             (3, 11) => N::UpdateMessageError(UpdateMessageError::MalformedAsPath { value: v }),
             (4, s) => N::HoldTimerExpiredError(HoldTimerExpiredError::Unspecific {
@@ -538,7 +544,10 @@ pub fn encode_announce(
     for chunk in v4s.chunks(PREFIXES_PER_UPDATE) {
         let IpAddr::V4(nh) = next_hop else { break };
         let mut pa = common_attributes(ctx, attrs);
-        pa.insert(2, attr(false, true, PathAttributeValue::NextHop(NextHop::new(nh))));
+        pa.insert(
+            2,
+            attr(false, true, PathAttributeValue::NextHop(NextHop::new(nh))),
+        );
         let upd = BgpUpdateMessage::new(Vec::new(), pa, v4(chunk));
         out.push(write_message(&BgpMessage::Update(upd)));
     }
@@ -600,9 +609,7 @@ pub fn encode_withdraw(prefixes: &[IpNet]) -> Vec<Vec<u8>> {
 pub fn default_next_hop(prefix: &IpNet, local: Option<IpAddr>) -> Option<IpAddr> {
     match (prefix, local) {
         (IpNet::V4(_), Some(IpAddr::V4(a))) => Some(IpAddr::V4(a)),
-        (IpNet::V6(_), Some(IpAddr::V6(a))) if a.to_ipv4_mapped().is_none() => {
-            Some(IpAddr::V6(a))
-        }
+        (IpNet::V6(_), Some(IpAddr::V6(a))) if a.to_ipv4_mapped().is_none() => Some(IpAddr::V6(a)),
         (IpNet::V4(_), Some(IpAddr::V6(a))) => a.to_ipv4_mapped().map(IpAddr::V4),
         _ => None,
     }

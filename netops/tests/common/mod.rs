@@ -114,7 +114,15 @@ impl Topology {
             (&t.peer, &vb, PEER_V4, PEER_V6),
         ] {
             run(Command::new("ip").args(["-n", ns, "link", "set", "lo", "up"]));
-            run(Command::new("ip").args(["-n", ns, "addr", "add", &format!("{v4}/24"), "dev", dev]));
+            run(Command::new("ip").args([
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{v4}/24"),
+                "dev",
+                dev,
+            ]));
             run(Command::new("ip").args([
                 "-n",
                 ns,
@@ -241,7 +249,12 @@ where
 
 /// Polls `check` every `interval` up to `attempts` times; returns the last
 /// value that satisfied it or panics with `what` and the last observation.
-pub async fn wait_until<F, Fut>(what: &str, attempts: u32, interval: Duration, mut check: F) -> String
+pub async fn wait_until<F, Fut>(
+    what: &str,
+    attempts: u32,
+    interval: Duration,
+    mut check: F,
+) -> String
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = (bool, String)>,

@@ -432,8 +432,16 @@ fn hold_timer_expiry_sends_notification_then_reconnects_and_reannounces() {
         l.blackhole = true;
     }
     p.advance(Duration::from_secs(10));
-    assert!(p.log_a.notifications().contains(&(4, 0)), "{:?}", p.log_a.notifications());
-    assert!(p.log_a.downs().iter().any(|r| r.contains("hold timer expired")));
+    assert!(
+        p.log_a.notifications().contains(&(4, 0)),
+        "{:?}",
+        p.log_a.notifications()
+    );
+    assert!(p
+        .log_a
+        .downs()
+        .iter()
+        .any(|r| r.contains("hold timer expired")));
     assert!(!p.a.is_established());
     // After connect-retry, A reconnects and announces everything again.
     let updates_before = p.log_a.sent_of_type(MSG_UPDATE).len();
@@ -453,11 +461,11 @@ fn bad_peer_as_gets_open_error_notification() {
     p.start();
     assert!(!p.a.is_established());
     assert_eq!(p.log_b.notifications(), vec![(2, 2)]);
-    assert!(p
-        .log_a
-        .downs()
-        .iter()
-        .any(|r| r.contains("bad peer AS")), "{:?}", p.log_a.downs());
+    assert!(
+        p.log_a.downs().iter().any(|r| r.contains("bad peer AS")),
+        "{:?}",
+        p.log_a.downs()
+    );
     assert!(p.a.status().last_error.unwrap().contains("bad peer AS"));
     // A keeps retrying every connect-retry interval.
     let opens = p.log_a.sent_of_type(MSG_OPEN).len();
@@ -545,7 +553,11 @@ fn cease_on_shutdown() {
     p.run();
     assert_eq!(p.log_a.notifications(), vec![(6, 2)]);
     assert!(!p.a.is_established() && !p.b.is_established());
-    assert!(p.log_b.downs().iter().any(|r| r.contains("administrative shutdown")));
+    assert!(p
+        .log_b
+        .downs()
+        .iter()
+        .any(|r| r.contains("administrative shutdown")));
     assert_eq!(p.a.state(), State::Idle);
     // Stopped sessions do not come back by themselves.
     p.advance(Duration::from_secs(30));
@@ -597,7 +609,9 @@ fn collision_keeps_connection_of_higher_router_id() {
         assert!(p.a.is_established() && p.b.is_established());
         assert_eq!(p.links.len(), 1, "exactly one connection survives");
         assert_eq!(p.links[0].a, survivor_a);
-        assert!(p.log_a.notifications().contains(&(6, 7)) || p.log_b.notifications().contains(&(6, 7)));
+        assert!(
+            p.log_a.notifications().contains(&(6, 7)) || p.log_b.notifications().contains(&(6, 7))
+        );
         // Routes flow over the survivor.
         p.a.set_routes(p.now, vec![route("203.0.113.0/24")]);
         p.run();
@@ -624,11 +638,20 @@ fn v6_route_without_next_hop_over_v4_session_is_reported() {
     a.next_hop_v6 = None;
     let mut p = Pair::new(a, cfg(65001, "10.0.0.2", 65000, PeerMode::Passive));
     p.start();
-    p.a.set_routes(p.now, vec![route("2001:db8:100::/48"), route("203.0.113.0/24")]);
+    p.a.set_routes(
+        p.now,
+        vec![route("2001:db8:100::/48"), route("203.0.113.0/24")],
+    );
     p.run();
     let s = p.a.status();
-    assert_eq!(s.not_announceable, vec!["2001:db8:100::/48".parse::<IpNet>().unwrap()]);
-    assert_eq!(s.announced, vec!["203.0.113.0/24".parse::<IpNet>().unwrap()]);
+    assert_eq!(
+        s.not_announceable,
+        vec!["2001:db8:100::/48".parse::<IpNet>().unwrap()]
+    );
+    assert_eq!(
+        s.announced,
+        vec!["203.0.113.0/24".parse::<IpNet>().unwrap()]
+    );
 }
 
 #[test]

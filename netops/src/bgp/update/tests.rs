@@ -48,7 +48,10 @@ fn net(s: &str) -> IpNet {
 
 fn taw(attrs: &[u8]) -> ReceivedUpdate {
     let u = decode_update(&body(&[], attrs, NLRI), EBGP).unwrap();
-    assert!(u.treat_as_withdraw.is_some(), "expected treat-as-withdraw: {u:?}");
+    assert!(
+        u.treat_as_withdraw.is_some(),
+        "expected treat-as-withdraw: {u:?}"
+    );
     assert!(u.announced.is_empty());
     assert_eq!(u.withdrawn, vec![net("198.51.100.0/24")]);
     u
@@ -106,7 +109,11 @@ fn communities_and_large_communities_bad_length_are_treat_as_withdraw() {
     taw(&[base(), vec![0xc0, 8, 3, 0, 0, 1]].concat());
     taw(&[base(), vec![0xc0, 32, 8, 0, 0, 0, 1, 0, 0, 0, 2]].concat());
     let ok = decode_update(
-        &body(&[], &[base(), vec![0xc0, 8, 4, 0xfd, 0xe8, 0, 100]].concat(), NLRI),
+        &body(
+            &[],
+            &[base(), vec![0xc0, 8, 4, 0xfd, 0xe8, 0, 100]].concat(),
+            NLRI,
+        ),
         EBGP,
     )
     .unwrap();
@@ -136,11 +143,11 @@ fn wrong_flags_are_treat_as_withdraw_or_discard() {
 #[test]
 fn attribute_discard_cases_keep_the_route() {
     for extra in [
-        vec![0x40, 6, 1, 0],                         // ATOMIC_AGGREGATE with a value
-        vec![0xc0, 7, 3, 1, 2, 3],                   // AGGREGATOR wrong length
-        vec![0xc0, 17, 3, 2, 1, 0],                  // AS4_PATH malformed
-        vec![0xc0, 18, 2, 0, 0],                     // AS4_AGGREGATOR wrong length
-        vec![0x40, 5, 4, 0, 0, 0, 100],              // LOCAL_PREF from an eBGP peer
+        vec![0x40, 6, 1, 0],            // ATOMIC_AGGREGATE with a value
+        vec![0xc0, 7, 3, 1, 2, 3],      // AGGREGATOR wrong length
+        vec![0xc0, 17, 3, 2, 1, 0],     // AS4_PATH malformed
+        vec![0xc0, 18, 2, 0, 0],        // AS4_AGGREGATOR wrong length
+        vec![0x40, 5, 4, 0, 0, 0, 100], // LOCAL_PREF from an eBGP peer
     ] {
         let u = decode_update(&body(&[], &[base(), extra.clone()].concat(), NLRI), EBGP).unwrap();
         assert_eq!(u.announced.len(), 1, "{extra:?}: {u:?}");
@@ -152,7 +159,11 @@ fn attribute_discard_cases_keep_the_route() {
 #[test]
 fn local_pref_from_ibgp_is_used_and_checked() {
     let u = decode_update(
-        &body(&[], &[base(), vec![0x40, 5, 4, 0, 0, 0, 100]].concat(), NLRI),
+        &body(
+            &[],
+            &[base(), vec![0x40, 5, 4, 0, 0, 0, 100]].concat(),
+            NLRI,
+        ),
         IBGP,
     )
     .unwrap();
@@ -187,19 +198,30 @@ fn attribute_overrunning_the_section_is_treat_as_withdraw() {
 
 #[test]
 fn unrecognized_well_known_attribute_resets() {
-    let e = decode_update(&body(&[], &[base(), vec![0x40, 99, 1, 0]].concat(), NLRI), EBGP)
-        .unwrap_err();
+    let e = decode_update(
+        &body(&[], &[base(), vec![0x40, 99, 1, 0]].concat(), NLRI),
+        EBGP,
+    )
+    .unwrap_err();
     assert_eq!((e.code, e.subcode), (3, 2));
     // Unknown optional attributes are ignored.
-    let u = decode_update(&body(&[], &[base(), vec![0xc0, 99, 1, 0]].concat(), NLRI), EBGP)
-        .unwrap();
+    let u = decode_update(
+        &body(&[], &[base(), vec![0xc0, 99, 1, 0]].concat(), NLRI),
+        EBGP,
+    )
+    .unwrap();
     assert_eq!(u.announced.len(), 1);
 }
 
 #[test]
 fn mp_reach_ipv6_and_its_errors() {
     let mut mp = vec![0x90, 14, 0, 0, 0, 2, 1, 16];
-    mp.extend_from_slice(&"2001:db8::1".parse::<std::net::Ipv6Addr>().unwrap().octets());
+    mp.extend_from_slice(
+        &"2001:db8::1"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets(),
+    );
     mp.push(0);
     mp.extend_from_slice(&[48, 0x20, 0x01, 0x0d, 0xb8, 0x01, 0x00]);
     let len = (mp.len() - 4) as u16;
@@ -212,7 +234,12 @@ fn mp_reach_ipv6_and_its_errors() {
     let mut bad = mp.clone();
     bad[7] = 15;
     let attrs = [origin(0), as_path4(&[1]), bad].concat();
-    assert_eq!(decode_update(&body(&[], &attrs, &[]), EBGP).unwrap_err().subcode, 9);
+    assert_eq!(
+        decode_update(&body(&[], &attrs, &[]), EBGP)
+            .unwrap_err()
+            .subcode,
+        9
+    );
     // Broken NLRI inside MP_REACH: session reset.
     let mut bad = mp.clone();
     let n = bad.len();
@@ -223,7 +250,12 @@ fn mp_reach_ipv6_and_its_errors() {
     let mut bad = mp;
     bad[0] = 0xd0;
     let attrs = [origin(0), as_path4(&[1]), bad].concat();
-    assert_eq!(decode_update(&body(&[], &attrs, &[]), EBGP).unwrap_err().subcode, 4);
+    assert_eq!(
+        decode_update(&body(&[], &attrs, &[]), EBGP)
+            .unwrap_err()
+            .subcode,
+        4
+    );
 }
 
 #[test]
@@ -245,26 +277,24 @@ fn arb_attrs() -> impl Strategy<Value = RouteAttributes> {
         proptest::option::of(any::<u32>()),
         proptest::option::of(any::<u32>()),
     )
-        .prop_map(|(prepend, communities, large_communities, med, local_pref)| {
-            RouteAttributes {
+        .prop_map(
+            |(prepend, communities, large_communities, med, local_pref)| RouteAttributes {
                 next_hop: None,
                 prepend,
                 communities,
                 large_communities,
                 med,
                 local_pref,
-            }
-        })
+            },
+        )
 }
 
 fn arb_prefix() -> impl Strategy<Value = IpNet> {
     prop_oneof![
-        (any::<u32>(), 0u8..=32).prop_map(|(a, l)| IpNet::V4(
-            Ipv4Net::new(Ipv4Addr::from(a), l).unwrap().trunc()
-        )),
-        (any::<u128>(), 0u8..=128).prop_map(|(a, l)| IpNet::V6(
-            Ipv6Net::new(Ipv6Addr::from(a), l).unwrap().trunc()
-        )),
+        (any::<u32>(), 0u8..=32)
+            .prop_map(|(a, l)| IpNet::V4(Ipv4Net::new(Ipv4Addr::from(a), l).unwrap().trunc())),
+        (any::<u128>(), 0u8..=128)
+            .prop_map(|(a, l)| IpNet::V6(Ipv6Net::new(Ipv6Addr::from(a), l).unwrap().trunc())),
     ]
 }
 
