@@ -4,3 +4,7 @@
 pub mod guest_build;
 pub mod kvm;
 pub mod netns;
+
+/// The guest-memory crate our memory types come from (callers read pages
+/// through its `Bytes` trait).
+pub use vm_memory;

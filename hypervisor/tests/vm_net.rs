@@ -162,3 +162,55 @@ fn the_dirtying_workload_covers_its_working_set() {
         vm.shutdown().expect("stop");
     });
 }
+
+/// Holds the guest's frames instead of sending them, as the replication
+/// engine does until an epoch commits.
+#[derive(Clone, Default)]
+struct Held(std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+
+impl hypervisor::kvm::devices::net::FrameSink for Held {
+    fn send(&mut self, frame: &[u8]) {
+        self.0.lock().unwrap().push(frame.to_vec());
+    }
+}
+
+#[test]
+fn transmitted_frames_go_through_the_engine_seam() {
+    if !common::require_kvm_root() {
+        return;
+    }
+    let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x58];
+    let spec = VmSpec::new("seam", &common::images().net)
+        .memory_mib(64)
+        .network(NetSpec {
+            tap: TAP.into(),
+            mac,
+            address: GUEST,
+            prefix_len: 24,
+            gateway: None,
+        });
+    let held = Held::default();
+    common::in_new_netns(|| {
+        let seams = hypervisor::kvm::Seams {
+            frame_sink: Some(Box::new(held.clone())),
+            write_hook: None,
+        };
+        let vm = Vm::start(&spec, seams).expect("start");
+        common::ip(&["addr", "add", "192.0.2.1/24", "dev", TAP]);
+        vm.wait_ready(Duration::from_secs(60)).expect("ready");
+        // The host asks for the guest's MAC; the reply is held, so the
+        // connection attempt cannot succeed.
+        let addr = SocketAddr::from((GUEST, 7));
+        let r = TcpStream::connect_timeout(&addr, Duration::from_secs(2));
+        assert!(r.is_err(), "nothing the guest sends may reach the host");
+        vm.shutdown().expect("stop");
+    });
+    let frames = held.0.lock().unwrap();
+    assert!(
+        frames
+            .iter()
+            .any(|f| f.len() >= 14 && f[6..12] == mac && f[12..14] == [0x08, 0x06]),
+        "no ARP reply from the guest among {} held frames",
+        frames.len()
+    );
+}

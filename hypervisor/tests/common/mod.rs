@@ -51,3 +51,8 @@ pub fn disk_image(dir: &std::path::Path, mib: u64) -> PathBuf {
     f.set_len(mib << 20).expect("size disk image");
     p
 }
+
+/// Runs `ip ARGS`, panicking with its error.
+pub fn ip(args: &[&str]) {
+    hypervisor::netns::ip(args).expect("ip");
+}
