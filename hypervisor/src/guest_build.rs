@@ -107,6 +107,7 @@ pub fn build(target_dir: &Path) -> Result<GuestImages, BuildError> {
         .env_remove("RUSTFLAGS")
         .env_remove("CARGO_BUILD_RUSTFLAGS")
         .env_remove("CARGO_TARGET_DIR")
+        .env_remove("CARGO_BUILD_TARGET_DIR")
         .env_remove("CARGO_BUILD_TARGET")
         .status()
         .map_err(|source| BuildError::Spawn { cargo, source })?;

@@ -151,7 +151,14 @@ fn run(
         }
     };
     tracing::info!(vm = name, "running; SIGTERM or Ctrl-C stops it");
+    let mut announced = false;
     while !vm.wait(Duration::from_millis(200)) {
+        if !announced {
+            if let Ok(t) = vm.wait_ready(Duration::ZERO) {
+                tracing::info!(vm = name, "guest ready {t:.1?} after start");
+                announced = true;
+            }
+        }
         if kvm::termination::requested() {
             tracing::info!(vm = name, "stop requested");
             break;
