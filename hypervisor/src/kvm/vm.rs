@@ -157,9 +157,11 @@ impl Shared {
 
 /// A running micro-VM. Dropping it stops it.
 pub struct Vm {
+    // Field order is drop order: the VM fd (and with it the memslots) goes
+    // before the guest memory the slots point into.
+    pub(crate) vm_fd: VmFd,
     pub(crate) name: String,
     pub(crate) shared: Arc<Shared>,
-    pub(crate) vm_fd: VmFd,
     pub(crate) vcpu_threads: Vec<JoinHandle<()>>,
     pub(crate) io_threads: Vec<JoinHandle<()>>,
     pub(crate) net: Option<Arc<Mutex<Net>>>,
