@@ -116,11 +116,16 @@ fn fuzz_all(seconds: u64) -> Result<()> {
             .context("cargo fuzz list")?;
         let targets = String::from_utf8_lossy(&out.stdout).to_string();
         for target in targets.lines().map(str::trim).filter(|t| !t.is_empty()) {
+            // libFuzzer is chatty: keep its output in a log, print the verdict.
+            let log = root().join("target").join(format!("fuzz-{target}.log"));
+            std::fs::create_dir_all(root().join("target"))?;
             eprintln!(
-                "xtask: fuzzing {target} in {} for {seconds} s",
-                dir.display()
+                "xtask: fuzzing {target} in {} for {seconds} s (log: {})",
+                dir.display(),
+                log.display()
             );
-            run(Command::new("cargo")
+            let out = std::fs::File::create(&log)?;
+            let status = Command::new("cargo")
                 .args([
                     "+nightly",
                     "fuzz",
@@ -130,7 +135,23 @@ fn fuzz_all(seconds: u64) -> Result<()> {
                     "-rss_limit_mb=2048",
                 ])
                 .arg(format!("-max_total_time={seconds}"))
-                .current_dir(&dir))?;
+                .current_dir(&dir)
+                .stdout(out.try_clone()?)
+                .stderr(out)
+                .status()
+                .context("cargo fuzz run")?;
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if !status.success() {
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+                bail!("fuzz target {target} failed ({status}):\n{tail}");
+            }
+            let done = text
+                .lines()
+                .rev()
+                .find(|l| l.starts_with("Done "))
+                .unwrap_or("no summary line");
+            eprintln!("xtask: fuzz {target}: {done}");
         }
     }
     Ok(())
