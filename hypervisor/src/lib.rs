@@ -1,9 +1,12 @@
 //! Guest backends: the `Guest` trait the replication engine drives, and its
 //! backends (`kvm`: the built-in micro-VM; `qemu`; `xen`). See DESIGN.md.
 
+pub mod guest;
 pub mod guest_build;
 pub mod kvm;
 pub mod netns;
+
+pub use guest::{Checkpoint, GuestError, PauseTimings, ProtectedGuest};
 
 /// The guest-memory crate our memory types come from (callers read pages
 /// through its `Bytes` trait).
