@@ -71,6 +71,17 @@ impl JournalWriter {
         self.pages += 1;
     }
 
+    /// Appends `frame` with `base` as its content and returns that content
+    /// for changing in place (deltas are XORed into it).
+    pub fn page_from(&mut self, frame: u64, base: &[u8]) -> &mut [u8] {
+        debug_assert_eq!(base.len(), self.page_size);
+        self.buf.extend_from_slice(&frame.to_le_bytes());
+        let at = self.buf.len();
+        self.buf.extend_from_slice(base);
+        self.pages += 1;
+        &mut self.buf[at..]
+    }
+
     pub fn zero_page(&mut self, frame: u64) {
         self.buf
             .extend_from_slice(&(frame | ZERO_FLAG).to_le_bytes());

@@ -435,6 +435,10 @@ impl PageSource for JournalSink<'_> {
 }
 
 impl PageSink for JournalSink<'_> {
+    fn page_mut(&mut self, frame: u64) -> &mut [u8] {
+        let store = self.store;
+        self.writer().page_from(frame, store.page(frame))
+    }
     fn write_page(&mut self, frame: u64, data: &[u8]) {
         self.writer().page(frame, data);
     }
