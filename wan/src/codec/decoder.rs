@@ -48,7 +48,6 @@ impl Default for DecoderConfig {
 pub struct Decoder {
     cfg: DecoderConfig,
     dz: zstd::bulk::Decompressor<'static>,
-    chunk: Vec<u8>,
     xor: Vec<u8>,
 }
 
@@ -59,7 +58,6 @@ impl Decoder {
         Ok(Decoder {
             cfg,
             dz,
-            chunk: Vec::new(),
             xor: Vec::new(),
         })
     }
@@ -93,10 +91,7 @@ impl Decoder {
             self.xor = vec![0; page_size];
         }
 
-        let mut chunk = std::mem::take(&mut self.chunk);
-        let result = self.read_chunks(&mut r, &header, replica, &mut staged, &mut chunk);
-        self.chunk = chunk;
-        result?;
+        self.read_chunks(&mut r, &header, replica, &mut staged)?;
 
         let state = read_block(&mut r, "state blob", self.cfg.max_state_bytes)?;
         state.decode_into(&mut staged.state_blob, &mut self.dz, "state blob")?;
@@ -276,10 +271,12 @@ impl Decoder {
         h: &Header,
         replica: &S,
         staged: &mut StagedEpoch,
-        chunk: &mut Vec<u8>,
     ) -> Result<(), CodecError> {
         let mut records = 0u64;
         let mut predicted = 0u64;
+        // Decoded chunks are kept for the staged epoch: raw pages and delta
+        // runs are applied straight from them.
+        let mut chunks: Vec<Vec<u8>> = Vec::with_capacity((h.chunk_count as usize).min(1024));
         for _ in 0..h.chunk_count {
             let n = r.u32()?;
             records += u64::from(n);
@@ -289,10 +286,14 @@ impl Decoder {
                 ));
             }
             let block = read_block(r, "record chunk", MAX_CHUNK_RAW)?;
-            block.decode_into(chunk, &mut self.dz, "record chunk")?;
-            let mut cr = Reader::new(chunk, "page record");
+            let mut buf = Vec::new();
+            block.decode_into(&mut buf, &mut self.dz, "record chunk")?;
+            chunks.push(buf);
+            let cur = chunks.len() - 1;
+            let mut cr = Reader::new(&chunks[cur], "page record");
             for _ in 0..n {
-                predicted = self.read_record(&mut cr, h, replica, staged, predicted)?;
+                predicted =
+                    self.read_record(&mut cr, h, replica, staged, &chunks, cur, predicted)?;
             }
             if !cr.is_empty() {
                 return Err(CodecError::corrupt(
@@ -305,16 +306,21 @@ impl Decoder {
                 "chunk record counts disagree with header",
             ));
         }
+        staged.set_chunks(chunks);
         Ok(())
     }
 
-    /// Decodes one record into `staged`; returns the next predicted frame.
+    /// Decodes one record of chunk `cur` into `staged`; returns the next
+    /// predicted frame.
+    #[allow(clippy::too_many_arguments)]
     fn read_record<S: PageSource + ?Sized>(
         &mut self,
         r: &mut Reader<'_>,
         h: &Header,
         replica: &S,
         staged: &mut StagedEpoch,
+        chunks: &[Vec<u8>],
+        cur: usize,
         predicted: u64,
     ) -> Result<u64, CodecError> {
         let frames = replica.frame_count();
@@ -358,7 +364,7 @@ impl Decoder {
                     });
                 }
                 if staged.contains(src) {
-                    staged.push_copy_of_staged(frame, src, replica.page(src))?;
+                    staged.push_copy_of_staged(frame, src, replica.page(src), chunks)?;
                 } else if h.base().is_some() {
                     staged.push_page(frame, replica.page(src))?;
                 } else {
@@ -374,7 +380,8 @@ impl Decoder {
                     return Err(no_base("delta in an epoch without base"));
                 }
                 let n = payload_len(r)?;
-                staged.push_delta(frame, r.bytes(n)?)?;
+                let at = r.position();
+                staged.push_delta(frame, cur, at, r.bytes(n)?)?;
             }
             REC_DELTA_ZSTD => {
                 if h.base().is_none() {
@@ -395,8 +402,9 @@ impl Decoder {
                 staged.push_page(frame, &self.xor)?;
             }
             REC_FULL_RAW => {
-                let data = r.bytes(ps)?;
-                staged.push_page(frame, data)?;
+                let at = r.position();
+                r.bytes(ps)?;
+                staged.push_raw(frame, cur, at)?;
             }
             k => return Err(CodecError::corrupt(format!("unknown page record kind {k}"))),
         }

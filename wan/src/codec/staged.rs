@@ -10,15 +10,23 @@ use super::fasthash::{map_with_capacity, U64Map};
 use super::memory::{PageSink, PageSource};
 use super::rle::{apply_xor, check_runs};
 
-/// Where the new content of one staged frame lives.
+/// Where the new content of one staged frame lives. Raw pages and delta
+/// runs stay in the decoded chunks they arrived in: no copy before apply.
 #[derive(Debug, Clone, Copy)]
 enum Slot {
     Zero,
     /// Index of a whole page in `data`.
     Page(u32),
-    /// Verified XOR runs in `runs`, applied to the replica page in place.
+    /// A raw page at `chunks[chunk][at..at + page_size]`.
+    Raw {
+        chunk: u32,
+        at: usize,
+    },
+    /// Verified XOR runs at `chunks[chunk][at..at + len]`, applied to the
+    /// replica page in place.
     Delta {
-        start: usize,
+        chunk: u32,
+        at: usize,
         len: usize,
     },
 }
@@ -50,7 +58,7 @@ pub struct StagedEpoch {
     frames: Vec<u64>,
     slots: Vec<Slot>,
     data: Vec<u8>,
-    runs: Vec<u8>,
+    chunks: Vec<Vec<u8>>,
     index: U64Map<u32>,
     pub(crate) state_blob: Vec<u8>,
     pub(crate) disk_writes: Vec<DiskWrite>,
@@ -77,7 +85,7 @@ impl StagedEpoch {
             frames: Vec::with_capacity(n),
             slots: Vec::with_capacity(n),
             data: Vec::new(),
-            runs: Vec::new(),
+            chunks: Vec::new(),
             index: map_with_capacity(n),
             state_blob: Vec::new(),
             disk_writes: Vec::new(),
@@ -141,29 +149,52 @@ impl StagedEpoch {
         Ok(&mut self.data[at..at + self.page_size])
     }
 
-    /// Adds `frame` as XOR runs against its committed content. `runs` is
-    /// checked here, so that applying it later cannot fail.
-    pub(crate) fn push_delta(&mut self, frame: u64, runs: &[u8]) -> Result<(), CodecError> {
+    /// Adds `frame` as the raw page at `at` in decoded chunk `chunk`.
+    pub(crate) fn push_raw(
+        &mut self,
+        frame: u64,
+        chunk: usize,
+        at: usize,
+    ) -> Result<(), CodecError> {
+        self.register(
+            frame,
+            Slot::Raw {
+                chunk: chunk as u32,
+                at,
+            },
+        )
+    }
+
+    /// Adds `frame` as XOR runs against its committed content; the runs are
+    /// `runs`, found at `at` in decoded chunk `chunk`. They are checked here,
+    /// so that applying them later cannot fail.
+    pub(crate) fn push_delta(
+        &mut self,
+        frame: u64,
+        chunk: usize,
+        at: usize,
+        runs: &[u8],
+    ) -> Result<(), CodecError> {
         check_runs(runs, self.page_size)?;
-        let start = self.runs.len();
         self.register(
             frame,
             Slot::Delta {
-                start,
+                chunk: chunk as u32,
+                at,
                 len: runs.len(),
             },
-        )?;
-        self.runs.extend_from_slice(runs);
-        Ok(())
+        )
     }
 
     /// Adds `frame` with the content staged `src` has at this point of the
-    /// epoch; `src_committed` is the committed content of `src`.
+    /// epoch; `src_committed` is the committed content of `src`, `chunks` the
+    /// chunks decoded so far.
     pub(crate) fn push_copy_of_staged(
         &mut self,
         frame: u64,
         src: u64,
         src_committed: &[u8],
+        chunks: &[Vec<u8>],
     ) -> Result<(), CodecError> {
         let Some(&i) = self.index.get(&src) else {
             return Err(CodecError::BadReference {
@@ -172,21 +203,39 @@ impl StagedEpoch {
                 reason: "source not staged",
             });
         };
+        let ps = self.page_size;
+        let missing = || CodecError::corrupt("staged source outside its chunk");
         match self.slots[i as usize] {
             Slot::Zero => self.push_zero(frame),
             Slot::Page(p) => {
-                let slot = (self.data.len() / self.page_size) as u32;
+                let slot = (self.data.len() / ps) as u32;
                 self.register(frame, Slot::Page(slot))?;
-                let at = p as usize * self.page_size;
-                self.data.extend_from_within(at..at + self.page_size);
+                let at = p as usize * ps;
+                self.data.extend_from_within(at..at + ps);
                 Ok(())
             }
-            Slot::Delta { start, len } => {
-                let runs = self.runs[start..start + len].to_vec();
+            Slot::Raw { chunk, at } => {
+                let page = chunks
+                    .get(chunk as usize)
+                    .and_then(|c| c.get(at..at + ps))
+                    .ok_or_else(missing)?;
+                self.push_page(frame, page)?;
+                Ok(())
+            }
+            Slot::Delta { chunk, at, len } => {
+                let runs = chunks
+                    .get(chunk as usize)
+                    .and_then(|c| c.get(at..at + len))
+                    .ok_or_else(missing)?;
                 let page = self.push_page(frame, src_committed)?;
-                apply_xor(&runs, page)
+                apply_xor(runs, page)
             }
         }
+    }
+
+    /// Hands over the decoded chunks that `Raw` and `Delta` slots point into.
+    pub(crate) fn set_chunks(&mut self, chunks: Vec<Vec<u8>>) {
+        self.chunks = chunks;
     }
 
     /// Writes the epoch into `replica` and marks it committed.
@@ -227,10 +276,14 @@ impl StagedEpoch {
                     let at = p as usize * self.page_size;
                     replica.write_page(frame, &self.data[at..at + self.page_size]);
                 }
-                Slot::Delta { start, len } => {
+                Slot::Raw { chunk, at } => {
+                    let page = &self.chunks[chunk as usize][at..at + self.page_size];
+                    replica.write_page(frame, page);
+                }
+                Slot::Delta { chunk, at, len } => {
                     // Checked by push_delta against this page size.
-                    let applied =
-                        apply_xor(&self.runs[start..start + len], replica.page_mut(frame));
+                    let runs = &self.chunks[chunk as usize][at..at + len];
+                    let applied = apply_xor(runs, replica.page_mut(frame));
                     debug_assert!(applied.is_ok());
                 }
             }

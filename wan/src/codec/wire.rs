@@ -18,6 +18,11 @@ impl<'a> Reader<'a> {
         Reader { buf, pos: 0, what }
     }
 
+    /// Offset of the next byte to read.
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
     pub fn remaining(&self) -> usize {
         self.buf.len() - self.pos
     }
