@@ -19,6 +19,7 @@ tasks:
                  test of the workspace (cargo nextest); ends with the
                  runner's summary line
   demo           install what the demo needs and run it
+  guest-image    build the micro-VM guest programs into target/guest/
   fuzz [--seconds N]
                  run every cargo-fuzz target for N seconds (default 60)
   deps           only install the test dependencies";
@@ -35,6 +36,7 @@ fn main() -> ExitCode {
         "demo" => tasks::demo(rest),
         "fuzz" => tasks::fuzz(rest),
         "deps" => deps::install_test_deps(),
+        "guest-image" => tasks::guest_image().map(|_| ()),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;

@@ -57,22 +57,42 @@ pub fn test(args: &[String]) -> Result<()> {
         fuzz_all(fuzz_seconds)?;
     }
 
+    // Built once here rather than by the first test that needs them.
+    let guests = guest_image()?;
+
     eprintln!("xtask: doc tests");
     run(cargo().args(["test", "--workspace", "--doc", "--quiet"]))?;
 
     // Last, so the final lines are the runner's summary.
     eprintln!("xtask: cargo nextest run --workspace");
-    run(cargo().args([
-        "nextest",
-        "run",
-        "--workspace",
-        "--no-fail-fast",
-        "--profile",
-        "ci",
-    ]))
+    run(cargo()
+        .args([
+            "nextest",
+            "run",
+            "--workspace",
+            "--no-fail-fast",
+            "--profile",
+            "ci",
+        ])
+        .env(hypervisor::guest_build::GUEST_DIR_ENV, &guests))
+}
+
+/// Builds the guest programs the micro-VM runs into `target/guest/`.
+pub fn guest_image() -> Result<PathBuf> {
+    let out = root().join("target/guest");
+    eprintln!("xtask: building the guest images into {}", out.display());
+    let images = hypervisor::guest_build::install(&root().join("target/guest-build"), &out)
+        .context("building the guest images")?;
+    eprintln!(
+        "xtask: guest images: {} {}",
+        images.net.display(),
+        images.counter.display()
+    );
+    Ok(out)
 }
 
 pub fn demo(_args: &[String]) -> Result<()> {
+    guest_image()?;
     eprintln!("xtask: building and running the codec demo (release build)");
     run(cargo().args([
         "run",
