@@ -46,8 +46,12 @@ struct Bird {
 
 impl Bird {
     fn start(topo: &Topology, dir: &Path, password: Option<&str>) -> Bird {
+        Self::start_with(topo, dir, bird_config(dir, password))
+    }
+
+    fn start_with(topo: &Topology, dir: &Path, config: String) -> Bird {
         let conf = dir.join("bird.conf");
-        std::fs::write(&conf, bird_config(dir, password)).unwrap();
+        std::fs::write(&conf, config).unwrap();
         let sock = dir.join("bird.ctl").display().to_string();
         let mut b = Bird {
             peer_ns: topo.peer.clone(),
@@ -101,8 +105,21 @@ impl Bird {
         output_async(self.birdc(&["show", "protocols", "all", "remus"])).await
     }
 
+    async fn routes_of(&self, protocol: &str) -> String {
+        let mut s = String::new();
+        for t in ["master4", "master6"] {
+            s.push_str(
+                &output_async(
+                    self.birdc(&["show", "route", "all", "table", t, "protocol", protocol]),
+                )
+                .await,
+            );
+        }
+        s
+    }
+
     async fn diagnostics(&self) -> String {
-        let proto = self.protocol().await;
+        let proto = output_async(self.birdc(&["show", "protocols", "all"])).await;
         let log = std::fs::read_to_string(self.dir.join("bird.log")).unwrap_or_default();
         format!("{proto}\n--- bird.log ---\n{log}")
     }
@@ -260,6 +277,116 @@ fn bird_with_tcp_md5_and_clean_shutdown() {
         )
         .await;
         assert!(proto.contains("Received"), "{proto}");
+    });
+    drop(topo);
+}
+
+const IBGP_PEER_V4: &str = "192.0.2.3";
+/// Our source address towards the iBGP peer (BIRD tells its protocols
+/// apart by neighbor address).
+const IBGP_LOCAL_V4: &str = "192.0.2.4";
+
+fn two_protocol_config(dir: &Path) -> String {
+    format!(
+        r#"log "{log}" all;
+router id {PEER_V4};
+protocol device {{ scan time 1; }}
+protocol direct {{ ipv4; ipv6; }}
+protocol bgp remus_ext {{
+  local {PEER_V4} as {BIRD_AS};
+  neighbor {LOCAL_V4} as {OUR_AS};
+  passive on;
+  hold time 9;
+  connect retry time 1;
+  error wait time 1, 3;
+  ipv4 {{ import all; export none; }};
+  ipv6 {{ import all; export none; }};
+}}
+protocol bgp remus_int {{
+  local {IBGP_PEER_V4} as {OUR_AS};
+  neighbor {IBGP_LOCAL_V4} as {OUR_AS};
+  direct;
+  passive on;
+  hold time 9;
+  connect retry time 1;
+  error wait time 1, 3;
+  ipv4 {{ import all; export none; gateway direct; }};
+  ipv6 {{ import all; export none; gateway direct; }};
+}}
+"#,
+        log = dir.join("bird.log").display(),
+    )
+}
+
+#[test]
+fn one_speaker_ebgp_and_ibgp_peers_with_route_groups() {
+    if !preflight("one_speaker_ebgp_and_ibgp_peers", &["bird", "birdc", "ip"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let topo = Topology::new();
+    topo.add_peer_address(&format!("{IBGP_PEER_V4}/24"));
+    topo.add_local_address(&format!("{IBGP_LOCAL_V4}/24"));
+    let bird = Bird::start_with(&topo, dir.path(), two_protocol_config(dir.path()));
+    run_in_netns(&topo.local.clone(), move || async move {
+        let bird = bird;
+        let mut ebgp = PeerConfig::new(PEER_V4.parse().unwrap(), BIRD_AS);
+        ebgp.next_hop_v6 = Some(LOCAL_V6.parse().unwrap());
+        let mut ibgp = PeerConfig::new(IBGP_PEER_V4.parse().unwrap(), OUR_AS);
+        ibgp.next_hop_v6 = Some(LOCAL_V6.parse().unwrap());
+        ibgp.local_address = Some(IBGP_LOCAL_V4.parse().unwrap());
+        let speaker = Speaker::start(SpeakerConfig {
+            local_as: OUR_AS,
+            router_id: LOCAL_V4.parse().unwrap(),
+            hold_time_s: 9,
+            connect_retry: Duration::from_secs(1),
+            listen: None,
+            peers: vec![ebgp, ibgp],
+        })
+        .await
+        .unwrap();
+        let mut a = attrs();
+        a.local_pref = Some(250);
+        speaker.set_group_routes("web1", vec![Route::new(V4.parse().unwrap(), a.clone())]);
+        speaker.set_group_routes("web2", vec![Route::new(V6.parse().unwrap(), a.clone())]);
+        let check = |proto: &'static str| {
+            let b = &bird;
+            async move {
+                wait_until(proto, 120, Duration::from_millis(500), || async {
+                    let r = b.routes_of(proto).await;
+                    (
+                        r.contains(V4) && r.contains(V6),
+                        format!("{r}\n{}", b.diagnostics().await),
+                    )
+                })
+                .await
+            }
+        };
+        let e = check("remus_ext").await;
+        assert!(e.contains("BGP.as_path: 65000 65000 65000"), "{e}");
+        assert!(
+            !e.contains("BGP.local_pref: 250"),
+            "no LOCAL_PREF towards eBGP: {e}"
+        );
+        let i = check("remus_int").await;
+        assert!(i.contains("BGP.local_pref: 250"), "{i}");
+        assert!(!i.contains("65000 65000"), "no AS path inside the AS: {i}");
+        let st = speaker.status().await;
+        assert_eq!(st.peers.len(), 2);
+        assert!(
+            st.peers.iter().all(|p| p.state == State::Established),
+            "{st}"
+        );
+
+        // Removing one group withdraws only its prefix, on both sessions.
+        speaker.set_group_routes("web1", vec![]);
+        for proto in ["remus_ext", "remus_int"] {
+            wait_until(proto, 120, Duration::from_millis(500), || async {
+                let r = bird.routes_of(proto).await;
+                (!r.contains(V4) && r.contains(V6), r)
+            })
+            .await;
+        }
     });
     drop(topo);
 }

@@ -184,6 +184,7 @@ pub struct Speaker {
     local_as: u32,
     router_id: Ipv4Addr,
     peers: Vec<PeerHandle>,
+    groups: std::sync::Mutex<std::collections::BTreeMap<String, Vec<Route>>>,
     listener: Option<JoinHandle<()>>,
     listen_addr: Option<SocketAddr>,
 }
@@ -281,6 +282,7 @@ impl Speaker {
             local_as: cfg.local_as,
             router_id: cfg.router_id,
             peers,
+            groups: Default::default(),
             listener,
             listen_addr,
         })
@@ -291,11 +293,35 @@ impl Speaker {
         self.listen_addr
     }
 
-    /// Replaces the full set of announced routes on every session.
+    /// Replaces the full set of announced routes on every session (do not
+    /// mix with [`Speaker::set_group_routes`], which calls this with the
+    /// union of the groups).
     pub fn set_routes(&self, routes: Vec<Route>) {
         for p in &self.peers {
             let _ = p.tx.send(Cmd::SetRoutes(routes.clone()));
         }
+    }
+
+    /// Replaces the routes of one group (an opaque key chosen by the
+    /// caller, e.g. one per protected service) and announces the union of
+    /// all groups on every session. An empty list removes the group. When
+    /// two groups announce the same prefix, the group whose key sorts last
+    /// decides its attributes.
+    pub fn set_group_routes(&self, group: &str, routes: Vec<Route>) {
+        let union = {
+            let mut g = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+            if routes.is_empty() {
+                g.remove(group);
+            } else {
+                g.insert(group.to_owned(), routes);
+            }
+            let mut all: std::collections::BTreeMap<IpNet, Route> = Default::default();
+            for r in g.values().flatten() {
+                all.insert(r.prefix, r.clone());
+            }
+            all.into_values().collect::<Vec<_>>()
+        };
+        self.set_routes(union);
     }
 
     /// Adds or replaces these announcements on every session.

@@ -87,6 +87,8 @@ pub fn unique_tag() -> String {
 pub struct Topology {
     pub local: String,
     pub peer: String,
+    pub local_if: String,
+    pub peer_if: String,
 }
 
 pub const LOCAL_V4: &str = "192.0.2.1";
@@ -97,11 +99,13 @@ pub const PEER_V6: &str = "2001:db8::2";
 impl Topology {
     pub fn new() -> Self {
         let tag = unique_tag();
+        let (va, vb) = (format!("rwa{tag}"), format!("rwb{tag}"));
         let t = Topology {
             local: format!("rwl{tag}"),
             peer: format!("rwp{tag}"),
+            local_if: va.clone(),
+            peer_if: vb.clone(),
         };
-        let (va, vb) = (format!("rwa{tag}"), format!("rwb{tag}"));
         assert!(va.len() <= 15, "interface name too long: {va}");
         run(Command::new("ip").args(["netns", "add", &t.local]));
         run(Command::new("ip").args(["netns", "add", &t.peer]));
@@ -136,6 +140,24 @@ impl Topology {
             run(Command::new("ip").args(["-n", ns, "link", "set", dev, "up"]));
         }
         t
+    }
+
+    /// Adds one more address (`a.b.c.d/24`) on the peer side of the link.
+    pub fn add_peer_address(&self, cidr: &str) {
+        run(Command::new("ip").args(["-n", &self.peer, "addr", "add", cidr, "dev", &self.peer_if]));
+    }
+
+    /// Adds one more address (`a.b.c.d/24`) on our side of the link.
+    pub fn add_local_address(&self, cidr: &str) {
+        run(Command::new("ip").args([
+            "-n",
+            &self.local,
+            "addr",
+            "add",
+            cidr,
+            "dev",
+            &self.local_if,
+        ]));
     }
 
     /// A command run inside the peer namespace.
