@@ -9,6 +9,11 @@
 //!
 //! A fenced site (lost both its peer and the witness) withdraws everything:
 //! it must not attract traffic it cannot serve.
+//!
+//! AS-path prepending has no effect inside an AS (the AS path towards iBGP
+//! peers is empty), so the standby announcement also carries a LOCAL_PREF
+//! [`STANDBY_LOCAL_PREF_DROP`] below the active one (LOCAL_PREF is only
+//! sent to iBGP peers).
 
 use ipnet::IpNet;
 
@@ -16,6 +21,9 @@ use crate::bgp::route::{
     parse_community, parse_large_community, CommunityParseError, Route, RouteAttributes,
 };
 use crate::config::{AnnounceSettingsRaw, StandbyPolicy};
+
+/// How much lower the standby's LOCAL_PREF is than the active one's.
+pub const STANDBY_LOCAL_PREF_DROP: u32 = 50;
 
 /// The role of this site for one set of prefixes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +79,11 @@ pub fn routes_for(
         (Role::Standby, StandbyPolicy::Prepend) => {
             let mut a = announce.attributes.clone();
             a.prepend = a.prepend.saturating_add(standby_prepend);
+            a.local_pref = Some(
+                a.local_pref
+                    .unwrap_or(100)
+                    .saturating_sub(STANDBY_LOCAL_PREF_DROP),
+            );
             a
         }
         (Role::Standby, StandbyPolicy::None) | (Role::Down, _) => return Vec::new(),
@@ -106,6 +119,7 @@ mod tests {
         assert_eq!(a[0].attributes.communities, vec![(65000 << 16) | 100]);
         let sb = routes_for(Role::Standby, &p, &s, StandbyPolicy::Prepend, 6);
         assert_eq!(sb[0].attributes.prepend, 7);
+        assert_eq!(sb[0].attributes.local_pref, Some(150));
         assert!(routes_for(Role::Standby, &p, &s, StandbyPolicy::None, 6).is_empty());
         assert!(routes_for(Role::Down, &p, &s, StandbyPolicy::Prepend, 6).is_empty());
     }

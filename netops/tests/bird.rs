@@ -347,8 +347,15 @@ fn one_speaker_ebgp_and_ibgp_peers_with_route_groups() {
         .unwrap();
         let mut a = attrs();
         a.local_pref = Some(250);
-        speaker.set_group_routes("web1", vec![Route::new(V4.parse().unwrap(), a.clone())]);
-        speaker.set_group_routes("web2", vec![Route::new(V6.parse().unwrap(), a.clone())]);
+        speaker
+            .set_group_routes("web1", 7, vec![Route::new(V4.parse().unwrap(), a.clone())])
+            .unwrap();
+        speaker
+            .set_group_routes("web2", 3, vec![Route::new(V6.parse().unwrap(), a.clone())])
+            .unwrap();
+        // A decision taken under an older lease is refused.
+        let stale = speaker.set_group_routes("web1", 6, vec![]).unwrap_err();
+        assert_eq!(stale.current, 7);
         let check = |proto: &'static str| {
             let b = &bird;
             async move {
@@ -379,7 +386,7 @@ fn one_speaker_ebgp_and_ibgp_peers_with_route_groups() {
         );
 
         // Removing one group withdraws only its prefix, on both sessions.
-        speaker.set_group_routes("web1", vec![]);
+        speaker.set_group_routes("web1", 8, vec![]).unwrap();
         for proto in ["remus_ext", "remus_int"] {
             wait_until(proto, 120, Duration::from_millis(500), || async {
                 let r = bird.routes_of(proto).await;

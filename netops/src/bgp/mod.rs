@@ -11,4 +11,6 @@ pub mod wire;
 
 pub use route::{parse_community, parse_large_community, Route, RouteAttributes};
 pub use session::{Action, ConnId, PeerMode, Session, SessionConfig, SessionStatus, State};
-pub use speaker::{PeerConfig, PeerStatus, Speaker, SpeakerConfig, SpeakerError, SpeakerStatus};
+pub use speaker::{
+    PeerConfig, PeerStatus, Speaker, SpeakerConfig, SpeakerError, SpeakerStatus, StaleFencingToken,
+};

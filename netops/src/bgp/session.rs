@@ -24,7 +24,8 @@ use super::update::{decode_update, ReceiveContext};
 use super::wire::{self, code, Notification, OpenParams, PeerOpen, UpdateContext};
 
 /// Which side opens the TCP connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum PeerMode {
     /// We connect to the peer.
     Active,
@@ -64,7 +65,7 @@ pub enum ConnId {
 }
 
 /// RFC 4271 session states.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub enum State {
     Idle,
     Connect,
@@ -146,7 +147,7 @@ impl Conn {
 }
 
 /// Counters and facts for `bgp status`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct SessionStats {
     pub established_count: u64,
     pub updates_received: u64,

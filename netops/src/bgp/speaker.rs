@@ -69,6 +69,15 @@ pub struct SpeakerConfig {
     pub peers: Vec<PeerConfig>,
 }
 
+/// A route change under a fencing token older than one already applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("routes of {group:?} not changed: fencing token {token} is older than {current}")]
+pub struct StaleFencingToken {
+    pub group: String,
+    pub token: u64,
+    pub current: u64,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SpeakerError {
     #[error("invalid BGP configuration: {0}")]
@@ -86,7 +95,7 @@ pub enum SpeakerError {
 }
 
 /// Status of one peer, for `remus-wan bgp status`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct PeerStatus {
     pub address: IpAddr,
     pub remote_as: u32,
@@ -102,8 +111,8 @@ pub struct PeerStatus {
     pub stats: SessionStats,
 }
 
-/// Status of the whole speaker.
-#[derive(Debug, Clone)]
+/// Status of the whole speaker (serialisable for the status endpoint).
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct SpeakerStatus {
     pub local_as: u32,
     pub router_id: Ipv4Addr,
@@ -184,7 +193,7 @@ pub struct Speaker {
     local_as: u32,
     router_id: Ipv4Addr,
     peers: Vec<PeerHandle>,
-    groups: std::sync::Mutex<std::collections::BTreeMap<String, Vec<Route>>>,
+    groups: std::sync::Mutex<std::collections::BTreeMap<String, (u64, Vec<Route>)>>,
     listener: Option<JoinHandle<()>>,
     listen_addr: Option<SocketAddr>,
 }
@@ -304,24 +313,45 @@ impl Speaker {
 
     /// Replaces the routes of one group (an opaque key chosen by the
     /// caller, e.g. one per protected service) and announces the union of
-    /// all groups on every session. An empty list removes the group. When
-    /// two groups announce the same prefix, the group whose key sorts last
-    /// decides its attributes.
-    pub fn set_group_routes(&self, group: &str, routes: Vec<Route>) {
+    /// all groups on every session. An empty list removes the group's
+    /// routes. When two groups announce the same prefix, the group whose
+    /// key sorts last decides its attributes.
+    ///
+    /// `fencing_token` is the witness lease token the decision was taken
+    /// under: a call with a token lower than the last one accepted for the
+    /// group is refused, so a stale decision can never re-announce.
+    pub fn set_group_routes(
+        &self,
+        group: &str,
+        fencing_token: u64,
+        routes: Vec<Route>,
+    ) -> Result<(), StaleFencingToken> {
         let union = {
             let mut g = self.groups.lock().unwrap_or_else(|e| e.into_inner());
-            if routes.is_empty() {
-                g.remove(group);
-            } else {
-                g.insert(group.to_owned(), routes);
+            if let Some((last, _)) = g.get(group) {
+                if fencing_token < *last {
+                    warn!(
+                        group,
+                        fencing_token,
+                        last = *last,
+                        "stale fencing token: routes not changed"
+                    );
+                    return Err(StaleFencingToken {
+                        group: group.to_owned(),
+                        token: fencing_token,
+                        current: *last,
+                    });
+                }
             }
+            g.insert(group.to_owned(), (fencing_token, routes));
             let mut all: std::collections::BTreeMap<IpNet, Route> = Default::default();
-            for r in g.values().flatten() {
+            for r in g.values().flat_map(|(_, r)| r) {
                 all.insert(r.prefix, r.clone());
             }
             all.into_values().collect::<Vec<_>>()
         };
         self.set_routes(union);
+        Ok(())
     }
 
     /// Adds or replaces these announcements on every session.
