@@ -397,3 +397,39 @@ fn one_speaker_ebgp_and_ibgp_peers_with_route_groups() {
     });
     drop(topo);
 }
+
+#[test]
+fn bird_and_our_speaker_both_connect_collision_is_resolved() {
+    if !preflight(
+        "bird_and_our_speaker_both_connect",
+        &["bird", "birdc", "ip"],
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let topo = Topology::new();
+    // BIRD connects too (no `passive on`).
+    let config = bird_config(dir.path(), None).replace("  passive on;\n", "");
+    let bird = Bird::start_with(&topo, dir.path(), config);
+    run_in_netns(&topo.local.clone(), move || async move {
+        let bird = bird;
+        let mut cfg = speaker_config(None);
+        cfg.peers[0].mode = PeerMode::Both;
+        cfg.listen = Some(std::net::SocketAddr::new(LOCAL_V4.parse().unwrap(), 179));
+        let speaker = Speaker::start(cfg).await.unwrap();
+        speaker.set_routes(vec![Route::new(V4.parse().unwrap(), attrs())]);
+        bird.wait_routes("route over the surviving connection", |r| r.contains(V4))
+            .await;
+        let st = speaker.status().await;
+        assert_eq!(st.peers[0].state, State::Established, "{st}");
+        // Still one healthy session a few keepalive intervals later.
+        for _ in 0..8 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let r = bird.routes().await;
+            assert!(r.contains(V4), "{r}\n{}", bird.diagnostics().await);
+        }
+        let st = speaker.status().await;
+        assert_eq!(st.peers[0].state, State::Established, "{st}");
+    });
+    drop(topo);
+}
