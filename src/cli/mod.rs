@@ -4,7 +4,9 @@ mod certs;
 mod config;
 pub mod exit;
 mod logging;
+mod signals;
 mod vm;
+mod witness;
 
 use clap::{Parser, Subcommand};
 
@@ -26,9 +28,10 @@ its own part with --site. Start with `remus-wan certs init` on each party
 and `remus-wan config check`.";
 
 const AFTER_HELP: &str = "\
-Roles (arriving with their issues; not in this build yet):
+Roles:
+  witness                   arbitrate which site may run each VM (third site)
+Arriving with their issues (not in this build yet):
   standby --site dc2        hold the replica of the VMs backed up at dc2
-  witness                   arbitrate which site may run each VM
   protect web1 --site dc2   protect VM web1 towards site dc2
   status, switchover        observe; move a VM by plan with no loss
 
@@ -59,6 +62,9 @@ pub enum Command {
     /// Run a VM of the configuration on the built-in micro-VM (foreground).
     #[command(subcommand)]
     Vm(vm::VmCommand),
+    /// Run the witness: the third-site arbiter that grants each VM's lease
+    /// to one site at a time, with a fencing token that only grows.
+    Witness(witness::WitnessArgs),
 }
 
 impl Cli {
@@ -69,6 +75,7 @@ impl Cli {
             Command::Config(c) => c.run(),
             Command::Certs(c) => c.run(),
             Command::Vm(c) => c.run(),
+            Command::Witness(c) => c.run(),
         }
     }
 }

@@ -23,6 +23,45 @@ pub struct Config {
     pub vms: Vec<Vm>,
     #[serde(default)]
     pub netops: Netops,
+    #[serde(default)]
+    pub failover: Failover,
+}
+
+/// Failover timers (see docs/failover.md for the defaults' reasoning).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Failover {
+    pub heartbeat_ms: u64,
+    pub detection_timeout_ms: u64,
+    pub lease_ms: u64,
+    pub renew_ms: u64,
+    pub clock_margin_ms: u64,
+}
+
+impl Default for Failover {
+    fn default() -> Self {
+        let t = failover::Timers::default();
+        Self {
+            heartbeat_ms: t.heartbeat_interval.as_millis() as u64,
+            detection_timeout_ms: t.detection_timeout.as_millis() as u64,
+            lease_ms: t.lease.as_millis() as u64,
+            renew_ms: t.renew_interval.as_millis() as u64,
+            clock_margin_ms: t.clock_margin.as_millis() as u64,
+        }
+    }
+}
+
+impl Failover {
+    pub fn timers(&self) -> failover::Timers {
+        use std::time::Duration;
+        failover::Timers {
+            heartbeat_interval: Duration::from_millis(self.heartbeat_ms),
+            detection_timeout: Duration::from_millis(self.detection_timeout_ms),
+            lease: Duration::from_millis(self.lease_ms),
+            renew_interval: Duration::from_millis(self.renew_ms),
+            clock_margin: Duration::from_millis(self.clock_margin_ms),
+        }
+    }
 }
 
 /// Tuning of the checkpoint pipeline, shared by all protected VMs unless a

@@ -18,6 +18,7 @@ pub fn structure(cfg: &Config) -> Vec<Issue> {
     v.bgp(cfg);
     v.dns(cfg);
     v.hooks(cfg);
+    v.failover(cfg);
     v.issues
 }
 
@@ -497,6 +498,21 @@ impl Validator {
                 1,
                 3600,
             );
+        }
+    }
+
+    fn failover(&mut self, cfg: &Config) {
+        let f = &cfg.failover;
+        for (key, v) in [
+            ("failover.heartbeat_ms", f.heartbeat_ms),
+            ("failover.detection_timeout_ms", f.detection_timeout_ms),
+            ("failover.lease_ms", f.lease_ms),
+            ("failover.renew_ms", f.renew_ms),
+        ] {
+            self.range(key, v, 1, 600_000);
+        }
+        if let Err(e) = f.timers().validate() {
+            self.push("failover", format!("expected consistent timers: {e}"));
         }
     }
 

@@ -1,0 +1,217 @@
+//! `remus-wan witness`: the failover arbiter at the third site, serving
+//! the sites' lease requests over mutually authenticated QUIC.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use failover::{LeaseRecord, Message, SiteId, Timers, Witness, WitnessOutput};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+use wan::transport::{Connection, Endpoint, TlsPaths, TransportConfig, TransportError};
+
+use super::frame::{read_message, write_message};
+use super::store::{LeaseStore, LeaseStoreError, StoredLease};
+
+/// What the witness needs to run.
+#[derive(Debug, Clone)]
+pub struct WitnessOptions {
+    pub listen: SocketAddr,
+    pub tls: TlsPaths,
+    /// Site names, in configuration order (`SiteId(i + 1)` is `sites[i]`).
+    pub sites: Vec<String>,
+    pub timers: Timers,
+    /// Where the lease records live.
+    pub state_dir: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WitnessError {
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error(transparent)]
+    Store(#[from] LeaseStoreError),
+}
+
+struct Shared {
+    witness: Witness,
+    store: LeaseStore,
+    sites: Vec<String>,
+    /// The current connection of each site, to push messages to it.
+    outbox: HashMap<SiteId, mpsc::UnboundedSender<(String, Message)>>,
+}
+
+impl Shared {
+    fn id_of(&self, name: &str) -> Option<SiteId> {
+        self.sites
+            .iter()
+            .position(|s| s == name)
+            .map(|i| SiteId(i as u32 + 1))
+    }
+
+    fn name_of(&self, id: SiteId) -> Option<&str> {
+        self.sites
+            .get((id.0 as usize).checked_sub(1)?)
+            .map(String::as_str)
+    }
+
+    /// Feeds one message to the arbiter; persists before anything is sent.
+    fn handle(&mut self, vm: &str, from: SiteId, msg: Message) {
+        let outputs = self.witness.handle(vm, from, msg, Instant::now());
+        for o in outputs {
+            match o {
+                WitnessOutput::Persist { vm, record } => {
+                    let holder = record
+                        .holder
+                        .and_then(|h| self.name_of(h))
+                        .map(str::to_owned);
+                    let stored = StoredLease {
+                        holder,
+                        token: record.token,
+                    };
+                    if let Err(e) = self.store.put(&vm, stored) {
+                        // A grant that is not durable must not be announced.
+                        warn!(error = %e, vm, "cannot persist a lease: reply withheld");
+                        return;
+                    }
+                }
+                WitnessOutput::Send { to, msg } => {
+                    if let Some(tx) = self.outbox.get(&to) {
+                        let _ = tx.send((vm.to_owned(), msg));
+                    }
+                }
+            }
+        }
+    }
+}
+
+pub struct WitnessServer {
+    endpoint: Endpoint,
+    shared: Arc<Mutex<Shared>>,
+}
+
+impl WitnessServer {
+    /// Binds the endpoint and recovers the lease records.
+    pub fn bind(opts: WitnessOptions) -> Result<Self, WitnessError> {
+        let store = LeaseStore::open(&opts.state_dir)?;
+        let records: Vec<(String, LeaseRecord)> = store
+            .leases()
+            .iter()
+            .map(|(vm, l)| {
+                let holder = l.holder.as_ref().and_then(|h| {
+                    opts.sites
+                        .iter()
+                        .position(|s| s == h)
+                        .map(|i| SiteId(i as u32 + 1))
+                });
+                (
+                    vm.clone(),
+                    LeaseRecord {
+                        holder,
+                        token: l.token,
+                    },
+                )
+            })
+            .collect();
+        if !records.is_empty() {
+            info!(
+                leases = records.len(),
+                "witness recovered its lease records; no lease changes hands for one lease period"
+            );
+        }
+        let witness = Witness::recover(opts.timers, records, Instant::now());
+        let mut cfg = TransportConfig::new(opts.tls.clone());
+        cfg.allowed_clients = opts.sites.clone();
+        let endpoint = Endpoint::bind(opts.listen, cfg)?;
+        info!(addr = %endpoint.local_addr()?, "witness listening");
+        Ok(Self {
+            endpoint,
+            shared: Arc::new(Mutex::new(Shared {
+                witness,
+                store,
+                sites: opts.sites,
+                outbox: HashMap::new(),
+            })),
+        })
+    }
+
+    pub fn local_addr(&self) -> Result<SocketAddr, WitnessError> {
+        Ok(self.endpoint.local_addr()?)
+    }
+
+    /// Current lease of a VM: (holder site, token).
+    pub fn lease(&self, vm: &str) -> Option<(Option<String>, u64)> {
+        let s = self.shared.lock().ok()?;
+        let r = s.witness.record(vm)?;
+        Some((
+            r.holder.and_then(|h| s.name_of(h)).map(str::to_owned),
+            r.token,
+        ))
+    }
+
+    /// Serves until `shutdown` completes.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                conn = self.endpoint.accept() => match conn {
+                    Ok(conn) => {
+                        let shared = self.shared.clone();
+                        tokio::spawn(serve_connection(conn, shared));
+                    }
+                    Err(TransportError::Closed) => break,
+                    Err(e) => warn!(error = %e, "witness refused a connection"),
+                }
+            }
+        }
+        info!("witness shutting down");
+        self.endpoint.close();
+    }
+}
+
+async fn serve_connection(conn: Connection, shared: Arc<Mutex<Shared>>) {
+    let Some(site) = conn.peer_site().map(str::to_owned) else {
+        warn!("connection without a site identity closed");
+        return;
+    };
+    let Some(id) = shared.lock().ok().and_then(|s| s.id_of(&site)) else {
+        warn!(
+            site,
+            "connection from a site not in the configuration closed"
+        );
+        return;
+    };
+    info!(site, "site connected to the witness");
+    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+        let (tx, mut rx) = mpsc::unbounded_channel::<(String, Message)>();
+        if let Ok(mut s) = shared.lock() {
+            s.outbox.insert(id, tx);
+        }
+        let writer = tokio::spawn(async move {
+            while let Some((vm, msg)) = rx.recv().await {
+                if write_message(&mut send, &vm, &msg).await.is_err() {
+                    break;
+                }
+            }
+        });
+        loop {
+            match read_message(&mut recv).await {
+                Ok(Some((vm, msg))) => {
+                    if let Ok(mut s) = shared.lock() {
+                        s.handle(&vm, id, msg);
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    warn!(site, error = %e, "bad message from site: closing its stream");
+                    break;
+                }
+            }
+        }
+        writer.abort();
+    }
+    info!(site, "site disconnected from the witness");
+}
