@@ -10,13 +10,22 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-/// Checks that we are root and that the binaries exist. Panics with a clear
-/// message when not, unless `REMUS_WAN_ALLOW_SKIP=1` (then prints a skip
-/// notice and returns false).
+/// Checks that we are root (network namespaces) and that the binaries
+/// exist. Panics with a clear message when not, unless
+/// `REMUS_WAN_ALLOW_SKIP=1` (then prints a skip notice and returns false).
 pub fn preflight(test: &str, binaries: &[&str]) -> bool {
+    preflight_with(test, binaries, true)
+}
+
+/// [`preflight`] for tests that need no network namespace.
+pub fn preflight_no_root(test: &str, binaries: &[&str]) -> bool {
+    preflight_with(test, binaries, false)
+}
+
+fn preflight_with(test: &str, binaries: &[&str], needs_root: bool) -> bool {
     let mut missing = Vec::new();
     // SAFETY: geteuid cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
+    if needs_root && unsafe { libc::geteuid() } != 0 {
         missing.push("root (network namespaces)".to_string());
     }
     for b in binaries {
