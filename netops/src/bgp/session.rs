@@ -110,6 +110,9 @@ pub enum Action {
     },
 }
 
+/// Received prefixes remembered per session (beyond that they are counted).
+pub const MAX_TRACKED_RECEIVED: usize = 100_000;
+
 /// Hold time used before the OPENs are exchanged (RFC 4271 suggests 4 min).
 const LARGE_HOLD: Duration = Duration::from_secs(240);
 
@@ -155,6 +158,8 @@ pub struct SessionStats {
     pub attributes_discarded: u64,
     pub notifications_sent: u64,
     pub notifications_received: u64,
+    /// Announcements received beyond [`MAX_TRACKED_RECEIVED`].
+    pub received_not_tracked: u64,
 }
 
 /// A snapshot of a session for status displays.
@@ -815,7 +820,14 @@ impl Session {
                     self.rib_in.remove(w);
                 }
                 for a in &u.announced {
-                    self.rib_in.insert(*a);
+                    // We only count what the peer sends (it should send
+                    // nothing); a peer exporting a full table must not
+                    // cost unbounded memory, nor tear the session down.
+                    if self.rib_in.len() < MAX_TRACKED_RECEIVED {
+                        self.rib_in.insert(*a);
+                    } else if !self.rib_in.contains(a) {
+                        self.stats.received_not_tracked += 1;
+                    }
                 }
                 if !u.announced.is_empty() || !u.withdrawn.is_empty() {
                     self.actions.push_back(Action::Routes {
