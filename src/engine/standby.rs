@@ -1,0 +1,279 @@
+//! `remus-wan standby`: holds the replica of a VM and commits each epoch
+//! all-or-nothing before acknowledging it.
+//!
+//! Epochs arrive from the replication receiver fully staged. Each one is
+//! decoded against the replica (verifying checksum, bounds and base),
+//! journaled and applied ([`ReplicaStore::commit`]), and only then
+//! acknowledged. A refused epoch is reported to the sender, which resends
+//! what is missing (a full resync when it must); the replica keeps its last
+//! committed epoch.
+//!
+//! A full resync never destroys the replica it replaces: it is built in
+//! `<vm>.resync/` and swapped in (one rename) only when it has reached a
+//! consistent checkpoint. An epoch whose state blob is empty is a pre-copy
+//! round (pages only, taken while the guest ran); one with state is a
+//! checkpoint the VM can resume from.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+use wan::codec::{Decoder, DecoderConfig};
+use wan::session::{EpochKind, ReceiverConfig, ReceiverEvent};
+use wan::transport::replication::{spawn_receiver, QuicListener};
+use wan::transport::{Endpoint, TlsPaths, TransportConfig};
+
+use crate::replica::{ReplicaStore, StoreError};
+
+#[derive(Debug, Clone)]
+pub struct StandbyOptions {
+    /// This (backup) site.
+    pub site: String,
+    /// The primary site allowed to replicate to us.
+    pub primary: String,
+    pub vm: String,
+    pub listen: std::net::SocketAddr,
+    pub tls: TlsPaths,
+    /// Replica folder of this VM (`<state>/<vm>`).
+    pub replica_dir: PathBuf,
+    pub page_size: usize,
+    pub frames: u64,
+    pub disk_bytes: u64,
+    pub max_epoch_bytes: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StandbyError {
+    #[error(transparent)]
+    Transport(#[from] wan::transport::TransportError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot swap in the resynchronised replica: {0}")]
+    Swap(std::io::Error),
+}
+
+/// Counters the standby reports (status, metrics, tests).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StandbyStats {
+    pub committed_epoch: Option<u64>,
+    pub epochs_committed: u64,
+    pub epochs_rejected: u64,
+    pub bytes_received: u64,
+    pub consistent: bool,
+}
+
+/// The replica being fed: the live one, or one under resync beside it.
+struct Target {
+    live: Option<ReplicaStore>,
+    resync: Option<ReplicaStore>,
+}
+
+pub struct Standby {
+    opts: StandbyOptions,
+    target: Target,
+    decoder: Decoder,
+    pub stats: StandbyStats,
+}
+
+impl Standby {
+    /// Opens (recovering) the replica, or notes that none exists yet.
+    pub fn open(opts: StandbyOptions) -> Result<Self, StandbyError> {
+        let live = if opts.replica_dir.join("meta.json").exists() {
+            match ReplicaStore::open(&opts.replica_dir) {
+                Ok(s) => Some(s),
+                Err(StoreError::NeedsResync { reason, .. }) => {
+                    warn!(vm = %opts.vm, reason, "replica unusable: waiting for a full resync");
+                    None
+                }
+                Err(e) => return Err(e.into()),
+            }
+        } else {
+            None
+        };
+        let mut stats = StandbyStats::default();
+        if let Some(l) = &live {
+            stats.committed_epoch = l.meta().epoch;
+            stats.consistent = l.meta().consistent;
+            info!(vm = %opts.vm, epoch = ?l.meta().epoch, consistent = l.meta().consistent, "replica recovered");
+        }
+        let decoder = Decoder::new(DecoderConfig {
+            max_epoch_bytes: opts.max_epoch_bytes,
+            ..DecoderConfig::default()
+        })
+        .map_err(StoreError::Codec)?;
+        Ok(Self {
+            opts,
+            target: Target { live, resync: None },
+            decoder,
+            stats,
+        })
+    }
+
+    /// The last committed epoch of the live replica (what HELLO reports).
+    pub fn committed(&self) -> u64 {
+        self.target
+            .live
+            .as_ref()
+            .and_then(|s| s.meta().epoch)
+            .unwrap_or(0)
+    }
+
+    fn resync_dir(&self) -> PathBuf {
+        let mut name = self
+            .opts
+            .replica_dir
+            .file_name()
+            .map(|n| n.to_os_string())
+            .unwrap_or_default();
+        name.push(".resync");
+        self.opts.replica_dir.with_file_name(name)
+    }
+
+    /// Verifies and commits one epoch; returns whether to acknowledge it.
+    pub fn apply(&mut self, epoch: u64, kind: EpochKind, payload: &[u8]) -> Result<(), String> {
+        self.stats.bytes_received += payload.len() as u64;
+        if kind == EpochKind::Full {
+            let dir = self.resync_dir();
+            info!(vm = %self.opts.vm, epoch, "full resync begins (the current replica stays until it completes)");
+            let store = ReplicaStore::create(
+                &dir,
+                &self.opts.vm,
+                self.opts.page_size,
+                self.opts.frames,
+                self.opts.disk_bytes,
+            )
+            .map_err(|e| e.to_string())?;
+            self.target.resync = Some(store);
+        }
+        let result = {
+            let store = match (&mut self.target.resync, &mut self.target.live) {
+                (Some(r), _) => r,
+                (None, Some(l)) => l,
+                (None, None) => {
+                    return Err(format!(
+                        "epoch {epoch} is a delta but this standby holds no replica: a full resync is needed"
+                    ))
+                }
+            };
+            self.decoder
+                .decode(payload, &*store)
+                .map_err(|e| e.to_string())
+                .and_then(|staged| {
+                    let consistent = !staged.state_blob().is_empty();
+                    store
+                        .commit(staged, 0, consistent || store.meta().consistent)
+                        .map(|e| (e, consistent))
+                        .map_err(|e| e.to_string())
+                })
+        };
+        match result {
+            Ok((committed, consistent)) => {
+                if consistent && self.target.resync.is_some() {
+                    self.swap_in_resync().map_err(|e| e.to_string())?;
+                }
+                self.stats.committed_epoch = Some(committed);
+                self.stats.epochs_committed += 1;
+                self.stats.consistent = self
+                    .target
+                    .live
+                    .as_ref()
+                    .is_some_and(|l| l.meta().consistent);
+                Ok(())
+            }
+            Err(e) => {
+                self.stats.epochs_rejected += 1;
+                warn!(vm = %self.opts.vm, epoch, error = %e, "epoch refused; the replica keeps its last committed epoch");
+                Err(e)
+            }
+        }
+    }
+
+    fn swap_in_resync(&mut self) -> Result<(), StandbyError> {
+        let Some(store) = self.target.resync.take() else {
+            return Ok(());
+        };
+        let from = store.dir().to_owned();
+        drop(store);
+        self.target.live = None;
+        let old = self.opts.replica_dir.with_extension("old");
+        let _ = std::fs::remove_dir_all(&old);
+        if self.opts.replica_dir.exists() {
+            std::fs::rename(&self.opts.replica_dir, &old).map_err(StandbyError::Swap)?;
+        }
+        std::fs::rename(&from, &self.opts.replica_dir).map_err(StandbyError::Swap)?;
+        let _ = std::fs::remove_dir_all(&old);
+        self.target.live = Some(ReplicaStore::open(&self.opts.replica_dir)?);
+        info!(vm = %self.opts.vm, "resynchronised replica is consistent: it is now the replica");
+        Ok(())
+    }
+
+    /// The live replica (for activation).
+    pub fn replica(&self) -> Option<&ReplicaStore> {
+        self.target.live.as_ref()
+    }
+}
+
+/// The standby's QUIC endpoint: only the VM's primary site may connect.
+pub fn bind(opts: &StandbyOptions) -> Result<Endpoint, StandbyError> {
+    let mut cfg = TransportConfig::new(opts.tls.clone());
+    cfg.allowed_clients = vec![opts.primary.clone()];
+    Ok(Endpoint::bind(opts.listen, cfg)?)
+}
+
+/// Runs the standby on `endpoint` until `shutdown`; returns its final
+/// statistics.
+pub async fn run(
+    opts: StandbyOptions,
+    endpoint: Endpoint,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<StandbyStats, StandbyError> {
+    let mut standby = Standby::open(opts.clone())?;
+    info!(vm = %opts.vm, addr = %endpoint.local_addr()?, "standby listening");
+    let mut rcfg = ReceiverConfig::new(opts.site.clone(), opts.vm.clone());
+    rcfg.max_epoch_size = opts.max_epoch_bytes;
+    let (handle, mut events) = spawn_receiver(
+        QuicListener::new(endpoint.clone()),
+        rcfg,
+        standby.committed(),
+    );
+    tokio::pin!(shutdown);
+    let mut last_log = Instant::now();
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            ev = events.recv() => {
+                let Some(ev) = ev else { break };
+                match ev {
+                    ReceiverEvent::Hello { site, vm_id, last_committed } => {
+                        info!(peer = %site, vm = %vm_id, last_committed, "primary connected");
+                    }
+                    ReceiverEvent::Epoch { epoch, kind, payload } => {
+                        match standby.apply(epoch, kind, &payload) {
+                            Ok(()) => {
+                                if handle.commit(epoch).await.is_err() {
+                                    break;
+                                }
+                            }
+                            Err(e) => handle.reject(epoch, &e).await,
+                        }
+                        if last_log.elapsed() > Duration::from_secs(10) {
+                            last_log = Instant::now();
+                            info!(vm = %opts.vm, stats = ?standby.stats, "standby progress");
+                        }
+                    }
+                    ReceiverEvent::Close { error } => {
+                        warn!(vm = %opts.vm, %error, "replication connection closed");
+                    }
+                }
+            }
+        }
+    }
+    handle.close().await;
+    endpoint.close();
+    Ok(standby.stats.clone())
+}
+
+/// Where a VM's replica lives under the standby's state folder.
+pub fn replica_dir(state_dir: &Path, vm: &str) -> PathBuf {
+    state_dir.join("replicas").join(vm)
+}
