@@ -25,6 +25,10 @@ async fn read_msg(s: &mut TcpStream) -> Vec<u8> {
 /// Accepts the speaker, exchanges OPEN/KEEPALIVE; returns the stream once
 /// Established from the speaker's point of view.
 async fn establish(l: &TcpListener) -> TcpStream {
+    establish_with_hold(l, 30).await
+}
+
+async fn establish_with_hold(l: &TcpListener, hold_time: u16) -> TcpStream {
     let (mut s, _) = tokio::time::timeout(Duration::from_secs(30), l.accept())
         .await
         .expect("speaker connects within 30 s")
@@ -33,7 +37,7 @@ async fn establish(l: &TcpListener) -> TcpStream {
     assert_eq!(open[18], wire::MSG_OPEN);
     s.write_all(&wire::encode_open(&OpenParams {
         local_as: 65001,
-        hold_time: 30,
+        hold_time,
         router_id: "10.9.9.9".parse().unwrap(),
     }))
     .await
@@ -137,4 +141,40 @@ async fn malformed_messages_never_crash_the_speaker() {
     })
     .await;
     speaker.shutdown().await;
+}
+
+#[tokio::test]
+async fn silent_peer_gets_hold_timer_expired() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut peer = PeerConfig::new("127.0.0.1".parse().unwrap(), 65001);
+    peer.port = l.local_addr().unwrap().port();
+    let speaker = Speaker::start(SpeakerConfig {
+        local_as: 65000,
+        router_id: "10.0.0.1".parse().unwrap(),
+        hold_time_s: 30,
+        connect_retry: Duration::from_secs(1),
+        listen: None,
+        peers: vec![peer],
+    })
+    .await
+    .unwrap();
+    // The peer proposes 3 s and then says nothing more.
+    let mut s = establish_with_hold(&l, 3).await;
+    let mut keepalives = 0;
+    let n = loop {
+        let m = read_msg(&mut s).await;
+        match m[18] {
+            wire::MSG_KEEPALIVE => keepalives += 1,
+            wire::MSG_NOTIFICATION => break m,
+            _ => {}
+        }
+    };
+    assert_eq!((n[19], n[20]), (4, 0), "hold timer expired");
+    assert!(keepalives >= 1, "keepalives every hold/3 before that");
+    wait_status(&speaker, "hold timer expiry reported", |p| {
+        p.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("hold timer expired"))
+    })
+    .await;
 }
