@@ -82,8 +82,7 @@ pub trait ProtectedGuest: Send {
     /// guest writes; such frames are dirty again in the next round, and
     /// the final [`ProtectedGuest::checkpoint`] carries their settled
     /// contents. `max_frames` bounds one round's copy.
-    fn precopy_round(&mut self, max_frames: usize, out: &mut Checkpoint)
-        -> Result<(), GuestError>;
+    fn precopy_round(&mut self, max_frames: usize, out: &mut Checkpoint) -> Result<(), GuestError>;
 
     /// Pauses the guest (vCPUs and device workers), calls `at_pause` (the
     /// epoch boundary: nothing the guest does after it belongs to the

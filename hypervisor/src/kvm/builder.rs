@@ -8,7 +8,7 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{ByteValued, Bytes, GuestAddress};
 
 use super::abi::{self, BootInfo, MmioWindow};
-use super::arch::{cpuid, gdt, layout, paging, regs};
+use super::arch::{cpuid, gdt, layout, paging, regs, snapshot};
 use super::devices::block::Block;
 use super::devices::bus::MmioBus;
 use super::devices::console::Console;
@@ -22,6 +22,7 @@ use super::kick;
 use super::loader;
 use super::memory::{self, GuestMemoryMmap};
 use super::spec::{Seams, VmSpec};
+use super::state::{VcpuState, VmState};
 use super::vcpu;
 use super::vm::{Shared, Vm};
 
@@ -111,8 +112,75 @@ fn setup_vcpu(kvm: &Kvm, vm: &VmFd, index: u8, entry: u64, stack_top: u64) -> Re
     Ok(vcpu)
 }
 
+/// How the VM's memory and vCPUs get their first contents.
+enum Boot<'a> {
+    /// Load the guest image and enter it.
+    Fresh,
+    /// Continue a checkpointed VM: its full memory image and state.
+    Restore {
+        memory: &'a [u8],
+        state: &'a VmState,
+    },
+}
+
 /// Builds the VM described by `spec` and starts its vCPUs.
 pub fn start(spec: &VmSpec, seams: Seams) -> Result<Vm> {
+    build(spec, seams, Boot::Fresh)
+}
+
+/// Builds a VM from a committed replica and runs it: `memory_image` is the
+/// guest's whole RAM (`memory.img`), `state` the blob of the same
+/// checkpoint (`state.bin`), and `spec` the VM's description on this site
+/// (its disk is the replica's `disk.img`; its tap is created or attached in
+/// the calling thread's network namespace). The blob is decoded and checked
+/// against `spec` and the image before anything is created: a corrupt,
+/// truncated or mismatched blob is an error ([`Error::State`] or
+/// [`Error::Restore`]) and nothing was touched.
+pub fn restore(spec: &VmSpec, memory_image: &[u8], state: &[u8], seams: Seams) -> Result<Vm> {
+    let state = VmState::decode(state)?;
+    let ram = validate(spec)?;
+    let mismatch = |what: String| Err(Error::Restore(what));
+    if memory_image.len() as u64 != ram || state.mem_size != ram {
+        return mismatch(format!(
+            "memory image has {} bytes, state says {}, the VM has {ram}",
+            memory_image.len(),
+            state.mem_size
+        ));
+    }
+    if state.vcpus.len() != usize::from(spec.vcpus) {
+        return mismatch(format!(
+            "state has {} vCPUs, the VM has {}",
+            state.vcpus.len(),
+            spec.vcpus
+        ));
+    }
+    if state.net.is_some() != spec.network.is_some() || state.block.is_some() != spec.disk.is_some()
+    {
+        return mismatch("the saved devices differ from the VM's (network, disk)".into());
+    }
+    build(
+        spec,
+        seams,
+        Boot::Restore {
+            memory: memory_image,
+            state: &state,
+        },
+    )
+}
+
+fn restore_vcpu(kvm: &Kvm, vm: &VmFd, s: &VcpuState) -> Result<VcpuFd> {
+    let index = s.index as u8;
+    let vcpu = vm
+        .create_vcpu(u64::from(index))
+        .map_err(Error::kvm("KVM_CREATE_VCPU"))?;
+    let cpuid = cpuid::for_vcpu(kvm, index).map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))?;
+    vcpu.set_cpuid2(&cpuid)
+        .map_err(Error::kvm("KVM_SET_CPUID2"))?;
+    snapshot::apply(&vcpu, s)?;
+    Ok(vcpu)
+}
+
+fn build(spec: &VmSpec, seams: Seams, boot: Boot<'_>) -> Result<Vm> {
     let started = Instant::now();
     let ram = validate(spec)?;
     kick::install().map_err(Error::io("installing the vCPU kick signal handler"))?;
@@ -124,17 +192,27 @@ pub fn start(spec: &VmSpec, seams: Seams) -> Result<Vm> {
         .set_tss_address(0xfffb_d000)
         .map_err(Error::kvm("KVM_SET_TSS_ADDR"))?;
     let mem = memory::create(&vm_fd, ram)?;
-    write_fixed_area(&mem)?;
-    let image = loader::load(&spec.guest_image, &mem, ram)?;
-    let stacks = u64::from(spec.vcpus) * abi::STACK_SIZE;
-    if image.end + MIN_HEAP > ram - stacks {
-        return Err(Error::Spec(format!(
-            "memory_mib {} is too small for the image ({:#x} bytes) plus heap and {} stacks",
-            spec.memory_mib, image.end, spec.vcpus
-        )));
-    }
+    let entry = match boot {
+        Boot::Fresh => {
+            write_fixed_area(&mem)?;
+            let image = loader::load(&spec.guest_image, &mem, ram)?;
+            let stacks = u64::from(spec.vcpus) * abi::STACK_SIZE;
+            if image.end + MIN_HEAP > ram - stacks {
+                return Err(Error::Spec(format!(
+                    "memory_mib {} is too small for the image ({:#x} bytes) plus heap and {} stacks",
+                    spec.memory_mib, image.end, spec.vcpus
+                )));
+            }
+            image.entry
+        }
+        Boot::Restore { memory, .. } => {
+            mem.write_slice(memory, GuestAddress(0))
+                .map_err(|e| Error::Memory(e.to_string()))?;
+            0
+        }
+    };
 
-    let console = Console::new(
+    let mut console = Console::new(
         &spec.name,
         spec.console.log_file.as_deref(),
         spec.console.to_terminal,
@@ -148,11 +226,14 @@ pub fn start(spec: &VmSpec, seams: Seams) -> Result<Vm> {
     let mut bus = MmioBus::default();
     let mut windows = Vec::new();
     let mut next_window = abi::MMIO_BASE;
+    let mut transports = Vec::new();
     let mut add_window = |device_id: u32, transport: MmioTransport, bus: &mut MmioBus| {
         let base = next_window;
         next_window += abi::MMIO_SIZE;
-        bus.insert(base, abi::MMIO_SIZE, Arc::new(Mutex::new(transport)))
+        let transport = Arc::new(Mutex::new(transport));
+        bus.insert(base, abi::MMIO_SIZE, transport.clone())
             .map_err(Error::Spec)?;
+        transports.push((device_id, transport));
         windows.push(MmioWindow {
             base,
             size: abi::MMIO_SIZE,
@@ -164,6 +245,7 @@ pub fn start(spec: &VmSpec, seams: Seams) -> Result<Vm> {
 
     let mut net_dev = None;
     let mut tap_dev = None;
+    let mut tap_for_vm = None;
     if let Some(n) = &spec.network {
         let tap = Tap::open(&n.tap).map_err(|source| Error::Tap {
             name: n.tap.clone(),
@@ -180,6 +262,7 @@ pub fn start(spec: &VmSpec, seams: Seams) -> Result<Vm> {
             &mut bus,
         )?;
         net_dev = Some(dev);
+        tap_for_vm = Some(tap.clone());
         tap_dev = Some(tap);
     }
     let mut block_dev = None;
@@ -199,11 +282,36 @@ pub fn start(spec: &VmSpec, seams: Seams) -> Result<Vm> {
     }
 
     let mut vcpus = Vec::new();
-    for i in 0..spec.vcpus {
-        let top = ram - u64::from(i) * abi::STACK_SIZE;
-        vcpus.push(setup_vcpu(&kvm, &vm_fd, i, image.entry, top)?);
+    let mut parked = vec![false; usize::from(spec.vcpus)];
+    let tsc_khz;
+    match boot {
+        Boot::Fresh => {
+            for i in 0..spec.vcpus {
+                let top = ram - u64::from(i) * abi::STACK_SIZE;
+                vcpus.push(setup_vcpu(&kvm, &vm_fd, i, entry, top)?);
+            }
+            tsc_khz = vcpus[0].get_tsc_khz().unwrap_or(0);
+        }
+        Boot::Restore { state, .. } => {
+            restore_devices(state, &mem, &mut console, &transports, &net_dev, &block_dev)
+                .map_err(Error::Restore)?;
+            for s in &state.vcpus {
+                vcpus.push(restore_vcpu(&kvm, &vm_fd, s)?);
+                parked[s.index as usize] = s.parked;
+            }
+            if let Some(c) = state.clock {
+                let clock = kvm_bindings::kvm_clock_data {
+                    clock: c.clock,
+                    ..Default::default()
+                };
+                if let Err(e) = vm_fd.set_clock(&clock) {
+                    tracing::debug!("KVM clock not restored: {e}");
+                }
+            }
+            tsc_khz = state.tsc_khz;
+        }
     }
-    let tsc_khz = vcpus[0].get_tsc_khz().unwrap_or(0);
+    let msrs = snapshot::readable_msrs(&kvm, &vcpus[0])?;
 
     let mut info = BootInfo {
         magic: abi::BOOT_MAGIC,
@@ -228,10 +336,17 @@ pub fn start(spec: &VmSpec, seams: Seams) -> Result<Vm> {
             info.has_gateway = 1;
         }
     }
-    mem.write_obj(BootInfoBytes(info), GuestAddress(abi::BOOT_INFO))
-        .map_err(|e| Error::Memory(e.to_string()))?;
+    if let Boot::Fresh = boot {
+        mem.write_obj(BootInfoBytes(info), GuestAddress(abi::BOOT_INFO))
+            .map_err(|e| Error::Memory(e.to_string()))?;
+    }
 
-    let shared = Arc::new(Shared::new(mem, bus, console, vcpus.len()));
+    let shared = Arc::new(Shared::new(mem, bus, console, vcpus.len(), msrs));
+    if let Boot::Restore { state, .. } = boot {
+        if state.ready {
+            shared.set_ready();
+        }
+    }
     let mut io_threads = Vec::new();
     if let (Some(tap), Some(dev)) = (tap_dev, &net_dev) {
         if spec.tx_worker {
@@ -267,19 +382,61 @@ pub fn start(spec: &VmSpec, seams: Seams) -> Result<Vm> {
         io_threads,
         net: net_dev,
         block: block_dev,
+        transports,
+        tap: tap_for_vm,
+        tsc_khz,
         started,
+        tracker: Default::default(),
     };
     for (i, fd) in vcpus.into_iter().enumerate() {
         let sh = shared.clone();
+        let parked = parked[i];
         let t = std::thread::Builder::new()
             .name(format!("vcpu-{}-{i}", spec.name))
             .spawn(move || {
                 sh.register_thread(i);
-                vcpu::run(i, fd, sh);
+                vcpu::run(i, fd, sh, parked);
             })
             .map_err(Error::io("spawning a vCPU thread"))?;
         vm.vcpu_threads.push(t);
     }
-    tracing::info!(vm = %spec.name, ram, vcpus = spec.vcpus, entry = image.entry, "micro-VM started");
+    tracing::info!(vm = %spec.name, ram, vcpus = spec.vcpus, entry, restored = matches!(boot, Boot::Restore { .. }), "micro-VM started");
     Ok(vm)
+}
+
+/// Puts the saved device states into the freshly built devices.
+fn restore_devices(
+    state: &VmState,
+    mem: &GuestMemoryMmap,
+    console: &mut Console,
+    transports: &[(u32, Arc<Mutex<MmioTransport>>)],
+    net: &Option<Arc<Mutex<Net>>>,
+    block: &Option<Arc<Mutex<Block>>>,
+) -> std::result::Result<(), String> {
+    console.restore(&state.console);
+    if state.transports.len() != transports.len()
+        || state
+            .transports
+            .iter()
+            .zip(transports)
+            .any(|(s, (t, _))| s.device_type != *t)
+    {
+        return Err("the saved virtio-mmio devices differ from the VM's".into());
+    }
+    for (s, (_, t)) in state.transports.iter().zip(transports) {
+        t.lock().unwrap_or_else(|e| e.into_inner()).restore(s.regs);
+    }
+    if let (Some(s), Some(n)) = (&state.net, net) {
+        n.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore(s, mem)
+            .map_err(|e| format!("virtio-net: {e}"))?;
+    }
+    if let (Some(s), Some(b)) = (&state.block, block) {
+        b.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore(s, mem)
+            .map_err(|e| format!("virtio-blk: {e}"))?;
+    }
+    Ok(())
 }

@@ -82,6 +82,13 @@ pub enum Error {
         /// What happened.
         what: String,
     },
+    /// A checkpoint state blob was refused (corrupt, truncated, unknown
+    /// version).
+    #[error("checkpoint state refused: {0}")]
+    State(#[from] crate::kvm::state::StateError),
+    /// A replica does not fit the VM it is restored into.
+    #[error("cannot restore the replica: {0}")]
+    Restore(String),
     /// Operating-system error outside KVM.
     #[error("{what}: {source}")]
     Io {

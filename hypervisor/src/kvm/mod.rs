@@ -12,18 +12,22 @@
 pub mod abi;
 pub mod arch;
 pub mod builder;
+pub mod checkpoint;
 pub mod devices;
 pub mod error;
 pub mod kick;
 pub mod loader;
 pub mod memory;
 pub mod spec;
+pub mod state;
 pub mod termination;
 mod vcpu;
 pub mod vm;
 
+pub use builder::restore;
 pub use error::{Error, Result};
 pub use spec::{ConsoleSpec, NetSpec, Seams, VmSpec, Workload};
+pub use state::{StateError, VmState};
 pub use vm::{Exit, ExitCounts, Stopper, Vm};
 
 impl Vm {

@@ -18,6 +18,7 @@ enum Control {
     Continue,
     Exit(u32),
     Park,
+    Pause,
 }
 
 fn le_u32(data: &[u8]) -> u32 {
@@ -48,7 +49,7 @@ fn port_out(shared: &Shared, port: u16, data: &[u8], seen: &mut u64) -> Control 
             shared
                 .doorbell
                 .wait(seen, Duration::from_micros(u64::from(us)), || {
-                    shared.stopping()
+                    shared.stopping() || shared.pause_requested()
                 });
         }
         abi::PORT_EVENT => {
@@ -86,20 +87,35 @@ fn fault(vcpu: &VcpuFd, index: usize) -> Error {
     }
 }
 
-/// Runs vCPU `index` until the VM stops; records the outcome.
-pub fn run(index: usize, mut vcpu: VcpuFd, shared: Arc<Shared>) {
+/// Runs vCPU `index` until the VM stops; records the outcome. `parked`:
+/// the guest had parked this vCPU (a restored VM), so it only waits.
+pub fn run(index: usize, mut vcpu: VcpuFd, shared: Arc<Shared>, parked: bool) {
     kick::register_current(vcpu.get_kvm_run());
-    let outcome = run_loop(index, &mut vcpu, &shared);
+    let outcome = run_loop(index, &mut vcpu, &shared, parked);
     kick::register_current(std::ptr::null_mut());
     shared.vcpu_done(index, outcome);
 }
 
-fn run_loop(index: usize, vcpu: &mut VcpuFd, shared: &Shared) -> Option<Outcome> {
+fn run_loop(index: usize, vcpu: &mut VcpuFd, shared: &Shared, mut parked: bool) -> Option<Outcome> {
     // Doorbell generation this vCPU has seen (see PORT_IDLE).
     let mut seen = 0;
     loop {
         if shared.stopping() {
             return None;
+        }
+        if parked {
+            shared.wait_parked();
+            if shared.pause_requested() && !shared.stopping() {
+                shared.pause_point(index, vcpu, true);
+            }
+            continue;
+        }
+        // A pause: re-enter KVM_RUN with immediate_exit set, so KVM
+        // completes the I/O of the last exit (the register state is only
+        // consistent after that) and returns EINTR without running guest
+        // code; then wait at the pause point.
+        if shared.pause_requested() {
+            vcpu.set_kvm_immediate_exit(1);
         }
         let control = match vcpu.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
@@ -156,7 +172,11 @@ fn run_loop(index: usize, vcpu: &mut VcpuFd, shared: &Shared) -> Option<Outcome>
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 vcpu.set_kvm_immediate_exit(0);
-                Control::Continue
+                if shared.pause_requested() {
+                    Control::Pause
+                } else {
+                    Control::Continue
+                }
             }
             Err(e) => {
                 return Some(Outcome::Failed(Error::Kvm {
@@ -168,9 +188,14 @@ fn run_loop(index: usize, vcpu: &mut VcpuFd, shared: &Shared) -> Option<Outcome>
         match control {
             Control::Continue => {}
             Control::Exit(code) => return Some(Outcome::Exited(code)),
+            Control::Pause => shared.pause_point(index, vcpu, false),
             Control::Park => {
-                shared.park_until_stop();
-                return None;
+                // Complete the `out` (rip moves past it) so a state captured
+                // while parked is clean, then only wait from now on.
+                vcpu.set_kvm_immediate_exit(1);
+                let _ = vcpu.run();
+                vcpu.set_kvm_immediate_exit(0);
+                parked = true;
             }
         }
     }

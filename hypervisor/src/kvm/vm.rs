@@ -5,16 +5,21 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_ioctls::VmFd;
+use kvm_ioctls::{VcpuFd, VmFd};
 
+use super::arch::snapshot;
+use super::checkpoint::Tracker;
 use super::devices::block::{Block, BlockStats};
 use super::devices::bus::MmioBus;
 use super::devices::console::Console;
 use super::devices::doorbell::Doorbell;
 use super::devices::net::{Net, NetStats};
+use super::devices::tap::Tap;
+use super::devices::virtio::mmio::MmioTransport;
 use super::error::{Error, Result};
 use super::kick;
 use super::memory::{self, GuestMemoryMmap};
+use super::state::VcpuState;
 
 /// How a VM ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +59,20 @@ struct Status {
     outcome: Option<Outcome>,
     running: usize,
     threads: Vec<Option<libc::pthread_t>>,
+    /// vCPU threads waiting at the pause point.
+    paused: usize,
+    /// While a capture is wanted: one slot per vCPU, filled by the vCPU
+    /// thread itself (it owns its fd).
+    capture: Option<Vec<Option<Result<VcpuState>>>>,
+}
+
+/// Why the vCPUs could not be paused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PauseFail {
+    /// The VM ended (or is stopping).
+    NotRunning,
+    /// Some vCPU did not reach the pause point in time.
+    Timeout,
 }
 
 /// State shared by the vCPU threads and the `Vm` handle.
@@ -64,12 +83,21 @@ pub(crate) struct Shared {
     pub(crate) counters: ExitCounters,
     console: Mutex<Console>,
     stop: Arc<AtomicBool>,
+    pause: AtomicBool,
+    /// MSRs saved with each vCPU (those KVM lists that read back).
+    pub(crate) msrs: Vec<u32>,
     status: Mutex<Status>,
     changed: Condvar,
 }
 
 impl Shared {
-    pub(crate) fn new(mem: GuestMemoryMmap, bus: MmioBus, console: Console, vcpus: usize) -> Self {
+    pub(crate) fn new(
+        mem: GuestMemoryMmap,
+        bus: MmioBus,
+        console: Console,
+        vcpus: usize,
+        msrs: Vec<u32>,
+    ) -> Self {
         Shared {
             mem,
             bus,
@@ -77,6 +105,8 @@ impl Shared {
             counters: ExitCounters::default(),
             console: Mutex::new(console),
             stop: Arc::new(AtomicBool::new(false)),
+            pause: AtomicBool::new(false),
+            msrs,
             status: Mutex::new(Status {
                 running: vcpus,
                 threads: vec![None; vcpus],
@@ -143,15 +173,141 @@ impl Shared {
         self.changed.notify_all();
     }
 
-    pub(crate) fn park_until_stop(&self) {
+    /// Waits (a vCPU the guest parked) until the VM stops or a pause is
+    /// requested.
+    pub(crate) fn wait_parked(&self) {
         let mut s = self.status();
-        while !self.stopping() {
+        while !self.stopping() && !self.pause_requested() {
             s = self
                 .changed
                 .wait_timeout(s, Duration::from_millis(200))
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+    }
+
+    pub(crate) fn is_ready(&self) -> bool {
+        self.status().ready_at.is_some()
+    }
+
+    pub(crate) fn is_running(&self) -> bool {
+        let s = self.status();
+        !self.stopping() && s.outcome.is_none() && s.running > 0
+    }
+
+    pub(crate) fn pause_requested(&self) -> bool {
+        self.pause.load(Ordering::Acquire)
+    }
+
+    /// Asks every vCPU to stop at its pause point (kicks them out of
+    /// KVM_RUN, wakes idle and parked ones).
+    pub(crate) fn request_pause(&self) {
+        self.pause.store(true, Ordering::Release);
+        self.doorbell.ring();
+        let s = self.status();
+        for tid in s.threads.iter().flatten() {
+            kick::kick(*tid);
+        }
+        self.changed.notify_all();
+    }
+
+    /// Waits until every running vCPU is at its pause point.
+    pub(crate) fn wait_paused(&self, timeout: Duration) -> std::result::Result<(), PauseFail> {
+        let deadline = Instant::now() + timeout;
+        let mut s = self.status();
+        loop {
+            if self.stopping() || s.outcome.is_some() || s.running == 0 {
+                return Err(PauseFail::NotRunning);
+            }
+            if s.paused == s.running {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(PauseFail::Timeout);
+            }
+            s = self
+                .changed
+                .wait_timeout(s, (deadline - now).min(Duration::from_millis(20)))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Lets paused vCPUs run again.
+    pub(crate) fn resume_vcpus(&self) {
+        self.pause.store(false, Ordering::Release);
+        let mut s = self.status();
+        s.capture = None;
+        self.changed.notify_all();
+    }
+
+    /// Has every paused vCPU read its own state; in vCPU index order.
+    pub(crate) fn capture_vcpus(&self, timeout: Duration) -> Result<Vec<VcpuState>> {
+        let deadline = Instant::now() + timeout;
+        let mut s = self.status();
+        s.capture = Some((0..s.threads.len()).map(|_| None).collect());
+        self.changed.notify_all();
+        loop {
+            let done = s
+                .capture
+                .as_ref()
+                .is_some_and(|c| c.iter().all(Option::is_some));
+            if done {
+                let slots = s.capture.take().unwrap_or_default();
+                return slots.into_iter().flatten().collect();
+            }
+            if self.stopping() {
+                return Err(Error::VcpuFailed {
+                    vcpu: 0,
+                    what: "VM stopped during state capture".into(),
+                });
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                s.capture = None;
+                return Err(Error::VcpuFailed {
+                    vcpu: 0,
+                    what: format!("vCPU state capture did not finish within {timeout:?}"),
+                });
+            }
+            s = self
+                .changed
+                .wait_timeout(s, (deadline - now).min(Duration::from_millis(20)))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// A vCPU thread waits here while the VM is paused, out of KVM_RUN with
+    /// no I/O pending completion; it reads its own state when asked.
+    pub(crate) fn pause_point(&self, index: usize, vcpu: &VcpuFd, parked: bool) {
+        let mut s = self.status();
+        s.paused += 1;
+        self.changed.notify_all();
+        while self.pause_requested() && !self.stopping() {
+            let wanted = s
+                .capture
+                .as_ref()
+                .is_some_and(|c| c.get(index).is_some_and(Option::is_none));
+            if wanted {
+                drop(s);
+                let state = snapshot::capture(vcpu, index as u32, parked, &self.msrs);
+                s = self.status();
+                if let Some(slot) = s.capture.as_mut().and_then(|c| c.get_mut(index)) {
+                    *slot = Some(state);
+                }
+                self.changed.notify_all();
+                continue;
+            }
+            s = self
+                .changed
+                .wait_timeout(s, Duration::from_millis(200))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        s.paused -= 1;
+        self.changed.notify_all();
     }
 }
 
@@ -166,7 +322,13 @@ pub struct Vm {
     pub(crate) io_threads: Vec<JoinHandle<()>>,
     pub(crate) net: Option<Arc<Mutex<Net>>>,
     pub(crate) block: Option<Arc<Mutex<Block>>>,
+    /// The virtio-mmio transports, in window order, with their device ids.
+    pub(crate) transports: Vec<(u32, Arc<Mutex<MmioTransport>>)>,
+    pub(crate) tap: Option<Tap>,
+    pub(crate) tsc_khz: u32,
     pub(crate) started: Instant,
+    /// Dirty tracking across checkpoints and pre-copy rounds.
+    pub(crate) tracker: Tracker,
 }
 
 impl std::fmt::Debug for Vm {
@@ -264,6 +426,12 @@ impl Vm {
     /// Takes and clears the dirty-page log (guest and VMM writes).
     pub fn take_dirty_log(&self) -> Result<Vec<u64>> {
         memory::take_dirty_log(&self.vm_fd, &self.shared.mem)
+    }
+
+    /// The tap of the network device: where the engine writes transmitted
+    /// frames once their epoch has committed.
+    pub fn tap(&self) -> Option<Tap> {
+        self.tap.clone()
     }
 
     /// Exits to the VMM so far.

@@ -56,3 +56,66 @@ pub fn disk_image(dir: &std::path::Path, mib: u64) -> PathBuf {
 pub fn ip(args: &[&str]) {
     hypervisor::netns::ip(args).expect("ip");
 }
+
+/// Holds the guest's transmitted frames until their epoch commits, as the
+/// replication engine does (output commit).
+#[derive(Clone, Default)]
+pub struct Outbox(std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+
+impl hypervisor::kvm::devices::net::FrameSink for Outbox {
+    fn send(&mut self, frame: &[u8]) {
+        self.0.lock().unwrap().push(frame.to_vec());
+    }
+}
+
+impl Outbox {
+    /// Closes the epoch: the frames sent so far.
+    pub fn seal(&self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut *self.0.lock().unwrap())
+    }
+}
+
+/// Sends committed frames out of the VM's tap.
+pub fn release(tap: &mut hypervisor::kvm::devices::tap::Tap, frames: Vec<Vec<u8>>) {
+    use hypervisor::kvm::devices::net::FrameSink;
+    for f in frames {
+        tap.send(&f);
+    }
+}
+
+/// A copy of the whole guest RAM (the guest must be paused for it to be
+/// a consistent one).
+pub fn snapshot_memory(mem: &hypervisor::kvm::memory::GuestMemoryMmap, out: &mut Vec<u8>) {
+    use hypervisor::vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+    let len = (mem.last_addr().0 + 1) as usize;
+    out.resize(len, 0);
+    // Chunked so vm-memory's copy stays fast.
+    for (i, chunk) in out.chunks_mut(1 << 20).enumerate() {
+        mem.read_slice(chunk, GuestAddress((i << 20) as u64))
+            .expect("read guest memory");
+    }
+}
+
+/// Writes a checkpoint's pages into a replica memory image.
+pub fn apply_pages(replica: &mut [u8], cp: &hypervisor::Checkpoint, page_size: usize) {
+    for (frame, page) in cp.page_slices(page_size) {
+        let off = frame as usize * page_size;
+        replica[off..off + page_size].copy_from_slice(page);
+    }
+}
+
+/// First page where two images differ.
+pub fn first_difference(a: &[u8], b: &[u8], page_size: usize) -> Option<usize> {
+    a.chunks(page_size)
+        .zip(b.chunks(page_size))
+        .position(|(x, y)| x != y)
+}
+
+/// A persistent tap with the host side's address, made before the VM
+/// attaches to it (so it outlives a VM process and keeps its MAC).
+pub fn persistent_tap(name: &str, host_cidr: &str, mac: &str) {
+    ip(&["tuntap", "add", "dev", name, "mode", "tap"]);
+    ip(&["link", "set", "dev", name, "address", mac]);
+    ip(&["addr", "add", host_cidr, "dev", name]);
+    ip(&["link", "set", "dev", name, "up"]);
+}

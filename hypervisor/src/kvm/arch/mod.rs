@@ -6,3 +6,4 @@ pub mod gdt;
 pub mod layout;
 pub mod paging;
 pub mod regs;
+pub mod snapshot;

@@ -119,6 +119,42 @@ impl Block {
         }
     }
 
+    /// Restores a saved state into a device on the replica's disk image
+    /// (which must have the saved capacity).
+    pub fn restore(&mut self, s: &BlockState, mem: &GuestMemoryMmap) -> Result<(), String> {
+        if s.capacity != self.capacity {
+            return Err(format!(
+                "saved capacity {} sectors, disk image has {}",
+                s.capacity, self.capacity
+            ));
+        }
+        if s.queues.len() != self.queues.len() {
+            return Err(format!(
+                "{} queues saved, device has {}",
+                s.queues.len(),
+                self.queues.len()
+            ));
+        }
+        if s.acked_features & !self.avail_features() != 0 {
+            return Err(format!(
+                "acked features {:#x} were never offered",
+                s.acked_features
+            ));
+        }
+        let mut queues = Vec::new();
+        for q in &s.queues {
+            let q = Queue::try_from(*q).map_err(|e| format!("queue: {e:?}"))?;
+            if s.activated && q.ready() && !q.is_valid(mem) {
+                return Err("a ready queue lies outside guest memory".into());
+            }
+            queues.push(q);
+        }
+        self.queues = queues;
+        self.acked_features = s.acked_features;
+        self.mem = s.activated.then(|| mem.clone());
+        Ok(())
+    }
+
     fn range_ok(&self, sector: u64, len: usize) -> Option<u64> {
         let off = sector.checked_mul(SECTOR)?;
         let end = off.checked_add(len as u64)?;

@@ -72,6 +72,9 @@ pub struct Net {
     /// When set, transmit notifications wake the transmit worker instead
     /// of being served in the vCPU thread.
     tx_worker: Option<Doorbell>,
+    /// Checkpoint pause: no frame leaves and nothing is written into guest
+    /// memory (received frames wait in `pending_rx`).
+    paused: bool,
 }
 
 impl std::fmt::Debug for Net {
@@ -97,7 +100,63 @@ impl Net {
             pending_rx: VecDeque::new(),
             stats: NetStats::default(),
             tx_worker: None,
+            paused: false,
         }
+    }
+
+    /// Pauses or resumes the device. Callers hold the device lock, so once
+    /// this returns no worker is inside a transmit or a delivery, and none
+    /// starts until resume. Resuming wakes the transmit worker (the guest
+    /// may have queued frames without notifying).
+    pub fn set_paused(&mut self, on: bool) {
+        self.paused = on;
+        if !on {
+            if let Some(kick) = &self.tx_worker {
+                kick.ring();
+            }
+        }
+    }
+
+    /// Whether the device is paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// Restores a saved state into a device built from the same spec; an
+    /// activated device uses `mem` from now on.
+    pub fn restore(&mut self, s: &NetState, mem: &GuestMemoryMmap) -> Result<(), String> {
+        if s.mac != self.mac {
+            return Err(format!(
+                "saved MAC {:02x?} differs from the configured {:02x?}",
+                s.mac, self.mac
+            ));
+        }
+        if s.queues.len() != self.queues.len() {
+            return Err(format!(
+                "{} queues saved, device has {}",
+                s.queues.len(),
+                self.queues.len()
+            ));
+        }
+        if s.acked_features & !self.avail_features() != 0 {
+            return Err(format!(
+                "acked features {:#x} were never offered",
+                s.acked_features
+            ));
+        }
+        let mut queues = Vec::new();
+        for q in &s.queues {
+            let q = Queue::try_from(*q).map_err(|e| format!("queue: {e:?}"))?;
+            if s.activated && q.ready() && !q.is_valid(mem) {
+                return Err("a ready queue lies outside guest memory".into());
+            }
+            queues.push(q);
+        }
+        self.queues = queues;
+        self.acked_features = s.acked_features;
+        self.pending_rx = s.pending_rx.iter().take(MAX_PENDING_RX).cloned().collect();
+        self.mem = s.activated.then(|| mem.clone());
+        Ok(())
     }
 
     /// Hands transmit processing to a worker woken by `kick` (see
@@ -113,6 +172,9 @@ impl Net {
         let Some(mem) = self.mem.as_ref() else {
             return false;
         };
+        if self.paused {
+            return false;
+        }
         let q = &mut self.queues[TX];
         if on {
             q.enable_notification(mem).unwrap_or(true)
@@ -150,7 +212,7 @@ impl Net {
             self.stats.dropped += 1;
             return false;
         }
-        if self.pending_rx.is_empty() && self.deliver(frame) {
+        if !self.paused && self.pending_rx.is_empty() && self.deliver(frame) {
             return true;
         }
         if self.pending_rx.len() >= MAX_PENDING_RX {
@@ -169,6 +231,9 @@ impl Net {
     /// Delivers waiting frames into buffers the guest posted since; returns
     /// whether anything reached the guest.
     pub fn flush_pending(&mut self) -> bool {
+        if self.paused {
+            return false;
+        }
         let mut any = false;
         while let Some(f) = self.pending_rx.pop_front() {
             if !self.deliver(&f) {
@@ -214,7 +279,7 @@ impl Net {
     /// Sends the frames the guest queued; returns how many chains were
     /// consumed.
     pub fn process_tx(&mut self) -> usize {
-        let Some(mem) = self.mem.as_ref() else {
+        let Some(mem) = self.mem.as_ref().filter(|_| !self.paused) else {
             return 0;
         };
         let mut done = 0;

@@ -1,0 +1,287 @@
+//! Checkpoints of a running micro-VM: [`ProtectedGuest`] for [`Vm`].
+//!
+//! A checkpoint pauses every vCPU (kicked out of `KVM_RUN`, I/O of the last
+//! exit completed, waiting at a pause point) and the network device's
+//! workers (transmit worker and receive pump: the device lock is taken and
+//! the device marked paused, so no frame leaves and nothing is written into
+//! guest memory until resume; frames arriving meanwhile wait in the
+//! device's pending list, which is part of its state). Block requests and
+//! console output are served in the vCPU threads, so they are quiescent
+//! with the vCPUs. That instant is the epoch boundary: `at_pause` runs
+//! there. Then the dirty log is read and reset (KVM's bitmap for guest
+//! writes OR'ed with vm-memory's bitmap for the VMM's own writes), the dirty
+//! pages are copied into the staging buffer, every vCPU thread reads its own
+//! registers, the devices save their structs, and the VM resumes.
+//!
+//! Dirty pages found by a pre-copy round or a checkpoint but not yet copied
+//! wait in a pending bitmap, so no write is ever lost between rounds. The
+//! first round (pre-copy or checkpoint) after start or restore carries
+//! every frame: the full memory image.
+
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use super::devices::net::Net;
+use super::error::{Error, Result};
+use super::memory::{self, PAGE_SIZE};
+use super::state::{ClockState, TransportState, VmState};
+use super::vm::{PauseFail, Vm};
+use crate::guest::{Checkpoint, GuestError, ProtectedGuest};
+
+/// How long a pause may take before the checkpoint gives up.
+pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Dirty tracking across checkpoints and pre-copy rounds.
+#[derive(Debug, Default)]
+pub(crate) struct Tracker {
+    /// The full image went out (first round done).
+    synced: bool,
+    /// Frames known dirty and not yet copied, one bit each.
+    pending: Vec<u64>,
+    /// The engine paused the guest (`ProtectedGuest::pause`): a checkpoint
+    /// taken meanwhile leaves it paused.
+    held: bool,
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn backend(e: Error) -> GuestError {
+    GuestError::Backend(e.to_string())
+}
+
+impl Vm {
+    fn frames(&self) -> u64 {
+        self.shared.mem.last_addr().0 / PAGE_SIZE as u64 + 1
+    }
+
+    /// Folds the dirty log (guest and VMM writes) into the pending set; on
+    /// the first call, marks every frame pending instead (and resets the
+    /// logs, so later rounds see only later writes).
+    fn collect_dirty(&mut self) -> Result<()> {
+        let frames = self.frames();
+        let log = memory::take_dirty_log(&self.vm_fd, &self.shared.mem)?;
+        let words = frames.div_ceil(64) as usize;
+        let t = &mut self.tracker;
+        if !t.synced {
+            t.pending = vec![u64::MAX; words];
+            if frames % 64 != 0 {
+                t.pending[words - 1] = (1u64 << (frames % 64)) - 1;
+            }
+            t.synced = true;
+            return Ok(());
+        }
+        t.pending.resize(words, 0);
+        // One memslot, at guest-physical 0 (memory::create): bit i of the
+        // log is frame i.
+        for (p, l) in t.pending.iter_mut().zip(log) {
+            *p |= l;
+        }
+        Ok(())
+    }
+
+    /// Moves up to `max` pending frames (ascending) into `out` with their
+    /// current contents.
+    fn copy_pending(&mut self, max: usize, out: &mut Checkpoint) -> Result<()> {
+        out.frames.clear();
+        for (w, word) in self.tracker.pending.iter_mut().enumerate() {
+            while *word != 0 && out.frames.len() < max {
+                let bit = word.trailing_zeros();
+                *word &= !(1u64 << bit);
+                out.frames.push(w as u64 * 64 + u64::from(bit));
+            }
+            if out.frames.len() >= max {
+                break;
+            }
+        }
+        out.pages.resize(out.frames.len() * PAGE_SIZE, 0);
+        let region = self
+            .shared
+            .mem
+            .find_region(GuestAddress(0))
+            .ok_or_else(|| Error::Memory("no RAM at guest-physical 0".into()))?;
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|e| Error::Memory(e.to_string()))?;
+        let len = region.len() as usize;
+        // Copy runs of consecutive frames with one memcpy each.
+        let mut i = 0;
+        while i < out.frames.len() {
+            let first = out.frames[i];
+            let mut n = 1;
+            while i + n < out.frames.len() && out.frames[i + n] == first + n as u64 {
+                n += 1;
+            }
+            let off = first as usize * PAGE_SIZE;
+            let bytes = n * PAGE_SIZE;
+            if off + bytes > len {
+                return Err(Error::Memory(format!("frame {first} outside RAM")));
+            }
+            // SAFETY: [off, off+bytes) lies inside the region's mapping,
+            // which lives as long as `self`; the destination is our own
+            // buffer. Guest writes racing with the copy (pre-copy) only
+            // tear the copy, and such pages are dirty again.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    host.add(off),
+                    out.pages.as_mut_ptr().add(i * PAGE_SIZE),
+                    bytes,
+                );
+            }
+            i += n;
+        }
+        Ok(())
+    }
+
+    fn net(&self) -> Option<MutexGuard<'_, Net>> {
+        self.net.as_ref().map(|n| lock(n))
+    }
+
+    /// Stops vCPUs, then device workers.
+    fn pause_all(&mut self) -> std::result::Result<(), GuestError> {
+        if !self.shared.is_running() {
+            return Err(GuestError::NotRunning);
+        }
+        self.shared.request_pause();
+        match self.shared.wait_paused(PAUSE_TIMEOUT) {
+            Ok(()) => {}
+            Err(f) => {
+                self.shared.resume_vcpus();
+                return Err(match f {
+                    PauseFail::NotRunning => GuestError::NotRunning,
+                    PauseFail::Timeout => GuestError::PauseTimeout(PAUSE_TIMEOUT),
+                });
+            }
+        }
+        if let Some(mut n) = self.net() {
+            n.set_paused(true);
+        }
+        Ok(())
+    }
+
+    fn resume_all(&mut self) {
+        if let Some(mut n) = self.net() {
+            n.set_paused(false);
+        }
+        self.shared.resume_vcpus();
+    }
+
+    /// The VM's complete state; the VM must be paused.
+    fn capture_state(&self) -> Result<VmState> {
+        let vcpus = self.shared.capture_vcpus(PAUSE_TIMEOUT)?;
+        let clock = self.vm_fd.get_clock().ok().map(|c| ClockState {
+            clock: c.clock,
+            flags: c.flags,
+        });
+        Ok(VmState {
+            mem_size: self.shared.mem.last_addr().0 + 1,
+            tsc_khz: self.tsc_khz,
+            ready: self.shared.is_ready(),
+            clock,
+            vcpus,
+            console: self.shared.console().save(),
+            transports: self
+                .transports
+                .iter()
+                .map(|(t, tr)| TransportState {
+                    device_type: *t,
+                    regs: lock(tr).save(),
+                })
+                .collect(),
+            net: self.net().map(|n| n.save()),
+            block: self.block.as_ref().map(|b| lock(b).save()),
+        })
+    }
+
+    fn checkpoint_paused(
+        &mut self,
+        out: &mut Checkpoint,
+        at_pause: &mut dyn FnMut(),
+        t0: Instant,
+    ) -> Result<()> {
+        at_pause();
+        self.collect_dirty()?;
+        let t_log = Instant::now();
+        self.copy_pending(usize::MAX, out)?;
+        let t_copy = Instant::now();
+        self.capture_state()?.encode(&mut out.state);
+        let t_state = Instant::now();
+        out.timings.dirty_log = t_log - t0;
+        out.timings.copy = t_copy - t_log;
+        out.timings.state = t_state - t_copy;
+        Ok(())
+    }
+}
+
+impl ProtectedGuest for Vm {
+    fn page_size(&self) -> usize {
+        PAGE_SIZE
+    }
+
+    fn frame_count(&self) -> u64 {
+        self.frames()
+    }
+
+    fn precopy_round(
+        &mut self,
+        max_frames: usize,
+        out: &mut Checkpoint,
+    ) -> std::result::Result<(), GuestError> {
+        out.clear();
+        if !self.shared.is_running() {
+            return Err(GuestError::NotRunning);
+        }
+        let t0 = Instant::now();
+        self.collect_dirty().map_err(backend)?;
+        let t_log = Instant::now();
+        self.copy_pending(max_frames, out).map_err(backend)?;
+        let t_copy = Instant::now();
+        out.timings.dirty_log = t_log - t0;
+        out.timings.copy = t_copy - t_log;
+        Ok(())
+    }
+
+    fn checkpoint(
+        &mut self,
+        out: &mut Checkpoint,
+        at_pause: &mut dyn FnMut(),
+    ) -> std::result::Result<(), GuestError> {
+        out.clear();
+        let t0 = Instant::now();
+        if !self.tracker.held {
+            self.pause_all()?;
+        }
+        let t_stop = Instant::now();
+        let r = self.checkpoint_paused(out, at_pause, t_stop);
+        if !self.tracker.held {
+            self.resume_all();
+        }
+        let t_end = Instant::now();
+        out.timings.stop = t_stop - t0;
+        out.timings.total = t_end - t0;
+        r.map_err(backend)
+    }
+
+    fn pause(&mut self) -> std::result::Result<(), GuestError> {
+        if !self.tracker.held {
+            self.pause_all()?;
+            self.tracker.held = true;
+        }
+        Ok(())
+    }
+
+    fn resume(&mut self) -> std::result::Result<(), GuestError> {
+        if self.tracker.held {
+            self.tracker.held = false;
+            self.resume_all();
+        }
+        Ok(())
+    }
+
+    fn is_running(&self) -> bool {
+        self.shared.is_running()
+    }
+}

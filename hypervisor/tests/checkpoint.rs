@@ -1,0 +1,243 @@
+//! Checkpoints of the network guest in one process: after every checkpoint
+//! the replica memory (pages applied) equals the guest memory at the pause,
+//! over many epochs of the dirtying workload with pre-copy rounds mixed
+//! in; then the VM is restored from the replica and the same TCP
+//! connections go on.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use hypervisor::kvm::{self, NetSpec, Seams, Vm, VmSpec, Workload};
+use hypervisor::{Checkpoint, ProtectedGuest};
+
+const GUEST: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+const TAP: &str = "rwcp0";
+
+fn spec(disk: &std::path::Path) -> VmSpec {
+    VmSpec::new("cp", &common::images().net)
+        .memory_mib(64)
+        .disk(disk)
+        .workload(Workload {
+            dirty_set_pages: 2048,
+            dirty_pages_per_ms: 100,
+        })
+        .network(NetSpec {
+            tap: TAP.into(),
+            mac: [0x52, 0x54, 0, 0x12, 0x35, 0x01],
+            address: GUEST,
+            prefix_len: 24,
+            gateway: Some(Ipv4Addr::new(192, 0, 2, 1)),
+        })
+}
+
+fn connect(port: u16) -> TcpStream {
+    let addr = SocketAddr::from((GUEST, port));
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+    s
+}
+
+/// Reads `n` more counter values, checking they continue from `next`.
+fn read_counter(s: &mut TcpStream, next: &mut u64, n: usize) {
+    let mut buf = vec![0u8; n * 8];
+    s.read_exact(&mut buf).expect("counter read");
+    for c in buf.chunks_exact(8) {
+        let v = u64::from_be_bytes(c.try_into().unwrap());
+        assert_eq!(v, *next, "counter stream broken (gap or duplicate)");
+        *next += 1;
+    }
+}
+
+struct Kv {
+    w: TcpStream,
+    r: BufReader<TcpStream>,
+}
+
+impl Kv {
+    fn new() -> Kv {
+        let s = connect(7000);
+        Kv {
+            w: s.try_clone().unwrap(),
+            r: BufReader::new(s),
+        }
+    }
+    fn ask(&mut self, line: &str) -> String {
+        writeln!(self.w, "{line}").expect("kv write");
+        let mut reply = String::new();
+        self.r.read_line(&mut reply).expect("kv read");
+        reply.trim_end().to_string()
+    }
+}
+
+/// Checkpoints until `stop`: every epoch, the replica must equal the guest
+/// memory as it was at the pause. Returns the replica image, the last
+/// state blob and the number of epochs.
+fn checkpoint_loop(
+    vm: &mut Vm,
+    stop: &AtomicBool,
+    outbox: &common::Outbox,
+) -> (Vec<u8>, Vec<u8>, usize) {
+    let ps = vm.page_size();
+    let frames = vm.frame_count();
+    let mem = vm.memory().clone();
+    let mut tap = vm.tap().expect("tap");
+    let mut replica = vec![0u8; frames as usize * ps];
+    let mut at_pause_image = Vec::new();
+    let mut cp = Checkpoint::default();
+    let mut pre = Checkpoint::default();
+    let mut epochs = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while epochs < 10 || (!stop.load(Ordering::Acquire) && epochs < 3000) {
+        assert!(Instant::now() < deadline, "checkpoint loop ran too long");
+        std::thread::sleep(Duration::from_millis(10));
+        if epochs % 5 == 3 {
+            vm.precopy_round(1000, &mut pre).expect("pre-copy round");
+            assert!(pre.frames.len() <= 1000);
+            common::apply_pages(&mut replica, &pre, ps);
+        }
+        let mut sealed = Vec::new();
+        vm.checkpoint(&mut cp, &mut || {
+            sealed = outbox.seal();
+            common::snapshot_memory(&mem, &mut at_pause_image);
+        })
+        .expect("checkpoint");
+        if epochs == 0 {
+            assert_eq!(
+                cp.frames.len() as u64,
+                frames,
+                "first checkpoint is the full image"
+            );
+        }
+        assert!(
+            cp.frames.windows(2).all(|w| w[0] < w[1]),
+            "frames ascending"
+        );
+        assert_eq!(cp.pages.len(), cp.frames.len() * ps);
+        common::apply_pages(&mut replica, &cp, ps);
+        if let Some(p) = common::first_difference(&replica, &at_pause_image, ps) {
+            panic!(
+                "epoch {epochs}: replica page {p} differs from the guest's ({} dirty pages)",
+                cp.frames.len()
+            );
+        }
+        kvm::VmState::decode(&cp.state).expect("state decodes");
+        // Committed: release the epoch's output.
+        common::release(&mut tap, sealed);
+        epochs += 1;
+    }
+    (replica, cp.state.clone(), epochs)
+}
+
+#[test]
+fn replica_equals_guest_after_every_checkpoint_and_resumes_the_same_connections() {
+    if !common::require_kvm_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = common::disk_image(dir.path(), 4);
+    let spec = spec(&disk);
+    common::in_new_netns(|| {
+        common::persistent_tap(TAP, "192.0.2.1/24", "02:00:00:00:05:01");
+        let outbox = common::Outbox::default();
+        let mut vm = Vm::start(
+            &spec,
+            Seams {
+                frame_sink: Some(Box::new(outbox.clone())),
+                write_hook: None,
+            },
+        )
+        .expect("start");
+        vm.wait_ready(Duration::from_secs(60)).expect("ready");
+        let stop = AtomicBool::new(false);
+        let mut counter_next = 0u64;
+        let (mut counter, mut kv, (replica, state, epochs)) = std::thread::scope(|s| {
+            let cp = s.spawn(|| checkpoint_loop(&mut vm, &stop, &outbox));
+            let client = || {
+                let mut counter = connect(9000);
+                read_counter(&mut counter, &mut counter_next, 100_000);
+                let mut kv = Kv::new();
+                for i in 0..10 {
+                    assert_eq!(kv.ask(&format!("SET key{i} value{i}")), "OK");
+                    read_counter(&mut counter, &mut counter_next, 10_000);
+                }
+                (counter, kv)
+            };
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(client));
+            stop.store(true, Ordering::Release);
+            let out = cp.join().expect("checkpoint thread");
+            match r {
+                Ok((c, k)) => (c, k, out),
+                Err(e) => std::panic::resume_unwind(e),
+            }
+        });
+        eprintln!("{epochs} epochs checked, counter at {counter_next}");
+        assert!(epochs >= 10);
+        vm.shutdown().expect("primary stops cleanly");
+
+        // The replica: same tap (persistent), same disk, same connections.
+        let vm = kvm::restore(&spec, &replica, &state, Seams::default()).expect("restore");
+        read_counter(&mut counter, &mut counter_next, 50_000);
+        for i in 0..10 {
+            assert_eq!(kv.ask(&format!("GET key{i}")), format!("VALUE value{i}"));
+        }
+        assert_eq!(kv.ask("COUNT"), "COUNT 10");
+        vm.shutdown().expect("replica stops cleanly");
+    });
+}
+
+#[test]
+fn corrupt_or_mismatched_state_is_refused() {
+    if !common::require_kvm_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = common::disk_image(dir.path(), 4);
+    let spec = VmSpec::new("bad", &common::images().counter)
+        .memory_mib(32)
+        .guest_arg(3);
+    let mut vm = Vm::start(&spec, Seams::default()).expect("start");
+    vm.wait_ready(Duration::from_secs(60)).expect("ready");
+    let mut cp = Checkpoint::default();
+    vm.checkpoint(&mut cp, &mut || {}).expect("checkpoint");
+    let mut image = vec![0u8; cp.pages.len()];
+    common::apply_pages(&mut image, &cp, vm.page_size());
+    vm.shutdown().expect("stop");
+    let state = cp.state.clone();
+
+    let mut flipped = state.clone();
+    flipped[state.len() / 2] ^= 0x40;
+    for (what, blob) in [
+        ("flipped", &flipped[..]),
+        ("truncated", &state[..state.len() - 1]),
+        ("empty", &[][..]),
+    ] {
+        match kvm::restore(&spec, &image, blob, Seams::default()) {
+            Err(kvm::Error::State(e)) => eprintln!("{what}: refused: {e}"),
+            other => panic!("{what} blob: expected a state error, got {other:?}"),
+        }
+    }
+    // The state fits, but not this VM (different RAM size, a disk).
+    let e = kvm::restore(
+        &spec.clone().memory_mib(64),
+        &image,
+        &state,
+        Seams::default(),
+    )
+    .unwrap_err();
+    assert!(matches!(e, kvm::Error::Restore(_)), "{e:?}");
+    let e = kvm::restore(&spec.clone().disk(&disk), &image, &state, Seams::default()).unwrap_err();
+    assert!(matches!(e, kvm::Error::Restore(_)), "{e:?}");
+    // The replica files are untouched, and the intact state still restores.
+    let vm = kvm::restore(&spec, &image, &state, Seams::default()).expect("intact state restores");
+    assert!(
+        !vm.wait(Duration::from_millis(200)),
+        "restored guest spins on"
+    );
+    vm.shutdown().expect("stop");
+}
