@@ -249,3 +249,71 @@ async fn epochs_commit_and_a_corrupt_one_forces_a_clean_resync() {
         format!("state {epoch}").into_bytes()
     );
 }
+
+#[test]
+fn standby_command_runs_and_stops_cleanly_on_sigterm() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki_dir = dir.path().join("pki");
+    for site in ["dc1", "dc2", "witness"] {
+        init_site(&InitOptions {
+            site: site.into(),
+            out: pki_dir.clone(),
+            ca_dir: None,
+            days: 2,
+        })
+        .expect("certs");
+    }
+    let example = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/two-site.toml"),
+    )
+    .expect("example");
+    let port = 20_000 + (std::process::id() % 20_000) as u16;
+    let cfg = example
+        .replace("0.0.0.0:7700", &format!("127.0.0.1:{port}"))
+        .replace("../target/guest/netguest.elf", "guest.elf");
+    std::fs::write(dir.path().join("c.toml"), cfg).expect("config");
+    std::fs::write(dir.path().join("guest.elf"), b"\x7fELF").expect("guest");
+    std::fs::write(dir.path().join("web1.img"), vec![0u8; 65536]).expect("disk");
+    std::fs::write(pki_dir.join("tsig.secret"), b"c2VjcmV0\n").expect("secret");
+    std::fs::create_dir_all(dir.path().join("hooks")).expect("hooks");
+    let hook = dir.path().join("hooks/notify.sh");
+    std::fs::write(&hook, "#!/bin/sh\n").expect("hook");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_remus-wan"))
+        .args(["standby", "--site", "dc2", "--config"])
+        .arg(dir.path().join("c.toml"))
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    let mut seen = Vec::new();
+    let listening = loop {
+        match lines.next() {
+            Some(Ok(l)) => {
+                let hit = l.contains("standby listening");
+                seen.push(l);
+                if hit {
+                    break true;
+                }
+                if seen.len() > 200 {
+                    break false;
+                }
+            }
+            _ => break false,
+        }
+    };
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().expect("wait");
+    assert!(listening, "standby never listened:\n{}", seen.join("\n"));
+    assert_eq!(status.code(), Some(0), "{}", seen.join("\n"));
+}

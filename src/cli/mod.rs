@@ -5,6 +5,7 @@ mod config;
 pub mod exit;
 mod logging;
 mod signals;
+mod standby;
 mod vm;
 mod witness;
 
@@ -29,9 +30,9 @@ and `remus-wan config check`.";
 
 const AFTER_HELP: &str = "\
 Roles:
+  standby --site dc2        hold the replica of the VM backed up at dc2
   witness                   arbitrate which site may run each VM (third site)
 Arriving with their issues (not in this build yet):
-  standby --site dc2        hold the replica of the VMs backed up at dc2
   protect web1 --site dc2   protect VM web1 towards site dc2
   status, switchover        observe; move a VM by plan with no loss
 
@@ -62,6 +63,9 @@ pub enum Command {
     /// Run a VM of the configuration on the built-in micro-VM (foreground).
     #[command(subcommand)]
     Vm(vm::VmCommand),
+    /// Hold the replica of the VM this site backs up: receive, verify and
+    /// commit each epoch all-or-nothing, then acknowledge it.
+    Standby(standby::StandbyArgs),
     /// Run the witness: the third-site arbiter that grants each VM's lease
     /// to one site at a time, with a fencing token that only grows.
     Witness(witness::WitnessArgs),
@@ -76,6 +80,7 @@ impl Cli {
             Command::Certs(c) => c.run(),
             Command::Vm(c) => c.run(),
             Command::Witness(c) => c.run(),
+            Command::Standby(c) => c.run(),
         }
     }
 }

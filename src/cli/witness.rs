@@ -60,6 +60,7 @@ impl WitnessArgs {
             }
         };
         rt.block_on(async move {
+            let shutdown = super::signals::shutdown();
             let server = match WitnessServer::bind(opts) {
                 Ok(s) => s,
                 Err(e) => {
@@ -67,7 +68,7 @@ impl WitnessArgs {
                     return Code::Failure;
                 }
             };
-            server.run(super::signals::shutdown()).await;
+            server.run(shutdown).await;
             Code::Success
         })
     }

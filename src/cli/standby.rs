@@ -1,0 +1,119 @@
+//! `remus-wan standby --config FILE --site NAME`.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use super::exit::Code;
+use crate::config::Config;
+use crate::engine::standby::{self, StandbyOptions};
+
+#[derive(Debug, Args)]
+pub struct StandbyArgs {
+    /// The deployment's configuration file.
+    #[arg(long, short)]
+    config: PathBuf,
+    /// This site: it holds the replica of every VM whose `backup` it is.
+    #[arg(long)]
+    site: String,
+    /// Where replicas are kept (`<state-dir>/replicas/<vm>/`).
+    #[arg(long, default_value = "/var/lib/remus-wan")]
+    state_dir: PathBuf,
+}
+
+impl StandbyArgs {
+    pub fn run(self) -> Code {
+        let cfg = match Config::load(&self.config) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return Code::Config;
+            }
+        };
+        let issues = cfg.check_files(&self.site);
+        if !issues.is_empty() {
+            for i in issues {
+                eprintln!("error: {i}");
+            }
+            return Code::Config;
+        }
+        let Some(site) = cfg.site(&self.site) else {
+            return Code::Config; // check_files named the problem
+        };
+        let vms: Vec<_> = cfg.vms.iter().filter(|v| v.backup == self.site).collect();
+        let vm = match vms.as_slice() {
+            [vm] => *vm,
+            [] => {
+                eprintln!(
+                    "error: no VM in {} has `backup = \"{}\"`: nothing to stand by for",
+                    self.config.display(),
+                    self.site
+                );
+                return Code::Config;
+            }
+            _ => {
+                eprintln!(
+                    "error: site {} backs up {} VMs; this version serves one VM per site endpoint",
+                    self.site,
+                    vms.len()
+                );
+                return Code::Config;
+            }
+        };
+        // The standby's copy of the disk image gives its size; its content
+        // arrives with the initial synchronisation.
+        let disk_bytes = match &vm.disk {
+            Some(p) => match std::fs::metadata(p) {
+                Ok(m) => m.len(),
+                Err(e) => {
+                    eprintln!("error: `disk` {}: {e}", p.display());
+                    return Code::Config;
+                }
+            },
+            None => 0,
+        };
+        let opts = StandbyOptions {
+            site: self.site.clone(),
+            primary: vm.primary.clone(),
+            vm: vm.name.clone(),
+            listen: site.listen,
+            tls: wan::transport::TlsPaths {
+                ca: site.tls.ca.clone(),
+                cert: site.tls.cert.clone(),
+                key: site.tls.key.clone(),
+            },
+            replica_dir: standby::replica_dir(&self.state_dir, &vm.name),
+            page_size: 4096,
+            frames: vm.memory_mib * 256,
+            disk_bytes,
+            max_epoch_bytes: cfg.replication_for(vm).max_epoch_mib << 20,
+        };
+        let rt = match tokio::runtime::Runtime::new() {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("error: cannot start the async runtime: {e}");
+                return Code::Failure;
+            }
+        };
+        rt.block_on(async move {
+            let shutdown = super::signals::shutdown();
+            let endpoint = match standby::bind(&opts) {
+                Ok(e) => e,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return Code::Failure;
+                }
+            };
+            match standby::run(opts, endpoint, shutdown).await {
+                Ok(stats) => {
+                    tracing::info!(?stats, "standby stopped");
+                    Code::Success
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    Code::Failure
+                }
+            }
+        })
+    }
+}
