@@ -3,6 +3,7 @@
 
 pub mod output_commit;
 pub mod pacer;
+pub mod protect;
 pub mod standby;
 
 pub use output_commit::{BufferFull, OutputBuffer};

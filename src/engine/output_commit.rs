@@ -79,6 +79,21 @@ impl OutputBuffer {
         closed
     }
 
+    /// Closes the running epoch under the number `epoch` (≥ the current
+    /// one): epoch numbers also count pre-copy rounds, which carry no
+    /// output of their own, so what was sent meanwhile belongs to the
+    /// checkpoint that follows them.
+    pub fn close_epoch_as(&mut self, epoch: u64) -> u64 {
+        let epoch = epoch.max(self.current);
+        if let Some(h) = self.held.back_mut() {
+            if h.epoch == self.current {
+                h.epoch = epoch;
+            }
+        }
+        self.current = epoch + 1;
+        epoch
+    }
+
     pub fn current_epoch(&self) -> u64 {
         self.current
     }
@@ -169,6 +184,18 @@ mod tests {
         assert_eq!(b.oldest_held(), Some(5));
         assert_eq!(b.release_through(7), vec![f(0), f(1), f(2)]);
         assert_eq!(b.oldest_held(), Some(8));
+    }
+
+    #[test]
+    fn pre_copy_epochs_carry_no_output() {
+        let mut b = OutputBuffer::new(1, 1 << 20);
+        b.hold(f(1)).unwrap();
+        // Epochs 1..=3 were pre-copy rounds; the first checkpoint is 4.
+        assert_eq!(b.close_epoch_as(4), 4);
+        assert!(b.release_through(3).is_empty());
+        assert_eq!(b.release_through(4), vec![f(1)]);
+        b.hold(f(2)).unwrap();
+        assert_eq!(b.close_epoch(), 5);
     }
 
     #[test]

@@ -1,0 +1,513 @@
+//! `remus-wan protect`: continuous replication of a running guest with
+//! output commit.
+//!
+//! One epoch: pause the guest, close the epoch (its transmitted frames and
+//! disk writes are set aside under its number), copy dirty pages and state,
+//! resume; encode against what was sent before; hand the bytes to the
+//! replication session. When the backup acknowledges epoch N, the frames
+//! the guest sent during N leave through the tap.
+//!
+//! Initial synchronisation is iterative pre-copy: the whole memory and disk
+//! while the guest runs, then rounds of what it dirtied meanwhile, until a
+//! round is small (or five rounds have passed); then the first checkpoint.
+//! Pre-copy epochs carry no state (the standby knows them by that) and no
+//! output; what the guest sends meanwhile waits for the first checkpoint.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hypervisor::kvm::devices::block::WriteHook;
+use hypervisor::kvm::devices::net::FrameSink;
+use hypervisor::kvm::Seams;
+use hypervisor::{Checkpoint, ProtectedGuest};
+use tracing::{info, warn};
+use wan::codec::{Encoder, EncoderConfig};
+use wan::session::{EpochKind, SenderConfig, SenderEvent};
+use wan::transport::replication::{spawn_sender, QuicDialer, SenderHandle};
+use wan::transport::{Endpoint, TlsPaths, TransportConfig};
+
+use super::output_commit::OutputBuffer;
+use super::pacer::{Decision, Pacer};
+
+/// Largest pre-copy epoch, in pages (64 MiB) and disk bytes.
+const PRECOPY_PAGES: usize = 16 * 1024;
+const PRECOPY_DISK_BYTES: usize = 32 << 20;
+const PRECOPY_MAX_ROUNDS: usize = 5;
+
+#[derive(Debug, Clone)]
+pub struct ProtectOptions {
+    pub site: String,
+    pub backup: String,
+    pub vm: String,
+    /// The backup's replication endpoint.
+    pub backup_addr: std::net::SocketAddr,
+    /// Local address for our endpoint (port 0 is fine).
+    pub bind: std::net::SocketAddr,
+    pub tls: TlsPaths,
+    pub interval: Duration,
+    pub max_in_flight: u32,
+    pub zstd_level: i32,
+    pub cache_bytes: usize,
+    /// Bytes of transmitted frames held at most while waiting for acks.
+    pub output_limit: usize,
+    pub max_epoch_bytes: u64,
+    /// The guest's disk image, sent whole during the initial sync.
+    pub disk: Option<PathBuf>,
+}
+
+/// Transmitted frames and disk writes, attributed to epochs.
+#[derive(Debug)]
+pub struct EpochIo {
+    pub output: OutputBuffer,
+    pub disk: Vec<(u64, Vec<u8>)>,
+}
+
+/// Frames the guest transmits go into the output buffer.
+struct HoldFrames {
+    io: Arc<Mutex<EpochIo>>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl FrameSink for HoldFrames {
+    fn send(&mut self, frame: &[u8]) {
+        let full = match self.io.lock() {
+            Ok(mut io) => io.output.hold(frame.to_vec()).is_err(),
+            Err(_) => true,
+        };
+        if full {
+            // Like a NIC with a full queue: TCP retransmits it. Never
+            // released early.
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Disk writes of the running epoch, replicated with it.
+struct CaptureWrites {
+    io: Arc<Mutex<EpochIo>>,
+}
+
+impl WriteHook for CaptureWrites {
+    fn on_write(&mut self, offset: u64, data: &[u8]) {
+        if let Ok(mut io) = self.io.lock() {
+            io.disk.push((offset, data.to_vec()));
+        }
+    }
+}
+
+/// What the engine shares with the VM it protects.
+pub struct Capture {
+    pub io: Arc<Mutex<EpochIo>>,
+    pub dropped_frames: Arc<AtomicU64>,
+}
+
+impl Capture {
+    pub fn new(output_limit: usize) -> Self {
+        Self {
+            io: Arc::new(Mutex::new(EpochIo {
+                output: OutputBuffer::new(1, output_limit),
+                disk: Vec::new(),
+            })),
+            dropped_frames: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// The seams to build the protected VM with.
+    pub fn seams(&self) -> Seams {
+        Seams {
+            frame_sink: Some(Box::new(HoldFrames {
+                io: self.io.clone(),
+                dropped: self.dropped_frames.clone(),
+            })),
+            write_hook: Some(Box::new(CaptureWrites {
+                io: self.io.clone(),
+            })),
+        }
+    }
+}
+
+/// Figures of a protected VM (status, metrics, benchmark).
+#[derive(Debug, Clone, Default)]
+pub struct ProtectStats {
+    pub state: &'static str,
+    pub epochs: u64,
+    pub committed: u64,
+    pub precopy_epochs: u64,
+    pub resyncs: u64,
+    pub pause_us: Vec<u64>,
+    pub dirty_pages: u64,
+    pub raw_bytes: u64,
+    pub wire_bytes: u64,
+    pub output_held_bytes: usize,
+    pub output_released_frames: u64,
+    pub output_dropped_frames: u64,
+    pub interval_ms: u64,
+    pub rtt_ms: Option<f64>,
+}
+
+impl ProtectStats {
+    /// Percentile of recent pause times, in microseconds.
+    pub fn pause_percentile(&self, p: f64) -> Option<u64> {
+        if self.pause_us.is_empty() {
+            return None;
+        }
+        let mut v = self.pause_us.clone();
+        v.sort_unstable();
+        let i = ((v.len() - 1) as f64 * p).round() as usize;
+        v.get(i).copied()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProtectError {
+    #[error(transparent)]
+    Transport(#[from] wan::transport::TransportError),
+    #[error("guest: {0}")]
+    Guest(#[from] hypervisor::GuestError),
+    #[error("codec: {0}")]
+    Codec(#[from] wan::codec::CodecError),
+    #[error("replication session ended: {0}")]
+    Session(String),
+    #[error("reading the disk image {path}: {source}")]
+    Disk {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub struct Protector<G: ProtectedGuest> {
+    opts: ProtectOptions,
+    guest: G,
+    release: Option<Box<dyn FrameSink>>,
+    capture: Capture,
+    encoder: Encoder,
+    sender: SenderHandle,
+    events: tokio::sync::mpsc::UnboundedReceiver<SenderEvent>,
+    next_epoch: u64,
+    staging: Checkpoint,
+    pub stats: Arc<Mutex<ProtectStats>>,
+    endpoint: Endpoint,
+}
+
+impl<G: ProtectedGuest> Protector<G> {
+    /// Connects (lazily: the session dials and redials on its own) to the
+    /// backup. `release` is where committed frames go (the tap).
+    pub fn new(
+        opts: ProtectOptions,
+        guest: G,
+        capture: Capture,
+        release: Option<Box<dyn FrameSink>>,
+    ) -> Result<Self, ProtectError> {
+        let endpoint = Endpoint::bind(opts.bind, TransportConfig::new(opts.tls.clone()))?;
+        let mut scfg = SenderConfig::new(opts.site.clone(), opts.vm.clone());
+        scfg.max_in_flight = opts.max_in_flight as usize;
+        scfg.max_epoch_size = opts.max_epoch_bytes;
+        let (sender, events) = spawn_sender(
+            QuicDialer {
+                endpoint: endpoint.clone(),
+                addr: opts.backup_addr,
+                peer_site: opts.backup.clone(),
+            },
+            scfg,
+            1,
+        );
+        let encoder = Encoder::new(EncoderConfig {
+            vm_id: vm_id(&opts.vm),
+            page_size: guest.page_size(),
+            cache_budget_bytes: opts.cache_bytes,
+            zstd_level: opts.zstd_level,
+            ..EncoderConfig::default()
+        })?;
+        Ok(Self {
+            opts,
+            guest,
+            release,
+            capture,
+            encoder,
+            sender,
+            events,
+            next_epoch: 1,
+            staging: Checkpoint::default(),
+            stats: Arc::new(Mutex::new(ProtectStats {
+                state: "starting",
+                ..ProtectStats::default()
+            })),
+            endpoint,
+        })
+    }
+
+    fn set_state(&self, s: &'static str) {
+        if let Ok(mut st) = self.stats.lock() {
+            st.state = s;
+        }
+    }
+
+    async fn push(&mut self, kind: EpochKind, bytes: Vec<u8>) -> Result<u64, ProtectError> {
+        let want = self.next_epoch;
+        let got = self
+            .sender
+            .push_epoch(kind, Bytes::from(bytes))
+            .await
+            .map_err(|e| ProtectError::Session(e.to_string()))?;
+        if got != want {
+            return Err(ProtectError::Session(format!(
+                "session numbered epoch {got}, the encoder made epoch {want}"
+            )));
+        }
+        self.next_epoch += 1;
+        Ok(got)
+    }
+
+    /// Full synchronisation: everything while the guest runs, then dirty
+    /// rounds, then the first checkpoint. Used at start and on resync.
+    async fn synchronise(&mut self) -> Result<(), ProtectError> {
+        self.set_state("synchronising");
+        self.encoder.reset();
+        let total = self.guest.frame_count();
+        info!(vm = %self.opts.vm, pages = total, "initial synchronisation: pre-copy while the guest runs");
+        let mut disk_chunks = self.disk_chunks()?;
+        let mut kind = EpochKind::Full;
+        let mut sent_pages = 0u64;
+        for round in 0..PRECOPY_MAX_ROUNDS {
+            let mut round_pages = 0usize;
+            loop {
+                let mut cp = std::mem::take(&mut self.staging);
+                tokio::task::block_in_place(|| self.guest.precopy_round(PRECOPY_PAGES, &mut cp))?;
+                let n = cp.frames.len();
+                round_pages += n;
+                let mut disk = Vec::new();
+                let mut disk_bytes = 0;
+                while disk_bytes < PRECOPY_DISK_BYTES {
+                    let Some(c) = disk_chunks.pop() else { break };
+                    disk_bytes += c.1.len();
+                    disk.push(c);
+                }
+                if n == 0 && disk.is_empty() && kind == EpochKind::Delta {
+                    self.staging = cp;
+                    break;
+                }
+                let pages: Vec<(u64, &[u8])> = cp.page_slices(self.guest.page_size()).collect();
+                let dw: Vec<(u64, &[u8])> = disk.iter().map(|(o, d)| (*o, &d[..])).collect();
+                let epoch = self.next_epoch;
+                let bytes = tokio::task::block_in_place(|| {
+                    self.encoder.encode(epoch, &pages, &[], &dw)
+                })?;
+                self.account(n as u64, (n * self.guest.page_size() + disk_bytes) as u64, bytes.len() as u64, None);
+                self.push(kind, bytes).await?;
+                kind = EpochKind::Delta;
+                sent_pages += n as u64;
+                self.staging = cp;
+                if let Ok(mut st) = self.stats.lock() {
+                    st.precopy_epochs += 1;
+                }
+                if n < PRECOPY_PAGES && disk_chunks.is_empty() {
+                    break;
+                }
+            }
+            info!(vm = %self.opts.vm, round, pages = round_pages, sent_pages, "pre-copy round done");
+            // A round this small costs less than one checkpoint's pause.
+            if round > 0 && round_pages < 1024 {
+                break;
+            }
+        }
+        self.checkpoint().await?;
+        self.set_state("protected");
+        Ok(())
+    }
+
+    /// The disk image in chunks (popped from the end: reversed order).
+    fn disk_chunks(&self) -> Result<Vec<(u64, Vec<u8>)>, ProtectError> {
+        let Some(path) = &self.opts.disk else {
+            return Ok(Vec::new());
+        };
+        let data = std::fs::read(path).map_err(|source| ProtectError::Disk {
+            path: path.clone(),
+            source,
+        })?;
+        let mut chunks: Vec<(u64, Vec<u8>)> = data
+            .chunks(1 << 20)
+            .enumerate()
+            .map(|(i, c)| ((i as u64) << 20, c.to_vec()))
+            .collect();
+        chunks.reverse();
+        Ok(chunks)
+    }
+
+    fn account(&self, pages: u64, raw: u64, wire: u64, pause: Option<Duration>) {
+        if let Ok(mut st) = self.stats.lock() {
+            st.epochs += 1;
+            st.dirty_pages += pages;
+            st.raw_bytes += raw;
+            st.wire_bytes += wire;
+            if let Some(p) = pause {
+                if st.pause_us.len() >= 1024 {
+                    st.pause_us.remove(0);
+                }
+                st.pause_us.push(p.as_micros() as u64);
+            }
+        }
+    }
+
+    /// One checkpoint: pause, close the epoch, copy, resume, encode, send.
+    async fn checkpoint(&mut self) -> Result<u64, ProtectError> {
+        let epoch = self.next_epoch;
+        let io = self.capture.io.clone();
+        let mut disk = Vec::new();
+        let mut cp = std::mem::take(&mut self.staging);
+        tokio::task::block_in_place(|| {
+            self.guest.checkpoint(&mut cp, &mut || {
+                if let Ok(mut io) = io.lock() {
+                    io.output.close_epoch_as(epoch);
+                    disk = std::mem::take(&mut io.disk);
+                }
+            })
+        })?;
+        let ps = self.guest.page_size();
+        let pages: Vec<(u64, &[u8])> = cp.page_slices(ps).collect();
+        let dw: Vec<(u64, &[u8])> = disk.iter().map(|(o, d)| (*o, &d[..])).collect();
+        let disk_bytes: usize = disk.iter().map(|(_, d)| d.len()).sum();
+        let bytes =
+            tokio::task::block_in_place(|| self.encoder.encode(epoch, &pages, &cp.state, &dw))?;
+        self.account(
+            cp.frames.len() as u64,
+            (cp.pages.len() + cp.state.len() + disk_bytes) as u64,
+            bytes.len() as u64,
+            Some(cp.timings.total),
+        );
+        self.staging = cp;
+        self.push(EpochKind::Delta, bytes).await
+    }
+
+    fn release_through(&mut self, epoch: u64) {
+        self.encoder.acknowledge(epoch);
+        let frames = match self.capture.io.lock() {
+            Ok(mut io) => io.output.release_through(epoch),
+            Err(_) => Vec::new(),
+        };
+        if let Some(tap) = &mut self.release {
+            for f in &frames {
+                tap.send(f);
+            }
+        }
+        if let Ok(mut st) = self.stats.lock() {
+            st.committed = st.committed.max(epoch);
+            st.output_released_frames += frames.len() as u64;
+        }
+    }
+
+    /// Protects until `shutdown` (or until the guest exits).
+    pub async fn run(
+        mut self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<ProtectStats, ProtectError> {
+        tokio::pin!(shutdown);
+        self.synchronise().await?;
+        let mut pacer = Pacer::new(
+            self.opts.interval,
+            self.opts.max_in_flight,
+            Instant::now(),
+        );
+        let mut last_report = Instant::now();
+        loop {
+            let status = self.sender.status();
+            let in_flight = status.in_flight as u32;
+            let (held, limit) = match self.capture.io.lock() {
+                Ok(io) => (io.output.held_bytes(), self.opts.output_limit),
+                Err(_) => (0, self.opts.output_limit),
+            };
+            let pressure = held * 2 > limit;
+            let decision = pacer.decide(Instant::now(), in_flight, pressure);
+            let wake = match decision {
+                Decision::Checkpoint => {
+                    if !self.guest.is_running() {
+                        warn!(vm = %self.opts.vm, "guest stopped: protection ends");
+                        break;
+                    }
+                    self.checkpoint().await?;
+                    let backlog = status
+                        .link
+                        .as_ref()
+                        .map(|l| Duration::from_secs_f64(l.rtt.as_secs_f64() * in_flight as f64))
+                        .unwrap_or_default();
+                    pacer.checkpoint_taken(Instant::now(), in_flight, backlog);
+                    continue;
+                }
+                Decision::WaitUntil(t) => tokio::time::Instant::from_std(t),
+                Decision::WaitForAck => tokio::time::Instant::now() + self.opts.interval,
+            };
+            if last_report.elapsed() > Duration::from_secs(5) {
+                last_report = Instant::now();
+                self.report(&pacer, &status);
+            }
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = tokio::time::sleep_until(wake) => {}
+                ev = self.events.recv() => {
+                    let Some(ev) = ev else {
+                        return Err(ProtectError::Session("replication task stopped".into()));
+                    };
+                    match ev {
+                        SenderEvent::Committed { epoch } => self.release_through(epoch),
+                        SenderEvent::ResyncRequired { reason, .. } => {
+                            warn!(vm = %self.opts.vm, reason, "backup needs a full resync");
+                            if let Ok(mut st) = self.stats.lock() {
+                                st.resyncs += 1;
+                            }
+                            self.synchronise().await?;
+                        }
+                        SenderEvent::Connected { peer_site, receiver_committed, .. } => {
+                            info!(vm = %self.opts.vm, peer = %peer_site, receiver_committed, "backup connected");
+                        }
+                        SenderEvent::Disconnected { error, retry_in } => {
+                            warn!(vm = %self.opts.vm, %error, ?retry_in, "backup unreachable: output is held until it is back");
+                        }
+                        SenderEvent::Failed { error } => {
+                            return Err(ProtectError::Session(error.to_string()));
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        self.set_state("stopped");
+        self.sender.close().await;
+        self.endpoint.close();
+        let stats = self.stats.lock().map(|s| s.clone()).unwrap_or_default();
+        Ok(stats)
+    }
+
+    fn report(&self, pacer: &Pacer, status: &wan::transport::replication::SenderStatus) {
+        let held = self
+            .capture
+            .io
+            .lock()
+            .map(|io| io.output.held_bytes())
+            .unwrap_or(0);
+        if let Ok(mut st) = self.stats.lock() {
+            st.interval_ms = pacer.interval().as_millis() as u64;
+            st.output_held_bytes = held;
+            st.output_dropped_frames = self.capture.dropped_frames.load(Ordering::Relaxed);
+            st.rtt_ms = status.link.as_ref().map(|l| l.rtt.as_secs_f64() * 1e3);
+            info!(
+                vm = %self.opts.vm,
+                epochs = st.epochs,
+                committed = st.committed,
+                pause_p50_us = st.pause_percentile(0.5),
+                pause_p99_us = st.pause_percentile(0.99),
+                ratio = format!("{:.1}", st.raw_bytes as f64 / st.wire_bytes.max(1) as f64),
+                held_bytes = held,
+                interval_ms = st.interval_ms,
+                "protecting"
+            );
+        }
+    }
+}
+
+/// A stable numeric id for a VM name (carried in every epoch header).
+pub fn vm_id(name: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(name.as_bytes())
+}
