@@ -1,4 +1,5 @@
 use proptest::prelude::*;
+use proptest::strategy::ValueTree;
 use zerocopy::FromBytes;
 
 use super::*;
@@ -171,7 +172,7 @@ proptest! {
 
 /// Re-seals a blob's checksum after an edit, so the structural checks
 /// behind it are reached.
-fn reseal(blob: &mut Vec<u8>) {
+fn reseal(blob: &mut [u8]) {
     let n = blob.len() - TRAILER;
     let sum = xxhash_rust::xxh3::xxh3_64(&blob[..n]);
     blob[n..].copy_from_slice(&sum.to_le_bytes());
