@@ -4,9 +4,10 @@ mod certs;
 mod config;
 pub mod exit;
 mod logging;
+mod protect;
 mod signals;
 mod standby;
-mod vm;
+pub mod vm;
 mod witness;
 
 use clap::{Parser, Subcommand};
@@ -31,9 +32,9 @@ and `remus-wan config check`.";
 const AFTER_HELP: &str = "\
 Roles:
   standby --site dc2        hold the replica of the VM backed up at dc2
+  protect web1 --site dc2   protect VM web1 towards site dc2 (run at the primary)
   witness                   arbitrate which site may run each VM (third site)
 Arriving with their issues (not in this build yet):
-  protect web1 --site dc2   protect VM web1 towards site dc2
   status, switchover        observe; move a VM by plan with no loss
 
 Exit codes: 0 success, 1 failure, 2 usage error, 3 invalid configuration,
@@ -63,6 +64,10 @@ pub enum Command {
     /// Run a VM of the configuration on the built-in micro-VM (foreground).
     #[command(subcommand)]
     Vm(vm::VmCommand),
+    /// Start a VM here and protect it towards its backup site: checkpoint
+    /// it every epoch, replicate over QUIC, release its network output
+    /// only once the backup has committed the epoch it belongs to.
+    Protect(protect::ProtectArgs),
     /// Hold the replica of the VM this site backs up: receive, verify and
     /// commit each epoch all-or-nothing, then acknowledge it.
     Standby(standby::StandbyArgs),
@@ -81,6 +86,7 @@ impl Cli {
             Command::Vm(c) => c.run(),
             Command::Witness(c) => c.run(),
             Command::Standby(c) => c.run(),
+            Command::Protect(c) => c.run(),
         }
     }
 }

@@ -19,6 +19,11 @@ pub struct StandbyArgs {
     /// Where replicas are kept (`<state-dir>/replicas/<vm>/`).
     #[arg(long, default_value = "/var/lib/remus-wan")]
     state_dir: PathBuf,
+    /// Take over by hand: resume the VM from the replica's last committed
+    /// epoch, here, attached to its tap (stop the standby first). Runs the
+    /// VM until SIGTERM. Automatic takeover comes with the witness wiring.
+    #[arg(long)]
+    activate: bool,
 }
 
 impl StandbyArgs {
@@ -72,6 +77,9 @@ impl StandbyArgs {
             },
             None => 0,
         };
+        if self.activate {
+            return activate(vm, &standby::replica_dir(&self.state_dir, &vm.name));
+        }
         let opts = StandbyOptions {
             site: self.site.clone(),
             primary: vm.primary.clone(),
@@ -115,5 +123,71 @@ impl StandbyArgs {
                 }
             }
         })
+    }
+}
+
+/// Resumes the VM from its replica in this process.
+fn activate(vm: &crate::config::Vm, dir: &std::path::Path) -> Code {
+    use hypervisor::kvm;
+
+    let store = match crate::replica::ReplicaStore::open(dir) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Code::Failure;
+        }
+    };
+    let meta = store.meta().clone();
+    if !meta.consistent {
+        eprintln!(
+            "error: the replica in {} never reached a consistent checkpoint (initial synchronisation unfinished): nothing to resume",
+            dir.display()
+        );
+        return Code::Failure;
+    }
+    let mut spec = match super::vm::spec_from_config(vm) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Code::Config;
+        }
+    };
+    if vm.disk.is_some() {
+        spec = spec.disk(dir.join("disk.img"));
+    }
+    let state = match store.state() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Code::Failure;
+        }
+    };
+    if let Err(e) = kvm::termination::install() {
+        eprintln!("error: cannot handle SIGTERM: {e}");
+        return Code::Failure;
+    }
+    let guest = match kvm::restore(&spec, store.memory(), &state, kvm::Seams::default()) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!(
+                "error: activating VM {} from epoch {:?}: {e}",
+                vm.name, meta.epoch
+            );
+            return Code::Failure;
+        }
+    };
+    drop(store);
+    tracing::info!(vm = %vm.name, epoch = ?meta.epoch, "VM activated from the replica");
+    while !guest.wait(std::time::Duration::from_millis(200)) {
+        if kvm::termination::requested() {
+            break;
+        }
+    }
+    match guest.shutdown() {
+        Ok(_) => Code::Success,
+        Err(e) => {
+            eprintln!("error: VM {}: {e}", vm.name);
+            Code::Failure
+        }
     }
 }

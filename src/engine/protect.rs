@@ -293,10 +293,14 @@ impl<G: ProtectedGuest> Protector<G> {
                 let pages: Vec<(u64, &[u8])> = cp.page_slices(self.guest.page_size()).collect();
                 let dw: Vec<(u64, &[u8])> = disk.iter().map(|(o, d)| (*o, &d[..])).collect();
                 let epoch = self.next_epoch;
-                let bytes = tokio::task::block_in_place(|| {
-                    self.encoder.encode(epoch, &pages, &[], &dw)
-                })?;
-                self.account(n as u64, (n * self.guest.page_size() + disk_bytes) as u64, bytes.len() as u64, None);
+                let bytes =
+                    tokio::task::block_in_place(|| self.encoder.encode(epoch, &pages, &[], &dw))?;
+                self.account(
+                    n as u64,
+                    (n * self.guest.page_size() + disk_bytes) as u64,
+                    bytes.len() as u64,
+                    None,
+                );
                 self.push(kind, bytes).await?;
                 kind = EpochKind::Delta;
                 sent_pages += n as u64;
@@ -406,11 +410,7 @@ impl<G: ProtectedGuest> Protector<G> {
     ) -> Result<ProtectStats, ProtectError> {
         tokio::pin!(shutdown);
         self.synchronise().await?;
-        let mut pacer = Pacer::new(
-            self.opts.interval,
-            self.opts.max_in_flight,
-            Instant::now(),
-        );
+        let mut pacer = Pacer::new(self.opts.interval, self.opts.max_in_flight, Instant::now());
         let mut last_report = Instant::now();
         loop {
             let status = self.sender.status();

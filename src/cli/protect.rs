@@ -1,0 +1,134 @@
+//! `remus-wan protect VM --site BACKUP --config FILE`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+use super::exit::Code;
+use crate::config::Config;
+use crate::engine::protect::{Capture, ProtectOptions, Protector};
+
+#[derive(Debug, Args)]
+pub struct ProtectArgs {
+    /// The VM to protect (a [[vms]] name); it is started here.
+    vm: String,
+    /// The backup site to protect it towards (the VM's `backup`).
+    #[arg(long)]
+    site: String,
+    /// The deployment's configuration file.
+    #[arg(long, short)]
+    config: PathBuf,
+    /// Guest console log file.
+    #[arg(long)]
+    console_log: Option<PathBuf>,
+}
+
+impl ProtectArgs {
+    pub fn run(self) -> Code {
+        let cfg = match Config::load(&self.config) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return Code::Config;
+            }
+        };
+        let Some(vm) = cfg.vm(&self.vm) else {
+            eprintln!(
+                "error: {}: no VM named {:?} in [[vms]]",
+                self.config.display(),
+                self.vm
+            );
+            return Code::Config;
+        };
+        if vm.backup != self.site {
+            eprintln!(
+                "error: VM {} is backed up at {:?} (`vms.backup`), not at {:?}",
+                vm.name, vm.backup, self.site
+            );
+            return Code::Config;
+        }
+        let issues = cfg.check_files(&vm.primary);
+        if !issues.is_empty() {
+            for i in issues {
+                eprintln!("error: {i}");
+            }
+            return Code::Config;
+        }
+        let (Some(primary), Some(backup)) = (cfg.site(&vm.primary), cfg.site(&vm.backup)) else {
+            return Code::Config;
+        };
+        let spec = match super::vm::spec_from_config(vm) {
+            Ok(s) => s.console(hypervisor::kvm::ConsoleSpec {
+                log_file: self.console_log.clone(),
+                to_terminal: false,
+            }),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return Code::Config;
+            }
+        };
+        let r = cfg.replication_for(vm);
+        let opts = ProtectOptions {
+            site: primary.name.clone(),
+            backup: backup.name.clone(),
+            vm: vm.name.clone(),
+            backup_addr: backup.connect_addr(),
+            bind: std::net::SocketAddr::new(primary.listen.ip(), 0),
+            tls: wan::transport::TlsPaths {
+                ca: primary.tls.ca.clone(),
+                cert: primary.tls.cert.clone(),
+                key: primary.tls.key.clone(),
+            },
+            interval: Duration::from_millis(r.epoch_interval_ms),
+            max_in_flight: r.max_epochs_in_flight,
+            zstd_level: r.compression_level,
+            cache_bytes: (r.page_cache_mib << 20) as usize,
+            output_limit: 64 << 20,
+            max_epoch_bytes: r.max_epoch_mib << 20,
+            disk: vm.disk.clone(),
+        };
+        let capture = Capture::new(opts.output_limit);
+        let guest = match hypervisor::kvm::Vm::start(&spec, capture.seams()) {
+            Ok(g) => g,
+            Err(e) => {
+                eprintln!("error: VM {}: {e}", vm.name);
+                return Code::Failure;
+            }
+        };
+        let release = guest
+            .tap()
+            .map(|t| Box::new(t) as Box<dyn hypervisor::kvm::devices::net::FrameSink>);
+        let rt = match tokio::runtime::Runtime::new() {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("error: cannot start the async runtime: {e}");
+                return Code::Failure;
+            }
+        };
+        rt.block_on(async move {
+            let shutdown = super::signals::shutdown();
+            let protector = match Protector::new(opts, guest, capture, release) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return Code::Failure;
+                }
+            };
+            match protector.run(shutdown).await {
+                Ok(stats) => {
+                    tracing::info!(
+                        epochs = stats.epochs,
+                        committed = stats.committed,
+                        "protection stopped"
+                    );
+                    Code::Success
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    Code::Failure
+                }
+            }
+        })
+    }
+}
