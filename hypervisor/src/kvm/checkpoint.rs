@@ -140,12 +140,13 @@ impl Vm {
         self.net.as_ref().map(|n| lock(n))
     }
 
-    /// Stops vCPUs, then device workers.
-    fn pause_all(&mut self) -> std::result::Result<(), GuestError> {
+    /// Stops vCPUs (which read their own state on the way in when
+    /// `capture`), then device workers.
+    fn pause_all(&mut self, capture: bool) -> std::result::Result<(), GuestError> {
         if !self.shared.is_running() {
             return Err(GuestError::NotRunning);
         }
-        self.shared.request_pause();
+        self.shared.request_pause(capture);
         match self.shared.wait_paused(PAUSE_TIMEOUT) {
             Ok(()) => {}
             Err(f) => {
@@ -162,21 +163,26 @@ impl Vm {
         Ok(())
     }
 
-    fn resume_all(&mut self) {
+    /// Resumes device workers, then vCPUs; returns the instant the vCPUs
+    /// were let go (the end of the pause as the guest sees it).
+    fn resume_all(&mut self) -> Instant {
         if let Some(mut n) = self.net() {
             n.set_paused(false);
         }
+        let t = Instant::now();
         self.shared.resume_vcpus();
+        t
     }
 
-    /// The VM's complete state; the VM must be paused.
-    fn capture_state(&self) -> Result<VmState> {
-        let vcpus = self.shared.capture_vcpus(PAUSE_TIMEOUT)?;
+    /// The VM's complete state, and how long the slowest vCPU took to read
+    /// its registers; the VM must be paused.
+    fn capture_state(&self) -> Result<(VmState, Duration)> {
+        let (vcpus, vcpu_time) = self.shared.capture_vcpus(PAUSE_TIMEOUT)?;
         let clock = self.vm_fd.get_clock().ok().map(|c| ClockState {
             clock: c.clock,
             flags: c.flags,
         });
-        Ok(VmState {
+        let state = VmState {
             mem_size: self.shared.mem.last_addr().0 + 1,
             tsc_khz: self.tsc_khz,
             ready: self.shared.is_ready(),
@@ -193,7 +199,8 @@ impl Vm {
                 .collect(),
             net: self.net().map(|n| n.save()),
             block: self.block.as_ref().map(|b| lock(b).save()),
-        })
+        };
+        Ok((state, vcpu_time))
     }
 
     fn checkpoint_paused(
@@ -201,18 +208,27 @@ impl Vm {
         out: &mut Checkpoint,
         at_pause: &mut dyn FnMut(),
         t0: Instant,
-    ) -> Result<()> {
+    ) -> Result<Duration> {
         at_pause();
         self.collect_dirty()?;
         let t_log = Instant::now();
         self.copy_pending(usize::MAX, out)?;
         let t_copy = Instant::now();
-        self.capture_state()?.encode(&mut out.state);
+        let (state, vcpu_time) = self.capture_state()?;
+        state.encode(&mut out.state);
         let t_state = Instant::now();
         out.timings.dirty_log = t_log - t0;
         out.timings.copy = t_copy - t_log;
-        out.timings.state = t_state - t_copy;
-        Ok(())
+        out.timings.state = t_state - t_copy + vcpu_time;
+        Ok(vcpu_time)
+    }
+
+    /// Empties `out` for a new round, keeping the staging buffer's length
+    /// (so it is not zero-filled again every epoch; `copy_pending` sizes it).
+    fn reset_out(out: &mut Checkpoint) {
+        out.frames.clear();
+        out.state.clear();
+        out.timings = Default::default();
     }
 }
 
@@ -249,25 +265,29 @@ impl ProtectedGuest for Vm {
         out: &mut Checkpoint,
         at_pause: &mut dyn FnMut(),
     ) -> std::result::Result<(), GuestError> {
-        out.clear();
+        Self::reset_out(out);
         let t0 = Instant::now();
         if !self.tracker.held {
-            self.pause_all()?;
+            self.pause_all(true)?;
         }
         let t_stop = Instant::now();
         let r = self.checkpoint_paused(out, at_pause, t_stop);
-        if !self.tracker.held {
-            self.resume_all();
-        }
-        let t_end = Instant::now();
-        out.timings.stop = t_stop - t0;
+        let t_end = if self.tracker.held {
+            Instant::now()
+        } else {
+            self.resume_all()
+        };
+        // The vCPUs read their registers while stopping: that time is
+        // reported under `state`, not `stop`.
+        let vcpu_time = *r.as_ref().unwrap_or(&Duration::ZERO);
+        out.timings.stop = (t_stop - t0).saturating_sub(vcpu_time);
         out.timings.total = t_end - t0;
-        r.map_err(backend)
+        r.map(|_| ()).map_err(backend)
     }
 
     fn pause(&mut self) -> std::result::Result<(), GuestError> {
         if !self.tracker.held {
-            self.pause_all()?;
+            self.pause_all(false)?;
             self.tracker.held = true;
         }
         Ok(())

@@ -64,6 +64,8 @@ struct Status {
     /// While a capture is wanted: one slot per vCPU, filled by the vCPU
     /// thread itself (it owns its fd).
     capture: Option<Vec<Option<Result<VcpuState>>>>,
+    /// Longest time one vCPU took to read its state (last capture).
+    capture_time: Duration,
 }
 
 /// Why the vCPUs could not be paused.
@@ -200,14 +202,21 @@ impl Shared {
     }
 
     /// Asks every vCPU to stop at its pause point (kicks them out of
-    /// KVM_RUN, wakes idle and parked ones).
-    pub(crate) fn request_pause(&self) {
+    /// KVM_RUN, wakes idle and parked ones). With `capture`, each vCPU
+    /// thread reads its own state on the way in (it is running anyway; a
+    /// second wake-up would cost a scheduling round on a loaded host).
+    pub(crate) fn request_pause(&self, capture: bool) {
+        let mut s = self.status();
+        if capture {
+            s.capture = Some((0..s.threads.len()).map(|_| None).collect());
+            s.capture_time = Duration::ZERO;
+        }
         self.pause.store(true, Ordering::Release);
         self.doorbell.ring();
-        let s = self.status();
         for tid in s.threads.iter().flatten() {
             kick::kick(*tid);
         }
+        drop(s);
         self.changed.notify_all();
     }
 
@@ -242,12 +251,17 @@ impl Shared {
         self.changed.notify_all();
     }
 
-    /// Has every paused vCPU read its own state; in vCPU index order.
-    pub(crate) fn capture_vcpus(&self, timeout: Duration) -> Result<Vec<VcpuState>> {
+    /// The vCPU states read at this pause (asking the paused vCPUs for them
+    /// if the pause was requested without capture), in vCPU index order,
+    /// and the longest time one vCPU took to read its own.
+    pub(crate) fn capture_vcpus(&self, timeout: Duration) -> Result<(Vec<VcpuState>, Duration)> {
         let deadline = Instant::now() + timeout;
         let mut s = self.status();
-        s.capture = Some((0..s.threads.len()).map(|_| None).collect());
-        self.changed.notify_all();
+        if s.capture.is_none() {
+            s.capture = Some((0..s.threads.len()).map(|_| None).collect());
+            s.capture_time = Duration::ZERO;
+            self.changed.notify_all();
+        }
         loop {
             let done = s
                 .capture
@@ -255,7 +269,8 @@ impl Shared {
                 .is_some_and(|c| c.iter().all(Option::is_some));
             if done {
                 let slots = s.capture.take().unwrap_or_default();
-                return slots.into_iter().flatten().collect();
+                let states = slots.into_iter().flatten().collect::<Result<Vec<_>>>()?;
+                return Ok((states, s.capture_time));
             }
             if self.stopping() {
                 return Err(Error::VcpuFailed {
@@ -283,8 +298,7 @@ impl Shared {
     /// no I/O pending completion; it reads its own state when asked.
     pub(crate) fn pause_point(&self, index: usize, vcpu: &VcpuFd, parked: bool) {
         let mut s = self.status();
-        s.paused += 1;
-        self.changed.notify_all();
+        let mut counted = false;
         while self.pause_requested() && !self.stopping() {
             let wanted = s
                 .capture
@@ -292,13 +306,21 @@ impl Shared {
                 .is_some_and(|c| c.get(index).is_some_and(Option::is_none));
             if wanted {
                 drop(s);
+                let t = Instant::now();
                 let state = snapshot::capture(vcpu, index as u32, parked, &self.msrs);
+                let took = t.elapsed();
                 s = self.status();
                 if let Some(slot) = s.capture.as_mut().and_then(|c| c.get_mut(index)) {
                     *slot = Some(state);
+                    s.capture_time = s.capture_time.max(took);
                 }
                 self.changed.notify_all();
                 continue;
+            }
+            if !counted {
+                counted = true;
+                s.paused += 1;
+                self.changed.notify_all();
             }
             s = self
                 .changed
@@ -306,7 +328,9 @@ impl Shared {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
-        s.paused -= 1;
+        if counted {
+            s.paused -= 1;
+        }
         self.changed.notify_all();
     }
 }

@@ -2,7 +2,9 @@
 //! 0 counts to 10 on the console and exits with the sum of its native-speed
 //! loop; 1 executes `ud2`; 2 writes to an unmapped address; 3 spins forever
 //! (for stop tests); 4 dirties `dirty_set_pages` pages once, reports ready,
-//! then spins.
+//! then spins; 5 dirties its `dirty_set_pages` pages over and over (one
+//! 8-byte write per page per pass) and counts finished passes in the u64
+//! just below the set (checkpoint benchmarks).
 #![no_std]
 #![no_main]
 
@@ -35,6 +37,23 @@ extern "C" fn guest_main(info: &'static BootInfo) -> u32 {
             guest_rt::report_ready();
             loop {
                 core::hint::spin_loop();
+            }
+        }
+        5 => {
+            let base = (info.mem_size / 2) & !4095;
+            let passes = (base - 8) as *mut u64;
+            let mut pass = 0u64;
+            loop {
+                for i in 0..info.dirty_set_pages {
+                    // SAFETY: as in mode 4.
+                    unsafe { ((base + i * 4096) as *mut u64).write_volatile(pass) };
+                }
+                pass += 1;
+                // SAFETY: the page below the set, also free RAM.
+                unsafe { passes.write_volatile(pass) };
+                if pass == 1 {
+                    guest_rt::report_ready();
+                }
             }
         }
         _ => {}
