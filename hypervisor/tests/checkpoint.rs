@@ -241,3 +241,74 @@ fn corrupt_or_mismatched_state_is_refused() {
     );
     vm.shutdown().expect("stop");
 }
+
+/// Counts frames and passes them to the tap once it is known.
+#[derive(Clone, Default)]
+struct Counting {
+    sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    tap: std::sync::Arc<std::sync::Mutex<Option<hypervisor::kvm::devices::tap::Tap>>>,
+}
+
+impl hypervisor::kvm::devices::net::FrameSink for Counting {
+    fn send(&mut self, frame: &[u8]) {
+        self.sent.fetch_add(1, Ordering::SeqCst);
+        if let Some(t) = self.tap.lock().unwrap().as_mut() {
+            t.send(frame);
+        }
+    }
+}
+
+#[test]
+fn while_paused_no_frame_leaves_and_no_guest_memory_changes() {
+    if !common::require_kvm_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = common::disk_image(dir.path(), 4);
+    let spec = spec(&disk);
+    common::in_new_netns(|| {
+        common::persistent_tap(TAP, "192.0.2.1/24", "02:00:00:00:05:03");
+        let sink = Counting::default();
+        let mut vm = Vm::start(
+            &spec,
+            Seams {
+                frame_sink: Some(Box::new(sink.clone())),
+                write_hook: None,
+            },
+        )
+        .expect("start");
+        *sink.tap.lock().unwrap() = vm.tap();
+        vm.wait_ready(Duration::from_secs(60)).expect("ready");
+        let mut counter = connect(9000);
+        let mut next = 0;
+        read_counter(&mut counter, &mut next, 20_000);
+        // Frames keep arriving while paused: the client's ACKs and pings.
+        let pinger = std::process::Command::new("ping")
+            .args(["-i", "0.01", "-c", "100", "-q", &GUEST.to_string()])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .ok();
+        for round in 0..5 {
+            vm.pause().expect("pause");
+            let before = sink.sent.load(Ordering::SeqCst);
+            vm.take_dirty_log().expect("dirty log");
+            std::thread::sleep(Duration::from_millis(100));
+            let log = vm.take_dirty_log().expect("dirty log");
+            let dirty = hypervisor::kvm::memory::count_dirty(&log);
+            assert_eq!(
+                sink.sent.load(Ordering::SeqCst),
+                before,
+                "round {round}: a frame left while paused"
+            );
+            assert_eq!(dirty, 0, "round {round}: guest memory changed while paused");
+            assert!(vm.is_running());
+            vm.resume().expect("resume");
+            read_counter(&mut counter, &mut next, 20_000);
+        }
+        if let Some(mut p) = pinger {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+        vm.shutdown().expect("stop");
+    });
+}

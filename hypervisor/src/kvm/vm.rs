@@ -447,7 +447,9 @@ impl Vm {
         &self.shared.mem
     }
 
-    /// Takes and clears the dirty-page log (guest and VMM writes).
+    /// Takes and clears the dirty-page log (guest and VMM writes). For
+    /// tests and tools: the log it clears is the one checkpoints read, so a
+    /// protected VM must not be asked for it between checkpoints.
     pub fn take_dirty_log(&self) -> Result<Vec<u64>> {
         memory::take_dirty_log(&self.vm_fd, &self.shared.mem)
     }
