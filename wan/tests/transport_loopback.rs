@@ -144,7 +144,10 @@ fn spawn_engine(
     (applied_rx, err_rx)
 }
 
-async fn wait_committed(events: &mut mpsc::UnboundedReceiver<SenderEvent>, epoch: u64) -> Vec<SenderEvent> {
+async fn wait_committed(
+    events: &mut mpsc::UnboundedReceiver<SenderEvent>,
+    epoch: u64,
+) -> Vec<SenderEvent> {
     let mut seen = Vec::new();
     tokio::time::timeout(WAIT, async {
         while let Some(ev) = events.recv().await {
@@ -197,7 +200,11 @@ async fn two_sites_authenticate_and_stream_epochs() {
     let (sh, mut sev) = spawn_sender(dialer, sender_cfg(), 1);
     let n = 20u64;
     for e in 1..=n {
-        let kind = if e == 1 { EpochKind::Full } else { EpochKind::Delta };
+        let kind = if e == 1 {
+            EpochKind::Full
+        } else {
+            EpochKind::Delta
+        };
         let size = (e as usize * 97_531) % 3_000_000 + 1;
         let got = sh.push_epoch(kind, payload(e, size)).await.unwrap();
         assert_eq!(got, e);
@@ -259,7 +266,10 @@ async fn a_client_certificate_from_another_ca_is_refused() {
     let client = bind(c);
     let (ce, se) = expect_refused(client, server, "dc2").await;
     assert!(se.contains("handshake with client at"), "{se}");
-    assert!(se.to_lowercase().contains("issuer") || se.contains("certificate"), "{se}");
+    assert!(
+        se.to_lowercase().contains("issuer") || se.contains("certificate"),
+        "{se}"
+    );
     assert!(!ce.is_empty());
 }
 
@@ -288,7 +298,10 @@ async fn right_ca_but_wrong_site_name_is_refused_both_ways() {
     let server = bind(tcfg(&pki.good, "dc2", &["dc1"]));
     let client = bind(tcfg(&pki.good, "dc3", &[]));
     let (_, se) = expect_refused(client, server, "dc2").await;
-    assert!(se.contains("names none of the expected sites [\"dc1\"]"), "{se}");
+    assert!(
+        se.contains("names none of the expected sites [\"dc1\"]"),
+        "{se}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -351,14 +364,22 @@ async fn a_link_cut_mid_epoch_keeps_the_replica_and_resumes_without_duplicates()
         peer_site: "dc2".into(),
     };
     let (sh, mut sev) = spawn_sender(dialer, sender_cfg(), 1);
-    sh.push_epoch(EpochKind::Full, payload(1, 100_000)).await.unwrap();
-    sh.push_epoch(EpochKind::Delta, payload(2, 50_000)).await.unwrap();
-    sh.push_epoch(EpochKind::Delta, payload(3, 50_000)).await.unwrap();
+    sh.push_epoch(EpochKind::Full, payload(1, 100_000))
+        .await
+        .unwrap();
+    sh.push_epoch(EpochKind::Delta, payload(2, 50_000))
+        .await
+        .unwrap();
+    sh.push_epoch(EpochKind::Delta, payload(3, 50_000))
+        .await
+        .unwrap();
     wait_committed(&mut sev, 3).await;
 
     // A 6 MB epoch takes over a second at 40 Mbit/s: cut once part of it passed.
     let before = link.stats().forward.bytes;
-    sh.push_epoch(EpochKind::Delta, payload(4, 6_000_000)).await.unwrap();
+    sh.push_epoch(EpochKind::Delta, payload(4, 6_000_000))
+        .await
+        .unwrap();
     tokio::time::timeout(WAIT, async {
         while link.stats().forward.bytes < before + 1_000_000 {
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -368,26 +389,45 @@ async fn a_link_cut_mid_epoch_keeps_the_replica_and_resumes_without_duplicates()
     .expect("epoch 4 started flowing");
     link.cut();
     // Both ends notice the silence; the receiver drops the partial epoch.
-    let err = tokio::time::timeout(WAIT, rerrs.recv()).await.unwrap().unwrap();
+    let err = tokio::time::timeout(WAIT, rerrs.recv())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(
-        matches!(err, SessionError::Stalled { epoch: 4, .. } | SessionError::PeerTimeout(_)),
+        matches!(
+            err,
+            SessionError::Stalled { epoch: 4, .. } | SessionError::PeerTimeout(_)
+        ),
         "{err}"
     );
-    assert_eq!(rh.committed(), 3, "the replica stays at its last committed epoch");
+    assert_eq!(
+        rh.committed(),
+        3,
+        "the replica stays at its last committed epoch"
+    );
     // More epochs are produced while the link is down.
-    sh.push_epoch(EpochKind::Delta, payload(5, 10_000)).await.unwrap();
-    sh.push_epoch(EpochKind::Delta, payload(6, 10_000)).await.unwrap();
+    sh.push_epoch(EpochKind::Delta, payload(5, 10_000))
+        .await
+        .unwrap();
+    sh.push_epoch(EpochKind::Delta, payload(6, 10_000))
+        .await
+        .unwrap();
     assert_eq!(rh.committed(), 3);
     link.heal();
     let seen = wait_committed(&mut sev, 6).await;
     assert!(
-        seen.iter().any(|e| matches!(e, SenderEvent::Disconnected { .. })),
+        seen.iter()
+            .any(|e| matches!(e, SenderEvent::Disconnected { .. })),
         "{seen:?}"
     );
     assert!(
         seen.iter().any(|e| matches!(
             e,
-            SenderEvent::Connected { receiver_committed: 3, resume_from: 4, .. }
+            SenderEvent::Connected {
+                receiver_committed: 3,
+                resume_from: 4,
+                ..
+            }
         )),
         "{seen:?}"
     );
@@ -395,7 +435,11 @@ async fn a_link_cut_mid_epoch_keeps_the_replica_and_resumes_without_duplicates()
     while let Ok(e) = applied.try_recv() {
         got.push(e);
     }
-    assert_eq!(got, vec![1, 2, 3, 4, 5, 6], "each epoch applied exactly once, in order");
+    assert_eq!(
+        got,
+        vec![1, 2, 3, 4, 5, 6],
+        "each epoch applied exactly once, in order"
+    );
     assert!(link.stats().forward.partition_drops > 0);
     sh.close().await;
 }
@@ -417,7 +461,9 @@ async fn an_oversized_epoch_is_refused_and_the_session_stays_healthy() {
         peer_site: "dc2".into(),
     };
     let (sh, mut sev) = spawn_sender(dialer, sender_cfg(), 1);
-    sh.push_epoch(EpochKind::Full, payload(1, 1000)).await.unwrap();
+    sh.push_epoch(EpochKind::Full, payload(1, 1000))
+        .await
+        .unwrap();
     wait_committed(&mut sev, 1).await;
     // The sender knows the receiver's limit from HELLO_ACK.
     assert_eq!(
@@ -427,7 +473,9 @@ async fn an_oversized_epoch_is_refused_and_the_session_stays_healthy() {
             limit: 1_000_000
         }))
     );
-    sh.push_epoch(EpochKind::Delta, payload(2, 900_000)).await.unwrap();
+    sh.push_epoch(EpochKind::Delta, payload(2, 900_000))
+        .await
+        .unwrap();
     wait_committed(&mut sev, 2).await;
     assert_eq!(applied.recv().await, Some(1));
     assert_eq!(applied.recv().await, Some(2));
@@ -462,7 +510,9 @@ async fn an_oversized_epoch_is_refused_and_the_session_stays_healthy() {
     let error = error.expect("an ERROR frame before the close");
     assert_eq!(error.code, wire::ErrorCode::EpochTooLarge);
     assert_eq!(error.epoch, 3);
-    assert!(error.message.contains("over the receiver's limit of 1000000 bytes"));
+    assert!(error
+        .message
+        .contains("over the receiver's limit of 1000000 bytes"));
     let err = tokio::time::timeout(WAIT, async {
         loop {
             let e = rerrs.recv().await.unwrap();
@@ -489,7 +539,9 @@ async fn an_oversized_epoch_is_refused_and_the_session_stays_healthy() {
         peer_site: "dc2".into(),
     };
     let (sh, mut sev) = spawn_sender(dialer, sender_cfg(), 3);
-    sh.push_epoch(EpochKind::Delta, payload(3, 1000)).await.unwrap();
+    sh.push_epoch(EpochKind::Delta, payload(3, 1000))
+        .await
+        .unwrap();
     wait_committed(&mut sev, 3).await;
     assert_eq!(applied.recv().await, Some(3));
 }
@@ -514,16 +566,21 @@ async fn echo_server() -> SocketAddr {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn emulator_relays_and_its_partition_cuts_and_heals() {
     let up = echo_server().await;
-    let emu = Emulator::start(
-        EmulatorConfig::new(up).with_link(LinkParams::symmetric(Duration::from_millis(20), 0.0, None)),
-    )
+    let emu = Emulator::start(EmulatorConfig::new(up).with_link(LinkParams::symmetric(
+        Duration::from_millis(20),
+        0.0,
+        None,
+    )))
     .await
     .unwrap();
     let h = emu.handle();
     let c = UdpSocket::bind(LOCAL).await.unwrap();
     let mut buf = [0u8; 64];
     c.send_to(b"one", emu.local_addr()).await.unwrap();
-    let (n, _) = tokio::time::timeout(WAIT, c.recv_from(&mut buf)).await.unwrap().unwrap();
+    let (n, _) = tokio::time::timeout(WAIT, c.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(&buf[..n], b"one");
     h.cut();
     for _ in 0..5 {
@@ -538,7 +595,10 @@ async fn emulator_relays_and_its_partition_cuts_and_heals() {
     assert_eq!(h.stats().forward.partition_drops, 5);
     h.heal();
     c.send_to(b"two", emu.local_addr()).await.unwrap();
-    let (n, _) = tokio::time::timeout(WAIT, c.recv_from(&mut buf)).await.unwrap().unwrap();
+    let (n, _) = tokio::time::timeout(WAIT, c.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(&buf[..n], b"two");
     let s = h.stats();
     assert_eq!(s.forward.packets, 2);
@@ -548,8 +608,10 @@ async fn emulator_relays_and_its_partition_cuts_and_heals() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn emulator_loss_is_applied_and_counted() {
     let up = echo_server().await;
-    let mut p = LinkParams::default();
-    p.loss = 0.5;
+    let p = LinkParams {
+        loss: 0.5,
+        ..LinkParams::default()
+    };
     let mut cfg = EmulatorConfig::new(up);
     cfg.forward = p;
     cfg.seed = 42;

@@ -17,6 +17,8 @@
 //! previous one), like netem with a rate: heavy reordering would be read as
 //! loss by QUIC and TCP alike.
 
+pub mod netns;
+
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -201,7 +203,9 @@ impl EmulatorHandle {
 
     /// Changes one direction's conditions (applies to packets arriving from now on).
     pub fn set_params(&self, dir: Direction, p: LinkParams) {
-        *self.shared.params[dir as usize].lock().expect("params lock") = p;
+        *self.shared.params[dir as usize]
+            .lock()
+            .expect("params lock") = p;
     }
 
     /// Changes both directions.
@@ -211,7 +215,9 @@ impl EmulatorHandle {
     }
 
     pub fn params(&self, dir: Direction) -> LinkParams {
-        *self.shared.params[dir as usize].lock().expect("params lock")
+        *self.shared.params[dir as usize]
+            .lock()
+            .expect("params lock")
     }
 
     pub fn stats(&self) -> EmulatorStats {
@@ -350,8 +356,18 @@ impl Emulator {
         let (fwd_tx, fwd_rx) = mpsc::unbounded_channel::<Packet>();
         let (bwd_tx, bwd_rx) = mpsc::unbounded_channel::<Packet>();
         let mut tasks = vec![
-            tokio::spawn(deliver(fwd_rx, shared.clone(), Direction::Forward, deadline)),
-            tokio::spawn(deliver(bwd_rx, shared.clone(), Direction::Backward, deadline)),
+            tokio::spawn(deliver(
+                fwd_rx,
+                shared.clone(),
+                Direction::Forward,
+                deadline,
+            )),
+            tokio::spawn(deliver(
+                bwd_rx,
+                shared.clone(),
+                Direction::Backward,
+                deadline,
+            )),
         ];
         let fwd_shaper = Arc::new(Mutex::new(Shaper::new(cfg.seed)));
         let bwd_shaper = Arc::new(Mutex::new(Shaper::new(cfg.seed ^ 0x5555_5555)));
@@ -384,8 +400,7 @@ impl Emulator {
                         if clients.len() >= max_clients {
                             continue;
                         }
-                        let Ok(s) = UdpSocket::bind(SocketAddr::new(upstream.ip(), 0)).await
-                        else {
+                        let Ok(s) = UdpSocket::bind(SocketAddr::new(upstream.ip(), 0)).await else {
                             continue;
                         };
                         let s = Arc::new(s);
@@ -415,13 +430,29 @@ impl Emulator {
                                 if src != upstream {
                                     continue;
                                 }
-                                admit(&sh2, &shaper, Direction::Backward, &buf[..n], from, &listen2, &tx);
+                                admit(
+                                    &sh2,
+                                    &shaper,
+                                    Direction::Backward,
+                                    &buf[..n],
+                                    from,
+                                    &listen2,
+                                    &tx,
+                                );
                             }
                         });
                         s
                     }
                 };
-                admit(&sh, &fwd_shaper, Direction::Forward, &buf[..n], upstream, &sock, &fwd_tx);
+                admit(
+                    &sh,
+                    &fwd_shaper,
+                    Direction::Forward,
+                    &buf[..n],
+                    upstream,
+                    &sock,
+                    &fwd_tx,
+                );
             }
         }));
         info!(listen = %local_addr, upstream = %cfg.upstream, "WAN emulator running");
@@ -458,7 +489,11 @@ fn admit(
     }
     let p = *sh.params[dir as usize].lock().expect("params lock");
     let now = Instant::now();
-    match shaper.lock().expect("shaper lock").admit(&p, data.len(), now) {
+    match shaper
+        .lock()
+        .expect("shaper lock")
+        .admit(&p, data.len(), now)
+    {
         Verdict::Lost => {
             c.lost.fetch_add(1, Ordering::Relaxed);
         }

@@ -151,7 +151,11 @@ impl Receiver {
     /// The connection ended underneath the session.
     pub fn handle_disconnected(&mut self, _now: Instant, reason: &str) {
         if self.state != State::Idle {
-            warn!(reason, committed = self.committed, "replication connection lost");
+            warn!(
+                reason,
+                committed = self.committed,
+                "replication connection lost"
+            );
             self.reset_connection();
         }
     }
@@ -375,7 +379,10 @@ impl Receiver {
         if self.state == State::AwaitHello {
             return Some(self.deadline());
         }
-        Some(self.deadline().min(self.last_tx + self.cfg.heartbeat_interval))
+        Some(
+            self.deadline()
+                .min(self.last_tx + self.cfg.heartbeat_interval),
+        )
     }
 
     /// When the connection is given up: HELLO must come within the timeout

@@ -332,7 +332,10 @@ impl Sender {
 
     /// The connection ended underneath the session.
     pub fn handle_disconnected(&mut self, now: Instant, reason: &str) {
-        if matches!(self.state, State::Connecting | State::Handshaking | State::Up) {
+        if matches!(
+            self.state,
+            State::Connecting | State::Handshaking | State::Up
+        ) {
             self.go_down(SessionError::ConnectionLost(reason.to_string()), now);
         }
     }
@@ -456,7 +459,11 @@ impl Sender {
                     resume_from,
                 });
                 // Held epochs over the receiver's limit can never be sent.
-                if let Some(h) = self.window.iter().find(|h| h.payload.len() as u64 > h_limit(self.peer_limit)) {
+                if let Some(h) = self
+                    .window
+                    .iter()
+                    .find(|h| h.payload.len() as u64 > h_limit(self.peer_limit))
+                {
                     return Err(SessionError::EpochTooLarge {
                         epoch: h.epoch,
                         size: h.payload.len() as u64,
@@ -480,7 +487,10 @@ impl Sender {
                 warn!(code = ?e.code, epoch = e.epoch, message = %e.message, "receiver reported an error");
                 if e.code == ErrorCode::Rejected {
                     // The replica could not take that epoch: start over from a full image.
-                    self.require_resync(format!("receiver rejected epoch {}: {}", e.epoch, e.message));
+                    self.require_resync(format!(
+                        "receiver rejected epoch {}: {}",
+                        e.epoch, e.message
+                    ));
                 }
                 Err(SessionError::Peer {
                     code: e.code,
@@ -561,7 +571,8 @@ impl Sender {
             self.on_wire.pop_front();
         }
         self.acked = committed;
-        self.events.push_back(SenderEvent::Committed { epoch: committed });
+        self.events
+            .push_back(SenderEvent::Committed { epoch: committed });
     }
 
     fn send_control(&mut self, f: ControlFrame, now: Instant) {
@@ -639,7 +650,10 @@ impl Sender {
             self.next_epoch,
             self.acked,
             self.on_wire.len(),
-            self.window.iter().map(|h| (h.epoch, h.sent)).collect::<Vec<_>>(),
+            self.window
+                .iter()
+                .map(|h| (h.epoch, h.sent))
+                .collect::<Vec<_>>(),
             self.out.len()
         )
     }

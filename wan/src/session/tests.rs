@@ -104,16 +104,14 @@ impl Pair {
                         self.s.handle_connect_failed(now, "link down");
                     }
                 }
-                SenderEvent::Close { error } => {
-                    if self.connected {
-                        if let Some(f) = error.error_frame().filter(|_| !self.black_hole) {
-                            let _ = self.r.handle_input(&f, now);
-                        }
-                        self.connected = false;
-                        self.s_to_r.clear();
-                        self.r_to_s.clear();
-                        self.r.handle_disconnected(now, "sender closed");
+                SenderEvent::Close { error } if self.connected => {
+                    if let Some(f) = error.error_frame().filter(|_| !self.black_hole) {
+                        let _ = self.r.handle_input(&f, now);
                     }
+                    self.connected = false;
+                    self.s_to_r.clear();
+                    self.r_to_s.clear();
+                    self.r.handle_disconnected(now, "sender closed");
                 }
                 _ => {}
             }
@@ -122,22 +120,19 @@ impl Pair {
         while let Some(ev) = self.r.poll_event() {
             progress = true;
             match &ev {
-                ReceiverEvent::Epoch { epoch, kind, .. } => {
+                ReceiverEvent::Epoch { epoch, .. } => {
                     self.staged.push_back(*epoch);
-                    let _ = kind;
                 }
-                ReceiverEvent::Close { error } => {
-                    if self.connected {
-                        if let Some(f) = error.error_frame().filter(|_| !self.black_hole) {
-                            self.s.handle_input(&f, now);
-                        }
-                        self.connected = false;
-                        self.s_to_r.clear();
-                        self.r_to_s.clear();
-                        self.s.handle_disconnected(now, "receiver closed");
+                ReceiverEvent::Close { error } if self.connected => {
+                    if let Some(f) = error.error_frame().filter(|_| !self.black_hole) {
+                        self.s.handle_input(&f, now);
                     }
+                    self.connected = false;
+                    self.s_to_r.clear();
+                    self.r_to_s.clear();
+                    self.s.handle_disconnected(now, "receiver closed");
                 }
-                ReceiverEvent::Hello { .. } => {}
+                ReceiverEvent::Close { .. } | ReceiverEvent::Hello { .. } => {}
             }
             self.r_events.push((now, ev));
         }
@@ -192,10 +187,6 @@ impl Pair {
                 ReceiverEvent::Epoch { epoch: n, kind, .. } if *n == epoch => Some(*kind),
                 _ => None,
             })
-            .or_else(|| {
-                // Delivered in this very step, not yet recorded.
-                None
-            })
             .unwrap_or(EpochKind::Delta);
         let base = self.r.committed();
         if kind == EpochKind::Delta {
@@ -211,8 +202,14 @@ impl Pair {
         [
             self.s.poll_timeout(),
             self.r.poll_timeout(),
-            self.s_to_r.front().map(|(t, _)| *t).filter(|_| !self.black_hole),
-            self.r_to_s.front().map(|(t, _)| *t).filter(|_| !self.black_hole),
+            self.s_to_r
+                .front()
+                .map(|(t, _)| *t)
+                .filter(|_| !self.black_hole),
+            self.r_to_s
+                .front()
+                .map(|(t, _)| *t)
+                .filter(|_| !self.black_hole),
         ]
         .into_iter()
         .flatten()
@@ -247,7 +244,11 @@ impl Pair {
     }
 
     fn sender_events<F: Fn(&SenderEvent) -> bool>(&self, f: F) -> Vec<(Instant, SenderEvent)> {
-        self.s_events.iter().filter(|(_, e)| f(e)).cloned().collect()
+        self.s_events
+            .iter()
+            .filter(|(_, e)| f(e))
+            .cloned()
+            .collect()
     }
 }
 
@@ -754,7 +755,10 @@ fn random_link_failures_never_apply_twice_or_skip() {
         }
         p.run_for(Duration::from_secs(10));
         let nums = p.applied_numbers();
-        assert!(nums.windows(2).all(|w| w[0] < w[1]), "seed {seed}: {nums:?}");
+        assert!(
+            nums.windows(2).all(|w| w[0] < w[1]),
+            "seed {seed}: {nums:?}"
+        );
         if p.r.committed() != p.s.next_epoch() - 1 {
             for e in p.r_events.iter().rev().take(12) {
                 eprintln!("{:?}", e.1);
@@ -762,7 +766,13 @@ fn random_link_failures_never_apply_twice_or_skip() {
             for e in p.s_events.iter().rev().take(12) {
                 eprintln!("{:?}", e.1);
             }
-            eprintln!("{} | r={} {:?} connected={}", p.s.state_debug(), p.r.committed(), p.r.pending(), p.connected);
+            eprintln!(
+                "{} | r={} {:?} connected={}",
+                p.s.state_debug(),
+                p.r.committed(),
+                p.r.pending(),
+                p.connected
+            );
         }
         assert_eq!(
             p.r.committed(),

@@ -310,7 +310,11 @@ impl ControlFrame {
 /// Header of an `EPOCH` frame plus the epoch number: what precedes the payload.
 pub fn encode_epoch_header(epoch: u64, kind: EpochKind, payload_len: u64) -> Bytes {
     let mut out = BytesMut::with_capacity(HEADER_LEN + 8);
-    let flags = if kind == EpochKind::Full { FLAG_FULL } else { 0 };
+    let flags = if kind == EpochKind::Full {
+        FLAG_FULL
+    } else {
+        0
+    };
     header(&mut out, FrameType::Epoch, flags, payload_len + 8);
     out.put_u64(epoch);
     out.freeze()
@@ -402,8 +406,7 @@ impl Decoder {
                     if self.buf.len() < HEADER_LEN + 8 {
                         return Ok(None);
                     }
-                    let epoch =
-                        u64::from_be_bytes(self.buf[10..18].try_into().expect("8 bytes"));
+                    let epoch = u64::from_be_bytes(self.buf[10..18].try_into().expect("8 bytes"));
                     self.buf.advance(HEADER_LEN + 8);
                     let kind = if flags & FLAG_FULL != 0 {
                         EpochKind::Full
@@ -483,7 +486,10 @@ mod tests {
     #[test]
     fn epoch_frame_layout_and_chunks() {
         let h = encode_epoch_header(42, EpochKind::Full, 5);
-        assert_eq!(&h[..], &[3, 1, 0, 0, 0, 0, 0, 0, 0, 13, 0, 0, 0, 0, 0, 0, 0, 42]);
+        assert_eq!(
+            &h[..],
+            &[3, 1, 0, 0, 0, 0, 0, 0, 0, 13, 0, 0, 0, 0, 0, 0, 0, 42]
+        );
         let mut d = Decoder::new();
         d.push(&h);
         d.push(b"ab");

@@ -11,6 +11,7 @@
 //!
 //! See `docs/transport.md` for the protocol, identities and tuning.
 
+pub mod bench;
 pub mod replication;
 pub mod tcp;
 pub mod tls;
@@ -92,7 +93,9 @@ pub struct TransportConfig {
     /// Sites allowed to connect to us (checked against the client
     /// certificate's DNS subjectAltName); empty: any site of our CA.
     pub allowed_clients: Vec<String>,
-    /// Congestion controller (default chosen by `benches/wan_transport.rs`).
+    /// Congestion controller. Default BBR, chosen by `benches/wan_transport.rs`
+    /// (see docs/benchmarks.md): under random loss the loss-based
+    /// controllers collapse on a long path.
     pub congestion: CongestionControl,
     /// Connection-level receive window (bytes). Default 64 MiB: above
     /// 1 Gbit/s x 100 ms (12.5 MB) with room for loss recovery.
@@ -122,7 +125,7 @@ impl TransportConfig {
         Self {
             tls,
             allowed_clients: Vec::new(),
-            congestion: CongestionControl::Cubic,
+            congestion: CongestionControl::Bbr,
             receive_window: 64 << 20,
             stream_receive_window: 32 << 20,
             send_window: 64 << 20,
@@ -278,6 +281,24 @@ impl Endpoint {
     /// Binds `addr` (use port 0 for an ephemeral port) with the TLS
     /// identity and tuning of `cfg`.
     pub fn bind(addr: SocketAddr, cfg: TransportConfig) -> Result<Self, TransportError> {
+        let socket = udp_socket(addr, cfg.socket_buffer)?;
+        Self::with_socket(socket, cfg)
+    }
+
+    /// Like [`Endpoint::bind`], on a socket made by the caller (e.g. with
+    /// [`udp_socket`] inside another network namespace).
+    pub fn with_socket(
+        socket: std::net::UdpSocket,
+        cfg: TransportConfig,
+    ) -> Result<Self, TransportError> {
+        let addr = socket.local_addr()?;
+        let bufs = {
+            let s = socket2::SockRef::from(&socket);
+            (
+                s.recv_buffer_size().unwrap_or(0),
+                s.send_buffer_size().unwrap_or(0),
+            )
+        };
         let id = Identity::load(&cfg.tls)?;
         let transport = Arc::new(cfg.quinn_transport());
         let server_tls = id.server_config(&cfg.allowed_clients, cfg.alpn())?;
@@ -291,7 +312,6 @@ impl Endpoint {
         let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
         client.transport_config(transport);
 
-        let (socket, bufs) = udp_socket(addr, cfg.socket_buffer)?;
         // Linux reports twice the size it grants (bookkeeping overhead).
         let granted = |b: usize| if cfg!(target_os = "linux") { b / 2 } else { b };
         if granted(bufs.0) < cfg.socket_buffer || granted(bufs.1) < cfg.socket_buffer {
@@ -376,7 +396,10 @@ impl Endpoint {
         })?;
         let site = conn
             .peer_identity()
-            .and_then(|id| id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
+            .and_then(|id| {
+                id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                    .ok()
+            })
             .and_then(|chain| {
                 chain
                     .first()
@@ -434,7 +457,8 @@ impl Endpoint {
             .ok()
             .flatten()
             .unwrap_or_else(|| "an unknown version".to_string());
-            conn.inner.close(CLOSE_VERSION_MISMATCH.into(), ours.as_bytes());
+            conn.inner
+                .close(CLOSE_VERSION_MISMATCH.into(), ours.as_bytes());
             theirs
         };
         conn.inner
@@ -515,7 +539,9 @@ impl Connection {
         self.inner.open_bi().await.map_err(|e| self.conn_err(e))
     }
 
-    pub async fn accept_bi(&self) -> Result<(quinn::SendStream, quinn::RecvStream), TransportError> {
+    pub async fn accept_bi(
+        &self,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), TransportError> {
         self.inner.accept_bi().await.map_err(|e| self.conn_err(e))
     }
 
@@ -534,11 +560,9 @@ impl Connection {
     }
 }
 
-/// A UDP socket with enlarged buffers; returns the effective sizes.
-fn udp_socket(
-    addr: SocketAddr,
-    buffer: usize,
-) -> Result<(std::net::UdpSocket, (usize, usize)), TransportError> {
+/// A bound UDP socket with buffers enlarged to `buffer` bytes (capped by
+/// the kernel at net.core.rmem_max / wmem_max).
+pub fn udp_socket(addr: SocketAddr, buffer: usize) -> Result<std::net::UdpSocket, TransportError> {
     use socket2::{Domain, Protocol, Socket, Type};
     let bind_err = |source| TransportError::Bind { addr, source };
     let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
@@ -550,9 +574,5 @@ fn udp_socket(
         let _ = s.set_only_v6(false);
     }
     s.bind(&addr.into()).map_err(bind_err)?;
-    let bufs = (
-        s.recv_buffer_size().unwrap_or(0),
-        s.send_buffer_size().unwrap_or(0),
-    );
-    Ok((s.into(), bufs))
+    Ok(s.into())
 }

@@ -96,7 +96,9 @@ impl Listener for QuicListener {
             let conn = self.endpoint.accept().await?;
             let (send, recv) = tokio::time::timeout(self.stream_timeout, conn.accept_bi())
                 .await
-                .map_err(|_| TransportError::Timeout("peer opened no replication stream".into()))??;
+                .map_err(|_| {
+                    TransportError::Timeout("peer opened no replication stream".into())
+                })??;
             Ok(Link {
                 read: Box::new(recv),
                 write: Box::new(send),
@@ -141,7 +143,9 @@ fn start_link(link: Link) -> Active {
         loop {
             match read.read(&mut buf).await {
                 Ok(0) => {
-                    let _ = in_tx.send(Input::Closed(format!("{peer} closed the stream"))).await;
+                    let _ = in_tx
+                        .send(Input::Closed(format!("{peer} closed the stream")))
+                        .await;
                     return;
                 }
                 Ok(n) => {
@@ -182,11 +186,9 @@ fn start_link(link: Link) -> Active {
                     .await;
                     if let Some(c) = &q {
                         // Give the final frame a moment to be acknowledged.
-                        let _ = tokio::time::timeout(
-                            Duration::from_millis(500),
-                            c.quinn().closed(),
-                        )
-                        .await;
+                        let _ =
+                            tokio::time::timeout(Duration::from_millis(500), c.quinn().closed())
+                                .await;
                         c.close(CLOSE_SESSION_ERROR, reason.as_bytes());
                     }
                     return;

@@ -12,6 +12,10 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use super::replication::{BoxFuture, Dialer, Link, Listener};
 use super::{tls, Identity, TransportConfig, TransportError};
 
+/// Makes the (unconnected) TCP socket of each dial, e.g. inside another
+/// network namespace.
+pub type SocketFactory = Arc<dyn Fn() -> std::io::Result<socket2::Socket> + Send + Sync>;
+
 /// Dials a peer site over TLS-over-TCP.
 #[derive(Clone)]
 pub struct TcpTlsDialer {
@@ -19,6 +23,7 @@ pub struct TcpTlsDialer {
     addr: SocketAddr,
     peer_site: String,
     timeout: Duration,
+    factory: Option<SocketFactory>,
 }
 
 impl TcpTlsDialer {
@@ -35,7 +40,14 @@ impl TcpTlsDialer {
             addr,
             peer_site: peer_site.to_string(),
             timeout: Duration::from_secs(10),
+            factory: None,
         })
+    }
+
+    /// Dials with sockets made by `factory`.
+    pub fn with_socket_factory(mut self, factory: SocketFactory) -> Self {
+        self.factory = Some(factory);
+        self
     }
 }
 
@@ -45,7 +57,17 @@ impl Dialer for TcpTlsDialer {
         Box::pin(async move {
             let peer = format!("site {} at {} (tcp)", d.peer_site, d.addr);
             let fut = async {
-                let tcp = TcpStream::connect(d.addr).await?;
+                let tcp = match &d.factory {
+                    None => TcpStream::connect(d.addr).await?,
+                    Some(f) => {
+                        let s = f()?;
+                        s.set_nonblocking(true)?;
+                        let std: std::net::TcpStream = s.into();
+                        tokio::net::TcpSocket::from_std_stream(std)
+                            .connect(d.addr)
+                            .await?
+                    }
+                };
                 tcp.set_nodelay(true)?;
                 let name = tls::server_name(&d.peer_site)?;
                 d.connector
@@ -78,14 +100,22 @@ pub struct TcpTlsListener {
 
 impl TcpTlsListener {
     pub async fn bind(cfg: &TransportConfig, addr: SocketAddr) -> Result<Self, TransportError> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| TransportError::Bind { addr, source })?;
+        Self::with_listener(cfg, listener)
+    }
+
+    /// On a listener made by the caller (e.g. inside another network namespace).
+    pub fn with_listener(
+        cfg: &TransportConfig,
+        listener: TcpListener,
+    ) -> Result<Self, TransportError> {
         let id = Identity::load(&cfg.tls)?;
         let server = id.server_config(
             &cfg.allowed_clients,
             vec![super::alpn_for(cfg.protocol_version).into_bytes()],
         )?;
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| TransportError::Bind { addr, source })?;
         Ok(Self {
             listener,
             acceptor: TlsAcceptor::from(Arc::new(server)),

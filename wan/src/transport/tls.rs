@@ -90,14 +90,22 @@ impl Identity {
             n += 1;
         }
         if n == 0 {
-            return Err(pem_err(&paths.ca, "site CA certificate", "no CERTIFICATE block"));
+            return Err(pem_err(
+                &paths.ca,
+                "site CA certificate",
+                "no CERTIFICATE block",
+            ));
         }
         let cert_pem = read(&paths.cert, "site certificate")?;
         let chain = CertificateDer::pem_slice_iter(&cert_pem)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| pem_err(&paths.cert, "site certificate", e))?;
         if chain.is_empty() {
-            return Err(pem_err(&paths.cert, "site certificate", "no CERTIFICATE block"));
+            return Err(pem_err(
+                &paths.cert,
+                "site certificate",
+                "no CERTIFICATE block",
+            ));
         }
         let key_pem = read(&paths.key, "site private key")?;
         let key = PrivateKeyDer::from_pem_slice(&key_pem)
@@ -136,7 +144,10 @@ impl Identity {
 
     /// Client side: the server must chain to the site CA and carry the peer
     /// site's name (checked against the name given when connecting).
-    pub fn client_config(&self, alpn: Vec<Vec<u8>>) -> Result<rustls::ClientConfig, TransportError> {
+    pub fn client_config(
+        &self,
+        alpn: Vec<Vec<u8>>,
+    ) -> Result<rustls::ClientConfig, TransportError> {
         let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| TransportError::TlsConfig(e.to_string()))?

@@ -1,0 +1,610 @@
+//! The WAN transport benchmark: synthetic epochs through the emulated link,
+//! QUIC against a TCP + TLS baseline carrying the same framing, measured in
+//! the same run and printed side by side.
+//!
+//! Both transports cross the same IP-level relay ([`NetnsLink`]: two
+//! network namespaces joined through TUN devices, shaped by the emulator's
+//! link model), so kernel TCP sees the same delay, loss and bottleneck as
+//! QUIC. Needs root. `remus-wan bench wan` and `benches/wan_transport.rs`
+//! call [`run`].
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::net::{SocketAddr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use super::replication::{
+    spawn_receiver, spawn_sender, QuicDialer, QuicListener, ReceiverHandle, SenderHandle,
+};
+use super::tcp::{TcpTlsDialer, TcpTlsListener};
+use super::{udp_socket, CongestionControl, Endpoint, TlsPaths, TransportConfig};
+use crate::emulator::netns::{in_netns, NetnsLink, ADDR_A, ADDR_B};
+use crate::emulator::LinkParams;
+use crate::session::{EpochKind, ReceiverConfig, ReceiverEvent, SenderConfig, SenderEvent};
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Round-trip times of the emulated link.
+    pub rtts: Vec<Duration>,
+    /// Packet loss rates (0..=1), applied in both directions.
+    pub losses: Vec<f64>,
+    /// Bottleneck rate in bits per second.
+    pub rate_bps: u64,
+    /// QUIC congestion controller of the main table.
+    pub congestion: CongestionControl,
+    /// Also run the TCP + TLS baseline.
+    pub tcp: bool,
+    /// Cells (rtt, loss) where every congestion controller is compared.
+    pub controller_cells: Vec<(Duration, f64)>,
+    /// Size of each synthetic epoch.
+    pub epoch_bytes: usize,
+    /// Goodput phase: epochs kept outstanding, and duration.
+    pub saturate_in_flight: usize,
+    pub saturate_for: Duration,
+    /// Commits in the first part of the goodput phase are not counted
+    /// (slow start); goodput is measured over `saturate_for - warmup`.
+    pub warmup: Duration,
+    /// Latency phase: one epoch every `interval`, `count` of them.
+    pub paced_interval: Duration,
+    pub paced_count: usize,
+    /// Seed of the link's loss generator.
+    pub seed: u64,
+}
+
+impl BenchOptions {
+    /// The full grid of the issue: RTT 0/20/50/100 ms x loss 0/0.5/2 %, at
+    /// 200 Mbit/s; every controller compared at 50 ms/0.5 % and 100 ms/2 %.
+    pub fn full() -> Self {
+        Self {
+            rtts: [0, 20, 50, 100].map(Duration::from_millis).to_vec(),
+            losses: vec![0.0, 0.005, 0.02],
+            rate_bps: 200_000_000,
+            congestion: TransportConfig::new(TlsPaths::in_dir(".", "x")).congestion,
+            tcp: true,
+            controller_cells: vec![
+                (Duration::from_millis(50), 0.005),
+                (Duration::from_millis(100), 0.02),
+            ],
+            epoch_bytes: 1 << 20,
+            saturate_in_flight: 8,
+            saturate_for: Duration::from_secs(3),
+            warmup: Duration::from_secs(1),
+            paced_interval: Duration::from_millis(100),
+            paced_count: 15,
+            seed: 7,
+        }
+    }
+
+    /// A smoke run: two cells, short phases.
+    pub fn quick() -> Self {
+        Self {
+            rtts: vec![Duration::ZERO, Duration::from_millis(50)],
+            losses: vec![0.0, 0.005],
+            controller_cells: vec![],
+            saturate_for: Duration::from_secs(1),
+            warmup: Duration::ZERO,
+            paced_count: 5,
+            ..Self::full()
+        }
+    }
+}
+
+/// Which transport a row measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Quic(CongestionControl),
+    TcpTls,
+}
+
+impl fmt::Display for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Quic(cc) => write!(f, "QUIC/{cc}"),
+            Self::TcpTls => f.write_str("TCP+TLS"),
+        }
+    }
+}
+
+/// One measurement.
+#[derive(Debug, Clone)]
+pub struct Cell {
+    pub transport: Transport,
+    pub rtt: Duration,
+    pub loss: f64,
+    /// Committed epoch bytes per second during the goodput phase, in bit/s.
+    pub goodput_bps: f64,
+    /// Commit latency (push to ack) of the paced phase.
+    pub p50: Duration,
+    pub p99: Duration,
+    /// Packets the QUIC stack declared lost (0 for TCP: not visible here).
+    pub lost_packets: u64,
+    /// Epochs that did not commit within the phase's deadline.
+    pub incomplete: usize,
+    /// What the emulated link did during the cell (both directions):
+    /// packets delivered, dropped by random loss, dropped by the full queue.
+    pub link_packets: u64,
+    pub link_lost: u64,
+    pub link_queue_drops: u64,
+}
+
+/// The benchmark's result; `Display` prints the side-by-side table.
+#[derive(Debug, Clone)]
+pub struct Table {
+    pub opts: BenchOptions,
+    pub cells: Vec<Cell>,
+    pub controller_cells: Vec<Cell>,
+}
+
+/// The benchmark could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("cannot create the emulated link (needs root and iproute2): {0}")]
+    Netns(std::io::Error),
+    #[error("transport: {0}")]
+    Transport(#[from] super::TransportError),
+    #[error("certificates: {0}")]
+    Certs(String),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Writes a throw-away site CA and dc1/dc2 certificates into `dir`.
+pub fn write_test_pki(dir: &Path) -> Result<(), BenchError> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    };
+    let e = |e: rcgen::Error| BenchError::Certs(e.to_string());
+    std::fs::create_dir_all(dir)?;
+    let ca_key = KeyPair::generate().map_err(e)?;
+    let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(e)?;
+    ca.distinguished_name
+        .push(DnType::CommonName, "remus-wan site CA");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    std::fs::write(
+        dir.join("ca.pem"),
+        ca.self_signed(&ca_key).map_err(e)?.pem(),
+    )?;
+    let issuer = Issuer::new(ca, ca_key);
+    for site in ["dc1", "dc2"] {
+        let key = KeyPair::generate().map_err(e)?;
+        let mut p = CertificateParams::new(vec![site.to_string()]).map_err(e)?;
+        p.distinguished_name.push(DnType::CommonName, site);
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = p.signed_by(&key, &issuer).map_err(e)?;
+        std::fs::write(dir.join(format!("{site}.pem")), cert.pem())?;
+        std::fs::write(dir.join(format!("{site}.key")), key.serialize_pem())?;
+    }
+    Ok(())
+}
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs the benchmark (blocking; it makes its own tokio runtime).
+pub fn run(opts: &BenchOptions) -> Result<Table, BenchError> {
+    let tmp = TempDir(std::env::temp_dir().join(format!(
+        "remus-wan-bench-{}-{}",
+        std::process::id(),
+        Instant::now().elapsed().as_nanos()
+    )));
+    write_test_pki(&tmp.0)?;
+    let link = NetnsLink::create(LinkParams::default(), opts.seed).map_err(BenchError::Netns)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut cells = Vec::new();
+        for &rtt in &opts.rtts {
+            for &loss in &opts.losses {
+                cells.push(
+                    cell(
+                        &link,
+                        &tmp.0,
+                        Transport::Quic(opts.congestion),
+                        rtt,
+                        loss,
+                        opts,
+                    )
+                    .await?,
+                );
+                if opts.tcp {
+                    cells.push(cell(&link, &tmp.0, Transport::TcpTls, rtt, loss, opts).await?);
+                }
+            }
+        }
+        let mut controller_cells = Vec::new();
+        for &(rtt, loss) in &opts.controller_cells {
+            for cc in CongestionControl::ALL {
+                controller_cells
+                    .push(cell(&link, &tmp.0, Transport::Quic(cc), rtt, loss, opts).await?);
+            }
+        }
+        Ok(Table {
+            opts: opts.clone(),
+            cells,
+            controller_cells,
+        })
+    })
+}
+
+fn payload(size: usize, salt: u64) -> Bytes {
+    // Incompressible-looking bytes (the codec has already compressed epochs).
+    let mut x = salt.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut v = Vec::with_capacity(size);
+    while v.len() < size {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(size);
+    Bytes::from(v)
+}
+
+async fn cell(
+    link: &NetnsLink,
+    pki: &Path,
+    transport: Transport,
+    rtt: Duration,
+    loss: f64,
+    opts: &BenchOptions,
+) -> Result<Cell, BenchError> {
+    let mut params = LinkParams::symmetric(rtt, loss, Some(opts.rate_bps));
+    params.queue_bytes = params.queue_bytes.max(256 << 10);
+    link.handle().set_link(params);
+    let before = link.handle().stats();
+    let mut cfg_b = TransportConfig::new(TlsPaths::in_dir(pki, "dc2"));
+    cfg_b.allowed_clients = vec!["dc1".into()];
+    let mut cfg_a = TransportConfig::new(TlsPaths::in_dir(pki, "dc1"));
+    if let Transport::Quic(cc) = transport {
+        cfg_a.congestion = cc;
+        cfg_b.congestion = cc;
+    }
+    let mut rcfg = ReceiverConfig::new("dc2", "bench");
+    rcfg.max_epoch_size = 1 << 30;
+    let mut scfg = SenderConfig::new("dc1", "bench");
+    scfg.max_in_flight = opts.saturate_in_flight;
+    scfg.window_epochs = opts.saturate_in_flight * 4;
+    scfg.peer_timeout = Duration::from_secs(10);
+
+    let ns_a = link.ns_a().to_string();
+    let ns_b = link.ns_b().to_string();
+    let (sender, sev, receiver, quic) = match transport {
+        Transport::Quic(_) => {
+            let buf = cfg_b.socket_buffer;
+            let sb = in_netns(&ns_b, move || {
+                udp_socket(SocketAddr::from((ADDR_B, 0)), buf)
+            })??;
+            let eb = Endpoint::with_socket(sb, cfg_b)?;
+            let addr_b = SocketAddr::V4(SocketAddrV4::new(ADDR_B, eb.local_addr()?.port()));
+            let (rh, rev) = spawn_receiver(QuicListener::new(eb.clone()), rcfg, 0);
+            let buf = cfg_a.socket_buffer;
+            let sa = in_netns(&ns_a, move || {
+                udp_socket(SocketAddr::from((ADDR_A, 0)), buf)
+            })??;
+            let ea = Endpoint::with_socket(sa, cfg_a)?;
+            let (sh, sev) = spawn_sender(
+                QuicDialer {
+                    endpoint: ea.clone(),
+                    addr: addr_b,
+                    peer_site: "dc2".into(),
+                },
+                scfg,
+                1,
+            );
+            spawn_committer(rh.clone(), rev);
+            (sh, sev, rh, Some((ea, eb)))
+        }
+        Transport::TcpTls => {
+            let l = in_netns(&ns_b, || {
+                let l = std::net::TcpListener::bind(SocketAddr::from((ADDR_B, 0)))?;
+                l.set_nonblocking(true)?;
+                Ok::<_, std::io::Error>(l)
+            })??;
+            let addr_b = l.local_addr()?;
+            let listener =
+                TcpTlsListener::with_listener(&cfg_b, tokio::net::TcpListener::from_std(l)?)?;
+            let (rh, rev) = spawn_receiver(listener, rcfg, 0);
+            let ns = ns_a.clone();
+            let dialer = TcpTlsDialer::new(&cfg_a, addr_b, "dc2")?.with_socket_factory(Arc::new(
+                move || {
+                    in_netns(&ns, || {
+                        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                    })?
+                },
+            ));
+            let (sh, sev) = spawn_sender(dialer, scfg, 1);
+            spawn_committer(rh.clone(), rev);
+            (sh, sev, rh, None)
+        }
+    };
+    let r = measure(&sender, sev, opts).await;
+    let lost_packets = sender.status().link.map_or(0, |l| l.lost_packets);
+    sender.close().await;
+    receiver.close().await;
+    if let Some((a, b)) = quic {
+        a.close();
+        b.close();
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (goodput_bps, p50, p99, incomplete) = r;
+    let after = link.handle().stats();
+    let d = |f: fn(&crate::emulator::DirectionStats) -> u64| {
+        f(&after.forward) + f(&after.backward) - f(&before.forward) - f(&before.backward)
+    };
+    Ok(Cell {
+        link_packets: d(|s| s.packets),
+        link_lost: d(|s| s.lost),
+        link_queue_drops: d(|s| s.queue_drops),
+        transport,
+        rtt,
+        loss,
+        goodput_bps,
+        p50,
+        p99,
+        lost_packets,
+        incomplete,
+    })
+}
+
+fn spawn_committer(rh: ReceiverHandle, mut rev: mpsc::UnboundedReceiver<ReceiverEvent>) {
+    tokio::spawn(async move {
+        while let Some(ev) = rev.recv().await {
+            if let ReceiverEvent::Epoch { epoch, .. } = ev {
+                if rh.commit(epoch).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+}
+
+/// Tracks pushed epochs and their commits.
+struct Tracker {
+    pushed: VecDeque<(u64, Instant, usize)>,
+    committed_bytes: u64,
+    count_from: Instant,
+    latencies: Vec<Duration>,
+}
+
+impl Tracker {
+    fn on_event(&mut self, ev: &SenderEvent, now: Instant) {
+        if let SenderEvent::Committed { epoch } = ev {
+            while self.pushed.front().is_some_and(|(e, _, _)| e <= epoch) {
+                let (_, t, n) = self.pushed.pop_front().expect("non-empty");
+                self.latencies.push(now - t);
+                if now >= self.count_from {
+                    self.committed_bytes += n as u64;
+                }
+            }
+        }
+    }
+}
+
+fn percentile(v: &mut [Duration], p: f64) -> Duration {
+    if v.is_empty() {
+        return Duration::ZERO;
+    }
+    v.sort();
+    let i = ((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1;
+    v[i]
+}
+
+async fn push(sender: &SenderHandle, t: &mut Tracker, size: usize, first: bool) -> bool {
+    let kind = if first {
+        EpochKind::Full
+    } else {
+        EpochKind::Delta
+    };
+    let now = Instant::now();
+    let salt = t.pushed.back().map_or(0, |p| p.0 + 1);
+    match sender.push_epoch(kind, payload(size, salt)).await {
+        Ok(e) => {
+            t.pushed.push_back((e, now, size));
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+async fn measure(
+    sender: &SenderHandle,
+    mut sev: mpsc::UnboundedReceiver<SenderEvent>,
+    opts: &BenchOptions,
+) -> (f64, Duration, Duration, usize) {
+    let start = Instant::now();
+    let mut t = Tracker {
+        pushed: VecDeque::new(),
+        committed_bytes: 0,
+        count_from: start + opts.warmup,
+        latencies: Vec::new(),
+    };
+    // Goodput: keep the pipe full for `saturate_for`.
+    let end = start + opts.saturate_for;
+    let mut first = true;
+    while Instant::now() < end {
+        while t.pushed.len() < opts.saturate_in_flight {
+            if !push(sender, &mut t, opts.epoch_bytes, first).await {
+                break;
+            }
+            first = false;
+        }
+        match tokio::time::timeout_at(end.into(), sev.recv()).await {
+            Ok(Some(ev)) => t.on_event(&ev, Instant::now()),
+            Ok(None) => break,
+            Err(_) => break,
+        }
+    }
+    let goodput = t.committed_bytes as f64 * 8.0 / (start + opts.warmup).elapsed().as_secs_f64();
+    // Drain (bounded) before the latency phase.
+    let drain_end = Instant::now() + Duration::from_secs(8);
+    while !t.pushed.is_empty() {
+        match tokio::time::timeout_at(drain_end.into(), sev.recv()).await {
+            Ok(Some(ev)) => t.on_event(&ev, Instant::now()),
+            _ => break,
+        }
+    }
+    t.pushed.clear();
+    t.latencies.clear();
+    // Latency: one epoch every interval.
+    let mut next = Instant::now();
+    for _ in 0..opts.paced_count {
+        push(sender, &mut t, opts.epoch_bytes, false).await;
+        next += opts.paced_interval;
+        while let Ok(Some(ev)) = tokio::time::timeout_at(next.into(), sev.recv()).await {
+            t.on_event(&ev, Instant::now());
+        }
+    }
+    let drain_end = Instant::now() + Duration::from_secs(8);
+    while !t.pushed.is_empty() {
+        match tokio::time::timeout_at(drain_end.into(), sev.recv()).await {
+            Ok(Some(ev)) => t.on_event(&ev, Instant::now()),
+            _ => break,
+        }
+    }
+    let incomplete = t.pushed.len();
+    let p50 = percentile(&mut t.latencies, 0.50);
+    let p99 = percentile(&mut t.latencies, 0.99);
+    (goodput, p50, p99, incomplete)
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.0}", d.as_secs_f64() * 1000.0)
+}
+
+impl Table {
+    /// 2 RTT + serialization of one epoch at the link rate.
+    pub fn latency_target(&self, rtt: Duration) -> Duration {
+        2 * rtt
+            + Duration::from_secs_f64(
+                self.opts.epoch_bytes as f64 * 8.0 / self.opts.rate_bps as f64,
+            )
+    }
+
+    fn find(&self, tr: Transport, rtt: Duration, loss: f64) -> Option<&Cell> {
+        self.cells
+            .iter()
+            .find(|c| c.transport == tr && c.rtt == rtt && c.loss == loss)
+    }
+}
+
+impl fmt::Display for Table {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let o = &self.opts;
+        let limit = o.rate_bps as f64 / 1e6;
+        writeln!(
+            f,
+            "WAN transport: {limit:.0} Mbit/s bottleneck, loss both ways, queue = max(BDP, 256 KiB); epochs of {} KiB",
+            o.epoch_bytes / 1024
+        )?;
+        writeln!(
+            f,
+            "goodput: {} epochs outstanding for {:.1} s, the first {:.1} s not counted; commit latency (push -> ack): one epoch every {} ms, {} epochs",
+            o.saturate_in_flight,
+            o.saturate_for.as_secs_f64(),
+            o.warmup.as_secs_f64(),
+            o.paced_interval.as_millis(),
+            o.paced_count
+        )?;
+        let q = Transport::Quic(o.congestion);
+        writeln!(f)?;
+        writeln!(
+            f,
+            "| RTT ms | loss % | {q} goodput Mbit/s | TCP+TLS goodput Mbit/s | {q} p50/p99 ms | TCP+TLS p50/p99 ms | target p99 ms | link drops QUIC (loss+queue) | link drops TCP (loss+queue) |"
+        )?;
+        writeln!(f, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+        for &rtt in &o.rtts {
+            for &loss in &o.losses {
+                let gp = |c: Option<&Cell>| {
+                    c.map_or("-".to_string(), |c| {
+                        format!(
+                            "{:.1} ({:.0}%){}",
+                            c.goodput_bps / 1e6,
+                            c.goodput_bps / 1e6 / limit * 100.0,
+                            if c.incomplete > 0 { "*" } else { "" }
+                        )
+                    })
+                };
+                let lat = |c: Option<&Cell>| {
+                    c.map_or("-".to_string(), |c| {
+                        format!("{} / {}", ms(c.p50), ms(c.p99))
+                    })
+                };
+                let qc = self.find(q, rtt, loss);
+                let tc = self.find(Transport::TcpTls, rtt, loss);
+                let drops = |c: Option<&Cell>| {
+                    c.map_or("-".to_string(), |c| {
+                        format!(
+                            "{}+{} of {}",
+                            c.link_lost, c.link_queue_drops, c.link_packets
+                        )
+                    })
+                };
+                writeln!(
+                    f,
+                    "| {} | {:.1} | {} | {} | {} | {} | {} | {} | {} |",
+                    rtt.as_millis(),
+                    loss * 100.0,
+                    gp(qc),
+                    gp(tc),
+                    lat(qc),
+                    lat(tc),
+                    ms(self.latency_target(rtt)),
+                    drops(qc),
+                    drops(tc)
+                )?;
+            }
+        }
+        if !self.controller_cells.is_empty() {
+            writeln!(f)?;
+            writeln!(f, "QUIC congestion controllers:")?;
+            writeln!(f)?;
+            writeln!(f, "| RTT ms | loss % | controller | goodput Mbit/s | p50/p99 ms | QUIC lost pkts | link drops (loss+queue) |")?;
+            writeln!(f, "|---:|---:|---|---:|---:|---:|---:|")?;
+            for c in &self.controller_cells {
+                writeln!(
+                    f,
+                    "| {} | {:.1} | {} | {:.1}{} | {} / {} | {} | {}+{} of {} |",
+                    c.rtt.as_millis(),
+                    c.loss * 100.0,
+                    c.transport,
+                    c.goodput_bps / 1e6,
+                    if c.incomplete > 0 { "*" } else { "" },
+                    ms(c.p50),
+                    ms(c.p99),
+                    c.lost_packets,
+                    c.link_lost,
+                    c.link_queue_drops,
+                    c.link_packets
+                )?;
+            }
+        }
+        if self
+            .cells
+            .iter()
+            .chain(&self.controller_cells)
+            .any(|c| c.incomplete > 0)
+        {
+            writeln!(
+                f,
+                "\n* some epochs did not commit within the drain deadline (latency figures then cover only those that did)"
+            )?;
+        }
+        Ok(())
+    }
+}
