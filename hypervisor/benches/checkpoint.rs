@@ -1,7 +1,8 @@
 //! Checkpoint pause time of the micro-VM for dirty sets of 1k, 10k and 100k
 //! pages, split into its parts (vCPU stop, dirty-log read, page copy, state
 //! capture), beside a plain memcpy of the same number of bytes measured in
-//! the same run. Also reports whether this KVM offers the dirty ring.
+//! the same run (with the guest paused, as during the checkpoint's own
+//! copy). Also reports whether this KVM offers the dirty ring.
 //!
 //! `cargo bench -p hypervisor --bench checkpoint` (root and /dev/kvm needed).
 //! The guest is the counter guest in mode 5: it rewrites one u64 in every
@@ -25,6 +26,10 @@ fn median(mut v: Vec<Duration>) -> Duration {
 
 fn us(d: Duration) -> String {
     format!("{:.0}", d.as_secs_f64() * 1e6)
+}
+
+fn signed_us(a: Duration, b: Duration) -> String {
+    format!("{:+.0}", (a.as_secs_f64() - b.as_secs_f64()) * 1e6)
 }
 
 fn passes(vm: &Vm) -> u64 {
@@ -85,9 +90,14 @@ fn main() {
             let bytes = cp.pages.len();
             src.resize(bytes, 1u8);
             dst.resize(bytes, 0u8);
+            // Measured with the guest paused too, so both copies see the
+            // same machine (the running guest competes for cores and
+            // memory bandwidth).
+            vm.pause().expect("pause");
             let t = Instant::now();
             dst.copy_from_slice(std::hint::black_box(&src));
             let memcpy = t.elapsed();
+            vm.resume().expect("resume");
             std::hint::black_box(&dst);
             if std::env::var_os("CHECKPOINT_BENCH_VERBOSE").is_some() {
                 eprintln!("{set}: {:?} memcpy {memcpy:?}", cp.timings);
@@ -112,7 +122,7 @@ fn main() {
             us(m(&|t| t.state)),
             us(total),
             us(memcpy),
-            us(total.saturating_sub(memcpy)),
+            signed_us(total, memcpy),
         );
     }
     println!("\n(times in µs, medians; guest RAM {MEMORY_MIB} MiB, 1 vCPU)");
