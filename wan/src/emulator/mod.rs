@@ -123,6 +123,7 @@ struct DirCounters {
     lost: AtomicU64,
     queue_drops: AtomicU64,
     partition_drops: AtomicU64,
+    max_packet: AtomicU64,
 }
 
 /// Counters of one direction, as read.
@@ -137,6 +138,8 @@ pub struct DirectionStats {
     pub queue_drops: u64,
     /// Dropped by the partition.
     pub partition_drops: u64,
+    /// Largest packet delivered (bytes).
+    pub max_packet: u64,
 }
 
 impl DirCounters {
@@ -147,6 +150,7 @@ impl DirCounters {
             lost: self.lost.load(Ordering::Relaxed),
             queue_drops: self.queue_drops.load(Ordering::Relaxed),
             partition_drops: self.partition_drops.load(Ordering::Relaxed),
+            max_packet: self.max_packet.load(Ordering::Relaxed),
         }
     }
 }
@@ -534,6 +538,8 @@ async fn deliver(
             if p.sock.send_to(&p.data, p.to).await.is_ok() {
                 c.packets.fetch_add(1, Ordering::Relaxed);
                 c.bytes.fetch_add(p.data.len() as u64, Ordering::Relaxed);
+                c.max_packet
+                    .fetch_max(p.data.len() as u64, Ordering::Relaxed);
             }
         }
         let next = queue.front().map(|p| p.at).unwrap_or(deadline);

@@ -294,6 +294,7 @@ fn relay(
             if n > 0 {
                 c.packets.fetch_add(1, Ordering::Relaxed);
                 c.bytes.fetch_add(pkt.len() as u64, Ordering::Relaxed);
+                c.max_packet.fetch_max(pkt.len() as u64, Ordering::Relaxed);
             }
         }
     });

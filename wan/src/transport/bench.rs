@@ -131,6 +131,9 @@ pub struct Cell {
     pub link_packets: u64,
     pub link_lost: u64,
     pub link_queue_drops: u64,
+    /// Largest IP packet the link carried (checks that no offload merged
+    /// segments: loss is per packet).
+    pub link_max_packet: u64,
 }
 
 /// The benchmark's result; `Display` prints the side-by-side table.
@@ -351,6 +354,7 @@ async fn cell(
         link_packets: d(|s| s.packets),
         link_lost: d(|s| s.lost),
         link_queue_drops: d(|s| s.queue_drops),
+        link_max_packet: after.forward.max_packet.max(after.backward.max_packet),
         transport,
         rtt,
         loss,
@@ -569,6 +573,9 @@ impl fmt::Display for Table {
                     drops(tc)
                 )?;
             }
+        }
+        if let Some(m) = self.cells.iter().map(|c| c.link_max_packet).max() {
+            writeln!(f, "\nlargest IP packet carried by the emulated link: {m} bytes (loss applies per packet)")?;
         }
         if !self.controller_cells.is_empty() {
             writeln!(f)?;
