@@ -4,6 +4,7 @@
 //!     cargo bench -p wan --bench wan_transport -- --quick # two cells
 //!     ... -- --cc cubic                                    # QUIC controller of the main table
 //!     ... -- --rtt-ms 50 --loss 0.5                        # chosen cells only
+//!     ... -- --queue-kib 8192                              # bottleneck queue size
 //!
 //! Needs root (it creates two network namespaces joined through TUN
 //! devices). Run as a test (`cargo test --benches`, no `--bench` flag) it
@@ -58,6 +59,13 @@ fn main() {
             .map(|x| x.parse::<f64>().expect("--loss PERCENT[,PERCENT]") / 100.0)
             .collect();
         opts.controller_cells.clear();
+    }
+    if let Some(v) = args
+        .iter()
+        .position(|a| a == "--queue-kib")
+        .and_then(|i| args.get(i + 1))
+    {
+        opts.queue_bytes = Some(v.parse::<usize>().expect("--queue-kib N") * 1024);
     }
     let started = std::time::Instant::now();
     match run(&opts) {

@@ -55,6 +55,8 @@ pub struct BenchOptions {
     pub paced_count: usize,
     /// Seed of the link's loss generator.
     pub seed: u64,
+    /// Queue of the bottleneck in bytes (`None`: max(BDP, 256 KiB)).
+    pub queue_bytes: Option<usize>,
 }
 
 impl BenchOptions {
@@ -78,6 +80,7 @@ impl BenchOptions {
             paced_interval: Duration::from_millis(100),
             paced_count: 15,
             seed: 7,
+            queue_bytes: None,
         }
     }
 
@@ -268,7 +271,9 @@ async fn cell(
     opts: &BenchOptions,
 ) -> Result<Cell, BenchError> {
     let mut params = LinkParams::symmetric(rtt, loss, Some(opts.rate_bps));
-    params.queue_bytes = params.queue_bytes.max(256 << 10);
+    params.queue_bytes = opts
+        .queue_bytes
+        .unwrap_or(params.queue_bytes.max(256 << 10));
     link.handle().set_link(params);
     let before = link.handle().stats();
     let mut cfg_b = TransportConfig::new(TlsPaths::in_dir(pki, "dc2"));
