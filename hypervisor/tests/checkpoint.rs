@@ -198,17 +198,34 @@ fn corrupt_or_mismatched_state_is_refused() {
     }
     let dir = tempfile::tempdir().unwrap();
     let disk = common::disk_image(dir.path(), 4);
+    // Two vCPUs: the second one is parked by the guest, and stays so.
     let spec = VmSpec::new("bad", &common::images().counter)
         .memory_mib(32)
+        .vcpus(2)
         .guest_arg(3);
     let mut vm = Vm::start(&spec, Seams::default()).expect("start");
     vm.wait_ready(Duration::from_secs(60)).expect("ready");
     let mut cp = Checkpoint::default();
-    vm.checkpoint(&mut cp, &mut || {}).expect("checkpoint");
-    let mut image = vec![0u8; cp.pages.len()];
-    common::apply_pages(&mut image, &cp, vm.page_size());
+    let mut image = vec![0u8; vm.frame_count() as usize * vm.page_size()];
+    // Until the second vCPU has reached its park (bounded).
+    for _ in 0..100 {
+        vm.checkpoint(&mut cp, &mut || {}).expect("checkpoint");
+        common::apply_pages(&mut image, &cp, vm.page_size());
+        if kvm::VmState::decode(&cp.state).expect("decodes").vcpus[1].parked {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     vm.shutdown().expect("stop");
     let state = cp.state.clone();
+    let decoded = kvm::VmState::decode(&state).expect("decodes");
+    assert_eq!(decoded.vcpus.len(), 2);
+    assert!(!decoded.vcpus[0].parked && decoded.vcpus[1].parked);
+    assert!(
+        decoded.vcpus[0].msrs.len() > 10,
+        "MSRs saved: {}",
+        decoded.vcpus[0].msrs.len()
+    );
 
     let mut flipped = state.clone();
     flipped[state.len() / 2] ^= 0x40;
