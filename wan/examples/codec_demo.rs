@@ -17,7 +17,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let epochs: u64 = match args.next() {
         Some(a) => a.parse()?,
-        None => 40,
+        None => 24,
     };
     let names: Vec<String> = args.collect();
     let kinds: Vec<TraceKind> = TraceKind::ALL

@@ -53,8 +53,28 @@
 //! ```
 //!
 //! The replica is anything implementing [`PageSource`] (committed pages,
-//! frame count, committed epoch) and [`PageSink`] (write pages, mark the
+//! frame count, committed epoch) and [`PageSink`] (pages in place, mark the
 //! epoch committed); [`VecMemory`] is a plain in-memory one.
+//! [`Decoder::decode`] only reads the replica; [`StagedEpoch::apply`]
+//! re-checks that the replica is still the one it was verified against, then
+//! writes every page and cannot fail halfway. The state blob and disk writes
+//! come back in [`AppliedEpoch`] for the caller to apply before it
+//! acknowledges the epoch.
+//!
+//! # Encoding choices
+//!
+//! Per dirty page: no record if unchanged since last sent, else zero page,
+//! else a reference to an identical page (xxh3-64, confirmed byte for byte),
+//! else an XOR delta against the last-sent content (run-length coded), else
+//! the raw page; zstd then compresses whole chunks of records
+//! ([`EncoderConfig::per_page_zstd`] switches to per-page zstd candidates).
+//! The sender's [`Encoder`] keeps the last-sent content in a CLOCK cache with
+//! a memory budget that favours pages rewritten again and again.
+//!
+//! [`synthetic`] holds the deterministic page traces shared by the
+//! benchmark (`wan/benches/codec.rs`), the demo (`wan/examples/codec_demo.rs`)
+//! and the tests. [`fuzz_decode`] is the decoder's fuzzing entry point
+//! (`wan/fuzz`).
 
 mod block;
 mod decoder;
