@@ -88,7 +88,13 @@ fn write_fixed_area(mem: &GuestMemoryMmap) -> Result<()> {
     w(layout::TSS, &gdt::tss_bytes())
 }
 
-fn setup_vcpu(kvm: &Kvm, vm: &VmFd, index: u8, entry: u64, stack_top: u64) -> Result<VcpuFd> {
+fn setup_vcpu(
+    kvm: &Kvm,
+    vm: &VmFd,
+    index: u8,
+    entry: u64,
+    stack_top: u64,
+) -> Result<(VcpuFd, Vec<kvm_bindings::kvm_cpuid_entry2>)> {
     let vcpu = vm
         .create_vcpu(u64::from(index))
         .map_err(Error::kvm("KVM_CREATE_VCPU"))?;
@@ -109,7 +115,7 @@ fn setup_vcpu(kvm: &Kvm, vm: &VmFd, index: u8, entry: u64, stack_top: u64) -> Re
         .map_err(Error::kvm("KVM_SET_FPU"))?;
     vcpu.set_xcrs(&regs::xcrs(cpuid::xcr0(&cpuid)))
         .map_err(Error::kvm("KVM_SET_XCRS"))?;
-    Ok(vcpu)
+    Ok((vcpu, cpuid.as_slice().to_vec()))
 }
 
 /// How the VM's memory and vCPUs get their first contents.
@@ -168,16 +174,27 @@ pub fn restore(spec: &VmSpec, memory_image: &[u8], state: &[u8], seams: Seams) -
     )
 }
 
-fn restore_vcpu(kvm: &Kvm, vm: &VmFd, s: &VcpuState) -> Result<VcpuFd> {
+fn restore_vcpu(
+    kvm: &Kvm,
+    vm: &VmFd,
+    s: &VcpuState,
+) -> Result<(VcpuFd, Vec<kvm_bindings::kvm_cpuid_entry2>)> {
     let index = s.index as u8;
     let vcpu = vm
         .create_vcpu(u64::from(index))
         .map_err(Error::kvm("KVM_CREATE_VCPU"))?;
-    let cpuid = cpuid::for_vcpu(kvm, index).map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))?;
+    let supported = cpuid::for_vcpu(kvm, index).map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))?;
+    // The guest keeps the CPUID it was given (if this host can offer it);
+    // a state without one gets this host's.
+    let cpuid = if s.cpuid.is_empty() {
+        supported
+    } else {
+        snapshot::check_cpuid(&s.cpuid, &supported).map_err(Error::Restore)?
+    };
     vcpu.set_cpuid2(&cpuid)
         .map_err(Error::kvm("KVM_SET_CPUID2"))?;
     snapshot::apply(&vcpu, s)?;
-    Ok(vcpu)
+    Ok((vcpu, cpuid.as_slice().to_vec()))
 }
 
 fn build(spec: &VmSpec, seams: Seams, boot: Boot<'_>) -> Result<Vm> {
@@ -282,13 +299,16 @@ fn build(spec: &VmSpec, seams: Seams, boot: Boot<'_>) -> Result<Vm> {
     }
 
     let mut vcpus = Vec::new();
+    let mut cpuids = Vec::new();
     let mut parked = vec![false; usize::from(spec.vcpus)];
     let tsc_khz;
     match boot {
         Boot::Fresh => {
             for i in 0..spec.vcpus {
                 let top = ram - u64::from(i) * abi::STACK_SIZE;
-                vcpus.push(setup_vcpu(&kvm, &vm_fd, i, entry, top)?);
+                let (fd, c) = setup_vcpu(&kvm, &vm_fd, i, entry, top)?;
+                vcpus.push(fd);
+                cpuids.push(c);
             }
             tsc_khz = vcpus[0].get_tsc_khz().unwrap_or(0);
         }
@@ -296,7 +316,9 @@ fn build(spec: &VmSpec, seams: Seams, boot: Boot<'_>) -> Result<Vm> {
             restore_devices(state, &mem, &mut console, &transports, &net_dev, &block_dev)
                 .map_err(Error::Restore)?;
             for s in &state.vcpus {
-                vcpus.push(restore_vcpu(&kvm, &vm_fd, s)?);
+                let (fd, c) = restore_vcpu(&kvm, &vm_fd, s)?;
+                vcpus.push(fd);
+                cpuids.push(c);
                 parked[s.index as usize] = s.parked;
             }
             if let Some(c) = state.clock {
@@ -341,7 +363,7 @@ fn build(spec: &VmSpec, seams: Seams, boot: Boot<'_>) -> Result<Vm> {
             .map_err(|e| Error::Memory(e.to_string()))?;
     }
 
-    let shared = Arc::new(Shared::new(mem, bus, console, vcpus.len(), msrs));
+    let shared = Arc::new(Shared::new(mem, bus, console, vcpus.len(), msrs, cpuids));
     if let Boot::Restore { state, .. } = boot {
         if state.ready {
             shared.set_ready();

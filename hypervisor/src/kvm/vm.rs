@@ -88,6 +88,8 @@ pub(crate) struct Shared {
     pause: AtomicBool,
     /// MSRs saved with each vCPU (those KVM lists that read back).
     pub(crate) msrs: Vec<u32>,
+    /// The CPUID each vCPU was given.
+    pub(crate) cpuid: Vec<Vec<kvm_bindings::kvm_cpuid_entry2>>,
     status: Mutex<Status>,
     changed: Condvar,
 }
@@ -99,6 +101,7 @@ impl Shared {
         console: Console,
         vcpus: usize,
         msrs: Vec<u32>,
+        cpuid: Vec<Vec<kvm_bindings::kvm_cpuid_entry2>>,
     ) -> Self {
         Shared {
             mem,
@@ -109,6 +112,7 @@ impl Shared {
             stop: Arc::new(AtomicBool::new(false)),
             pause: AtomicBool::new(false),
             msrs,
+            cpuid,
             status: Mutex::new(Status {
                 running: vcpus,
                 threads: vec![None; vcpus],
@@ -307,7 +311,8 @@ impl Shared {
             if wanted {
                 drop(s);
                 let t = Instant::now();
-                let state = snapshot::capture(vcpu, index as u32, parked, &self.msrs);
+                let cpuid = self.cpuid.get(index).map_or(&[][..], Vec::as_slice);
+                let state = snapshot::capture(vcpu, index as u32, parked, &self.msrs, cpuid);
                 let took = t.elapsed();
                 s = self.status();
                 if let Some(slot) = s.capture.as_mut().and_then(|c| c.get_mut(index)) {

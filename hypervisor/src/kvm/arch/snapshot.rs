@@ -1,7 +1,7 @@
 //! Reading and writing a vCPU's complete state (x86_64): what KVM keeps
 //! about a vCPU that the guest can observe.
 
-use kvm_bindings::{kvm_msr_entry, kvm_xsave, Msrs};
+use kvm_bindings::{kvm_cpuid_entry2, kvm_msr_entry, kvm_xsave, CpuId, Msrs};
 use kvm_ioctls::{Kvm, VcpuFd};
 use zerocopy::IntoBytes;
 
@@ -50,7 +50,14 @@ fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<Vec<(u32, u64)>> {
 
 /// Reads vCPU `index`'s state. The vCPU must be out of `KVM_RUN` with no
 /// I/O pending completion.
-pub fn capture(vcpu: &VcpuFd, index: u32, parked: bool, msrs: &[u32]) -> Result<VcpuState> {
+/// `cpuid` is what the vCPU was given at build or restore.
+pub fn capture(
+    vcpu: &VcpuFd,
+    index: u32,
+    parked: bool,
+    msrs: &[u32],
+    cpuid: &[kvm_cpuid_entry2],
+) -> Result<VcpuState> {
     let xsave = vcpu.get_xsave().map_err(Error::kvm("KVM_GET_XSAVE"))?;
     Ok(VcpuState {
         index,
@@ -70,7 +77,41 @@ pub fn capture(vcpu: &VcpuFd, index: u32, parked: bool, msrs: &[u32]) -> Result<
             .get_mp_state()
             .map_err(Error::kvm("KVM_GET_MP_STATE"))?,
         msrs: read_msrs(vcpu, msrs)?,
+        cpuid: cpuid.to_vec(),
     })
+}
+
+/// Feature leaves whose bits a guest may rely on: (leaf, sub-leaf).
+const FEATURE_LEAVES: [(u32, u32); 3] = [(1, 0), (7, 0), (0x8000_0001, 0)];
+
+/// The saved CPUID, if this host's KVM can offer every feature bit of it
+/// the guest may use; otherwise which leaf it cannot.
+pub fn check_cpuid(
+    saved: &[kvm_cpuid_entry2],
+    supported: &CpuId,
+) -> std::result::Result<CpuId, String> {
+    for (leaf, sub) in FEATURE_LEAVES {
+        let find = |entries: &[kvm_cpuid_entry2]| {
+            entries
+                .iter()
+                .find(|e| e.function == leaf && e.index == sub)
+                .map(|e| [e.ebx, e.ecx, e.edx])
+        };
+        let (Some(want), Some(have)) = (find(saved), find(supported.as_slice())) else {
+            continue;
+        };
+        // Leaf 1 EBX holds the APIC id and counts, not features.
+        let from = usize::from(leaf == 1);
+        for r in from..3 {
+            if want[r] & !have[r] != 0 {
+                return Err(format!(
+                    "this host's KVM lacks CPU features the guest was given (CPUID leaf {leaf:#x}.{sub} register {r}: {:#x})",
+                    want[r] & !have[r]
+                ));
+            }
+        }
+    }
+    CpuId::from_entries(saved).map_err(|e| format!("saved CPUID: {e:?}"))
 }
 
 /// Writes a saved state into a fresh vCPU whose CPUID is already set, in
@@ -124,4 +165,30 @@ pub fn apply(vcpu: &VcpuFd, s: &VcpuState) -> Result<()> {
     vcpu.set_vcpu_events(&s.events)
         .map_err(Error::kvm("KVM_SET_VCPU_EVENTS"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leaf(function: u32, ecx: u32, edx: u32) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function,
+            ecx,
+            edx,
+            ebx: 0xff00_0000,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_guest_keeps_its_cpuid_only_where_the_host_offers_it() {
+        let host = CpuId::from_entries(&[leaf(1, 0b1111, 0b11), leaf(7, 0, 0)]).unwrap();
+        // A different APIC id (leaf 1 EBX) is no feature.
+        let same = [leaf(1, 0b0101, 0b01), leaf(7, 0, 0)];
+        assert_eq!(check_cpuid(&same, &host).unwrap().as_slice(), &same);
+        let more = [leaf(1, 0b1_0000, 0), leaf(7, 0, 0)];
+        let e = check_cpuid(&more, &host).unwrap_err();
+        assert!(e.contains("lacks CPU features"), "{e}");
+    }
 }

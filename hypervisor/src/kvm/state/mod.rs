@@ -17,7 +17,7 @@
 //! Section kinds, each with its own version (all 1 today): `VM` (vCPU
 //! count, RAM size, TSC kHz, KVM clock, ready flag), `VCPU` (one per vCPU:
 //! regs, sregs, FPU, XSAVE area, XCRs, debug registers, vCPU events, MP
-//! state, MSRs, whether the guest parked it), `CONSOLE`, `TRANSPORT` (one
+//! state, MSRs, CPUID, whether the guest parked it), `CONSOLE`, `TRANSPORT` (one
 //! per virtio-mmio window), `NET` (incl. received frames not yet
 //! delivered), `BLOCK`. KVM structs are stored as their bytes in the Linux
 //! x86_64 KVM ABI (a stable ABI; little-endian; zerocopy proves they have
@@ -29,7 +29,8 @@
 mod wire;
 
 use kvm_bindings::{
-    kvm_debugregs, kvm_fpu, kvm_mp_state, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
+    kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_mp_state, kvm_regs, kvm_sregs, kvm_vcpu_events,
+    kvm_xcrs,
 };
 use virtio_queue::QueueState;
 
@@ -60,6 +61,7 @@ const KIND_BLOCK: u16 = 6;
 
 const MAX_VCPUS: usize = 64;
 const MAX_MSRS: usize = 1024;
+const MAX_CPUID: usize = 256;
 const MAX_QUEUES: usize = 16;
 const MAX_TRANSPORTS: usize = 8;
 const MAX_CONSOLE_PARTIAL: usize = 64 * 1024;
@@ -110,6 +112,9 @@ pub struct VcpuState {
     pub mp_state: kvm_mp_state,
     /// `(index, value)` of every MSR KVM lists that could be read.
     pub msrs: Vec<(u32, u64)>,
+    /// The CPUID the guest was given (what it may have based decisions
+    /// on: the replica must offer the same).
+    pub cpuid: Vec<kvm_cpuid_entry2>,
 }
 
 /// One virtio-mmio transport, in window order.
@@ -229,6 +234,10 @@ fn put_vcpu(w: &mut Writer, v: &VcpuState) {
         w.u32(i);
         w.u64(d);
     }
+    w.u32(v.cpuid.len() as u32);
+    for e in &v.cpuid {
+        w.pod(e);
+    }
 }
 
 fn get_vcpu(r: &mut Reader) -> Result<VcpuState, StateError> {
@@ -254,6 +263,11 @@ fn get_vcpu(r: &mut Reader) -> Result<VcpuState, StateError> {
     for _ in 0..n {
         msrs.push((r.u32()?, r.u64()?));
     }
+    let n = r.count(MAX_CPUID)?;
+    let mut cpuid = Vec::with_capacity(n);
+    for _ in 0..n {
+        cpuid.push(r.pod()?);
+    }
     Ok(VcpuState {
         index,
         parked,
@@ -266,6 +280,7 @@ fn get_vcpu(r: &mut Reader) -> Result<VcpuState, StateError> {
         events,
         mp_state,
         msrs,
+        cpuid,
     })
 }
 

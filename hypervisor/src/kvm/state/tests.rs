@@ -35,8 +35,9 @@ fn vcpu(index: u32) -> impl Strategy<Value = VcpuState> {
         any::<bool>(),
         bytes(8192),
         proptest::collection::vec(any::<(u32, u64)>(), 0..50),
+        proptest::collection::vec(any::<[u32; 7]>(), 0..8),
     )
-        .prop_map(move |(parked, raw, msrs)| {
+        .prop_map(move |(parked, raw, msrs, cpuid)| {
             let mut off = 0;
             let mut next = |n: usize| {
                 let s = &raw[off..off + n];
@@ -68,6 +69,19 @@ fn vcpu(index: u32) -> impl Strategy<Value = VcpuState> {
                 events: pod(next(std::mem::size_of::<kvm_vcpu_events>())),
                 mp_state: pod(next(4)),
                 msrs,
+                cpuid: cpuid
+                    .iter()
+                    .map(|c| kvm_bindings::kvm_cpuid_entry2 {
+                        function: c[0],
+                        index: c[1],
+                        flags: c[2],
+                        eax: c[3],
+                        ebx: c[4],
+                        ecx: c[5],
+                        edx: c[6],
+                        padding: [0; 3],
+                    })
+                    .collect(),
             }
         })
 }
