@@ -246,8 +246,9 @@ impl ProtectedGuest for Vm {
         max_frames: usize,
         out: &mut Checkpoint,
     ) -> std::result::Result<(), GuestError> {
-        out.clear();
+        Self::reset_out(out);
         if !self.shared.is_running() {
+            out.pages.clear();
             return Err(GuestError::NotRunning);
         }
         let t0 = Instant::now();
@@ -268,7 +269,10 @@ impl ProtectedGuest for Vm {
         Self::reset_out(out);
         let t0 = Instant::now();
         if !self.tracker.held {
-            self.pause_all(true)?;
+            if let Err(e) = self.pause_all(true) {
+                out.pages.clear();
+                return Err(e);
+            }
         }
         let t_stop = Instant::now();
         let r = self.checkpoint_paused(out, at_pause, t_stop);
@@ -282,6 +286,10 @@ impl ProtectedGuest for Vm {
         let vcpu_time = *r.as_ref().unwrap_or(&Duration::ZERO);
         out.timings.stop = (t_stop - t0).saturating_sub(vcpu_time);
         out.timings.total = t_end - t0;
+        if r.is_err() {
+            out.frames.clear();
+            out.pages.clear();
+        }
         r.map(|_| ()).map_err(backend)
     }
 
