@@ -15,6 +15,10 @@
 use super::fasthash::{map_with_capacity, U64Map};
 
 const HOT_MAX: u8 = 3;
+/// Page data lives in segments of this many pages: growing the cache never
+/// moves what is already cached (a single Vec would copy tens of MiB on each
+/// doubling, in the middle of an epoch).
+const SEGMENT_PAGES: usize = 256;
 
 #[derive(Clone, Copy)]
 struct Slot {
@@ -29,7 +33,7 @@ struct Slot {
 pub struct PageCache {
     page_size: usize,
     capacity: usize,
-    data: Vec<u8>,
+    segments: Vec<Vec<u8>>,
     slots: Vec<Slot>,
     by_frame: U64Map<u32>,
     by_hash: U64Map<u32>,
@@ -45,7 +49,7 @@ impl PageCache {
         PageCache {
             page_size,
             capacity,
-            data: Vec::new(),
+            segments: Vec::new(),
             slots: Vec::new(),
             by_frame: map_with_capacity(0),
             by_hash: map_with_capacity(0),
@@ -63,8 +67,13 @@ impl PageCache {
     }
 
     fn content(&self, slot: u32) -> &[u8] {
-        let at = slot as usize * self.page_size;
-        &self.data[at..at + self.page_size]
+        let (seg, at) = self.locate(slot);
+        &self.segments[seg][at..at + self.page_size]
+    }
+
+    fn locate(&self, slot: u32) -> (usize, usize) {
+        let s = slot as usize;
+        (s / SEGMENT_PAGES, (s % SEGMENT_PAGES) * self.page_size)
     }
 
     /// Last-sent content of `frame`, if cached.
@@ -120,8 +129,8 @@ impl PageCache {
         sl.epoch = epoch;
         sl.live = true;
         self.by_hash.insert(hash, slot);
-        let at = slot as usize * self.page_size;
-        self.data[at..at + self.page_size].copy_from_slice(content);
+        let (seg, at) = self.locate(slot);
+        self.segments[seg][at..at + self.page_size].copy_from_slice(content);
     }
 
     fn allocate(&mut self) -> u32 {
@@ -137,7 +146,13 @@ impl PageCache {
                 hot: 0,
                 live: false,
             });
-            self.data.resize(self.slots.len() * self.page_size, 0);
+            let (seg, at) = self.locate(s);
+            if seg == self.segments.len() {
+                let pages = SEGMENT_PAGES.min(self.capacity - s as usize);
+                self.segments
+                    .push(Vec::with_capacity(pages * self.page_size));
+            }
+            self.segments[seg].resize(at + self.page_size, 0);
             return s;
         }
         // Every live slot has hot <= HOT_MAX, so this ends within
@@ -191,7 +206,7 @@ impl PageCache {
         self.by_hash.clear();
         self.free.clear();
         self.slots.clear();
-        self.data.clear();
+        self.segments.clear();
         self.hand = 0;
     }
 }
