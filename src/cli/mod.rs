@@ -1,5 +1,6 @@
 //! The `remus-wan` command line: one file per subcommand.
 
+mod bench;
 mod certs;
 mod config;
 pub mod exit;
@@ -71,6 +72,9 @@ pub enum Command {
     /// Hold the replica of the VM this site backs up: receive, verify and
     /// commit each epoch all-or-nothing, then acknowledge it.
     Standby(standby::StandbyArgs),
+    /// Benchmarks that print our figures beside a baseline measured in the same run.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     /// Run the witness: the third-site arbiter that grants each VM's lease
     /// to one site at a time, with a fencing token that only grows.
     Witness(witness::WitnessArgs),
@@ -87,6 +91,7 @@ impl Cli {
             Command::Witness(c) => c.run(),
             Command::Standby(c) => c.run(),
             Command::Protect(c) => c.run(),
+            Command::Bench(c) => c.run(),
         }
     }
 }

@@ -22,6 +22,9 @@ pub struct ProtectArgs {
     /// Guest console log file.
     #[arg(long)]
     console_log: Option<PathBuf>,
+    /// Seconds between progress lines in the log.
+    #[arg(long, default_value_t = 5.0)]
+    report_every: f64,
 }
 
 impl ProtectArgs {
@@ -87,6 +90,7 @@ impl ProtectArgs {
             output_limit: 64 << 20,
             max_epoch_bytes: r.max_epoch_mib << 20,
             disk: vm.disk.clone(),
+            report_every: Duration::from_secs_f64(self.report_every.max(0.1)),
         };
         let capture = Capture::new(opts.output_limit);
         let guest = match hypervisor::kvm::Vm::start(&spec, capture.seams()) {

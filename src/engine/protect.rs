@@ -56,6 +56,8 @@ pub struct ProtectOptions {
     pub max_epoch_bytes: u64,
     /// The guest's disk image, sent whole during the initial sync.
     pub disk: Option<PathBuf>,
+    /// How often a progress line is logged.
+    pub report_every: Duration,
 }
 
 /// Transmitted frames and disk writes, attributed to epochs.
@@ -439,7 +441,7 @@ impl<G: ProtectedGuest> Protector<G> {
                 Decision::WaitUntil(t) => tokio::time::Instant::from_std(t),
                 Decision::WaitForAck => tokio::time::Instant::now() + self.opts.interval,
             };
-            if last_report.elapsed() > Duration::from_secs(5) {
+            if last_report.elapsed() >= self.opts.report_every {
                 last_report = Instant::now();
                 self.report(&pacer, &status);
             }

@@ -4,6 +4,7 @@
 //! with apt-get, tools with cargo install), so a fresh machine needs nothing
 //! but these commands.
 
+mod demo;
 mod deps;
 mod tasks;
 
@@ -18,7 +19,8 @@ tasks:
                  fuzz pass when the nightly toolchain is present, then every
                  test of the workspace (cargo nextest); ends with the
                  runner's summary line
-  demo           install what the demo needs and run it
+  demo           build everything, show the codec on synthetic traces, then
+                 protect a micro-VM between two local sites and pull the plug
   guest-image    build the micro-VM guest programs into target/guest/
   fuzz [--seconds N]
                  run every cargo-fuzz target for N seconds (default 60)

@@ -92,8 +92,9 @@ pub fn guest_image() -> Result<PathBuf> {
 }
 
 pub fn demo(_args: &[String]) -> Result<()> {
-    guest_image()?;
-    eprintln!("xtask: building and running the codec demo (release build)");
+    deps::install_test_deps()?;
+    let guests = guest_image()?;
+    eprintln!("xtask: the checkpoint codec on synthetic dirty-page traces (release build)");
     run(cargo().args([
         "run",
         "--release",
@@ -102,7 +103,8 @@ pub fn demo(_args: &[String]) -> Result<()> {
         "wan",
         "--example",
         "codec_demo",
-    ]))
+    ]))?;
+    crate::demo::run_two_sites(&root(), &guests)
 }
 
 pub fn fuzz(args: &[String]) -> Result<()> {

@@ -1,0 +1,347 @@
+//! `cargo xtask demo`: two sites on this machine, a WAN between them, a
+//! guest serving TCP, protection with live figures, then the primary is
+//! killed and the replica takes over with the client's connection intact.
+//!
+//! ```text
+//!   network namespace of the demo (created here, gone at the end)
+//!   client ── tap 192.0.2.1 ── guest 192.0.2.10 (micro-VM, smoltcp)
+//!   dc1: remus-wan protect ── WAN emulator (20 ms RTT) ── dc2: remus-wan standby
+//! ```
+
+use std::io::Read;
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+const TAP: &str = "rwdemo0";
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(name: &'static str, cmd: &mut Command, log: &Path) -> Result<Proc> {
+    let out = std::fs::File::create(log)?;
+    let child = cmd
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .stdin(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {name}"))?;
+    Ok(Proc(child))
+}
+
+fn wait_for(log: &Path, needle: &str, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if std::fs::read_to_string(log).is_ok_and(|t| t.contains(needle)) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// The progress lines of the protect log not shown yet.
+fn new_lines(log: &Path, seen: &mut usize, needle: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<String> = text.lines().skip(*seen).map(|l| strip_ansi(l)).collect();
+    *seen += lines.len();
+    lines.into_iter().filter(|l| l.contains(needle)).collect()
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut esc = false;
+    for c in s.chars() {
+        match (esc, c) {
+            (false, '\x1b') => esc = true,
+            (true, 'm') => esc = false,
+            (true, _) => {}
+            (false, c) => out.push(c),
+        }
+    }
+    out
+}
+
+struct Counter {
+    next: u64,
+    partial: Vec<u8>,
+}
+
+impl Counter {
+    /// Reads for `d`; returns values received. Fails on a gap, duplicate or reset.
+    fn read_for(&mut self, s: &mut TcpStream, d: Duration) -> Result<u64> {
+        let start = self.next;
+        let end = Instant::now() + d;
+        let mut buf = vec![0u8; 8192];
+        while Instant::now() < end {
+            match s.read(&mut buf) {
+                Ok(0) => bail!("the guest closed the connection"),
+                Ok(n) => {
+                    self.partial.extend_from_slice(&buf[..n]);
+                    let whole = self.partial.len() / 8 * 8;
+                    for c in self.partial[..whole].chunks_exact(8) {
+                        let v = u64::from_be_bytes(c.try_into()?);
+                        if v != self.next {
+                            bail!("counter stream broken: expected {}, got {v}", self.next);
+                        }
+                        self.next += 1;
+                    }
+                    self.partial.drain(..whole);
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => bail!("connection failed: {e}"),
+            }
+        }
+        Ok(self.next - start)
+    }
+}
+
+fn config(dir: &Path, image: &Path) -> String {
+    format!(
+        r#"# written by cargo xtask demo
+[replication]
+epoch_interval_ms = 50
+max_epochs_in_flight = 4
+
+[[sites]]
+name = "dc1"
+listen = "127.0.0.1:17711"
+[sites.tls]
+ca = "{pki}/ca.pem"
+cert = "{pki}/dc1.pem"
+key = "{pki}/dc1.key"
+
+[[sites]]
+name = "dc2"
+listen = "127.0.0.1:17712"
+connect = "127.0.0.1:17720"   # the WAN emulator in front of dc2
+[sites.tls]
+ca = "{pki}/ca.pem"
+cert = "{pki}/dc2.pem"
+key = "{pki}/dc2.key"
+
+[[vms]]
+name = "web1"
+primary = "dc1"
+backup = "dc2"
+guest_image = "{image}"
+memory_mib = 64
+disk = "{disk}"
+[vms.network]
+tap = "{TAP}"
+mac = "52:54:00:12:37:01"
+address = "192.0.2.10/24"
+gateway = "192.0.2.1"
+"#,
+        pki = dir.join("pki").display(),
+        image = image.display(),
+        disk = dir.join("web1.img").display(),
+    )
+}
+
+pub fn run_two_sites(root: &Path, guest_dir: &Path) -> Result<()> {
+    if unsafe { libc_geteuid() } != 0 {
+        bail!("the two-site demo creates a network namespace and a tap: run it as root");
+    }
+    if !Path::new("/dev/kvm").exists() {
+        bail!("the two-site demo runs a micro-VM: /dev/kvm is missing");
+    }
+    crate::deps::run(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(root)
+            .args([
+                "build",
+                "--release",
+                "--quiet",
+                "-p",
+                "remus-wan",
+                "-p",
+                "wan",
+                "--example",
+                "wan_emulator",
+                "--bin",
+                "remus-wan",
+            ]),
+    )?;
+    let bin = root.join("target/release/remus-wan");
+    let emu = root.join("target/release/examples/wan_emulator");
+    let dir = root.join("target/demo");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    for site in ["dc1", "dc2"] {
+        crate::deps::run(
+            Command::new(&bin)
+                .args(["certs", "init", "--site", site, "--out"])
+                .arg(dir.join("pki"))
+                .stdout(Stdio::null()),
+        )?;
+    }
+    std::fs::File::create(dir.join("web1.img"))?.set_len(4 << 20)?;
+    let cfg = dir.join("demo.toml");
+    std::fs::write(&cfg, config(&dir, &guest_dir.join("netguest.elf")))?;
+    println!("== remus-wan demo: VM web1 protected from dc1 to dc2 over a 20 ms RTT WAN ==");
+    println!("   configuration: {}", cfg.display());
+
+    hypervisor::netns::in_new_netns(|| -> Result<()> {
+        let ip = |a: &[&str]| hypervisor::netns::ip(a).map_err(anyhow::Error::from);
+        ip(&["tuntap", "add", "dev", TAP, "mode", "tap"])?;
+        ip(&["addr", "add", "192.0.2.1/24", "dev", TAP])?;
+        ip(&["link", "set", "dev", TAP, "up"])?;
+        let cfg_s = cfg.to_string_lossy().to_string();
+        let state = dir.join("state").to_string_lossy().to_string();
+        let standby_log = dir.join("standby.log");
+        let protect_log = dir.join("protect.log");
+        let mut standby = spawn(
+            "standby",
+            Command::new(&bin)
+                .args([
+                    "standby",
+                    "--config",
+                    &cfg_s,
+                    "--site",
+                    "dc2",
+                    "--state-dir",
+                    &state,
+                ])
+                .env("RUST_LOG", "info"),
+            &standby_log,
+        )?;
+        let _emu = spawn(
+            "wan emulator",
+            Command::new(&emu).args([
+                "--listen",
+                "127.0.0.1:17720",
+                "--upstream",
+                "127.0.0.1:17712",
+                "--rtt-ms",
+                "20",
+                "--jitter-ms",
+                "1",
+                "--max-secs",
+                "300",
+            ]),
+            &dir.join("emulator.log"),
+        )?;
+        if !wait_for(&standby_log, "standby listening", Duration::from_secs(30)) {
+            bail!("standby did not start; see {}", standby_log.display());
+        }
+        println!("-- dc2: standby listening; WAN emulator: 20 ms RTT");
+        let mut protect = spawn(
+            "protect",
+            Command::new(&bin)
+                .args([
+                    "protect",
+                    "web1",
+                    "--site",
+                    "dc2",
+                    "--config",
+                    &cfg_s,
+                    "--report-every",
+                    "1",
+                ])
+                .env("RUST_LOG", "info"),
+            &protect_log,
+        )?;
+        println!(
+            "-- dc1: remus-wan protect web1 --site dc2 (pre-copy, then checkpoints every 50 ms)"
+        );
+        let addr: SocketAddr = "192.0.2.10:9000".parse()?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut conn = loop {
+            match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+                Ok(c) => break c,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(200))
+                }
+                Err(e) => bail!("guest never answered: {e}; see {}", protect_log.display()),
+            }
+        };
+        conn.set_read_timeout(Some(Duration::from_millis(100)))?;
+        println!("-- client: connected to the guest's counter service 192.0.2.10:9000");
+        let mut counter = Counter {
+            next: 0,
+            partial: Vec::new(),
+        };
+        let mut seen = 0;
+        for _ in 0..6 {
+            let n = counter.read_for(&mut conn, Duration::from_secs(1))?;
+            println!("   client: {n:>8} counter values/s (protected: each released after dc2 committed its epoch)");
+            for l in new_lines(&protect_log, &mut seen, "protecting") {
+                if let Some(i) = l.find("epochs=") {
+                    println!("   dc1:    {}", &l[i..]);
+                }
+            }
+        }
+        let at = counter.next;
+        println!("-- pulling the plug on dc1: SIGKILL to remus-wan protect (client at value {at})");
+        let killed = Instant::now();
+        let _ = protect.0.kill();
+        let _ = protect.0.wait();
+        // SAFETY: signalling our own child.
+        unsafe { libc_kill(standby.0.id() as i32, 15) };
+        let _ = standby.0.wait();
+        let activate_log = dir.join("activate.log");
+        let _active = spawn(
+            "activate",
+            Command::new(&bin)
+                .args([
+                    "standby",
+                    "--config",
+                    &cfg_s,
+                    "--site",
+                    "dc2",
+                    "--state-dir",
+                    &state,
+                    "--activate",
+                ])
+                .env("RUST_LOG", "info"),
+            &activate_log,
+        )?;
+        println!("-- dc2: remus-wan standby --activate (resume from the last committed epoch)");
+        if !wait_for(&activate_log, "VM activated", Duration::from_secs(30)) {
+            bail!(
+                "the replica did not activate; see {}",
+                activate_log.display()
+            );
+        }
+        let before = counter.next;
+        let mut first = None;
+        for _ in 0..4 {
+            let n = counter.read_for(&mut conn, Duration::from_secs(1))?;
+            if first.is_none() && counter.next > before {
+                first = Some(killed.elapsed());
+            }
+            println!("   client: {n:>8} counter values/s (served by dc2, same TCP connection)");
+        }
+        println!(
+            "== takeover done: the client's connection went on from {at} to {} with no gap, duplicate or reset",
+            counter.next
+        );
+        if let Some(t) = first {
+            println!("   kill to first byte served by dc2 (manual activation included): {t:.2?}");
+        }
+        println!("   logs: {}", dir.display());
+        Ok(())
+    })??;
+    Ok(())
+}
+
+extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
