@@ -10,7 +10,6 @@ use failover::{Message, SiteId, Timers};
 use remus_wan::certs::{init_site, InitOptions};
 use remus_wan::witness::frame::{read_message, write_message};
 use remus_wan::witness::{WitnessOptions, WitnessServer};
-use tokio::io::AsyncWriteExt;
 use wan::transport::{Endpoint, TlsPaths, TransportConfig};
 
 fn pki(dir: &Path) {

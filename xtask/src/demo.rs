@@ -52,7 +52,7 @@ fn wait_for(log: &Path, needle: &str, limit: Duration) -> bool {
 /// The progress lines of the protect log not shown yet.
 fn new_lines(log: &Path, seen: &mut usize, needle: &str) -> Vec<String> {
     let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<String> = text.lines().skip(*seen).map(|l| strip_ansi(l)).collect();
+    let lines: Vec<String> = text.lines().skip(*seen).map(strip_ansi).collect();
     *seen += lines.len();
     lines.into_iter().filter(|l| l.contains(needle)).collect()
 }
