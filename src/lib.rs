@@ -5,5 +5,6 @@ pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod metrics;
 pub mod replica;
 pub mod witness;

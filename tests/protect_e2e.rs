@@ -265,6 +265,26 @@ fn protected_guest_survives_the_primary_being_killed() {
         // Data flows while protected (released only after commits).
         let got = counter.read_more(&mut conn, 1000, Duration::from_secs(30));
         assert!(got >= 1000, "only {got} counter values while protected");
+        // `remus-wan status` reads both processes' figures; /metrics
+        // serves them to Prometheus.
+        std::thread::sleep(Duration::from_millis(1200));
+        let out = Command::new(env!("CARGO_BIN_EXE_remus-wan"))
+            .arg("status")
+            .output()
+            .expect("status");
+        let table = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(out.status.success(), "status failed: {table}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(table.contains("primary") && table.contains("standby"), "{table}");
+        eprintln!("{table}");
+        let metrics = {
+            use std::io::Write;
+            let mut s = TcpStream::connect("127.0.0.1:9477").expect("metrics endpoint");
+            s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").expect("request");
+            let mut m = String::new();
+            s.read_to_string(&mut m).expect("metrics");
+            m
+        };
+        assert!(metrics.contains("remus_wan_committed_epoch{vm=\"web1\",role=\"primary\"}"), "{metrics}");
         // Key-value writes go to the guest's disk; a SET is acknowledged
         // only once written, and the client sees "OK" only once the epoch
         // holding it is committed at the backup.

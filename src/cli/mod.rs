@@ -8,6 +8,7 @@ mod logging;
 mod protect;
 mod signals;
 mod standby;
+mod status;
 pub mod vm;
 mod witness;
 
@@ -35,8 +36,9 @@ Roles:
   standby --site dc2        hold the replica of the VM backed up at dc2
   protect web1 --site dc2   protect VM web1 towards site dc2 (run at the primary)
   witness                   arbitrate which site may run each VM (third site)
+  status                    figures of the protect/standby processes on this host
 Arriving with their issues (not in this build yet):
-  status, switchover        observe; move a VM by plan with no loss
+  switchover                move a VM by plan with no loss; automatic failover
 
 Exit codes: 0 success, 1 failure, 2 usage error, 3 invalid configuration,
 4 refused (would overwrite keys, missing permission).
@@ -72,6 +74,10 @@ pub enum Command {
     /// Hold the replica of the VM this site backs up: receive, verify and
     /// commit each epoch all-or-nothing, then acknowledge it.
     Standby(standby::StandbyArgs),
+    /// Show, per VM, state, epoch rate, pause p50/p99, dirty pages, bytes
+    /// raw vs wire, compression, lag, RTT and output held (from the
+    /// processes' /status endpoints; /metrics serves Prometheus).
+    Status(status::StatusArgs),
     /// Benchmarks that print our figures beside a baseline measured in the same run.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -92,6 +98,7 @@ impl Cli {
             Command::Standby(c) => c.run(),
             Command::Protect(c) => c.run(),
             Command::Bench(c) => c.run(),
+            Command::Status(c) => c.run(),
         }
     }
 }

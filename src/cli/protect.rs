@@ -22,6 +22,9 @@ pub struct ProtectArgs {
     /// Guest console log file.
     #[arg(long)]
     console_log: Option<PathBuf>,
+    /// Serve Prometheus metrics (/metrics) and status (/status) here.
+    #[arg(long, default_value = "127.0.0.1:9477")]
+    metrics: std::net::SocketAddr,
     /// Seconds between progress lines in the log.
     #[arg(long, default_value_t = 5.0)]
     report_every: f64,
@@ -112,13 +115,19 @@ impl ProtectArgs {
         };
         rt.block_on(async move {
             let shutdown = super::signals::shutdown();
-            let protector = match Protector::new(opts, guest, capture, release) {
+            let mut protector = match Protector::new(opts, guest, capture, release) {
                 Ok(p) => p,
                 Err(e) => {
                     eprintln!("error: {e}");
                     return Code::Failure;
                 }
             };
+            let published = crate::metrics::Published::default();
+            if let Err(e) = crate::metrics::serve(self.metrics, published.clone()).await {
+                eprintln!("error: metrics endpoint {}: {e}", self.metrics);
+                return Code::Failure;
+            }
+            protector.publish_to(published);
             match protector.run(shutdown).await {
                 Ok(stats) => {
                     tracing::info!(

@@ -19,6 +19,9 @@ pub struct StandbyArgs {
     /// Where replicas are kept (`<state-dir>/replicas/<vm>/`).
     #[arg(long, default_value = "/var/lib/remus-wan")]
     state_dir: PathBuf,
+    /// Serve Prometheus metrics (/metrics) and status (/status) here.
+    #[arg(long, default_value = "127.0.0.1:9478")]
+    metrics: std::net::SocketAddr,
     /// Take over by hand: resume the VM from the replica's last committed
     /// epoch, here, attached to its tap (stop the standby first). Runs the
     /// VM until SIGTERM. Automatic takeover comes with the witness wiring.
@@ -112,7 +115,12 @@ impl StandbyArgs {
                     return Code::Failure;
                 }
             };
-            match standby::run(opts, endpoint, shutdown).await {
+            let published = crate::metrics::Published::default();
+            if let Err(e) = crate::metrics::serve(self.metrics, published.clone()).await {
+                eprintln!("error: metrics endpoint {}: {e}", self.metrics);
+                return Code::Failure;
+            }
+            match standby::run_with(opts, endpoint, shutdown, Some(published)).await {
                 Ok(stats) => {
                     tracing::info!(?stats, "standby stopped");
                     Code::Success

@@ -193,6 +193,8 @@ pub struct Protector<G: ProtectedGuest> {
     staging: Checkpoint,
     pub stats: Arc<Mutex<ProtectStats>>,
     endpoint: Endpoint,
+    published: Option<crate::metrics::Published>,
+    last_publish: (Instant, u64),
 }
 
 impl<G: ProtectedGuest> Protector<G> {
@@ -239,7 +241,57 @@ impl<G: ProtectedGuest> Protector<G> {
                 ..ProtectStats::default()
             })),
             endpoint,
+            published: None,
+            last_publish: (Instant::now(), 0),
         })
+    }
+
+    /// Where to publish figures for `/metrics` and `/status`.
+    pub fn publish_to(&mut self, published: crate::metrics::Published) {
+        self.published = Some(published);
+    }
+
+    fn publish(&mut self, pacer: &Pacer, status: &wan::transport::replication::SenderStatus) {
+        let Some(p) = &self.published else { return };
+        let now = Instant::now();
+        let dt = now.duration_since(self.last_publish.0);
+        if dt < Duration::from_millis(500) {
+            return;
+        }
+        let held = self
+            .capture
+            .io
+            .lock()
+            .map(|io| io.output.held_bytes())
+            .unwrap_or(0);
+        let Ok(st) = self.stats.lock() else { return };
+        let n = st.epochs.max(1) as f64;
+        let v = crate::metrics::VmStatus {
+            vm: self.opts.vm.clone(),
+            role: "primary".into(),
+            state: st.state.into(),
+            peer: self.opts.backup.clone(),
+            epochs: st.epochs,
+            committed_epoch: st.committed,
+            epoch_rate_hz: (st.epochs - self.last_publish.1) as f64 / dt.as_secs_f64(),
+            pause_p50_us: st.pause_percentile(0.5),
+            pause_p99_us: st.pause_percentile(0.99),
+            dirty_pages_per_epoch: st.dirty_pages as f64 / n,
+            raw_bytes_per_epoch: st.raw_bytes as f64 / n,
+            wire_bytes_per_epoch: st.wire_bytes as f64 / n,
+            compression_ratio: st.raw_bytes as f64 / st.wire_bytes.max(1) as f64,
+            lag_epochs: (self.next_epoch - 1).saturating_sub(st.committed),
+            rtt_ms: status.link.as_ref().map(|l| l.rtt.as_secs_f64() * 1e3),
+            output_held_bytes: held as u64,
+            output_dropped_frames: self.capture.dropped_frames.load(Ordering::Relaxed),
+            epochs_rejected: 0,
+            interval_ms: pacer.interval().as_millis() as u64,
+        };
+        self.last_publish = (now, st.epochs);
+        drop(st);
+        if let Ok(mut list) = p.lock() {
+            *list = vec![v];
+        }
     }
 
     fn set_state(&self, s: &'static str) {
@@ -441,6 +493,7 @@ impl<G: ProtectedGuest> Protector<G> {
                 Decision::WaitUntil(t) => tokio::time::Instant::from_std(t),
                 Decision::WaitForAck => tokio::time::Instant::now() + self.opts.interval,
             };
+            self.publish(&pacer, &status);
             if last_report.elapsed() >= self.opts.report_every {
                 last_report = Instant::now();
                 self.report(&pacer, &status);

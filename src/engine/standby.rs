@@ -227,6 +227,39 @@ pub async fn run(
     endpoint: Endpoint,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<StandbyStats, StandbyError> {
+    run_with(opts, endpoint, shutdown, None).await
+}
+
+/// As [`run`], publishing figures for `/metrics` and `/status`.
+pub async fn run_with(
+    opts: StandbyOptions,
+    endpoint: Endpoint,
+    shutdown: impl std::future::Future<Output = ()>,
+    published: Option<crate::metrics::Published>,
+) -> Result<StandbyStats, StandbyError> {
+    let publish = |s: &StandbyStats| {
+        if let Some(p) = &published {
+            let v = crate::metrics::VmStatus {
+                vm: opts.vm.clone(),
+                role: "standby".into(),
+                state: if s.consistent {
+                    "replica ok"
+                } else {
+                    "syncing"
+                }
+                .into(),
+                peer: opts.primary.clone(),
+                epochs: s.epochs_committed,
+                committed_epoch: s.committed_epoch.unwrap_or(0),
+                wire_bytes_per_epoch: s.bytes_received as f64 / s.epochs_committed.max(1) as f64,
+                epochs_rejected: s.epochs_rejected,
+                ..Default::default()
+            };
+            if let Ok(mut l) = p.lock() {
+                *l = vec![v];
+            }
+        }
+    };
     let mut standby = Standby::open(opts.clone())?;
     info!(vm = %opts.vm, addr = %endpoint.local_addr()?, "standby listening");
     let mut rcfg = ReceiverConfig::new(opts.site.clone(), opts.vm.clone());
@@ -248,7 +281,9 @@ pub async fn run(
                         info!(peer = %site, vm = %vm_id, last_committed, "primary connected");
                     }
                     ReceiverEvent::Epoch { epoch, kind, payload } => {
-                        match standby.apply(epoch, kind, &payload) {
+                        let applied = standby.apply(epoch, kind, &payload);
+                        publish(&standby.stats);
+                        match applied {
                             Ok(()) => {
                                 if handle.commit(epoch).await.is_err() {
                                     break;
