@@ -147,15 +147,18 @@ fn fuzz_all(seconds: u64) -> Result<()> {
                 log.display()
             );
             let out = std::fs::File::create(&log)?;
+            // The target's own corpus first (cargo-fuzz's default), then
+            // checked-in seeds when the project keeps some.
+            let mut corpora = vec![dir.join("fuzz/corpus").join(target)];
+            let seeds = dir.join("fuzz/seeds").join(target);
+            if seeds.is_dir() {
+                corpora.push(seeds);
+            }
+            std::fs::create_dir_all(&corpora[0])?;
             let status = Command::new("cargo")
-                .args([
-                    "+nightly",
-                    "fuzz",
-                    "run",
-                    target,
-                    "--",
-                    "-rss_limit_mb=2048",
-                ])
+                .args(["+nightly", "fuzz", "run", target])
+                .args(&corpora)
+                .args(["--", "-rss_limit_mb=2048"])
                 .arg(format!("-max_total_time={seconds}"))
                 .current_dir(&dir)
                 .stdout(out.try_clone()?)
