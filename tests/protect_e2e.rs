@@ -285,6 +285,23 @@ fn protected_guest_survives_the_primary_being_killed() {
             m
         };
         assert!(metrics.contains("remus_wan_committed_epoch{vm=\"web1\",role=\"primary\"}"), "{metrics}");
+        // Output commit: with the backup frozen nothing is committed, so
+        // nothing new may reach the client (beyond what was already on its
+        // way when the backup stopped); it flows again when the backup does.
+        let standby_pid = standby.0.as_ref().map(|c| c.id() as i32).expect("standby running");
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(standby_pid, libc::SIGSTOP) };
+        counter.read_more(&mut conn, u64::MAX, Duration::from_millis(300));
+        let while_frozen = counter.read_more(&mut conn, u64::MAX, Duration::from_millis(1500));
+        // SAFETY: as above.
+        unsafe { libc::kill(standby_pid, libc::SIGCONT) };
+        assert!(
+            while_frozen < 20_000,
+            "{while_frozen} counter values reached the client while the backup committed nothing"
+        );
+        let resumed = counter.read_more(&mut conn, 10_000, Duration::from_secs(30));
+        assert!(resumed >= 10_000, "output did not resume with the backup ({resumed})");
+        eprintln!("backup frozen 1.5 s: {while_frozen} values reached the client; then {resumed}+ again");
         // Key-value writes go to the guest's disk; a SET is acknowledged
         // only once written, and the client sees "OK" only once the epoch
         // holding it is committed at the backup.
