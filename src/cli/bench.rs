@@ -15,11 +15,27 @@ pub enum BenchCommand {
         #[arg(long)]
         quick: bool,
     },
+    /// The guest's TCP services (counter stream throughput, echo round
+    /// trip) unprotected and protected at 25/50/100 ms epochs over an
+    /// emulated WAN of 0 and 50 ms RTT, with link rate, compression ratio
+    /// and pause. Needs root and KVM.
+    Protect {
+        /// The network guest image (default: target/guest/netguest.elf).
+        #[arg(long)]
+        guest_image: Option<std::path::PathBuf>,
+    },
 }
 
 impl BenchCommand {
     pub fn run(self) -> Code {
         match self {
+            BenchCommand::Protect { guest_image } => match super::bench_protect::run(guest_image) {
+                Ok(()) => Code::Success,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    Code::Failure
+                }
+            },
             BenchCommand::Wan { quick } => {
                 let opts = if quick {
                     wan::transport::bench::BenchOptions::quick()

@@ -1,0 +1,284 @@
+//! `remus-wan bench protect`: the guest's TCP services unprotected and
+//! protected at several epoch intervals, over an emulated WAN, in one run.
+//!
+//! Each cell runs in a fresh network namespace: the micro-VM guest behind a
+//! tap, and for protected cells `remus-wan standby`, the WAN emulator and
+//! `remus-wan protect` (this binary, as subprocesses). The client measures
+//! the counter stream's throughput and the echo service's round trip; the
+//! protect process's /status gives the compression ratio and link rate.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+const TAP: &str = "rwbench0";
+
+struct Kill(Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Cell {
+    interval_ms: Option<u64>,
+    rtt_ms: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Row {
+    stream_mb_s: f64,
+    echo_p50_us: u64,
+    echo_p99_us: u64,
+    link_mbit_s: Option<f64>,
+    ratio: Option<f64>,
+    pause_p50_us: Option<u64>,
+}
+
+fn config(dir: &Path, image: &Path, interval_ms: u64) -> String {
+    format!(
+        r#"[replication]
+epoch_interval_ms = {interval_ms}
+max_epochs_in_flight = 4
+
+[[sites]]
+name = "dc1"
+listen = "127.0.0.1:17731"
+[sites.tls]
+ca = "{pki}/ca.pem"
+cert = "{pki}/dc1.pem"
+key = "{pki}/dc1.key"
+
+[[sites]]
+name = "dc2"
+listen = "127.0.0.1:17732"
+connect = "127.0.0.1:17740"
+[sites.tls]
+ca = "{pki}/ca.pem"
+cert = "{pki}/dc2.pem"
+key = "{pki}/dc2.key"
+
+[[vms]]
+name = "web1"
+primary = "dc1"
+backup = "dc2"
+guest_image = "{image}"
+memory_mib = 64
+disk = "{disk}"
+[vms.network]
+tap = "{TAP}"
+mac = "52:54:00:12:38:01"
+address = "192.0.2.10/24"
+gateway = "192.0.2.1"
+"#,
+        pki = dir.join("pki").display(),
+        image = image.display(),
+        disk = dir.join("web1.img").display(),
+    )
+}
+
+fn connect(addr: &str, limit: Duration) -> Result<TcpStream> {
+    let addr: SocketAddr = addr.parse()?;
+    let deadline = Instant::now() + limit;
+    loop {
+        match TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
+            Ok(s) => return Ok(s),
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+            Err(e) => bail!("guest {addr} never answered: {e}"),
+        }
+    }
+}
+
+fn measure(row: &mut Row) -> Result<()> {
+    let mut s = connect("192.0.2.10:9000", Duration::from_secs(60))?;
+    s.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let mut buf = vec![0u8; 65536];
+    // Warm up, then measure.
+    let warm = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < warm {
+        let _ = s.read(&mut buf);
+    }
+    let (start, mut bytes) = (Instant::now(), 0u64);
+    while start.elapsed() < Duration::from_secs(2) {
+        if let Ok(n) = s.read(&mut buf) {
+            bytes += n as u64;
+        }
+    }
+    row.stream_mb_s = bytes as f64 / start.elapsed().as_secs_f64() / 1e6;
+    drop(s);
+    let mut e = connect("192.0.2.10:7", Duration::from_secs(10))?;
+    e.set_read_timeout(Some(Duration::from_secs(5)))?;
+    e.set_nodelay(true)?;
+    let msg = [0x5au8; 64];
+    let mut rtts = Vec::new();
+    let end = Instant::now() + Duration::from_secs(4);
+    while rtts.len() < 200 && Instant::now() < end {
+        let t = Instant::now();
+        e.write_all(&msg)?;
+        let mut got = [0u8; 64];
+        e.read_exact(&mut got)?;
+        rtts.push(t.elapsed().as_micros() as u64);
+    }
+    rtts.sort_unstable();
+    let pick = |p: f64| {
+        rtts.get(((rtts.len().max(1) - 1) as f64 * p) as usize)
+            .copied()
+            .unwrap_or(0)
+    };
+    row.echo_p50_us = pick(0.5);
+    row.echo_p99_us = pick(0.99);
+    Ok(())
+}
+
+fn spawn(bin: &Path, args: &[&str], log: &Path) -> Result<Kill> {
+    let out = std::fs::File::create(log)?;
+    Ok(Kill(
+        Command::new(bin)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .context("spawning remus-wan")?,
+    ))
+}
+
+fn run_cell(bin: &Path, dir: &Path, image: &Path, cell: &Cell) -> Result<Row> {
+    let cfg = dir.join("bench.toml");
+    std::fs::write(&cfg, config(dir, image, cell.interval_ms.unwrap_or(100)))?;
+    let cfg_s = cfg.to_string_lossy().to_string();
+    let state = dir.join(format!(
+        "state-{}-{}",
+        cell.interval_ms.unwrap_or(0),
+        cell.rtt_ms
+    ));
+    let state_s = state.to_string_lossy().to_string();
+    let rtt = cell.rtt_ms;
+    hypervisor::netns::in_new_netns(move || -> Result<Row> {
+        let ip = |a: &[&str]| hypervisor::netns::ip(a).map_err(anyhow::Error::from);
+        ip(&["tuntap", "add", "dev", TAP, "mode", "tap"])?;
+        ip(&["addr", "add", "192.0.2.1/24", "dev", TAP])?;
+        ip(&["link", "set", "dev", TAP, "up"])?;
+        let mut row = Row::default();
+        let Some(interval) = cell.interval_ms else {
+            let _vm = spawn(
+                bin,
+                &["vm", "run", "--config", &cfg_s, "--vm", "web1", "--quiet"],
+                &dir.join("vm.log"),
+            )?;
+            measure(&mut row)?;
+            return Ok(row);
+        };
+        let rt = tokio::runtime::Runtime::new()?;
+        let mut ecfg = wan::emulator::EmulatorConfig::new("127.0.0.1:17732".parse()?).with_link(
+            wan::emulator::LinkParams::symmetric(Duration::from_millis(rtt), 0.0, None),
+        );
+        ecfg.listen = "127.0.0.1:17740".parse()?;
+        let _emu = rt.block_on(wan::emulator::Emulator::start(ecfg))?;
+        let _standby = spawn(
+            bin,
+            &[
+                "standby",
+                "--config",
+                &cfg_s,
+                "--site",
+                "dc2",
+                "--state-dir",
+                &state_s,
+            ],
+            &dir.join("standby.log"),
+        )?;
+        std::thread::sleep(Duration::from_millis(300));
+        let _protect = spawn(
+            bin,
+            &["protect", "web1", "--site", "dc2", "--config", &cfg_s],
+            &dir.join("protect.log"),
+        )?;
+        measure(&mut row)?;
+        let status = crate::metrics::fetch_status("127.0.0.1:9477".parse()?)
+            .with_context(|| format!("protect status (interval {interval} ms)"))?;
+        if let Some(s) = status.first() {
+            row.ratio = Some(s.compression_ratio);
+            row.link_mbit_s = Some(s.wire_bytes_per_epoch * s.epoch_rate_hz * 8.0 / 1e6);
+            row.pause_p50_us = s.pause_p50_us;
+        }
+        Ok(row)
+    })?
+}
+
+pub fn run(image: Option<PathBuf>) -> Result<()> {
+    if !Path::new("/dev/kvm").exists() {
+        bail!("bench protect runs a micro-VM: /dev/kvm is missing");
+    }
+    let bin = std::env::current_exe()?;
+    let image = match image {
+        Some(i) => i,
+        None => {
+            let dir = std::env::var_os(hypervisor::guest_build::GUEST_DIR_ENV)
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("target/guest"));
+            hypervisor::guest_build::installed_paths(&dir).net
+        }
+    };
+    let image = std::fs::canonicalize(&image).with_context(|| {
+        format!(
+            "guest image {} missing: run `cargo xtask guest-image` or pass --guest-image",
+            image.display()
+        )
+    })?;
+    let tmp = std::env::temp_dir().join(format!("remus-wan-bench-protect-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp)?;
+    for site in ["dc1", "dc2"] {
+        crate::certs::init_site(&crate::certs::InitOptions {
+            site: site.into(),
+            out: tmp.join("pki"),
+            ca_dir: None,
+            days: 2,
+        })?;
+    }
+    std::fs::File::create(tmp.join("web1.img"))?.set_len(4 << 20)?;
+    let mut cells = vec![Cell {
+        interval_ms: None,
+        rtt_ms: 0,
+    }];
+    for rtt in [0, 50] {
+        for interval in [25, 50, 100] {
+            cells.push(Cell {
+                interval_ms: Some(interval),
+                rtt_ms: rtt,
+            });
+        }
+    }
+    println!(
+        "{:<26} {:>12} {:>11} {:>11} {:>11} {:>10} {:>10}",
+        "guest", "stream MB/s", "echo p50", "echo p99", "link Mb/s", "ratio", "pause p50"
+    );
+    for cell in &cells {
+        let name = match cell.interval_ms {
+            None => "unprotected".to_string(),
+            Some(i) => format!("protected {i} ms, RTT {} ms", cell.rtt_ms),
+        };
+        match run_cell(&bin, &tmp, &image, cell) {
+            Ok(r) => println!(
+                "{name:<26} {:>12.1} {:>9}us {:>9}us {:>11} {:>10} {:>10}",
+                r.stream_mb_s,
+                r.echo_p50_us,
+                r.echo_p99_us,
+                r.link_mbit_s.map_or("-".into(), |m| format!("{m:.1}")),
+                r.ratio.map_or("-".into(), |x| format!("{x:.1}")),
+                r.pause_p50_us.map_or("-".into(), |u| format!("{u}us")),
+            ),
+            Err(e) => println!("{name:<26} failed: {e:#}"),
+        }
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    Ok(())
+}
