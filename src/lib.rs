@@ -7,4 +7,5 @@ pub mod config;
 pub mod engine;
 pub mod metrics;
 pub mod replica;
+pub mod testbed;
 pub mod witness;

@@ -16,7 +16,7 @@ use std::path::Path;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use remus_wan::certs::{init_site, InitOptions};
+use remus_wan::testbed::{CounterCheck, LocalDeployment};
 
 const TAP: &str = "rwe2e0";
 
@@ -88,84 +88,30 @@ fn ip(args: &[&str]) {
     hypervisor::netns::ip(args).unwrap_or_else(|e| panic!("{e}"));
 }
 
-fn config(dir: &Path, image: &Path) -> String {
-    format!(
-        r#"
-[replication]
-epoch_interval_ms = 50
-max_epochs_in_flight = 4
-
-[[sites]]
-name = "dc1"
-listen = "127.0.0.1:17701"
-[sites.tls]
-ca = "{pki}/ca.pem"
-cert = "{pki}/dc1.pem"
-key = "{pki}/dc1.key"
-
-[[sites]]
-name = "dc2"
-listen = "127.0.0.1:17702"
-[sites.tls]
-ca = "{pki}/ca.pem"
-cert = "{pki}/dc2.pem"
-key = "{pki}/dc2.key"
-
-[[vms]]
-name = "web1"
-primary = "dc1"
-backup = "dc2"
-guest_image = "{image}"
-memory_mib = 64
-disk = "{disk}"
-[vms.network]
-tap = "{TAP}"
-mac = "52:54:00:12:36:01"
-address = "192.0.2.10/24"
-gateway = "192.0.2.1"
-"#,
-        pki = dir.join("pki").display(),
-        image = image.display(),
-        disk = dir.join("web1.img").display(),
-    )
-}
-
 /// Reads the counter stream, checking every value follows the previous.
-struct Counter {
-    next: u64,
-    partial: Vec<u8>,
-}
+struct Counter(CounterCheck);
 
 impl Counter {
-    fn feed(&mut self, bytes: &[u8]) {
-        self.partial.extend_from_slice(bytes);
-        let whole = self.partial.len() / 8 * 8;
-        for c in self.partial[..whole].chunks_exact(8) {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(c);
-            let v = u64::from_be_bytes(b);
-            assert_eq!(v, self.next, "counter stream broken: gap or duplicate");
-            self.next += 1;
-        }
-        self.partial.drain(..whole);
+    fn next(&self) -> u64 {
+        self.0.next
     }
 
     /// Reads until `want` more values arrived or `limit` passed.
     fn read_more(&mut self, s: &mut TcpStream, want: u64, limit: Duration) -> u64 {
-        let start = self.next;
+        let start = self.next();
         let deadline = Instant::now() + limit;
         let mut buf = vec![0u8; 4096];
-        while self.next < start.saturating_add(want) && Instant::now() < deadline {
+        while self.next() < start.saturating_add(want) && Instant::now() < deadline {
             match s.read(&mut buf) {
                 Ok(0) => panic!("counter connection closed by the guest"),
-                Ok(n) => self.feed(&buf[..n]),
+                Ok(n) => self.0.feed(&buf[..n]).unwrap_or_else(|e| panic!("{e}")),
                 Err(e)
                     if e.kind() == std::io::ErrorKind::WouldBlock
                         || e.kind() == std::io::ErrorKind::TimedOut => {}
                 Err(e) => panic!("counter connection failed (no reset allowed): {e}"),
             }
         }
-        self.next - start
+        self.next() - start
     }
 }
 
@@ -200,20 +146,17 @@ fn protected_guest_survives_the_primary_being_killed() {
     .expect("guest images (cargo xtask guest-image)");
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().to_owned();
-    for site in ["dc1", "dc2"] {
-        init_site(&InitOptions {
-            site: site.into(),
-            out: dir.join("pki"),
-            ca_dir: None,
-            days: 2,
-        })
-        .expect("certs");
+    let cfg = LocalDeployment {
+        dir: dir.clone(),
+        guest_image: images.net.clone(),
+        epoch_interval_ms: 50,
+        ports: (17701, 17702),
+        dc2_connect_port: None,
+        tap: TAP.into(),
+        mac: "52:54:00:12:36:01".into(),
     }
-    std::fs::File::create(dir.join("web1.img"))
-        .and_then(|f| f.set_len(4 << 20))
-        .expect("disk");
-    let cfg = dir.join("c.toml");
-    std::fs::write(&cfg, config(&dir, &images.net)).expect("config");
+    .write()
+    .expect("deployment");
     let cfg_s = cfg.to_str().expect("utf-8").to_owned();
     let state = dir.join("state");
     let state_s = state.to_str().expect("utf-8").to_owned();
@@ -258,10 +201,7 @@ fn protected_guest_survives_the_primary_being_killed() {
         };
         conn.set_read_timeout(Some(Duration::from_millis(200)))
             .expect("timeout");
-        let mut counter = Counter {
-            next: 0,
-            partial: Vec::new(),
-        };
+        let mut counter = Counter(CounterCheck::default());
         // Data flows while protected (released only after commits).
         let got = counter.read_more(&mut conn, 1000, Duration::from_secs(30));
         assert!(got >= 1000, "only {got} counter values while protected");
@@ -321,7 +261,7 @@ fn protected_guest_survives_the_primary_being_killed() {
             assert_eq!(line, "OK\n", "SET key{acked}");
             acked += 1;
         }
-        let before = counter.next;
+        let before = counter.next();
         protect.kill();
         eprintln!("protect SIGKILLed after {kill_after:?} (seed {seed}), client at counter {before}");
 
@@ -346,13 +286,13 @@ fn protected_guest_survives_the_primary_being_killed() {
         assert!(
             after >= 100_000,
             "after takeover only {after} more counter values (at {})\nactivate log:\n{}\nstandby log:\n{}",
-            counter.next,
+            counter.next(),
             std::fs::read_to_string(dir.join("activate.log")).unwrap_or_default(),
             std::fs::read_to_string(dir.join("standby.log")).unwrap_or_default()
         );
         eprintln!(
             "same TCP connection continued from {before} to {} with no gap or duplicate",
-            counter.next
+            counter.next()
         );
         // Every acknowledged write is on the resumed guest's disk, served
         // over the same key-value connection.

@@ -42,48 +42,6 @@ struct Row {
     pause_p50_us: Option<u64>,
 }
 
-fn config(dir: &Path, image: &Path, interval_ms: u64) -> String {
-    format!(
-        r#"[replication]
-epoch_interval_ms = {interval_ms}
-max_epochs_in_flight = 4
-
-[[sites]]
-name = "dc1"
-listen = "127.0.0.1:17731"
-[sites.tls]
-ca = "{pki}/ca.pem"
-cert = "{pki}/dc1.pem"
-key = "{pki}/dc1.key"
-
-[[sites]]
-name = "dc2"
-listen = "127.0.0.1:17732"
-connect = "127.0.0.1:17740"
-[sites.tls]
-ca = "{pki}/ca.pem"
-cert = "{pki}/dc2.pem"
-key = "{pki}/dc2.key"
-
-[[vms]]
-name = "web1"
-primary = "dc1"
-backup = "dc2"
-guest_image = "{image}"
-memory_mib = 64
-disk = "{disk}"
-[vms.network]
-tap = "{TAP}"
-mac = "52:54:00:12:38:01"
-address = "192.0.2.10/24"
-gateway = "192.0.2.1"
-"#,
-        pki = dir.join("pki").display(),
-        image = image.display(),
-        disk = dir.join("web1.img").display(),
-    )
-}
-
 fn connect(addr: &str, limit: Duration) -> Result<TcpStream> {
     let addr: SocketAddr = addr.parse()?;
     let deadline = Instant::now() + limit;
@@ -152,8 +110,16 @@ fn spawn(bin: &Path, args: &[&str], log: &Path) -> Result<Kill> {
 }
 
 fn run_cell(bin: &Path, dir: &Path, image: &Path, cell: &Cell) -> Result<Row> {
-    let cfg = dir.join("bench.toml");
-    std::fs::write(&cfg, config(dir, image, cell.interval_ms.unwrap_or(100)))?;
+    let cfg = crate::testbed::LocalDeployment {
+        dir: dir.to_owned(),
+        guest_image: image.to_owned(),
+        epoch_interval_ms: cell.interval_ms.unwrap_or(100),
+        ports: (17731, 17732),
+        dc2_connect_port: Some(17740),
+        tap: TAP.into(),
+        mac: "52:54:00:12:38:01".into(),
+    }
+    .write()?;
     let cfg_s = cfg.to_string_lossy().to_string();
     let state = dir.join(format!(
         "state-{}-{}",
@@ -236,15 +202,6 @@ pub fn run(image: Option<PathBuf>) -> Result<()> {
     })?;
     let tmp = std::env::temp_dir().join(format!("remus-wan-bench-protect-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;
-    for site in ["dc1", "dc2"] {
-        crate::certs::init_site(&crate::certs::InitOptions {
-            site: site.into(),
-            out: tmp.join("pki"),
-            ca_dir: None,
-            days: 2,
-        })?;
-    }
-    std::fs::File::create(tmp.join("web1.img"))?.set_len(4 << 20)?;
     let mut cells = vec![Cell {
         interval_ms: None,
         rtt_ms: 0,

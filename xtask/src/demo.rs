@@ -15,6 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use remus_wan::testbed::{CounterCheck, LocalDeployment};
 
 const TAP: &str = "rwdemo0";
 
@@ -71,85 +72,24 @@ fn strip_ansi(s: &str) -> String {
     out
 }
 
-struct Counter {
-    next: u64,
-    partial: Vec<u8>,
-}
-
-impl Counter {
-    /// Reads for `d`; returns values received. Fails on a gap, duplicate or reset.
-    fn read_for(&mut self, s: &mut TcpStream, d: Duration) -> Result<u64> {
-        let start = self.next;
-        let end = Instant::now() + d;
-        let mut buf = vec![0u8; 8192];
-        while Instant::now() < end {
-            match s.read(&mut buf) {
-                Ok(0) => bail!("the guest closed the connection"),
-                Ok(n) => {
-                    self.partial.extend_from_slice(&buf[..n]);
-                    let whole = self.partial.len() / 8 * 8;
-                    for c in self.partial[..whole].chunks_exact(8) {
-                        let v = u64::from_be_bytes(c.try_into()?);
-                        if v != self.next {
-                            bail!("counter stream broken: expected {}, got {v}", self.next);
-                        }
-                        self.next += 1;
-                    }
-                    self.partial.drain(..whole);
-                }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) => {}
-                Err(e) => bail!("connection failed: {e}"),
-            }
+/// Reads for `d`; returns values received. Fails on a gap, duplicate or reset.
+fn read_for(c: &mut CounterCheck, s: &mut TcpStream, d: Duration) -> Result<u64> {
+    let start = c.next;
+    let end = Instant::now() + d;
+    let mut buf = vec![0u8; 8192];
+    while Instant::now() < end {
+        match s.read(&mut buf) {
+            Ok(0) => bail!("the guest closed the connection"),
+            Ok(n) => c.feed(&buf[..n]).map_err(anyhow::Error::msg)?,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => bail!("connection failed: {e}"),
         }
-        Ok(self.next - start)
     }
-}
-
-fn config(dir: &Path, image: &Path) -> String {
-    format!(
-        r#"# written by cargo xtask demo
-[replication]
-epoch_interval_ms = 50
-max_epochs_in_flight = 4
-
-[[sites]]
-name = "dc1"
-listen = "127.0.0.1:17711"
-[sites.tls]
-ca = "{pki}/ca.pem"
-cert = "{pki}/dc1.pem"
-key = "{pki}/dc1.key"
-
-[[sites]]
-name = "dc2"
-listen = "127.0.0.1:17712"
-connect = "127.0.0.1:17720"   # the WAN emulator in front of dc2
-[sites.tls]
-ca = "{pki}/ca.pem"
-cert = "{pki}/dc2.pem"
-key = "{pki}/dc2.key"
-
-[[vms]]
-name = "web1"
-primary = "dc1"
-backup = "dc2"
-guest_image = "{image}"
-memory_mib = 64
-disk = "{disk}"
-[vms.network]
-tap = "{TAP}"
-mac = "52:54:00:12:37:01"
-address = "192.0.2.10/24"
-gateway = "192.0.2.1"
-"#,
-        pki = dir.join("pki").display(),
-        image = image.display(),
-        disk = dir.join("web1.img").display(),
-    )
+    Ok(c.next - start)
 }
 
 pub fn run_two_sites(root: &Path, guest_dir: &Path) -> Result<()> {
@@ -181,17 +121,17 @@ pub fn run_two_sites(root: &Path, guest_dir: &Path) -> Result<()> {
     let dir = root.join("target/demo");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    for site in ["dc1", "dc2"] {
-        crate::deps::run(
-            Command::new(&bin)
-                .args(["certs", "init", "--site", site, "--out"])
-                .arg(dir.join("pki"))
-                .stdout(Stdio::null()),
-        )?;
+    // dc1 reaches dc2 through the WAN emulator on port 17720.
+    let cfg = LocalDeployment {
+        dir: dir.clone(),
+        guest_image: guest_dir.join("netguest.elf"),
+        epoch_interval_ms: 50,
+        ports: (17711, 17712),
+        dc2_connect_port: Some(17720),
+        tap: TAP.into(),
+        mac: "52:54:00:12:37:01".into(),
     }
-    std::fs::File::create(dir.join("web1.img"))?.set_len(4 << 20)?;
-    let cfg = dir.join("demo.toml");
-    std::fs::write(&cfg, config(&dir, &guest_dir.join("netguest.elf")))?;
+    .write()?;
     println!("== remus-wan demo: VM web1 protected from dc1 to dc2 over a 20 ms RTT WAN ==");
     println!("   configuration: {}", cfg.display());
 
@@ -271,13 +211,10 @@ pub fn run_two_sites(root: &Path, guest_dir: &Path) -> Result<()> {
         };
         conn.set_read_timeout(Some(Duration::from_millis(100)))?;
         println!("-- client: connected to the guest's counter service 192.0.2.10:9000");
-        let mut counter = Counter {
-            next: 0,
-            partial: Vec::new(),
-        };
+        let mut counter = CounterCheck::default();
         let mut seen = 0;
         for _ in 0..6 {
-            let n = counter.read_for(&mut conn, Duration::from_secs(1))?;
+            let n = read_for(&mut counter, &mut conn, Duration::from_secs(1))?;
             println!("   client: {n:>8} counter values/s (protected: each released after dc2 committed its epoch)");
             for l in new_lines(&protect_log, &mut seen, "protecting") {
                 if let Some(i) = l.find("epochs=") {
@@ -320,7 +257,7 @@ pub fn run_two_sites(root: &Path, guest_dir: &Path) -> Result<()> {
         let before = counter.next;
         let mut first = None;
         for _ in 0..4 {
-            let n = counter.read_for(&mut conn, Duration::from_secs(1))?;
+            let n = read_for(&mut counter, &mut conn, Duration::from_secs(1))?;
             if first.is_none() && counter.next > before {
                 first = Some(killed.elapsed());
             }
