@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use clap::Subcommand;
 
 use super::exit::Code;
-use crate::config::Config;
 
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
@@ -31,12 +30,9 @@ impl ConfigCommand {
 }
 
 fn check(file: PathBuf, site: Option<String>) -> Code {
-    let cfg = match Config::load(&file) {
+    let cfg = match super::common::load_config(&file) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return Code::Config;
-        }
+        Err(code) => return code,
     };
     if let Some(site) = &site {
         let issues = cfg.check_files(site);

@@ -3,6 +3,7 @@
 mod bench;
 mod bench_protect;
 mod certs;
+mod common;
 mod config;
 pub mod exit;
 mod logging;

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use clap::Args;
 
+use super::common;
 use super::exit::Code;
-use crate::config::Config;
 use crate::engine::protect::{Capture, ProtectOptions, Protector};
 
 #[derive(Debug, Args)]
@@ -32,37 +32,29 @@ pub struct ProtectArgs {
 
 impl ProtectArgs {
     pub fn run(self) -> Code {
-        let cfg = match Config::load(&self.config) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("error: {e}");
-                return Code::Config;
-            }
-        };
+        self.protect().unwrap_or_else(|code| code)
+    }
+
+    fn protect(self) -> Result<Code, Code> {
+        let cfg = common::load_config(&self.config)?;
         let Some(vm) = cfg.vm(&self.vm) else {
             eprintln!(
                 "error: {}: no VM named {:?} in [[vms]]",
                 self.config.display(),
                 self.vm
             );
-            return Code::Config;
+            return Err(Code::Config);
         };
         if vm.backup != self.site {
             eprintln!(
                 "error: VM {} is backed up at {:?} (`vms.backup`), not at {:?}",
                 vm.name, vm.backup, self.site
             );
-            return Code::Config;
+            return Err(Code::Config);
         }
-        let issues = cfg.check_files(&vm.primary);
-        if !issues.is_empty() {
-            for i in issues {
-                eprintln!("error: {i}");
-            }
-            return Code::Config;
-        }
+        common::require_files(&cfg, &vm.primary)?;
         let (Some(primary), Some(backup)) = (cfg.site(&vm.primary), cfg.site(&vm.backup)) else {
-            return Code::Config;
+            return Err(Code::Config);
         };
         let spec = match super::vm::spec_from_config(vm) {
             Ok(s) => s.console(hypervisor::kvm::ConsoleSpec {
@@ -71,7 +63,7 @@ impl ProtectArgs {
             }),
             Err(e) => {
                 eprintln!("error: {e}");
-                return Code::Config;
+                return Err(Code::Config);
             }
         };
         let r = cfg.replication_for(vm);
@@ -81,11 +73,7 @@ impl ProtectArgs {
             vm: vm.name.clone(),
             backup_addr: backup.connect_addr(),
             bind: std::net::SocketAddr::new(primary.listen.ip(), 0),
-            tls: wan::transport::TlsPaths {
-                ca: primary.tls.ca.clone(),
-                cert: primary.tls.cert.clone(),
-                key: primary.tls.key.clone(),
-            },
+            tls: common::tls_paths(&primary.tls),
             interval: Duration::from_millis(r.epoch_interval_ms),
             max_in_flight: r.max_epochs_in_flight,
             zstd_level: r.compression_level,
@@ -100,20 +88,14 @@ impl ProtectArgs {
             Ok(g) => g,
             Err(e) => {
                 eprintln!("error: VM {}: {e}", vm.name);
-                return Code::Failure;
+                return Err(Code::Failure);
             }
         };
         let release = guest
             .tap()
             .map(|t| Box::new(t) as Box<dyn hypervisor::kvm::devices::net::FrameSink>);
-        let rt = match tokio::runtime::Runtime::new() {
-            Ok(rt) => rt,
-            Err(e) => {
-                eprintln!("error: cannot start the async runtime: {e}");
-                return Code::Failure;
-            }
-        };
-        rt.block_on(async move {
+        let rt = common::runtime()?;
+        Ok(rt.block_on(async move {
             let shutdown = super::signals::shutdown();
             let mut protector = match Protector::new(opts, guest, capture, release) {
                 Ok(p) => p,
@@ -142,6 +124,6 @@ impl ProtectArgs {
                     Code::Failure
                 }
             }
-        })
+        }))
     }
 }

@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+use super::common;
 use super::exit::Code;
-use crate::config::Config;
 use crate::engine::standby::{self, StandbyOptions};
 
 #[derive(Debug, Args)]
@@ -31,22 +31,14 @@ pub struct StandbyArgs {
 
 impl StandbyArgs {
     pub fn run(self) -> Code {
-        let cfg = match Config::load(&self.config) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("error: {e}");
-                return Code::Config;
-            }
-        };
-        let issues = cfg.check_files(&self.site);
-        if !issues.is_empty() {
-            for i in issues {
-                eprintln!("error: {i}");
-            }
-            return Code::Config;
-        }
+        self.standby().unwrap_or_else(|code| code)
+    }
+
+    fn standby(self) -> Result<Code, Code> {
+        let cfg = common::load_config(&self.config)?;
+        common::require_files(&cfg, &self.site)?;
         let Some(site) = cfg.site(&self.site) else {
-            return Code::Config; // check_files named the problem
+            return Err(Code::Config); // require_files named the problem
         };
         let vms: Vec<_> = cfg.vms.iter().filter(|v| v.backup == self.site).collect();
         let vm = match vms.as_slice() {
@@ -57,7 +49,7 @@ impl StandbyArgs {
                     self.config.display(),
                     self.site
                 );
-                return Code::Config;
+                return Err(Code::Config);
             }
             _ => {
                 eprintln!(
@@ -65,7 +57,7 @@ impl StandbyArgs {
                     self.site,
                     vms.len()
                 );
-                return Code::Config;
+                return Err(Code::Config);
             }
         };
         // The standby's copy of the disk image gives its size; its content
@@ -75,38 +67,31 @@ impl StandbyArgs {
                 Ok(m) => m.len(),
                 Err(e) => {
                     eprintln!("error: `disk` {}: {e}", p.display());
-                    return Code::Config;
+                    return Err(Code::Config);
                 }
             },
             None => 0,
         };
         if self.activate {
-            return activate(vm, &standby::replica_dir(&self.state_dir, &vm.name));
+            return Ok(activate(
+                vm,
+                &standby::replica_dir(&self.state_dir, &vm.name),
+            ));
         }
         let opts = StandbyOptions {
             site: self.site.clone(),
             primary: vm.primary.clone(),
             vm: vm.name.clone(),
             listen: site.listen,
-            tls: wan::transport::TlsPaths {
-                ca: site.tls.ca.clone(),
-                cert: site.tls.cert.clone(),
-                key: site.tls.key.clone(),
-            },
+            tls: common::tls_paths(&site.tls),
             replica_dir: standby::replica_dir(&self.state_dir, &vm.name),
             page_size: 4096,
             frames: vm.memory_mib * 256,
             disk_bytes,
             max_epoch_bytes: cfg.replication_for(vm).max_epoch_mib << 20,
         };
-        let rt = match tokio::runtime::Runtime::new() {
-            Ok(rt) => rt,
-            Err(e) => {
-                eprintln!("error: cannot start the async runtime: {e}");
-                return Code::Failure;
-            }
-        };
-        rt.block_on(async move {
+        let rt = common::runtime()?;
+        Ok(rt.block_on(async move {
             let shutdown = super::signals::shutdown();
             let endpoint = match standby::bind(&opts) {
                 Ok(e) => e,
@@ -130,7 +115,7 @@ impl StandbyArgs {
                     Code::Failure
                 }
             }
-        })
+        }))
     }
 }
 

@@ -10,7 +10,7 @@ use clap::Subcommand;
 use hypervisor::kvm::{self, ConsoleSpec, Exit, NetSpec, VmSpec, Workload};
 
 use super::exit::Code;
-use crate::config::{self, Backend, Config};
+use crate::config::{self, Backend};
 
 #[derive(Debug, Subcommand)]
 pub enum VmCommand {
@@ -116,12 +116,9 @@ fn run(
     quiet: bool,
     workload: Workload,
 ) -> Code {
-    let cfg = match Config::load(&file) {
+    let cfg = match super::common::load_config(&file) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return Code::Config;
-        }
+        Err(code) => return code,
     };
     let Some(vm_cfg) = cfg.vm(name) else {
         eprintln!("error: {}: no VM named {name:?} in [[vms]]", file.display());

@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+use super::common;
 use super::exit::Code;
-use crate::config::Config;
 use crate::witness::{WitnessOptions, WitnessServer};
 
 #[derive(Debug, Args)]
@@ -20,46 +20,28 @@ pub struct WitnessArgs {
 
 impl WitnessArgs {
     pub fn run(self) -> Code {
-        let cfg = match Config::load(&self.config) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("error: {e}");
-                return Code::Config;
-            }
-        };
+        self.witness().unwrap_or_else(|code| code)
+    }
+
+    fn witness(self) -> Result<Code, Code> {
+        let cfg = common::load_config(&self.config)?;
         let Some(w) = &cfg.witness else {
             eprintln!(
                 "error: {}: `witness`: expected a [witness] section to run a witness",
                 self.config.display()
             );
-            return Code::Config;
+            return Err(Code::Config);
         };
-        let issues = cfg.check_files(&w.name);
-        if !issues.is_empty() {
-            for i in issues {
-                eprintln!("error: {i}");
-            }
-            return Code::Config;
-        }
+        common::require_files(&cfg, &w.name)?;
         let opts = WitnessOptions {
             listen: w.listen,
-            tls: wan::transport::TlsPaths {
-                ca: w.tls.ca.clone(),
-                cert: w.tls.cert.clone(),
-                key: w.tls.key.clone(),
-            },
+            tls: common::tls_paths(&w.tls),
             sites: cfg.sites.iter().map(|s| s.name.clone()).collect(),
             timers: cfg.failover.timers(),
             state_dir: self.state_dir,
         };
-        let rt = match tokio::runtime::Runtime::new() {
-            Ok(rt) => rt,
-            Err(e) => {
-                eprintln!("error: cannot start the async runtime: {e}");
-                return Code::Failure;
-            }
-        };
-        rt.block_on(async move {
+        let rt = common::runtime()?;
+        Ok(rt.block_on(async move {
             let shutdown = super::signals::shutdown();
             let server = match WitnessServer::bind(opts) {
                 Ok(s) => s,
@@ -70,6 +52,6 @@ impl WitnessArgs {
             };
             server.run(shutdown).await;
             Code::Success
-        })
+        }))
     }
 }
