@@ -6,6 +6,7 @@ mod certs;
 mod common;
 mod config;
 pub mod exit;
+mod failover_setup;
 mod logging;
 mod protect;
 mod signals;

@@ -7,7 +7,11 @@ use clap::Args;
 
 use super::common;
 use super::exit::Code;
-use crate::engine::protect::{Capture, ProtectOptions, Protector};
+use super::failover_setup;
+use crate::addresses::Addresses;
+use crate::arbiter::link::LinkKind;
+use crate::arbiter::StartAs;
+use crate::engine::protect::{Capture, ProtectError, ProtectOptions, Protector};
 
 #[derive(Debug, Args)]
 pub struct ProtectArgs {
@@ -95,6 +99,7 @@ impl ProtectArgs {
             .tap()
             .map(|t| Box::new(t) as Box<dyn hypervisor::kvm::devices::net::FrameSink>);
         let rt = common::runtime()?;
+        let cfg = &cfg;
         Ok(rt.block_on(async move {
             let shutdown = super::signals::shutdown();
             let mut protector = match Protector::new(opts, guest, capture, release) {
@@ -110,6 +115,41 @@ impl ProtectArgs {
                 return Code::Failure;
             }
             protector.publish_to(published);
+            let to_backup = LinkKind::Dial {
+                endpoint: match wan::transport::Endpoint::bind(
+                    std::net::SocketAddr::new(primary.listen.ip(), 0),
+                    wan::transport::TransportConfig::new(common::tls_paths(&primary.tls)),
+                ) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        eprintln!("error: failover endpoint: {e}");
+                        return Code::Failure;
+                    }
+                },
+                addr: backup.connect_addr(),
+                name: backup.name.clone(),
+                control: true,
+            };
+            match failover_setup::start(cfg, vm, &primary.name, StartAs::Primary, to_backup) {
+                Ok(Some((arbiter, events))) => {
+                    let addresses = match Addresses::start(cfg, &primary.name, vm).await {
+                        Ok(a) => Some(a),
+                        Err(e) => {
+                            eprintln!("error: {e}");
+                            return Code::Config;
+                        }
+                    };
+                    protector.with_failover(arbiter, events, addresses);
+                }
+                Ok(None) => tracing::warn!(
+                    vm = %vm.name,
+                    "no [witness] configured: output is released on commit alone and there is no automatic takeover"
+                ),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return Code::Config;
+                }
+            }
             match protector.run(shutdown).await {
                 Ok(stats) => {
                     tracing::info!(
@@ -118,6 +158,10 @@ impl ProtectArgs {
                         "protection stopped"
                     );
                     Code::Success
+                }
+                Err(e @ ProtectError::Demoted { .. }) => {
+                    eprintln!("error: {e}");
+                    Code::Superseded
                 }
                 Err(e) => {
                     eprintln!("error: {e}");

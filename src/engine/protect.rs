@@ -23,7 +23,7 @@ use hypervisor::kvm::devices::block::WriteHook;
 use hypervisor::kvm::devices::net::FrameSink;
 use hypervisor::kvm::Seams;
 use hypervisor::{Checkpoint, ProtectedGuest};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 use wan::codec::{Encoder, EncoderConfig};
 use wan::session::{EpochKind, SenderConfig, SenderEvent};
 use wan::transport::replication::{spawn_sender, QuicDialer, SenderHandle};
@@ -31,6 +31,11 @@ use wan::transport::{Endpoint, TlsPaths, TransportConfig};
 
 use super::output_commit::OutputBuffer;
 use super::pacer::{Decision, Pacer};
+use crate::addresses::Addresses;
+use crate::arbiter::ArbiterHandle;
+use failover::Event;
+use netops::config::HookEvent;
+use netops::policy::Role;
 
 /// Largest pre-copy epoch, in pages (64 MiB) and disk bytes.
 const PRECOPY_PAGES: usize = 16 * 1024;
@@ -173,6 +178,8 @@ pub enum ProtectError {
     Codec(#[from] wan::codec::CodecError),
     #[error("replication session ended: {0}")]
     Session(String),
+    #[error("site {site} took the VM over under fencing token {token}: stopped here for good")]
+    Demoted { site: String, token: u64 },
     #[error("reading the disk image {path}: {source}")]
     Disk {
         path: PathBuf,
@@ -195,6 +202,25 @@ pub struct Protector<G: ProtectedGuest> {
     endpoint: Endpoint,
     published: Option<crate::metrics::Published>,
     last_publish: (Instant, u64),
+    failover: Option<Failover>,
+    /// Highest epoch the backup committed (its output may leave once the
+    /// failover state allows).
+    committed: u64,
+}
+
+/// The failover side of a protected VM: the arbiter's verdicts and the
+/// means to move the VM's addresses.
+struct Failover {
+    arbiter: ArbiterHandle,
+    events: tokio::sync::mpsc::UnboundedReceiver<Event>,
+    addresses: Option<Addresses>,
+    /// Paused because this site may not release output (lost both the
+    /// backup and the witness).
+    fenced: bool,
+    /// The backup is unreachable: output leaves without waiting for it.
+    unprotected: bool,
+    /// Output has been allowed at least once (addresses announced).
+    started: bool,
 }
 
 impl<G: ProtectedGuest> Protector<G> {
@@ -243,7 +269,30 @@ impl<G: ProtectedGuest> Protector<G> {
             endpoint,
             published: None,
             last_publish: (Instant::now(), 0),
+            failover: None,
+            committed: 0,
         })
+    }
+
+    /// Puts protection under the failover rules: output leaves only while
+    /// `arbiter` allows it, the guest pauses when this site fences itself,
+    /// and `addresses` follow (announced while allowed, withdrawn when
+    /// fenced or demoted). Without this, output leaves on commit alone (a
+    /// deployment without a witness).
+    pub fn with_failover(
+        &mut self,
+        arbiter: ArbiterHandle,
+        events: tokio::sync::mpsc::UnboundedReceiver<Event>,
+        addresses: Option<Addresses>,
+    ) {
+        self.failover = Some(Failover {
+            arbiter,
+            events,
+            addresses,
+            fenced: false,
+            unprotected: false,
+            started: false,
+        });
     }
 
     /// Where to publish figures for `/metrics` and `/status`.
@@ -442,19 +491,136 @@ impl<G: ProtectedGuest> Protector<G> {
 
     fn release_through(&mut self, epoch: u64) {
         self.encoder.acknowledge(epoch);
+        self.committed = self.committed.max(epoch);
+        if let Ok(mut st) = self.stats.lock() {
+            st.committed = st.committed.max(epoch);
+        }
+        self.flush_output();
+    }
+
+    /// Releases what may leave now: committed epochs' frames while this
+    /// site may release output; everything while it runs unprotected.
+    fn flush_output(&mut self) {
+        let (allowed, unprotected) = match &self.failover {
+            None => (true, false),
+            Some(f) => (f.arbiter.may_release() && !f.fenced, f.unprotected),
+        };
+        if !allowed {
+            return;
+        }
         let frames = match self.capture.io.lock() {
-            Ok(mut io) => io.output.release_through(epoch),
+            Ok(mut io) if unprotected => io.output.release_all(),
+            Ok(mut io) => io.output.release_through(self.committed),
             Err(_) => Vec::new(),
         };
+        if frames.is_empty() {
+            return;
+        }
         if let Some(tap) = &mut self.release {
             for f in &frames {
                 tap.send(f);
             }
         }
         if let Ok(mut st) = self.stats.lock() {
-            st.committed = st.committed.max(epoch);
             st.output_released_frames += frames.len() as u64;
         }
+    }
+
+    /// Acts on a verdict of the failover state machine.
+    fn on_failover_event(&mut self, ev: Event) -> Result<(), ProtectError> {
+        let Some(f) = &mut self.failover else {
+            return Ok(());
+        };
+        let token = f.arbiter.token();
+        let vm = self.opts.vm.clone();
+        match ev {
+            Event::Fence => {
+                if !f.fenced && f.started {
+                    f.fenced = true;
+                    warn!(vm = %vm, token, "fenced: this site reaches neither the backup nor the witness; guest paused, output held");
+                    if let Some(a) = &mut f.addresses {
+                        a.set_role(Role::Down, token);
+                        a.spawn_hooks(HookEvent::Fence, token, None, None);
+                    }
+                    tokio::task::block_in_place(|| self.guest.pause())?;
+                    self.set_state("fenced");
+                }
+            }
+            Event::Unfence => {
+                let was_fenced = std::mem::replace(&mut f.fenced, false);
+                if !f.started {
+                    f.started = true;
+                    info!(vm = %vm, token, "this site may release the VM's output: announcing its addresses");
+                    if let Some(a) = &mut f.addresses {
+                        a.set_role(Role::Active, token);
+                        a.point_dns_here();
+                    }
+                } else if was_fenced {
+                    info!(vm = %vm, token, "unfenced: guest resumed");
+                    if let Some(a) = &mut f.addresses {
+                        a.set_role(Role::Active, token);
+                    }
+                    let unprotected = f.unprotected;
+                    tokio::task::block_in_place(|| self.guest.resume())?;
+                    self.set_state(if unprotected {
+                        "unprotected"
+                    } else {
+                        "protected"
+                    });
+                }
+                self.flush_output();
+            }
+            Event::ProtectionLost => {
+                f.unprotected = true;
+                warn!(vm = %vm, token, "protection lost: the backup site is unreachable; the VM runs unprotected (output no longer waits for it)");
+                if let Some(a) = &f.addresses {
+                    a.spawn_hooks(HookEvent::ProtectionLost, token, None, None);
+                }
+                if !f.fenced {
+                    self.set_state("unprotected");
+                }
+                self.flush_output();
+            }
+            Event::ProtectionRestored => {
+                f.unprotected = false;
+                info!(vm = %vm, token, "protection restored: the backup site is back");
+                if let Some(a) = &f.addresses {
+                    a.spawn_hooks(HookEvent::ProtectionRestored, token, None, None);
+                }
+                if !f.fenced {
+                    self.set_state("protected");
+                }
+            }
+            Event::Demote { token } => {
+                error!(vm = %vm, token, "demoted: {} runs the VM under a newer fencing token; stopping it here", self.opts.backup);
+                if let Some(a) = &mut f.addresses {
+                    a.set_role(Role::Down, token);
+                    a.spawn_hooks(
+                        HookEvent::Demote,
+                        token,
+                        Some(&self.opts.site),
+                        Some(&self.opts.backup),
+                    );
+                }
+                let _ = tokio::task::block_in_place(|| self.guest.pause());
+                self.set_state("demoted");
+                return Err(ProtectError::Demoted {
+                    site: self.opts.backup.clone(),
+                    token,
+                });
+            }
+            Event::SwitchoverDone { token } => {
+                info!(vm = %vm, token, "switchover done: the backup runs the VM");
+                let _ = tokio::task::block_in_place(|| self.guest.pause());
+                self.set_state("handed over");
+                return Err(ProtectError::Demoted {
+                    site: self.opts.backup.clone(),
+                    token,
+                });
+            }
+            Event::Promote { .. } => {}
+        }
+        Ok(())
     }
 
     /// Protects until `shutdown` (or until the guest exits).
@@ -474,8 +640,14 @@ impl<G: ProtectedGuest> Protector<G> {
                 Err(_) => (0, self.opts.output_limit),
             };
             let pressure = held * 2 > limit;
-            let decision = pacer.decide(Instant::now(), in_flight, pressure);
-            let wake = match decision {
+            let fenced = self.failover.as_ref().is_some_and(|f| f.fenced);
+            let decision = if fenced {
+                // A fenced guest is paused: nothing to checkpoint.
+                Decision::WaitForAck
+            } else {
+                pacer.decide(Instant::now(), in_flight, pressure)
+            };
+            let mut wake = match decision {
                 Decision::Checkpoint => {
                     if !self.guest.is_running() {
                         warn!(vm = %self.opts.vm, "guest stopped: protection ends");
@@ -493,14 +665,32 @@ impl<G: ProtectedGuest> Protector<G> {
                 Decision::WaitUntil(t) => tokio::time::Instant::from_std(t),
                 Decision::WaitForAck => tokio::time::Instant::now() + self.opts.interval,
             };
+            if self.failover.as_ref().is_some_and(|f| f.unprotected) {
+                // Unprotected: output leaves without waiting for a commit,
+                // a couple of milliseconds after the guest sent it.
+                self.flush_output();
+                wake = wake.min(tokio::time::Instant::now() + Duration::from_millis(2));
+            }
             self.publish(&pacer, &status);
             if last_report.elapsed() >= self.opts.report_every {
                 last_report = Instant::now();
                 self.report(&pacer, &status);
             }
+            let failover_event = async {
+                match &mut self.failover {
+                    Some(f) => f.events.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = &mut shutdown => break,
                 _ = tokio::time::sleep_until(wake) => {}
+                ev = failover_event => {
+                    let Some(ev) = ev else {
+                        return Err(ProtectError::Session("failover task stopped".into()));
+                    };
+                    self.on_failover_event(ev)?;
+                }
                 ev = self.events.recv() => {
                     let Some(ev) = ev else {
                         return Err(ProtectError::Session("replication task stopped".into()));
@@ -529,6 +719,11 @@ impl<G: ProtectedGuest> Protector<G> {
             }
         }
         self.set_state("stopped");
+        if let Some(f) = self.failover.take() {
+            if let Some(a) = f.addresses {
+                a.shutdown().await;
+            }
+        }
         self.sender.close().await;
         self.endpoint.close();
         let stats = self.stats.lock().map(|s| s.clone()).unwrap_or_default();

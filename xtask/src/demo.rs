@@ -130,6 +130,7 @@ pub fn run_two_sites(root: &Path, guest_dir: &Path) -> Result<()> {
         dc2_connect_port: Some(17720),
         tap: TAP.into(),
         mac: "52:54:00:12:37:01".into(),
+        witness_port: None,
     }
     .write()?;
     println!("== remus-wan demo: VM web1 protected from dc1 to dc2 over a 20 ms RTT WAN ==");
