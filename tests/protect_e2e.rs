@@ -329,6 +329,27 @@ fn the_standby_takes_over_by_itself_when_a_witness_arbitrates() {
     if !require_kvm_root() {
         return;
     }
+    with_witness(End::KillPrimary, "rwe2e1", 17721, "52:54:00:12:36:02");
+}
+
+/// `remus-wan switchover`: a final checkpoint, the lease handed over by
+/// the witness, the VM resumed at dc2; protect exits 0 and the client's
+/// connection goes on with nothing lost.
+#[test]
+fn switchover_moves_the_vm_with_no_loss() {
+    if !require_kvm_root() {
+        return;
+    }
+    with_witness(End::Switchover, "rwe2e2", 17731, "52:54:00:12:36:03");
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    KillPrimary,
+    Switchover,
+}
+
+fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
     let images = hypervisor::guest_build::from_env_or_build(
         &Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-build"),
     )
@@ -339,11 +360,11 @@ fn the_standby_takes_over_by_itself_when_a_witness_arbitrates() {
         dir: dir.clone(),
         guest_image: images.net.clone(),
         epoch_interval_ms: 50,
-        ports: (17721, 17722),
+        ports: (port, port + 1),
         dc2_connect_port: None,
-        tap: "rwe2e1".into(),
-        mac: "52:54:00:12:36:02".into(),
-        witness_port: Some(17723),
+        tap: tap.into(),
+        mac: mac.into(),
+        witness_port: Some(port + 2),
     }
     .write()
     .expect("deployment");
@@ -355,9 +376,9 @@ fn the_standby_takes_over_by_itself_when_a_witness_arbitrates() {
     let log = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
 
     hypervisor::netns::in_new_netns(|| {
-        ip(&["tuntap", "add", "dev", "rwe2e1", "mode", "tap"]);
-        ip(&["addr", "add", "192.0.2.1/24", "dev", "rwe2e1"]);
-        ip(&["link", "set", "dev", "rwe2e1", "up"]);
+        ip(&["tuntap", "add", "dev", tap, "mode", "tap"]);
+        ip(&["addr", "add", "192.0.2.1/24", "dev", tap]);
+        ip(&["link", "set", "dev", tap, "up"]);
         let _witness = Proc::spawn(
             "witness",
             &["witness", "--config", &cfg_s, "--state-dir", &wstate_s],
@@ -431,11 +452,29 @@ fn the_standby_takes_over_by_itself_when_a_witness_arbitrates() {
             acked += 1;
         }
         let before = counter.next();
-        protect.kill();
         let killed = Instant::now();
-        eprintln!(
-            "protect SIGKILLed after {kill_after:?} (seed {seed}), client at counter {before}"
-        );
+        match end {
+            End::KillPrimary => {
+                protect.kill();
+                eprintln!("protect SIGKILLed after {kill_after:?} (seed {seed}), client at counter {before}");
+            }
+            End::Switchover => {
+                let out = Command::new(env!("CARGO_BIN_EXE_remus-wan"))
+                    .args(["switchover", "web1", "--to", "dc2", "--config", &cfg_s])
+                    .output()
+                    .expect("switchover");
+                assert!(
+                    out.status.success(),
+                    "switchover failed: {}{}\nprotect log:\n{}\nwitness log:\n{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr),
+                    log("protect.log"),
+                    log("witness.log")
+                );
+                eprintln!("switchover: {}", String::from_utf8_lossy(&out.stdout).trim());
+                assert_eq!(protect.term(), Some(0), "protect exits 0 after handing over");
+            }
+        }
         // The first new value: it can only come from the resumed replica
         // once what was in flight to the client has drained.
         let mut first_byte = None;
@@ -452,6 +491,11 @@ fn the_standby_takes_over_by_itself_when_a_witness_arbitrates() {
             counter.next() - before,
             log("standby.log"),
             log("witness.log")
+        );
+        assert!(
+            log("standby.log").contains("takeover complete"),
+            "the stream went on but the standby did not take over?\n{}",
+            log("standby.log")
         );
         let takeover = log("standby.log")
             .lines()

@@ -146,6 +146,17 @@ async fn dial_loop(
                 drain(&mut out);
                 let mut reader = spawn_reader(Box::new(recv), vm.clone(), from, inbox.clone());
                 let mut write: BoxWrite = Box::new(send);
+                if !control {
+                    // Introduce ourselves and the VM at once (a witness
+                    // ignores heartbeats): a standby asks the witness for
+                    // nothing, yet must receive a lease handed over to it.
+                    let hello = Message::Heartbeat {
+                        seq: 0,
+                        token: 0,
+                        stance: failover::Stance::Idle,
+                    };
+                    let _ = write_message(&mut write, &vm, &hello).await;
+                }
                 let go_on = pump(&mut write, &mut reader, &vm, &mut out).await;
                 reader.abort();
                 up.store(false, Ordering::Relaxed);

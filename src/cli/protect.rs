@@ -26,7 +26,9 @@ pub struct ProtectArgs {
     /// Guest console log file.
     #[arg(long)]
     console_log: Option<PathBuf>,
-    /// Serve Prometheus metrics (/metrics) and status (/status) here.
+    /// Serve Prometheus metrics (/metrics) and status (/status) here; also
+    /// where `remus-wan switchover` reaches this process (from this host
+    /// only).
     #[arg(long, default_value = "127.0.0.1:9477")]
     metrics: std::net::SocketAddr,
     /// Seconds between progress lines in the log.
@@ -110,7 +112,12 @@ impl ProtectArgs {
                 }
             };
             let published = crate::metrics::Published::default();
-            if let Err(e) = crate::metrics::serve(self.metrics, published.clone()).await {
+            let (control_tx, control_rx) = tokio::sync::mpsc::channel(4);
+            protector.accept_control(control_rx);
+            if let Err(e) =
+                crate::metrics::serve_with_control(self.metrics, published.clone(), Some(control_tx))
+                    .await
+            {
                 eprintln!("error: metrics endpoint {}: {e}", self.metrics);
                 return Code::Failure;
             }

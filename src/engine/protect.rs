@@ -33,6 +33,7 @@ use super::output_commit::OutputBuffer;
 use super::pacer::{Decision, Pacer};
 use crate::addresses::Addresses;
 use crate::arbiter::ArbiterHandle;
+use crate::metrics::ControlRequest;
 use failover::Event;
 use netops::config::HookEvent;
 use netops::policy::Role;
@@ -206,6 +207,18 @@ pub struct Protector<G: ProtectedGuest> {
     /// Highest epoch the backup committed (its output may leave once the
     /// failover state allows).
     committed: u64,
+    control: Option<tokio::sync::mpsc::Receiver<ControlRequest>>,
+    switchover: Option<Switchover>,
+    /// The VM now runs elsewhere (switchover done): protection ends.
+    finished: bool,
+}
+
+/// A planned move in progress: the guest is paused after its final epoch.
+struct Switchover {
+    final_epoch: u64,
+    started: Instant,
+    committed_reported: bool,
+    reply: Option<tokio::sync::oneshot::Sender<Result<String, String>>>,
 }
 
 /// The failover side of a protected VM: the arbiter's verdicts and the
@@ -271,7 +284,77 @@ impl<G: ProtectedGuest> Protector<G> {
             last_publish: (Instant::now(), 0),
             failover: None,
             committed: 0,
+            control: None,
+            switchover: None,
+            finished: false,
         })
+    }
+
+    /// Takes operator requests (`remus-wan switchover`) from `control`.
+    pub fn accept_control(&mut self, control: tokio::sync::mpsc::Receiver<ControlRequest>) {
+        self.control = Some(control);
+    }
+
+    /// Starts a planned switchover: final checkpoint, guest paused; the
+    /// lease moves once the backup has committed that epoch.
+    async fn begin_switchover(
+        &mut self,
+        vm: String,
+        reply: tokio::sync::oneshot::Sender<Result<String, String>>,
+    ) -> Result<(), ProtectError> {
+        let refusal = match &self.failover {
+            _ if vm != self.opts.vm => {
+                Some(format!("this process protects {}, not {vm}", self.opts.vm))
+            }
+            None => Some("switchover needs a [witness] in the configuration".into()),
+            Some(_) if self.switchover.is_some() => Some("a switchover is already under way".into()),
+            Some(f) if f.fenced || f.unprotected || !f.arbiter.may_release() => Some(format!(
+                "{} is not in a state to hand over (fenced, unprotected or without a lease): see `remus-wan status`",
+                self.opts.site
+            )),
+            Some(_)
+                if self.committed + 1
+                    < self.next_epoch.saturating_sub(self.opts.max_in_flight as u64) =>
+            {
+                Some("the backup is far behind; retry when it has caught up".into())
+            }
+            Some(_) => None,
+        };
+        if let Some(why) = refusal {
+            let _ = reply.send(Err(why));
+            return Ok(());
+        }
+        let Some(f) = &self.failover else {
+            return Ok(());
+        };
+        info!(vm = %self.opts.vm, to = %self.opts.backup, "switchover: final checkpoint, then the lease moves");
+        f.arbiter.start_switchover();
+        let started = Instant::now();
+        let final_epoch = self.checkpoint().await?;
+        tokio::task::block_in_place(|| self.guest.pause())?;
+        self.set_state("switching over");
+        self.switchover = Some(Switchover {
+            final_epoch,
+            started,
+            committed_reported: false,
+            reply: Some(reply),
+        });
+        self.check_switchover();
+        Ok(())
+    }
+
+    /// Once the final epoch is committed (and its output released), the
+    /// failover state machine asks the witness to move the lease.
+    fn check_switchover(&mut self) {
+        let committed = self.committed;
+        let (Some(sw), Some(f)) = (&mut self.switchover, &self.failover) else {
+            return;
+        };
+        if !sw.committed_reported && committed >= sw.final_epoch {
+            sw.committed_reported = true;
+            info!(vm = %self.opts.vm, epoch = sw.final_epoch, "switchover: final epoch committed at the backup; handing the lease over");
+            f.arbiter.final_epoch_committed();
+        }
     }
 
     /// Puts protection under the failover rules: output leaves only while
@@ -335,6 +418,10 @@ impl<G: ProtectedGuest> Protector<G> {
             output_dropped_frames: self.capture.dropped_frames.load(Ordering::Relaxed),
             epochs_rejected: 0,
             interval_ms: pacer.interval().as_millis() as u64,
+            failover: self
+                .failover
+                .as_ref()
+                .map(|f| crate::metrics::FailoverStatus::from_snapshot(&f.arbiter.snapshot())),
         };
         self.last_publish = (now, st.epochs);
         drop(st);
@@ -496,6 +583,7 @@ impl<G: ProtectedGuest> Protector<G> {
             st.committed = st.committed.max(epoch);
         }
         self.flush_output();
+        self.check_switchover();
     }
 
     /// Releases what may leave now: committed epochs' frames while this
@@ -592,6 +680,11 @@ impl<G: ProtectedGuest> Protector<G> {
                 }
             }
             Event::Demote { token } => {
+                if let Some(reply) = self.switchover.as_mut().and_then(|s| s.reply.take()) {
+                    let _ = reply.send(Err(format!(
+                        "demoted under token {token} during the switchover"
+                    )));
+                }
                 error!(vm = %vm, token, "demoted: {} runs the VM under a newer fencing token; stopping it here", self.opts.backup);
                 if let Some(a) = &mut f.addresses {
                     a.set_role(Role::Down, token);
@@ -610,13 +703,30 @@ impl<G: ProtectedGuest> Protector<G> {
                 });
             }
             Event::SwitchoverDone { token } => {
-                info!(vm = %vm, token, "switchover done: the backup runs the VM");
-                let _ = tokio::task::block_in_place(|| self.guest.pause());
+                let took = self
+                    .switchover
+                    .as_ref()
+                    .map(|s| s.started.elapsed())
+                    .unwrap_or_default();
+                info!(vm = %vm, token, took_ms = took.as_millis() as u64, "switchover done: {} runs the VM", self.opts.backup);
+                if let Some(a) = &mut f.addresses {
+                    a.set_role(Role::Down, token);
+                    a.spawn_hooks(
+                        HookEvent::Demote,
+                        token,
+                        Some(&self.opts.site),
+                        Some(&self.opts.backup),
+                    );
+                }
+                if let Some(reply) = self.switchover.as_mut().and_then(|s| s.reply.take()) {
+                    let _ = reply.send(Ok(format!(
+                        "{vm} handed over to {} under fencing token {token} in {} ms",
+                        self.opts.backup,
+                        took.as_millis()
+                    )));
+                }
                 self.set_state("handed over");
-                return Err(ProtectError::Demoted {
-                    site: self.opts.backup.clone(),
-                    token,
-                });
+                self.finished = true;
             }
             Event::Promote { .. } => {}
         }
@@ -640,7 +750,11 @@ impl<G: ProtectedGuest> Protector<G> {
                 Err(_) => (0, self.opts.output_limit),
             };
             let pressure = held * 2 > limit;
-            let fenced = self.failover.as_ref().is_some_and(|f| f.fenced);
+            if self.finished {
+                break;
+            }
+            let fenced =
+                self.failover.as_ref().is_some_and(|f| f.fenced) || self.switchover.is_some();
             let decision = if fenced {
                 // A fenced guest is paused: nothing to checkpoint.
                 Decision::WaitForAck
@@ -682,9 +796,21 @@ impl<G: ProtectedGuest> Protector<G> {
                     None => std::future::pending().await,
                 }
             };
+            let control = async {
+                match &mut self.control {
+                    Some(c) => c.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = &mut shutdown => break,
                 _ = tokio::time::sleep_until(wake) => {}
+                req = control => match req {
+                    Some(ControlRequest::Switchover { vm, reply }) => {
+                        self.begin_switchover(vm, reply).await?;
+                    }
+                    None => self.control = None,
+                },
                 ev = failover_event => {
                     let Some(ev) = ev else {
                         return Err(ProtectError::Session("failover task stopped".into()));

@@ -279,6 +279,7 @@ pub async fn run_with<L: Listener>(
     published: Option<crate::metrics::Published>,
     mut takeover: Option<Takeover>,
 ) -> Result<StandbyStats, StandbyError> {
+    let arbiter = takeover.as_ref().map(|t| t.arbiter.clone());
     let publish = |s: &StandbyStats, state: Option<&str>| {
         if let Some(p) = &published {
             let v = crate::metrics::VmStatus {
@@ -296,6 +297,9 @@ pub async fn run_with<L: Listener>(
                 committed_epoch: s.committed_epoch.unwrap_or(0),
                 wire_bytes_per_epoch: s.bytes_received as f64 / s.epochs_committed.max(1) as f64,
                 epochs_rejected: s.epochs_rejected,
+                failover: arbiter
+                    .as_ref()
+                    .map(|a| crate::metrics::FailoverStatus::from_snapshot(&a.snapshot())),
                 ..Default::default()
             };
             if let Ok(mut l) = p.lock() {
@@ -335,11 +339,13 @@ pub async fn run_with<L: Listener>(
         };
         tokio::select! {
             _ = &mut shutdown => break,
-            _ = check.tick(), if running.is_some() => {
+            _ = check.tick() => {
                 if running.as_ref().is_some_and(|r| !r.fenced && !r.guest.is_running()) {
                     warn!(vm = %opts.vm, "the VM stopped on its own");
                     break;
                 }
+                let state = running.as_ref().map(|r| if r.fenced { "fenced" } else { "active" });
+                publish(&standby.stats, state);
             }
             ev = failover_event => {
                 let Some(ev) = ev else { break };
