@@ -7,6 +7,7 @@ pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod faults;
 pub mod metrics;
 pub mod replica;
 pub mod testbed;

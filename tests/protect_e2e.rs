@@ -43,15 +43,25 @@ struct Proc(Option<Child>, &'static str);
 
 impl Proc {
     fn spawn(name: &'static str, args: &[&str], log: &Path) -> Self {
+        Self::spawn_env(name, args, log, &[])
+    }
+    fn spawn_env(name: &'static str, args: &[&str], log: &Path, env: &[(&str, String)]) -> Self {
         let out = std::fs::File::create(log).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_remus-wan"))
             .args(args)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .env("RUST_LOG", "info")
             .stdout(out.try_clone().expect("dup"))
             .stderr(out)
             .spawn()
             .expect("spawn remus-wan");
         Proc(Some(child), name)
+    }
+    /// Whether the process has ended (by itself).
+    fn exited(&mut self) -> bool {
+        self.0
+            .as_mut()
+            .is_none_or(|c| matches!(c.try_wait(), Ok(Some(_))))
     }
     fn kill(&mut self) {
         if let Some(mut c) = self.0.take() {
@@ -343,10 +353,43 @@ fn switchover_moves_the_vm_with_no_loss() {
     with_witness(End::Switchover, "rwe2e2", 17731, "52:54:00:12:36:03");
 }
 
+/// The primary dies at exact moments of the pipeline (fault points, see
+/// `remus_wan::faults`): while its guest is paused for a checkpoint, right
+/// after handing an epoch to the transport, and while the backup is in the
+/// middle of applying an epoch (journaled, not yet committed: the backup
+/// is stalled there and the primary is SIGKILLed meanwhile). Each time the
+/// standby takes over and the client's connection continues intact.
+#[test]
+fn the_primary_dies_during_pause_send_and_backup_apply() {
+    if !require_kvm_root() {
+        return;
+    }
+    with_witness(
+        End::PrimaryDiesAt("protect.paused"),
+        "rwe2e3",
+        17741,
+        "52:54:00:12:36:04",
+    );
+    with_witness(
+        End::PrimaryDiesAt("protect.sent"),
+        "rwe2e4",
+        17751,
+        "52:54:00:12:36:05",
+    );
+    with_witness(
+        End::KilledWhileBackupApplies,
+        "rwe2e5",
+        17761,
+        "52:54:00:12:36:06",
+    );
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum End {
     KillPrimary,
     Switchover,
+    PrimaryDiesAt(&'static str),
+    KilledWhileBackupApplies,
 }
 
 fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
@@ -384,18 +427,23 @@ fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
             &["witness", "--config", &cfg_s, "--state-dir", &wstate_s],
             &dir.join("witness.log"),
         );
-        let _standby = Proc::spawn(
+        // Fault points count from the first checkpoint after pre-copy.
+        let nth = 30 + seed % 40;
+        let standby_env = match end {
+            End::KilledWhileBackupApplies => {
+                vec![("REMUS_WAN_FAULT", format!("standby.journaled@{}:sleep=4000", nth + 20))]
+            }
+            _ => Vec::new(),
+        };
+        let protect_env = match end {
+            End::PrimaryDiesAt(point) => vec![("REMUS_WAN_FAULT", format!("{point}@{nth}"))],
+            _ => Vec::new(),
+        };
+        let _standby = Proc::spawn_env(
             "standby",
-            &[
-                "standby",
-                "--config",
-                &cfg_s,
-                "--site",
-                "dc2",
-                "--state-dir",
-                &state_s,
-            ],
+            &["standby", "--config", &cfg_s, "--site", "dc2", "--state-dir", &state_s],
             &dir.join("standby.log"),
+            &standby_env,
         );
         assert!(
             wait_for_log(
@@ -406,10 +454,11 @@ fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
             "standby did not start: {}",
             log("standby.log")
         );
-        let mut protect = Proc::spawn(
+        let mut protect = Proc::spawn_env(
             "protect",
             &["protect", "web1", "--site", "dc2", "--config", &cfg_s],
             &dir.join("protect.log"),
+            &protect_env,
         );
         let guest: SocketAddr = "192.0.2.10:9000".parse().expect("addr");
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -442,7 +491,15 @@ fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
         let mut kv_w = kv;
         let mut acked = 0u64;
         let until = Instant::now() + kill_after;
-        while Instant::now() < until || acked == 0 {
+        let fault_limit = Instant::now() + Duration::from_secs(30);
+        let go_on = |protect: &mut Proc| match end {
+            End::KillPrimary | End::Switchover => Instant::now() < until,
+            End::PrimaryDiesAt(_) => !protect.exited() && Instant::now() < fault_limit,
+            End::KilledWhileBackupApplies => {
+                !log("standby.log").contains("fault point reached") && Instant::now() < fault_limit
+            }
+        };
+        while go_on(&mut protect) || acked == 0 {
             counter.read_more(&mut conn, u64::MAX, Duration::from_millis(20));
             use std::io::{BufRead, Write};
             writeln!(kv_w, "SET key{acked} value{acked}").expect("kv write");
@@ -454,6 +511,23 @@ fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
         let before = counter.next();
         let killed = Instant::now();
         match end {
+            End::PrimaryDiesAt(point) => {
+                assert!(
+                    protect.exited(),
+                    "protect never reached fault point {point}@{nth}\n{}",
+                    log("protect.log")
+                );
+                eprintln!("protect died at fault point {point} (#{nth}), client at counter {before}");
+            }
+            End::KilledWhileBackupApplies => {
+                assert!(
+                    log("standby.log").contains("fault point reached"),
+                    "standby never reached its fault point\n{}",
+                    log("standby.log")
+                );
+                protect.kill();
+                eprintln!("protect SIGKILLed while the backup applies an epoch, client at counter {before}");
+            }
             End::KillPrimary => {
                 protect.kill();
                 eprintln!("protect SIGKILLed after {kill_after:?} (seed {seed}), client at counter {before}");
@@ -502,7 +576,10 @@ fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
             .find(|l| l.contains("takeover complete"))
             .map(str::to_owned)
             .unwrap_or_default();
-        eprintln!("kill → first byte from the resumed VM: {first_byte:?}\n{takeover}");
+        if end == End::KillPrimary {
+            eprintln!("kill → first byte from the resumed VM: {first_byte:?}");
+        }
+        eprintln!("{takeover}");
         {
             use std::io::{BufRead, Write};
             for k in [0, acked / 2, acked - 1] {

@@ -558,6 +558,7 @@ impl<G: ProtectedGuest> Protector<G> {
                     io.output.close_epoch_as(epoch);
                     disk = std::mem::take(&mut io.disk);
                 }
+                crate::faults::point("protect.paused");
             })
         })?;
         let ps = self.guest.page_size();
@@ -573,7 +574,9 @@ impl<G: ProtectedGuest> Protector<G> {
             Some(cp.timings.total),
         );
         self.staging = cp;
-        self.push(EpochKind::Delta, bytes).await
+        let sent = self.push(EpochKind::Delta, bytes).await;
+        crate::faults::point("protect.sent");
+        sent
     }
 
     fn release_through(&mut self, epoch: u64) {

@@ -424,6 +424,7 @@ pub async fn run_with<L: Listener>(
                         publish(&standby.stats, None);
                         match applied {
                             Ok(()) => {
+                                crate::faults::point("standby.committed");
                                 if let Some(t) = &takeover {
                                     if standby.stats.consistent {
                                         t.arbiter.set_replica_ready(true);
