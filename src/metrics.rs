@@ -242,9 +242,13 @@ pub enum ControlRequest {
     },
 }
 
+/// Where control requests go: filled by whatever runs a VM in the process
+/// (a standby only once it has taken over).
+pub type ControlSlot = Arc<Mutex<Option<tokio::sync::mpsc::Sender<ControlRequest>>>>;
+
 /// Serves `/metrics` and `/status` until the task is dropped.
 pub async fn serve(addr: SocketAddr, published: Published) -> std::io::Result<SocketAddr> {
-    serve_with_control(addr, published, None).await
+    serve_with_control(addr, published, ControlSlot::default()).await
 }
 
 /// As [`serve`], also accepting `POST /switchover/<vm>` from loopback
@@ -252,7 +256,7 @@ pub async fn serve(addr: SocketAddr, published: Published) -> std::io::Result<So
 pub async fn serve_with_control(
     addr: SocketAddr,
     published: Published,
-    control: Option<tokio::sync::mpsc::Sender<ControlRequest>>,
+    control: ControlSlot,
 ) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
@@ -265,16 +269,24 @@ pub async fn serve_with_control(
             let published = published.clone();
             let control = control.clone();
             tokio::spawn(async move {
+                // The request head may arrive in several segments.
                 let mut buf = vec![0u8; 2048];
-                let n = match tokio::time::timeout(
-                    std::time::Duration::from_secs(5),
-                    sock.read(&mut buf),
-                )
-                .await
-                {
-                    Ok(Ok(n)) => n,
-                    _ => return,
+                let mut n = 0;
+                let read_head = async {
+                    while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                        match sock.read(&mut buf[n..]).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(k) => n += k,
+                        }
+                    }
                 };
+                if tokio::time::timeout(std::time::Duration::from_secs(5), read_head)
+                    .await
+                    .is_err()
+                    || n == 0
+                {
+                    return;
+                }
                 let req = String::from_utf8_lossy(&buf[..n]);
                 let method = req.split_whitespace().next().unwrap_or("GET");
                 let path = req.split_whitespace().nth(1).unwrap_or("/");
@@ -283,7 +295,8 @@ pub async fn serve_with_control(
                 let (code, ctype, body) = match (method, path) {
                     ("POST", _) if switchover.is_some() => {
                         let vm = switchover.unwrap_or_default();
-                        let (code, body) = control_request(control, client, vm).await;
+                        let sender = control.lock().ok().and_then(|c| c.clone());
+                        let (code, body) = control_request(sender, client, vm).await;
                         (code, "text/plain", body)
                     }
                     (_, path) => match path {
@@ -361,10 +374,10 @@ pub fn post_control(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Strin
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(3))?;
     s.set_read_timeout(Some(std::time::Duration::from_secs(130)))?;
-    write!(
-        s,
+    let req = format!(
         "POST {path} HTTP/1.1\r\nHost: remus-wan\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )?;
+    );
+    s.write_all(req.as_bytes())?;
     let mut text = String::new();
     s.read_to_string(&mut text)?;
     let code = text

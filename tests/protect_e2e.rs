@@ -353,6 +353,22 @@ fn switchover_moves_the_vm_with_no_loss() {
     with_witness(End::Switchover, "rwe2e2", 17731, "52:54:00:12:36:03");
 }
 
+/// After a switchover to dc2, a standby started at dc1 receives the VM
+/// from dc2 (protection runs the other way); when dc2 then dies, dc1 takes
+/// the VM back by itself and the client's connection still goes on.
+#[test]
+fn after_a_switchover_protection_runs_back_and_the_vm_can_return() {
+    if !require_kvm_root() {
+        return;
+    }
+    with_witness(
+        End::SwitchoverThenBack,
+        "rwe2e6",
+        17771,
+        "52:54:00:12:36:07",
+    );
+}
+
 /// The primary dies at exact moments of the pipeline (fault points, see
 /// `remus_wan::faults`): while its guest is paused for a checkpoint, right
 /// after handing an epoch to the transport, and while the backup is in the
@@ -390,6 +406,7 @@ enum End {
     Switchover,
     PrimaryDiesAt(&'static str),
     KilledWhileBackupApplies,
+    SwitchoverThenBack,
 }
 
 fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
@@ -439,7 +456,7 @@ fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
             End::PrimaryDiesAt(point) => vec![("REMUS_WAN_FAULT", format!("{point}@{nth}"))],
             _ => Vec::new(),
         };
-        let _standby = Proc::spawn_env(
+        let mut standby = Proc::spawn_env(
             "standby",
             &["standby", "--config", &cfg_s, "--site", "dc2", "--state-dir", &state_s],
             &dir.join("standby.log"),
@@ -493,7 +510,9 @@ fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
         let until = Instant::now() + kill_after;
         let fault_limit = Instant::now() + Duration::from_secs(30);
         let go_on = |protect: &mut Proc| match end {
-            End::KillPrimary | End::Switchover => Instant::now() < until,
+            End::KillPrimary | End::Switchover | End::SwitchoverThenBack => {
+                Instant::now() < until
+            }
             End::PrimaryDiesAt(_) => !protect.exited() && Instant::now() < fault_limit,
             End::KilledWhileBackupApplies => {
                 !log("standby.log").contains("fault point reached") && Instant::now() < fault_limit
@@ -532,7 +551,7 @@ fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
                 protect.kill();
                 eprintln!("protect SIGKILLed after {kill_after:?} (seed {seed}), client at counter {before}");
             }
-            End::Switchover => {
+            End::Switchover | End::SwitchoverThenBack => {
                 let out = Command::new(env!("CARGO_BIN_EXE_remus-wan"))
                     .args(["switchover", "web1", "--to", "dc2", "--config", &cfg_s])
                     .output()
@@ -599,6 +618,54 @@ fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
             "{acked} acknowledged writes kept; stream continued to {}",
             counter.next()
         );
+        if end != End::SwitchoverThenBack {
+            return;
+        }
+        // Protection the other way: a standby at dc1 (the old primary)
+        // receives the VM that now runs at dc2; then dc2 dies and dc1
+        // takes the VM back, the same TCP connection still going.
+        let state1 = dir.join("state-dc1").to_str().expect("utf-8").to_owned();
+        let _standby1 = Proc::spawn(
+            "standby at dc1",
+            &[
+                "standby", "--config", &cfg_s, "--site", "dc1", "--state-dir", &state1,
+                "--metrics", "127.0.0.1:9479",
+            ],
+            &dir.join("standby-dc1.log"),
+        );
+        let synced = Instant::now() + Duration::from_secs(60);
+        let protected_back = || {
+            remus_wan::metrics::fetch_status("127.0.0.1:9478".parse().expect("addr"))
+                .ok()
+                .and_then(|v| v.into_iter().next())
+                .is_some_and(|v| v.role == "primary" && v.state == "protected" && v.committed_epoch > 5)
+        };
+        while !protected_back() && Instant::now() < synced {
+            counter.read_more(&mut conn, u64::MAX, Duration::from_millis(100));
+        }
+        assert!(
+            protected_back(),
+            "dc2 never protected the VM back towards dc1\nstandby (dc2) log:\n{}\nstandby (dc1) log:\n{}",
+            log("standby.log"),
+            log("standby-dc1.log")
+        );
+        let at = counter.next();
+        eprintln!("dc2 protects web1 back towards dc1; client at {at}");
+        standby.kill();
+        let back = counter.read_more(&mut conn, 100_000, Duration::from_secs(60));
+        assert!(
+            back >= 100_000 && log("standby-dc1.log").contains("takeover complete"),
+            "after dc2's death only {back} more values\nstandby (dc1) log:\n{}",
+            log("standby-dc1.log")
+        );
+        {
+            use std::io::{BufRead, Write};
+            writeln!(kv_w, "GET key0").expect("kv write");
+            let mut line = String::new();
+            kv_lines.read_line(&mut line).expect("kv reply after the move back");
+            assert_eq!(line, "VALUE value0\n", "acknowledged SET key0 lost on the way back");
+        }
+        eprintln!("dc2 killed: dc1 took web1 back; stream continued to {}", counter.next());
     })
     .expect("network namespace");
 }

@@ -52,7 +52,12 @@ pub struct Snapshot {
     pub candidate_since: Option<Instant>,
 }
 
+// Commands are rare: the size of the redirect variant does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Command {
+    /// Reach the peer another way from now on (a promoted backup dials the
+    /// old primary, which now holds the replica).
+    RedirectPeer(LinkKind),
     ReplicaReady(bool),
     StartSwitchover,
     FinalEpochCommitted,
@@ -95,6 +100,11 @@ impl ArbiterHandle {
         let _ = self.cmds.send(Command::ReplicaReady(ready));
     }
 
+    /// Reaches the peer through `link` from now on.
+    pub fn redirect_peer(&self, link: LinkKind) {
+        let _ = self.cmds.send(Command::RedirectPeer(link));
+    }
+
     pub fn start_switchover(&self) {
         let _ = self.cmds.send(Command::StartSwitchover);
     }
@@ -131,7 +141,7 @@ pub fn spawn(opts: ArbiterOptions) -> (ArbiterHandle, mpsc::UnboundedReceiver<Ev
         opts.to_witness,
         opts.vm.clone(),
         WITNESS,
-        inbox_tx,
+        inbox_tx.clone(),
         witness_up.clone(),
         retry,
     );
@@ -156,6 +166,9 @@ pub fn spawn(opts: ArbiterOptions) -> (ArbiterHandle, mpsc::UnboundedReceiver<Ev
         to_peer,
         to_witness,
         snap: snap.clone(),
+        inbox_tx,
+        peer_up: peer_up.clone(),
+        retry,
     }));
     (
         ArbiterHandle {
@@ -178,6 +191,9 @@ struct Shell {
     to_peer: mpsc::UnboundedSender<failover::Message>,
     to_witness: mpsc::UnboundedSender<failover::Message>,
     snap: Arc<Mutex<Snapshot>>,
+    inbox_tx: link::Inbox,
+    peer_up: Arc<AtomicBool>,
+    retry: Duration,
 }
 
 async fn run(mut sh: Shell) {
@@ -223,6 +239,17 @@ async fn run(mut sh: Shell) {
             c = sh.cmds.recv() => {
                 let now = Instant::now();
                 match c {
+                    Some(Command::RedirectPeer(kind)) => {
+                        // Dropping the old sender ends the old link.
+                        sh.to_peer = link::spawn(
+                            kind,
+                            sh.vm.clone(),
+                            sh.peer,
+                            sh.inbox_tx.clone(),
+                            sh.peer_up.clone(),
+                            sh.retry,
+                        );
+                    }
                     Some(Command::ReplicaReady(r)) => {
                         if r != sh.site.replica_ready() {
                             sh.site.set_replica_ready(r, now);

@@ -8,7 +8,7 @@ mod config;
 pub mod exit;
 mod failover_setup;
 mod logging;
-mod protect;
+pub(crate) mod protect;
 mod signals;
 mod standby;
 mod status;

@@ -72,23 +72,14 @@ impl ProtectArgs {
                 return Err(Code::Config);
             }
         };
-        let r = cfg.replication_for(vm);
-        let opts = ProtectOptions {
-            site: primary.name.clone(),
-            backup: backup.name.clone(),
-            vm: vm.name.clone(),
-            backup_addr: backup.connect_addr(),
-            bind: std::net::SocketAddr::new(primary.listen.ip(), 0),
-            tls: common::tls_paths(&primary.tls),
-            interval: Duration::from_millis(r.epoch_interval_ms),
-            max_in_flight: r.max_epochs_in_flight,
-            zstd_level: r.compression_level,
-            cache_bytes: (r.page_cache_mib << 20) as usize,
-            output_limit: 64 << 20,
-            max_epoch_bytes: r.max_epoch_mib << 20,
-            disk: vm.disk.clone(),
-            report_every: Duration::from_secs_f64(self.report_every.max(0.1)),
-        };
+        let opts = protect_options(
+            cfg.replication_for(vm),
+            vm,
+            primary,
+            backup,
+            vm.disk.clone(),
+            Duration::from_secs_f64(self.report_every.max(0.1)),
+        );
         let capture = Capture::new(opts.output_limit);
         let guest = match hypervisor::kvm::Vm::start(&spec, capture.seams()) {
             Ok(g) => g,
@@ -114,9 +105,12 @@ impl ProtectArgs {
             let published = crate::metrics::Published::default();
             let (control_tx, control_rx) = tokio::sync::mpsc::channel(4);
             protector.accept_control(control_rx);
+            let slot = crate::metrics::ControlSlot::default();
+            if let Ok(mut s) = slot.lock() {
+                *s = Some(control_tx);
+            }
             if let Err(e) =
-                crate::metrics::serve_with_control(self.metrics, published.clone(), Some(control_tx))
-                    .await
+                crate::metrics::serve_with_control(self.metrics, published.clone(), slot).await
             {
                 eprintln!("error: metrics endpoint {}: {e}", self.metrics);
                 return Code::Failure;
@@ -176,5 +170,32 @@ impl ProtectArgs {
                 }
             }
         }))
+    }
+}
+
+/// Protection of `vm` running at site `me` towards site `peer`.
+pub fn protect_options(
+    r: &crate::config::Replication,
+    vm: &crate::config::Vm,
+    me: &crate::config::Site,
+    peer: &crate::config::Site,
+    disk: Option<PathBuf>,
+    report_every: Duration,
+) -> ProtectOptions {
+    ProtectOptions {
+        site: me.name.clone(),
+        backup: peer.name.clone(),
+        vm: vm.name.clone(),
+        backup_addr: peer.connect_addr(),
+        bind: std::net::SocketAddr::new(me.listen.ip(), 0),
+        tls: common::tls_paths(&me.tls),
+        interval: Duration::from_millis(r.epoch_interval_ms),
+        max_in_flight: r.max_epochs_in_flight,
+        zstd_level: r.compression_level,
+        cache_bytes: (r.page_cache_mib << 20) as usize,
+        output_limit: 64 << 20,
+        max_epoch_bytes: r.max_epoch_mib << 20,
+        disk,
+        report_every,
     }
 }

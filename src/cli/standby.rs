@@ -11,7 +11,8 @@ use crate::addresses::Addresses;
 use crate::arbiter::demux;
 use crate::arbiter::link::LinkKind;
 use crate::arbiter::StartAs;
-use crate::engine::standby::{self, ActiveGuest, StandbyOptions, Takeover};
+use crate::engine::protect::{Capture, ProtectError, ProtectOptions, Protector};
+use crate::engine::standby::{self, ActiveEnd, StandbyOptions, Takeover};
 
 #[derive(Debug, Args)]
 pub struct StandbyArgs {
@@ -46,12 +47,18 @@ impl StandbyArgs {
         let Some(site) = cfg.site(&self.site) else {
             return Err(Code::Config); // require_files named the problem
         };
-        let vms: Vec<_> = cfg.vms.iter().filter(|v| v.backup == self.site).collect();
+        // The VMs this site backs up; failing that, the VMs it is primary
+        // for (after a takeover or switchover the other site runs them,
+        // and a standby here protects them back).
+        let mut vms: Vec<_> = cfg.vms.iter().filter(|v| v.backup == self.site).collect();
+        if vms.is_empty() {
+            vms = cfg.vms.iter().filter(|v| v.primary == self.site).collect();
+        }
         let vm = match vms.as_slice() {
             [vm] => *vm,
             [] => {
                 eprintln!(
-                    "error: no VM in {} has `backup = \"{}\"`: nothing to stand by for",
+                    "error: no VM in {} has `backup` or `primary` = \"{}\": nothing to stand by for",
                     self.config.display(),
                     self.site
                 );
@@ -84,9 +91,17 @@ impl StandbyArgs {
                 &standby::replica_dir(&self.state_dir, &vm.name),
             ));
         }
+        let peer_name = if vm.backup == self.site {
+            vm.primary.clone()
+        } else {
+            vm.backup.clone()
+        };
+        let Some(peer) = cfg.site(&peer_name).cloned() else {
+            return Err(Code::Config);
+        };
         let opts = StandbyOptions {
             site: self.site.clone(),
-            primary: vm.primary.clone(),
+            primary: peer_name.clone(),
             vm: vm.name.clone(),
             listen: site.listen,
             tls: common::tls_paths(&site.tls),
@@ -108,7 +123,11 @@ impl StandbyArgs {
                 }
             };
             let published = crate::metrics::Published::default();
-            if let Err(e) = crate::metrics::serve(self.metrics, published.clone()).await {
+            let control_slot = crate::metrics::ControlSlot::default();
+            if let Err(e) =
+                crate::metrics::serve_with_control(self.metrics, published.clone(), control_slot.clone())
+                    .await
+            {
                 eprintln!("error: metrics endpoint {}: {e}", self.metrics);
                 return Code::Failure;
             }
@@ -130,13 +149,25 @@ impl StandbyArgs {
                             return Code::Config;
                         }
                     };
-                    let vm = vm.clone();
+                    let protect = super::protect::protect_options(
+                        cfg.replication_for(vm),
+                        vm,
+                        site,
+                        &peer,
+                        None,
+                        std::time::Duration::from_secs(5),
+                    );
                     Some(Takeover {
                         arbiter,
                         events,
-                        activate: Box::new(move |store| {
-                            resume(&vm, store).map(|g| Box::new(Resumed(Some(g))) as Box<dyn ActiveGuest>)
-                        }),
+                        activate: run_after_takeover(
+                            vm.clone(),
+                            protect,
+                            peer.clone(),
+                            site.clone(),
+                            published.clone(),
+                            control_slot,
+                        ),
                         addresses,
                     })
                 }
@@ -170,10 +201,11 @@ impl StandbyArgs {
 }
 
 /// Resumes the VM from the replica's last committed epoch, attached to
-/// its tap.
+/// its tap (through the seams `seams` makes).
 fn resume(
     vm: &crate::config::Vm,
     store: &crate::replica::ReplicaStore,
+    seams: impl Fn() -> hypervisor::kvm::Seams,
 ) -> Result<hypervisor::kvm::Vm, String> {
     use hypervisor::kvm;
 
@@ -189,38 +221,84 @@ fn resume(
         spec = spec.disk(store.dir().join("disk.img"));
     }
     let state = store.state().map_err(|e| e.to_string())?;
-    kvm::restore(&spec, store.memory(), &state, kvm::Seams::default())
-        .map_err(|e| format!("activating VM {} from epoch {:?}: {e}", vm.name, meta.epoch))
+    // A process that held the tap may still be exiting (a switchover
+    // between two sites on one host, or a restart): wait for it a little.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let attempt = kvm::restore(&spec, store.memory(), &state, seams());
+        match attempt {
+            Err(kvm::Error::Tap { source, .. })
+                if source.raw_os_error() == Some(libc::EBUSY)
+                    && std::time::Instant::now() < deadline =>
+            {
+                tracing::warn!(vm = %vm.name, "tap busy (its previous user is exiting): retrying");
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            other => {
+                return other.map_err(|e| {
+                    format!("activating VM {} from epoch {:?}: {e}", vm.name, meta.epoch)
+                })
+            }
+        }
+    }
 }
 
-/// A VM resumed at takeover, as the engine drives it.
-struct Resumed(Option<hypervisor::kvm::Vm>);
-
-impl ActiveGuest for Resumed {
-    fn pause(&mut self) -> Result<(), String> {
-        use hypervisor::ProtectedGuest;
-        match &mut self.0 {
-            Some(g) => g.pause().map_err(|e| e.to_string()),
-            None => Ok(()),
+/// What runs the VM once this standby has taken over: the VM resumed
+/// from the replica under a `Protector` that holds the lease, serves
+/// unprotected while the old primary's site is down, and synchronises to a
+/// standby there as soon as one answers (protection the other way).
+fn run_after_takeover(
+    vm: crate::config::Vm,
+    mut opts: ProtectOptions,
+    peer: crate::config::Site,
+    me: crate::config::Site,
+    published: crate::metrics::Published,
+    control: crate::metrics::ControlSlot,
+) -> standby::Activate {
+    Box::new(move |store, act| {
+        let capture = Capture::new(opts.output_limit);
+        let guest = resume(&vm, store, || capture.seams())?;
+        let release = guest
+            .tap()
+            .map(|t| Box::new(t) as Box<dyn hypervisor::kvm::devices::net::FrameSink>);
+        if vm.disk.is_some() {
+            opts.disk = Some(store.dir().join("disk.img"));
         }
-    }
-    fn resume(&mut self) -> Result<(), String> {
-        use hypervisor::ProtectedGuest;
-        match &mut self.0 {
-            Some(g) => g.resume().map_err(|e| e.to_string()),
-            None => Ok(()),
+        let mut protector =
+            Protector::new(opts, guest, capture, release).map_err(|e| e.to_string())?;
+        protector.publish_to(published);
+        let endpoint = wan::transport::Endpoint::bind(
+            std::net::SocketAddr::new(me.listen.ip(), 0),
+            wan::transport::TransportConfig::new(common::tls_paths(&me.tls)),
+        )
+        .map_err(|e| format!("failover endpoint: {e}"))?;
+        act.arbiter.redirect_peer(LinkKind::Dial {
+            endpoint,
+            addr: peer.connect_addr(),
+            name: peer.name.clone(),
+            control: true,
+        });
+        protector.with_failover(act.arbiter, act.events, act.addresses);
+        protector.protect_when_peer_returns();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        protector.accept_control(rx);
+        if let Ok(mut c) = control.lock() {
+            *c = Some(tx);
         }
-    }
-    fn is_running(&self) -> bool {
-        use hypervisor::ProtectedGuest;
-        self.0.as_ref().is_some_and(|g| g.is_running())
-    }
-    fn stop(mut self: Box<Self>) -> Result<(), String> {
-        match self.0.take() {
-            Some(g) => g.shutdown().map(|_| ()).map_err(|e| e.to_string()),
-            None => Ok(()),
-        }
-    }
+        let shutdown = act.shutdown;
+        Ok(Box::pin(async move {
+            match protector
+                .run(async move {
+                    let _ = shutdown.await;
+                })
+                .await
+            {
+                Ok(_) => Ok(ActiveEnd::Stopped),
+                Err(ProtectError::Demoted { token, .. }) => Ok(ActiveEnd::Superseded { token }),
+                Err(e) => Err(e.to_string()),
+            }
+        }) as standby::RunActive)
+    })
 }
 
 /// Resumes the VM from its replica in this process (`--activate`).
@@ -239,7 +317,7 @@ fn activate(vm: &crate::config::Vm, dir: &std::path::Path) -> Code {
         eprintln!("error: cannot handle SIGTERM: {e}");
         return Code::Failure;
     }
-    let guest = match resume(vm, &store) {
+    let guest = match resume(vm, &store, kvm::Seams::default) {
         Ok(g) => g,
         Err(e) => {
             eprintln!("error: {e}");

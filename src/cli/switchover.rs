@@ -12,15 +12,18 @@ use super::exit::Code;
 pub struct SwitchoverArgs {
     /// The VM to move.
     vm: String,
-    /// The site to move it to (its backup site).
+    /// The site to move it to (the other site of the VM: its backup, or
+    /// its primary when the VM runs at the backup after a takeover).
     #[arg(long)]
     to: String,
     /// The deployment's configuration file.
     #[arg(long, short)]
     config: PathBuf,
-    /// The protect process's metrics/control address (its --metrics).
-    #[arg(long, default_value = "127.0.0.1:9477")]
-    control: std::net::SocketAddr,
+    /// Control address of the process running the VM here (its
+    /// --metrics): protect serves 127.0.0.1:9477, a standby that took over
+    /// 127.0.0.1:9478; each is tried in turn.
+    #[arg(long = "control", default_values = ["127.0.0.1:9477", "127.0.0.1:9478"])]
+    controls: Vec<std::net::SocketAddr>,
 }
 
 impl SwitchoverArgs {
@@ -37,10 +40,10 @@ impl SwitchoverArgs {
             );
             return Code::Config;
         };
-        if vm.backup != self.to {
+        if vm.backup != self.to && vm.primary != self.to {
             eprintln!(
-                "error: VM {} can move only to its backup site {:?} (`vms.backup`), not {:?}",
-                vm.name, vm.backup, self.to
+                "error: VM {} runs at {:?} or {:?} (`vms.primary`, `vms.backup`), not {:?}",
+                vm.name, vm.primary, vm.backup, self.to
             );
             return Code::Usage;
         }
@@ -52,26 +55,33 @@ impl SwitchoverArgs {
             "switching {} over to {} (final checkpoint, lease hand-over, resume at {})...",
             vm.name, self.to, self.to
         );
-        match crate::metrics::post_control(self.control, &format!("/switchover/{}", vm.name)) {
-            Ok((200, msg)) => {
-                println!("{msg}");
-                Code::Success
-            }
-            Ok((409, msg)) => {
-                eprintln!("error: refused: {msg}");
-                Code::Refused
-            }
-            Ok((code, msg)) => {
-                eprintln!("error: protect process answered {code}: {msg}");
-                Code::Failure
-            }
-            Err(e) => {
-                eprintln!(
-                    "error: no protect process at {} ({e}): run this on the host that protects {}",
-                    self.control, vm.name
-                );
-                Code::Failure
+        let path = format!("/switchover/{}", vm.name);
+        let mut errors = Vec::new();
+        for addr in &self.controls {
+            match crate::metrics::post_control(*addr, &path) {
+                Ok((200, msg)) => {
+                    println!("{msg}");
+                    return Code::Success;
+                }
+                Ok((409, msg)) => {
+                    eprintln!("error: refused: {msg}");
+                    return Code::Refused;
+                }
+                // Not the process running the VM (a standby that has
+                // not taken over): try the next one.
+                Ok((404, msg)) => errors.push(format!("{addr}: {msg}")),
+                Ok((code, msg)) => {
+                    eprintln!("error: {addr} answered {code}: {msg}");
+                    return Code::Failure;
+                }
+                Err(e) => errors.push(format!("{addr}: {e}")),
             }
         }
+        eprintln!(
+            "error: no process running {} here ({}): run this on the host where it runs",
+            vm.name,
+            errors.join("; ")
+        );
+        Code::Failure
     }
 }

@@ -211,6 +211,10 @@ pub struct Protector<G: ProtectedGuest> {
     switchover: Option<Switchover>,
     /// The VM now runs elsewhere (switchover done): protection ends.
     finished: bool,
+    /// The VM already runs and serves (resumed at takeover): it runs
+    /// unprotected until the other site's standby answers, then the
+    /// initial synchronisation starts.
+    sync_when_connected: bool,
 }
 
 /// A planned move in progress: the guest is paused after its final epoch.
@@ -287,7 +291,19 @@ impl<G: ProtectedGuest> Protector<G> {
             control: None,
             switchover: None,
             finished: false,
+            sync_when_connected: false,
         })
+    }
+
+    /// For a VM resumed at takeover: no synchronisation until the other
+    /// site (the old primary, now holding a standby) connects; until then
+    /// the VM runs unprotected under this site's lease.
+    pub fn protect_when_peer_returns(&mut self) {
+        self.sync_when_connected = true;
+        if let Some(f) = &mut self.failover {
+            f.unprotected = true;
+            f.started = true;
+        }
     }
 
     /// Takes operator requests (`remus-wan switchover`) from `control`.
@@ -492,6 +508,9 @@ impl<G: ProtectedGuest> Protector<G> {
                     None,
                 );
                 self.push(kind, bytes).await?;
+                // A VM that already serves (resumed at takeover) keeps
+                // serving, unprotected, while its new standby fills up.
+                self.flush_output();
                 kind = EpochKind::Delta;
                 sent_pages += n as u64;
                 self.staging = cp;
@@ -742,7 +761,12 @@ impl<G: ProtectedGuest> Protector<G> {
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<ProtectStats, ProtectError> {
         tokio::pin!(shutdown);
-        self.synchronise().await?;
+        if self.sync_when_connected {
+            self.set_state("unprotected");
+            warn!(vm = %self.opts.vm, peer = %self.opts.backup, "running unprotected until a standby at the other site answers");
+        } else {
+            self.synchronise().await?;
+        }
         let mut pacer = Pacer::new(self.opts.interval, self.opts.max_in_flight, Instant::now());
         let mut last_report = Instant::now();
         loop {
@@ -756,8 +780,9 @@ impl<G: ProtectedGuest> Protector<G> {
             if self.finished {
                 break;
             }
-            let fenced =
-                self.failover.as_ref().is_some_and(|f| f.fenced) || self.switchover.is_some();
+            let fenced = self.failover.as_ref().is_some_and(|f| f.fenced)
+                || self.switchover.is_some()
+                || self.sync_when_connected;
             let decision = if fenced {
                 // A fenced guest is paused: nothing to checkpoint.
                 Decision::WaitForAck
@@ -835,6 +860,10 @@ impl<G: ProtectedGuest> Protector<G> {
                         }
                         SenderEvent::Connected { peer_site, receiver_committed, .. } => {
                             info!(vm = %self.opts.vm, peer = %peer_site, receiver_committed, "backup connected");
+                            if std::mem::take(&mut self.sync_when_connected) {
+                                info!(vm = %self.opts.vm, peer = %peer_site, "a standby answers: synchronising the running VM to it");
+                                self.synchronise().await?;
+                            }
                         }
                         SenderEvent::Disconnected { error, retry_in } => {
                             warn!(vm = %self.opts.vm, %error, ?retry_in, "backup unreachable: output is held until it is back");

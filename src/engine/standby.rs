@@ -241,17 +241,32 @@ pub async fn run(
     run_with(opts, listener, endpoint, shutdown, None, None).await
 }
 
-/// A VM resumed from the replica at takeover.
-pub trait ActiveGuest: Send {
-    fn pause(&mut self) -> Result<(), String>;
-    fn resume(&mut self) -> Result<(), String>;
-    fn is_running(&self) -> bool;
-    /// Stops the VM for good.
-    fn stop(self: Box<Self>) -> Result<(), String>;
+/// What a promoted standby hands to the code that runs the VM: the
+/// failover verdicts, the addresses, and when to stop.
+pub struct Activation {
+    pub arbiter: ArbiterHandle,
+    pub events: tokio::sync::mpsc::UnboundedReceiver<Event>,
+    pub addresses: Option<Addresses>,
+    pub shutdown: tokio::sync::oneshot::Receiver<()>,
 }
 
-/// Resumes the VM from the live replica (its last committed epoch).
-pub type Activate = Box<dyn FnOnce(&ReplicaStore) -> Result<Box<dyn ActiveGuest>, String> + Send>;
+/// How the VM resumed at takeover stopped running here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ActiveEnd {
+    /// Shut down by the operator (SIGTERM), or the guest stopped.
+    Stopped,
+    /// Another site runs it now (a newer token, or a switchover).
+    Superseded { token: u64 },
+}
+
+/// The running VM after takeover (it protects itself towards the old
+/// primary once a standby answers there).
+pub type RunActive =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<ActiveEnd, String>> + Send>>;
+
+/// Resumes the VM from the live replica (its last committed epoch) and
+/// returns what runs it.
+pub type Activate = Box<dyn FnOnce(&ReplicaStore, Activation) -> Result<RunActive, String> + Send>;
 
 /// Automatic takeover: the failover shell's verdicts, how to resume the
 /// VM, and how to move its addresses.
@@ -260,12 +275,6 @@ pub struct Takeover {
     pub events: tokio::sync::mpsc::UnboundedReceiver<Event>,
     pub activate: Activate,
     pub addresses: Option<Addresses>,
-}
-
-/// The VM this site runs after taking over.
-struct Running {
-    guest: Box<dyn ActiveGuest>,
-    fenced: bool,
 }
 
 /// As [`run`], on connections from `listener`, publishing figures for
@@ -277,21 +286,20 @@ pub async fn run_with<L: Listener>(
     endpoint: Endpoint,
     shutdown: impl std::future::Future<Output = ()>,
     published: Option<crate::metrics::Published>,
-    mut takeover: Option<Takeover>,
+    takeover: Option<Takeover>,
 ) -> Result<StandbyStats, StandbyError> {
     let arbiter = takeover.as_ref().map(|t| t.arbiter.clone());
-    let publish = |s: &StandbyStats, state: Option<&str>| {
+    let publish = |s: &StandbyStats| {
         if let Some(p) = &published {
             let v = crate::metrics::VmStatus {
                 vm: opts.vm.clone(),
-                role: if state.is_some() { "active" } else { "standby" }.into(),
-                state: state
-                    .unwrap_or(if s.consistent {
-                        "replica ok"
-                    } else {
-                        "syncing"
-                    })
-                    .into(),
+                role: "standby".into(),
+                state: if s.consistent {
+                    "replica ok"
+                } else {
+                    "syncing"
+                }
+                .into(),
                 peer: opts.primary.clone(),
                 epochs: s.epochs_committed,
                 committed_epoch: s.committed_epoch.unwrap_or(0),
@@ -312,24 +320,26 @@ pub async fn run_with<L: Listener>(
     let mut rcfg = ReceiverConfig::new(opts.site.clone(), opts.vm.clone());
     rcfg.max_epoch_size = opts.max_epoch_bytes;
     let (handle, mut events) = spawn_receiver(listener, rcfg, standby.committed());
-    if let Some(t) = &mut takeover {
+    let mut takeover = takeover.map(|mut t| {
         t.arbiter.set_replica_ready(standby.stats.consistent);
         if let Some(a) = &mut t.addresses {
             a.set_role(Role::Standby, 0);
         }
-    }
+        Some(t)
+    });
     tokio::pin!(shutdown);
     let mut last_log = Instant::now();
-    let mut running: Option<Running> = None;
-    let mut check = tokio::time::interval(Duration::from_millis(200));
-    loop {
+    // After a takeover: the task running the VM, and how to stop it.
+    let mut active: Option<ActiveTask> = None;
+    let mut check = tokio::time::interval(Duration::from_millis(500));
+    let end = loop {
+        let promoted = active.is_some();
         let failover_event = async {
             match &mut takeover {
-                Some(t) => t.events.recv().await,
-                None => std::future::pending().await,
+                Some(Some(t)) if !promoted => t.events.recv().await,
+                _ => std::future::pending().await,
             }
         };
-        let promoted = running.is_some();
         let replication = async {
             if promoted {
                 std::future::pending().await
@@ -337,101 +347,54 @@ pub async fn run_with<L: Listener>(
                 events.recv().await
             }
         };
+        let running = async {
+            match &mut active {
+                Some((task, _)) => task.await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            _ = &mut shutdown => break,
-            _ = check.tick() => {
-                if running.as_ref().is_some_and(|r| !r.fenced && !r.guest.is_running()) {
-                    warn!(vm = %opts.vm, "the VM stopped on its own");
-                    break;
-                }
-                let state = running.as_ref().map(|r| if r.fenced { "fenced" } else { "active" });
-                publish(&standby.stats, state);
+            _ = &mut shutdown => break None,
+            _ = check.tick(), if !promoted => publish(&standby.stats),
+            ended = running => {
+                active = None;
+                break Some(ended.map_err(|e| e.to_string()).and_then(|r| r));
             }
             ev = failover_event => {
-                let Some(ev) = ev else { break };
-                let Some(t) = &mut takeover else { continue };
-                match ev {
-                    Event::Promote { token } if running.is_none() => {
-                        handle.close().await;
-                        match promote(&opts, &standby, t, token).await {
-                            Ok(r) => {
-                                running = Some(r);
-                                publish(&standby.stats, Some("active"));
-                            }
-                            Err(e) => {
-                                // Nothing runs here: let the lease lapse
-                                // so the witness can grant it elsewhere.
-                                error!(vm = %opts.vm, error = %e, "takeover failed");
-                                t.arbiter.set_replica_ready(false);
-                                return Err(StandbyError::Activation(e));
-                            }
+                let Some(ev) = ev else { break None };
+                if let Event::Promote { token } = ev {
+                    let Some(t) = takeover.as_mut().and_then(Option::take) else { continue };
+                    handle.close().await;
+                    match promote(&opts, &standby, t, token) {
+                        Ok((task, stop)) => active = Some((task, stop)),
+                        Err(e) => {
+                            // Nothing runs here: the lease lapses and the
+                            // witness can grant it elsewhere.
+                            error!(vm = %opts.vm, error = %e, "takeover failed");
+                            return Err(StandbyError::Activation(e));
                         }
                     }
-                    Event::Fence => {
-                        if let Some(r) = &mut running {
-                            if !r.fenced {
-                                warn!(vm = %opts.vm, "fenced: this site reaches neither its peer nor the witness; VM paused");
-                                r.fenced = true;
-                                let _ = tokio::task::block_in_place(|| r.guest.pause());
-                                let token = t.arbiter.token();
-                                if let Some(a) = &mut t.addresses {
-                                    a.set_role(Role::Down, token);
-                                    a.spawn_hooks(HookEvent::Fence, token, None, None);
-                                }
-                                publish(&standby.stats, Some("fenced"));
-                            }
-                        }
-                    }
-                    Event::Unfence => {
-                        if let Some(r) = &mut running {
-                            if r.fenced {
-                                info!(vm = %opts.vm, "unfenced: VM resumed");
-                                r.fenced = false;
-                                let _ = tokio::task::block_in_place(|| r.guest.resume());
-                                let token = t.arbiter.token();
-                                if let Some(a) = &mut t.addresses {
-                                    a.set_role(Role::Active, token);
-                                }
-                                publish(&standby.stats, Some("active"));
-                            }
-                        }
-                    }
-                    Event::Demote { token } => {
-                        if let Some(r) = running.take() {
-                            error!(vm = %opts.vm, token, "demoted: another site runs the VM under a newer fencing token; stopping it here");
-                            if let Some(a) = &mut t.addresses {
-                                a.set_role(Role::Down, token);
-                                a.spawn_hooks(HookEvent::Demote, token, Some(&opts.site), None);
-                            }
-                            let _ = tokio::task::block_in_place(|| r.guest.stop());
-                            return Err(StandbyError::Superseded { token });
-                        }
-                    }
-                    Event::ProtectionLost if running.is_some() => {
-                        // The old primary is gone: expected after a takeover.
-                    }
-                    _ => {}
                 }
             }
             ev = replication => {
-                let Some(ev) = ev else { break };
+                let Some(ev) = ev else { break None };
                 match ev {
                     ReceiverEvent::Hello { site, vm_id, last_committed } => {
                         info!(peer = %site, vm = %vm_id, last_committed, "primary connected");
                     }
                     ReceiverEvent::Epoch { epoch, kind, payload } => {
                         let applied = standby.apply(epoch, kind, &payload);
-                        publish(&standby.stats, None);
+                        publish(&standby.stats);
                         match applied {
                             Ok(()) => {
                                 crate::faults::point("standby.committed");
-                                if let Some(t) = &takeover {
+                                if let Some(Some(t)) = &takeover {
                                     if standby.stats.consistent {
                                         t.arbiter.set_replica_ready(true);
                                     }
                                 }
                                 if handle.commit(epoch).await.is_err() {
-                                    break;
+                                    break None;
                                 }
                             }
                             Err(e) => handle.reject(epoch, &e).await,
@@ -447,44 +410,56 @@ pub async fn run_with<L: Listener>(
                 }
             }
         }
-    }
+    };
     handle.close().await;
-    if let Some(r) = running {
+    if let Some((task, stop)) = active.take() {
         info!(vm = %opts.vm, "stopping the VM");
-        if let Err(e) = tokio::task::block_in_place(|| r.guest.stop()) {
-            warn!(vm = %opts.vm, error = %e, "VM did not stop cleanly");
+        let _ = stop.send(());
+        match tokio::time::timeout(Duration::from_secs(30), task).await {
+            Ok(Ok(Err(e))) => warn!(vm = %opts.vm, error = %e, "the VM did not stop cleanly"),
+            Err(_) => warn!(vm = %opts.vm, "the VM did not stop within 30 s"),
+            _ => {}
         }
     }
-    if let Some(t) = takeover {
+    if let Some(Some(t)) = takeover {
         if let Some(a) = t.addresses {
             a.shutdown().await;
         }
     }
     endpoint.close();
-    Ok(standby.stats.clone())
+    match end {
+        Some(Err(e)) => Err(StandbyError::Activation(e)),
+        Some(Ok(ActiveEnd::Superseded { token })) => Err(StandbyError::Superseded { token }),
+        _ => Ok(standby.stats.clone()),
+    }
 }
 
-/// Takes the VM over: resumes it from the replica's last committed epoch,
-/// announces its addresses under `token`, runs the hooks.
-async fn promote(
+type ActiveTask = (
+    tokio::task::JoinHandle<Result<ActiveEnd, String>>,
+    tokio::sync::oneshot::Sender<()>,
+);
+
+/// Takes the VM over: announces its addresses under `token`, resumes it
+/// from the replica's last committed epoch, runs the hooks.
+fn promote(
     opts: &StandbyOptions,
     standby: &Standby,
-    t: &mut Takeover,
+    t: Takeover,
     token: u64,
-) -> Result<Running, String> {
+) -> Result<ActiveTask, String> {
     let granted = Instant::now();
     let snap = t.arbiter.snapshot();
     let Some(store) = standby.replica() else {
         return Err("no replica to resume".into());
     };
     let epoch = store.meta().epoch;
-    let activate = std::mem::replace(
-        &mut t.activate,
-        Box::new(|_| Err("the VM was already activated once".into())),
-    );
-    let guest = tokio::task::block_in_place(|| activate(store))?;
-    let activation = granted.elapsed();
-    let announce = match &mut t.addresses {
+    let Takeover {
+        arbiter,
+        events,
+        activate,
+        mut addresses,
+    } = t;
+    let announce = match &mut addresses {
         Some(a) => {
             let d = a.set_role(Role::Active, token);
             a.point_dns_here();
@@ -498,6 +473,19 @@ async fn promote(
         }
         None => Duration::ZERO,
     };
+    let (stop, shutdown) = tokio::sync::oneshot::channel();
+    let run = tokio::task::block_in_place(|| {
+        activate(
+            store,
+            Activation {
+                arbiter,
+                events,
+                addresses,
+                shutdown,
+            },
+        )
+    })?;
+    let activation = granted.elapsed();
     let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1e3);
     let detection = match (snap.peer_heard, snap.candidate_since) {
         (Some(h), Some(c)) => Some(c.saturating_duration_since(h)),
@@ -516,10 +504,7 @@ async fn promote(
         announce_ms = ms(Some(announce)),
         "takeover complete: the VM runs here from the last committed epoch"
     );
-    Ok(Running {
-        guest,
-        fenced: false,
-    })
+    Ok((tokio::spawn(run), stop))
 }
 
 /// Where a VM's replica lives under the standby's state folder.
