@@ -31,6 +31,8 @@
 //! 3. dc1 cut from everything but alive: dc1 fences, dc2 takes over, the
 //!    client's stream shows no second active site.
 //! 4. the witness killed: nothing changes while dc1 and dc2 see each other.
+//! 5. after 3., dc1's link comes back: the stale primary neither announces
+//!    nor serves; the route and the client stay with dc2.
 //!
 //! Needs root, /dev/kvm, `ip`, `bird` and `birdc` (Debian `bird2`); fails
 //! with a clear message without them unless REMUS_WAN_ALLOW_SKIP=1.
@@ -284,6 +286,34 @@ impl Net {
     fn isolate_dc1(&self) {
         ip_in(&self.router, &["link", "set", R_DC1, "down"]);
         ip_in(&self.dc1, &["link", "set", UPLINK, "down"]);
+    }
+
+    /// SIGKILLs, by PID, every process living in namespace `ns` (all of
+    /// them started by this test inside its own namespace); returns how many.
+    fn kill_all_in(&self, ns: &str) -> usize {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(target) = std::fs::metadata(format!("/var/run/netns/{ns}")) else {
+            return 0;
+        };
+        let want = format!("net:[{}]", target.ino());
+        let mut killed = 0;
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<libc::pid_t>().ok())
+            else {
+                continue;
+            };
+            let in_ns = std::fs::read_link(entry.path().join("ns/net"))
+                .is_ok_and(|l| l.to_string_lossy() == want);
+            if in_ns && pid != std::process::id() as libc::pid_t {
+                // SAFETY: kill(2) by PID on a process inside our own namespace.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                killed += 1;
+            }
+        }
+        killed
     }
 
     fn kernel_route(&self) -> String {
@@ -1119,10 +1149,11 @@ fn yank_the_plug_on_dc1_moves_the_vm_to_dc2_with_its_connections() {
 
     let kill = Instant::now();
     w.stream().mark(kill);
+    let killed = w.net.kill_all_in(&w.net.dc1.clone());
     w.protect.kill();
     w.net.isolate_dc1();
     eprintln!(
-        "[kill dc1] dc1 killed after {kill_after:?} (seed {seed}): {acked} writes acknowledged, client at counter {before}"
+        "[kill dc1] dc1 killed after {kill_after:?} (seed {seed}; {killed} processes SIGKILLed, links down): {acked} writes acknowledged, client at counter {before}"
     );
 
     // dc2 promotes by itself and moves the prefix.
@@ -1268,6 +1299,64 @@ fn isolated_dc1_fences_itself_and_dc2_takes_over() {
     if let Some(fields) = takeover_breakdown(&w.standby.log_text()) {
         eprintln!("[isolate dc1] standby takeover breakdown (ms): {fields:?}");
     }
+}
+
+/// After dc2 took over from an isolated dc1, dc1's link comes back: the
+/// stale primary (older fencing token) may neither release output nor
+/// announce the prefix again; the client keeps being served by dc2.
+#[test]
+fn a_healed_stale_primary_neither_announces_nor_serves() {
+    if !preflight("stale_primary_returns") {
+        return;
+    }
+    let _serial = lock();
+    let mut w = World::start("stale dc1 returns");
+    ip_in(&w.net.router, &["link", "set", R_DC1, "down"]);
+    if let Err(e) = w.protect.wait_log("fenced", Duration::from_secs(30)) {
+        panic!("{e}\n{}", w.logs());
+    }
+    if let Err(e) = w.bird.wait_route("dc2", Duration::from_secs(60)) {
+        panic!("{e}\n{}", w.logs());
+    }
+    if let Err(e) = w
+        .standby
+        .wait_log("takeover complete", Duration::from_secs(30))
+    {
+        panic!("{e}\n{}", w.logs());
+    }
+    w.expect_flow(
+        WELL_BEYOND_WINDOW,
+        Duration::from_secs(60),
+        "after dc2 took over",
+    );
+    let before = w.stream().next();
+    ip_in(&w.net.router, &["link", "set", R_DC1, "up"]);
+    eprintln!("[stale dc1 returns] dc1's link back up, client at counter {before}");
+    // Long enough for dc1 to reach the witness and dc2 again, and for a BGP
+    // session to come up (connect retry 1 s, hold 6 s).
+    let deadline =
+        Instant::now() + Duration::from_millis(3 * DETECTION_MS) + Duration::from_secs(8);
+    while Instant::now() < deadline {
+        w.assert_stream_intact("with the stale dc1 back on the network");
+        if w.bird.route_site() != Some("dc2") {
+            panic!("the stale dc1 took the route back from dc2\n{}", w.logs());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    w.expect_flow(
+        WELL_BEYOND_WINDOW,
+        Duration::from_secs(60),
+        "with the stale dc1 back on the network",
+    );
+    let dc1_state = w
+        .protect
+        .exited()
+        .map(|st| format!("exited ({st})"))
+        .unwrap_or_else(|| "still running".into());
+    eprintln!(
+        "[stale dc1 returns] route stayed with dc2, counter {before} -> {} with no gap or duplicate; dc1 {dc1_state}",
+        w.stream().next()
+    );
 }
 
 /// The witness dies; dc1 and dc2 still see each other: nothing changes.
