@@ -352,6 +352,7 @@ impl Proc {
             .arg(program)
             .args(args)
             .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("dup"))
             .stderr(out)
@@ -1078,9 +1079,28 @@ impl World {
     }
 }
 
-/// Parses `key=value` fields of the standby's `takeover complete` line.
+/// The text without terminal colour sequences (`ESC [ ... letter`).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Parses `key=value` fields of the standby's `takeover complete` line
+/// (text logs; JSON `"key":value` too).
 fn takeover_breakdown(log: &str) -> Option<Vec<(&'static str, String)>> {
-    let line = log.lines().find(|l| l.contains("takeover complete"))?;
+    let line = strip_ansi(log.lines().find(|l| l.contains("takeover complete"))?);
     let fields = [
         "detection_ms",
         "arbitration_ms",
@@ -1406,4 +1426,9 @@ fn route_site_reads_birdc_output() {
     let b = takeover_breakdown(log).expect("line");
     assert_eq!(b[0], ("detection_ms", "1004".to_string()));
     assert_eq!(b[3], ("announce_ms", "12".to_string()));
+    let coloured = "\u{1b}[32m INFO\u{1b}[0m takeover complete \u{1b}[3mdetection_ms\u{1b}[0m\u{1b}[2m=\u{1b}[0m998 \u{1b}[3mannounce_ms\u{1b}[0m\u{1b}[2m=\u{1b}[0m7";
+    let b = takeover_breakdown(coloured).expect("line");
+    assert_eq!(b[0], ("detection_ms", "998".to_string()));
+    assert_eq!(b[1], ("arbitration_ms", "?".to_string()));
+    assert_eq!(b[3], ("announce_ms", "7".to_string()));
 }
