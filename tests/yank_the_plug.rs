@@ -401,15 +401,26 @@ impl Proc {
 
     /// Waits for a log line containing `needle`; Err(why) on timeout or exit.
     fn wait_log(&mut self, needle: &str, limit: Duration) -> Result<Duration, String> {
+        self.wait_line(needle, |l| l.contains(needle), limit)
+    }
+
+    /// Waits for a log line satisfying `pred` (described by `needle`).
+    fn wait_line(
+        &mut self,
+        needle: &str,
+        pred: impl Fn(&str) -> bool,
+        limit: Duration,
+    ) -> Result<Duration, String> {
         let start = Instant::now();
         let deadline = start + limit.min(HARD_LIMIT);
+        let found = |p: &Proc| p.log_text().lines().any(&pred);
         loop {
-            if self.log_text().contains(needle) {
+            if found(self) {
                 return Ok(start.elapsed());
             }
             if let Some(st) = self.exited() {
                 // One last look: the line may have been written just before.
-                if self.log_text().contains(needle) {
+                if found(self) {
                     return Ok(start.elapsed());
                 }
                 return Err(format!(
@@ -1079,6 +1090,11 @@ impl World {
     }
 }
 
+/// A log line saying the site fenced itself (not that it un-fenced).
+fn is_fence_line(line: &str) -> bool {
+    line.contains("fenced") && !line.contains("unfenced")
+}
+
 /// The text without terminal colour sequences (`ESC [ ... letter`).
 fn strip_ansi(line: &str) -> String {
     let mut out = String::with_capacity(line.len());
@@ -1261,7 +1277,7 @@ fn cutting_dc1_from_dc2_only_changes_nothing_for_the_client() {
     );
     let after = w.hold_steady(Duration::from_millis(500), "dc1 unprotected");
     assert!(
-        !w.protect.log_text().contains("fenced"),
+        !w.protect.log_text().lines().any(is_fence_line),
         "dc1 fenced although it still reaches the witness\n{}",
         w.logs()
     );
@@ -1285,7 +1301,10 @@ fn isolated_dc1_fences_itself_and_dc2_takes_over() {
     w.stream().mark(cut);
     ip_in(&w.net.router, &["link", "set", R_DC1, "down"]);
     eprintln!("[isolate dc1] dc1's link cut at the router, client at counter {before}");
-    if let Err(e) = w.protect.wait_log("fenced", Duration::from_secs(30)) {
+    if let Err(e) = w
+        .protect
+        .wait_line("fenced", is_fence_line, Duration::from_secs(30))
+    {
         panic!("{e}\n{}", w.logs());
     }
     let fenced_at = cut.elapsed();
@@ -1332,7 +1351,10 @@ fn a_healed_stale_primary_neither_announces_nor_serves() {
     let _serial = lock();
     let mut w = World::start("stale dc1 returns");
     ip_in(&w.net.router, &["link", "set", R_DC1, "down"]);
-    if let Err(e) = w.protect.wait_log("fenced", Duration::from_secs(30)) {
+    if let Err(e) = w
+        .protect
+        .wait_line("fenced", is_fence_line, Duration::from_secs(30))
+    {
         panic!("{e}\n{}", w.logs());
     }
     if let Err(e) = w.bird.wait_route("dc2", Duration::from_secs(60)) {
@@ -1402,7 +1424,7 @@ fn losing_the_witness_changes_nothing_while_both_sites_see_each_other() {
         "without the witness",
     );
     assert!(
-        !w.protect.log_text().contains("fenced"),
+        !w.protect.log_text().lines().any(is_fence_line),
         "dc1 fenced although it still reaches dc2\n{}",
         w.logs()
     );
