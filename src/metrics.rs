@@ -33,6 +33,36 @@ pub struct VmStatus {
     pub output_dropped_frames: u64,
     pub epochs_rejected: u64,
     pub interval_ms: u64,
+    /// The failover state, when a witness arbitrates.
+    #[serde(default)]
+    pub failover: Option<FailoverStatus>,
+}
+
+/// One VM's failover state at this site.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct FailoverStatus {
+    /// active, standby, candidate or idle.
+    pub stance: String,
+    /// The witness lease's fencing token this site knows.
+    pub token: u64,
+    /// This site may release the VM's output now (lease or peer promise).
+    pub output_allowed: bool,
+    pub peer_link_up: bool,
+    pub witness_link_up: bool,
+}
+
+impl FailoverStatus {
+    pub fn from_snapshot(s: &crate::arbiter::Snapshot) -> Self {
+        Self {
+            stance: format!("{:?}", s.stance).to_lowercase(),
+            token: s.token,
+            output_allowed: s
+                .release_until
+                .is_some_and(|t| std::time::Instant::now() < t),
+            peer_link_up: s.peer_link_up,
+            witness_link_up: s.witness_link_up,
+        }
+    }
 }
 
 /// What the process publishes; updated by the engine, read by the server.
@@ -164,6 +194,35 @@ pub fn render_prometheus(vms: &[VmStatus]) -> String {
         "gauge",
         &|v| Some(v.interval_ms as f64 / 1e3),
     );
+    let flag = |b: bool| if b { 1.0 } else { 0.0 };
+    metric(
+        &mut out,
+        "fencing_token",
+        "Witness lease fencing token known at this site.",
+        "gauge",
+        &|v| v.failover.as_ref().map(|f| f.token as f64),
+    );
+    metric(
+        &mut out,
+        "output_allowed",
+        "1 while this site may release the VM's output (witness lease or backup promise).",
+        "gauge",
+        &|v| v.failover.as_ref().map(|f| flag(f.output_allowed)),
+    );
+    metric(
+        &mut out,
+        "peer_link_up",
+        "1 while the failover link to the other site is up.",
+        "gauge",
+        &|v| v.failover.as_ref().map(|f| flag(f.peer_link_up)),
+    );
+    metric(
+        &mut out,
+        "witness_link_up",
+        "1 while the link to the witness is up.",
+        "gauge",
+        &|v| v.failover.as_ref().map(|f| flag(f.witness_link_up)),
+    );
     out
 }
 
@@ -173,17 +232,38 @@ fn escape(s: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// An operator's request to a running process (from this host only).
+#[derive(Debug)]
+pub enum ControlRequest {
+    /// Planned move of the VM to its backup site.
+    Switchover {
+        vm: String,
+        reply: tokio::sync::oneshot::Sender<Result<String, String>>,
+    },
+}
+
 /// Serves `/metrics` and `/status` until the task is dropped.
 pub async fn serve(addr: SocketAddr, published: Published) -> std::io::Result<SocketAddr> {
+    serve_with_control(addr, published, None).await
+}
+
+/// As [`serve`], also accepting `POST /switchover/<vm>` from loopback
+/// clients (the `remus-wan switchover` command) into `control`.
+pub async fn serve_with_control(
+    addr: SocketAddr,
+    published: Published,
+    control: Option<tokio::sync::mpsc::Sender<ControlRequest>>,
+) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     info!(addr = %local, "metrics on http://{local}/metrics, status on /status");
     tokio::spawn(async move {
         loop {
-            let Ok((mut sock, _)) = listener.accept().await else {
+            let Ok((mut sock, client)) = listener.accept().await else {
                 continue;
             };
             let published = published.clone();
+            let control = control.clone();
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 2048];
                 let n = match tokio::time::timeout(
@@ -196,24 +276,33 @@ pub async fn serve(addr: SocketAddr, published: Published) -> std::io::Result<So
                     _ => return,
                 };
                 let req = String::from_utf8_lossy(&buf[..n]);
+                let method = req.split_whitespace().next().unwrap_or("GET");
                 let path = req.split_whitespace().nth(1).unwrap_or("/");
                 let vms = published.lock().map(|v| v.clone()).unwrap_or_default();
-                let (code, ctype, body) = match path {
-                    "/metrics" => (
-                        "200 OK",
-                        "text/plain; version=0.0.4",
-                        render_prometheus(&vms),
-                    ),
-                    "/status" => (
-                        "200 OK",
-                        "application/json",
-                        serde_json::to_string(&vms).unwrap_or_else(|_| "[]".into()),
-                    ),
-                    _ => (
-                        "404 Not Found",
-                        "text/plain",
-                        "try /metrics or /status\n".into(),
-                    ),
+                let switchover = path.strip_prefix("/switchover/").map(str::to_owned);
+                let (code, ctype, body) = match (method, path) {
+                    ("POST", _) if switchover.is_some() => {
+                        let vm = switchover.unwrap_or_default();
+                        let (code, body) = control_request(control, client, vm).await;
+                        (code, "text/plain", body)
+                    }
+                    (_, path) => match path {
+                        "/metrics" => (
+                            "200 OK",
+                            "text/plain; version=0.0.4",
+                            render_prometheus(&vms),
+                        ),
+                        "/status" => (
+                            "200 OK",
+                            "application/json",
+                            serde_json::to_string(&vms).unwrap_or_else(|_| "[]".into()),
+                        ),
+                        _ => (
+                            "404 Not Found",
+                            "text/plain",
+                            "try /metrics or /status\n".into(),
+                        ),
+                    },
                 };
                 let head = format!(
                     "HTTP/1.1 {code}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -228,6 +317,63 @@ pub async fn serve(addr: SocketAddr, published: Published) -> std::io::Result<So
         }
     });
     Ok(local)
+}
+
+async fn control_request(
+    control: Option<tokio::sync::mpsc::Sender<ControlRequest>>,
+    client: SocketAddr,
+    vm: String,
+) -> (&'static str, String) {
+    // Whoever reaches the metrics port must not be able to move a VM:
+    // control requests come from this host only.
+    if !client.ip().is_loopback() {
+        return (
+            "403 Forbidden",
+            "control requests are accepted from this host only\n".into(),
+        );
+    }
+    let Some(control) = control else {
+        return (
+            "404 Not Found",
+            "this process takes no control requests\n".into(),
+        );
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if control
+        .send(ControlRequest::Switchover { vm, reply: tx })
+        .await
+        .is_err()
+    {
+        return ("503 Service Unavailable", "the engine is stopping\n".into());
+    }
+    match tokio::time::timeout(std::time::Duration::from_secs(120), rx).await {
+        Ok(Ok(Ok(msg))) => ("200 OK", format!("{msg}\n")),
+        Ok(Ok(Err(msg))) => ("409 Conflict", format!("{msg}\n")),
+        _ => (
+            "504 Gateway Timeout",
+            "no answer from the engine within 120 s\n".into(),
+        ),
+    }
+}
+
+/// Sends a control request to a running process; returns its answer.
+pub fn post_control(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(3))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(130)))?;
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: remus-wan\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other("malformed HTTP response"))?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    Ok((code, body.trim_end().to_owned()))
 }
 
 /// Fetches `/status` from a running process (for `remus-wan status`).
@@ -274,6 +420,19 @@ pub fn render_table(vms: &[VmStatus]) -> String {
             v.rtt_ms.map_or("-".into(), |r| format!("{r:.1}ms")),
             human(v.output_held_bytes as f64),
         );
+        if let Some(f) = &v.failover {
+            let up = |b: bool| if b { "up" } else { "DOWN" };
+            let _ = writeln!(
+                out,
+                "{:<10} failover: {} token {}, output {}, peer link {}, witness link {}",
+                "",
+                f.stance,
+                f.token,
+                if f.output_allowed { "allowed" } else { "HELD" },
+                up(f.peer_link_up),
+                up(f.witness_link_up),
+            );
+        }
     }
     out
 }

@@ -22,13 +22,16 @@ pub struct LocalDeployment {
     /// Host tap (persistent, made by the caller with 192.0.2.1/24).
     pub tap: String,
     pub mac: String,
+    /// UDP port of a witness on loopback: with it, takeover is automatic
+    /// (fast failover timers suited to loopback).
+    pub witness_port: Option<u16>,
 }
 
 impl LocalDeployment {
     /// Writes certificates for dc1 and dc2, a 4 MiB disk image and the
     /// configuration; returns the configuration's path.
     pub fn write(&self) -> Result<PathBuf, CertsError> {
-        for site in ["dc1", "dc2"] {
+        for site in ["dc1", "dc2", "witness"] {
             if !self.dir.join("pki").join(format!("{site}.pem")).exists() {
                 init_site(&InitOptions {
                     site: site.into(),
@@ -64,8 +67,22 @@ impl LocalDeployment {
                 key = pki.join(format!("{name}.key")).display(),
             )
         };
+        let witness = self
+            .witness_port
+            .map(|p| {
+                format!(
+                    "[failover]\nheartbeat_ms = 100\ndetection_timeout_ms = 1000\nlease_ms = 800\n\
+                     renew_ms = 200\nclock_margin_ms = 50\n\n[witness]\nname = \"witness\"\n\
+                     listen = \"127.0.0.1:{p}\"\n[witness.tls]\nca = \"{ca}\"\ncert = \"{cert}\"\n\
+                     key = \"{key}\"\n\n",
+                    ca = pki.join("ca.pem").display(),
+                    cert = pki.join("witness.pem").display(),
+                    key = pki.join("witness.key").display(),
+                )
+            })
+            .unwrap_or_default();
         format!(
-            "[replication]\nepoch_interval_ms = {interval}\nmax_epochs_in_flight = 4\n\n{dc1}{dc2}\
+            "[replication]\nepoch_interval_ms = {interval}\nmax_epochs_in_flight = 4\n\n{dc1}{dc2}{witness}\
              [[vms]]\nname = \"web1\"\nprimary = \"dc1\"\nbackup = \"dc2\"\nguest_image = \"{image}\"\n\
              memory_mib = 64\ndisk = \"{disk}\"\n[vms.network]\ntap = \"{tap}\"\nmac = \"{mac}\"\n\
              address = \"192.0.2.10/24\"\ngateway = \"192.0.2.1\"\n",
@@ -146,6 +163,7 @@ mod tests {
             dc2_connect_port: Some(17010),
             tap: "rwtest0".into(),
             mac: "52:54:00:12:39:01".into(),
+            witness_port: Some(17011),
         };
         let path = d.write().unwrap();
         let cfg = crate::config::Config::load_with_env(&path, Vec::new()).unwrap();

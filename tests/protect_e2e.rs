@@ -43,15 +43,25 @@ struct Proc(Option<Child>, &'static str);
 
 impl Proc {
     fn spawn(name: &'static str, args: &[&str], log: &Path) -> Self {
+        Self::spawn_env(name, args, log, &[])
+    }
+    fn spawn_env(name: &'static str, args: &[&str], log: &Path, env: &[(&str, String)]) -> Self {
         let out = std::fs::File::create(log).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_remus-wan"))
             .args(args)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .env("RUST_LOG", "info")
             .stdout(out.try_clone().expect("dup"))
             .stderr(out)
             .spawn()
             .expect("spawn remus-wan");
         Proc(Some(child), name)
+    }
+    /// Whether the process has ended (by itself).
+    fn exited(&mut self) -> bool {
+        self.0
+            .as_mut()
+            .is_none_or(|c| matches!(c.try_wait(), Ok(Some(_))))
     }
     fn kill(&mut self) {
         if let Some(mut c) = self.0.take() {
@@ -154,6 +164,7 @@ fn protected_guest_survives_the_primary_being_killed() {
         dc2_connect_port: None,
         tap: TAP.into(),
         mac: "52:54:00:12:36:01".into(),
+        witness_port: None,
     }
     .write()
     .expect("deployment");
@@ -313,6 +324,280 @@ fn protected_guest_survives_the_primary_being_killed() {
             "activated VM did not stop cleanly\nactivate log:\n{}\nprotect log:\n{}",
             std::fs::read_to_string(dir.join("activate.log")).unwrap_or_default(),
             std::fs::read_to_string(dir.join("protect.log")).unwrap_or_default()
+        );
+    })
+    .expect("network namespace");
+}
+
+/// With a witness, takeover needs no operator: the protect process is
+/// SIGKILLed, the standby notices the silence, the witness grants it the
+/// lease, and it resumes the VM in its own process. The client's TCP
+/// connection continues with no gap or duplicate and every acknowledged
+/// key-value write is there.
+#[test]
+fn the_standby_takes_over_by_itself_when_a_witness_arbitrates() {
+    if !require_kvm_root() {
+        return;
+    }
+    with_witness(End::KillPrimary, "rwe2e1", 17721, "52:54:00:12:36:02");
+}
+
+/// `remus-wan switchover`: a final checkpoint, the lease handed over by
+/// the witness, the VM resumed at dc2; protect exits 0 and the client's
+/// connection goes on with nothing lost.
+#[test]
+fn switchover_moves_the_vm_with_no_loss() {
+    if !require_kvm_root() {
+        return;
+    }
+    with_witness(End::Switchover, "rwe2e2", 17731, "52:54:00:12:36:03");
+}
+
+/// The primary dies at exact moments of the pipeline (fault points, see
+/// `remus_wan::faults`): while its guest is paused for a checkpoint, right
+/// after handing an epoch to the transport, and while the backup is in the
+/// middle of applying an epoch (journaled, not yet committed: the backup
+/// is stalled there and the primary is SIGKILLed meanwhile). Each time the
+/// standby takes over and the client's connection continues intact.
+#[test]
+fn the_primary_dies_during_pause_send_and_backup_apply() {
+    if !require_kvm_root() {
+        return;
+    }
+    with_witness(
+        End::PrimaryDiesAt("protect.paused"),
+        "rwe2e3",
+        17741,
+        "52:54:00:12:36:04",
+    );
+    with_witness(
+        End::PrimaryDiesAt("protect.sent"),
+        "rwe2e4",
+        17751,
+        "52:54:00:12:36:05",
+    );
+    with_witness(
+        End::KilledWhileBackupApplies,
+        "rwe2e5",
+        17761,
+        "52:54:00:12:36:06",
+    );
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    KillPrimary,
+    Switchover,
+    PrimaryDiesAt(&'static str),
+    KilledWhileBackupApplies,
+}
+
+fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
+    let images = hypervisor::guest_build::from_env_or_build(
+        &Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-build"),
+    )
+    .expect("guest images (cargo xtask guest-image)");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().to_owned();
+    let cfg = LocalDeployment {
+        dir: dir.clone(),
+        guest_image: images.net.clone(),
+        epoch_interval_ms: 50,
+        ports: (port, port + 1),
+        dc2_connect_port: None,
+        tap: tap.into(),
+        mac: mac.into(),
+        witness_port: Some(port + 2),
+    }
+    .write()
+    .expect("deployment");
+    let cfg_s = cfg.to_str().expect("utf-8").to_owned();
+    let state_s = dir.join("state").to_str().expect("utf-8").to_owned();
+    let wstate_s = dir.join("witness").to_str().expect("utf-8").to_owned();
+    let seed = Instant::now().elapsed().as_nanos() as u64 ^ std::process::id() as u64;
+    let kill_after = Duration::from_millis(500 + seed % 1500);
+    let log = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+
+    hypervisor::netns::in_new_netns(|| {
+        ip(&["tuntap", "add", "dev", tap, "mode", "tap"]);
+        ip(&["addr", "add", "192.0.2.1/24", "dev", tap]);
+        ip(&["link", "set", "dev", tap, "up"]);
+        let _witness = Proc::spawn(
+            "witness",
+            &["witness", "--config", &cfg_s, "--state-dir", &wstate_s],
+            &dir.join("witness.log"),
+        );
+        // Fault points count from the first checkpoint after pre-copy.
+        let nth = 30 + seed % 40;
+        let standby_env = match end {
+            End::KilledWhileBackupApplies => {
+                vec![("REMUS_WAN_FAULT", format!("standby.journaled@{}:sleep=4000", nth + 20))]
+            }
+            _ => Vec::new(),
+        };
+        let protect_env = match end {
+            End::PrimaryDiesAt(point) => vec![("REMUS_WAN_FAULT", format!("{point}@{nth}"))],
+            _ => Vec::new(),
+        };
+        let _standby = Proc::spawn_env(
+            "standby",
+            &["standby", "--config", &cfg_s, "--site", "dc2", "--state-dir", &state_s],
+            &dir.join("standby.log"),
+            &standby_env,
+        );
+        assert!(
+            wait_for_log(
+                &dir.join("standby.log"),
+                "standby listening",
+                Duration::from_secs(30)
+            ),
+            "standby did not start: {}",
+            log("standby.log")
+        );
+        let mut protect = Proc::spawn_env(
+            "protect",
+            &["protect", "web1", "--site", "dc2", "--config", &cfg_s],
+            &dir.join("protect.log"),
+            &protect_env,
+        );
+        let guest: SocketAddr = "192.0.2.10:9000".parse().expect("addr");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut conn = loop {
+            match connect_small_window(&guest) {
+                Ok(c) => break c,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(200))
+                }
+                Err(e) => panic!(
+                    "guest never answered on 9000: {e}\nprotect log:\n{}",
+                    log("protect.log")
+                ),
+            }
+        };
+        conn.set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        let mut counter = Counter(CounterCheck::default());
+        let got = counter.read_more(&mut conn, 1000, Duration::from_secs(30));
+        assert!(
+            got >= 1000,
+            "only {got} counter values while protected\nprotect log:\n{}",
+            log("protect.log")
+        );
+        let kv_addr: SocketAddr = "192.0.2.10:7000".parse().expect("addr");
+        let kv = connect_small_window(&kv_addr).expect("kv connection");
+        kv.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut kv_lines = std::io::BufReader::new(kv.try_clone().expect("clone"));
+        let mut kv_w = kv;
+        let mut acked = 0u64;
+        let until = Instant::now() + kill_after;
+        let fault_limit = Instant::now() + Duration::from_secs(30);
+        let go_on = |protect: &mut Proc| match end {
+            End::KillPrimary | End::Switchover => Instant::now() < until,
+            End::PrimaryDiesAt(_) => !protect.exited() && Instant::now() < fault_limit,
+            End::KilledWhileBackupApplies => {
+                !log("standby.log").contains("fault point reached") && Instant::now() < fault_limit
+            }
+        };
+        while go_on(&mut protect) || acked == 0 {
+            counter.read_more(&mut conn, u64::MAX, Duration::from_millis(20));
+            use std::io::{BufRead, Write};
+            writeln!(kv_w, "SET key{acked} value{acked}").expect("kv write");
+            let mut line = String::new();
+            kv_lines.read_line(&mut line).expect("kv reply");
+            assert_eq!(line, "OK\n", "SET key{acked}");
+            acked += 1;
+        }
+        let before = counter.next();
+        let killed = Instant::now();
+        match end {
+            End::PrimaryDiesAt(point) => {
+                assert!(
+                    protect.exited(),
+                    "protect never reached fault point {point}@{nth}\n{}",
+                    log("protect.log")
+                );
+                eprintln!("protect died at fault point {point} (#{nth}), client at counter {before}");
+            }
+            End::KilledWhileBackupApplies => {
+                assert!(
+                    log("standby.log").contains("fault point reached"),
+                    "standby never reached its fault point\n{}",
+                    log("standby.log")
+                );
+                protect.kill();
+                eprintln!("protect SIGKILLed while the backup applies an epoch, client at counter {before}");
+            }
+            End::KillPrimary => {
+                protect.kill();
+                eprintln!("protect SIGKILLed after {kill_after:?} (seed {seed}), client at counter {before}");
+            }
+            End::Switchover => {
+                let out = Command::new(env!("CARGO_BIN_EXE_remus-wan"))
+                    .args(["switchover", "web1", "--to", "dc2", "--config", &cfg_s])
+                    .output()
+                    .expect("switchover");
+                assert!(
+                    out.status.success(),
+                    "switchover failed: {}{}\nprotect log:\n{}\nwitness log:\n{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr),
+                    log("protect.log"),
+                    log("witness.log")
+                );
+                eprintln!("switchover: {}", String::from_utf8_lossy(&out.stdout).trim());
+                assert_eq!(protect.term(), Some(0), "protect exits 0 after handing over");
+            }
+        }
+        // The first new value: it can only come from the resumed replica
+        // once what was in flight to the client has drained.
+        let mut first_byte = None;
+        let limit = Instant::now() + Duration::from_secs(60);
+        while counter.next() < before + 100_000 && Instant::now() < limit {
+            let n = counter.read_more(&mut conn, 1, Duration::from_millis(50));
+            if n > 0 && first_byte.is_none() && log("standby.log").contains("takeover complete") {
+                first_byte = Some(killed.elapsed());
+            }
+        }
+        assert!(
+            counter.next() >= before + 100_000,
+            "after the kill only {} more counter values\nstandby log:\n{}\nwitness log:\n{}",
+            counter.next() - before,
+            log("standby.log"),
+            log("witness.log")
+        );
+        assert!(
+            log("standby.log").contains("takeover complete"),
+            "the stream went on but the standby did not take over?\n{}",
+            log("standby.log")
+        );
+        let takeover = log("standby.log")
+            .lines()
+            .find(|l| l.contains("takeover complete"))
+            .map(str::to_owned)
+            .unwrap_or_default();
+        if end == End::KillPrimary {
+            eprintln!("kill → first byte from the resumed VM: {first_byte:?}");
+        }
+        eprintln!("{takeover}");
+        {
+            use std::io::{BufRead, Write};
+            for k in [0, acked / 2, acked - 1] {
+                writeln!(kv_w, "GET key{k}").expect("kv write");
+                let mut line = String::new();
+                kv_lines
+                    .read_line(&mut line)
+                    .expect("kv reply after takeover");
+                assert_eq!(
+                    line,
+                    format!("VALUE value{k}\n"),
+                    "acknowledged SET key{k} lost"
+                );
+            }
+        }
+        eprintln!(
+            "{acked} acknowledged writes kept; stream continued to {}",
+            counter.next()
         );
     })
     .expect("network namespace");

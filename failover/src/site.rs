@@ -184,6 +184,18 @@ impl Site {
                 || self.promise_until.is_some_and(|t| now < t))
     }
 
+    /// Until when output may be released without hearing anything new:
+    /// the later of the lease and the peer's promise, while
+    /// [`Site::may_release_output`] holds. An engine checks its own clock
+    /// against this before each release, so a late wake-up of the shell
+    /// can never stretch a lease.
+    pub fn release_allowed_until(&self, now: Instant) -> Option<Instant> {
+        if !self.may_release_output(now) {
+            return None;
+        }
+        self.lease_until.max(self.promise_until)
+    }
+
     /// The engine has (or no longer has) a replica at a committed epoch.
     pub fn set_replica_ready(&mut self, ready: bool, now: Instant) {
         self.replica_ready = ready;

@@ -118,6 +118,7 @@ fn run_cell(bin: &Path, dir: &Path, image: &Path, cell: &Cell) -> Result<Row> {
         dc2_connect_port: Some(17740),
         tap: TAP.into(),
         mac: "52:54:00:12:38:01".into(),
+        witness_port: None,
     }
     .write()?;
     let cfg_s = cfg.to_string_lossy().to_string();

@@ -15,6 +15,9 @@ pub enum Code {
     /// The command refused to act: it would overwrite keys, or lacks a
     /// permission it needs.
     Refused = 4,
+    /// Another site runs the VM now (it took over, or a switchover handed
+    /// it over): this process stopped its copy and must not restart it.
+    Superseded = 5,
 }
 
 impl From<Code> for ExitCode {

@@ -6,11 +6,13 @@ mod certs;
 mod common;
 mod config;
 pub mod exit;
+mod failover_setup;
 mod logging;
 mod protect;
 mod signals;
 mod standby;
 mod status;
+mod switchover;
 pub mod vm;
 mod witness;
 
@@ -39,11 +41,14 @@ Roles:
   protect web1 --site dc2   protect VM web1 towards site dc2 (run at the primary)
   witness                   arbitrate which site may run each VM (third site)
   status                    figures of the protect/standby processes on this host
-Arriving with their issues (not in this build yet):
-  switchover                move a VM by plan with no loss; automatic failover
+  switchover web1 --to dc2  move web1 by plan, with no loss (asks the local protect process)
+With a [witness] in the configuration, the standby takes over by itself when
+the primary site fails, and a primary cut from both the backup and the
+witness fences itself (docs/failover.md, docs/operations.md).
 
 Exit codes: 0 success, 1 failure, 2 usage error, 3 invalid configuration,
-4 refused (would overwrite keys, missing permission).
+4 refused (would overwrite keys, missing permission), 5 superseded (another
+site runs the VM now: this process stopped its copy; do not restart it).
 Logs go to stderr; RUST_LOG sets the filter (default: info).
 Documentation: docs/ in the source tree (operations.md, configuration.md).";
 
@@ -86,6 +91,11 @@ pub enum Command {
     /// Run the witness: the third-site arbiter that grants each VM's lease
     /// to one site at a time, with a fencing token that only grows.
     Witness(witness::WitnessArgs),
+    /// Move a protected VM to its backup site by plan, with no loss: a
+    /// final checkpoint, the lease handed over by the witness, the VM
+    /// resumed at the backup, its addresses moved. Asks the `protect`
+    /// process on this host.
+    Switchover(switchover::SwitchoverArgs),
 }
 
 impl Cli {
@@ -101,6 +111,7 @@ impl Cli {
             Command::Protect(c) => c.run(),
             Command::Bench(c) => c.run(),
             Command::Status(c) => c.run(),
+            Command::Switchover(c) => c.run(),
         }
     }
 }

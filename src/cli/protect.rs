@@ -7,7 +7,11 @@ use clap::Args;
 
 use super::common;
 use super::exit::Code;
-use crate::engine::protect::{Capture, ProtectOptions, Protector};
+use super::failover_setup;
+use crate::addresses::Addresses;
+use crate::arbiter::link::LinkKind;
+use crate::arbiter::StartAs;
+use crate::engine::protect::{Capture, ProtectError, ProtectOptions, Protector};
 
 #[derive(Debug, Args)]
 pub struct ProtectArgs {
@@ -22,7 +26,9 @@ pub struct ProtectArgs {
     /// Guest console log file.
     #[arg(long)]
     console_log: Option<PathBuf>,
-    /// Serve Prometheus metrics (/metrics) and status (/status) here.
+    /// Serve Prometheus metrics (/metrics) and status (/status) here; also
+    /// where `remus-wan switchover` reaches this process (from this host
+    /// only).
     #[arg(long, default_value = "127.0.0.1:9477")]
     metrics: std::net::SocketAddr,
     /// Seconds between progress lines in the log.
@@ -95,6 +101,7 @@ impl ProtectArgs {
             .tap()
             .map(|t| Box::new(t) as Box<dyn hypervisor::kvm::devices::net::FrameSink>);
         let rt = common::runtime()?;
+        let cfg = &cfg;
         Ok(rt.block_on(async move {
             let shutdown = super::signals::shutdown();
             let mut protector = match Protector::new(opts, guest, capture, release) {
@@ -105,11 +112,51 @@ impl ProtectArgs {
                 }
             };
             let published = crate::metrics::Published::default();
-            if let Err(e) = crate::metrics::serve(self.metrics, published.clone()).await {
+            let (control_tx, control_rx) = tokio::sync::mpsc::channel(4);
+            protector.accept_control(control_rx);
+            if let Err(e) =
+                crate::metrics::serve_with_control(self.metrics, published.clone(), Some(control_tx))
+                    .await
+            {
                 eprintln!("error: metrics endpoint {}: {e}", self.metrics);
                 return Code::Failure;
             }
             protector.publish_to(published);
+            let to_backup = LinkKind::Dial {
+                endpoint: match wan::transport::Endpoint::bind(
+                    std::net::SocketAddr::new(primary.listen.ip(), 0),
+                    wan::transport::TransportConfig::new(common::tls_paths(&primary.tls)),
+                ) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        eprintln!("error: failover endpoint: {e}");
+                        return Code::Failure;
+                    }
+                },
+                addr: backup.connect_addr(),
+                name: backup.name.clone(),
+                control: true,
+            };
+            match failover_setup::start(cfg, vm, &primary.name, StartAs::Primary, to_backup) {
+                Ok(Some((arbiter, events))) => {
+                    let addresses = match Addresses::start(cfg, &primary.name, vm).await {
+                        Ok(a) => Some(a),
+                        Err(e) => {
+                            eprintln!("error: {e}");
+                            return Code::Config;
+                        }
+                    };
+                    protector.with_failover(arbiter, events, addresses);
+                }
+                Ok(None) => tracing::warn!(
+                    vm = %vm.name,
+                    "no [witness] configured: output is released on commit alone and there is no automatic takeover"
+                ),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return Code::Config;
+                }
+            }
             match protector.run(shutdown).await {
                 Ok(stats) => {
                     tracing::info!(
@@ -118,6 +165,10 @@ impl ProtectArgs {
                         "protection stopped"
                     );
                     Code::Success
+                }
+                Err(e @ ProtectError::Demoted { .. }) => {
+                    eprintln!("error: {e}");
+                    Code::Superseded
                 }
                 Err(e) => {
                     eprintln!("error: {e}");

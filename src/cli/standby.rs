@@ -6,7 +6,12 @@ use clap::Args;
 
 use super::common;
 use super::exit::Code;
-use crate::engine::standby::{self, StandbyOptions};
+use super::failover_setup;
+use crate::addresses::Addresses;
+use crate::arbiter::demux;
+use crate::arbiter::link::LinkKind;
+use crate::arbiter::StartAs;
+use crate::engine::standby::{self, ActiveGuest, StandbyOptions, Takeover};
 
 #[derive(Debug, Args)]
 pub struct StandbyArgs {
@@ -24,7 +29,8 @@ pub struct StandbyArgs {
     metrics: std::net::SocketAddr,
     /// Take over by hand: resume the VM from the replica's last committed
     /// epoch, here, attached to its tap (stop the standby first). Runs the
-    /// VM until SIGTERM. Automatic takeover comes with the witness wiring.
+    /// VM until SIGTERM. With a [witness] configured, the standby takes over
+    /// on its own; this is for deployments without one.
     #[arg(long)]
     activate: bool,
 }
@@ -91,6 +97,7 @@ impl StandbyArgs {
             max_epoch_bytes: cfg.replication_for(vm).max_epoch_mib << 20,
         };
         let rt = common::runtime()?;
+        let cfg = &cfg;
         Ok(rt.block_on(async move {
             let shutdown = super::signals::shutdown();
             let endpoint = match standby::bind(&opts) {
@@ -105,10 +112,53 @@ impl StandbyArgs {
                 eprintln!("error: metrics endpoint {}: {e}", self.metrics);
                 return Code::Failure;
             }
-            match standby::run_with(opts, endpoint, shutdown, Some(published)).await {
+            // One endpoint: the primary's replication sessions and its
+            // failover control stream arrive on it.
+            let (listener, control) = demux::split(endpoint.clone());
+            let takeover = match failover_setup::start(
+                cfg,
+                vm,
+                &self.site,
+                StartAs::Backup,
+                LinkKind::Accept(control),
+            ) {
+                Ok(Some((arbiter, events))) => {
+                    let addresses = match Addresses::start(cfg, &self.site, vm).await {
+                        Ok(a) => Some(a),
+                        Err(e) => {
+                            eprintln!("error: {e}");
+                            return Code::Config;
+                        }
+                    };
+                    let vm = vm.clone();
+                    Some(Takeover {
+                        arbiter,
+                        events,
+                        activate: Box::new(move |store| {
+                            resume(&vm, store).map(|g| Box::new(Resumed(Some(g))) as Box<dyn ActiveGuest>)
+                        }),
+                        addresses,
+                    })
+                }
+                Ok(None) => {
+                    tracing::warn!(vm = %vm.name, "no [witness] configured: no automatic takeover (use --activate by hand)");
+                    None
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return Code::Config;
+                }
+            };
+            match standby::run_with(opts, listener, endpoint, shutdown, Some(published), takeover)
+                .await
+            {
                 Ok(stats) => {
                     tracing::info!(?stats, "standby stopped");
                     Code::Success
+                }
+                Err(e @ standby::StandbyError::Superseded { .. }) => {
+                    eprintln!("error: {e}");
+                    Code::Superseded
                 }
                 Err(e) => {
                     eprintln!("error: {e}");
@@ -119,7 +169,61 @@ impl StandbyArgs {
     }
 }
 
-/// Resumes the VM from its replica in this process.
+/// Resumes the VM from the replica's last committed epoch, attached to
+/// its tap.
+fn resume(
+    vm: &crate::config::Vm,
+    store: &crate::replica::ReplicaStore,
+) -> Result<hypervisor::kvm::Vm, String> {
+    use hypervisor::kvm;
+
+    let meta = store.meta();
+    if !meta.consistent {
+        return Err(format!(
+            "the replica in {} never reached a consistent checkpoint (initial synchronisation unfinished): nothing to resume",
+            store.dir().display()
+        ));
+    }
+    let mut spec = super::vm::spec_from_config(vm).map_err(|e| e.to_string())?;
+    if vm.disk.is_some() {
+        spec = spec.disk(store.dir().join("disk.img"));
+    }
+    let state = store.state().map_err(|e| e.to_string())?;
+    kvm::restore(&spec, store.memory(), &state, kvm::Seams::default())
+        .map_err(|e| format!("activating VM {} from epoch {:?}: {e}", vm.name, meta.epoch))
+}
+
+/// A VM resumed at takeover, as the engine drives it.
+struct Resumed(Option<hypervisor::kvm::Vm>);
+
+impl ActiveGuest for Resumed {
+    fn pause(&mut self) -> Result<(), String> {
+        use hypervisor::ProtectedGuest;
+        match &mut self.0 {
+            Some(g) => g.pause().map_err(|e| e.to_string()),
+            None => Ok(()),
+        }
+    }
+    fn resume(&mut self) -> Result<(), String> {
+        use hypervisor::ProtectedGuest;
+        match &mut self.0 {
+            Some(g) => g.resume().map_err(|e| e.to_string()),
+            None => Ok(()),
+        }
+    }
+    fn is_running(&self) -> bool {
+        use hypervisor::ProtectedGuest;
+        self.0.as_ref().is_some_and(|g| g.is_running())
+    }
+    fn stop(mut self: Box<Self>) -> Result<(), String> {
+        match self.0.take() {
+            Some(g) => g.shutdown().map(|_| ()).map_err(|e| e.to_string()),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Resumes the VM from its replica in this process (`--activate`).
 fn activate(vm: &crate::config::Vm, dir: &std::path::Path) -> Code {
     use hypervisor::kvm;
 
@@ -130,47 +234,20 @@ fn activate(vm: &crate::config::Vm, dir: &std::path::Path) -> Code {
             return Code::Failure;
         }
     };
-    let meta = store.meta().clone();
-    if !meta.consistent {
-        eprintln!(
-            "error: the replica in {} never reached a consistent checkpoint (initial synchronisation unfinished): nothing to resume",
-            dir.display()
-        );
-        return Code::Failure;
-    }
-    let mut spec = match super::vm::spec_from_config(vm) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return Code::Config;
-        }
-    };
-    if vm.disk.is_some() {
-        spec = spec.disk(dir.join("disk.img"));
-    }
-    let state = match store.state() {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return Code::Failure;
-        }
-    };
+    let epoch = store.meta().epoch;
     if let Err(e) = kvm::termination::install() {
         eprintln!("error: cannot handle SIGTERM: {e}");
         return Code::Failure;
     }
-    let guest = match kvm::restore(&spec, store.memory(), &state, kvm::Seams::default()) {
+    let guest = match resume(vm, &store) {
         Ok(g) => g,
         Err(e) => {
-            eprintln!(
-                "error: activating VM {} from epoch {:?}: {e}",
-                vm.name, meta.epoch
-            );
+            eprintln!("error: {e}");
             return Code::Failure;
         }
     };
     drop(store);
-    tracing::info!(vm = %vm.name, epoch = ?meta.epoch, "VM activated from the replica");
+    tracing::info!(vm = %vm.name, epoch = ?epoch, "VM activated from the replica");
     while !guest.wait(std::time::Duration::from_millis(200)) {
         if kvm::termination::requested() {
             break;

@@ -23,7 +23,7 @@ use hypervisor::kvm::devices::block::WriteHook;
 use hypervisor::kvm::devices::net::FrameSink;
 use hypervisor::kvm::Seams;
 use hypervisor::{Checkpoint, ProtectedGuest};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 use wan::codec::{Encoder, EncoderConfig};
 use wan::session::{EpochKind, SenderConfig, SenderEvent};
 use wan::transport::replication::{spawn_sender, QuicDialer, SenderHandle};
@@ -31,6 +31,12 @@ use wan::transport::{Endpoint, TlsPaths, TransportConfig};
 
 use super::output_commit::OutputBuffer;
 use super::pacer::{Decision, Pacer};
+use crate::addresses::Addresses;
+use crate::arbiter::ArbiterHandle;
+use crate::metrics::ControlRequest;
+use failover::Event;
+use netops::config::HookEvent;
+use netops::policy::Role;
 
 /// Largest pre-copy epoch, in pages (64 MiB) and disk bytes.
 const PRECOPY_PAGES: usize = 16 * 1024;
@@ -173,6 +179,8 @@ pub enum ProtectError {
     Codec(#[from] wan::codec::CodecError),
     #[error("replication session ended: {0}")]
     Session(String),
+    #[error("site {site} took the VM over under fencing token {token}: stopped here for good")]
+    Demoted { site: String, token: u64 },
     #[error("reading the disk image {path}: {source}")]
     Disk {
         path: PathBuf,
@@ -195,6 +203,37 @@ pub struct Protector<G: ProtectedGuest> {
     endpoint: Endpoint,
     published: Option<crate::metrics::Published>,
     last_publish: (Instant, u64),
+    failover: Option<Failover>,
+    /// Highest epoch the backup committed (its output may leave once the
+    /// failover state allows).
+    committed: u64,
+    control: Option<tokio::sync::mpsc::Receiver<ControlRequest>>,
+    switchover: Option<Switchover>,
+    /// The VM now runs elsewhere (switchover done): protection ends.
+    finished: bool,
+}
+
+/// A planned move in progress: the guest is paused after its final epoch.
+struct Switchover {
+    final_epoch: u64,
+    started: Instant,
+    committed_reported: bool,
+    reply: Option<tokio::sync::oneshot::Sender<Result<String, String>>>,
+}
+
+/// The failover side of a protected VM: the arbiter's verdicts and the
+/// means to move the VM's addresses.
+struct Failover {
+    arbiter: ArbiterHandle,
+    events: tokio::sync::mpsc::UnboundedReceiver<Event>,
+    addresses: Option<Addresses>,
+    /// Paused because this site may not release output (lost both the
+    /// backup and the witness).
+    fenced: bool,
+    /// The backup is unreachable: output leaves without waiting for it.
+    unprotected: bool,
+    /// Output has been allowed at least once (addresses announced).
+    started: bool,
 }
 
 impl<G: ProtectedGuest> Protector<G> {
@@ -243,7 +282,100 @@ impl<G: ProtectedGuest> Protector<G> {
             endpoint,
             published: None,
             last_publish: (Instant::now(), 0),
+            failover: None,
+            committed: 0,
+            control: None,
+            switchover: None,
+            finished: false,
         })
+    }
+
+    /// Takes operator requests (`remus-wan switchover`) from `control`.
+    pub fn accept_control(&mut self, control: tokio::sync::mpsc::Receiver<ControlRequest>) {
+        self.control = Some(control);
+    }
+
+    /// Starts a planned switchover: final checkpoint, guest paused; the
+    /// lease moves once the backup has committed that epoch.
+    async fn begin_switchover(
+        &mut self,
+        vm: String,
+        reply: tokio::sync::oneshot::Sender<Result<String, String>>,
+    ) -> Result<(), ProtectError> {
+        let refusal = match &self.failover {
+            _ if vm != self.opts.vm => {
+                Some(format!("this process protects {}, not {vm}", self.opts.vm))
+            }
+            None => Some("switchover needs a [witness] in the configuration".into()),
+            Some(_) if self.switchover.is_some() => Some("a switchover is already under way".into()),
+            Some(f) if f.fenced || f.unprotected || !f.arbiter.may_release() => Some(format!(
+                "{} is not in a state to hand over (fenced, unprotected or without a lease): see `remus-wan status`",
+                self.opts.site
+            )),
+            Some(_)
+                if self.committed + 1
+                    < self.next_epoch.saturating_sub(self.opts.max_in_flight as u64) =>
+            {
+                Some("the backup is far behind; retry when it has caught up".into())
+            }
+            Some(_) => None,
+        };
+        if let Some(why) = refusal {
+            let _ = reply.send(Err(why));
+            return Ok(());
+        }
+        let Some(f) = &self.failover else {
+            return Ok(());
+        };
+        info!(vm = %self.opts.vm, to = %self.opts.backup, "switchover: final checkpoint, then the lease moves");
+        f.arbiter.start_switchover();
+        let started = Instant::now();
+        let final_epoch = self.checkpoint().await?;
+        tokio::task::block_in_place(|| self.guest.pause())?;
+        self.set_state("switching over");
+        self.switchover = Some(Switchover {
+            final_epoch,
+            started,
+            committed_reported: false,
+            reply: Some(reply),
+        });
+        self.check_switchover();
+        Ok(())
+    }
+
+    /// Once the final epoch is committed (and its output released), the
+    /// failover state machine asks the witness to move the lease.
+    fn check_switchover(&mut self) {
+        let committed = self.committed;
+        let (Some(sw), Some(f)) = (&mut self.switchover, &self.failover) else {
+            return;
+        };
+        if !sw.committed_reported && committed >= sw.final_epoch {
+            sw.committed_reported = true;
+            info!(vm = %self.opts.vm, epoch = sw.final_epoch, "switchover: final epoch committed at the backup; handing the lease over");
+            f.arbiter.final_epoch_committed();
+        }
+    }
+
+    /// Puts protection under the failover rules: output leaves only while
+    /// `arbiter` allows it, the guest pauses when this site fences itself,
+    /// and `addresses` follow (announced while allowed, withdrawn when
+    /// fenced or demoted). Without this, output leaves on commit alone (a
+    /// deployment without a witness).
+    pub fn with_failover(
+        &mut self,
+        arbiter: ArbiterHandle,
+        events: tokio::sync::mpsc::UnboundedReceiver<Event>,
+        addresses: Option<Addresses>,
+    ) {
+        self.failover = Some(Failover {
+            arbiter,
+            events,
+            addresses,
+            fenced: false,
+            unprotected: false,
+            started: false,
+        });
     }
 
     /// Where to publish figures for `/metrics` and `/status`.
@@ -286,6 +418,10 @@ impl<G: ProtectedGuest> Protector<G> {
             output_dropped_frames: self.capture.dropped_frames.load(Ordering::Relaxed),
             epochs_rejected: 0,
             interval_ms: pacer.interval().as_millis() as u64,
+            failover: self
+                .failover
+                .as_ref()
+                .map(|f| crate::metrics::FailoverStatus::from_snapshot(&f.arbiter.snapshot())),
         };
         self.last_publish = (now, st.epochs);
         drop(st);
@@ -422,6 +558,7 @@ impl<G: ProtectedGuest> Protector<G> {
                     io.output.close_epoch_as(epoch);
                     disk = std::mem::take(&mut io.disk);
                 }
+                crate::faults::point("protect.paused");
             })
         })?;
         let ps = self.guest.page_size();
@@ -437,24 +574,166 @@ impl<G: ProtectedGuest> Protector<G> {
             Some(cp.timings.total),
         );
         self.staging = cp;
-        self.push(EpochKind::Delta, bytes).await
+        let sent = self.push(EpochKind::Delta, bytes).await;
+        crate::faults::point("protect.sent");
+        sent
     }
 
     fn release_through(&mut self, epoch: u64) {
         self.encoder.acknowledge(epoch);
+        self.committed = self.committed.max(epoch);
+        if let Ok(mut st) = self.stats.lock() {
+            st.committed = st.committed.max(epoch);
+        }
+        self.flush_output();
+        self.check_switchover();
+    }
+
+    /// Releases what may leave now: committed epochs' frames while this
+    /// site may release output; everything while it runs unprotected.
+    fn flush_output(&mut self) {
+        let (allowed, unprotected) = match &self.failover {
+            None => (true, false),
+            Some(f) => (f.arbiter.may_release() && !f.fenced, f.unprotected),
+        };
+        if !allowed {
+            return;
+        }
         let frames = match self.capture.io.lock() {
-            Ok(mut io) => io.output.release_through(epoch),
+            Ok(mut io) if unprotected => io.output.release_all(),
+            Ok(mut io) => io.output.release_through(self.committed),
             Err(_) => Vec::new(),
         };
+        if frames.is_empty() {
+            return;
+        }
         if let Some(tap) = &mut self.release {
             for f in &frames {
                 tap.send(f);
             }
         }
         if let Ok(mut st) = self.stats.lock() {
-            st.committed = st.committed.max(epoch);
             st.output_released_frames += frames.len() as u64;
         }
+    }
+
+    /// Acts on a verdict of the failover state machine.
+    fn on_failover_event(&mut self, ev: Event) -> Result<(), ProtectError> {
+        let Some(f) = &mut self.failover else {
+            return Ok(());
+        };
+        let token = f.arbiter.token();
+        let vm = self.opts.vm.clone();
+        match ev {
+            Event::Fence => {
+                if !f.fenced && f.started {
+                    f.fenced = true;
+                    warn!(vm = %vm, token, "fenced: this site reaches neither the backup nor the witness; guest paused, output held");
+                    if let Some(a) = &mut f.addresses {
+                        a.set_role(Role::Down, token);
+                        a.spawn_hooks(HookEvent::Fence, token, None, None);
+                    }
+                    tokio::task::block_in_place(|| self.guest.pause())?;
+                    self.set_state("fenced");
+                }
+            }
+            Event::Unfence => {
+                let was_fenced = std::mem::replace(&mut f.fenced, false);
+                if !f.started {
+                    f.started = true;
+                    info!(vm = %vm, token, "this site may release the VM's output: announcing its addresses");
+                    if let Some(a) = &mut f.addresses {
+                        a.set_role(Role::Active, token);
+                        a.point_dns_here();
+                    }
+                } else if was_fenced {
+                    info!(vm = %vm, token, "unfenced: guest resumed");
+                    if let Some(a) = &mut f.addresses {
+                        a.set_role(Role::Active, token);
+                    }
+                    let unprotected = f.unprotected;
+                    tokio::task::block_in_place(|| self.guest.resume())?;
+                    self.set_state(if unprotected {
+                        "unprotected"
+                    } else {
+                        "protected"
+                    });
+                }
+                self.flush_output();
+            }
+            Event::ProtectionLost => {
+                f.unprotected = true;
+                warn!(vm = %vm, token, "protection lost: the backup site is unreachable; the VM runs unprotected (output no longer waits for it)");
+                if let Some(a) = &f.addresses {
+                    a.spawn_hooks(HookEvent::ProtectionLost, token, None, None);
+                }
+                if !f.fenced {
+                    self.set_state("unprotected");
+                }
+                self.flush_output();
+            }
+            Event::ProtectionRestored => {
+                f.unprotected = false;
+                info!(vm = %vm, token, "protection restored: the backup site is back");
+                if let Some(a) = &f.addresses {
+                    a.spawn_hooks(HookEvent::ProtectionRestored, token, None, None);
+                }
+                if !f.fenced {
+                    self.set_state("protected");
+                }
+            }
+            Event::Demote { token } => {
+                if let Some(reply) = self.switchover.as_mut().and_then(|s| s.reply.take()) {
+                    let _ = reply.send(Err(format!(
+                        "demoted under token {token} during the switchover"
+                    )));
+                }
+                error!(vm = %vm, token, "demoted: {} runs the VM under a newer fencing token; stopping it here", self.opts.backup);
+                if let Some(a) = &mut f.addresses {
+                    a.set_role(Role::Down, token);
+                    a.spawn_hooks(
+                        HookEvent::Demote,
+                        token,
+                        Some(&self.opts.site),
+                        Some(&self.opts.backup),
+                    );
+                }
+                let _ = tokio::task::block_in_place(|| self.guest.pause());
+                self.set_state("demoted");
+                return Err(ProtectError::Demoted {
+                    site: self.opts.backup.clone(),
+                    token,
+                });
+            }
+            Event::SwitchoverDone { token } => {
+                let took = self
+                    .switchover
+                    .as_ref()
+                    .map(|s| s.started.elapsed())
+                    .unwrap_or_default();
+                info!(vm = %vm, token, took_ms = took.as_millis() as u64, "switchover done: {} runs the VM", self.opts.backup);
+                if let Some(a) = &mut f.addresses {
+                    a.set_role(Role::Down, token);
+                    a.spawn_hooks(
+                        HookEvent::Demote,
+                        token,
+                        Some(&self.opts.site),
+                        Some(&self.opts.backup),
+                    );
+                }
+                if let Some(reply) = self.switchover.as_mut().and_then(|s| s.reply.take()) {
+                    let _ = reply.send(Ok(format!(
+                        "{vm} handed over to {} under fencing token {token} in {} ms",
+                        self.opts.backup,
+                        took.as_millis()
+                    )));
+                }
+                self.set_state("handed over");
+                self.finished = true;
+            }
+            Event::Promote { .. } => {}
+        }
+        Ok(())
     }
 
     /// Protects until `shutdown` (or until the guest exits).
@@ -474,8 +753,18 @@ impl<G: ProtectedGuest> Protector<G> {
                 Err(_) => (0, self.opts.output_limit),
             };
             let pressure = held * 2 > limit;
-            let decision = pacer.decide(Instant::now(), in_flight, pressure);
-            let wake = match decision {
+            if self.finished {
+                break;
+            }
+            let fenced =
+                self.failover.as_ref().is_some_and(|f| f.fenced) || self.switchover.is_some();
+            let decision = if fenced {
+                // A fenced guest is paused: nothing to checkpoint.
+                Decision::WaitForAck
+            } else {
+                pacer.decide(Instant::now(), in_flight, pressure)
+            };
+            let mut wake = match decision {
                 Decision::Checkpoint => {
                     if !self.guest.is_running() {
                         warn!(vm = %self.opts.vm, "guest stopped: protection ends");
@@ -493,14 +782,44 @@ impl<G: ProtectedGuest> Protector<G> {
                 Decision::WaitUntil(t) => tokio::time::Instant::from_std(t),
                 Decision::WaitForAck => tokio::time::Instant::now() + self.opts.interval,
             };
+            if self.failover.as_ref().is_some_and(|f| f.unprotected) {
+                // Unprotected: output leaves without waiting for a commit,
+                // a couple of milliseconds after the guest sent it.
+                self.flush_output();
+                wake = wake.min(tokio::time::Instant::now() + Duration::from_millis(2));
+            }
             self.publish(&pacer, &status);
             if last_report.elapsed() >= self.opts.report_every {
                 last_report = Instant::now();
                 self.report(&pacer, &status);
             }
+            let failover_event = async {
+                match &mut self.failover {
+                    Some(f) => f.events.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let control = async {
+                match &mut self.control {
+                    Some(c) => c.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = &mut shutdown => break,
                 _ = tokio::time::sleep_until(wake) => {}
+                req = control => match req {
+                    Some(ControlRequest::Switchover { vm, reply }) => {
+                        self.begin_switchover(vm, reply).await?;
+                    }
+                    None => self.control = None,
+                },
+                ev = failover_event => {
+                    let Some(ev) = ev else {
+                        return Err(ProtectError::Session("failover task stopped".into()));
+                    };
+                    self.on_failover_event(ev)?;
+                }
                 ev = self.events.recv() => {
                     let Some(ev) = ev else {
                         return Err(ProtectError::Session("replication task stopped".into()));
@@ -529,6 +848,11 @@ impl<G: ProtectedGuest> Protector<G> {
             }
         }
         self.set_state("stopped");
+        if let Some(f) = self.failover.take() {
+            if let Some(a) = f.addresses {
+                a.shutdown().await;
+            }
+        }
         self.sender.close().await;
         self.endpoint.close();
         let stats = self.stats.lock().map(|s| s.clone()).unwrap_or_default();

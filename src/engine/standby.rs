@@ -17,13 +17,19 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 use wan::codec::{Decoder, DecoderConfig};
 use wan::session::{EpochKind, ReceiverConfig, ReceiverEvent};
 use wan::transport::replication::{spawn_receiver, QuicListener};
 use wan::transport::{Endpoint, TlsPaths, TransportConfig};
 
+use crate::addresses::Addresses;
+use crate::arbiter::ArbiterHandle;
 use crate::replica::{ReplicaStore, StoreError};
+use failover::Event;
+use netops::config::HookEvent;
+use netops::policy::Role;
+use wan::transport::replication::Listener;
 
 #[derive(Debug, Clone)]
 pub struct StandbyOptions {
@@ -48,6 +54,10 @@ pub enum StandbyError {
     Transport(#[from] wan::transport::TransportError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("takeover failed: {0}")]
+    Activation(String),
+    #[error("another site runs the VM under fencing token {token}: stopped here for good")]
+    Superseded { token: u64 },
     #[error("cannot swap in the resynchronised replica: {0}")]
     Swap(std::io::Error),
 }
@@ -227,32 +237,69 @@ pub async fn run(
     endpoint: Endpoint,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<StandbyStats, StandbyError> {
-    run_with(opts, endpoint, shutdown, None).await
+    let listener = QuicListener::new(endpoint.clone());
+    run_with(opts, listener, endpoint, shutdown, None, None).await
 }
 
-/// As [`run`], publishing figures for `/metrics` and `/status`.
-pub async fn run_with(
+/// A VM resumed from the replica at takeover.
+pub trait ActiveGuest: Send {
+    fn pause(&mut self) -> Result<(), String>;
+    fn resume(&mut self) -> Result<(), String>;
+    fn is_running(&self) -> bool;
+    /// Stops the VM for good.
+    fn stop(self: Box<Self>) -> Result<(), String>;
+}
+
+/// Resumes the VM from the live replica (its last committed epoch).
+pub type Activate = Box<dyn FnOnce(&ReplicaStore) -> Result<Box<dyn ActiveGuest>, String> + Send>;
+
+/// Automatic takeover: the failover shell's verdicts, how to resume the
+/// VM, and how to move its addresses.
+pub struct Takeover {
+    pub arbiter: ArbiterHandle,
+    pub events: tokio::sync::mpsc::UnboundedReceiver<Event>,
+    pub activate: Activate,
+    pub addresses: Option<Addresses>,
+}
+
+/// The VM this site runs after taking over.
+struct Running {
+    guest: Box<dyn ActiveGuest>,
+    fenced: bool,
+}
+
+/// As [`run`], on connections from `listener`, publishing figures for
+/// `/metrics` and `/status`, and with automatic takeover when `takeover`
+/// is given. After a takeover the process runs the VM until `shutdown`.
+pub async fn run_with<L: Listener>(
     opts: StandbyOptions,
+    listener: L,
     endpoint: Endpoint,
     shutdown: impl std::future::Future<Output = ()>,
     published: Option<crate::metrics::Published>,
+    mut takeover: Option<Takeover>,
 ) -> Result<StandbyStats, StandbyError> {
-    let publish = |s: &StandbyStats| {
+    let arbiter = takeover.as_ref().map(|t| t.arbiter.clone());
+    let publish = |s: &StandbyStats, state: Option<&str>| {
         if let Some(p) = &published {
             let v = crate::metrics::VmStatus {
                 vm: opts.vm.clone(),
-                role: "standby".into(),
-                state: if s.consistent {
-                    "replica ok"
-                } else {
-                    "syncing"
-                }
-                .into(),
+                role: if state.is_some() { "active" } else { "standby" }.into(),
+                state: state
+                    .unwrap_or(if s.consistent {
+                        "replica ok"
+                    } else {
+                        "syncing"
+                    })
+                    .into(),
                 peer: opts.primary.clone(),
                 epochs: s.epochs_committed,
                 committed_epoch: s.committed_epoch.unwrap_or(0),
                 wire_bytes_per_epoch: s.bytes_received as f64 / s.epochs_committed.max(1) as f64,
                 epochs_rejected: s.epochs_rejected,
+                failover: arbiter
+                    .as_ref()
+                    .map(|a| crate::metrics::FailoverStatus::from_snapshot(&a.snapshot())),
                 ..Default::default()
             };
             if let Ok(mut l) = p.lock() {
@@ -264,17 +311,109 @@ pub async fn run_with(
     info!(vm = %opts.vm, addr = %endpoint.local_addr()?, "standby listening");
     let mut rcfg = ReceiverConfig::new(opts.site.clone(), opts.vm.clone());
     rcfg.max_epoch_size = opts.max_epoch_bytes;
-    let (handle, mut events) = spawn_receiver(
-        QuicListener::new(endpoint.clone()),
-        rcfg,
-        standby.committed(),
-    );
+    let (handle, mut events) = spawn_receiver(listener, rcfg, standby.committed());
+    if let Some(t) = &mut takeover {
+        t.arbiter.set_replica_ready(standby.stats.consistent);
+        if let Some(a) = &mut t.addresses {
+            a.set_role(Role::Standby, 0);
+        }
+    }
     tokio::pin!(shutdown);
     let mut last_log = Instant::now();
+    let mut running: Option<Running> = None;
+    let mut check = tokio::time::interval(Duration::from_millis(200));
     loop {
+        let failover_event = async {
+            match &mut takeover {
+                Some(t) => t.events.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        let promoted = running.is_some();
+        let replication = async {
+            if promoted {
+                std::future::pending().await
+            } else {
+                events.recv().await
+            }
+        };
         tokio::select! {
             _ = &mut shutdown => break,
-            ev = events.recv() => {
+            _ = check.tick() => {
+                if running.as_ref().is_some_and(|r| !r.fenced && !r.guest.is_running()) {
+                    warn!(vm = %opts.vm, "the VM stopped on its own");
+                    break;
+                }
+                let state = running.as_ref().map(|r| if r.fenced { "fenced" } else { "active" });
+                publish(&standby.stats, state);
+            }
+            ev = failover_event => {
+                let Some(ev) = ev else { break };
+                let Some(t) = &mut takeover else { continue };
+                match ev {
+                    Event::Promote { token } if running.is_none() => {
+                        handle.close().await;
+                        match promote(&opts, &standby, t, token).await {
+                            Ok(r) => {
+                                running = Some(r);
+                                publish(&standby.stats, Some("active"));
+                            }
+                            Err(e) => {
+                                // Nothing runs here: let the lease lapse
+                                // so the witness can grant it elsewhere.
+                                error!(vm = %opts.vm, error = %e, "takeover failed");
+                                t.arbiter.set_replica_ready(false);
+                                return Err(StandbyError::Activation(e));
+                            }
+                        }
+                    }
+                    Event::Fence => {
+                        if let Some(r) = &mut running {
+                            if !r.fenced {
+                                warn!(vm = %opts.vm, "fenced: this site reaches neither its peer nor the witness; VM paused");
+                                r.fenced = true;
+                                let _ = tokio::task::block_in_place(|| r.guest.pause());
+                                let token = t.arbiter.token();
+                                if let Some(a) = &mut t.addresses {
+                                    a.set_role(Role::Down, token);
+                                    a.spawn_hooks(HookEvent::Fence, token, None, None);
+                                }
+                                publish(&standby.stats, Some("fenced"));
+                            }
+                        }
+                    }
+                    Event::Unfence => {
+                        if let Some(r) = &mut running {
+                            if r.fenced {
+                                info!(vm = %opts.vm, "unfenced: VM resumed");
+                                r.fenced = false;
+                                let _ = tokio::task::block_in_place(|| r.guest.resume());
+                                let token = t.arbiter.token();
+                                if let Some(a) = &mut t.addresses {
+                                    a.set_role(Role::Active, token);
+                                }
+                                publish(&standby.stats, Some("active"));
+                            }
+                        }
+                    }
+                    Event::Demote { token } => {
+                        if let Some(r) = running.take() {
+                            error!(vm = %opts.vm, token, "demoted: another site runs the VM under a newer fencing token; stopping it here");
+                            if let Some(a) = &mut t.addresses {
+                                a.set_role(Role::Down, token);
+                                a.spawn_hooks(HookEvent::Demote, token, Some(&opts.site), None);
+                            }
+                            let _ = tokio::task::block_in_place(|| r.guest.stop());
+                            return Err(StandbyError::Superseded { token });
+                        }
+                    }
+                    Event::ProtectionLost if running.is_some() => {
+                        // The old primary is gone: expected after a takeover.
+                    }
+                    _ => {}
+                }
+            }
+            ev = replication => {
                 let Some(ev) = ev else { break };
                 match ev {
                     ReceiverEvent::Hello { site, vm_id, last_committed } => {
@@ -282,9 +421,15 @@ pub async fn run_with(
                     }
                     ReceiverEvent::Epoch { epoch, kind, payload } => {
                         let applied = standby.apply(epoch, kind, &payload);
-                        publish(&standby.stats);
+                        publish(&standby.stats, None);
                         match applied {
                             Ok(()) => {
+                                crate::faults::point("standby.committed");
+                                if let Some(t) = &takeover {
+                                    if standby.stats.consistent {
+                                        t.arbiter.set_replica_ready(true);
+                                    }
+                                }
                                 if handle.commit(epoch).await.is_err() {
                                     break;
                                 }
@@ -304,8 +449,77 @@ pub async fn run_with(
         }
     }
     handle.close().await;
+    if let Some(r) = running {
+        info!(vm = %opts.vm, "stopping the VM");
+        if let Err(e) = tokio::task::block_in_place(|| r.guest.stop()) {
+            warn!(vm = %opts.vm, error = %e, "VM did not stop cleanly");
+        }
+    }
+    if let Some(t) = takeover {
+        if let Some(a) = t.addresses {
+            a.shutdown().await;
+        }
+    }
     endpoint.close();
     Ok(standby.stats.clone())
+}
+
+/// Takes the VM over: resumes it from the replica's last committed epoch,
+/// announces its addresses under `token`, runs the hooks.
+async fn promote(
+    opts: &StandbyOptions,
+    standby: &Standby,
+    t: &mut Takeover,
+    token: u64,
+) -> Result<Running, String> {
+    let granted = Instant::now();
+    let snap = t.arbiter.snapshot();
+    let Some(store) = standby.replica() else {
+        return Err("no replica to resume".into());
+    };
+    let epoch = store.meta().epoch;
+    let activate = std::mem::replace(
+        &mut t.activate,
+        Box::new(|_| Err("the VM was already activated once".into())),
+    );
+    let guest = tokio::task::block_in_place(|| activate(store))?;
+    let activation = granted.elapsed();
+    let announce = match &mut t.addresses {
+        Some(a) => {
+            let d = a.set_role(Role::Active, token);
+            a.point_dns_here();
+            a.spawn_hooks(
+                HookEvent::Promote,
+                token,
+                Some(&opts.primary),
+                Some(&opts.site),
+            );
+            d
+        }
+        None => Duration::ZERO,
+    };
+    let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1e3);
+    let detection = match (snap.peer_heard, snap.candidate_since) {
+        (Some(h), Some(c)) => Some(c.saturating_duration_since(h)),
+        _ => None,
+    };
+    let arbitration = snap
+        .candidate_since
+        .map(|c| granted.saturating_duration_since(c));
+    info!(
+        vm = %opts.vm,
+        token,
+        epoch = ?epoch,
+        detection_ms = ms(detection),
+        arbitration_ms = ms(arbitration),
+        activation_ms = ms(Some(activation)),
+        announce_ms = ms(Some(announce)),
+        "takeover complete: the VM runs here from the last committed epoch"
+    );
+    Ok(Running {
+        guest,
+        fenced: false,
+    })
 }
 
 /// Where a VM's replica lives under the standby's state folder.

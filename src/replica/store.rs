@@ -304,6 +304,7 @@ impl ReplicaStore {
         let tmp = self.dir.join(JOURNAL_TMP);
         let fin = self.dir.join(JOURNAL);
         fs::write(&tmp, &bytes).map_err(|err| io(&tmp, err))?;
+        crate::faults::point("standby.journaled");
         fs::rename(&tmp, &fin).map_err(|err| io(&fin, err))?;
         // Committed. From here a crash replays the journal on open().
         let journal = Journal::parse(&bytes)?;

@@ -39,8 +39,12 @@ struct Shared {
     witness: Witness,
     store: LeaseStore,
     sites: Vec<String>,
-    /// The current connection of each site, to push messages to it.
-    outbox: HashMap<SiteId, mpsc::UnboundedSender<(String, Message)>>,
+    /// Per site and VM, the stream that last spoke about the VM: replies
+    /// go there (one site may run several processes, one per VM).
+    outbox: HashMap<(SiteId, String), mpsc::UnboundedSender<(String, Message)>>,
+    /// The latest stream of each site, for a VM it has not spoken about
+    /// yet (a standby learns of a handed-over lease this way).
+    latest: HashMap<SiteId, mpsc::UnboundedSender<(String, Message)>>,
 }
 
 impl Shared {
@@ -78,7 +82,12 @@ impl Shared {
                     }
                 }
                 WitnessOutput::Send { to, msg } => {
-                    if let Some(tx) = self.outbox.get(&to) {
+                    let tx = self
+                        .outbox
+                        .get(&(to, vm.to_owned()))
+                        .filter(|tx| !tx.is_closed())
+                        .or_else(|| self.latest.get(&to));
+                    if let Some(tx) = tx {
                         let _ = tx.send((vm.to_owned(), msg));
                     }
                 }
@@ -133,6 +142,7 @@ impl WitnessServer {
                 store,
                 sites: opts.sites,
                 outbox: HashMap::new(),
+                latest: HashMap::new(),
             })),
         })
     }
@@ -188,7 +198,7 @@ async fn serve_connection(conn: Connection, shared: Arc<Mutex<Shared>>) {
     while let Ok((mut send, mut recv)) = conn.accept_bi().await {
         let (tx, mut rx) = mpsc::unbounded_channel::<(String, Message)>();
         if let Ok(mut s) = shared.lock() {
-            s.outbox.insert(id, tx);
+            s.latest.insert(id, tx.clone());
         }
         let writer = tokio::spawn(async move {
             while let Some((vm, msg)) = rx.recv().await {
@@ -201,6 +211,7 @@ async fn serve_connection(conn: Connection, shared: Arc<Mutex<Shared>>) {
             match read_message(&mut recv).await {
                 Ok(Some((vm, msg))) => {
                     if let Ok(mut s) = shared.lock() {
+                        s.outbox.insert((id, vm.clone()), tx.clone());
                         s.handle(&vm, id, msg);
                     }
                 }
