@@ -1133,7 +1133,13 @@ fn takeover_breakdown(log: &str) -> Option<Vec<(&'static str, String)>> {
                         w.strip_prefix(k)
                             .and_then(|r| r.strip_prefix('=').or_else(|| r.strip_prefix("\":")))
                     })
-                    .map(|v| v.trim_matches('"').to_string())
+                    .map(|v| {
+                        let v = v.trim_matches('"');
+                        // Durations come as fractional milliseconds.
+                        v.parse::<f64>()
+                            .map(|f| format!("{f:.1}"))
+                            .unwrap_or_else(|_| v.to_string())
+                    })
                     .unwrap_or_else(|| "?".into());
                 (k, v)
             })
@@ -1332,11 +1338,17 @@ fn isolated_dc1_fences_itself_and_dc2_takes_over() {
         .map(|st| format!("exited ({st})"))
         .unwrap_or_else(|| "still running, fenced".into());
     eprintln!(
-        "[isolate dc1] dc1 fenced after {fenced_at:.3?} ({dc1_state}); route via dc2 after {route_time:.3?}; first byte from dc2 after {first_byte}; counter {before} -> {} with no gap or duplicate",
+        "[isolate dc1] dc1 fenced after {} ({dc1_state}); route via dc2 after {}; first byte from dc2 after {first_byte}; counter {before} -> {} with no gap or duplicate",
+        ms(Some(fenced_at)),
+        ms(Some(route_time)),
         w.stream().next()
     );
     if let Some(fields) = takeover_breakdown(&w.standby.log_text()) {
-        eprintln!("[isolate dc1] standby takeover breakdown (ms): {fields:?}");
+        let text: Vec<String> = fields.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        eprintln!(
+            "[isolate dc1] standby takeover breakdown: {}",
+            text.join(" ")
+        );
     }
 }
 
@@ -1446,11 +1458,11 @@ fn route_site_reads_birdc_output() {
     assert_eq!(route_site("Network not found"), None);
     let log = "2026-01-01T00:00:00Z  INFO takeover complete vm=web1 detection_ms=1004 arbitration_ms=3 activation_ms=41 announce_ms=12";
     let b = takeover_breakdown(log).expect("line");
-    assert_eq!(b[0], ("detection_ms", "1004".to_string()));
-    assert_eq!(b[3], ("announce_ms", "12".to_string()));
-    let coloured = "\u{1b}[32m INFO\u{1b}[0m takeover complete \u{1b}[3mdetection_ms\u{1b}[0m\u{1b}[2m=\u{1b}[0m998 \u{1b}[3mannounce_ms\u{1b}[0m\u{1b}[2m=\u{1b}[0m7";
+    assert_eq!(b[0], ("detection_ms", "1004.0".to_string()));
+    assert_eq!(b[3], ("announce_ms", "12.0".to_string()));
+    let coloured = "\u{1b}[32m INFO\u{1b}[0m takeover complete \u{1b}[3mdetection_ms\u{1b}[0m\u{1b}[2m=\u{1b}[0m998 \u{1b}[3mannounce_ms\u{1b}[0m\u{1b}[2m=\u{1b}[0m7.2999";
     let b = takeover_breakdown(coloured).expect("line");
-    assert_eq!(b[0], ("detection_ms", "998".to_string()));
+    assert_eq!(b[0], ("detection_ms", "998.0".to_string()));
     assert_eq!(b[1], ("arbitration_ms", "?".to_string()));
-    assert_eq!(b[3], ("announce_ms", "7".to_string()));
+    assert_eq!(b[3], ("announce_ms", "7.3".to_string()));
 }
