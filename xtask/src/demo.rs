@@ -241,6 +241,22 @@ pub fn run_two_sites(root: &Path, guest_dir: &Path) -> Result<()> {
         println!(
             "-- dc2 notices the silence, asks the witness for the lease, resumes the VM by itself"
         );
+        // The first byte after a silence: what dc1 had in flight arrives
+        // within milliseconds, dc2 cannot answer before its detection
+        // timeout.
+        let mut first = None;
+        let (mut silent, limit) = (Duration::ZERO, Instant::now() + Duration::from_secs(30));
+        while first.is_none() && Instant::now() < limit {
+            let t = Instant::now();
+            let n = read_for(&mut counter, &mut conn, Duration::from_millis(20))?;
+            if n == 0 {
+                silent += t.elapsed();
+            } else if silent >= Duration::from_millis(500) {
+                first = Some(killed.elapsed());
+            } else {
+                silent = Duration::ZERO;
+            }
+        }
         if !wait_for(&standby_log, "takeover complete", Duration::from_secs(30)) {
             bail!("dc2 did not take over; see {}", standby_log.display());
         }
@@ -259,13 +275,8 @@ pub fn run_two_sites(root: &Path, guest_dir: &Path) -> Result<()> {
                 println!("   dc2: {:<15} {ms:>7.1} ms", field.trim_end_matches("_ms"));
             }
         }
-        let before = counter.next;
-        let mut first = None;
         for _ in 0..4 {
             let n = read_for(&mut counter, &mut conn, Duration::from_secs(1))?;
-            if first.is_none() && counter.next > before {
-                first = Some(killed.elapsed());
-            }
             println!("   client: {n:>8} counter values/s (served by dc2, same TCP connection)");
         }
         println!(
