@@ -150,6 +150,7 @@ fn protected_guest_survives_the_primary_being_killed() {
         dir: dir.clone(),
         guest_image: images.net.clone(),
         epoch_interval_ms: 50,
+        memory_mib: 64,
         ports: (17701, 17702),
         dc2_connect_port: None,
         tap: TAP.into(),
