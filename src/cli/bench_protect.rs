@@ -21,6 +21,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use super::bench_sched::{split_threads, SchedTimes};
+
 const TAP: &str = "rwbench0";
 /// Guest memory: room for the largest working set plus the guest's own heap.
 const GUEST_MIB: u64 = 128;
@@ -70,6 +72,40 @@ struct Dirty {
     /// checkpoint during the run (from /status before and after).
     epochs_per_s: Option<f64>,
     dirty_pages_per_epoch: Option<f64>,
+    /// The vCPU thread's time on a CPU and runnable but waiting for one,
+    /// % of the run's wall time (from /proc schedstat).
+    vcpu_run_pct: Option<f64>,
+    vcpu_wait_pct: Option<f64>,
+    /// CPU time of everything else in the VM's process and of the standby
+    /// (encoder, sender, receiver, apply), % of one core.
+    others_cpu_pct: Option<f64>,
+}
+
+/// The processes whose scheduling the dirtying runs record.
+#[derive(Debug, Clone, Copy)]
+struct Pids {
+    /// The process running the VM (`vm run` or `protect`).
+    vm: u32,
+    standby: Option<u32>,
+}
+
+/// (vCPU threads, the VM process's other threads + the standby).
+fn sched_sample(p: Pids) -> Option<(SchedTimes, SchedTimes)> {
+    let (vcpu, rest) = split_threads(p.vm, "vcpu-")?;
+    let standby = match p.standby {
+        Some(pid) => {
+            // Everything matches the empty prefix.
+            split_threads(pid, "")?.0.run_ns
+        }
+        None => 0,
+    };
+    Some((
+        vcpu,
+        SchedTimes {
+            run_ns: rest.run_ns + standby,
+            wait_ns: rest.wait_ns,
+        },
+    ))
 }
 
 fn connect(addr: &str, limit: Duration) -> Result<TcpStream> {
@@ -172,14 +208,16 @@ fn protect_status() -> Option<crate::metrics::VmStatus> {
 }
 
 /// Runs the dirtying workload at every working set.
-fn measure_dirty(row: &mut Row, protected: bool) -> Result<()> {
+fn measure_dirty(row: &mut Row, protected: bool, pids: Pids) -> Result<()> {
     let mut s = connect("192.0.2.10:9100", Duration::from_secs(10))?;
     for kib in WORKING_SETS_KIB {
         dirty_request(&mut s, kib, DIRTY_WARMUP_MS)?;
         let before = protected.then(protect_status).flatten();
+        let sched_before = sched_sample(pids);
         let t = Instant::now();
         let reply = dirty_request(&mut s, kib, DIRTY_MS)?;
         let wall = t.elapsed().as_secs_f64();
+        let sched_after = sched_sample(pids);
         let after = protected.then(protect_status).flatten();
         let secs = reply.micros.max(1) as f64 / 1e6;
         let mut d = Dirty {
@@ -194,6 +232,13 @@ fn measure_dirty(row: &mut Row, protected: bool) -> Result<()> {
                 - a.dirty_pages_per_epoch * a.epochs as f64;
             d.epochs_per_s = Some(epochs as f64 / wall);
             d.dirty_pages_per_epoch = (epochs > 0).then(|| pages / epochs as f64);
+        }
+        if let (Some(a), Some(b)) = (sched_before, sched_after) {
+            let pct = |ns: u64| ns as f64 / 1e7 / wall;
+            let vcpu = b.0.since(a.0);
+            d.vcpu_run_pct = Some(pct(vcpu.run_ns));
+            d.vcpu_wait_pct = Some(pct(vcpu.wait_ns));
+            d.others_cpu_pct = Some(pct(b.1.since(a.1).run_ns));
         }
         row.dirty.push(d);
     }
@@ -241,13 +286,17 @@ fn run_cell(bin: &Path, dir: &Path, image: &Path, cell: &Cell) -> Result<Row> {
         ip(&["link", "set", "dev", TAP, "up"])?;
         let mut row = Row::default();
         let Some(interval) = cell.interval_ms else {
-            let _vm = spawn(
+            let vm_proc = spawn(
                 bin,
                 &["vm", "run", "--config", &cfg_s, "--vm", "web1", "--quiet"],
                 &dir.join("vm.log"),
             )?;
             measure(&mut row)?;
-            measure_dirty(&mut row, false)?;
+            let pids = Pids {
+                vm: vm_proc.0.id(),
+                standby: None,
+            };
+            measure_dirty(&mut row, false, pids)?;
             return Ok(row);
         };
         let rt = tokio::runtime::Runtime::new()?;
@@ -256,7 +305,7 @@ fn run_cell(bin: &Path, dir: &Path, image: &Path, cell: &Cell) -> Result<Row> {
         );
         ecfg.listen = "127.0.0.1:17740".parse()?;
         let _emu = rt.block_on(wan::emulator::Emulator::start(ecfg))?;
-        let _standby = spawn(
+        let standby_proc = spawn(
             bin,
             &[
                 "standby",
@@ -270,7 +319,7 @@ fn run_cell(bin: &Path, dir: &Path, image: &Path, cell: &Cell) -> Result<Row> {
             &dir.join("standby.log"),
         )?;
         std::thread::sleep(Duration::from_millis(300));
-        let _protect = spawn(
+        let protect_proc = spawn(
             bin,
             &["protect", "web1", "--site", "dc2", "--config", &cfg_s],
             &dir.join("protect.log"),
@@ -283,7 +332,11 @@ fn run_cell(bin: &Path, dir: &Path, image: &Path, cell: &Cell) -> Result<Row> {
             row.link_mbit_s = Some(s.wire_bytes_per_epoch * s.epoch_rate_hz * 8.0 / 1e6);
             row.pause_p50_us = s.pause_p50_us;
         }
-        measure_dirty(&mut row, true)?;
+        let pids = Pids {
+            vm: protect_proc.0.id(),
+            standby: Some(standby_proc.0.id()),
+        };
+        measure_dirty(&mut row, true, pids)?;
         Ok(row)
     })?
 }
@@ -374,20 +427,33 @@ pub fn run(image: Option<PathBuf>) -> Result<()> {
         }
     }
     println!();
-    println!("dirtying workload during its runs (protected cells, from protect's /status):");
+    println!("dirtying workload during its runs (epochs from protect's /status; vCPU thread and");
+    println!("other threads from /proc schedstat, % of wall time; others = the VM process's other");
+    println!("threads plus the standby, % of one core):");
     println!(
-        "{:<26} {:>12} {:>14} {:>10} {:>12} {:>20}",
-        "guest", "working set", "page writes/s", "stalled", "epochs/s", "dirty pages/epoch"
+        "{:<26} {:>8} {:>14} {:>9} {:>9} {:>9} {:>9} {:>9} {:>11}",
+        "guest",
+        "set",
+        "page writes/s",
+        "stalled",
+        "vCPU ran",
+        "vCPU wait",
+        "others",
+        "epochs/s",
+        "pages/epoch"
     );
+    let opt = |v: Option<f64>, prec: usize| v.map_or("-".into(), |x| format!("{x:.prec$}"));
     for (name, kib, d) in details {
         println!(
-            "{name:<26} {:>12} {:>14.0} {:>8.1} % {:>12} {:>20}",
+            "{name:<26} {:>8} {:>14.0} {:>7.1} % {:>7} % {:>7} % {:>7} % {:>9} {:>11}",
             ws_name(kib),
             d.iter_per_s,
             d.stalled_pct,
-            d.epochs_per_s.map_or("-".into(), |e| format!("{e:.1}")),
-            d.dirty_pages_per_epoch
-                .map_or("-".into(), |p| format!("{p:.0}")),
+            opt(d.vcpu_run_pct, 1),
+            opt(d.vcpu_wait_pct, 1),
+            opt(d.others_cpu_pct, 1),
+            opt(d.epochs_per_s, 1),
+            opt(d.dirty_pages_per_epoch, 0),
         );
     }
     let _ = std::fs::remove_dir_all(&tmp);
