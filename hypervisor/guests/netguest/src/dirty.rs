@@ -94,6 +94,10 @@ fn parse(req: &str) -> Result<(usize, u64), &'static str> {
     if pages == 0 {
         return Err("working set below one page (4 KiB)");
     }
+    // The buffer's size must not wrap around (the walk indexes it by page).
+    if pages.checked_mul(PAGE).is_none() {
+        return Err("working set larger than the address space");
+    }
     if millis == 0 || millis > MAX_MILLIS {
         return Err("duration must be 1..=60000 ms");
     }
@@ -181,6 +185,7 @@ impl Dirtier {
     fn start(&mut self, req: &[u8]) -> Result<(), &'static str> {
         let req = core::str::from_utf8(req).map_err(|_| "not UTF-8")?;
         let (pages, millis) = parse(req.trim())?;
+        // Cannot overflow: `parse` checked it.
         let bytes = pages * PAGE;
         if self.buf.len() < bytes {
             // Free the smaller buffer first so the heap can hold the larger.
