@@ -137,7 +137,10 @@ impl Dirtier {
             return false;
         }
         let mut moved = false;
-        while s.can_recv() {
+        // No reading while a job runs, nor past one line's worth: what the
+        // client sends meanwhile waits in the socket (TCP flow control), so
+        // it cannot grow the guest's heap.
+        while self.job.is_none() && self.line.len() <= MAX_LINE && s.can_recv() {
             let mut b = [0u8; 128];
             match s.recv_slice(&mut b) {
                 Ok(0) | Err(_) => break,
@@ -148,7 +151,7 @@ impl Dirtier {
             }
         }
         if self.job.is_none() {
-            // One job at a time: further lines wait in `line` until it ends.
+            // One job at a time: further lines wait until it ends.
             if let Some(i) = self.line.iter().position(|&b| b == b'\n') {
                 let req: Vec<u8> = self.line.drain(..=i).collect();
                 match self.start(&req) {
