@@ -15,6 +15,9 @@ pub struct LocalDeployment {
     /// The network guest ELF.
     pub guest_image: PathBuf,
     pub epoch_interval_ms: u64,
+    /// Guest memory (the bench's largest dirtying working set needs more
+    /// than the 64 MiB the demo and tests use).
+    pub memory_mib: u64,
     /// UDP ports of dc1 and dc2.
     pub ports: (u16, u16),
     /// Port dc1 dials to reach dc2 (a WAN emulator in front of it), if not dc2's own.
@@ -84,9 +87,10 @@ impl LocalDeployment {
         format!(
             "[replication]\nepoch_interval_ms = {interval}\nmax_epochs_in_flight = 4\n\n{dc1}{dc2}{witness}\
              [[vms]]\nname = \"web1\"\nprimary = \"dc1\"\nbackup = \"dc2\"\nguest_image = \"{image}\"\n\
-             memory_mib = 64\ndisk = \"{disk}\"\n[vms.network]\ntap = \"{tap}\"\nmac = \"{mac}\"\n\
+             memory_mib = {memory}\ndisk = \"{disk}\"\n[vms.network]\ntap = \"{tap}\"\nmac = \"{mac}\"\n\
              address = \"192.0.2.10/24\"\ngateway = \"192.0.2.1\"\n",
             interval = self.epoch_interval_ms,
+            memory = self.memory_mib,
             dc1 = site("dc1", self.ports.0, None),
             dc2 = site("dc2", self.ports.1, self.dc2_connect_port),
             image = self.guest_image.display(),
@@ -159,6 +163,7 @@ mod tests {
             dir: dir.path().to_owned(),
             guest_image: image,
             epoch_interval_ms: 50,
+            memory_mib: 96,
             ports: (17001, 17002),
             dc2_connect_port: Some(17010),
             tap: "rwtest0".into(),
@@ -170,5 +175,6 @@ mod tests {
         assert_eq!(cfg.check_files("dc1"), vec![]);
         assert_eq!(cfg.site("dc2").unwrap().connect_addr().port(), 17010);
         assert_eq!(cfg.replication.epoch_interval_ms, 50);
+        assert_eq!(cfg.vms[0].memory_mib, 96);
     }
 }

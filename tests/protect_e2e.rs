@@ -160,6 +160,7 @@ fn protected_guest_survives_the_primary_being_killed() {
         dir: dir.clone(),
         guest_image: images.net.clone(),
         epoch_interval_ms: 50,
+        memory_mib: 64,
         ports: (17701, 17702),
         dc2_connect_port: None,
         tap: TAP.into(),
@@ -424,6 +425,7 @@ fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
         dc2_connect_port: None,
         tap: tap.into(),
         mac: mac.into(),
+        memory_mib: 64,
         witness_port: Some(port + 2),
     }
     .write()

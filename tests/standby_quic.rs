@@ -1,16 +1,19 @@
 //! The standby over real QUIC: a primary streams encoded epochs, the
 //! standby commits each one all-or-nothing; a corrupted epoch is refused,
 //! the sender falls back to a full resync, and nothing corrupt ever
-//! reaches the replica.
+//! reaches the replica; and corruption on the wire itself (bits flipped
+//! by the WAN emulator) is dropped by QUIC and never reaches the standby.
 
 use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
 use remus_wan::certs::{init_site, InitOptions};
+use remus_wan::engine::standby::StandbyStats;
 use remus_wan::engine::standby::{self, StandbyOptions};
 use remus_wan::replica::ReplicaStore;
 use wan::codec::{Encoder, EncoderConfig};
+use wan::emulator::{Emulator, EmulatorConfig, LinkParams};
 use wan::session::{EpochKind, SenderConfig, SenderEvent};
 use wan::transport::replication::{spawn_sender, QuicDialer};
 use wan::transport::{Endpoint, TlsPaths, TransportConfig};
@@ -89,12 +92,20 @@ async fn wait_committed(
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn epochs_commit_and_a_corrupt_one_forces_a_clean_resync() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let pki_dir = dir.path().join("pki");
+/// A standby of VM web1 (dc2) listening on loopback, with its PKI and
+/// replica folders under `dir`.
+struct Standby {
+    addr: std::net::SocketAddr,
+    pki_dir: std::path::PathBuf,
+    replica_dir: std::path::PathBuf,
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<Result<StandbyStats, standby::StandbyError>>,
+}
+
+fn start_standby(dir: &Path) -> Standby {
+    let pki_dir = dir.join("pki");
     pki(&pki_dir);
-    let replica_dir = dir.path().join("replicas/web1");
+    let replica_dir = dir.join("replicas/web1");
     let opts = StandbyOptions {
         site: "dc2".into(),
         primary: "dc1".into(),
@@ -113,6 +124,52 @@ async fn epochs_commit_and_a_corrupt_one_forces_a_clean_resync() {
     let server = tokio::spawn(standby::run(opts, endpoint, async move {
         let _ = stopped.await;
     }));
+    Standby {
+        addr,
+        pki_dir,
+        replica_dir,
+        stop,
+        server,
+    }
+}
+
+/// Checks the replica the standby left in `replica_dir` is exactly the
+/// guest at `epoch`.
+fn assert_replica_is(replica_dir: &Path, g: &Guest, epoch: u64) {
+    let store = ReplicaStore::open(replica_dir).expect("replica");
+    assert_eq!(store.meta().epoch, Some(epoch));
+    assert!(store.meta().consistent);
+    assert!(
+        store.memory() == &g.mem[..],
+        "replica memory differs from the primary"
+    );
+    let mut disk = vec![0; DISK as usize];
+    store.read_disk(0, &mut disk).expect("disk");
+    assert!(disk == g.disk, "replica disk differs from the primary");
+    assert_eq!(
+        store.state().expect("state"),
+        format!("state {epoch}").into_bytes()
+    );
+}
+
+fn new_guest() -> Guest {
+    Guest {
+        mem: (0..FRAMES as usize * PS).map(|i| (i / 97) as u8).collect(),
+        disk: vec![0; DISK as usize],
+        rng: 99,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn epochs_commit_and_a_corrupt_one_forces_a_clean_resync() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Standby {
+        addr,
+        pki_dir,
+        replica_dir,
+        stop,
+        server,
+    } = start_standby(dir.path());
 
     let client = Endpoint::bind(
         "127.0.0.1:0".parse().expect("addr"),
@@ -133,11 +190,7 @@ async fn epochs_commit_and_a_corrupt_one_forces_a_clean_resync() {
         ..EncoderConfig::default()
     })
     .expect("encoder");
-    let mut g = Guest {
-        mem: (0..FRAMES as usize * PS).map(|i| (i / 97) as u8).collect(),
-        disk: vec![0; DISK as usize],
-        rng: 99,
-    };
+    let mut g = new_guest();
 
     // The full image first (with state: a consistent checkpoint).
     let all: Vec<u64> = (0..FRAMES).collect();
@@ -233,21 +286,99 @@ async fn epochs_commit_and_a_corrupt_one_forces_a_clean_resync() {
     let stats = server.await.expect("join").expect("standby ran");
     assert!(stats.epochs_rejected >= 1, "{stats:?}");
     assert_eq!(stats.committed_epoch, Some(epoch));
+    assert_replica_is(&replica_dir, &g, epoch);
+}
 
-    let store = ReplicaStore::open(&replica_dir).expect("replica");
-    assert_eq!(store.meta().epoch, Some(epoch));
-    assert!(store.meta().consistent);
-    assert!(
-        store.memory() == &g.mem[..],
-        "replica memory differs from the primary"
+/// Replication through a WAN emulator that flips one random bit in 10 % of
+/// the datagrams each way (`LinkParams::corrupt`). QUIC authenticates every
+/// packet with an AEAD tag, so the receiving endpoint drops each corrupted
+/// datagram: corruption on the wire becomes packet loss, which QUIC
+/// retransmits. The session therefore keeps committing every epoch without
+/// a resync, the standby never sees a corrupt epoch (none rejected by its
+/// own checksum), and the replica ends exactly equal to the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupting_link_becomes_loss_and_the_replica_stays_exact() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Standby {
+        addr,
+        pki_dir,
+        replica_dir,
+        stop,
+        server,
+    } = start_standby(dir.path());
+    let mut ecfg = EmulatorConfig::new(addr).with_link(LinkParams {
+        corrupt: 0.1,
+        ..LinkParams::default()
+    });
+    ecfg.seed = 7;
+    let emu = Emulator::start(ecfg).await.expect("emulator");
+
+    let client = Endpoint::bind(
+        "127.0.0.1:0".parse().expect("addr"),
+        TransportConfig::new(TlsPaths::in_dir(&pki_dir, "dc1")),
+    )
+    .expect("client endpoint");
+    let (sender, mut events) = spawn_sender(
+        QuicDialer {
+            endpoint: client,
+            addr: emu.local_addr(),
+            peer_site: "dc2".into(),
+        },
+        SenderConfig::new("dc1", "web1"),
+        1,
     );
-    let mut disk = vec![0; DISK as usize];
-    store.read_disk(0, &mut disk).expect("disk");
-    assert!(disk == g.disk, "replica disk differs from the primary");
-    assert_eq!(
-        store.state().expect("state"),
-        format!("state {epoch}").into_bytes()
-    );
+    let mut enc = Encoder::new(EncoderConfig {
+        vm_id: 1,
+        ..EncoderConfig::default()
+    })
+    .expect("encoder");
+    let mut g = new_guest();
+    let all: Vec<u64> = (0..FRAMES).collect();
+    let whole = enc
+        .encode(1, &g.pages(&all), b"state 1", &[(0, &g.disk[..])])
+        .expect("encode");
+    let mut epoch = sender
+        .push_epoch(EpochKind::Full, Bytes::from(whole))
+        .await
+        .expect("push");
+    let mut resync = false;
+    wait_committed(&mut events, epoch, &mut resync).await;
+    assert!(!resync, "the full image needed a resync");
+    for _ in 0..60 {
+        epoch += 1;
+        let (frames, (off, data)) = g.run_a_while(epoch);
+        let bytes = enc
+            .encode(
+                epoch,
+                &g.pages(&frames),
+                format!("state {epoch}").as_bytes(),
+                &[(off, &data[..])],
+            )
+            .expect("encode");
+        let n = sender
+            .push_epoch(EpochKind::Delta, Bytes::from(bytes))
+            .await
+            .expect("push");
+        assert_eq!(n, epoch);
+        enc.acknowledge(epoch - 1);
+        wait_committed(&mut events, epoch, &mut resync).await;
+        assert!(
+            !resync,
+            "epoch {epoch} needed a resync over a corrupting link"
+        );
+    }
+    let link = emu.handle().stats();
+    eprintln!("emulated link: {link:?}");
+    sender.close().await;
+    let _ = stop.send(());
+    let stats = server.await.expect("join").expect("standby ran");
+    // The link did corrupt traffic both ways (each epoch is a few datagrams
+    // each way: about 15 corrupted expected per direction).
+    assert!(link.forward.corrupted > 0, "{link:?}");
+    assert!(link.backward.corrupted > 0, "{link:?}");
+    assert_eq!(stats.epochs_rejected, 0, "{stats:?}");
+    assert_eq!(stats.committed_epoch, Some(epoch));
+    assert_replica_is(&replica_dir, &g, epoch);
 }
 
 #[test]

@@ -1,6 +1,6 @@
 //! The network guest over a tap, from a host client through the real Linux
 //! TCP stack, inside a network namespace made by the test: echo, counter
-//! stream, key-value on disk across a restart.
+//! stream, key-value on disk across a restart, the dirtying service.
 
 mod common;
 
@@ -160,6 +160,78 @@ fn the_dirtying_workload_covers_its_working_set() {
         }
         assert!(best >= 2048, "at most {best} dirty pages per round");
         vm.shutdown().expect("stop");
+    });
+}
+
+/// The guest's dirtying service (TCP 9100, used by `remus-wan bench
+/// protect`): bad requests get an error line, a request writes across its
+/// working set for its duration on the guest's clock and reports the page
+/// writes, and the other services keep answering while it runs.
+#[test]
+fn dirty_requests_cover_their_working_set_while_echo_keeps_answering() {
+    if !common::require_kvm_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = common::disk_image(dir.path(), 4);
+    common::in_new_netns(|| {
+        let vm = start(&disk);
+        let s = connect(9100);
+        // Longer than the longest request below.
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut ask = |req: &str| {
+            writeln!(w, "{req}").expect("dirty write");
+            let mut line = String::new();
+            r.read_line(&mut line).expect("dirty reply");
+            line.trim().to_string()
+        };
+        for bad in [
+            "DIRTY 0 10",
+            "DIRTY 1024 0",
+            "DIRTY x 10",
+            "PING",
+            "DIRTY 999999999 10",
+            "DIRTY 18446744073709551615 10",
+        ] {
+            let reply = ask(bad);
+            assert!(reply.starts_with("ERR "), "{bad:?} -> {reply:?}");
+        }
+        // The first request allocates the buffer (and dirties it).
+        assert!(ask("DIRTY 1024 100").starts_with("DONE "));
+        vm.take_dirty_log().unwrap();
+        // 10 s of guest time: the margin for the echo below (milliseconds
+        // on an idle machine) to finish while the job still runs.
+        let mut w2 = s.try_clone().unwrap();
+        writeln!(w2, "DIRTY 1024 10000").unwrap();
+        echo_round_trip();
+        s.set_nonblocking(true).unwrap();
+        let mut b = [0u8; 1];
+        let early = (&s).read(&mut b);
+        assert!(
+            matches!(&early, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "the job should still be running after the echo: {early:?}"
+        );
+        s.set_nonblocking(false).unwrap();
+        let mut line = String::new();
+        r.read_line(&mut line).expect("dirty reply");
+        let words: Vec<u64> = line
+            .trim()
+            .strip_prefix("DONE ")
+            .unwrap_or_else(|| panic!("{line:?}"))
+            .split(' ')
+            .map(|w| w.parse().expect("number"))
+            .collect();
+        let [writes, micros, stalled] = words[..] else {
+            panic!("{line:?}")
+        };
+        assert!(writes >= 256, "not one pass over 256 pages: {writes}");
+        assert!(micros >= 10_000_000, "ran {micros} us of 10 s");
+        assert!(stalled <= micros);
+        let dirty = hypervisor::kvm::memory::count_dirty(&vm.take_dirty_log().unwrap());
+        assert!(dirty >= 256, "{dirty} pages dirtied by a 1 MiB working set");
+        vm.shutdown().expect("clean stop");
     });
 }
 

@@ -18,7 +18,9 @@ pub enum BenchCommand {
     /// The guest's TCP services (counter stream throughput, echo round
     /// trip) unprotected and protected at 25/50/100 ms epochs over an
     /// emulated WAN of 0 and 50 ms RTT, with link rate, compression ratio
-    /// and pause. Needs root and KVM.
+    /// and pause; and the guest's own memory-dirtying workload (page writes
+    /// per second at 1, 16 and 64 MiB working sets) with its slowdown
+    /// against the unprotected guest. Needs root and KVM.
     Protect {
         /// The network guest image (default: target/guest/netguest.elf).
         #[arg(long)]

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_protect;
+mod bench_sched;
 mod certs;
 mod common;
 mod config;

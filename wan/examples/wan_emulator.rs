@@ -29,7 +29,7 @@ fn num(args: &[String], name: &str, default: f64) -> f64 {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(upstream) = arg(&args, "--upstream").and_then(|s| s.parse().ok()) else {
-        eprintln!("usage: wan_emulator --upstream HOST:PORT [--listen 127.0.0.1:0] [--rtt-ms N] [--jitter-ms N] [--loss PERCENT] [--rate-mbit N] [--queue-kib N] [--seed N] [--max-secs N]");
+        eprintln!("usage: wan_emulator --upstream HOST:PORT [--listen 127.0.0.1:0] [--rtt-ms N] [--jitter-ms N] [--loss PERCENT] [--corrupt PERCENT] [--rate-mbit N] [--queue-kib N] [--seed N] [--max-secs N]");
         std::process::exit(2);
     };
     let mut cfg = EmulatorConfig::new(upstream);
@@ -43,6 +43,7 @@ fn main() {
         (rate > 0.0).then_some((rate * 1e6) as u64),
     );
     p.jitter = Duration::from_secs_f64(num(&args, "--jitter-ms", 0.0) / 1000.0);
+    p.corrupt = num(&args, "--corrupt", 0.0) / 100.0;
     if let Some(q) = arg(&args, "--queue-kib") {
         p.queue_bytes = q.parse::<usize>().expect("--queue-kib N") * 1024;
     }

@@ -126,6 +126,7 @@ pub fn run_two_sites(root: &Path, guest_dir: &Path) -> Result<()> {
         dir: dir.clone(),
         guest_image: guest_dir.join("netguest.elf"),
         epoch_interval_ms: 50,
+        memory_mib: 64,
         ports: (17711, 17712),
         dc2_connect_port: Some(17720),
         tap: TAP.into(),

@@ -1,7 +1,8 @@
 //! A user-space WAN emulator: a UDP relay that sits between two endpoints
 //! and applies, per direction, one-way delay, jitter, random loss (seeded),
-//! a bandwidth limit with a bounded (tail-drop) queue, and a switchable
-//! partition — all changeable at run time through an [`EmulatorHandle`].
+//! random corruption (one bit flipped in a delivered datagram), a bandwidth
+//! limit with a bounded (tail-drop) queue, and a switchable partition — all
+//! changeable at run time through an [`EmulatorHandle`].
 //!
 //! The kernel's netem qdisc is not available everywhere we test, hence
 //! this. Clients send to [`Emulator::local_addr`]; each client address gets
@@ -39,6 +40,11 @@ pub struct LinkParams {
     pub jitter: Duration,
     /// Probability (0..=1) that a packet is dropped.
     pub loss: f64,
+    /// Probability (0..=1) that a delivered packet has one random bit of
+    /// its payload flipped (a faulty NIC, link or middlebox that slips past
+    /// the link-layer checksums). QUIC's AEAD rejects such a packet, so for
+    /// QUIC it becomes a loss; this is how tests show it.
+    pub corrupt: f64,
     /// Bandwidth limit in bits per second (`None`: unlimited).
     pub rate_bps: Option<u64>,
     /// Bytes that may wait for the bandwidth limit; more are dropped.
@@ -51,6 +57,7 @@ impl Default for LinkParams {
             delay: Duration::ZERO,
             jitter: Duration::ZERO,
             loss: 0.0,
+            corrupt: 0.0,
             rate_bps: None,
             queue_bytes: 1 << 20,
         }
@@ -123,6 +130,7 @@ struct DirCounters {
     lost: AtomicU64,
     queue_drops: AtomicU64,
     partition_drops: AtomicU64,
+    corrupted: AtomicU64,
     max_packet: AtomicU64,
 }
 
@@ -138,6 +146,8 @@ pub struct DirectionStats {
     pub queue_drops: u64,
     /// Dropped by the partition.
     pub partition_drops: u64,
+    /// Delivered with one bit flipped (counted in `packets` too).
+    pub corrupted: u64,
     /// Largest packet delivered (bytes).
     pub max_packet: u64,
 }
@@ -150,6 +160,7 @@ impl DirCounters {
             lost: self.lost.load(Ordering::Relaxed),
             queue_drops: self.queue_drops.load(Ordering::Relaxed),
             partition_drops: self.partition_drops.load(Ordering::Relaxed),
+            corrupted: self.corrupted.load(Ordering::Relaxed),
             max_packet: self.max_packet.load(Ordering::Relaxed),
         }
     }
@@ -329,6 +340,26 @@ impl Shaper {
         self.last_delivery = Some(at);
         Verdict::Deliver(at)
     }
+
+    /// For a `len`-byte packet the link delivers: the bit to flip, if this
+    /// one is corrupted. Separate from [`Shaper::admit`] because only
+    /// delivered packets can arrive corrupted; with `corrupt == 0` it draws
+    /// nothing, so seeded loss and jitter sequences stay as they were.
+    pub fn corrupt_bit(&mut self, p: &LinkParams, len: usize) -> Option<usize> {
+        if p.corrupt <= 0.0 || len == 0 || self.rng.unit() >= p.corrupt {
+            return None;
+        }
+        Some((self.rng.next_u64() % (len as u64 * 8)) as usize)
+    }
+}
+
+/// Applies [`Shaper::corrupt_bit`]'s decision to a packet about to be
+/// delivered, and counts it.
+fn maybe_corrupt(shaper: &mut Shaper, p: &LinkParams, data: &mut [u8], c: &DirCounters) {
+    if let Some(bit) = shaper.corrupt_bit(p, data.len()) {
+        data[bit / 8] ^= 1 << (bit % 8);
+        c.corrupted.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 struct Packet {
@@ -493,11 +524,8 @@ fn admit(
     }
     let p = *sh.params[dir as usize].lock().expect("params lock");
     let now = Instant::now();
-    match shaper
-        .lock()
-        .expect("shaper lock")
-        .admit(&p, data.len(), now)
-    {
+    let mut shaper = shaper.lock().expect("shaper lock");
+    match shaper.admit(&p, data.len(), now) {
         Verdict::Lost => {
             c.lost.fetch_add(1, Ordering::Relaxed);
         }
@@ -505,9 +533,11 @@ fn admit(
             c.queue_drops.fetch_add(1, Ordering::Relaxed);
         }
         Verdict::Deliver(at) => {
+            let mut data = data.to_vec();
+            maybe_corrupt(&mut shaper, &p, &mut data, c);
             let _ = tx.send(Packet {
                 at,
-                data: data.to_vec(),
+                data,
                 to,
                 sock: sock.clone(),
             });
@@ -620,6 +650,69 @@ mod tests {
         let a = run(3);
         assert_eq!(a, run(3), "same seed, same losses");
         assert!((1700..2300).contains(&a), "{a}");
+    }
+
+    #[test]
+    fn shaper_corruption_is_seeded_close_to_the_rate_and_inside_the_packet() {
+        let p = LinkParams {
+            corrupt: 0.05,
+            ..LinkParams::default()
+        };
+        let run = |seed| {
+            let mut s = Shaper::new(seed);
+            (0..20_000)
+                .filter_map(|i| s.corrupt_bit(&p, 1 + i % 1500).map(|b| (i, b)))
+                .collect::<Vec<_>>()
+        };
+        let hits = run(5);
+        assert_eq!(hits, run(5), "same seed, same corruption");
+        assert!((800..1200).contains(&hits.len()), "{}", hits.len());
+        for (i, bit) in &hits {
+            assert!(*bit < (1 + i % 1500) * 8, "bit {bit} outside packet {i}");
+        }
+        // Flips land all over the packet, not in one place.
+        let late = hits
+            .iter()
+            .filter(|(i, b)| *b >= (1 + i % 1500) * 4)
+            .count();
+        assert!(late * 3 > hits.len(), "{late} of {}", hits.len());
+    }
+
+    #[test]
+    fn corruption_flips_exactly_one_bit_and_is_counted() {
+        let p = LinkParams {
+            corrupt: 1.0,
+            ..LinkParams::default()
+        };
+        let mut s = Shaper::new(11);
+        let c = DirCounters::default();
+        let clean = vec![0xA5u8; 1200];
+        for _ in 0..100 {
+            let mut d = clean.clone();
+            maybe_corrupt(&mut s, &p, &mut d, &c);
+            let flipped: u32 = d
+                .iter()
+                .zip(&clean)
+                .map(|(a, b)| (a ^ b).count_ones())
+                .sum();
+            assert_eq!(flipped, 1);
+        }
+        assert_eq!(c.read().corrupted, 100);
+        // No corruption configured: the packet and the loss sequence are untouched.
+        let off = LinkParams::default();
+        let mut d = clean.clone();
+        maybe_corrupt(&mut s, &off, &mut d, &c);
+        assert_eq!(d, clean);
+        let (mut a, mut b) = (Shaper::new(3), Shaper::new(3));
+        let lossy = LinkParams {
+            loss: 0.3,
+            ..LinkParams::default()
+        };
+        let now = Instant::now();
+        for _ in 0..1000 {
+            let _ = b.corrupt_bit(&off, 1000);
+            assert_eq!(a.admit(&lossy, 100, now), b.admit(&lossy, 100, now));
+        }
     }
 
     #[test]

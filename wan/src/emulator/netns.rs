@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
-use super::{Direction, EmulatorHandle, LinkParams, Shaper, Shared, Verdict};
+use super::{maybe_corrupt, Direction, EmulatorHandle, LinkParams, Shaper, Shared, Verdict};
 
 /// Address of side A inside its namespace.
 pub const ADDR_A: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
@@ -259,7 +259,11 @@ fn relay(
                         c.queue_drops.fetch_add(1, Ordering::Relaxed);
                     }
                     Verdict::Deliver(at) => {
-                        if tx.send((at.into_std(), buf[..n].to_vec())).is_err() {
+                        // Corruption flips a bit anywhere in the IP packet;
+                        // the kernel's IP/UDP/TCP checksums then drop it.
+                        let mut pkt = buf[..n].to_vec();
+                        maybe_corrupt(&mut shaper, &p, &mut pkt, c);
+                        if tx.send((at.into_std(), pkt)).is_err() {
                             return;
                         }
                     }

@@ -5,7 +5,9 @@
 //! * TCP 9000: counter stream, consecutive big-endian u64 from 0, so a
 //!   client detects any loss or duplication;
 //! * TCP 7000: key-value (`SET k v`, `GET k`, `COUNT`, one per line), writes
-//!   on the block device before the `OK`.
+//!   on the block device before the `OK`;
+//! * TCP 9100: memory-dirtying workload on request (`DIRTY <kib> <ms>`,
+//!   see `dirty.rs`), for benchmarks.
 //!
 //! Beside that it can dirty memory at a configured rate (benchmarks).
 #![no_std]
@@ -13,6 +15,7 @@
 
 extern crate alloc;
 
+mod dirty;
 mod hal;
 mod kvstore;
 mod netdev;
@@ -85,9 +88,10 @@ extern "C" fn guest_main(info: &'static BootInfo) -> u32 {
     }
     let mut sockets = SocketSet::new(alloc::vec![]);
     let mut services = services::Services::new(&mut sockets, kv);
+    let mut dirtier = dirty::Dirtier::new(&mut sockets);
     let mut workload = services::Workload::new(info.dirty_set_pages, info.dirty_pages_per_ms);
     println!(
-        "net guest: {}.{}.{}.{}/{} up: echo 7, counter 9000, kv 7000",
+        "net guest: {}.{}.{}.{}/{} up: echo 7, counter 9000, kv 7000, dirty 9100",
         a, b, c, d, info.prefix_len
     );
     guest_rt::report_ready();
@@ -95,8 +99,11 @@ extern "C" fn guest_main(info: &'static BootInfo) -> u32 {
         let ts = now();
         iface.poll(ts, &mut device, &mut sockets);
         let busy = services.serve(&mut sockets);
+        // Runs at most one slice (about 1 ms) of a dirtying job, so the
+        // loop comes back to poll the network stack in between.
+        let dirtying = dirtier.serve(&mut sockets);
         workload.run();
-        if busy || workload.active() {
+        if busy || dirtying || dirtier.active() || workload.active() {
             continue;
         }
         // Nothing to do: sleep until a frame arrives or a timer is due.
