@@ -30,11 +30,16 @@ use crate::deps;
 pub const LINUX_GUEST_APT_PACKAGES: &[&str] = &["linux-image-amd64", "busybox-static"];
 
 /// Modules loaded by `/init`, in dependency order (each needs the ones
-/// before it; insmod does not resolve dependencies).
+/// before it; insmod does not resolve dependencies). The qemu backend runs
+/// the guest on QEMU's PC machine with virtio-pci devices; virtio_mmio is
+/// kept for QEMU's microvm machine.
 pub const MODULES: &[&str] = &[
     "virtio_ring",
     "virtio",
     "virtio_mmio",
+    "virtio_pci_legacy_dev",
+    "virtio_pci_modern_dev",
+    "virtio_pci",
     "failover",
     "net_failover",
     "virtio_net",
@@ -51,8 +56,14 @@ mount -t sysfs sys /sys
 # node of the archive was already opened by the kernel for our stdio.
 mount -t devtmpfs dev /dev
 mkdir -p /run /tmp
+# insmod, unlike modprobe, does not read module parameters from the kernel
+# command line (MODULE.PARAM=VALUE): pass them on.
 for m in MODULES; do
-  if [ -f /lib/modules/$m.ko ]; then insmod /lib/modules/$m.ko || echo "insmod $m failed"; fi
+  args=
+  for arg in $(cat /proc/cmdline); do
+    case "$arg" in "$m".*) args="$args ${arg#$m.}" ;; esac
+  done
+  if [ -f /lib/modules/$m.ko ]; then insmod /lib/modules/$m.ko $args || echo "insmod $m failed"; fi
 done
 IP=; GW=
 for arg in $(cat /proc/cmdline); do

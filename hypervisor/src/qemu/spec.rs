@@ -169,7 +169,7 @@ impl QemuSpec {
 
     pub(crate) fn validate(&self) -> Result<()> {
         if self.memory_mib < 64 || self.memory_mib > 3072 {
-            // Above 3 GiB microvm splits RAM around the 32-bit hole and a
+            // Above 3 GiB the PC splits RAM around the 32-bit hole and a
             // frame would no longer be an offset into the RAM file.
             return Err(Error::Spec(format!(
                 "memory_mib {} outside 64..=3072",
