@@ -95,10 +95,28 @@ impl Listening {
     }
 }
 
+/// A handle that gives frames to the guest, for another thread (the one
+/// reading the tap, say). It stops working when the guest's QEMU is gone.
+#[derive(Debug, Clone)]
+pub struct GuestPort(Arc<Mutex<UnixStream>>);
+
+impl GuestPort {
+    /// Gives `frame` to the guest (received traffic is never held).
+    pub fn send(&self, frame: &[u8]) -> Result<()> {
+        if frame.len() > MAX_FRAME {
+            return Err(Error::Spec(format!("frame of {} bytes", frame.len())));
+        }
+        let mut w = lock(&self.0);
+        w.write_all(&(frame.len() as u32).to_be_bytes())
+            .and_then(|_| w.write_all(frame))
+            .map_err(Error::io("sending a frame to the guest"))
+    }
+}
+
 /// The connected backend: a reader thread feeding the sink, and a writer
 /// for frames to the guest.
 pub struct NetBackend {
-    writer: Mutex<UnixStream>,
+    writer: GuestPort,
     sink: Arc<Mutex<Box<dyn FrameSink>>>,
     tx_frames: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
@@ -131,7 +149,7 @@ impl NetBackend {
                 .map_err(Error::io("starting the netdev reader"))?
         };
         Ok(NetBackend {
-            writer: Mutex::new(stream),
+            writer: GuestPort(Arc::new(Mutex::new(stream))),
             sink,
             tx_frames,
             stop,
@@ -147,13 +165,12 @@ impl NetBackend {
 
     /// Gives `frame` to the guest (received traffic is never held).
     pub fn send_to_guest(&self, frame: &[u8]) -> Result<()> {
-        if frame.len() > MAX_FRAME {
-            return Err(Error::Spec(format!("frame of {} bytes", frame.len())));
-        }
-        let mut w = lock(&self.writer);
-        w.write_all(&(frame.len() as u32).to_be_bytes())
-            .and_then(|_| w.write_all(frame))
-            .map_err(Error::io("sending a frame to the guest"))
+        self.writer.send(frame)
+    }
+
+    /// A handle for giving the guest frames from another thread.
+    pub fn guest_port(&self) -> GuestPort {
+        self.writer.clone()
     }
 
     /// Returns once every byte QEMU has written is through the sink (or
@@ -223,7 +240,7 @@ fn reader_loop(
 impl Drop for NetBackend {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        let _ = lock(&self.writer).shutdown(std::net::Shutdown::Both);
+        let _ = lock(&self.writer.0).shutdown(std::net::Shutdown::Both);
         if let Some(r) = self.reader.take() {
             let _ = r.join();
         }

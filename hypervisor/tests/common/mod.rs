@@ -36,6 +36,15 @@ fn skip_or_panic(needs: &str, msg: &str) -> bool {
     }
 }
 
+/// `true` when running as root; otherwise a skip or a panic saying why.
+pub fn require_root(why: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    skip_or_panic("root", &format!("needs root ({why})"))
+}
+
 /// The Linux guest image when QEMU can run it here (QEMU installed, image
 /// built); otherwise as [`require_kvm_root`]: a skip or a panic saying why.
 pub fn require_qemu() -> Option<hypervisor::qemu::LinuxImage> {
