@@ -69,8 +69,22 @@ impl StateChannel {
     /// Saves the device state of a stopped guest into `out`. QEMU is left
     /// in runstate `postmigrate`, from which `cont` resumes the guest.
     pub fn save(&mut self, qmp: &mut Qmp, out: &mut Vec<u8>) -> Result<()> {
+        self.start_save(qmp)?;
+        self.finish_save(qmp, out)
+    }
+
+    /// Starts saving the device state of a stopped guest: QEMU writes it
+    /// from its migration thread while we do something else (the RAM
+    /// compare: the stream does not touch the shared RAM).
+    pub fn start_save(&mut self, qmp: &mut Qmp) -> Result<()> {
         self.hand_over(qmp)?;
         qmp.execute("migrate", Some(json!({"uri": format!("fd:{FD_NAME}")})))?;
+        Ok(())
+    }
+
+    /// Waits for the save started by [`StateChannel::start_save`] and reads
+    /// the state into `out`.
+    pub fn finish_save(&mut self, qmp: &mut Qmp, out: &mut Vec<u8>) -> Result<()> {
         wait_migration(qmp, "save", "query-migrate")?;
         out.clear();
         self.file
