@@ -49,7 +49,8 @@ pub struct QemuTimings {
     pub state_bytes: usize,
 }
 
-/// The RAM file in tmpfs; removed on drop.
+/// The RAM file in tmpfs; its name is removed once QEMU has mapped it, or
+/// on drop if starting failed before.
 #[derive(Debug)]
 struct RamFile {
     path: PathBuf,
@@ -181,6 +182,10 @@ impl QemuGuest {
             None => None,
         };
         let mut qmp = Qmp::connect(&paths.qmp, deadline, &mut alive)?;
+        // QMP answers once QEMU's main loop runs, so QEMU has mapped the
+        // RAM file by now and so have we: its name can go, and nothing is
+        // left in tmpfs even if this process is killed without unwinding.
+        let _ = std::fs::remove_file(&paths.ram);
         let mut state = StateChannel::new()?;
         let setup = devstate::enable_ignore_shared(&mut qmp).and_then(|()| match replica {
             Some((_, blob)) => state

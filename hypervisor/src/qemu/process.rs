@@ -6,8 +6,10 @@
 //! `-incoming defer` and `-S`.
 
 use std::fs::File;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Mutex, OnceLock};
 
 use super::error::{Error, Result};
 use super::spec::QemuSpec;
@@ -160,16 +162,24 @@ impl QemuProcess {
         let err = out
             .try_clone()
             .map_err(Error::io("duplicating the log fd"))?;
-        let child = Command::new(binary)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .map_err(|source| Error::QemuMissing {
-                binary: binary.to_owned(),
-                source,
-            })?;
+        let mut cmd = Command::new(binary);
+        cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
+        // SAFETY: prctl is async-signal-safe; the closure touches nothing
+        // else between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                // If this process dies without running our Drop (SIGKILL,
+                // a test harness timeout), the kernel kills QEMU too.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = spawn_from_long_lived_thread(cmd).map_err(|source| Error::QemuMissing {
+            binary: binary.to_owned(),
+            source,
+        })?;
         Ok(QemuProcess {
             child,
             log: log.to_owned(),
@@ -206,6 +216,45 @@ impl QemuProcess {
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(20)..].join("\n")
     }
+}
+
+type SpawnJob = (Command, mpsc::Sender<std::io::Result<Child>>);
+
+/// Spawns `cmd` from one thread that lives as long as the process.
+///
+/// PR_SET_PDEATHSIG fires when the *thread* that forked the child exits,
+/// not the process: QEMU started from a short-lived thread (a test's, a
+/// scoped worker's) would be killed with it. Forking from a thread that
+/// never ends ties QEMU's life to the process instead. (That thread stays
+/// in the process's first network namespace; QEMU needs none, remus-wan
+/// being its NIC backend over a unix socket.)
+fn spawn_from_long_lived_thread(cmd: Command) -> std::io::Result<Child> {
+    static SPAWNER: OnceLock<Mutex<mpsc::Sender<SpawnJob>>> = OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<SpawnJob>();
+        let started = std::thread::Builder::new()
+            .name("qemu-spawner".into())
+            .spawn(move || {
+                for (mut cmd, reply) in rx {
+                    let _ = reply.send(cmd.spawn());
+                }
+            });
+        if let Err(e) = started {
+            tracing::warn!("cannot start the QEMU spawner thread: {e}");
+        }
+        Mutex::new(tx)
+    });
+    let (reply_tx, reply_rx) = mpsc::channel();
+    let sent = spawner
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .send((cmd, reply_tx));
+    if sent.is_err() {
+        return Err(std::io::Error::other("the QEMU spawner thread is gone"));
+    }
+    reply_rx
+        .recv()
+        .map_err(|_| std::io::Error::other("the QEMU spawner thread is gone"))?
 }
 
 impl Drop for QemuProcess {
