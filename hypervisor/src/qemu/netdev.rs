@@ -68,6 +68,7 @@ impl Listening {
         alive: &mut dyn FnMut() -> Result<()>,
         sink: Option<Box<dyn FrameSink>>,
     ) -> Result<NetBackend> {
+        let started = Instant::now();
         let stream = loop {
             match self.listener.accept() {
                 Ok((s, _)) => break s,
@@ -79,7 +80,7 @@ impl Listening {
                                 "QEMU connecting its network backend to {}",
                                 self.path.display()
                             ),
-                            after: Duration::ZERO,
+                            after: started.elapsed(),
                         });
                     }
                     std::thread::sleep(Duration::from_millis(5));

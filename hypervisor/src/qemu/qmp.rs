@@ -39,6 +39,7 @@ impl Qmp {
         deadline: Instant,
         alive: &mut dyn FnMut() -> Result<()>,
     ) -> Result<Qmp> {
+        let started = Instant::now();
         let stream = loop {
             match UnixStream::connect(path) {
                 Ok(s) => break s,
@@ -47,7 +48,7 @@ impl Qmp {
                     if Instant::now() >= deadline {
                         return Err(Error::Timeout {
                             what: format!("connecting to QMP at {} ({e})", path.display()),
-                            after: COMMAND_TIMEOUT,
+                            after: started.elapsed(),
                         });
                     }
                     std::thread::sleep(Duration::from_millis(10));
