@@ -4,7 +4,8 @@
 //! approach). Prints figures; asserts nothing about time.
 //!
 //! cargo bench -p hypervisor --bench qemu_pause   (QEMU and
-//! `cargo xtask guest-image --linux` needed; sizes: QEMU_PAUSE_MIB=128,256)
+//! `cargo xtask guest-image --linux` needed; sizes: QEMU_PAUSE_MIB=128,256;
+//! checkpoints per row: QEMU_PAUSE_EPOCHS=300)
 
 use std::time::{Duration, Instant};
 
@@ -12,7 +13,13 @@ use hypervisor::kvm::Seams;
 use hypervisor::qemu::{Accel, LinuxImage, QemuGuest, QemuSpec, QemuTimings};
 use hypervisor::{Checkpoint, ProtectedGuest};
 
-const EPOCHS: usize = 30;
+/// Checkpoints per row (QEMU_PAUSE_EPOCHS overrides: a soak run).
+fn epochs() -> usize {
+    std::env::var("QEMU_PAUSE_EPOCHS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30)
+}
 const EPOCH_GAP: Duration = Duration::from_millis(100);
 
 fn skip(why: &str) -> ! {
@@ -97,7 +104,7 @@ fn run(image: &LinuxImage, mib: u64, threads: &[usize]) {
         g.set_compare_threads(n);
         let mut all: Vec<QemuTimings> = Vec::new();
         let mut pages = Vec::new();
-        for _ in 0..EPOCHS {
+        for _ in 0..epochs() {
             std::thread::sleep(EPOCH_GAP);
             if let Err(e) = g.checkpoint(&mut cp, &mut || {}) {
                 skip(&format!("checkpoint: {e}"));
@@ -108,7 +115,7 @@ fn run(image: &LinuxImage, mib: u64, threads: &[usize]) {
         let col = |f: fn(&QemuTimings) -> Duration| median(all.iter().map(f).collect());
         pages.sort();
         println!(
-            "{mib:>5} MiB {n:>2} thr | stop {:>6} | state {:>6} ({:>3} KB) | compare {:>6} | copy {:>5} | cont {:>6} | total {:>6} (p90 {:>6}) | memcmp 1 thr {:>6} | pages {:>4} | first (full) {:>7}",
+            "{mib:>5} MiB {n:>2} thr | stop {:>6} | state {:>6} ({:>3} KB) | compare {:>6} | copy {:>5} | cont {:>6} | total {:>6} (p90 {:>6}, max {:>6}) | memcmp 1 thr {:>6} | pages {:>4} | first (full) {:>7}",
             ms(col(|t| t.stop)),
             ms(col(|t| t.state)),
             all[0].state_bytes / 1000,
@@ -117,6 +124,7 @@ fn run(image: &LinuxImage, mib: u64, threads: &[usize]) {
             ms(col(|t| t.cont)),
             ms(col(|t| t.total)),
             ms(p90(all.iter().map(|t| t.total).collect())),
+            ms(all.iter().map(|t| t.total).max().unwrap_or_default()),
             ms(memcmp),
             pages[pages.len() / 2],
             ms(first),
@@ -144,7 +152,8 @@ fn main() {
         .unwrap_or(1);
     let threads: Vec<usize> = if cores > 1 { vec![1, cores] } else { vec![1] };
     println!(
-        "qemu backend pause, median of {EPOCHS} checkpoints {EPOCH_GAP:?} apart, TCG guest idle but for its console ticker (ms)"
+        "qemu backend pause, median of {} checkpoints {EPOCH_GAP:?} apart, TCG guest idle but for its console ticker (ms)",
+        epochs()
     );
     for mib in sizes {
         run(&image, mib, &threads);
