@@ -5,6 +5,7 @@ pub mod guest;
 pub mod guest_build;
 pub mod kvm;
 pub mod netns;
+pub mod qemu;
 
 pub use guest::{Checkpoint, GuestError, PauseTimings, ProtectedGuest};
 

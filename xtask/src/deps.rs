@@ -13,6 +13,12 @@ pub const TEST_APT_PACKAGES: &[&str] = &[
     "gobgpd",
     "knot",
     "knot-dnsutils",
+    // qemu backend tests: QEMU itself, and what the Linux guest is built
+    // from (crate::linux_guest::LINUX_GUEST_APT_PACKAGES, repeated here so
+    // one apt-get run installs everything).
+    "qemu-system-x86",
+    "linux-image-amd64",
+    "busybox-static",
 ];
 
 /// Cargo tools the test suite uses.

@@ -6,6 +6,7 @@
 
 mod demo;
 mod deps;
+mod linux_guest;
 mod tasks;
 
 use std::process::ExitCode;
@@ -21,7 +22,10 @@ tasks:
                  runner's summary line
   demo           build everything, show the codec on synthetic traces, then
                  protect a micro-VM between two local sites and pull the plug
-  guest-image    build the micro-VM guest programs into target/guest/
+  guest-image [--linux]
+                 build the micro-VM guest programs into target/guest/; with
+                 --linux, also the Linux guest of the qemu backend (Debian
+                 kernel + busybox initramfs) into target/guest/linux/
   fuzz [--seconds N]
                  run every cargo-fuzz target for N seconds (default 60)
   deps           only install the test dependencies";
@@ -38,7 +42,7 @@ fn main() -> ExitCode {
         "demo" => tasks::demo(rest),
         "fuzz" => tasks::fuzz(rest),
         "deps" => deps::install_test_deps(),
-        "guest-image" => tasks::guest_image().map(|_| ()),
+        "guest-image" => tasks::guest_image_task(rest),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;

@@ -59,6 +59,7 @@ pub fn test(args: &[String]) -> Result<()> {
 
     // Built once here rather than by the first test that needs them.
     let guests = guest_image()?;
+    linux_guest_image()?;
 
     eprintln!("xtask: doc tests");
     run(cargo().args(["test", "--workspace", "--doc", "--quiet"]))?;
@@ -89,6 +90,33 @@ pub fn guest_image() -> Result<PathBuf> {
         images.counter.display()
     );
     Ok(out)
+}
+
+/// Where `guest-image --linux` puts the Linux guest (the qemu backend's
+/// tests find it as `$REMUS_WAN_GUEST_DIR/linux`).
+fn linux_guest_dir() -> PathBuf {
+    root().join("target/guest/linux")
+}
+
+/// Builds the Linux guest of the qemu backend into `target/guest/linux/`.
+pub fn linux_guest_image() -> Result<PathBuf> {
+    let out = linux_guest_dir();
+    eprintln!("xtask: building the Linux guest into {}", out.display());
+    crate::linux_guest::build(&out).context("building the Linux guest")
+}
+
+/// `cargo xtask guest-image [--linux]`.
+pub fn guest_image_task(args: &[String]) -> Result<()> {
+    for a in args {
+        if a != "--linux" {
+            bail!("guest-image: unknown option {a:?} (only --linux)");
+        }
+    }
+    guest_image()?;
+    if args.iter().any(|a| a == "--linux") {
+        linux_guest_image()?;
+    }
+    Ok(())
 }
 
 pub fn demo(_args: &[String]) -> Result<()> {

@@ -6,6 +6,8 @@ use std::sync::OnceLock;
 
 use hypervisor::guest_build::{self, GuestImages};
 
+pub mod qemu;
+
 /// `true` when the test may run here; otherwise prints why and either
 /// returns `false` (REMUS_WAN_ALLOW_SKIP=1) or panics with the reason.
 pub fn require_kvm_root() -> bool {
@@ -20,12 +22,46 @@ pub fn require_kvm_root() -> bool {
     if why.is_empty() {
         return true;
     }
-    let msg = why.join("; ");
+    skip_or_panic("KVM and root", &why.join("; "))
+}
+
+/// Prints a skip notice and returns `false` under REMUS_WAN_ALLOW_SKIP=1,
+/// else panics with what the test needs and why it is missing.
+fn skip_or_panic(needs: &str, msg: &str) -> bool {
     if std::env::var("REMUS_WAN_ALLOW_SKIP").as_deref() == Ok("1") {
         eprintln!("SKIPPED (REMUS_WAN_ALLOW_SKIP=1): {msg}");
         false
     } else {
-        panic!("this test needs KVM and root: {msg} (set REMUS_WAN_ALLOW_SKIP=1 to skip)");
+        panic!("this test needs {needs}: {msg} (set REMUS_WAN_ALLOW_SKIP=1 to skip)");
+    }
+}
+
+/// `true` when running as root; otherwise a skip or a panic saying why.
+pub fn require_root(why: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    skip_or_panic("root", &format!("needs root ({why})"))
+}
+
+/// The Linux guest image when QEMU can run it here (QEMU installed, image
+/// built); otherwise as [`require_kvm_root`]: a skip or a panic saying why.
+pub fn require_qemu() -> Option<hypervisor::qemu::LinuxImage> {
+    let mut why = Vec::new();
+    if let Err(e) = hypervisor::qemu::available("qemu-system-x86_64".as_ref()) {
+        why.push(e.to_string());
+    }
+    let image = hypervisor::qemu::LinuxImage::from_env_or_workspace();
+    if let Err(e) = &image {
+        why.push(e.to_string());
+    }
+    match image {
+        Ok(i) if why.is_empty() => Some(i),
+        _ => {
+            skip_or_panic("QEMU and the Linux guest", &why.join("; "));
+            None
+        }
     }
 }
 

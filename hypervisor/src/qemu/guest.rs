@@ -1,0 +1,427 @@
+//! [`QemuGuest`]: one QEMU process running a protected Linux guest, and
+//! [`ProtectedGuest`] for it.
+//!
+//! A checkpoint: QMP `stop` (vCPUs stopped; QEMU's main loop keeps running,
+//! but the NIC sends nothing while the guest is stopped), wait until every
+//! frame the guest sent before the stop has reached the sink, `at_pause`
+//! (the epoch boundary), device state saved through `migrate` while RAM is
+//! compared with the shadow, `cont`. Any failure after the shadow has
+//! changed resets it, so the next round carries the full image again
+//! rather than a replica that diverged.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use super::devstate::{self, StateChannel};
+use super::error::{Error, Result};
+use super::netdev::{Listening, NetBackend};
+use super::process::{command_line, Paths, QemuProcess};
+use super::qmp::Qmp;
+use super::shadow::{RamMap, Shadow, PAGE_SIZE};
+use super::spec::QemuSpec;
+use crate::guest::{Checkpoint, GuestError, ProtectedGuest};
+use crate::kvm::Seams;
+
+/// How long QEMU may take to start (QMP socket up, NIC connected).
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the NIC backend may take to drain after a stop.
+const QUIESCE_TIMEOUT: Duration = Duration::from_millis(50);
+
+/// Where the last checkpoint's pause went, in this backend's own terms.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QemuTimings {
+    /// QMP `stop` (and draining the NIC backend).
+    pub stop: Duration,
+    /// Saving the device state (`migrate` to the memfd), beyond the part
+    /// that overlaps the compare.
+    pub state: Duration,
+    /// Comparing RAM with the shadow.
+    pub compare: Duration,
+    /// Copying the changed pages (staging buffer and shadow).
+    pub copy: Duration,
+    /// QMP `cont`.
+    pub cont: Duration,
+    /// Stop to resume.
+    pub total: Duration,
+    /// Device state size in bytes.
+    pub state_bytes: usize,
+}
+
+/// The RAM file in tmpfs; its name is removed once QEMU has mapped it, or
+/// on drop if starting failed before.
+#[derive(Debug)]
+struct RamFile {
+    path: PathBuf,
+    _file: File,
+}
+
+impl Drop for RamFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// A Linux guest running in a QEMU process we own.
+pub struct QemuGuest {
+    // Declaration order is drop order: QEMU is killed first, then the
+    // sockets close and the RAM goes.
+    process: Mutex<QemuProcess>,
+    qmp: Qmp,
+    net: Option<NetBackend>,
+    ram: RamMap,
+    _ram_file: RamFile,
+    shadow: Shadow,
+    state: StateChannel,
+    paths: Paths,
+    /// The engine paused the guest (`pause`): checkpoints leave it paused.
+    held: bool,
+    timings: QemuTimings,
+}
+
+impl std::fmt::Debug for QemuGuest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QemuGuest")
+            .field("pid", &self.pid())
+            .field("ram", &self.paths.ram)
+            .field("held", &self.held)
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl QemuGuest {
+    /// Boots the guest described by `spec`. Transmitted frames go to
+    /// `seams.frame_sink` (dropped when there is none).
+    pub fn start(spec: &QemuSpec, seams: Seams) -> Result<QemuGuest> {
+        Self::launch(spec, seams, "primary", None)
+    }
+
+    /// Builds a guest from a committed replica and runs it: `memory_image`
+    /// is the whole guest RAM and `state` the device state of the same
+    /// checkpoint (as [`ProtectedGuest::checkpoint`] produced them). The
+    /// QEMU is started with `spec`'s command line plus `-incoming defer`,
+    /// loads the state and continues. The next checkpoint of the new
+    /// guest carries its full image.
+    pub fn restore(
+        spec: &QemuSpec,
+        memory_image: &[u8],
+        state: &[u8],
+        seams: Seams,
+    ) -> Result<QemuGuest> {
+        if memory_image.len() as u64 != spec.ram_bytes() {
+            return Err(Error::Restore(format!(
+                "memory image has {} bytes, the VM has {}",
+                memory_image.len(),
+                spec.ram_bytes()
+            )));
+        }
+        if !state.starts_with(&devstate::STREAM_MAGIC) {
+            return Err(Error::Restore(
+                "the device state is not a QEMU migration stream".into(),
+            ));
+        }
+        Self::launch(spec, seams, "replica", Some((memory_image, state)))
+    }
+
+    fn launch(
+        spec: &QemuSpec,
+        seams: Seams,
+        tag: &str,
+        replica: Option<(&[u8], &[u8])>,
+    ) -> Result<QemuGuest> {
+        spec.validate()?;
+        if seams.write_hook.is_some() {
+            return Err(Error::Spec(
+                "disk write hook: the qemu backend has no disk yet (NBD is a later milestone)"
+                    .into(),
+            ));
+        }
+        for p in [&spec.image.kernel, &spec.image.initrd] {
+            std::fs::metadata(p).map_err(|source| Error::GuestImage {
+                path: p.clone(),
+                source,
+            })?;
+        }
+        let paths = Paths::new(spec, tag);
+        let len = spec.ram_bytes() as usize;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&paths.ram)
+            .map_err(Error::io(format!("creating {}", paths.ram.display())))?;
+        let ram_file = RamFile {
+            path: paths.ram.clone(),
+            _file: file
+                .try_clone()
+                .map_err(Error::io("duplicating the RAM fd"))?,
+        };
+        file.set_len(len as u64)
+            .map_err(Error::io(format!("sizing {}", paths.ram.display())))?;
+        let ram = RamMap::map(&file, len).map_err(Error::io("mapping guest RAM"))?;
+        if let Some((image, _)) = replica {
+            ram.write_from(image);
+        }
+
+        let listening = match &spec.network {
+            Some(_) => Some(Listening::bind(&paths.net)?),
+            None => None,
+        };
+        let args = command_line(spec, &paths, spec.accel.resolve(), replica.is_some());
+        tracing::debug!(?args, "starting QEMU");
+        let mut process = QemuProcess::spawn(&spec.qemu_binary, &args, &paths.log)?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut alive = || process.check_alive("starting");
+        let net = match listening {
+            Some(l) => Some(l.accept(deadline, &mut alive, seams.frame_sink)?),
+            None => None,
+        };
+        let mut qmp = Qmp::connect(&paths.qmp, deadline, &mut alive)?;
+        // QMP answers once QEMU's main loop runs, so QEMU has mapped the
+        // RAM file by now and so have we: its name can go, and nothing is
+        // left in tmpfs even if this process is killed without unwinding.
+        let _ = std::fs::remove_file(&paths.ram);
+        let mut state = StateChannel::new()?;
+        let setup = devstate::enable_ignore_shared(&mut qmp).and_then(|()| match replica {
+            Some((_, blob)) => state
+                .load(&mut qmp, blob)
+                .and_then(|()| qmp.execute("cont", None).map(|_| ())),
+            None => Ok(()),
+        });
+        if let Err(e) = setup {
+            // QEMU exits on a stream it cannot load: its own message says
+            // more than the closed QMP socket.
+            std::thread::sleep(Duration::from_millis(100));
+            let what = if replica.is_some() {
+                "loading the device state"
+            } else {
+                "setting up migration"
+            };
+            return Err(match process.check_alive(what) {
+                Err(exited) => exited,
+                Ok(()) => e,
+            });
+        }
+        Ok(QemuGuest {
+            process: Mutex::new(process),
+            qmp,
+            net,
+            ram,
+            _ram_file: ram_file,
+            shadow: Shadow::new(len),
+            state,
+            paths,
+            held: false,
+            timings: QemuTimings::default(),
+        })
+    }
+
+    /// QEMU's process id.
+    pub fn pid(&self) -> u32 {
+        lock(&self.process).pid()
+    }
+
+    /// The serial console's output file.
+    pub fn console_path(&self) -> &Path {
+        &self.paths.console
+    }
+
+    /// The console output so far.
+    pub fn console(&self) -> String {
+        std::fs::read_to_string(&self.paths.console).unwrap_or_default()
+    }
+
+    /// The NIC backend (to give the guest frames), if the guest has a NIC.
+    pub fn net(&self) -> Option<&NetBackend> {
+        self.net.as_ref()
+    }
+
+    /// The QMP connection, for commands this type does not wrap.
+    pub fn qmp(&mut self) -> &mut Qmp {
+        &mut self.qmp
+    }
+
+    /// The last checkpoint's pause, part by part.
+    pub fn last_timings(&self) -> QemuTimings {
+        self.timings
+    }
+
+    /// Sets how many threads compare RAM with the shadow.
+    pub fn set_compare_threads(&mut self, n: usize) {
+        self.shadow.set_threads(n);
+    }
+
+    /// A copy of the whole guest RAM (consistent while the guest is
+    /// paused).
+    pub fn read_ram(&self, out: &mut Vec<u8>) {
+        self.ram.copy_to(out);
+    }
+
+    /// Guest RAM through our mapping (for benchmarks that compare it
+    /// themselves; see `RamMap` on why only raw pointers are given out).
+    pub fn ram(&self) -> &RamMap {
+        &self.ram
+    }
+
+    /// The runstate QEMU reports (`running`, `paused`, `postmigrate`...).
+    pub fn runstate(&mut self) -> Result<String> {
+        let st = self.qmp.execute("query-status", None)?;
+        Ok(st
+            .get("status")
+            .and_then(|s| s.as_str())
+            .unwrap_or("?")
+            .to_owned())
+    }
+
+    /// A QMP failure as the engine sees it: `NotRunning` when QEMU died.
+    fn guest_error(&self, e: Error) -> GuestError {
+        if lock(&self.process).is_alive() {
+            GuestError::Backend(e.to_string())
+        } else {
+            GuestError::NotRunning
+        }
+    }
+
+    fn stop(&mut self) -> Result<()> {
+        self.qmp.execute("stop", None)?;
+        if let Some(n) = &self.net {
+            if !n.quiesce(QUIESCE_TIMEOUT) {
+                tracing::warn!(
+                    "NIC backend still had bytes after the stop; they go to the next epoch"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn cont(&mut self) -> Result<()> {
+        self.qmp.execute("cont", None)?;
+        Ok(())
+    }
+
+    fn checkpoint_stopped(
+        &mut self,
+        out: &mut Checkpoint,
+        at_pause: &mut dyn FnMut(),
+    ) -> Result<()> {
+        at_pause();
+        // QEMU writes the device state from its migration thread while we
+        // compare RAM (the stream skips the shared RAM, so the two do not
+        // meet). `state` is the time the state costs the pause beyond the
+        // compare: starting it, and waiting for it afterwards.
+        let t = Instant::now();
+        self.state.start_save(&mut self.qmp)?;
+        let started = t.elapsed();
+        let (compare, copy) = self.collect(usize::MAX, out);
+        self.timings.compare = compare;
+        self.timings.copy = copy;
+        let t = Instant::now();
+        self.state.finish_save(&mut self.qmp, &mut out.state)?;
+        self.timings.state = started + t.elapsed();
+        self.timings.state_bytes = out.state.len();
+        Ok(())
+    }
+
+    fn collect(&mut self, max: usize, out: &mut Checkpoint) -> (Duration, Duration) {
+        let t = Instant::now();
+        // SAFETY: the mapping covers the shadow's frames (both were sized
+        // from the spec's RAM) and lives as long as self.
+        let found = unsafe {
+            self.shadow
+                .collect(self.ram.as_ptr(), max, &mut out.frames, &mut out.pages)
+        };
+        (found.compare, t.elapsed().saturating_sub(found.compare))
+    }
+}
+
+impl ProtectedGuest for QemuGuest {
+    fn page_size(&self) -> usize {
+        PAGE_SIZE
+    }
+
+    fn frame_count(&self) -> u64 {
+        self.shadow.frame_count()
+    }
+
+    fn precopy_round(
+        &mut self,
+        max_frames: usize,
+        out: &mut Checkpoint,
+    ) -> std::result::Result<(), GuestError> {
+        out.clear();
+        if !self.is_running() {
+            return Err(GuestError::NotRunning);
+        }
+        let (compare, copy) = self.collect(max_frames, out);
+        out.timings.dirty_log = compare;
+        out.timings.copy = copy;
+        Ok(())
+    }
+
+    fn checkpoint(
+        &mut self,
+        out: &mut Checkpoint,
+        at_pause: &mut dyn FnMut(),
+    ) -> std::result::Result<(), GuestError> {
+        out.frames.clear();
+        out.state.clear();
+        out.timings = Default::default();
+        self.timings = QemuTimings::default();
+        let t0 = Instant::now();
+        if !self.held {
+            if let Err(e) = self.stop() {
+                out.pages.clear();
+                return Err(self.guest_error(e));
+            }
+        }
+        let t_stop = Instant::now();
+        self.timings.stop = t_stop - t0;
+        let r = self.checkpoint_stopped(out, at_pause);
+        let t_cont = Instant::now();
+        let r = r.and_then(|()| if self.held { Ok(()) } else { self.cont() });
+        let t_end = Instant::now();
+        self.timings.cont = t_end - t_cont;
+        self.timings.total = t_end - t0;
+        if let Err(e) = r {
+            // The shadow may hold pages the engine will not send.
+            self.shadow.reset();
+            if !self.held {
+                let _ = self.cont();
+            }
+            out.frames.clear();
+            out.pages.clear();
+            return Err(self.guest_error(e));
+        }
+        out.timings.stop = self.timings.stop;
+        out.timings.dirty_log = self.timings.compare;
+        out.timings.copy = self.timings.copy;
+        out.timings.state = self.timings.state;
+        out.timings.total = self.timings.total;
+        Ok(())
+    }
+
+    fn pause(&mut self) -> std::result::Result<(), GuestError> {
+        if !self.held {
+            self.stop().map_err(|e| self.guest_error(e))?;
+            self.held = true;
+        }
+        Ok(())
+    }
+
+    fn resume(&mut self) -> std::result::Result<(), GuestError> {
+        if self.held {
+            self.cont().map_err(|e| self.guest_error(e))?;
+            self.held = false;
+        }
+        Ok(())
+    }
+
+    fn is_running(&self) -> bool {
+        lock(&self.process).is_alive()
+    }
+}
