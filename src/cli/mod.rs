@@ -10,6 +10,7 @@ pub mod exit;
 mod failover_setup;
 mod logging;
 pub(crate) mod protect;
+mod qemu_vm;
 mod signals;
 mod standby;
 mod status;

@@ -8,10 +8,15 @@ use clap::Args;
 use super::common;
 use super::exit::Code;
 use super::failover_setup;
+use super::qemu_vm;
 use crate::addresses::Addresses;
 use crate::arbiter::link::LinkKind;
 use crate::arbiter::StartAs;
+use crate::config::Backend;
 use crate::engine::protect::{Capture, ProtectError, ProtectOptions, Protector};
+use hypervisor::kvm::devices::net::FrameSink;
+use hypervisor::qemu::QemuGuest;
+use hypervisor::ProtectedGuest;
 
 #[derive(Debug, Args)]
 pub struct ProtectArgs {
@@ -62,16 +67,6 @@ impl ProtectArgs {
         let (Some(primary), Some(backup)) = (cfg.site(&vm.primary), cfg.site(&vm.backup)) else {
             return Err(Code::Config);
         };
-        let spec = match super::vm::spec_from_config(vm) {
-            Ok(s) => s.console(hypervisor::kvm::ConsoleSpec {
-                log_file: self.console_log.clone(),
-                to_terminal: false,
-            }),
-            Err(e) => {
-                eprintln!("error: {e}");
-                return Err(Code::Config);
-            }
-        };
         let opts = protect_options(
             cfg.replication_for(vm),
             vm,
@@ -81,95 +76,175 @@ impl ProtectArgs {
             Duration::from_secs_f64(self.report_every.max(0.1)),
         );
         let capture = Capture::new(opts.output_limit);
-        let guest = match hypervisor::kvm::Vm::start(&spec, capture.seams()) {
-            Ok(g) => g,
-            Err(e) => {
-                eprintln!("error: VM {}: {e}", vm.name);
-                return Err(Code::Failure);
-            }
-        };
-        let release = guest
-            .tap()
-            .map(|t| Box::new(t) as Box<dyn hypervisor::kvm::devices::net::FrameSink>);
-        let rt = common::runtime()?;
-        let cfg = &cfg;
-        Ok(rt.block_on(async move {
-            let shutdown = super::signals::shutdown();
-            let mut protector = match Protector::new(opts, guest, capture, release) {
-                Ok(p) => p,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return Code::Failure;
-                }
-            };
-            let published = crate::metrics::Published::default();
-            let (control_tx, control_rx) = tokio::sync::mpsc::channel(4);
-            protector.accept_control(control_rx);
-            let slot = crate::metrics::ControlSlot::default();
-            if let Ok(mut s) = slot.lock() {
-                *s = Some(control_tx);
-            }
-            if let Err(e) =
-                crate::metrics::serve_with_control(self.metrics, published.clone(), slot).await
-            {
-                eprintln!("error: metrics endpoint {}: {e}", self.metrics);
-                return Code::Failure;
-            }
-            protector.publish_to(published);
-            let to_backup = LinkKind::Dial {
-                endpoint: match wan::transport::Endpoint::bind(
-                    std::net::SocketAddr::new(primary.listen.ip(), 0),
-                    wan::transport::TransportConfig::new(common::tls_paths(&primary.tls)),
-                ) {
-                    Ok(e) => e,
+        let started = match vm.backend {
+            Backend::Kvm => {
+                let spec = match super::vm::spec_from_config(vm) {
+                    Ok(s) => s.console(hypervisor::kvm::ConsoleSpec {
+                        log_file: self.console_log.clone(),
+                        to_terminal: false,
+                    }),
                     Err(e) => {
-                        eprintln!("error: failover endpoint: {e}");
-                        return Code::Failure;
+                        eprintln!("error: {e}");
+                        return Err(Code::Config);
                     }
-                },
-                addr: backup.connect_addr(),
-                name: backup.name.clone(),
-                control: true,
-            };
-            match failover_setup::start(cfg, vm, &primary.name, StartAs::Primary, to_backup) {
-                Ok(Some((arbiter, events))) => {
-                    let addresses = match Addresses::start(cfg, &primary.name, vm).await {
-                        Ok(a) => Some(a),
-                        Err(e) => {
-                            eprintln!("error: {e}");
-                            return Code::Config;
-                        }
-                    };
-                    protector.with_failover(arbiter, events, addresses);
-                }
-                Ok(None) => tracing::warn!(
-                    vm = %vm.name,
-                    "no [witness] configured: output is released on commit alone and there is no automatic takeover"
-                ),
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return Code::Config;
+                };
+                match hypervisor::kvm::Vm::start(&spec, capture.seams()) {
+                    Ok(g) => {
+                        let release = g.tap().map(|t| Box::new(t) as Box<dyn FrameSink>);
+                        Started::Kvm(g, release)
+                    }
+                    Err(e) => {
+                        eprintln!("error: VM {}: {e}", vm.name);
+                        return Err(Code::Failure);
+                    }
                 }
             }
-            match protector.run(shutdown).await {
-                Ok(stats) => {
-                    tracing::info!(
-                        epochs = stats.epochs,
-                        committed = stats.committed,
-                        "protection stopped"
-                    );
-                    Code::Success
-                }
-                Err(e @ ProtectError::Demoted { .. }) => {
+            Backend::Qemu => {
+                let spec = qemu_vm::spec_from_config(vm).map_err(|e| {
                     eprintln!("error: {e}");
-                    Code::Superseded
-                }
-                Err(e) => {
+                    Code::Config
+                })?;
+                let guest = QemuGuest::start(&spec, qemu_vm::seams(&capture)).map_err(|e| {
+                    eprintln!("error: VM {}: {e}", vm.name);
+                    Code::Failure
+                })?;
+                let bridge = qemu_vm::bridge(&guest, vm).map_err(|e| {
                     eprintln!("error: {e}");
                     Code::Failure
+                })?;
+                Started::Qemu(Box::new(guest), bridge)
+            }
+            Backend::Xen => {
+                eprintln!(
+                    "error: vms.{}.backend = \"xen\": this build has no Xen backend",
+                    vm.name
+                );
+                return Err(Code::Config);
+            }
+        };
+        let rt = common::runtime()?;
+        let ctx = Context {
+            cfg: &cfg,
+            vm,
+            primary,
+            backup,
+            metrics: self.metrics,
+        };
+        Ok(rt.block_on(async move {
+            match started {
+                Started::Kvm(guest, release) => {
+                    ctx.serve(Protector::new(opts, guest, capture, release))
+                        .await
+                }
+                Started::Qemu(guest, bridge) => {
+                    let release = Some(bridge.sink());
+                    let code = ctx
+                        .serve(Protector::new(opts, *guest, capture, release))
+                        .await;
+                    drop(bridge);
+                    code
                 }
             }
         }))
+    }
+}
+
+/// The VM started here, by backend.
+enum Started {
+    Kvm(hypervisor::kvm::Vm, Option<Box<dyn FrameSink>>),
+    Qemu(Box<QemuGuest>, hypervisor::qemu::TapBridge),
+}
+
+struct Context<'a> {
+    cfg: &'a crate::config::Config,
+    vm: &'a crate::config::Vm,
+    primary: &'a crate::config::Site,
+    backup: &'a crate::config::Site,
+    metrics: std::net::SocketAddr,
+}
+
+impl Context<'_> {
+    /// Metrics, failover, then protection until a signal or the end.
+    async fn serve<G: ProtectedGuest>(
+        &self,
+        protector: Result<Protector<G>, ProtectError>,
+    ) -> Code {
+        let (cfg, vm, primary, backup) = (self.cfg, self.vm, self.primary, self.backup);
+        let shutdown = super::signals::shutdown();
+        let mut protector = match protector {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return Code::Failure;
+            }
+        };
+        let published = crate::metrics::Published::default();
+        let (control_tx, control_rx) = tokio::sync::mpsc::channel(4);
+        protector.accept_control(control_rx);
+        let slot = crate::metrics::ControlSlot::default();
+        if let Ok(mut s) = slot.lock() {
+            *s = Some(control_tx);
+        }
+        if let Err(e) =
+            crate::metrics::serve_with_control(self.metrics, published.clone(), slot).await
+        {
+            eprintln!("error: metrics endpoint {}: {e}", self.metrics);
+            return Code::Failure;
+        }
+        protector.publish_to(published);
+        let to_backup = LinkKind::Dial {
+            endpoint: match wan::transport::Endpoint::bind(
+                std::net::SocketAddr::new(primary.listen.ip(), 0),
+                wan::transport::TransportConfig::new(common::tls_paths(&primary.tls)),
+            ) {
+                Ok(e) => e,
+                Err(e) => {
+                    eprintln!("error: failover endpoint: {e}");
+                    return Code::Failure;
+                }
+            },
+            addr: backup.connect_addr(),
+            name: backup.name.clone(),
+            control: true,
+        };
+        match failover_setup::start(cfg, vm, &primary.name, StartAs::Primary, to_backup) {
+            Ok(Some((arbiter, events))) => {
+                let addresses = match Addresses::start(cfg, &primary.name, vm).await {
+                    Ok(a) => Some(a),
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return Code::Config;
+                    }
+                };
+                protector.with_failover(arbiter, events, addresses);
+            }
+            Ok(None) => tracing::warn!(
+                vm = %vm.name,
+                "no [witness] configured: output is released on commit alone and there is no automatic takeover"
+            ),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return Code::Config;
+            }
+        }
+        match protector.run(shutdown).await {
+            Ok(stats) => {
+                tracing::info!(
+                    epochs = stats.epochs,
+                    committed = stats.committed,
+                    "protection stopped"
+                );
+                Code::Success
+            }
+            Err(e @ ProtectError::Demoted { .. }) => {
+                eprintln!("error: {e}");
+                Code::Superseded
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                Code::Failure
+            }
+        }
     }
 }
 

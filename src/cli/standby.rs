@@ -7,12 +7,15 @@ use clap::Args;
 use super::common;
 use super::exit::Code;
 use super::failover_setup;
+use super::qemu_vm;
 use crate::addresses::Addresses;
 use crate::arbiter::demux;
 use crate::arbiter::link::LinkKind;
 use crate::arbiter::StartAs;
+use crate::config::Backend;
 use crate::engine::protect::{Capture, ProtectError, ProtectOptions, Protector};
 use crate::engine::standby::{self, ActiveEnd, StandbyOptions, Takeover};
+use hypervisor::qemu::QemuGuest;
 
 #[derive(Debug, Args)]
 pub struct StandbyArgs {
@@ -257,16 +260,40 @@ fn run_after_takeover(
 ) -> standby::Activate {
     Box::new(move |store, act| {
         let capture = Capture::new(opts.output_limit);
-        let guest = resume(&vm, store, || capture.seams())?;
-        let release = guest
-            .tap()
-            .map(|t| Box::new(t) as Box<dyn hypervisor::kvm::devices::net::FrameSink>);
         if vm.disk.is_some() {
             opts.disk = Some(store.dir().join("disk.img"));
         }
-        let mut protector =
-            Protector::new(opts, guest, capture, release).map_err(|e| e.to_string())?;
-        protector.publish_to(published);
+        // The resumed guest under its protector (and, for QEMU, the tap
+        // bridge that must live as long as it).
+        let start: Box<dyn FnOnce(Failover) -> standby::RunActive + Send> = match vm.backend {
+            Backend::Qemu => {
+                let meta = store.meta();
+                if !meta.consistent {
+                    return Err("the replica never reached a consistent checkpoint".into());
+                }
+                let spec = qemu_vm::spec_from_config(&vm)?;
+                let state = store.state().map_err(|e| e.to_string())?;
+                let guest =
+                    QemuGuest::restore(&spec, store.memory(), &state, qemu_vm::seams(&capture))
+                        .map_err(|e| {
+                            format!("activating VM {} from epoch {:?}: {e}", vm.name, meta.epoch)
+                        })?;
+                let bridge = qemu_vm::bridge(&guest, &vm)?;
+                let release = Some(bridge.sink());
+                let protector =
+                    Protector::new(opts, guest, capture, release).map_err(|e| e.to_string())?;
+                Box::new(move |f: Failover| protect_after_takeover(protector, f, Some(bridge)))
+            }
+            _ => {
+                let guest = resume(&vm, store, || capture.seams())?;
+                let release = guest
+                    .tap()
+                    .map(|t| Box::new(t) as Box<dyn hypervisor::kvm::devices::net::FrameSink>);
+                let protector =
+                    Protector::new(opts, guest, capture, release).map_err(|e| e.to_string())?;
+                Box::new(move |f: Failover| protect_after_takeover(protector, f, None))
+            }
+        };
         let endpoint = wan::transport::Endpoint::bind(
             std::net::SocketAddr::new(me.listen.ip(), 0),
             wan::transport::TransportConfig::new(common::tls_paths(&me.tls)),
@@ -278,26 +305,49 @@ fn run_after_takeover(
             name: peer.name.clone(),
             control: true,
         });
-        protector.with_failover(act.arbiter, act.events, act.addresses);
-        protector.protect_when_peer_returns();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        protector.accept_control(rx);
         if let Ok(mut c) = control.lock() {
             *c = Some(tx);
         }
-        let shutdown = act.shutdown;
-        Ok(Box::pin(async move {
-            match protector
-                .run(async move {
-                    let _ = shutdown.await;
-                })
-                .await
-            {
-                Ok(_) => Ok(ActiveEnd::Stopped),
-                Err(ProtectError::Demoted { token, .. }) => Ok(ActiveEnd::Superseded { token }),
-                Err(e) => Err(e.to_string()),
-            }
-        }) as standby::RunActive)
+        Ok(start(Failover {
+            act,
+            control: rx,
+            published,
+        }))
+    })
+}
+
+/// What a resumed VM's protector needs from the takeover.
+struct Failover {
+    act: standby::Activation,
+    control: tokio::sync::mpsc::Receiver<crate::metrics::ControlRequest>,
+    published: crate::metrics::Published,
+}
+
+/// Runs the resumed VM under the lease, protecting it back towards the
+/// old primary's site once a standby answers there.
+fn protect_after_takeover<G: hypervisor::ProtectedGuest + 'static>(
+    mut protector: Protector<G>,
+    f: Failover,
+    keep: Option<hypervisor::qemu::TapBridge>,
+) -> standby::RunActive {
+    protector.publish_to(f.published);
+    protector.with_failover(f.act.arbiter, f.act.events, f.act.addresses);
+    protector.protect_when_peer_returns();
+    protector.accept_control(f.control);
+    let shutdown = f.act.shutdown;
+    Box::pin(async move {
+        let r = protector
+            .run(async move {
+                let _ = shutdown.await;
+            })
+            .await;
+        drop(keep);
+        match r {
+            Ok(_) => Ok(ActiveEnd::Stopped),
+            Err(ProtectError::Demoted { token, .. }) => Ok(ActiveEnd::Superseded { token }),
+            Err(e) => Err(e.to_string()),
+        }
     })
 }
 

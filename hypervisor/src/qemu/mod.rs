@@ -32,10 +32,12 @@ pub mod process;
 pub mod qmp;
 pub mod shadow;
 pub mod spec;
+pub mod tap_bridge;
 
 pub use error::{Error, Result};
 pub use guest::{QemuGuest, QemuTimings};
 pub use spec::{Accel, LinuxImage, QemuNetSpec, QemuSpec};
+pub use tap_bridge::TapBridge;
 
 /// Whether a QEMU binary runs here (`qemu-system-x86_64 --version`).
 pub fn available(binary: &std::path::Path) -> Result<()> {

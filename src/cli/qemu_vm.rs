@@ -1,0 +1,71 @@
+//! `backend = "qemu"`: a Linux VM in QEMU, from its `[[vms]]` entry.
+
+use std::net::IpAddr;
+
+use hypervisor::kvm::Seams;
+use hypervisor::qemu::{LinuxImage, QemuGuest, QemuNetSpec, QemuSpec, TapBridge};
+
+use crate::config;
+
+/// The QEMU description of `vm`; QEMU's sockets and log go to a folder of
+/// this process under the system's temporary folder.
+pub fn spec_from_config(vm: &config::Vm) -> Result<QemuSpec, String> {
+    let (Some(kernel), Some(initrd)) = (vm.kernel.clone(), vm.initramfs.clone()) else {
+        return Err(format!(
+            "vms.{}: backend \"qemu\" needs `kernel` and `initramfs` (cargo xtask guest-image --linux)",
+            vm.name
+        ));
+    };
+    if vm.disk.is_some() {
+        return Err(format!(
+            "vms.{}.disk: the qemu backend does not replicate a disk yet (NBD is its next step); remove `disk`",
+            vm.name
+        ));
+    }
+    let n = &vm.network;
+    let mac = hypervisor::kvm::NetSpec::parse_mac(&n.mac)
+        .ok_or_else(|| format!("vms.{}.network.mac: expected 52:54:00:xx:xx:xx", vm.name))?;
+    let IpAddr::V4(address) = n.address.addr() else {
+        return Err(format!(
+            "vms.{}.network.address: the Linux guest image is configured over IPv4",
+            vm.name
+        ));
+    };
+    let gateway = match n.gateway {
+        None => None,
+        Some(IpAddr::V4(g)) => Some(g),
+        Some(IpAddr::V6(_)) => {
+            return Err(format!("vms.{}.network.gateway: IPv4 expected", vm.name))
+        }
+    };
+    // Unix socket paths are short: a short folder name.
+    let run_dir = std::env::temp_dir().join(format!("rw-{}-{}", vm.name, std::process::id()));
+    std::fs::create_dir_all(&run_dir)
+        .map_err(|e| format!("creating {}: {e}", run_dir.display()))?;
+    Ok(
+        QemuSpec::new(&vm.name, LinuxImage { kernel, initrd }, run_dir)
+            .memory_mib(vm.memory_mib)
+            .network(QemuNetSpec {
+                mac,
+                address: Some((address, n.address.prefix_len())),
+                gateway,
+            }),
+    )
+}
+
+/// Seams for a QEMU guest: its transmitted frames (it has no disk yet).
+pub fn seams(capture: &crate::engine::protect::Capture) -> Seams {
+    Seams {
+        frame_sink: capture.seams().frame_sink,
+        write_hook: None,
+    }
+}
+
+/// The guest's NIC on its tap.
+pub fn bridge(guest: &QemuGuest, vm: &config::Vm) -> Result<TapBridge, String> {
+    let port = guest
+        .net()
+        .map(|n| n.guest_port())
+        .ok_or_else(|| format!("VM {}: no network backend", vm.name))?;
+    TapBridge::start(&vm.network.tap, port).map_err(|e| format!("VM {}: {e}", vm.name))
+}
