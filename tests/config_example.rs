@@ -317,3 +317,13 @@ fn unknown_enum_value_lists_the_accepted_ones() {
     let t = example_text().replace("mode = \"both\"", "mode = \"sometimes\"");
     assert_issue(&t, "netops.bgp.speakers[1].peers[0].mode", "\"passive\"");
 }
+
+#[test]
+fn qemu_needs_an_initramfs_and_takes_no_disk_yet() {
+    let t = example_text().replace(
+        "backend = \"kvm\"",
+        "backend = \"qemu\"\nkernel = \"vmlinuz\"",
+    );
+    assert_issue(&t, "vms[0].initramfs", "initramfs");
+    assert_issue(&t, "vms[0].disk", "NBD");
+}
