@@ -33,9 +33,16 @@
 //! 4. the witness killed: nothing changes while dc1 and dc2 see each other.
 //! 5. after 3., dc1's link comes back: the stale primary neither announces
 //!    nor serves; the route and the client stay with dc2.
+//! 6. scenario 1 with a real Linux guest in QEMU (`backend = "qemu"`, issue 9)
+//!    instead of the micro-VM: its request/response counter (port 7000,
+//!    "next" → the next value) answers the client's same TCP connection
+//!    with the very next value once dc2 took over.
 //!
-//! Needs root, /dev/kvm, `ip`, `bird` and `birdc` (Debian `bird2`); fails
-//! with a clear message without them unless REMUS_WAN_ALLOW_SKIP=1.
+//! Needs root, /dev/kvm, `ip`, `bird` and `birdc` (Debian `bird2`); the
+//! Linux scenario needs QEMU (Debian `qemu-system-x86`) and the Linux guest
+//! image (`cargo xtask guest-image --linux`) instead of /dev/kvm (QEMU
+//! falls back to TCG). Fails with a clear message without them unless
+//! REMUS_WAN_ALLOW_SKIP=1.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -47,6 +54,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use hypervisor::qemu::LinuxImage;
 use remus_wan::certs::{init_site, InitOptions};
 use remus_wan::testbed::CounterCheck;
 use wan::emulator::{Emulator, EmulatorConfig, EmulatorHandle, LinkParams};
@@ -108,29 +116,67 @@ fn which(bin: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// True when the test can run; panics with what is missing otherwise,
-/// unless REMUS_WAN_ALLOW_SKIP=1 (then prints a skip notice).
-fn preflight(test: &str) -> bool {
+/// What every scenario needs: root, `ip`, `bird`, `birdc`.
+fn missing_common() -> Vec<String> {
     let mut missing = Vec::new();
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         missing.push("root (network namespaces, taps)".to_string());
-    }
-    if !Path::new("/dev/kvm").exists() {
-        missing.push("/dev/kvm".to_string());
     }
     for b in ["ip", "bird", "birdc"] {
         if which(b).is_none() {
             missing.push(format!("binary `{b}`"));
         }
     }
+    missing
+}
+
+/// True when the test can run (the micro-VM scenarios); panics with what
+/// is missing otherwise, unless REMUS_WAN_ALLOW_SKIP=1 (then prints a
+/// skip notice).
+fn preflight(test: &str) -> bool {
+    let mut missing = missing_common();
+    if !Path::new("/dev/kvm").exists() {
+        missing.push("/dev/kvm".to_string());
+    }
+    verdict(
+        test,
+        &missing,
+        "Debian packages bird2 and iproute2, e.g. via `cargo xtask test`; run as root on a host with KVM",
+    )
+}
+
+/// The Linux guest's image when the QEMU scenario can run: what every
+/// scenario needs, plus QEMU and the image (not /dev/kvm: QEMU runs the
+/// guest under TCG without it). Panics or skips as [`preflight`] does.
+fn preflight_linux(test: &str) -> Option<LinuxImage> {
+    let mut missing = missing_common();
+    if let Err(e) = hypervisor::qemu::available(Path::new("qemu-system-x86_64")) {
+        missing.push(format!("QEMU ({e})"));
+    }
+    let image = LinuxImage::from_env_or_workspace()
+        .map_err(|e| missing.push(format!("the Linux guest image ({e})")))
+        .ok();
+    let ok = verdict(
+        test,
+        &missing,
+        "Debian packages bird2, iproute2 and qemu-system-x86 and the Linux guest image, \
+         e.g. via `cargo xtask test`; run as root",
+    );
+    if ok {
+        image
+    } else {
+        None
+    }
+}
+
+/// True when nothing is missing; else panics with `missing` and `hint`,
+/// or prints a skip notice and returns false under REMUS_WAN_ALLOW_SKIP=1.
+fn verdict(test: &str, missing: &[String], hint: &str) -> bool {
     if missing.is_empty() {
         return true;
     }
-    let msg = format!(
-        "{test}: needs {} (Debian packages bird2 and iproute2, e.g. via `cargo xtask test`; run as root on a host with KVM)",
-        missing.join(", ")
-    );
+    let msg = format!("{test}: needs {} ({hint})", missing.join(", "));
     if std::env::var("REMUS_WAN_ALLOW_SKIP").as_deref() == Ok("1") {
         eprintln!("SKIPPED (REMUS_WAN_ALLOW_SKIP=1): {msg}");
         return false;
@@ -829,12 +875,115 @@ impl Kv {
     }
 }
 
+/// The Linux guest's counter connection (port 7000): one `next` line in,
+/// the next value out. Every answer must be the previous one + 1 (no
+/// gap, no duplicate, no reset).
+struct Ask {
+    w: TcpStream,
+    r: BufReader<TcpStream>,
+    /// The last value answered.
+    last: Option<u64>,
+    answers: u64,
+}
+
+impl Ask {
+    /// Connects from namespace `ns`, retrying until `limit` (the guest
+    /// boots under TCG), and asks a first value.
+    fn connect(ns: &str, limit: Duration) -> Result<Ask, String> {
+        let addr: SocketAddr = format!("{GUEST}:7000").parse().expect("addr");
+        let deadline = Instant::now() + limit.min(HARD_LIMIT);
+        let w = loop {
+            match connect_from(ns, addr) {
+                Ok(c) => break c,
+                Err(e) if Instant::now() > deadline => {
+                    return Err(format!(
+                        "the Linux guest never answered on {addr} within {limit:?}: {e}"
+                    ))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(500)),
+            }
+        };
+        // Beyond any takeover: a missing answer fails, it does not hang.
+        w.set_read_timeout(Some(Duration::from_secs(60)))
+            .map_err(|e| format!("read timeout: {e}"))?;
+        let r = BufReader::new(w.try_clone().map_err(|e| format!("clone: {e}"))?);
+        let mut ask = Ask {
+            w,
+            r,
+            last: None,
+            answers: 0,
+        };
+        ask.next()?;
+        Ok(ask)
+    }
+
+    /// Asks for the next value; Err if the connection failed or the value
+    /// does not follow the last one.
+    fn next(&mut self) -> Result<u64, String> {
+        self.w
+            .write_all(b"next\n")
+            .map_err(|e| format!("sending `next` (no reset allowed): {e}"))?;
+        let mut line = String::new();
+        match self.r.read_line(&mut line) {
+            Ok(0) => return Err("counter connection closed by the guest".into()),
+            Ok(_) => {}
+            Err(e) => return Err(format!("no answer to `next` (no reset allowed): {e}")),
+        }
+        let v: u64 = line
+            .trim()
+            .parse()
+            .map_err(|e| format!("counter answer {line:?}: {e}"))?;
+        if let Some(last) = self.last {
+            if v != last + 1 {
+                return Err(format!("the counter went from {last} to {v}"));
+            }
+        }
+        self.last = Some(v);
+        self.answers += 1;
+        Ok(v)
+    }
+}
+
 // ---------------------------------------------------------------- deployment
+
+/// The protected guest of a scenario.
+#[derive(Debug, Clone)]
+enum Guest {
+    /// The KVM micro-VM (smoltcp): a streaming counter on port 9000, a
+    /// key-value service on 7000 backed by its replicated disk.
+    MicroVm,
+    /// A Linux guest in QEMU (`backend = "qemu"`, busybox userland, no
+    /// disk): a request/response counter on port 7000.
+    Linux(LinuxImage),
+}
+
+impl Guest {
+    /// The replication epoch: the QEMU backend's checkpoint pause grows with
+    /// guest RAM, so it takes longer epochs (as in tests/qemu_e2e.rs).
+    fn epoch_ms(&self) -> u64 {
+        match self {
+            Guest::MicroVm => EPOCH_MS,
+            Guest::Linux(_) => 200,
+        }
+    }
+
+    /// How long the protected VM may take to boot, sync and be announced.
+    fn start_limit(&self) -> Duration {
+        match self {
+            Guest::MicroVm => Duration::from_secs(90),
+            // Boots under TCG in ~10-20 s on an idle machine; generous.
+            Guest::Linux(_) => Duration::from_secs(180),
+        }
+    }
+}
 
 /// One scenario's world. Fields drop in order: the client first, then the
 /// remus-wan processes, BIRD, the emulator, the namespaces, the files.
 struct World {
+    /// The micro-VM's counter stream (port 9000).
     stream: Option<Stream>,
+    /// The Linux guest's counter connection (port 7000).
+    ask: Option<Ask>,
     protect: Proc,
     standby: Proc,
     witness: Proc,
@@ -845,7 +994,24 @@ struct World {
     _tmp: tempfile::TempDir,
 }
 
-fn config_text(dir: &Path, image: &Path) -> String {
+/// The `[[vms]]` lines that depend on the guest kind.
+fn vm_lines(dir: &Path, guest: &Guest, micro_vm_image: Option<&Path>) -> String {
+    match guest {
+        Guest::MicroVm => format!(
+            "guest_image = \"{image}\"\nmemory_mib = 64\ndisk = \"{disk}\"\n",
+            image = micro_vm_image.expect("micro-VM image").display(),
+            disk = dir.join("web1.img").display(),
+        ),
+        // No disk: the qemu backend replicates memory, CPU and devices.
+        Guest::Linux(image) => format!(
+            "backend = \"qemu\"\nkernel = \"{}\"\ninitramfs = \"{}\"\nmemory_mib = 128\n",
+            image.kernel.display(),
+            image.initrd.display()
+        ),
+    }
+}
+
+fn config_text(dir: &Path, guest: &Guest, vm: &str) -> String {
     let pki = dir.join("pki");
     let tls = |name: &str| {
         format!(
@@ -863,22 +1029,21 @@ fn config_text(dir: &Path, image: &Path) -> String {
         )
     };
     format!(
-        "[replication]\nepoch_interval_ms = {EPOCH_MS}\nmax_epochs_in_flight = 4\n\n\
+        "[replication]\nepoch_interval_ms = {epoch}\nmax_epochs_in_flight = 4\n\n\
          [failover]\nheartbeat_ms = {HEARTBEAT_MS}\ndetection_timeout_ms = {DETECTION_MS}\n\
          lease_ms = {LEASE_MS}\nrenew_ms = {RENEW_MS}\nclock_margin_ms = {CLOCK_MARGIN_MS}\n\n\
          [[sites]]\nname = \"dc1\"\nlisten = \"{DC1}:{DC1_PORT}\"\n[sites.tls]\n{dc1_tls}\n\
          [[sites]]\nname = \"dc2\"\nlisten = \"0.0.0.0:{DC2_PORT}\"\nconnect = \"{DC2}:{EMULATOR_PORT}\"\n\
          [sites.tls]\n{dc2_tls}\n\
          [witness]\nname = \"witness\"\nlisten = \"{WITNESS}:{WITNESS_PORT}\"\n[witness.tls]\n{w_tls}\n\
-         [[vms]]\nname = \"web1\"\nprimary = \"dc1\"\nbackup = \"dc2\"\nguest_image = \"{image}\"\n\
-         memory_mib = 64\ndisk = \"{disk}\"\nservice_prefixes = [\"{PREFIX}\"]\n\
+         [[vms]]\nname = \"web1\"\nprimary = \"dc1\"\nbackup = \"dc2\"\n\
+         {vm}service_prefixes = [\"{PREFIX}\"]\n\
          [vms.network]\ntap = \"{TAP}\"\nmac = \"{GUEST_MAC}\"\naddress = \"{GUEST}/24\"\ngateway = \"192.0.2.1\"\n\n\
          [netops.bgp]\nhold_time_s = 6\nconnect_retry_s = 1\nstandby = \"none\"\n\n{s1}{s2}",
+        epoch = guest.epoch_ms(),
         dc1_tls = tls("dc1"),
         dc2_tls = tls("dc2"),
         w_tls = tls("witness"),
-        image = image.display(),
-        disk = dir.join("web1.img").display(),
         s1 = speaker("dc1", DC1, ROUTER_DC1),
         s2 = speaker("dc2", DC2, ROUTER_DC2),
     )
@@ -886,12 +1051,19 @@ fn config_text(dir: &Path, image: &Path) -> String {
 
 impl World {
     /// Topology, daemons, the protected VM, and the client's counter
-    /// stream flowing through the route dc1 announced.
-    fn start(test: &str) -> World {
-        let images = hypervisor::guest_build::from_env_or_build(
-            &Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-build"),
-        )
-        .expect("guest images (cargo xtask guest-image)");
+    /// (the micro-VM's stream, or the Linux guest's request/response
+    /// connection) working through the route dc1 announced.
+    fn start(test: &str, guest: &Guest) -> World {
+        let micro_vm_image = match guest {
+            Guest::MicroVm => Some(
+                hypervisor::guest_build::from_env_or_build(
+                    &Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-build"),
+                )
+                .expect("guest images (cargo xtask guest-image)")
+                .net,
+            ),
+            Guest::Linux(_) => None,
+        };
         let tmp = tempfile::Builder::new()
             .prefix("yank-")
             .tempdir()
@@ -906,11 +1078,14 @@ impl World {
             })
             .expect("certificates");
         }
-        File::create(dir.join("web1.img"))
-            .and_then(|f| f.set_len(4 << 20))
-            .expect("disk image");
+        if let Guest::MicroVm = guest {
+            File::create(dir.join("web1.img"))
+                .and_then(|f| f.set_len(4 << 20))
+                .expect("disk image");
+        }
         let cfg = dir.join("deployment.toml");
-        std::fs::write(&cfg, config_text(&dir, &images.net)).expect("config");
+        let vm = vm_lines(&dir, guest, micro_vm_image.as_deref());
+        std::fs::write(&cfg, config_text(&dir, guest, &vm)).expect("config");
         let cfg_s = cfg.display().to_string();
         let s = |p: &str| dir.join(p).display().to_string();
 
@@ -975,6 +1150,7 @@ impl World {
         );
         let mut w = World {
             stream: None,
+            ask: None,
             protect,
             standby,
             witness,
@@ -985,8 +1161,24 @@ impl World {
             _tmp: tmp,
         };
         // dc1 holds the lease and announces the prefix: the only way in.
-        if let Err(e) = w.bird.wait_route("dc1", Duration::from_secs(90)) {
+        if let Err(e) = w.bird.wait_route("dc1", guest.start_limit()) {
             panic!("dc1 never announced {PREFIX}: {e}\n{}", w.logs());
+        }
+        if let Guest::Linux(_) = guest {
+            let started = Instant::now();
+            match Ask::connect(&w.net.client, guest.start_limit()) {
+                Ok(a) => w.ask = Some(a),
+                Err(e) => panic!("{e}\n{}", w.logs()),
+            }
+            for _ in 0..10 {
+                w.ask("while protected");
+            }
+            eprintln!(
+                "[{test}] protected: route via dc1, the Linux guest's counter answered (at {}; port 7000 answered {} ms after the route)",
+                w.ask.as_ref().and_then(|a| a.last).unwrap_or_default(),
+                started.elapsed().as_millis()
+            );
+            return w;
         }
         let addr: SocketAddr = format!("{GUEST}:9000").parse().expect("addr");
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -1019,6 +1211,13 @@ impl World {
         self.stream.as_ref().expect("stream started")
     }
 
+    /// Asks the Linux guest's counter for its next value or fails with the
+    /// logs.
+    fn ask(&mut self, when: &str) -> u64 {
+        let r = self.ask.as_mut().expect("counter connection").next();
+        r.unwrap_or_else(|e| panic!("{when}: {e}\n{}", self.logs()))
+    }
+
     /// Everything one needs to see why a scenario failed.
     fn logs(&self) -> String {
         let mut out = String::new();
@@ -1035,11 +1234,14 @@ impl World {
             "\n--- router kernel route ---\n{}",
             self.net.kernel_route()
         ));
-        let console = std::fs::read_to_string(self.dir.join("console-dc1.log")).unwrap_or_default();
-        out.push_str(&format!(
-            "\n--- dc1 guest console ---\n{}\n",
-            tail(&console, 20)
-        ));
+        // The micro-VM's console (QEMU keeps its own under the system's
+        // temporary folder).
+        if let Ok(console) = std::fs::read_to_string(self.dir.join("console-dc1.log")) {
+            out.push_str(&format!(
+                "\n--- dc1 guest console ---\n{}\n",
+                tail(&console, 20)
+            ));
+        }
         out
     }
 
@@ -1173,30 +1375,90 @@ fn yank_the_plug_on_dc1_moves_the_vm_to_dc2_with_its_connections() {
     if !preflight("yank_the_plug") {
         return;
     }
+    kill_dc1("kill dc1", &Guest::MicroVm);
+}
+
+/// The same with a real Linux guest in QEMU (issue 9): its counter answers
+/// the client's same connection with the next value from dc2.
+#[test]
+fn yank_the_plug_on_dc1_moves_the_linux_guest_to_dc2_with_its_connection() {
+    let Some(image) = preflight_linux("yank_the_plug_linux") else {
+        return;
+    };
+    kill_dc1("kill dc1, Linux guest", &Guest::Linux(image));
+}
+
+/// The client's connections before the kill, as the guest kind has them.
+enum Before {
+    /// The micro-VM: key-value writes acknowledged, the stream's position.
+    MicroVm { kv: Kv, acked: u64, at: u64 },
+    /// The Linux guest: the last counter value answered.
+    Linux { last: u64 },
+}
+
+/// Scenario 1 with either guest: kill dc1 at a random moment, check dc2
+/// takes over, the route moves and the client's connection continues;
+/// prints the figures.
+fn kill_dc1(tag: &str, guest: &Guest) {
     let _serial = lock();
-    let mut w = World::start("kill dc1");
-    // Acknowledged writes, until a random moment.
+    let mut w = World::start(tag, guest);
+    // The client works until a random moment.
     let seed = seed();
     let kill_after = Duration::from_millis(800 + seed % 1500);
-    let mut kv = Kv::connect(&w.net.client);
-    let mut acked = 0u64;
     let until = Instant::now() + kill_after;
-    while Instant::now() < until {
-        let reply = kv.call(&format!("SET key{acked} value{acked}"));
-        assert_eq!(reply, "OK\n", "SET key{acked}");
-        acked += 1;
-    }
-    w.assert_stream_intact("before the kill");
-    let before = w.stream().next();
+    let before = match guest {
+        Guest::MicroVm => {
+            // Acknowledged writes.
+            let mut kv = Kv::connect(&w.net.client);
+            let mut acked = 0u64;
+            while Instant::now() < until {
+                let reply = kv.call(&format!("SET key{acked} value{acked}"));
+                assert_eq!(reply, "OK\n", "SET key{acked}");
+                acked += 1;
+            }
+            w.assert_stream_intact("before the kill");
+            Before::MicroVm {
+                kv,
+                acked,
+                at: w.stream().next(),
+            }
+        }
+        Guest::Linux(_) => {
+            // Consecutive answers (each one released after its checkpoint
+            // was committed at dc2).
+            let mut last = w.ask("while protected");
+            while Instant::now() < until {
+                last = w.ask("while protected");
+            }
+            Before::Linux { last }
+        }
+    };
 
     let kill = Instant::now();
-    w.stream().mark(kill);
+    if w.stream.is_some() {
+        w.stream().mark(kill);
+    }
     let killed = w.net.kill_all_in(&w.net.dc1.clone());
     w.protect.kill();
     w.net.isolate_dc1();
+    let what = match &before {
+        Before::MicroVm { acked, at, .. } => {
+            format!("{acked} writes acknowledged, client at counter {at}")
+        }
+        Before::Linux { last } => format!("the client's last answer was {last}"),
+    };
     eprintln!(
-        "[kill dc1] dc1 killed after {kill_after:?} (seed {seed}; {killed} processes SIGKILLed, links down): {acked} writes acknowledged, client at counter {before}"
+        "[{tag}] dc1 killed after {kill_after:?} (seed {seed}; {killed} processes SIGKILLed, links down): {what}"
     );
+    // The Linux guest's client asks right away, on its own thread: the
+    // request goes out while dc1 is dead; only the guest resumed at dc2
+    // can answer it.
+    let asker = w.ask.take().map(|mut ask| {
+        std::thread::spawn(move || {
+            let r = ask.next();
+            (r, kill.elapsed(), ask)
+        })
+    });
 
     // dc2 promotes by itself and moves the prefix.
     let route_time = match w.bird.wait_route("dc2", Duration::from_secs(60)) {
@@ -1209,36 +1471,69 @@ fn yank_the_plug_on_dc1_moves_the_vm_to_dc2_with_its_connections() {
     {
         panic!("{e}\n{}", w.logs());
     }
-    // Far more than the client's window could have held at the kill: these
-    // values come from the guest resumed at dc2, on the same connection.
-    w.expect_flow(
-        WELL_BEYOND_WINDOW,
-        Duration::from_secs(60),
-        "after the takeover",
-    );
-    w.assert_stream_intact("after the takeover");
-    let first_byte = ms(w.stream().first_after_silence(NEW_SITE_SILENCE));
-    let outage = ms(w.stream().longest_silence());
-    eprintln!(
-        "[kill dc1] same TCP connection continued from {before} to {} with no gap or duplicate",
-        w.stream().next()
-    );
-    // Every acknowledged write is on the resumed guest's disk, over the
-    // same key-value connection.
-    for k in [0, acked / 2, acked.saturating_sub(1)] {
-        let reply = kv.call(&format!("GET key{k}"));
-        assert_eq!(
-            reply,
-            format!("VALUE value{k}\n"),
-            "acknowledged SET key{k} lost\n{}",
-            w.logs()
-        );
-    }
-    eprintln!("[kill dc1] {acked} acknowledged key-value writes survived the takeover");
+    let first_answer = match (before, asker) {
+        (Before::MicroVm { mut kv, acked, at }, _) => {
+            // Far more than the client's window could have held at the
+            // kill: these values come from the guest resumed at dc2, on the
+            // same connection.
+            w.expect_flow(
+                WELL_BEYOND_WINDOW,
+                Duration::from_secs(60),
+                "after the takeover",
+            );
+            w.assert_stream_intact("after the takeover");
+            eprintln!(
+                "[{tag}] same TCP connection continued from {at} to {} with no gap or duplicate",
+                w.stream().next()
+            );
+            // Every acknowledged write is on the resumed guest's disk, over
+            // the same key-value connection.
+            for k in [0, acked / 2, acked.saturating_sub(1)] {
+                let reply = kv.call(&format!("GET key{k}"));
+                assert_eq!(
+                    reply,
+                    format!("VALUE value{k}\n"),
+                    "acknowledged SET key{k} lost\n{}",
+                    w.logs()
+                );
+            }
+            eprintln!("[{tag}] {acked} acknowledged key-value writes survived the takeover");
+            None
+        }
+        (Before::Linux { last }, Some(asker)) => {
+            let (r, after, ask) = asker.join().expect("asking thread");
+            w.ask = Some(ask);
+            let v =
+                r.unwrap_or_else(|e| panic!("the first request after the kill: {e}\n{}", w.logs()));
+            assert_eq!(v, last + 1, "after the takeover\n{}", w.logs());
+            let mut next = v;
+            for _ in 0..20 {
+                next = w.ask("after the takeover");
+            }
+            let answers = w.ask.as_ref().map_or(0, |a| a.answers);
+            eprintln!(
+                "[{tag}] same TCP connection ({answers} answers): last answer {last} from dc1, then {v}..={next} from dc2, consecutive"
+            );
+            Some(after)
+        }
+        (Before::Linux { .. }, None) => unreachable!("the Linux guest has a counter connection"),
+    };
 
-    eprintln!("[kill dc1] figures (printed, never asserted):");
-    eprintln!("  kill -> first byte served by dc2   {first_byte:>8}");
-    eprintln!("  longest silence seen by the client {outage:>8}");
+    eprintln!("[{tag}] figures (printed, never asserted):");
+    match first_answer {
+        Some(after) => {
+            eprintln!(
+                "  kill -> first answer from dc2      {:>8}",
+                ms(Some(after))
+            );
+        }
+        None => {
+            let first_byte = ms(w.stream().first_after_silence(NEW_SITE_SILENCE));
+            let outage = ms(w.stream().longest_silence());
+            eprintln!("  kill -> first byte served by dc2   {first_byte:>8}");
+            eprintln!("  longest silence seen by the client {outage:>8}");
+        }
+    }
     eprintln!(
         "  kill -> BIRD route via dc2         {:>8}",
         ms(Some(route_time))
@@ -1262,7 +1557,7 @@ fn cutting_dc1_from_dc2_only_changes_nothing_for_the_client() {
         return;
     }
     let _serial = lock();
-    let mut w = World::start("cut dc1-dc2");
+    let mut w = World::start("cut dc1-dc2", &Guest::MicroVm);
     let cut = Instant::now();
     w.stream().mark(cut);
     w.wan.handle.cut();
@@ -1301,7 +1596,7 @@ fn isolated_dc1_fences_itself_and_dc2_takes_over() {
         return;
     }
     let _serial = lock();
-    let mut w = World::start("isolate dc1");
+    let mut w = World::start("isolate dc1", &Guest::MicroVm);
     let before = w.stream().next();
     let cut = Instant::now();
     w.stream().mark(cut);
@@ -1361,7 +1656,7 @@ fn a_healed_stale_primary_neither_announces_nor_serves() {
         return;
     }
     let _serial = lock();
-    let mut w = World::start("stale dc1 returns");
+    let mut w = World::start("stale dc1 returns", &Guest::MicroVm);
     ip_in(&w.net.router, &["link", "set", R_DC1, "down"]);
     if let Err(e) = w
         .protect
@@ -1420,7 +1715,7 @@ fn losing_the_witness_changes_nothing_while_both_sites_see_each_other() {
         return;
     }
     let _serial = lock();
-    let mut w = World::start("kill witness");
+    let mut w = World::start("kill witness", &Guest::MicroVm);
     let kill = Instant::now();
     w.stream().mark(kill);
     w.witness.kill();
