@@ -27,6 +27,7 @@
 pub mod devstate;
 pub mod error;
 pub mod guest;
+pub mod nbd;
 pub mod netdev;
 pub mod process;
 pub mod qmp;
@@ -36,6 +37,7 @@ pub mod tap_bridge;
 
 pub use error::{Error, Result};
 pub use guest::{QemuGuest, QemuTimings};
+pub use nbd::NbdServer;
 pub use spec::{Accel, LinuxImage, QemuNetSpec, QemuSpec};
 pub use tap_bridge::TapBridge;
 
