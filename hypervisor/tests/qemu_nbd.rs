@@ -385,6 +385,9 @@ fn bad_requests_get_errors_and_the_server_survives() {
     assert_eq!(&data, b"\0\0abcd\0\0");
     c.request(nbd::CMD_FLUSH, 0, 9, 0, 0, &[]);
     assert_eq!(c.reply(), (0, 9));
+    // An empty write: acknowledged, nothing for the hook.
+    c.request(nbd::CMD_WRITE, 0, 10, 0, 0, &[]);
+    assert_eq!(c.reply(), (0, 10));
     // Bad magic: the stream is out of step, the server closes it.
     c.0.write_all(&[0x55; 28]).unwrap();
     assert!(c.closed());

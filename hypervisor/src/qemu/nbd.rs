@@ -543,7 +543,8 @@ fn serve_request(s: &mut UnixStream, shared: &Shared, buf: &mut Vec<u8>) -> std:
             let result = {
                 // Held across the write: the hook's order is the image's.
                 let mut hook = lock(&shared.hook);
-                if let Some(h) = hook.as_mut() {
+                // An empty write changes nothing: no record for the epoch.
+                if let Some(h) = hook.as_mut().filter(|_| !buf.is_empty()) {
                     h.on_write(r.offset, buf);
                 }
                 shared.image.write_all_at(buf, r.offset).and_then(|_| {
