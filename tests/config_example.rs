@@ -319,11 +319,10 @@ fn unknown_enum_value_lists_the_accepted_ones() {
 }
 
 #[test]
-fn qemu_needs_an_initramfs_and_takes_no_disk_yet() {
+fn qemu_needs_an_initramfs() {
     let t = example_text().replace(
         "backend = \"kvm\"",
         "backend = \"qemu\"\nkernel = \"vmlinuz\"",
     );
     assert_issue(&t, "vms[0].initramfs", "initramfs");
-    assert_issue(&t, "vms[0].disk", "NBD");
 }

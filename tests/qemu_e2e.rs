@@ -5,7 +5,9 @@
 //! the protect process (and its QEMU) is SIGKILLed; the standby takes over
 //! by itself, resuming the guest in a second QEMU from the last committed
 //! checkpoint, and the client's same connection gets the very next value:
-//! every answer it saw had been committed at the backup.
+//! every answer it saw had been committed at the backup. The guest's disk
+//! is served by remus-wan over NBD: every write the guest acknowledged
+//! (synced before its "OK") is on the resumed guest's disk.
 //!
 //! Needs root (network namespace, tap), QEMU and the Linux guest image
 //! (`cargo xtask guest-image --linux`; `cargo xtask test` builds it).
@@ -110,12 +112,11 @@ fn a_linux_guest_in_qemu_survives_its_primary_being_killed() {
     }
     .write()
     .expect("deployment");
-    // The same deployment, with the VM in QEMU (and no disk: the qemu
-    // backend replicates memory, CPU and devices; NBD disks come next).
+    // The same deployment, with the VM in QEMU; its 4 MiB disk is served
+    // to the guest by remus-wan over NBD.
     let text = std::fs::read_to_string(&cfg).expect("config");
     let text: String = text
         .lines()
-        .filter(|l| !l.starts_with("disk = "))
         .map(|l| {
             if l.starts_with("guest_image = ") {
                 format!(
@@ -194,6 +195,25 @@ fn a_linux_guest_in_qemu_survives_its_primary_being_killed() {
             last = v;
         }
         eprintln!("protected Linux guest answered {first}..={last}");
+        // Disk writes: each "OK" leaves the guest only once the epoch
+        // holding the write (and its sync) is committed at dc2.
+        let kv = TcpStream::connect_timeout(
+            &"192.0.2.10:7001".parse().expect("addr"),
+            Duration::from_secs(5),
+        )
+        .expect("disk service");
+        kv.set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
+        let mut kv_r = BufReader::new(kv.try_clone().expect("clone"));
+        let mut kv_w = kv;
+        let keys = [3u64, 17, 42, 100, 1000];
+        for k in keys {
+            kv_w.write_all(format!("SET {k} value{k}\n").as_bytes())
+                .expect("set");
+            let mut line = String::new();
+            kv_r.read_line(&mut line).expect("set reply");
+            assert_eq!(line, "OK\n", "SET {k}");
+        }
         protect.kill();
         let killed = Instant::now();
         // The next value comes from the guest resumed at dc2, on the same
@@ -216,6 +236,29 @@ fn a_linux_guest_in_qemu_survives_its_primary_being_killed() {
             let v = ask(&mut w, &mut r);
             assert_eq!(v, last + 1, "counter skipped after the takeover");
             last = v;
+        }
+        // Every acknowledged write is on the resumed guest's disk, read
+        // back through it on the same connection, and in the replica's
+        // disk image that dc2 serves it from.
+        let disk = std::fs::read(dir.join("state/replicas/web1/disk.img")).expect("replica disk");
+        for k in keys {
+            kv_w.write_all(format!("GET {k}\n").as_bytes())
+                .expect("get");
+            let mut line = String::new();
+            kv_r.read_line(&mut line)
+                .expect("get reply after the takeover");
+            assert_eq!(
+                line,
+                format!("VALUE value{k}\n"),
+                "acknowledged SET {k} lost"
+            );
+            let at = (k * 512) as usize;
+            let want = format!("value{k}\n");
+            assert_eq!(
+                disk.get(at..at + want.len()),
+                Some(want.as_bytes()),
+                "block {k} of the replica's disk"
+            );
         }
         let line = log("standby.log")
             .lines()

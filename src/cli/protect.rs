@@ -104,10 +104,11 @@ impl ProtectArgs {
                     eprintln!("error: {e}");
                     Code::Config
                 })?;
-                let guest = QemuGuest::start(&spec, qemu_vm::seams(&capture)).map_err(|e| {
-                    eprintln!("error: VM {}: {e}", vm.name);
-                    Code::Failure
-                })?;
+                let guest =
+                    QemuGuest::start(&spec, qemu_vm::seams(&capture, &spec)).map_err(|e| {
+                        eprintln!("error: VM {}: {e}", vm.name);
+                        Code::Failure
+                    })?;
                 let bridge = qemu_vm::bridge(&guest, vm).map_err(|e| {
                     eprintln!("error: {e}");
                     Code::Failure

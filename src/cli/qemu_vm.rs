@@ -16,12 +16,6 @@ pub fn spec_from_config(vm: &config::Vm) -> Result<QemuSpec, String> {
             vm.name
         ));
     };
-    if vm.disk.is_some() {
-        return Err(format!(
-            "vms.{}.disk: the qemu backend does not replicate a disk yet (NBD is its next step); remove `disk`",
-            vm.name
-        ));
-    }
     let n = &vm.network;
     let mac = hypervisor::kvm::NetSpec::parse_mac(&n.mac)
         .ok_or_else(|| format!("vms.{}.network.mac: expected 52:54:00:xx:xx:xx", vm.name))?;
@@ -42,22 +36,26 @@ pub fn spec_from_config(vm: &config::Vm) -> Result<QemuSpec, String> {
     let run_dir = std::env::temp_dir().join(format!("rw-{}-{}", vm.name, std::process::id()));
     std::fs::create_dir_all(&run_dir)
         .map_err(|e| format!("creating {}: {e}", run_dir.display()))?;
-    Ok(
-        QemuSpec::new(&vm.name, LinuxImage { kernel, initrd }, run_dir)
-            .memory_mib(vm.memory_mib)
-            .network(QemuNetSpec {
-                mac,
-                address: Some((address, n.address.prefix_len())),
-                gateway,
-            }),
-    )
+    let spec = QemuSpec::new(&vm.name, LinuxImage { kernel, initrd }, run_dir)
+        .memory_mib(vm.memory_mib)
+        .network(QemuNetSpec {
+            mac,
+            address: Some((address, n.address.prefix_len())),
+            gateway,
+        });
+    Ok(match &vm.disk {
+        Some(d) => spec.disk(d),
+        None => spec,
+    })
 }
 
-/// Seams for a QEMU guest: its transmitted frames (it has no disk yet).
-pub fn seams(capture: &crate::engine::protect::Capture) -> Seams {
+/// Seams for a QEMU guest: its transmitted frames, and its disk writes
+/// when it has a disk (remus-wan's NBD server hands them to the hook).
+pub fn seams(capture: &crate::engine::protect::Capture, spec: &QemuSpec) -> Seams {
+    let s = capture.seams();
     Seams {
-        frame_sink: capture.seams().frame_sink,
-        write_hook: None,
+        frame_sink: s.frame_sink,
+        write_hook: spec.disk.as_ref().and(s.write_hook),
     }
 }
 

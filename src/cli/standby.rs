@@ -271,13 +271,20 @@ fn run_after_takeover(
                 if !meta.consistent {
                     return Err("the replica never reached a consistent checkpoint".into());
                 }
-                let spec = qemu_vm::spec_from_config(&vm)?;
+                let mut spec = qemu_vm::spec_from_config(&vm)?;
+                if spec.disk.is_some() {
+                    spec.disk = Some(store.dir().join("disk.img"));
+                }
                 let state = store.state().map_err(|e| e.to_string())?;
-                let guest =
-                    QemuGuest::restore(&spec, store.memory(), &state, qemu_vm::seams(&capture))
-                        .map_err(|e| {
-                            format!("activating VM {} from epoch {:?}: {e}", vm.name, meta.epoch)
-                        })?;
+                let guest = QemuGuest::restore(
+                    &spec,
+                    store.memory(),
+                    &state,
+                    qemu_vm::seams(&capture, &spec),
+                )
+                .map_err(|e| {
+                    format!("activating VM {} from epoch {:?}: {e}", vm.name, meta.epoch)
+                })?;
                 let bridge = qemu_vm::bridge(&guest, &vm)?;
                 let release = Some(bridge.sink());
                 let protector =

@@ -265,22 +265,14 @@ impl Validator {
                 ),
                 _ => {}
             }
-            if vm.backend == Backend::Qemu {
-                if vm.disk.is_some() {
-                    self.push(
-                        &format!("{key}.disk"),
-                        "expected no disk with backend \"qemu\": its disk replication (NBD) is not built yet",
-                    );
-                }
-                if !(64..=3072).contains(&vm.memory_mib) {
-                    self.push(
-                        &format!("{key}.memory_mib"),
-                        format!(
-                            "expected 64 to 3072 MiB with backend \"qemu\" (one RAM block), found {}",
-                            vm.memory_mib
-                        ),
-                    );
-                }
+            if vm.backend == Backend::Qemu && !(64..=3072).contains(&vm.memory_mib) {
+                self.push(
+                    &format!("{key}.memory_mib"),
+                    format!(
+                        "expected 64 to 3072 MiB with backend \"qemu\" (one RAM block), found {}",
+                        vm.memory_mib
+                    ),
+                );
             }
             // The micro-VM maps guest memory with 2 MiB pages.
             if vm.memory_mib < 2 || vm.memory_mib % 2 != 0 || vm.memory_mib > 1 << 20 {

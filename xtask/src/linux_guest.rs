@@ -11,6 +11,9 @@
 //! - a TCP counter service on port 7000: every line received is answered
 //!   with the next value of one guest-wide counter (kept in guest RAM, so a
 //!   replica continues it);
+//! - with a disk (`/dev/vda`), a key-value service on port 7001: `SET k v`
+//!   writes `v` into 512-byte block `k` and syncs it before answering
+//!   `OK`; `GET k` answers `VALUE v` from the disk;
 //! - `httpd` on port 80;
 //! - a console ticker: `tick N` every 200 ms on the serial console, N kept
 //!   in the shell's memory, which lets tests see that a replica continued
@@ -80,6 +83,7 @@ if [ -n "$IP" ]; then
 fi
 echo 0 > /run/count
 nc -ll -p 7000 -e /bin/counter &
+if [ -b /dev/vda ]; then nc -ll -p 7001 -e /bin/disk & fi
 httpd -p 80 -h /www
 echo "remus-wan guest ready"
 n=0
@@ -99,6 +103,18 @@ while read -r _; do
   n=$(( $(cat /run/count) + 1 ))
   echo "$n" > /run/count
   echo "$n"
+done
+"#;
+
+const DISK: &str = r#"#!/bin/busybox sh
+# "SET k v": v into 512-byte block k of the disk, on the disk (fsync)
+# before "OK"; "GET k": "VALUE v" read back from the disk.
+while read -r cmd k v; do
+  case "$cmd" in
+    SET) printf '%s\n' "$v" | dd of=/dev/vda bs=512 seek="$k" count=1 conv=notrunc,sync,fsync 2>/dev/null && echo OK || echo ERR ;;
+    GET) echo "VALUE $(dd if=/dev/vda bs=512 skip="$k" count=1 2>/dev/null | head -n 1)" ;;
+    *) echo ERR ;;
+  esac
 done
 "#;
 
@@ -137,6 +153,7 @@ pub fn build(out_dir: &Path) -> Result<PathBuf> {
     let init = INIT.replace("MODULES", &MODULES.join(" "));
     cpio.file("init", 0o755, init.as_bytes());
     cpio.file("bin/counter", 0o755, COUNTER.as_bytes());
+    cpio.file("bin/disk", 0o755, DISK.as_bytes());
     cpio.file(
         "www/index.html",
         0o644,

@@ -21,6 +21,8 @@ pub struct Paths {
     pub qmp: PathBuf,
     /// Network backend socket (remus-wan listens, QEMU connects).
     pub net: PathBuf,
+    /// Disk socket (remus-wan's NBD server listens, QEMU connects).
+    pub nbd: PathBuf,
     /// Serial console output.
     pub console: PathBuf,
     /// QEMU's own stdout/stderr.
@@ -38,6 +40,7 @@ impl Paths {
         Paths {
             qmp: run.join(format!("{tag}.qmp")),
             net: run.join(format!("{tag}.net")),
+            nbd: run.join(format!("{tag}.nbd")),
             console: run.join(format!("{tag}.console")),
             log: run.join(format!("{tag}.log")),
             ram: spec.ram_dir.join(format!(
@@ -124,6 +127,17 @@ pub fn command_line(spec: &QemuSpec, paths: &Paths, accel: &str, incoming: bool)
         "-qmp".into(),
         format!("unix:{},server=on,wait=off", paths.qmp.display()),
     ];
+    if spec.disk.is_some() {
+        a.extend([
+            "-blockdev".into(),
+            format!(
+                "driver=nbd,node-name=disk0,server.type=unix,server.path={}",
+                paths.nbd.display()
+            ),
+            "-device".into(),
+            "virtio-blk-pci,drive=disk0".into(),
+        ]);
+    }
     if let Some(net) = &spec.network {
         let m = net.mac;
         a.extend([

@@ -117,6 +117,9 @@ pub struct QemuSpec {
     pub cmdline_extra: String,
     /// Network interface, if any.
     pub network: Option<QemuNetSpec>,
+    /// Raw disk image, served to the guest by remus-wan over NBD (so its
+    /// writes pass through the engine's write hook), as a virtio disk.
+    pub disk: Option<PathBuf>,
     /// Folder for QEMU's sockets and logs (must exist; short, since unix
     /// socket paths are limited to 107 bytes).
     pub run_dir: PathBuf,
@@ -138,6 +141,7 @@ impl QemuSpec {
             accel: Accel::Auto,
             cmdline_extra: String::new(),
             network: None,
+            disk: None,
             run_dir: run_dir.into(),
             ram_dir: PathBuf::from("/dev/shm"),
             qemu_binary: PathBuf::from("qemu-system-x86_64"),
@@ -159,6 +163,12 @@ impl QemuSpec {
     /// Adds a network interface.
     pub fn network(mut self, net: QemuNetSpec) -> Self {
         self.network = Some(net);
+        self
+    }
+
+    /// Adds a disk (raw image served over NBD by remus-wan).
+    pub fn disk(mut self, image: impl Into<PathBuf>) -> Self {
+        self.disk = Some(image.into());
         self
     }
 
