@@ -35,22 +35,7 @@ fn spec(disk: &std::path::Path) -> VmSpec {
 }
 
 fn connect(port: u16) -> TcpStream {
-    let addr = SocketAddr::from((GUEST, port));
-    // The first ARP exchange with a guest that just booted can time out
-    // on a loaded machine ("no route to host"): retry for a bounded time.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let s = loop {
-        match TcpStream::connect_timeout(&addr, Duration::from_secs(10)) {
-            Ok(s) => break s,
-            Err(e)
-                if e.raw_os_error() == Some(libc::EHOSTUNREACH)
-                    && std::time::Instant::now() < deadline =>
-            {
-                std::thread::sleep(Duration::from_millis(200))
-            }
-            Err(e) => panic!("connect {addr}: {e}"),
-        }
-    };
+    let s = common::connect_guest(SocketAddr::from((GUEST, port)));
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
     s

@@ -9,7 +9,7 @@ use wan::transport::{Endpoint, TransportConfig};
 use super::common;
 use crate::arbiter::link::LinkKind;
 use crate::arbiter::{self, ArbiterHandle, ArbiterOptions, StartAs};
-use crate::config::{Config, Vm};
+use crate::config::{Config, Site, Vm};
 
 /// The witness's numbering of sites: `SiteId(i + 1)` is the i-th site.
 pub fn site_id(cfg: &Config, name: &str) -> Option<SiteId> {
@@ -44,11 +44,7 @@ pub fn start(
     };
     // The witness link has its own endpoint (an ephemeral port), so it
     // never waits behind replication traffic in one congestion window.
-    let endpoint = Endpoint::bind(
-        std::net::SocketAddr::new(site.listen.ip(), 0),
-        TransportConfig::new(common::tls_paths(&site.tls)),
-    )
-    .map_err(|e| format!("failover endpoint: {e}"))?;
+    let endpoint = ephemeral_endpoint(site)?;
     let timers = cfg.failover.timers();
     Ok(Some(arbiter::spawn(ArbiterOptions {
         vm: vm.name.clone(),
@@ -64,4 +60,25 @@ pub fn start(
         },
         to_peer,
     })))
+}
+
+/// A QUIC endpoint of `site` on an ephemeral port of its address, for a
+/// failover link it dials.
+fn ephemeral_endpoint(site: &Site) -> Result<Endpoint, String> {
+    Endpoint::bind(
+        std::net::SocketAddr::new(site.listen.ip(), 0),
+        TransportConfig::new(common::tls_paths(&site.tls)),
+    )
+    .map_err(|e| format!("failover endpoint: {e}"))
+}
+
+/// The failover link from `me` to its peer site, which `me` dials (the
+/// site that runs the VM reaches the one holding the replica).
+pub fn dial_peer(me: &Site, peer: &Site) -> Result<LinkKind, String> {
+    Ok(LinkKind::Dial {
+        endpoint: ephemeral_endpoint(me)?,
+        addr: peer.connect_addr(),
+        name: peer.name.clone(),
+        control: true,
+    })
 }

@@ -10,7 +10,6 @@ use super::exit::Code;
 use super::failover_setup;
 use super::qemu_vm;
 use crate::addresses::Addresses;
-use crate::arbiter::link::LinkKind;
 use crate::arbiter::StartAs;
 use crate::config::Backend;
 use crate::engine::protect::{Capture, ProtectError, ProtectOptions, Protector};
@@ -193,20 +192,12 @@ impl Context<'_> {
             return Code::Failure;
         }
         protector.publish_to(published);
-        let to_backup = LinkKind::Dial {
-            endpoint: match wan::transport::Endpoint::bind(
-                std::net::SocketAddr::new(primary.listen.ip(), 0),
-                wan::transport::TransportConfig::new(common::tls_paths(&primary.tls)),
-            ) {
-                Ok(e) => e,
-                Err(e) => {
-                    eprintln!("error: failover endpoint: {e}");
-                    return Code::Failure;
-                }
-            },
-            addr: backup.connect_addr(),
-            name: backup.name.clone(),
-            control: true,
+        let to_backup = match failover_setup::dial_peer(primary, backup) {
+            Ok(link) => link,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return Code::Failure;
+            }
         };
         match failover_setup::start(cfg, vm, &primary.name, StartAs::Primary, to_backup) {
             Ok(Some((arbiter, events))) => {

@@ -1,7 +1,5 @@
 //! `backend = "qemu"`: a Linux VM in QEMU, from its `[[vms]]` entry.
 
-use std::net::IpAddr;
-
 use hypervisor::kvm::Seams;
 use hypervisor::qemu::{LinuxImage, QemuGuest, QemuNetSpec, QemuSpec, TapBridge};
 
@@ -17,21 +15,11 @@ pub fn spec_from_config(vm: &config::Vm) -> Result<QemuSpec, String> {
         ));
     };
     let n = &vm.network;
-    let mac = hypervisor::kvm::NetSpec::parse_mac(&n.mac)
-        .ok_or_else(|| format!("vms.{}.network.mac: expected 52:54:00:xx:xx:xx", vm.name))?;
-    let IpAddr::V4(address) = n.address.addr() else {
-        return Err(format!(
-            "vms.{}.network.address: the Linux guest image is configured over IPv4",
-            vm.name
-        ));
-    };
-    let gateway = match n.gateway {
-        None => None,
-        Some(IpAddr::V4(g)) => Some(g),
-        Some(IpAddr::V6(_)) => {
-            return Err(format!("vms.{}.network.gateway: IPv4 expected", vm.name))
-        }
-    };
+    let super::vm::GuestNet {
+        mac,
+        address,
+        gateway,
+    } = super::vm::guest_net(vm, "the Linux guest image is configured over IPv4")?;
     // Unix socket paths are short: a short folder name.
     let run_dir = std::env::temp_dir().join(format!("rw-{}-{}", vm.name, std::process::id()));
     std::fs::create_dir_all(&run_dir)

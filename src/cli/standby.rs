@@ -301,17 +301,8 @@ fn run_after_takeover(
                 Box::new(move |f: Failover| protect_after_takeover(protector, f, None))
             }
         };
-        let endpoint = wan::transport::Endpoint::bind(
-            std::net::SocketAddr::new(me.listen.ip(), 0),
-            wan::transport::TransportConfig::new(common::tls_paths(&me.tls)),
-        )
-        .map_err(|e| format!("failover endpoint: {e}"))?;
-        act.arbiter.redirect_peer(LinkKind::Dial {
-            endpoint,
-            addr: peer.connect_addr(),
-            name: peer.name.clone(),
-            control: true,
-        });
+        act.arbiter
+            .redirect_peer(super::failover_setup::dial_peer(&me, &peer)?);
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         if let Ok(mut c) = control.lock() {
             *c = Some(tx);

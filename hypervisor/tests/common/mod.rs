@@ -155,3 +155,20 @@ pub fn persistent_tap(name: &str, host_cidr: &str, mac: &str) {
     ip(&["addr", "add", host_cidr, "dev", name]);
     ip(&["link", "set", "dev", name, "up"]);
 }
+
+/// Connects to a guest's TCP service. The first ARP exchange with a guest
+/// that just booted can time out on a loaded machine ("no route to
+/// host"): that is retried for a bounded time; anything else panics.
+pub fn connect_guest(addr: std::net::SocketAddr) -> std::net::TcpStream {
+    use std::time::{Duration, Instant};
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10)) {
+            Ok(s) => return s,
+            Err(e) if e.raw_os_error() == Some(libc::EHOSTUNREACH) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(200))
+            }
+            Err(e) => panic!("connect {addr}: {e}"),
+        }
+    }
+}
