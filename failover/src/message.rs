@@ -15,7 +15,9 @@ pub enum Stance {
     Active,
     /// Holds (or is resynchronising) the replica and promises not to ask
     /// the witness for the lease before `detection_timeout` has passed
-    /// since it received the acknowledged heartbeat.
+    /// since it received the acknowledged heartbeat, if that heartbeat
+    /// said `Active` (only an active peer's heartbeats hold a standby
+    /// back: an idle or standby peer does not run the VM).
     Standby,
     /// Has asked the witness for the lease and has not had a definitive
     /// answer: it may hold the lease already, so it promises nothing.

@@ -6,9 +6,10 @@
 //! - a witness lease (valid until the send time of the request that was
 //!   granted, plus the lease, minus the clock margin), or
 //! - a promise from its peer: a `Standby`/`Idle` acknowledgement of one of
-//!   its heartbeats. The peer asks the witness for the lease only after
-//!   `detection_timeout` of silence from us, so it cannot become active
-//!   before (heartbeat send time + detection timeout − margin).
+//!   the heartbeats it sent while `Active`. The peer asks the witness for
+//!   the lease only after `detection_timeout` without an `Active`
+//!   heartbeat from us, so it cannot become active before (heartbeat send
+//!   time + detection timeout − margin).
 //!
 //! The witness grants the lease to another site only after the current
 //! one's has expired on its clock, and a peer that asked the witness stops
@@ -70,6 +71,13 @@ pub struct Site {
     promise_until: Option<Instant>,
     /// Last time anything arrived from the peer.
     peer_heard: Instant,
+    /// Last time the peer said it runs the VM (`Active`): a standby's
+    /// detection timeout counts from this, not from `peer_heard`. A peer
+    /// process that restarted after a crash is `Idle` (its VM is gone),
+    /// a fresh standby process is `Standby`: hearing either must not keep
+    /// us from taking over, or a primary whose process comes back within
+    /// the detection timeout leaves the VM running nowhere, for good.
+    primary_heard: Instant,
     /// Since when we are a candidate (to know whether the peer spoke since).
     candidate_since: Option<Instant>,
     unprotected: bool,
@@ -143,6 +151,7 @@ impl Site {
             lease_until: None,
             promise_until: None,
             peer_heard: now,
+            primary_heard: now,
             candidate_since: None,
             unprotected: false,
             output_allowed: false,
@@ -236,9 +245,15 @@ impl Site {
         }
         // Expiries change what we may do: wake up for them too.
         let detection = self.peer_heard + self.timers.detection_timeout;
-        for deadline in [self.lease_until, self.promise_until, Some(detection)]
-            .into_iter()
-            .flatten()
+        let primary_gone = self.primary_heard + self.timers.detection_timeout;
+        for deadline in [
+            self.lease_until,
+            self.promise_until,
+            Some(detection),
+            Some(primary_gone),
+        ]
+        .into_iter()
+        .flatten()
         {
             if deadline > self.now {
                 t = t.min(deadline);
@@ -255,10 +270,12 @@ impl Site {
         self.now = self.now.max(now);
         let silent =
             now.saturating_duration_since(self.peer_heard) >= self.timers.detection_timeout;
-        if self.stance == Stance::Standby && self.replica_ready && silent {
+        let primary_silent =
+            now.saturating_duration_since(self.primary_heard) >= self.timers.detection_timeout;
+        if self.stance == Stance::Standby && self.replica_ready && primary_silent {
             tracing::warn!(
                 site = self.me.0,
-                "peer silent for the detection timeout: asking the witness for the lease"
+                "no active peer heard for the detection timeout: asking the witness for the lease"
             );
             self.stance = Stance::Candidate;
             self.candidate_since = Some(now);
@@ -308,6 +325,11 @@ impl Site {
     pub fn handle_message(&mut self, from: SiteId, msg: Message, now: Instant) {
         if from == self.peer {
             self.peer_heard = self.peer_heard.max(now);
+            if let Message::Heartbeat { stance, .. } | Message::HeartbeatAck { stance, .. } = msg {
+                if stance == Stance::Active {
+                    self.primary_heard = self.primary_heard.max(now);
+                }
+            }
             match msg {
                 Message::Heartbeat { seq, token, stance } => {
                     self.learn_token(token, stance, now);
@@ -351,9 +373,7 @@ impl Site {
     fn learn_token(&mut self, token: u64, peer_stance: Stance, now: Instant) {
         if token > self.token {
             self.token = token;
-            if self.stance == Stance::Active || self.stance == Stance::Candidate {
-                self.demote(now);
-            }
+            self.superseded(now);
         }
         // A candidate that hears an active peer again stays a candidate
         // until the witness answers its latest request (see lease_reply).
@@ -387,6 +407,11 @@ impl Site {
                         self.candidate_since = None;
                         self.handover = None;
                         self.promise_until = None;
+                        // Our heartbeats so far did not say `Active`, so
+                        // the peer's detection timeout did not count from
+                        // them (see `primary_heard`): their acks promise
+                        // nothing.
+                        self.hb_sent.clear();
                         self.unprotected = false;
                         self.next_request = now;
                         tracing::info!(site = self.me.0, token, "lease granted: promoting");
@@ -402,29 +427,43 @@ impl Site {
             _ => {
                 if token > self.token {
                     self.token = token;
-                    match self.stance {
-                        Stance::Active if self.handover == Some(Handover::Requested) => {
-                            self.stance = Stance::Idle;
-                            self.handover = None;
-                            self.lease_until = None;
-                            self.promise_until = None;
-                            self.replica_ready = false;
-                            self.event(Event::SwitchoverDone { token });
-                        }
-                        Stance::Active | Stance::Candidate => self.demote(now),
-                        _ => {}
-                    }
+                    self.superseded(now);
                 } else if self.stance == Stance::Candidate
                     && req == self.req_seq
-                    && self.candidate_since.is_some_and(|c| self.peer_heard > c)
+                    && self.candidate_since.is_some_and(|c| self.primary_heard > c)
                 {
                     // Definitive: our latest request was refused, and the
-                    // peer is alive. Requests travel in order, so no
-                    // earlier one was granted either.
+                    // peer runs the VM after all. Requests travel in
+                    // order, so no earlier one was granted either. (An
+                    // idle peer is no reason to stop asking: the lease of
+                    // its dead predecessor will lapse.)
                     self.stance = Stance::Standby;
                     self.candidate_since = None;
                 }
             }
+        }
+    }
+
+    /// Our token (now `self.token`) has been superseded: another site holds
+    /// or held the lease since.
+    fn superseded(&mut self, now: Instant) {
+        match self.stance {
+            // We asked the witness to move the lease to the peer, after the
+            // final epoch was committed and with output held: whoever tells
+            // us first of the newer token, it is the handover's outcome.
+            // The peer's heartbeat (its own connection) often arrives
+            // before the witness's reply; taking it for a demotion made a
+            // successful switchover look failed to the engine.
+            Stance::Active if self.handover == Some(Handover::Requested) => {
+                self.stance = Stance::Idle;
+                self.handover = None;
+                self.lease_until = None;
+                self.promise_until = None;
+                self.replica_ready = false;
+                self.event(Event::SwitchoverDone { token: self.token });
+            }
+            Stance::Active | Stance::Candidate => self.demote(now),
+            _ => {}
         }
     }
 

@@ -8,7 +8,9 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 use std::time::{Duration, Instant};
 
-use failover::{Event, Message, Output, Site, SiteId, Stance, Timers, Witness, WitnessOutput};
+use failover::{
+    Event, LeaseRecord, Message, Output, Site, SiteId, Stance, Timers, Witness, WitnessOutput,
+};
 
 pub const A: SiteId = SiteId(1);
 pub const B: SiteId = SiteId(2);
@@ -64,6 +66,26 @@ enum Ev {
     FinalEpochCommitted {
         node: SiteId,
     },
+}
+
+/// How a crashed site's process comes back. Both are what a real engine
+/// does when it starts a new standby at the site the VM left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Comeback {
+    /// [`Site::restarted`] with the token the engine persisted.
+    Restarted,
+    /// A fresh [`Site::backup`]: a new standby process that knows no token
+    /// and learns the current one from its peer.
+    FreshBackup,
+}
+
+/// The other site of the VM.
+pub fn peer_of(p: SiteId) -> SiteId {
+    if p == A {
+        B
+    } else {
+        A
+    }
 }
 
 /// A record of what happened, for assertions and for printing a failing
@@ -245,6 +267,13 @@ impl World {
     }
 
     pub fn restart(&mut self, p: SiteId) {
+        self.restart_as(p, Comeback::Restarted);
+    }
+
+    /// Starts a new process at a crashed party; a site comes back the way
+    /// `how` says (the witness always recovers from its records). The new
+    /// site resynchronises from its peer as soon as it hears it active.
+    pub fn restart_as(&mut self, p: SiteId, how: Comeback) {
         if !matches!(self.nodes.get(&p), Some(Node::Down)) {
             return;
         }
@@ -256,13 +285,35 @@ impl World {
                 Node::Witness(Witness::recover(self.timers, records, now)),
             );
         } else {
-            let peer = if p == A { B } else { A };
-            let token = self.persisted_token.get(&p).copied().unwrap_or(0);
-            let s = Site::restarted(p, peer, W, self.timers, token, now);
+            let peer = peer_of(p);
+            let s = match how {
+                Comeback::Restarted => {
+                    let token = self.persisted_token.get(&p).copied().unwrap_or(0);
+                    Site::restarted(p, peer, W, self.timers, token, now)
+                }
+                Comeback::FreshBackup => Site::backup(p, peer, W, self.timers, now),
+            };
             self.nodes.insert(p, Node::Site(Box::new(s)));
             self.drain(p);
         }
-        self.trace.push(format!("{:?} restart {}", self.now, p.0));
+        self.trace
+            .push(format!("{:?} restart {} as {how:?}", self.now, p.0));
+    }
+
+    /// The witness's current lease record for the VM (None while it is
+    /// down or before anyone asked).
+    pub fn lease_record(&self) -> Option<LeaseRecord> {
+        match self.nodes.get(&W) {
+            Some(Node::Witness(w)) => w.record(VM),
+            _ => None,
+        }
+    }
+
+    /// A standby that may take the VM over: it holds a resynchronised
+    /// replica and promises its peer.
+    pub fn protects(&self, p: SiteId) -> bool {
+        self.site(p)
+            .is_some_and(|s| s.stance() == Stance::Standby && s.replica_ready())
     }
 
     pub fn start_switchover(&mut self, p: SiteId, final_epoch_after: Duration) -> bool {
@@ -278,6 +329,17 @@ impl World {
 
     /// Runs until simulated time `until`, checking safety after every step.
     pub fn run_until(&mut self, until: Duration) -> Result<(), String> {
+        self.run_checked(until, |_| Ok(()))
+    }
+
+    /// Like [`World::run_until`], and also checks `check` after every
+    /// step: properties that must hold continuously (a site keeps
+    /// releasing output) are checked at every change, not only at samples.
+    pub fn run_checked(
+        &mut self,
+        until: Duration,
+        mut check: impl FnMut(&World) -> Result<(), String>,
+    ) -> Result<(), String> {
         while let Some(Reverse((at, _, idx))) = self.queue.peek().cloned() {
             if at > until {
                 break;
@@ -289,6 +351,7 @@ impl World {
             };
             self.step(ev);
             self.check_safety()?;
+            check(self)?;
         }
         self.now = self.now.max(until);
         Ok(())
@@ -338,7 +401,7 @@ impl World {
             }
             Ev::ResyncDone { node, generation } => {
                 self.resyncing.remove(&node);
-                let peer = if node == A { B } else { A };
+                let peer = peer_of(node);
                 let (up, g) = self.links[&key(node, peer)];
                 let peer_active = self.stance(peer) == Some(Stance::Active);
                 if up && g == generation && peer_active {
@@ -437,7 +500,7 @@ impl World {
     }
 
     fn maybe_resync(&mut self, p: SiteId) {
-        let peer = if p == A { B } else { A };
+        let peer = peer_of(p);
         let needs = self
             .site(p)
             .is_some_and(|s| matches!(s.stance(), Stance::Idle | Stance::Standby));
@@ -477,6 +540,15 @@ impl World {
     pub fn trace_tail(&self, n: usize) -> String {
         let start = self.trace.len().saturating_sub(n);
         self.trace[start..].join("\n")
+    }
+
+    /// The events site `p` reported at or after `after`, in order.
+    pub fn events_of(&self, p: SiteId, after: Duration) -> Vec<Event> {
+        self.log
+            .iter()
+            .filter(|h| h.node == p && h.at >= after)
+            .map(|h| h.event.clone())
+            .collect()
     }
 
     pub fn promoted(&self, p: SiteId, after: Duration) -> Option<Duration> {
