@@ -328,3 +328,189 @@ fn while_paused_no_frame_leaves_and_no_guest_memory_changes() {
         vm.shutdown().expect("stop");
     });
 }
+
+/// Reads the counter stream until `stop`, checking every value; returns
+/// the stream and the next expected value (whole values only: a read that
+/// ends inside a value keeps the rest for the next read).
+fn stream_counter(
+    mut s: TcpStream,
+    mut next: u64,
+    stop: &AtomicBool,
+    progress: &std::sync::atomic::AtomicU64,
+) -> (TcpStream, u64) {
+    s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut partial: Vec<u8> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !stop.load(Ordering::Acquire) {
+        assert!(Instant::now() < deadline, "counter reader ran too long");
+        match s.read(&mut buf) {
+            Ok(0) => panic!("counter connection closed by the guest"),
+            Ok(n) => {
+                partial.extend_from_slice(&buf[..n]);
+                let whole = partial.len() / 8 * 8;
+                for c in partial[..whole].chunks_exact(8) {
+                    let v = u64::from_be_bytes(c.try_into().unwrap());
+                    assert_eq!(v, next, "counter stream broken (gap or duplicate)");
+                    next += 1;
+                }
+                partial.drain(..whole);
+                progress.store(next, Ordering::Release);
+            }
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(e) => panic!("counter connection failed: {e}"),
+        }
+    }
+    assert!(partial.is_empty(), "stopped inside a value");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    (s, next)
+}
+
+/// Waits (bounded) until the reader has passed `value`, releasing the
+/// guest's output at once meanwhile (a site running the VM unprotected).
+fn serve_unprotected(
+    outbox: &common::Outbox,
+    tap: &mut hypervisor::kvm::devices::tap::Tap,
+    progress: &std::sync::atomic::AtomicU64,
+    value: u64,
+) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while progress.load(Ordering::Acquire) < value {
+        assert!(
+            Instant::now() < deadline,
+            "the client never reached {value} (at {})",
+            progress.load(Ordering::Acquire)
+        );
+        common::release(tap, outbox.seal());
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// What a promoted site does when it protects the VM back to the old
+/// primary's site: the VM it runs was itself restored from a replica; it
+/// serves unprotected for a while, then pre-copies its whole memory into a
+/// fresh replica while it keeps serving, then takes its first checkpoint.
+/// That replica must equal the guest at the pause, and a VM restored from
+/// it (the VM taken back right after that first checkpoint) must continue
+/// the same connection.
+#[test]
+fn a_restored_guest_protected_again_resumes_from_its_first_checkpoint() {
+    if !common::require_kvm_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = common::disk_image(dir.path(), 4);
+    let spec = spec(&disk);
+    common::in_new_netns(|| {
+        common::persistent_tap(TAP, "192.0.2.1/24", "02:00:00:00:05:04");
+        // Generation 1: a fresh VM under checkpoints.
+        let outbox = common::Outbox::default();
+        let mut vm = Vm::start(
+            &spec,
+            Seams {
+                frame_sink: Some(Box::new(outbox.clone())),
+                write_hook: None,
+            },
+        )
+        .expect("start");
+        vm.wait_ready(Duration::from_secs(60)).expect("ready");
+        let stop = AtomicBool::new(false);
+        let mut next = 0u64;
+        let (counter, (replica, state, _)) = std::thread::scope(|s| {
+            let cp = s.spawn(|| checkpoint_loop(&mut vm, &stop, &outbox));
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let mut c = connect(9000);
+                read_counter(&mut c, &mut next, 20_000);
+                c
+            }));
+            stop.store(true, Ordering::Release);
+            let out = cp.join().expect("checkpoint thread");
+            match r {
+                Ok(c) => (c, out),
+                Err(e) => std::panic::resume_unwind(e),
+            }
+        });
+        vm.shutdown().expect("generation 1 stops");
+
+        // Generation 2: restored; serves unprotected, then is protected
+        // again from scratch.
+        let outbox = common::Outbox::default();
+        let mut vm = kvm::restore(
+            &spec,
+            &replica,
+            &state,
+            Seams {
+                frame_sink: Some(Box::new(outbox.clone())),
+                write_hook: None,
+            },
+        )
+        .expect("restore generation 2");
+        let mut tap = vm.tap().expect("tap");
+        let mem = vm.memory().clone();
+        let ps = vm.page_size();
+        let mut replica = vec![0u8; vm.frame_count() as usize * ps];
+        let stop = AtomicBool::new(false);
+        let progress = std::sync::atomic::AtomicU64::new(next);
+        let (counter, next, state) = std::thread::scope(|s| {
+            let reader = s.spawn(|| stream_counter(counter, next, &stop, &progress));
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                serve_unprotected(&outbox, &mut tap, &progress, next + 20_000);
+                // Pre-copy: rounds of at most 1000 pages while the guest
+                // runs and its output still leaves at once.
+                let mut pre = Checkpoint::default();
+                let mut rounds = 0;
+                loop {
+                    vm.precopy_round(1000, &mut pre).expect("pre-copy round");
+                    common::apply_pages(&mut replica, &pre, ps);
+                    common::release(&mut tap, outbox.seal());
+                    rounds += 1;
+                    if pre.frames.len() < 1000 && rounds > 16 {
+                        break;
+                    }
+                    assert!(rounds < 10_000, "pre-copy never converged");
+                }
+                let mut cp = Checkpoint::default();
+                let mut sealed = Vec::new();
+                let mut at_pause = Vec::new();
+                vm.checkpoint(&mut cp, &mut || {
+                    sealed = outbox.seal();
+                    common::snapshot_memory(&mem, &mut at_pause);
+                })
+                .expect("first checkpoint");
+                common::apply_pages(&mut replica, &cp, ps);
+                if let Some(p) = common::first_difference(&replica, &at_pause, ps) {
+                    panic!("after pre-copy and the first checkpoint, replica page {p} differs from the guest's");
+                }
+                // Committed: its output leaves; nothing later does.
+                common::release(&mut tap, sealed);
+                let at = progress.load(Ordering::Acquire);
+                // Let the client drain what was released before the VM dies.
+                let settle = Instant::now() + Duration::from_millis(300);
+                while Instant::now() < settle {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                eprintln!("pre-copy in {rounds} rounds; first checkpoint with the client at {at}");
+                cp.state.clone()
+            }));
+            stop.store(true, Ordering::Release);
+            let (c, n) = reader.join().expect("reader");
+            match r {
+                Ok(state) => (c, n, state),
+                Err(e) => std::panic::resume_unwind(e),
+            }
+        });
+        vm.shutdown().expect("generation 2 stops");
+        drop(tap);
+
+        // Generation 3: taken back from the first checkpoint.
+        let mut counter = counter;
+        let mut next = next;
+        let vm =
+            kvm::restore(&spec, &replica, &state, Seams::default()).expect("restore generation 3");
+        read_counter(&mut counter, &mut next, 50_000);
+        eprintln!("generation 3 continues the stream to {next}");
+        vm.shutdown().expect("generation 3 stops");
+    });
+}
