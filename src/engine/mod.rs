@@ -4,6 +4,7 @@
 pub mod output_commit;
 pub mod pacer;
 pub mod protect;
+pub mod release_gate;
 pub mod standby;
 
 pub use output_commit::{BufferFull, OutputBuffer};

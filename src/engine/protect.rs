@@ -31,6 +31,7 @@ use wan::transport::{Endpoint, TlsPaths, TransportConfig};
 
 use super::output_commit::OutputBuffer;
 use super::pacer::{Decision, Pacer};
+use super::release_gate::{Release, ReleaseGate};
 use crate::addresses::Addresses;
 use crate::arbiter::ArbiterHandle;
 use crate::metrics::ControlRequest;
@@ -204,9 +205,9 @@ pub struct Protector<G: ProtectedGuest> {
     published: Option<crate::metrics::Published>,
     last_publish: (Instant, u64),
     failover: Option<Failover>,
-    /// Highest epoch the backup committed (its output may leave once the
-    /// failover state allows).
-    committed: u64,
+    /// How far held output may go (commits of checkpoints, or at once
+    /// while the VM serves with no replica anywhere).
+    gate: ReleaseGate,
     control: Option<tokio::sync::mpsc::Receiver<ControlRequest>>,
     switchover: Option<Switchover>,
     /// The VM now runs elsewhere (switchover done): protection ends.
@@ -287,7 +288,7 @@ impl<G: ProtectedGuest> Protector<G> {
             published: None,
             last_publish: (Instant::now(), 0),
             failover: None,
-            committed: 0,
+            gate: ReleaseGate::new(),
             control: None,
             switchover: None,
             finished: false,
@@ -296,13 +297,33 @@ impl<G: ProtectedGuest> Protector<G> {
     }
 
     /// For a VM resumed at takeover: no synchronisation until the other
-    /// site (the old primary, now holding a standby) connects; until then
-    /// the VM runs unprotected under this site's lease.
+    /// site (the old primary, now holding a standby) connects; until the
+    /// first checkpoint of that synchronisation the VM serves unprotected
+    /// under this site's lease (there is no replica to commit to), and
+    /// from its pause on output waits for commits again.
     pub fn protect_when_peer_returns(&mut self) {
         self.sync_when_connected = true;
+        self.gate = ReleaseGate::serving_unreplicated();
         if let Some(f) = &mut self.failover {
-            f.unprotected = true;
             f.started = true;
+        }
+    }
+
+    /// True when held output leaves without waiting for the backup (it
+    /// was declared lost, or it holds no replica of a VM that serves).
+    fn releases_at_once(&self) -> bool {
+        let lost = self.failover.as_ref().is_some_and(|f| f.unprotected);
+        self.gate.release(lost) == Release::All
+    }
+
+    /// The state to show once nothing transient (sync, switchover) is on.
+    fn steady_state(&self) -> &'static str {
+        if self.failover.as_ref().is_some_and(|f| f.fenced) {
+            "fenced"
+        } else if self.releases_at_once() {
+            "unprotected"
+        } else {
+            "protected"
         }
     }
 
@@ -324,12 +345,19 @@ impl<G: ProtectedGuest> Protector<G> {
             }
             None => Some("switchover needs a [witness] in the configuration".into()),
             Some(_) if self.switchover.is_some() => Some("a switchover is already under way".into()),
-            Some(f) if f.fenced || f.unprotected || !f.arbiter.may_release() => Some(format!(
-                "{} is not in a state to hand over (fenced, unprotected or without a lease): see `remus-wan status`",
-                self.opts.site
-            )),
+            Some(f)
+                if f.fenced
+                    || f.unprotected
+                    || !self.gate.waits_for_commits()
+                    || !f.arbiter.may_release() =>
+            {
+                Some(format!(
+                    "{} is not in a state to hand over (fenced, unprotected or without a lease): see `remus-wan status`",
+                    self.opts.site
+                ))
+            }
             Some(_)
-                if self.committed + 1
+                if self.gate.committed_checkpoint() + 1
                     < self.next_epoch.saturating_sub(self.opts.max_in_flight as u64) =>
             {
                 Some("the backup is far behind; retry when it has caught up".into())
@@ -362,7 +390,7 @@ impl<G: ProtectedGuest> Protector<G> {
     /// Once the final epoch is committed (and its output released), the
     /// failover state machine asks the witness to move the lease.
     fn check_switchover(&mut self) {
-        let committed = self.committed;
+        let committed = self.gate.committed_checkpoint();
         let (Some(sw), Some(f)) = (&mut self.switchover, &self.failover) else {
             return;
         };
@@ -472,6 +500,7 @@ impl<G: ProtectedGuest> Protector<G> {
     /// rounds, then the first checkpoint. Used at start and on resync.
     async fn synchronise(&mut self) -> Result<(), ProtectError> {
         self.set_state("synchronising");
+        self.gate.resync_started();
         self.encoder.reset();
         let total = self.guest.frame_count();
         info!(vm = %self.opts.vm, pages = total, "initial synchronisation: pre-copy while the guest runs");
@@ -528,7 +557,7 @@ impl<G: ProtectedGuest> Protector<G> {
             }
         }
         self.checkpoint().await?;
-        self.set_state("protected");
+        self.set_state(self.steady_state());
         Ok(())
     }
 
@@ -580,6 +609,7 @@ impl<G: ProtectedGuest> Protector<G> {
                 crate::faults::point("protect.paused");
             })
         })?;
+        self.gate.checkpoint_taken(epoch);
         let ps = self.guest.page_size();
         let pages: Vec<(u64, &[u8])> = cp.page_slices(ps).collect();
         let dw: Vec<(u64, &[u8])> = disk.iter().map(|(o, d)| (*o, &d[..])).collect();
@@ -598,30 +628,34 @@ impl<G: ProtectedGuest> Protector<G> {
         sent
     }
 
-    fn release_through(&mut self, epoch: u64) {
+    /// The backup acknowledged every epoch up to `epoch`.
+    fn on_committed(&mut self, epoch: u64) {
         self.encoder.acknowledge(epoch);
-        self.committed = self.committed.max(epoch);
-        if let Ok(mut st) = self.stats.lock() {
-            st.committed = st.committed.max(epoch);
+        if self.gate.committed(epoch) {
+            let c = self.gate.committed_checkpoint();
+            if let Ok(mut st) = self.stats.lock() {
+                st.committed = st.committed.max(c);
+            }
         }
         self.flush_output();
         self.check_switchover();
     }
 
-    /// Releases what may leave now: committed epochs' frames while this
-    /// site may release output; everything while it runs unprotected.
+    /// Releases what may leave now, while this site may release output:
+    /// what the release gate allows (committed checkpoints' frames, or
+    /// everything while the VM runs unprotected).
     fn flush_output(&mut self) {
-        let (allowed, unprotected) = match &self.failover {
+        let (allowed, lost) = match &self.failover {
             None => (true, false),
             Some(f) => (f.arbiter.may_release() && !f.fenced, f.unprotected),
         };
         if !allowed {
             return;
         }
-        let frames = match self.capture.io.lock() {
-            Ok(mut io) if unprotected => io.output.release_all(),
-            Ok(mut io) => io.output.release_through(self.committed),
-            Err(_) => Vec::new(),
+        let frames = match (self.capture.io.lock(), self.gate.release(lost)) {
+            (Ok(mut io), Release::All) => io.output.release_all(),
+            (Ok(mut io), Release::Through(n)) => io.output.release_through(n),
+            (Err(_), _) => Vec::new(),
         };
         if frames.is_empty() {
             return;
@@ -670,13 +704,8 @@ impl<G: ProtectedGuest> Protector<G> {
                     if let Some(a) = &mut f.addresses {
                         a.set_role(Role::Active, token);
                     }
-                    let unprotected = f.unprotected;
                     tokio::task::block_in_place(|| self.guest.resume())?;
-                    self.set_state(if unprotected {
-                        "unprotected"
-                    } else {
-                        "protected"
-                    });
+                    self.set_state(self.steady_state());
                 }
                 self.flush_output();
             }
@@ -697,8 +726,8 @@ impl<G: ProtectedGuest> Protector<G> {
                 if let Some(a) = &f.addresses {
                     a.spawn_hooks(HookEvent::ProtectionRestored, token, None, None);
                 }
-                if !f.fenced {
-                    self.set_state("protected");
+                if !f.fenced && self.switchover.is_none() {
+                    self.set_state(self.steady_state());
                 }
             }
             Event::Demote { token } => {
@@ -807,7 +836,7 @@ impl<G: ProtectedGuest> Protector<G> {
                 Decision::WaitUntil(t) => tokio::time::Instant::from_std(t),
                 Decision::WaitForAck => tokio::time::Instant::now() + self.opts.interval,
             };
-            if self.failover.as_ref().is_some_and(|f| f.unprotected) {
+            if self.releases_at_once() {
                 // Unprotected: output leaves without waiting for a commit,
                 // a couple of milliseconds after the guest sent it.
                 self.flush_output();
@@ -850,7 +879,7 @@ impl<G: ProtectedGuest> Protector<G> {
                         return Err(ProtectError::Session("replication task stopped".into()));
                     };
                     match ev {
-                        SenderEvent::Committed { epoch } => self.release_through(epoch),
+                        SenderEvent::Committed { epoch } => self.on_committed(epoch),
                         SenderEvent::ResyncRequired { reason, .. } => {
                             warn!(vm = %self.opts.vm, reason, "backup needs a full resync");
                             if let Ok(mut st) = self.stats.lock() {
@@ -866,7 +895,11 @@ impl<G: ProtectedGuest> Protector<G> {
                             }
                         }
                         SenderEvent::Disconnected { error, retry_in } => {
-                            warn!(vm = %self.opts.vm, %error, ?retry_in, "backup unreachable: output is held until it is back");
+                            if self.releases_at_once() {
+                                warn!(vm = %self.opts.vm, %error, ?retry_in, "backup unreachable (the VM runs unprotected meanwhile)");
+                            } else {
+                                warn!(vm = %self.opts.vm, %error, ?retry_in, "backup unreachable: output is held until it is back or declared lost");
+                            }
                         }
                         SenderEvent::Failed { error } => {
                             return Err(ProtectError::Session(error.to_string()));
