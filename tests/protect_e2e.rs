@@ -10,139 +10,27 @@
 //! with the test); the guest sits behind a persistent tap (192.0.2.1 on the
 //! host side, 192.0.2.10 in the guest) that outlives the killed process.
 
+mod support;
+
 use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use remus_wan::testbed::{CounterCheck, LocalDeployment};
+use remus_wan::testbed::LocalDeployment;
+use support::{
+    connect_retrying, connect_small_window, vm_status, wait_for_log, wait_until, Counter, Proc,
+};
 
 const TAP: &str = "rwe2e0";
 
 fn require_kvm_root() -> bool {
-    let problem = if !Path::new("/dev/kvm").exists() {
-        Some("/dev/kvm is missing")
-    } else if unsafe { libc::geteuid() } != 0 {
-        Some("not root (network namespaces and taps need it)")
-    } else {
-        None
-    };
-    match problem {
-        None => true,
-        Some(p) if std::env::var("REMUS_WAN_ALLOW_SKIP").as_deref() == Ok("1") => {
-            eprintln!("SKIPPED (REMUS_WAN_ALLOW_SKIP=1): {p}");
-            false
-        }
-        Some(p) => panic!("this test needs KVM and root: {p} (REMUS_WAN_ALLOW_SKIP=1 skips it)"),
-    }
-}
-
-/// Kills (SIGKILL) and reaps the child on drop, whatever happened.
-struct Proc(Option<Child>, &'static str);
-
-impl Proc {
-    fn spawn(name: &'static str, args: &[&str], log: &Path) -> Self {
-        Self::spawn_env(name, args, log, &[])
-    }
-    fn spawn_env(name: &'static str, args: &[&str], log: &Path, env: &[(&str, String)]) -> Self {
-        let out = std::fs::File::create(log).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_remus-wan"))
-            .args(args)
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .env("RUST_LOG", "info")
-            .stdout(out.try_clone().expect("dup"))
-            .stderr(out)
-            .spawn()
-            .expect("spawn remus-wan");
-        Proc(Some(child), name)
-    }
-    /// Whether the process has ended (by itself).
-    fn exited(&mut self) -> bool {
-        self.0
-            .as_mut()
-            .is_none_or(|c| matches!(c.try_wait(), Ok(Some(_))))
-    }
-    fn kill(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-    fn term(&mut self) -> Option<i32> {
-        let mut c = self.0.take()?;
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(Some(s)) = c.try_wait() {
-                return s.code();
-            }
-            if Instant::now() > deadline {
-                let _ = c.kill();
-                let _ = c.wait();
-                panic!("{} ignored SIGTERM for 20 s", self.1);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
+    support::require_kvm_root("protect_e2e")
 }
 
 fn ip(args: &[&str]) {
     hypervisor::netns::ip(args).unwrap_or_else(|e| panic!("{e}"));
-}
-
-/// Reads the counter stream, checking every value follows the previous.
-struct Counter(CounterCheck);
-
-impl Counter {
-    fn next(&self) -> u64 {
-        self.0.next
-    }
-
-    /// Reads until `want` more values arrived or `limit` passed.
-    fn read_more(&mut self, s: &mut TcpStream, want: u64, limit: Duration) -> u64 {
-        let start = self.next();
-        let deadline = Instant::now() + limit;
-        let mut buf = vec![0u8; 4096];
-        while self.next() < start.saturating_add(want) && Instant::now() < deadline {
-            match s.read(&mut buf) {
-                Ok(0) => panic!("counter connection closed by the guest"),
-                Ok(n) => self.0.feed(&buf[..n]).unwrap_or_else(|e| panic!("{e}")),
-                Err(e)
-                    if e.kind() == std::io::ErrorKind::WouldBlock
-                        || e.kind() == std::io::ErrorKind::TimedOut => {}
-                Err(e) => panic!("counter connection failed (no reset allowed): {e}"),
-            }
-        }
-        self.next() - start
-    }
-}
-
-/// Connects with a 32 KiB receive buffer, so what the client had buffered
-/// at the kill is small and known.
-fn connect_small_window(addr: &SocketAddr) -> std::io::Result<TcpStream> {
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-    sock.set_recv_buffer_size(32 * 1024)?;
-    sock.connect_timeout(&(*addr).into(), Duration::from_secs(1))?;
-    Ok(sock.into())
-}
-
-fn wait_for_log(log: &Path, needle: &str, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if std::fs::read_to_string(log).is_ok_and(|t| t.contains(needle)) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
 }
 
 #[test]
@@ -181,7 +69,7 @@ fn protected_guest_survives_the_primary_being_killed() {
         ip(&["addr", "add", "192.0.2.1/24", "dev", TAP]);
         ip(&["link", "set", "dev", TAP, "up"]);
 
-        let mut standby = Proc::spawn(
+        let mut standby = Proc::remus(
             "standby",
             &["standby", "--config", &cfg_s, "--site", "dc2", "--state-dir", &state_s],
             &dir.join("standby.log"),
@@ -191,35 +79,35 @@ fn protected_guest_survives_the_primary_being_killed() {
             "standby did not start: {}",
             std::fs::read_to_string(dir.join("standby.log")).unwrap_or_default()
         );
-        let mut protect = Proc::spawn(
+        let mut protect = Proc::remus(
             "protect",
             &["protect", "web1", "--site", "dc2", "--config", &cfg_s],
             &dir.join("protect.log"),
         );
         let guest: SocketAddr = "192.0.2.10:9000".parse().expect("addr");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut conn = loop {
-            match connect_small_window(&guest) {
-                Ok(c) => break c,
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
-                    std::thread::sleep(Duration::from_millis(200));
-                }
-                Err(e) => panic!(
-                    "guest never answered on 9000: {e}\nprotect log:\n{}",
-                    std::fs::read_to_string(dir.join("protect.log")).unwrap_or_default()
-                ),
-            }
-        };
+        let mut conn = connect_retrying(&guest, Duration::from_secs(60)).unwrap_or_else(|e| {
+            panic!(
+                "{e}\nprotect log:\n{}",
+                std::fs::read_to_string(dir.join("protect.log")).unwrap_or_default()
+            )
+        });
         conn.set_read_timeout(Some(Duration::from_millis(200)))
             .expect("timeout");
-        let mut counter = Counter(CounterCheck::default());
+        let mut counter = Counter::default();
         // Data flows while protected (released only after commits).
         let got = counter.read_more(&mut conn, 1000, Duration::from_secs(30));
         assert!(got >= 1000, "only {got} counter values while protected");
         // `remus-wan status` reads both processes' figures; /metrics
-        // serves them to Prometheus.
-        std::thread::sleep(Duration::from_millis(1200));
+        // serves them to Prometheus (once each has published a first time).
+        wait_until(
+            "both processes publish their status",
+            Duration::from_secs(30),
+            || vm_status("127.0.0.1:9477").is_some() && vm_status("127.0.0.1:9478").is_some(),
+            || {
+                counter.read_more(&mut conn, u64::MAX, Duration::from_millis(100));
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
         let out = Command::new(env!("CARGO_BIN_EXE_remus-wan"))
             .arg("status")
             .output()
@@ -240,7 +128,7 @@ fn protected_guest_survives_the_primary_being_killed() {
         // Output commit: with the backup frozen nothing is committed, so
         // nothing new may reach the client (beyond what was already on its
         // way when the backup stopped); it flows again when the backup does.
-        let standby_pid = standby.0.as_ref().map(|c| c.id() as i32).expect("standby running");
+        let standby_pid = standby.pid().expect("standby running") as i32;
         // SAFETY: signalling our own child.
         unsafe { libc::kill(standby_pid, libc::SIGSTOP) };
         counter.read_more(&mut conn, u64::MAX, Duration::from_millis(300));
@@ -279,7 +167,7 @@ fn protected_guest_survives_the_primary_being_killed() {
 
         // The backup stops receiving and the replica is resumed.
         assert_eq!(standby.term(), Some(0), "standby exits cleanly on SIGTERM");
-        let mut active = Proc::spawn(
+        let mut active = Proc::remus(
             "activate",
             &[
                 "standby", "--config", &cfg_s, "--site", "dc2", "--state-dir", &state_s,
@@ -441,7 +329,7 @@ fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
         ip(&["tuntap", "add", "dev", tap, "mode", "tap"]);
         ip(&["addr", "add", "192.0.2.1/24", "dev", tap]);
         ip(&["link", "set", "dev", tap, "up"]);
-        let _witness = Proc::spawn(
+        let _witness = Proc::remus(
             "witness",
             &["witness", "--config", &cfg_s, "--state-dir", &wstate_s],
             &dir.join("witness.log"),
@@ -458,11 +346,11 @@ fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
             End::PrimaryDiesAt(point) => vec![("REMUS_WAN_FAULT", format!("{point}@{nth}"))],
             _ => Vec::new(),
         };
-        let mut standby = Proc::spawn_env(
+        let mut standby = Proc::remus_env(
             "standby",
             &["standby", "--config", &cfg_s, "--site", "dc2", "--state-dir", &state_s],
-            &dir.join("standby.log"),
             &standby_env,
+            &dir.join("standby.log"),
         );
         assert!(
             wait_for_log(
@@ -473,29 +361,18 @@ fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
             "standby did not start: {}",
             log("standby.log")
         );
-        let mut protect = Proc::spawn_env(
+        let mut protect = Proc::remus_env(
             "protect",
             &["protect", "web1", "--site", "dc2", "--config", &cfg_s],
-            &dir.join("protect.log"),
             &protect_env,
+            &dir.join("protect.log"),
         );
         let guest: SocketAddr = "192.0.2.10:9000".parse().expect("addr");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut conn = loop {
-            match connect_small_window(&guest) {
-                Ok(c) => break c,
-                Err(_) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(200))
-                }
-                Err(e) => panic!(
-                    "guest never answered on 9000: {e}\nprotect log:\n{}",
-                    log("protect.log")
-                ),
-            }
-        };
+        let mut conn = connect_retrying(&guest, Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("{e}\nprotect log:\n{}", log("protect.log")));
         conn.set_read_timeout(Some(Duration::from_millis(200)))
             .expect("timeout");
-        let mut counter = Counter(CounterCheck::default());
+        let mut counter = Counter::default();
         let got = counter.read_more(&mut conn, 1000, Duration::from_secs(30));
         assert!(
             got >= 1000,
@@ -515,7 +392,7 @@ fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
             End::KillPrimary | End::Switchover | End::SwitchoverThenBack => {
                 Instant::now() < until
             }
-            End::PrimaryDiesAt(_) => !protect.exited() && Instant::now() < fault_limit,
+            End::PrimaryDiesAt(_) => !protect.has_exited() && Instant::now() < fault_limit,
             End::KilledWhileBackupApplies => {
                 !log("standby.log").contains("fault point reached") && Instant::now() < fault_limit
             }
@@ -534,7 +411,7 @@ fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
         match end {
             End::PrimaryDiesAt(point) => {
                 assert!(
-                    protect.exited(),
+                    protect.has_exited(),
                     "protect never reached fault point {point}@{nth}\n{}",
                     log("protect.log")
                 );
@@ -570,6 +447,22 @@ fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
                 assert_eq!(protect.term(), Some(0), "protect exits 0 after handing over");
             }
         }
+        // Protection the other way: a standby at dc1 (the old primary's
+        // site) receives the VM that now runs at dc2. It starts at once,
+        // well within the detection timeout, so dc2 never declares its
+        // backup lost (the case that once left dc2 releasing output ahead
+        // of its replica for good).
+        let state1 = dir.join("state-dc1").to_str().expect("utf-8").to_owned();
+        let _standby1 = (end == End::SwitchoverThenBack).then(|| {
+            Proc::remus(
+                "standby at dc1",
+                &[
+                    "standby", "--config", &cfg_s, "--site", "dc1", "--state-dir", &state1,
+                    "--metrics", "127.0.0.1:9479",
+                ],
+                &dir.join("standby-dc1.log"),
+            )
+        });
         // The first new value: it can only come from the resumed replica
         // once what was in flight to the client has drained.
         let mut first_byte = None;
@@ -623,42 +516,59 @@ fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
         if end != End::SwitchoverThenBack {
             return;
         }
-        // Protection the other way: a standby at dc1 (the old primary)
-        // receives the VM that now runs at dc2; then dc2 dies and dc1
-        // takes the VM back, the same TCP connection still going.
-        let state1 = dir.join("state-dc1").to_str().expect("utf-8").to_owned();
-        let _standby1 = Proc::spawn(
-            "standby at dc1",
-            &[
-                "standby", "--config", &cfg_s, "--site", "dc1", "--state-dir", &state1,
-                "--metrics", "127.0.0.1:9479",
-            ],
-            &dir.join("standby-dc1.log"),
-        );
-        let synced = Instant::now() + Duration::from_secs(60);
-        let protected_back = || {
-            remus_wan::metrics::fetch_status("127.0.0.1:9478".parse().expect("addr"))
-                .ok()
-                .and_then(|v| v.into_iter().next())
-                .is_some_and(|v| v.role == "primary" && v.state == "protected" && v.committed_epoch > 5)
+        // dc2 protects the VM back towards dc1: full sync, then checkpoints.
+        // dc2 dies as soon as its first checkpoint is committed at dc1 (the
+        // hardest case: any output released ahead of the replica is then a
+        // stall beyond the client's window), or, for one seed in four, up
+        // to 19 checkpoints later; dc1 takes the VM back, the same TCP
+        // connection going on.
+        let protected_back = |min: u64| {
+            vm_status("127.0.0.1:9478").filter(|v| {
+                v.role == "primary" && v.state == "protected" && v.committed_epoch >= min
+            })
         };
-        while !protected_back() && Instant::now() < synced {
-            counter.read_more(&mut conn, u64::MAX, Duration::from_millis(100));
-        }
+        wait_until(
+            "dc2 protects web1 back towards dc1",
+            Duration::from_secs(120),
+            || protected_back(1).is_some(),
+            || {
+                counter.read_more(&mut conn, u64::MAX, Duration::from_millis(20));
+            },
+        )
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}\nstandby (dc2) log:\n{}\nstandby (dc1) log:\n{}",
+                log("standby.log"),
+                log("standby-dc1.log")
+            )
+        });
+        let first = protected_back(1).map(|v| v.committed_epoch).unwrap_or(1);
+        let more = if seed % 4 == 0 { 1 + seed % 19 } else { 0 };
+        wait_until(
+            "dc2 commits more checkpoints at dc1",
+            Duration::from_secs(60),
+            || protected_back(first + more).is_some(),
+            || {
+                counter.read_more(&mut conn, u64::MAX, Duration::from_millis(5));
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}\nstandby (dc2) log:\n{}", log("standby.log")));
+        let at = counter.next();
+        standby.kill();
+        eprintln!(
+            "dc2 killed {more} checkpoints after its first at dc1 (seed {seed}); client at {at}"
+        );
         assert!(
-            protected_back(),
-            "dc2 never protected the VM back towards dc1\nstandby (dc2) log:\n{}\nstandby (dc1) log:\n{}",
-            log("standby.log"),
+            wait_for_log(&dir.join("standby-dc1.log"), "takeover complete", Duration::from_secs(60)),
+            "dc1 never took the VM back\nstandby (dc1) log:\n{}",
             log("standby-dc1.log")
         );
-        let at = counter.next();
-        eprintln!("dc2 protects web1 back towards dc1; client at {at}");
-        standby.kill();
         let back = counter.read_more(&mut conn, 100_000, Duration::from_secs(60));
         assert!(
-            back >= 100_000 && log("standby-dc1.log").contains("takeover complete"),
-            "after dc2's death only {back} more values\nstandby (dc1) log:\n{}",
-            log("standby-dc1.log")
+            back >= 100_000,
+            "after dc2's death only {back} more values\nstandby (dc1) log:\n{}\nstandby (dc2) log:\n{}",
+            log("standby-dc1.log"),
+            log("standby.log")
         );
         {
             use std::io::{BufRead, Write};
