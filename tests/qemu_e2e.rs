@@ -12,77 +12,41 @@
 //! Needs root (network namespace, tap), QEMU and the Linux guest image
 //! (`cargo xtask guest-image --linux`; `cargo xtask test` builds it).
 
+mod support;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use remus_wan::testbed::LocalDeployment;
+use support::{wait_for_log, Proc};
 
 const TAP: &str = "rwqe2e0";
 
 fn prerequisites() -> Option<hypervisor::qemu::LinuxImage> {
-    let problem = if unsafe { libc::geteuid() } != 0 {
-        Some("not root (network namespaces and taps need it)".to_string())
-    } else if let Err(e) = hypervisor::qemu::available(Path::new("qemu-system-x86_64")) {
-        Some(format!("{e} (Debian package qemu-system-x86)"))
+    let mut missing = support::missing_root_kvm(false);
+    if let Err(e) = hypervisor::qemu::available(Path::new("qemu-system-x86_64")) {
+        missing.push(format!("QEMU ({e})"));
+    }
+    let image = hypervisor::qemu::LinuxImage::from_env_or_workspace()
+        .map_err(|e| missing.push(format!("the Linux guest image ({e})")))
+        .ok();
+    let ok = support::verdict(
+        "qemu_e2e",
+        &missing,
+        "Debian package qemu-system-x86 and `cargo xtask guest-image --linux`, \
+         e.g. via `cargo xtask test`; run as root",
+    );
+    if ok {
+        image
     } else {
-        match hypervisor::qemu::LinuxImage::from_env_or_workspace() {
-            Ok(img) => return Some(img),
-            Err(e) => Some(format!("{e} (cargo xtask guest-image --linux)")),
-        }
-    };
-    let p = problem.unwrap_or_default();
-    if std::env::var("REMUS_WAN_ALLOW_SKIP").as_deref() == Ok("1") {
-        eprintln!("SKIPPED (REMUS_WAN_ALLOW_SKIP=1): {p}");
-        return None;
-    }
-    panic!("this test needs root, QEMU and the Linux guest image: {p} (REMUS_WAN_ALLOW_SKIP=1 skips it)");
-}
-
-/// Kills (SIGKILL) and reaps the child on drop, whatever happened.
-struct Proc(Option<Child>);
-
-impl Proc {
-    fn spawn(args: &[&str], log: &Path) -> Self {
-        let out = std::fs::File::create(log).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_remus-wan"))
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(out.try_clone().expect("dup"))
-            .stderr(out)
-            .spawn()
-            .expect("spawn remus-wan");
-        Proc(Some(child))
-    }
-    fn kill(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
+        None
     }
 }
 
 fn ip(args: &[&str]) {
     hypervisor::netns::ip(args).unwrap_or_else(|e| panic!("{e}"));
-}
-
-fn wait_for_log(log: &Path, needle: &str, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if std::fs::read_to_string(log).is_ok_and(|t| t.contains(needle)) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    false
 }
 
 fn ask(w: &mut TcpStream, r: &mut BufReader<TcpStream>) -> u64 {
@@ -139,11 +103,13 @@ fn a_linux_guest_in_qemu_survives_its_primary_being_killed() {
         ip(&["tuntap", "add", "dev", TAP, "mode", "tap"]);
         ip(&["addr", "add", "192.0.2.1/24", "dev", TAP]);
         ip(&["link", "set", "dev", TAP, "up"]);
-        let _witness = Proc::spawn(
+        let _witness = Proc::remus(
+            "witness",
             &["witness", "--config", &cfg_s, "--state-dir", &wstate_s],
             &dir.join("witness.log"),
         );
-        let _standby = Proc::spawn(
+        let _standby = Proc::remus(
+            "standby",
             &[
                 "standby",
                 "--config",
@@ -164,7 +130,8 @@ fn a_linux_guest_in_qemu_survives_its_primary_being_killed() {
             "standby did not start: {}",
             log("standby.log")
         );
-        let mut protect = Proc::spawn(
+        let mut protect = Proc::remus(
+            "protect",
             &["protect", "web1", "--site", "dc2", "--config", &cfg_s],
             &dir.join("protect.log"),
         );

@@ -44,12 +44,14 @@
 //! falls back to TCG). Fails with a clear message without them unless
 //! REMUS_WAN_ALLOW_SKIP=1.
 
+mod support;
+
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -57,6 +59,7 @@ use std::time::{Duration, Instant};
 use hypervisor::qemu::LinuxImage;
 use remus_wan::certs::{init_site, InitOptions};
 use remus_wan::testbed::CounterCheck;
+use support::{ip, ip_in, output, tail, verdict, which, Proc, HARD_LIMIT};
 use wan::emulator::{Emulator, EmulatorConfig, EmulatorHandle, LinkParams};
 
 // ---------------------------------------------------------------- constants
@@ -103,18 +106,7 @@ const WELL_BEYOND_WINDOW: u64 = 50_000;
 /// ends with the first bytes from the new site (see `first_after_silence`).
 const NEW_SITE_SILENCE: Duration = Duration::from_millis(DETECTION_MS / 2);
 
-/// No loop in this test runs longer than this.
-const HARD_LIMIT: Duration = Duration::from_secs(600);
-
 // ---------------------------------------------------------------- preflight
-
-fn which(bin: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin".into(), "/sbin".into()])
-        .map(|d| d.join(bin))
-        .find(|p| p.is_file())
-}
 
 /// What every scenario needs: root, `ip`, `bird`, `birdc`.
 fn missing_common() -> Vec<String> {
@@ -170,60 +162,11 @@ fn preflight_linux(test: &str) -> Option<LinuxImage> {
     }
 }
 
-/// True when nothing is missing; else panics with `missing` and `hint`,
-/// or prints a skip notice and returns false under REMUS_WAN_ALLOW_SKIP=1.
-fn verdict(test: &str, missing: &[String], hint: &str) -> bool {
-    if missing.is_empty() {
-        return true;
-    }
-    let msg = format!("{test}: needs {} ({hint})", missing.join(", "));
-    if std::env::var("REMUS_WAN_ALLOW_SKIP").as_deref() == Ok("1") {
-        eprintln!("SKIPPED (REMUS_WAN_ALLOW_SKIP=1): {msg}");
-        return false;
-    }
-    panic!("{msg}; set REMUS_WAN_ALLOW_SKIP=1 to skip instead");
-}
-
 /// The scenarios share the machine's two cores with KVM guests and
 /// timing-sensitive failure detection: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
 // ---------------------------------------------------------------- commands
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// stdout + stderr of a command, whatever its exit status.
-fn output(cmd: &mut Command) -> String {
-    match cmd.stdin(Stdio::null()).output() {
-        Ok(o) => {
-            let mut s = String::from_utf8_lossy(&o.stdout).into_owned();
-            s.push_str(&String::from_utf8_lossy(&o.stderr));
-            s
-        }
-        Err(e) => format!("cannot run {cmd:?}: {e}"),
-    }
-}
-
-fn ip(args: &[&str]) {
-    run(Command::new("ip").args(args));
-}
-
-/// `ip -n NS args...`
-fn ip_in(ns: &str, args: &[&str]) {
-    run(Command::new("ip").args(["-n", ns]).args(args));
-}
 
 /// Runs `f` on a thread inside namespace `ns` (sockets it makes stay there).
 fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
@@ -379,118 +322,6 @@ impl Drop for Net {
     }
 }
 
-// ---------------------------------------------------------------- processes
-
-/// A child process, SIGKILLed by PID and reaped on drop.
-struct Proc {
-    name: &'static str,
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Proc {
-    /// Runs `program args` inside namespace `ns` (`ip netns exec` execs the
-    /// program, so the child's PID is the program's).
-    fn spawn_in(ns: &str, name: &'static str, program: &Path, args: &[&str], log: &Path) -> Proc {
-        let out = File::create(log).expect("log file");
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns])
-            .arg(program)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("dup"))
-            .stderr(out)
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
-        Proc {
-            name,
-            child: Some(child),
-            log: log.to_owned(),
-        }
-    }
-
-    fn remus(ns: &str, name: &'static str, args: &[&str], log: &Path) -> Proc {
-        Self::spawn_in(
-            ns,
-            name,
-            Path::new(env!("CARGO_BIN_EXE_remus-wan")),
-            args,
-            log,
-        )
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// None while running; the exit status once it exited.
-    fn exited(&mut self) -> Option<String> {
-        match self.child.as_mut() {
-            None => Some("killed by the test".into()),
-            Some(c) => match c.try_wait() {
-                Ok(Some(st)) => Some(st.to_string()),
-                Ok(None) => None,
-                Err(e) => Some(format!("unknown ({e})")),
-            },
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // SAFETY: kill(2) on our own child's PID.
-            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGKILL) };
-            let _ = c.wait();
-        }
-    }
-
-    /// Waits for a log line containing `needle`; Err(why) on timeout or exit.
-    fn wait_log(&mut self, needle: &str, limit: Duration) -> Result<Duration, String> {
-        self.wait_line(needle, |l| l.contains(needle), limit)
-    }
-
-    /// Waits for a log line satisfying `pred` (described by `needle`).
-    fn wait_line(
-        &mut self,
-        needle: &str,
-        pred: impl Fn(&str) -> bool,
-        limit: Duration,
-    ) -> Result<Duration, String> {
-        let start = Instant::now();
-        let deadline = start + limit.min(HARD_LIMIT);
-        let found = |p: &Proc| p.log_text().lines().any(&pred);
-        loop {
-            if found(self) {
-                return Ok(start.elapsed());
-            }
-            if let Some(st) = self.exited() {
-                // One last look: the line may have been written just before.
-                if found(self) {
-                    return Ok(start.elapsed());
-                }
-                return Err(format!(
-                    "{} exited ({st}) without logging {needle:?}",
-                    self.name
-                ));
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "{} did not log {needle:?} within {limit:?}",
-                    self.name
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 // ---------------------------------------------------------------- BIRD
 
 /// BIRD 2 in the router namespace: passive BGP sessions to dc1 and dc2,
@@ -606,11 +437,6 @@ fn route_site(birdc: &str) -> Option<&'static str> {
         DC2 => Some("dc2"),
         _ => None,
     }
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 // ---------------------------------------------------------------- WAN emulator
@@ -1097,7 +923,7 @@ impl World {
         );
         let bird = Bird::start(&net, &dir);
         let wan = Wan::start(&net.dc2);
-        let mut witness = Proc::remus(
+        let mut witness = Proc::remus_in(
             &net.witness,
             "witness",
             &[
@@ -1112,7 +938,7 @@ impl World {
         witness
             .wait_log("witness listening", Duration::from_secs(30))
             .unwrap_or_else(|e| panic!("{e}\n{}", witness.log_text()));
-        let mut standby = Proc::remus(
+        let mut standby = Proc::remus_in(
             &net.dc2,
             "standby",
             &[
@@ -1131,7 +957,7 @@ impl World {
         standby
             .wait_log("standby listening", Duration::from_secs(30))
             .unwrap_or_else(|e| panic!("{e}\n{}", standby.log_text()));
-        let protect = Proc::remus(
+        let protect = Proc::remus_in(
             &net.dc1,
             "protect",
             &[
@@ -1225,7 +1051,7 @@ impl World {
             out.push_str(&format!(
                 "--- {} log ({}) ---\n{}\n",
                 p.name,
-                p.log.display(),
+                p.log_path().display(),
                 tail(&p.log_text(), 60)
             ));
         }
