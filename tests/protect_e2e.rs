@@ -258,6 +258,25 @@ fn after_a_switchover_protection_runs_back_and_the_vm_can_return() {
     );
 }
 
+/// The backup site loses its replica (process killed, state folder gone)
+/// and a new, empty standby starts: the primary resynchronises the running
+/// VM to it without stopping the VM, and when the primary is then killed
+/// the new standby takes over from that replica with the client's
+/// connection intact (a resync that sent only the pages changed since the
+/// first sync would leave a replica of mostly zeros).
+#[test]
+fn a_standby_that_lost_its_replica_is_resynchronised_and_can_take_over() {
+    if !require_kvm_root() {
+        return;
+    }
+    with_witness(
+        End::StandbyLosesItsState,
+        "rwe2e7",
+        17781,
+        "52:54:00:12:36:08",
+    );
+}
+
 /// The primary dies at exact moments of the pipeline (fault points, see
 /// `remus_wan::faults`): while its guest is paused for a checkpoint, right
 /// after handing an epoch to the transport, and while the backup is in the
@@ -296,6 +315,7 @@ enum End {
     PrimaryDiesAt(&'static str),
     KilledWhileBackupApplies,
     SwitchoverThenBack,
+    StandbyLosesItsState,
 }
 
 fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
@@ -389,9 +409,10 @@ fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
         let until = Instant::now() + kill_after;
         let fault_limit = Instant::now() + Duration::from_secs(30);
         let go_on = |protect: &mut Proc| match end {
-            End::KillPrimary | End::Switchover | End::SwitchoverThenBack => {
-                Instant::now() < until
-            }
+            End::KillPrimary
+            | End::Switchover
+            | End::SwitchoverThenBack
+            | End::StandbyLosesItsState => Instant::now() < until,
             End::PrimaryDiesAt(_) => !protect.has_exited() && Instant::now() < fault_limit,
             End::KilledWhileBackupApplies => {
                 !log("standby.log").contains("fault point reached") && Instant::now() < fault_limit
@@ -430,6 +451,55 @@ fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
                 protect.kill();
                 eprintln!("protect SIGKILLed after {kill_after:?} (seed {seed}), client at counter {before}");
             }
+            End::StandbyLosesItsState => {
+                // The backup site loses its disk: its process dies, its
+                // replica is gone, and a new standby starts empty. The
+                // primary must resynchronise the running VM to it (the
+                // whole memory again, not only what changed since its last
+                // sync) and must not stop the VM over it.
+                let resyncs_before = vm_status("127.0.0.1:9477").map(|v| v.epochs).unwrap_or(0);
+                standby.kill();
+                std::fs::remove_dir_all(&state_s).expect("wipe the standby's state");
+                standby = Proc::remus(
+                    "standby (new, empty)",
+                    &["standby", "--config", &cfg_s, "--site", "dc2", "--state-dir", &state_s],
+                    &dir.join("standby2.log"),
+                );
+                let first = Instant::now();
+                wait_until(
+                    "the new standby holds a consistent replica",
+                    Duration::from_secs(120),
+                    || log("standby2.log").contains("resynchronised replica is consistent"),
+                    || {
+                        counter.read_more(&mut conn, u64::MAX, Duration::from_millis(20));
+                    },
+                )
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "{e}\nprotect log:\n{}\nstandby log:\n{}",
+                        log("protect.log"),
+                        log("standby2.log")
+                    )
+                });
+                wait_until(
+                    "protect is protected again, checkpoints committed",
+                    Duration::from_secs(60),
+                    || {
+                        vm_status("127.0.0.1:9477").is_some_and(|v| {
+                            v.state == "protected" && v.epochs > resyncs_before + 20
+                        })
+                    },
+                    || {
+                        counter.read_more(&mut conn, u64::MAX, Duration::from_millis(20));
+                    },
+                )
+                .unwrap_or_else(|e| panic!("{e}\nprotect log:\n{}", log("protect.log")));
+                assert!(!protect.has_exited(), "protect must survive its standby's loss");
+                eprintln!("standby wiped and restarted: resynchronised in {:?}", first.elapsed());
+                let before = counter.next();
+                protect.kill();
+                eprintln!("protect SIGKILLed, client at counter {before}");
+            }
             End::Switchover | End::SwitchoverThenBack => {
                 let out = Command::new(env!("CARGO_BIN_EXE_remus-wan"))
                     .args(["switchover", "web1", "--to", "dc2", "--config", &cfg_s])
@@ -465,11 +535,21 @@ fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
         });
         // The first new value: it can only come from the resumed replica
         // once what was in flight to the client has drained.
+        let standby_log = if end == End::StandbyLosesItsState {
+            "standby2.log"
+        } else {
+            "standby.log"
+        };
+        let before = if end == End::StandbyLosesItsState {
+            counter.next()
+        } else {
+            before
+        };
         let mut first_byte = None;
         let limit = Instant::now() + Duration::from_secs(60);
         while counter.next() < before + 100_000 && Instant::now() < limit {
             let n = counter.read_more(&mut conn, 1, Duration::from_millis(50));
-            if n > 0 && first_byte.is_none() && log("standby.log").contains("takeover complete") {
+            if n > 0 && first_byte.is_none() && log(standby_log).contains("takeover complete") {
                 first_byte = Some(killed.elapsed());
             }
         }
@@ -477,15 +557,15 @@ fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
             counter.next() >= before + 100_000,
             "after the kill only {} more counter values\nstandby log:\n{}\nwitness log:\n{}",
             counter.next() - before,
-            log("standby.log"),
+            log(standby_log),
             log("witness.log")
         );
         assert!(
-            log("standby.log").contains("takeover complete"),
+            log(standby_log).contains("takeover complete"),
             "the stream went on but the standby did not take over?\n{}",
-            log("standby.log")
+            log(standby_log)
         );
-        let takeover = log("standby.log")
+        let takeover = log(standby_log)
             .lines()
             .find(|l| l.contains("takeover complete"))
             .map(str::to_owned)

@@ -84,6 +84,11 @@ pub trait ProtectedGuest: Send {
     /// contents. `max_frames` bounds one round's copy.
     fn precopy_round(&mut self, max_frames: usize, out: &mut Checkpoint) -> Result<(), GuestError>;
 
+    /// A full resynchronisation starts: the backup builds a new replica
+    /// from nothing, so the next pre-copy round (or checkpoint) carries
+    /// every frame again, not only those written since the last one.
+    fn restart_sync(&mut self);
+
     /// Pauses the guest (vCPUs and device workers), calls `at_pause` (the
     /// epoch boundary: nothing the guest does after it belongs to the
     /// closing epoch), copies dirty pages and state into `out`, resumes.

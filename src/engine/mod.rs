@@ -3,6 +3,7 @@
 
 pub mod output_commit;
 pub mod pacer;
+pub mod precopy;
 pub mod protect;
 pub mod release_gate;
 pub mod standby;

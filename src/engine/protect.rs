@@ -31,6 +31,9 @@ use wan::transport::{Endpoint, TlsPaths, TransportConfig};
 
 use super::output_commit::OutputBuffer;
 use super::pacer::{Decision, Pacer};
+use super::precopy::{
+    DiskCursor, PreCopy, Step, PRECOPY_DISK_BYTES, PRECOPY_IN_FLIGHT, PRECOPY_PAGES,
+};
 use super::release_gate::{Release, ReleaseGate};
 use crate::addresses::Addresses;
 use crate::arbiter::ArbiterHandle;
@@ -39,10 +42,9 @@ use failover::Event;
 use netops::config::HookEvent;
 use netops::policy::Role;
 
-/// Largest pre-copy epoch, in pages (64 MiB) and disk bytes.
-const PRECOPY_PAGES: usize = 16 * 1024;
-const PRECOPY_DISK_BYTES: usize = 32 << 20;
-const PRECOPY_MAX_ROUNDS: usize = 5;
+/// The first wait after a replication error; doubled up to the maximum.
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
 pub struct ProtectOptions {
@@ -155,6 +157,9 @@ pub struct ProtectStats {
     pub output_dropped_frames: u64,
     pub interval_ms: u64,
     pub rtt_ms: Option<f64>,
+    /// Replication errors survived (session failures, refused epochs,
+    /// failed checkpoints): each one ends in a full resync.
+    pub replication_errors: u64,
 }
 
 impl ProtectStats {
@@ -178,8 +183,12 @@ pub enum ProtectError {
     Guest(#[from] hypervisor::GuestError),
     #[error("codec: {0}")]
     Codec(#[from] wan::codec::CodecError),
-    #[error("replication session ended: {0}")]
+    #[error("replication session: {0}")]
     Session(String),
+    /// The session cannot go on (its task ended, or it failed for good):
+    /// a new one is needed.
+    #[error("replication session ended: {0}")]
+    SessionEnded(String),
     #[error("site {site} took the VM over under fencing token {token}: stopped here for good")]
     Demoted { site: String, token: u64 },
     #[error("reading the disk image {path}: {source}")]
@@ -212,10 +221,38 @@ pub struct Protector<G: ProtectedGuest> {
     switchover: Option<Switchover>,
     /// The VM now runs elsewhere (switchover done): protection ends.
     finished: bool,
-    /// The VM already runs and serves (resumed at takeover): it runs
-    /// unprotected until the other site's standby answers, then the
-    /// initial synchronisation starts.
-    sync_when_connected: bool,
+    /// Where replication stands (sync, checkpoints, recovery).
+    phase: Phase,
+    /// Replication errors in a row (for the backoff).
+    errors_in_a_row: u32,
+    /// The session's event channel is open (closed: its task ended).
+    events_open: bool,
+}
+
+/// One piece of replication work the loop decided to do now.
+#[derive(Debug, Clone, Copy)]
+enum Work {
+    EndBackoff(bool),
+    Resync,
+    PreCopy,
+    Checkpoint,
+}
+
+/// Where the replication of the VM stands.
+#[derive(Debug)]
+enum Phase {
+    /// Waiting for the backup's standby to answer before a full sync: the
+    /// VM already serves (resumed at takeover), or the session was
+    /// restarted after an error.
+    AwaitPeer,
+    /// A full synchronisation by pre-copy, one step per epoch.
+    PreCopy(PreCopy),
+    /// Checkpoints, every interval.
+    Checkpointing,
+    /// After an error the guest runs on, output held as the rules say,
+    /// nothing is sent until `until`; then a full resync (over a new
+    /// session when `new_session`).
+    Backoff { until: Instant, new_session: bool },
 }
 
 /// A planned move in progress: the guest is paused after its final epoch.
@@ -251,18 +288,7 @@ impl<G: ProtectedGuest> Protector<G> {
         release: Option<Box<dyn FrameSink>>,
     ) -> Result<Self, ProtectError> {
         let endpoint = Endpoint::bind(opts.bind, TransportConfig::new(opts.tls.clone()))?;
-        let mut scfg = SenderConfig::new(opts.site.clone(), opts.vm.clone());
-        scfg.max_in_flight = opts.max_in_flight as usize;
-        scfg.max_epoch_size = opts.max_epoch_bytes;
-        let (sender, events) = spawn_sender(
-            QuicDialer {
-                endpoint: endpoint.clone(),
-                addr: opts.backup_addr,
-                peer_site: opts.backup.clone(),
-            },
-            scfg,
-            1,
-        );
+        let (sender, events) = new_session(&opts, &endpoint, 1);
         let encoder = Encoder::new(EncoderConfig {
             vm_id: vm_id(&opts.vm),
             page_size: guest.page_size(),
@@ -292,7 +318,9 @@ impl<G: ProtectedGuest> Protector<G> {
             control: None,
             switchover: None,
             finished: false,
-            sync_when_connected: false,
+            phase: Phase::PreCopy(PreCopy::new(None)),
+            errors_in_a_row: 0,
+            events_open: true,
         })
     }
 
@@ -302,7 +330,7 @@ impl<G: ProtectedGuest> Protector<G> {
     /// under this site's lease (there is no replica to commit to), and
     /// from its pause on output waits for commits again.
     pub fn protect_when_peer_returns(&mut self) {
-        self.sync_when_connected = true;
+        self.phase = Phase::AwaitPeer;
         self.gate = ReleaseGate::serving_unreplicated();
         if let Some(f) = &mut self.failover {
             f.started = true;
@@ -345,6 +373,10 @@ impl<G: ProtectedGuest> Protector<G> {
             }
             None => Some("switchover needs a [witness] in the configuration".into()),
             Some(_) if self.switchover.is_some() => Some("a switchover is already under way".into()),
+            Some(_) if !matches!(self.phase, Phase::Checkpointing) => Some(format!(
+                "{} is synchronising or recovering its replica; retry once `remus-wan status` says protected",
+                self.opts.site
+            )),
             Some(f)
                 if f.fenced
                     || f.unprotected
@@ -368,14 +400,25 @@ impl<G: ProtectedGuest> Protector<G> {
             let _ = reply.send(Err(why));
             return Ok(());
         }
-        let Some(f) = &self.failover else {
-            return Ok(());
-        };
         info!(vm = %self.opts.vm, to = %self.opts.backup, "switchover: final checkpoint, then the lease moves");
-        f.arbiter.start_switchover();
         let started = Instant::now();
-        let final_epoch = self.checkpoint().await?;
-        tokio::task::block_in_place(|| self.guest.pause())?;
+        // The final checkpoint and the pause come before the failover
+        // state machine hears of the switchover: if either fails, nothing
+        // was started there and the VM runs on.
+        let final_epoch = match self.checkpoint().await {
+            Ok(e) => e,
+            Err(e) => {
+                let _ = reply.send(Err(format!("the final checkpoint failed: {e}")));
+                return Err(e);
+            }
+        };
+        if let Err(e) = tokio::task::block_in_place(|| self.guest.pause()) {
+            let _ = reply.send(Err(format!("pausing the guest failed: {e}")));
+            return Err(e.into());
+        }
+        if let Some(f) = &self.failover {
+            f.arbiter.start_switchover();
+        }
         self.set_state("switching over");
         self.switchover = Some(Switchover {
             final_epoch,
@@ -488,95 +531,170 @@ impl<G: ProtectedGuest> Protector<G> {
             .await
             .map_err(|e| ProtectError::Session(e.to_string()))?;
         if got != want {
+            // The session renumbered (its backup is ahead of what this
+            // process produced: a restart on either side). The epoch went
+            // out under a number the encoder did not write: follow the
+            // session's numbering and start over with a full resync.
+            self.next_epoch = got + 1;
             return Err(ProtectError::Session(format!(
-                "session numbered epoch {got}, the encoder made epoch {want}"
+                "session numbered epoch {got}, the encoder made epoch {want}: resynchronising"
             )));
         }
         self.next_epoch += 1;
         Ok(got)
     }
 
-    /// Full synchronisation: everything while the guest runs, then dirty
-    /// rounds, then the first checkpoint. Used at start and on resync.
-    async fn synchronise(&mut self) -> Result<(), ProtectError> {
-        self.set_state("synchronising");
+    /// Starts a full synchronisation (at start, on the backup's request,
+    /// or after an error): the backup builds a new replica from nothing,
+    /// beside the one it has until this one is consistent.
+    fn begin_sync(&mut self, why: &str) -> Result<(), ProtectError> {
         self.gate.resync_started();
         self.encoder.reset();
-        let total = self.guest.frame_count();
-        info!(vm = %self.opts.vm, pages = total, "initial synchronisation: pre-copy while the guest runs");
-        let mut disk_chunks = self.disk_chunks()?;
-        let mut kind = EpochKind::Full;
-        let mut sent_pages = 0u64;
-        for round in 0..PRECOPY_MAX_ROUNDS {
-            let mut round_pages = 0usize;
-            loop {
-                let mut cp = std::mem::take(&mut self.staging);
-                tokio::task::block_in_place(|| self.guest.precopy_round(PRECOPY_PAGES, &mut cp))?;
-                let n = cp.frames.len();
-                round_pages += n;
-                let mut disk = Vec::new();
-                let mut disk_bytes = 0;
-                while disk_bytes < PRECOPY_DISK_BYTES {
-                    let Some(c) = disk_chunks.pop() else { break };
-                    disk_bytes += c.1.len();
-                    disk.push(c);
-                }
-                if n == 0 && disk.is_empty() && kind == EpochKind::Delta {
-                    self.staging = cp;
-                    break;
-                }
-                let pages: Vec<(u64, &[u8])> = cp.page_slices(self.guest.page_size()).collect();
-                let dw: Vec<(u64, &[u8])> = disk.iter().map(|(o, d)| (*o, &d[..])).collect();
-                let epoch = self.next_epoch;
-                let bytes =
-                    tokio::task::block_in_place(|| self.encoder.encode(epoch, &pages, &[], &dw))?;
-                self.account(
-                    n as u64,
-                    (n * self.guest.page_size() + disk_bytes) as u64,
-                    bytes.len() as u64,
-                    None,
-                );
-                self.push(kind, bytes).await?;
-                // A VM that already serves (resumed at takeover) keeps
-                // serving, unprotected, while its new standby fills up.
-                self.flush_output();
-                kind = EpochKind::Delta;
-                sent_pages += n as u64;
-                self.staging = cp;
-                if let Ok(mut st) = self.stats.lock() {
-                    st.precopy_epochs += 1;
-                }
-                if n < PRECOPY_PAGES && disk_chunks.is_empty() {
-                    break;
-                }
-            }
-            info!(vm = %self.opts.vm, round, pages = round_pages, sent_pages, "pre-copy round done");
-            // A round this small costs less than one checkpoint's pause.
-            if round > 0 && round_pages < 1024 {
-                break;
-            }
-        }
-        self.checkpoint().await?;
-        self.set_state(self.steady_state());
+        self.guest.restart_sync();
+        // Follow the session's numbering (it may have moved past ours).
+        self.next_epoch = self.next_epoch.max(self.sender.status().next_epoch);
+        let disk = match &self.opts.disk {
+            Some(path) => Some(DiskCursor::open(path).map_err(|source| ProtectError::Disk {
+                path: path.clone(),
+                source,
+            })?),
+            None => None,
+        };
+        info!(vm = %self.opts.vm, pages = self.guest.frame_count(), disk_bytes = disk.as_ref().map(|d| d.progress().1), why, "full synchronisation: pre-copy while the guest runs");
+        self.phase = Phase::PreCopy(PreCopy::new(disk));
+        self.set_state("synchronising");
         Ok(())
     }
 
-    /// The disk image in chunks (popped from the end: reversed order).
-    fn disk_chunks(&self) -> Result<Vec<(u64, Vec<u8>)>, ProtectError> {
-        let Some(path) = &self.opts.disk else {
-            return Ok(Vec::new());
+    /// Whether the link has room for another pre-copy epoch (a session
+    /// that waits for a full image takes only the first one).
+    fn precopy_has_room(&self) -> bool {
+        let Phase::PreCopy(pc) = &self.phase else {
+            return false;
         };
-        let data = std::fs::read(path).map_err(|source| ProtectError::Disk {
-            path: path.clone(),
-            source,
-        })?;
-        let mut chunks: Vec<(u64, Vec<u8>)> = data
-            .chunks(1 << 20)
-            .enumerate()
-            .map(|(i, c)| ((i as u64) << 20, c.to_vec()))
-            .collect();
-        chunks.reverse();
-        Ok(chunks)
+        let st = self.sender.status();
+        st.connected
+            && st.in_flight < PRECOPY_IN_FLIGHT
+            && (!st.resync_pending || pc.kind() == EpochKind::Full)
+    }
+
+    /// One pre-copy epoch: pages dirtied (all of them at first), a share of
+    /// the disk and the writes captured meanwhile; at the end of the last
+    /// round, the first checkpoint.
+    async fn precopy_step(&mut self) -> Result<(), ProtectError> {
+        let Phase::PreCopy(pc) = &mut self.phase else {
+            return Ok(());
+        };
+        let mut disk = match &mut pc.disk {
+            Some(d) => d
+                .next_chunks(PRECOPY_DISK_BYTES)
+                .map_err(|source| ProtectError::Disk {
+                    path: d.path().to_owned(),
+                    source,
+                })?,
+            None => Vec::new(),
+        };
+        let mut cp = std::mem::take(&mut self.staging);
+        tokio::task::block_in_place(|| self.guest.precopy_round(PRECOPY_PAGES, &mut cp))?;
+        // Captured writes after the chunks (see precopy.rs).
+        if let Ok(mut io) = self.capture.io.lock() {
+            disk.append(&mut io.disk);
+        }
+        let n = cp.frames.len();
+        let disk_bytes: usize = disk.iter().map(|(_, d)| d.len()).sum();
+        let Phase::PreCopy(pc) = &mut self.phase else {
+            return Ok(());
+        };
+        let send = pc.worth_sending(n, disk_bytes);
+        let kind = pc.kind();
+        if send {
+            let pages: Vec<(u64, &[u8])> = cp.page_slices(self.guest.page_size()).collect();
+            let dw: Vec<(u64, &[u8])> = disk.iter().map(|(o, d)| (*o, &d[..])).collect();
+            let epoch = self.next_epoch;
+            let bytes =
+                tokio::task::block_in_place(|| self.encoder.encode(epoch, &pages, &[], &dw));
+            let bytes = match bytes {
+                Ok(b) => b,
+                Err(e) => {
+                    self.staging = cp;
+                    return Err(e.into());
+                }
+            };
+            self.account(
+                n as u64,
+                (n * self.guest.page_size() + disk_bytes) as u64,
+                bytes.len() as u64,
+                None,
+            );
+            let pushed = self.push(kind, bytes).await;
+            self.staging = cp;
+            pushed?;
+            if let Ok(mut st) = self.stats.lock() {
+                st.precopy_epochs += 1;
+            }
+        } else {
+            self.staging = cp;
+        }
+        // A VM that already serves keeps serving while its standby fills.
+        self.flush_output();
+        let Phase::PreCopy(pc) = &mut self.phase else {
+            return Ok(());
+        };
+        match pc.stepped(n, send) {
+            Step::More => {}
+            Step::RoundDone { round, pages } => {
+                info!(vm = %self.opts.vm, round, pages, sent_pages = pc.sent_pages, "pre-copy round done");
+            }
+            Step::Finished { round, pages } => {
+                info!(vm = %self.opts.vm, round, pages, sent_pages = pc.sent_pages, epochs = pc.epochs, "pre-copy done: first checkpoint");
+                self.phase = Phase::Checkpointing;
+                self.checkpoint().await?;
+                self.set_state(self.steady_state());
+            }
+        }
+        Ok(())
+    }
+
+    /// A replication error: the guest runs on (output held as the rules
+    /// say), and after a backoff a full resync starts, over a new session
+    /// when the old one cannot go on. Only a demotion, or a guest that is
+    /// gone, ends protection.
+    fn recover(&mut self, e: ProtectError) -> Result<(), ProtectError> {
+        match e {
+            ProtectError::Demoted { .. }
+            | ProtectError::Guest(hypervisor::GuestError::NotRunning) => return Err(e),
+            _ => {}
+        }
+        let new_session = matches!(&e, ProtectError::SessionEnded(_));
+        self.errors_in_a_row = self.errors_in_a_row.saturating_add(1);
+        let wait = RETRY_FIRST
+            .saturating_mul(1 << self.errors_in_a_row.min(8).saturating_sub(1))
+            .min(RETRY_MAX);
+        if let Ok(mut st) = self.stats.lock() {
+            st.replication_errors += 1;
+        }
+        error!(vm = %self.opts.vm, error = %e, retry_in = ?wait, new_session, "replication error: the guest runs on, output waits; full resync after the backoff");
+        self.phase = Phase::Backoff {
+            until: Instant::now() + wait,
+            new_session,
+        };
+        self.set_state("recovering");
+        Ok(())
+    }
+
+    /// The backoff is over: a new session if needed, then a full resync.
+    fn end_backoff(&mut self, fresh_session: bool) -> Result<(), ProtectError> {
+        if fresh_session {
+            let (sender, events) = new_session(&self.opts, &self.endpoint, self.next_epoch);
+            let old = std::mem::replace(&mut self.sender, sender);
+            self.events = events;
+            self.events_open = true;
+            tokio::spawn(async move { old.close().await });
+            self.phase = Phase::AwaitPeer;
+            self.set_state("synchronising");
+            return Ok(());
+        }
+        self.begin_sync("after a replication error")
     }
 
     fn account(&self, pages: u64, raw: u64, wire: u64, pause: Option<Duration>) {
@@ -632,6 +750,7 @@ impl<G: ProtectedGuest> Protector<G> {
     fn on_committed(&mut self, epoch: u64) {
         self.encoder.acknowledge(epoch);
         if self.gate.committed(epoch) {
+            self.errors_in_a_row = 0;
             let c = self.gate.committed_checkpoint();
             if let Ok(mut st) = self.stats.lock() {
                 st.committed = st.committed.max(c);
@@ -784,58 +903,92 @@ impl<G: ProtectedGuest> Protector<G> {
         Ok(())
     }
 
-    /// Protects until `shutdown` (or until the guest exits).
+    /// Protects until `shutdown` (or until the guest exits, or a newer
+    /// token demotes this site). Replication errors do not end it: the
+    /// guest runs on and a full resync follows (see [`Self::recover`]).
     pub async fn run(
         mut self,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<ProtectStats, ProtectError> {
         tokio::pin!(shutdown);
-        if self.sync_when_connected {
+        if matches!(self.phase, Phase::AwaitPeer) {
             self.set_state("unprotected");
             warn!(vm = %self.opts.vm, peer = %self.opts.backup, "running unprotected until a standby at the other site answers");
         } else {
-            self.synchronise().await?;
+            let r = self.begin_sync("protection starts");
+            if !self.survive(r)? {
+                return Ok(self.stop().await);
+            }
         }
         let mut pacer = Pacer::new(self.opts.interval, self.opts.max_in_flight, Instant::now());
         let mut last_report = Instant::now();
         loop {
-            let status = self.sender.status();
-            let in_flight = status.in_flight as u32;
-            let (held, limit) = match self.capture.io.lock() {
-                Ok(io) => (io.output.held_bytes(), self.opts.output_limit),
-                Err(_) => (0, self.opts.output_limit),
-            };
-            let pressure = held * 2 > limit;
             if self.finished {
                 break;
             }
-            let fenced = self.failover.as_ref().is_some_and(|f| f.fenced)
-                || self.switchover.is_some()
-                || self.sync_when_connected;
-            let decision = if fenced {
-                // A fenced guest is paused: nothing to checkpoint.
-                Decision::WaitForAck
-            } else {
-                pacer.decide(Instant::now(), in_flight, pressure)
+            let status = self.sender.status();
+            let in_flight = status.in_flight as u32;
+            let held = match self.capture.io.lock() {
+                Ok(io) => io.output.held_bytes(),
+                Err(_) => 0,
             };
-            let mut wake = match decision {
-                Decision::Checkpoint => {
-                    if !self.guest.is_running() {
-                        warn!(vm = %self.opts.vm, "guest stopped: protection ends");
-                        break;
+            let pressure = held * 2 > self.opts.output_limit;
+            // A fenced guest, or one paused for a switchover, has nothing
+            // to send.
+            let paused =
+                self.failover.as_ref().is_some_and(|f| f.fenced) || self.switchover.is_some();
+            let now = Instant::now();
+            let mut wake = tokio::time::Instant::now() + self.opts.interval;
+            let mut step = None;
+            match &self.phase {
+                _ if paused => {}
+                Phase::AwaitPeer => {}
+                Phase::Backoff { until, new_session } => {
+                    if now >= *until {
+                        step = Some(Work::EndBackoff(*new_session));
+                    } else {
+                        wake = wake.min(tokio::time::Instant::from_std(*until));
                     }
-                    self.checkpoint().await?;
-                    let backlog = status
-                        .link
-                        .as_ref()
-                        .map(|l| Duration::from_secs_f64(l.rtt.as_secs_f64() * in_flight as f64))
-                        .unwrap_or_default();
-                    pacer.checkpoint_taken(Instant::now(), in_flight, backlog);
-                    continue;
                 }
-                Decision::WaitUntil(t) => tokio::time::Instant::from_std(t),
-                Decision::WaitForAck => tokio::time::Instant::now() + self.opts.interval,
-            };
+                // Room is made by acknowledgements, which wake the loop.
+                Phase::PreCopy(_) if self.precopy_has_room() => step = Some(Work::PreCopy),
+                Phase::PreCopy(_) => {}
+                Phase::Checkpointing if status.resync_pending => step = Some(Work::Resync),
+                Phase::Checkpointing => match pacer.decide(now, in_flight, pressure) {
+                    Decision::Checkpoint => step = Some(Work::Checkpoint),
+                    Decision::WaitUntil(t) => wake = tokio::time::Instant::from_std(t),
+                    Decision::WaitForAck => {}
+                },
+            }
+            if let Some(work) = step {
+                if matches!(work, Work::PreCopy | Work::Checkpoint) && !self.guest.is_running() {
+                    warn!(vm = %self.opts.vm, "guest stopped: protection ends");
+                    break;
+                }
+                let r = match work {
+                    Work::EndBackoff(new_session) => self.end_backoff(new_session),
+                    Work::Resync => self.begin_sync("the backup needs a full resync"),
+                    Work::PreCopy => self.precopy_step().await,
+                    Work::Checkpoint => {
+                        let r = self.checkpoint().await.map(|_| ());
+                        if r.is_ok() {
+                            let backlog = status
+                                .link
+                                .as_ref()
+                                .map(|l| {
+                                    Duration::from_secs_f64(l.rtt.as_secs_f64() * in_flight as f64)
+                                })
+                                .unwrap_or_default();
+                            pacer.checkpoint_taken(Instant::now(), in_flight, backlog);
+                        }
+                        r
+                    }
+                };
+                if !self.survive(r)? {
+                    break;
+                }
+                continue;
+            }
             if self.releases_at_once() {
                 // Unprotected: output leaves without waiting for a commit,
                 // a couple of milliseconds after the guest sent it.
@@ -859,12 +1012,22 @@ impl<G: ProtectedGuest> Protector<G> {
                     None => std::future::pending().await,
                 }
             };
+            let replication = async {
+                if self.events_open {
+                    self.events.recv().await
+                } else {
+                    std::future::pending().await
+                }
+            };
             tokio::select! {
                 _ = &mut shutdown => break,
                 _ = tokio::time::sleep_until(wake) => {}
                 req = control => match req {
                     Some(ControlRequest::Switchover { vm, reply }) => {
-                        self.begin_switchover(vm, reply).await?;
+                        let r = self.begin_switchover(vm, reply).await;
+                        if !self.survive(r)? {
+                            break;
+                        }
                     }
                     None => self.control = None,
                 },
@@ -874,41 +1037,77 @@ impl<G: ProtectedGuest> Protector<G> {
                     };
                     self.on_failover_event(ev)?;
                 }
-                ev = self.events.recv() => {
-                    let Some(ev) = ev else {
-                        return Err(ProtectError::Session("replication task stopped".into()));
-                    };
-                    match ev {
-                        SenderEvent::Committed { epoch } => self.on_committed(epoch),
-                        SenderEvent::ResyncRequired { reason, .. } => {
-                            warn!(vm = %self.opts.vm, reason, "backup needs a full resync");
-                            if let Ok(mut st) = self.stats.lock() {
-                                st.resyncs += 1;
-                            }
-                            self.synchronise().await?;
-                        }
-                        SenderEvent::Connected { peer_site, receiver_committed, .. } => {
-                            info!(vm = %self.opts.vm, peer = %peer_site, receiver_committed, "backup connected");
-                            if std::mem::take(&mut self.sync_when_connected) {
-                                info!(vm = %self.opts.vm, peer = %peer_site, "a standby answers: synchronising the running VM to it");
-                                self.synchronise().await?;
-                            }
-                        }
-                        SenderEvent::Disconnected { error, retry_in } => {
-                            if self.releases_at_once() {
-                                warn!(vm = %self.opts.vm, %error, ?retry_in, "backup unreachable (the VM runs unprotected meanwhile)");
-                            } else {
-                                warn!(vm = %self.opts.vm, %error, ?retry_in, "backup unreachable: output is held until it is back or declared lost");
-                            }
-                        }
-                        SenderEvent::Failed { error } => {
-                            return Err(ProtectError::Session(error.to_string()));
-                        }
-                        _ => {}
+                ev = replication => {
+                    let r = self.on_sender_event(ev);
+                    if !self.survive(r)? {
+                        break;
                     }
                 }
             }
         }
+        Ok(self.stop().await)
+    }
+
+    /// What the replication session reports.
+    fn on_sender_event(&mut self, ev: Option<SenderEvent>) -> Result<(), ProtectError> {
+        let Some(ev) = ev else {
+            self.events_open = false;
+            return Err(ProtectError::SessionEnded(
+                "the replication task stopped".into(),
+            ));
+        };
+        match ev {
+            SenderEvent::Committed { epoch } => self.on_committed(epoch),
+            SenderEvent::ResyncRequired { reason, .. } => {
+                warn!(vm = %self.opts.vm, reason, "backup needs a full resync");
+                if let Ok(mut st) = self.stats.lock() {
+                    st.resyncs += 1;
+                }
+                if !matches!(self.phase, Phase::Backoff { .. }) {
+                    return self.begin_sync("the backup needs a full resync");
+                }
+            }
+            SenderEvent::Connected {
+                peer_site,
+                receiver_committed,
+                ..
+            } => {
+                info!(vm = %self.opts.vm, peer = %peer_site, receiver_committed, "backup connected");
+                if matches!(self.phase, Phase::AwaitPeer) {
+                    info!(vm = %self.opts.vm, peer = %peer_site, "a standby answers: synchronising the running VM to it");
+                    return self.begin_sync("a standby answers");
+                }
+            }
+            SenderEvent::Disconnected { error, retry_in } => {
+                if self.releases_at_once() {
+                    warn!(vm = %self.opts.vm, %error, ?retry_in, "backup unreachable (the VM runs unprotected meanwhile)");
+                } else {
+                    warn!(vm = %self.opts.vm, %error, ?retry_in, "backup unreachable: output is held until it is back or declared lost");
+                }
+            }
+            SenderEvent::Failed { error } => {
+                return Err(ProtectError::SessionEnded(format!("it failed: {error}")));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Ok(true) to go on, Ok(false) when the guest is gone (protection
+    /// ends), Err for a demotion; any other error is recovered from.
+    fn survive(&mut self, r: Result<(), ProtectError>) -> Result<bool, ProtectError> {
+        match r {
+            Ok(()) => Ok(true),
+            Err(ProtectError::Guest(hypervisor::GuestError::NotRunning)) => {
+                warn!(vm = %self.opts.vm, "guest stopped: protection ends");
+                Ok(false)
+            }
+            Err(e) => self.recover(e).map(|()| true),
+        }
+    }
+
+    /// Ends protection: addresses shut down, session closed.
+    async fn stop(mut self) -> ProtectStats {
         self.set_state("stopped");
         if let Some(f) = self.failover.take() {
             if let Some(a) = f.addresses {
@@ -917,8 +1116,7 @@ impl<G: ProtectedGuest> Protector<G> {
         }
         self.sender.close().await;
         self.endpoint.close();
-        let stats = self.stats.lock().map(|s| s.clone()).unwrap_or_default();
-        Ok(stats)
+        self.stats.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
     fn report(&self, pacer: &Pacer, status: &wan::transport::replication::SenderStatus) {
@@ -946,6 +1144,30 @@ impl<G: ProtectedGuest> Protector<G> {
             );
         }
     }
+}
+
+/// A replication session towards the backup, numbering from `first`; it
+/// dials (and redials) on its own.
+fn new_session(
+    opts: &ProtectOptions,
+    endpoint: &Endpoint,
+    first: u64,
+) -> (
+    SenderHandle,
+    tokio::sync::mpsc::UnboundedReceiver<SenderEvent>,
+) {
+    let mut scfg = SenderConfig::new(opts.site.clone(), opts.vm.clone());
+    scfg.max_in_flight = opts.max_in_flight as usize;
+    scfg.max_epoch_size = opts.max_epoch_bytes;
+    spawn_sender(
+        QuicDialer {
+            endpoint: endpoint.clone(),
+            addr: opts.backup_addr,
+            peer_site: opts.backup.clone(),
+        },
+        scfg,
+        first,
+    )
 }
 
 /// A stable numeric id for a VM name (carried in every epoch header).

@@ -365,7 +365,7 @@ pub async fn run_with<L: Listener>(
                 if let Event::Promote { token } = ev {
                     let Some(t) = takeover.as_mut().and_then(Option::take) else { continue };
                     handle.close().await;
-                    match promote(&opts, &standby, t, token) {
+                    match promote(&opts, &mut standby, t, token) {
                         Ok((task, stop)) => active = Some((task, stop)),
                         Err(e) => {
                             // Nothing runs here: the lease lapses and the
@@ -443,7 +443,7 @@ type ActiveTask = (
 /// from the replica's last committed epoch, runs the hooks.
 fn promote(
     opts: &StandbyOptions,
-    standby: &Standby,
+    standby: &mut Standby,
     t: Takeover,
     token: u64,
 ) -> Result<ActiveTask, String> {
@@ -485,6 +485,14 @@ fn promote(
             },
         )
     })?;
+    // The VM runs from the replica now (its disk is the VM's disk): a
+    // standby restarted on this folder must not offer it as a committed
+    // epoch.
+    if let Some(live) = standby.target.live.as_mut() {
+        if let Err(e) = live.mark_diverged() {
+            warn!(vm = %opts.vm, error = %e, "could not mark the replica as in use by the running VM");
+        }
+    }
     let activation = granted.elapsed();
     let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1e3);
     let detection = match (snap.peer_heard, snap.candidate_since) {

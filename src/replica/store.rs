@@ -359,6 +359,15 @@ impl ReplicaStore {
         self.write_meta()
     }
 
+    /// The VM now runs from this replica (its disk image is the running
+    /// VM's disk): it no longer is the state of any committed epoch. A
+    /// standby started later on this folder must not offer it for a
+    /// takeover, nor build deltas on it: it needs a full resync.
+    pub fn mark_diverged(&mut self) -> Result<(), StoreError> {
+        self.meta.consistent = false;
+        self.write_meta()
+    }
+
     fn write_meta(&mut self) -> Result<(), StoreError> {
         let e = |what| {
             let dir = self.dir.clone();

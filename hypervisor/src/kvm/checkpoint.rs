@@ -261,6 +261,12 @@ impl ProtectedGuest for Vm {
         Ok(())
     }
 
+    fn restart_sync(&mut self) {
+        // The next collect marks every frame pending and resets the logs.
+        self.tracker.synced = false;
+        self.tracker.pending.clear();
+    }
+
     fn checkpoint(
         &mut self,
         out: &mut Checkpoint,
