@@ -26,6 +26,7 @@ pub fn spec_from_config(vm: &config::Vm) -> Result<QemuSpec, String> {
         .map_err(|e| format!("creating {}: {e}", run_dir.display()))?;
     let spec = QemuSpec::new(&vm.name, LinuxImage { kernel, initrd }, run_dir)
         .memory_mib(vm.memory_mib)
+        .vcpus(vm.vcpus)
         .network(QemuNetSpec {
             mac,
             address: Some((address, n.address.prefix_len())),

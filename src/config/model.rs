@@ -158,7 +158,8 @@ pub enum Backend {
     Kvm,
     /// A Linux guest in QEMU.
     Qemu,
-    /// A Xen domain (cargo feature `xen`).
+    /// A Xen domain: not in this build (the configuration names it so a
+    /// deployment can say what it runs; `protect` refuses it).
     Xen,
 }
 

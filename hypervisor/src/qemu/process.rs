@@ -103,7 +103,7 @@ pub fn command_line(spec: &QemuSpec, paths: &Paths, accel: &str, incoming: bool)
         "-cpu".into(),
         "max".into(),
         "-smp".into(),
-        "1".into(),
+        spec.vcpus.to_string(),
         "-m".into(),
         format!("{mib}M"),
         // share=on: QEMU and remus-wan map the same pages, so the compare

@@ -111,6 +111,8 @@ pub struct QemuSpec {
     pub image: LinuxImage,
     /// RAM in MiB.
     pub memory_mib: u64,
+    /// Virtual CPUs.
+    pub vcpus: u32,
     /// Accelerator.
     pub accel: Accel,
     /// Extra kernel command line.
@@ -138,6 +140,7 @@ impl QemuSpec {
             name: name.into(),
             image,
             memory_mib: 256,
+            vcpus: 1,
             accel: Accel::Auto,
             cmdline_extra: String::new(),
             network: None,
@@ -151,6 +154,12 @@ impl QemuSpec {
     /// Sets the RAM size.
     pub fn memory_mib(mut self, mib: u64) -> Self {
         self.memory_mib = mib;
+        self
+    }
+
+    /// Sets the number of virtual CPUs (at least 1).
+    pub fn vcpus(mut self, n: u32) -> Self {
+        self.vcpus = n.max(1);
         self
     }
 
