@@ -6,9 +6,16 @@
 //! ([`netops::bgp::Speaker::set_group_routes`] refuses an older one), and
 //! the engine calls [`Addresses::set_role`] with `Active` only while the
 //! failover state machine allows this site to release the VM's output, so a
-//! stale site can never announce.
+//! stale site can never announce. DNS updates carry the same token into
+//! the zone (a fence TXT record per name, compare-and-swap, see
+//! [`netops::dns`]): a site with an older token cannot overwrite records a
+//! newer one wrote.
+//!
+//! Hooks run in the background and [`Addresses::shutdown`] waits for them
+//! (at most `netops.hook_exit_wait_s`) before the process exits.
 
 use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use netops::bgp::Speaker;
@@ -16,8 +23,8 @@ use netops::config::{
     AnnounceSettingsRaw, BgpPeerSettings, BgpSettings, BgpSpeakerSettings, DnsSettings, HookEvent,
     HookSettings, StandbyPolicy,
 };
-use netops::dns::{DnsUpdater, RecordUpdate, TsigAlgorithm};
-use netops::hooks::{run_hooks, HookContext};
+use netops::dns::{DnsUpdater, Fence, RecordUpdate, TsigAlgorithm};
+use netops::hooks::{HookContext, HookRunner};
 use netops::policy::{routes_for, AnnounceSettings, Role};
 use tracing::{info, warn};
 
@@ -42,9 +49,15 @@ pub struct Addresses {
     standby: StandbyPolicy,
     standby_prepend: u8,
     speaker: Option<Speaker>,
-    dns: Option<(DnsUpdater, Vec<RecordUpdate>)>,
-    hooks: Vec<HookSettings>,
+    dns: Option<Arc<(DnsUpdater, Vec<RecordUpdate>)>>,
+    /// The DNS update in flight, if any.
+    dns_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    hooks: HookRunner,
+    /// How long [`Addresses::shutdown`] waits for hooks still running.
+    hook_exit_wait: Duration,
     role: Option<Role>,
+    /// The fencing token of the last [`Addresses::set_role`].
+    token: Option<u64>,
 }
 
 impl std::fmt::Debug for Addresses {
@@ -54,7 +67,7 @@ impl std::fmt::Debug for Addresses {
             .field("vm", &self.vm)
             .field("bgp", &self.speaker.is_some())
             .field("dns", &self.dns.is_some())
-            .field("hooks", &self.hooks.len())
+            .field("hooks_running", &self.hooks.running())
             .finish()
     }
 }
@@ -122,6 +135,7 @@ impl Addresses {
                     },
                     tsig_secret_file: d.tsig_secret_file.clone(),
                     timeout_s: d.timeout_s,
+                    retry_deadline_s: d.retry_deadline_s,
                 })?;
                 let records: Vec<RecordUpdate> = vm
                     .dns
@@ -134,7 +148,7 @@ impl Addresses {
                         })
                     })
                     .collect();
-                Some((updater, records))
+                Some(Arc::new((updater, records)))
             }
             _ => None,
         };
@@ -158,16 +172,21 @@ impl Addresses {
             standby_prepend,
             speaker,
             dns,
-            hooks,
+            dns_task: Mutex::new(None),
+            hooks: HookRunner::new(hooks),
+            hook_exit_wait: Duration::from_secs(cfg.netops.hook_exit_wait_s as u64),
             role: None,
+            token: None,
         })
     }
 
     /// Announces (or withdraws) the VM's prefixes for `role`, under the
-    /// fencing token the decision was taken with. Returns how long the
-    /// local part took (the routers see it one UPDATE later).
+    /// fencing token the decision was taken with (also the token of the
+    /// next [`Addresses::point_dns_here`]). Returns how long the local
+    /// part took (the routers see it one UPDATE later).
     pub fn set_role(&mut self, role: Role, token: u64) -> Duration {
         let start = Instant::now();
+        self.token = Some(token);
         if self.role == Some(role) {
             return Duration::ZERO;
         }
@@ -192,30 +211,51 @@ impl Addresses {
         start.elapsed()
     }
 
-    /// Points the VM's DNS records at this site, in the background (the
-    /// update has its own timeout). Failures are logged: the VM runs
+    /// Points the VM's DNS records at this site, in the background, under
+    /// the fencing token of the last [`Addresses::set_role`]: a
+    /// compare-and-swap UPDATE that refuses to overwrite records written
+    /// under a newer token, retried with backoff up to
+    /// `netops.dns.retry_deadline_s`. Failures are logged: the VM runs
     /// anyway, and BGP (if any) already moved its addresses.
     pub fn point_dns_here(&self) {
-        let dns = self.dns.clone();
+        let Some(dns) = self.dns.clone() else {
+            return;
+        };
+        if dns.1.is_empty() {
+            return;
+        }
         let vm = self.vm.clone();
-        tokio::spawn(async move {
-            let start = Instant::now();
-            if let Some((updater, records)) = dns {
-                if !records.is_empty() {
-                    match updater.update(&records).await {
-                        Ok(()) => {
-                            info!(vm = %vm, records = records.len(), ms = start.elapsed().as_millis() as u64, "DNS records point at this site")
-                        }
-                        Err(e) => warn!(vm = %vm, error = %e, "DNS update failed"),
-                    }
+        let Some(token) = self.token else {
+            warn!(vm = %vm, "DNS not updated: no fencing token yet (set_role first)");
+            return;
+        };
+        let fence = Fence {
+            token,
+            site: self.site.clone(),
+        };
+        let task = tokio::spawn(async move {
+            let (updater, records) = &*dns;
+            match updater.update(records, &fence).await {
+                Ok(r) => {
+                    info!(vm = %vm, records = records.len(), token, attempts = r.attempts, ms = r.elapsed.as_millis() as u64, "DNS records point at this site")
                 }
+                Err(e @ netops::dns::DnsError::Stale { .. }) => {
+                    warn!(vm = %vm, token, error = %e, "DNS not updated: a site with a newer fencing token wrote the records")
+                }
+                Err(e) => warn!(vm = %vm, token, error = %e, "DNS update failed"),
             }
         });
+        // A newer move supersedes one still in flight.
+        let mut slot = self.dns_task.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = slot.replace(task) {
+            old.abort();
+        }
     }
 
     /// Runs the operator's hooks for `event` in the background (never
     /// fails; each hook is bounded by its timeout), so a slow hook never
-    /// delays a takeover or a fence.
+    /// delays a takeover or a fence. [`Addresses::shutdown`] waits for
+    /// them.
     pub fn spawn_hooks(
         &self,
         event: HookEvent,
@@ -223,33 +263,56 @@ impl Addresses {
         old_site: Option<&str>,
         new_site: Option<&str>,
     ) {
-        if self.hooks.iter().all(|h| h.event != event) {
-            return;
-        }
-        let ctx = HookContext {
+        self.hooks.spawn(HookContext {
             event,
             vm: self.vm.clone(),
             old_site: old_site.map(str::to_owned),
             new_site: new_site.map(str::to_owned),
             fencing_token: token,
             local_site: self.site.clone(),
-        };
-        let hooks = self.hooks.clone();
-        let vm = self.vm.clone();
-        tokio::spawn(async move {
-            for o in run_hooks(&hooks, &ctx).await {
-                if !o.ok() {
-                    warn!(vm = %vm, hook = %o.command.display(), result = ?o.result, output = %o.output, "hook failed");
-                }
-            }
         });
     }
 
-    /// Withdraws nothing on purpose: a stopping process closes its BGP
-    /// sessions with a CEASE, and the routers drop its routes with them.
-    pub async fn shutdown(self) {
-        if let Some(s) = self.speaker {
+    /// Hook events whose hooks still run.
+    pub fn hooks_running(&self) -> usize {
+        self.hooks.running()
+    }
+
+    /// Stops this site's part before the process exits: closes the BGP
+    /// sessions (CEASE; withdraws nothing on purpose, the routers drop
+    /// this site's routes with the sessions), abandons a DNS update still
+    /// retrying (this process no longer runs the VM), and waits for hooks
+    /// still running (demote, fence, ...) at most
+    /// `netops.hook_exit_wait_s`, killing those still running then. Call
+    /// it on every way out of the process, errors included: hooks are cut
+    /// off otherwise.
+    pub async fn shutdown(mut self) {
+        if let Some(s) = self.speaker.take() {
             s.shutdown().await;
+        }
+        let task = self
+            .dns_task
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(t) = task {
+            if !t.is_finished() {
+                warn!(vm = %self.vm, "DNS update still retrying at exit: abandoned");
+                t.abort();
+            }
+        }
+        let killed = self.hooks.finish(self.hook_exit_wait).await;
+        if killed > 0 {
+            warn!(vm = %self.vm, events = killed, wait_s = self.hook_exit_wait.as_secs(), "hooks killed at exit (netops.hook_exit_wait_s)");
+        }
+    }
+}
+
+impl Drop for Addresses {
+    fn drop(&mut self) {
+        let running = self.hooks.running();
+        if running > 0 {
+            warn!(vm = %self.vm, events = running, "addresses dropped without shutdown(): hooks still running are cut off if the process exits now");
         }
     }
 }
@@ -277,5 +340,136 @@ fn hook_event(e: config::HookEvent) -> HookEvent {
         config::HookEvent::Fence => HookEvent::Fence,
         config::HookEvent::ProtectionLost => HookEvent::ProtectionLost,
         config::HookEvent::ProtectionRestored => HookEvent::ProtectionRestored,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::{Path, PathBuf};
+
+    fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        p
+    }
+
+    /// The example deployment without BGP and DNS, with these hooks.
+    fn config(hooks: Vec<config::Hook>, exit_wait_s: u32) -> Config {
+        let text = include_str!("../configs/two-site.toml");
+        let mut cfg = Config::parse(
+            text,
+            Path::new("two-site.toml"),
+            Path::new("/nonexistent"),
+            Vec::new(),
+        )
+        .unwrap();
+        cfg.netops.bgp = None;
+        cfg.netops.dns = None;
+        cfg.netops.hooks = hooks;
+        cfg.netops.hook_exit_wait_s = exit_wait_s;
+        cfg
+    }
+
+    fn hook(event: config::HookEvent, command: PathBuf, timeout_s: u32) -> config::Hook {
+        config::Hook {
+            event,
+            command,
+            args: Vec::new(),
+            timeout_s,
+        }
+    }
+
+    /// A demote hook still running when the process stops (protect's
+    /// shutdown right after the demotion) runs to its end.
+    #[tokio::test]
+    async fn shutdown_waits_for_hooks_still_running() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("demoted");
+        let slow = script(
+            dir.path(),
+            "demote.sh",
+            &format!(
+                "sleep 0.5\necho \"$REMUS_WAN_EVENT $REMUS_WAN_FENCING_TOKEN\" > {}",
+                out.display()
+            ),
+        );
+        let cfg = config(vec![hook(config::HookEvent::Demote, slow, 30)], 30);
+        let vm = cfg.vm("web1").unwrap().clone();
+        let mut a = Addresses::start(&cfg, "dc1", &vm).await.unwrap();
+        a.set_role(Role::Down, 7);
+        a.spawn_hooks(HookEvent::Demote, 7, Some("dc1"), Some("dc2"));
+        assert_eq!(a.hooks_running(), 1);
+        a.shutdown().await;
+        assert_eq!(
+            std::fs::read_to_string(&out).unwrap_or_default().trim(),
+            "demote 7",
+            "the demote hook was cut off by shutdown"
+        );
+    }
+
+    #[derive(Clone, Default)]
+    struct Log(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Log {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A hook that hangs is killed at `netops.hook_exit_wait_s`, and says so.
+    #[tokio::test]
+    async fn shutdown_kills_a_hanging_hook_at_the_bound_and_logs_it() {
+        let log = Log::default();
+        let writer = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("pid");
+        let hang = script(
+            dir.path(),
+            "fence.sh",
+            &format!("echo $$ > {}\nsleep 600", pid_file.display()),
+        );
+        let cfg = config(vec![hook(config::HookEvent::Fence, hang, 600)], 1);
+        let vm = cfg.vm("web1").unwrap().clone();
+        let a = Addresses::start(&cfg, "dc1", &vm).await.unwrap();
+        a.spawn_hooks(HookEvent::Fence, 3, None, None);
+        let start = Instant::now();
+        while !pid_file.exists() && start.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let pid = std::fs::read_to_string(&pid_file).unwrap();
+        let start = Instant::now();
+        a.shutdown().await;
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_secs(8),
+            "{took:?}"
+        );
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).unwrap_or_default();
+        assert!(
+            stat.is_empty()
+                || stat
+                    .rsplit_once(") ")
+                    .is_some_and(|(_, r)| r.starts_with('Z')),
+            "the hook survived: {stat}"
+        );
+        let text = String::from_utf8_lossy(&log.0.lock().unwrap()).into_owned();
+        assert!(text.contains("hooks killed at exit"), "{text}");
+        assert!(
+            text.contains("hook killed: still running when the process stopped"),
+            "{text}"
+        );
     }
 }

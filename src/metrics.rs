@@ -1,9 +1,19 @@
 //! The figures of a running `protect` or `standby`, served over HTTP:
 //! `/metrics` in the Prometheus text format, `/status` as JSON for
 //! `remus-wan status`.
+//!
+//! The same endpoint takes control requests (`POST /switchover/<vm>`, from
+//! `remus-wan switchover`): from loopback clients only, and only with the
+//! process's control token. At start the process writes a random token to
+//! [`control_token_path`] (mode 0600 in a 0700 directory of its own user,
+//! root in production); a request must carry it as
+//! `Authorization: Bearer <token>`, so only that user can move a VM. The
+//! file's name holds the port and the network namespace, so processes on
+//! one host (or in network namespaces of one host) never share one.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
@@ -246,28 +256,207 @@ pub enum ControlRequest {
 /// (a standby only once it has taken over).
 pub type ControlSlot = Arc<Mutex<Option<tokio::sync::mpsc::Sender<ControlRequest>>>>;
 
+/// Environment variable naming the directory of control token files.
+pub const RUN_DIR_ENV: &str = "REMUS_WAN_RUN_DIR";
+
+/// Where control token files live: `$REMUS_WAN_RUN_DIR`, else
+/// `/run/remus-wan` for root, else `$XDG_RUNTIME_DIR/remus-wan`, else
+/// `remus-wan-<uid>` in the temporary directory.
+pub fn run_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os(RUN_DIR_ENV).filter(|d| !d.is_empty()) {
+        return d.into();
+    }
+    // SAFETY: geteuid cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    if uid == 0 {
+        return "/run/remus-wan".into();
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        Some(d) => Path::new(&d).join("remus-wan"),
+        None => std::env::temp_dir().join(format!("remus-wan-{uid}")),
+    }
+}
+
+/// The control token file of the process serving control requests on
+/// `port` in this network namespace: `control-<port>-net<namespace
+/// inode>.token` in `run_dir`.
+pub fn control_token_path(run_dir: &Path, port: u16) -> PathBuf {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata("/proc/thread-self/ns/net") {
+        Ok(m) => run_dir.join(format!("control-{port}-net{}.token", m.ino())),
+        Err(_) => run_dir.join(format!("control-{port}.token")),
+    }
+}
+
+/// The control token a process requires, and its file (removed when the
+/// serving task ends).
+struct ControlToken {
+    token: String,
+    path: PathBuf,
+}
+
+impl Drop for ControlToken {
+    fn drop(&mut self) {
+        // Only if still ours (never a later process's file).
+        if std::fs::read_to_string(&self.path).is_ok_and(|t| t.trim() == self.token) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Creates `dir` (mode 0700) if needed and checks that only this user can
+/// write to it.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let m = std::fs::symlink_metadata(dir)?;
+    // SAFETY: geteuid cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    if !m.is_dir() || m.uid() != uid || m.mode() & 0o022 != 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "{} must be a directory owned by uid {uid} and writable by it only \
+                 (found owner {}, mode {:o})",
+                dir.display(),
+                m.uid(),
+                m.mode() & 0o7777
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// 32 random bytes as hex.
+fn random_token() -> std::io::Result<String> {
+    use std::io::Read;
+    let mut b = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// Writes a new random token to `path` (mode 0600, replacing the file at
+/// once so that a reader never sees half of it).
+fn write_token_file(path: &Path) -> std::io::Result<ControlToken> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    private_dir(dir)?;
+    let token = random_token()?;
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("control"),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(format!("{token}\n").as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(ControlToken {
+        token,
+        path: path.to_owned(),
+    })
+}
+
+/// Reads a control token file (for `remus-wan switchover`).
+pub fn read_control_token(path: &Path) -> std::io::Result<String> {
+    Ok(std::fs::read_to_string(path)?.trim().to_owned())
+}
+
+/// Compares without stopping at the first difference.
+fn same_secret(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+/// The bearer token of a request head, if any.
+fn bearer(head: &str) -> Option<&str> {
+    head.split("\r\n").skip(1).find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        if !name.trim().eq_ignore_ascii_case("authorization") {
+            return None;
+        }
+        let value = value.trim();
+        let (scheme, token) = value.split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+    })
+}
+
 /// Serves `/metrics` and `/status` until the task is dropped.
 pub async fn serve(addr: SocketAddr, published: Published) -> std::io::Result<SocketAddr> {
-    serve_with_control(addr, published, ControlSlot::default()).await
+    serve_inner(addr, published, None).await
 }
 
 /// As [`serve`], also accepting `POST /switchover/<vm>` from loopback
-/// clients (the `remus-wan switchover` command) into `control`.
+/// clients carrying the control token (the `remus-wan switchover`
+/// command) into `control`. The token file is
+/// [`control_token_path`]`(`[`run_dir`]`(), port)`; if it cannot be
+/// written, every control request is refused (and this is logged).
 pub async fn serve_with_control(
     addr: SocketAddr,
     published: Published,
     control: ControlSlot,
 ) -> std::io::Result<SocketAddr> {
+    serve_with_control_in(addr, published, control, &run_dir()).await
+}
+
+/// As [`serve_with_control`], with the token file in `run_dir`.
+pub async fn serve_with_control_in(
+    addr: SocketAddr,
+    published: Published,
+    control: ControlSlot,
+    run_dir: &Path,
+) -> std::io::Result<SocketAddr> {
+    serve_inner(addr, published, Some((control, run_dir.to_owned()))).await
+}
+
+async fn serve_inner(
+    addr: SocketAddr,
+    published: Published,
+    control: Option<(ControlSlot, PathBuf)>,
+) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     info!(addr = %local, "metrics on http://{local}/metrics, status on /status");
+    let (control, token) = match control {
+        None => (ControlSlot::default(), None),
+        Some((slot, dir)) => {
+            let path = control_token_path(&dir, local.port());
+            match write_token_file(&path) {
+                Ok(t) => {
+                    info!(file = %path.display(), "control token written (remus-wan switchover reads it)");
+                    (slot, Some(Arc::new(t)))
+                }
+                Err(e) => {
+                    warn!(file = %path.display(), error = %e, "cannot write the control token: control requests (switchover) are refused");
+                    (slot, None)
+                }
+            }
+        }
+    };
     tokio::spawn(async move {
+        // Owns the token file: removed when this task ends.
+        let token = token;
         loop {
             let Ok((mut sock, client)) = listener.accept().await else {
                 continue;
             };
             let published = published.clone();
             let control = control.clone();
+            let token = token.clone();
             tokio::spawn(async move {
                 // The request head may arrive in several segments.
                 let mut buf = vec![0u8; 2048];
@@ -296,7 +485,8 @@ pub async fn serve_with_control(
                     ("POST", _) if switchover.is_some() => {
                         let vm = switchover.unwrap_or_default();
                         let sender = control.lock().ok().and_then(|c| c.clone());
-                        let (code, body) = control_request(sender, client, vm).await;
+                        let (code, body) =
+                            control_request(sender, token.as_deref(), &req, client, vm).await;
                         (code, "text/plain", body)
                     }
                     (_, path) => match path {
@@ -334,16 +524,46 @@ pub async fn serve_with_control(
 
 async fn control_request(
     control: Option<tokio::sync::mpsc::Sender<ControlRequest>>,
+    token: Option<&ControlToken>,
+    head: &str,
     client: SocketAddr,
     vm: String,
 ) -> (&'static str, String) {
     // Whoever reaches the metrics port must not be able to move a VM:
-    // control requests come from this host only.
+    // control requests come from this host only...
     if !client.ip().is_loopback() {
+        warn!(%client, vm, "control request refused: not from this host");
         return (
             "403 Forbidden",
             "control requests are accepted from this host only\n".into(),
         );
+    }
+    // ...and from the user running this process (who alone can read the
+    // token file).
+    let Some(token) = token else {
+        warn!(%client, vm, "control request refused: this process has no control token file");
+        return (
+            "403 Forbidden",
+            "control requests are disabled: this process could not write its control token file (see its log)\n".into(),
+        );
+    };
+    match bearer(head) {
+        Some(t) if same_secret(t, &token.token) => {}
+        given => {
+            let why = if given.is_some() {
+                "wrong control token"
+            } else {
+                "no control token"
+            };
+            warn!(%client, vm, file = %token.path.display(), "control request refused: {why}");
+            return (
+                "403 Forbidden",
+                format!(
+                    "{why}: a control request must carry the token in {} (readable by the user running the process)\n",
+                    token.path.display()
+                ),
+            );
+        }
     }
     let Some(control) = control else {
         return (
@@ -351,6 +571,7 @@ async fn control_request(
             "this process takes no control requests\n".into(),
         );
     };
+    info!(%client, vm, "switchover requested");
     let (tx, rx) = tokio::sync::oneshot::channel();
     if control
         .send(ControlRequest::Switchover { vm, reply: tx })
@@ -369,13 +590,21 @@ async fn control_request(
     }
 }
 
-/// Sends a control request to a running process; returns its answer.
-pub fn post_control(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+/// Sends a control request to a running process, with its control token
+/// (see [`control_token_path`]); returns its answer.
+pub fn post_control(
+    addr: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+) -> std::io::Result<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(3))?;
     s.set_read_timeout(Some(std::time::Duration::from_secs(130)))?;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     let req = format!(
-        "POST {path} HTTP/1.1\r\nHost: remus-wan\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "POST {path} HTTP/1.1\r\nHost: remus-wan\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
     );
     s.write_all(req.as_bytes())?;
     let mut text = String::new();
@@ -502,5 +731,81 @@ mod tests {
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].epochs, 7);
         assert!(render_table(&got).contains("web1"));
+    }
+
+    /// A control request without the token, or with a wrong one, is
+    /// refused (403) and never reaches the engine; with the token from the
+    /// file it is.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn switchover_requests_need_the_control_token() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run");
+        let slot = ControlSlot::default();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        *slot.lock().unwrap() = Some(tx);
+        // The engine: answers every switchover.
+        let engine = tokio::spawn(async move {
+            let mut asked = Vec::new();
+            while let Some(ControlRequest::Switchover { vm, reply }) = rx.recv().await {
+                asked.push(vm.clone());
+                let _ = reply.send(Ok(format!("{vm} handed over")));
+            }
+            asked
+        });
+        let addr = serve_with_control_in(
+            "127.0.0.1:0".parse().unwrap(),
+            Published::default(),
+            slot.clone(),
+            &run,
+        )
+        .await
+        .unwrap();
+        let file = control_token_path(&run, addr.port());
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&file), 0o600);
+        assert_eq!(mode(&run), 0o700);
+        let token = read_control_token(&file).unwrap();
+        assert_eq!(token.len(), 64);
+
+        let post = move |t: Option<String>| {
+            tokio::task::spawn_blocking(move || {
+                post_control(addr, "/switchover/web1", t.as_deref()).unwrap()
+            })
+        };
+        let (code, msg) = post(None).await.unwrap();
+        assert_eq!(code, 403, "{msg}");
+        assert!(msg.contains("no control token"), "{msg}");
+        let (code, msg) = post(Some("0".repeat(64))).await.unwrap();
+        assert_eq!(code, 403, "{msg}");
+        assert!(msg.contains("wrong control token"), "{msg}");
+        let (code, msg) = post(Some(token.clone())).await.unwrap();
+        assert_eq!((code, msg.as_str()), (200, "web1 handed over"));
+
+        slot.lock().unwrap().take();
+        assert_eq!(
+            engine.await.unwrap(),
+            ["web1"],
+            "refused requests reached the engine"
+        );
+    }
+
+    /// Processes in different network namespaces never share a token file.
+    #[test]
+    fn token_files_differ_by_port_and_network_namespace() {
+        let run = Path::new("/run/remus-wan");
+        assert_ne!(control_token_path(run, 9477), control_token_path(run, 9478));
+        let here = control_token_path(run, 9477);
+        // SAFETY: unshare(CLONE_NEWNET) affects only this new thread.
+        let other = std::thread::spawn(|| {
+            (unsafe { libc::unshare(libc::CLONE_NEWNET) } == 0)
+                .then(|| control_token_path(Path::new("/run/remus-wan"), 9477))
+        })
+        .join()
+        .unwrap();
+        match other {
+            Some(p) => assert_ne!(p, here),
+            None => eprintln!("not root: network namespace part not checked"),
+        }
     }
 }

@@ -125,7 +125,11 @@ pub struct DnsSettings {
     pub tsig_algorithm: TsigAlgorithm,
     /// File holding the base64 TSIG secret.
     pub tsig_secret_file: PathBuf,
+    /// Bound of each exchange with the server.
     pub timeout_s: u32,
+    /// Retries (exponential backoff) start no attempt after this long
+    /// from the first (0: one attempt).
+    pub retry_deadline_s: u32,
 }
 
 /// Failover events hooks run on (`netops.hooks.event`).

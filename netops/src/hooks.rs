@@ -13,12 +13,20 @@
 //! | `REMUS_WAN_NEW_SITE` | site active after (empty if none) |
 //! | `REMUS_WAN_FENCING_TOKEN` | the witness lease's fencing token |
 //! | `REMUS_WAN_LOCAL_SITE` | the site running the hook |
+//!
+//! A long-lived owner runs hooks in the background with a [`HookRunner`]
+//! and, before its process exits, waits for them with
+//! [`HookRunner::finish`]: bounded, killing (with their process groups)
+//! the hooks still running at the bound.
 
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use crate::config::{HookEvent, HookSettings};
@@ -43,6 +51,9 @@ pub enum HookResult {
         code: Option<i32>,
     },
     TimedOut,
+    /// Still running when its owner stopped and its wait ran out
+    /// ([`HookRunner::finish`]): killed.
+    Killed,
     /// Could not be started.
     SpawnError(String),
 }
@@ -64,17 +75,28 @@ impl HookOutcome {
 /// Runs the hooks configured for `ctx.event` concurrently and reports how
 /// each ended. Never fails.
 pub async fn run_hooks(hooks: &[HookSettings], ctx: &HookContext) -> Vec<HookOutcome> {
+    // A stop signal that never comes.
+    let (_never, stop) = watch::channel(false);
+    run_hooks_until(hooks, ctx, stop).await
+}
+
+/// [`run_hooks`], killing the hooks still running once `stop` turns true.
+async fn run_hooks_until(
+    hooks: &[HookSettings],
+    ctx: &HookContext,
+    stop: watch::Receiver<bool>,
+) -> Vec<HookOutcome> {
     // Run concurrently (one slow hook does not delay the others); report in
     // configuration order.
     let handles: Vec<_> = hooks
         .iter()
         .filter(|h| h.event == ctx.event)
         .map(|h| {
-            let (h, ctx) = (h.clone(), ctx.clone());
+            let (h, ctx, stop) = (h.clone(), ctx.clone(), stop.clone());
             let command = h.command.clone();
             (
                 command,
-                tokio::spawn(async move { run_one(&h, &ctx).await }),
+                tokio::spawn(async move { run_one(&h, &ctx, stop).await }),
             )
         })
         .collect();
@@ -89,7 +111,97 @@ pub async fn run_hooks(hooks: &[HookSettings], ctx: &HookContext) -> Vec<HookOut
     out
 }
 
-async fn run_one(h: &HookSettings, ctx: &HookContext) -> HookOutcome {
+/// Runs hooks in the background for a long-lived owner, which waits for
+/// them before its process exits ([`HookRunner::finish`]); without that
+/// wait, the end of the process would cut them off.
+#[derive(Debug)]
+pub struct HookRunner {
+    hooks: Vec<HookSettings>,
+    tasks: Mutex<JoinSet<()>>,
+    stop: watch::Sender<bool>,
+}
+
+impl HookRunner {
+    pub fn new(hooks: Vec<HookSettings>) -> Self {
+        Self {
+            hooks,
+            tasks: Mutex::new(JoinSet::new()),
+            stop: watch::channel(false).0,
+        }
+    }
+
+    /// Whether any hook is configured for `event`.
+    pub fn has_hooks_for(&self, event: HookEvent) -> bool {
+        self.hooks.iter().any(|h| h.event == event)
+    }
+
+    /// Starts the hooks of `ctx.event` in the background (each bounded by
+    /// its `timeout_s`; failures are logged). Needs a tokio runtime.
+    pub fn spawn(&self, ctx: HookContext) {
+        if !self.has_hooks_for(ctx.event) {
+            return;
+        }
+        let hooks = self.hooks.clone();
+        let stop = self.stop.subscribe();
+        let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        // Forget the events whose hooks have ended.
+        while tasks.try_join_next().is_some() {}
+        tasks.spawn(async move {
+            // run_one logs each hook's end.
+            run_hooks_until(&hooks, &ctx, stop).await;
+        });
+    }
+
+    /// Events whose hooks still run.
+    pub fn running(&self) -> usize {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        while tasks.try_join_next().is_some() {}
+        tasks.len()
+    }
+
+    /// Waits for the hooks still running, at most `bound`; those still
+    /// running then are killed with their process groups and logged.
+    /// Returns how many events' hooks had to be killed.
+    pub async fn finish(&self, bound: Duration) -> usize {
+        let mut tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
+        if tasks.is_empty() {
+            return 0;
+        }
+        info!(
+            events = tasks.len(),
+            bound_s = bound.as_secs_f64(),
+            "waiting for hooks still running before exiting"
+        );
+        let waited =
+            tokio::time::timeout(bound, async { while tasks.join_next().await.is_some() {} }).await;
+        if waited.is_ok() {
+            return 0;
+        }
+        let killed = tasks.len();
+        warn!(
+            events = killed,
+            bound_s = bound.as_secs_f64(),
+            "hooks still running at exit after the wait: killing them"
+        );
+        let _ = self.stop.send(true);
+        // Killing takes a moment (SIGKILL, then reaping); never hang here.
+        if tokio::time::timeout(Duration::from_secs(5), async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await
+        .is_err()
+        {
+            tasks.abort_all();
+        }
+        killed
+    }
+}
+
+async fn run_one(
+    h: &HookSettings,
+    ctx: &HookContext,
+    mut stop: watch::Receiver<bool>,
+) -> HookOutcome {
     let mut cmd = tokio::process::Command::new(&h.command);
     cmd.args(&h.args)
         .env("REMUS_WAN_EVENT", ctx.event.as_str())
@@ -129,14 +241,17 @@ async fn run_one(h: &HookSettings, ctx: &HookContext) -> HookOutcome {
         (out, err)
     };
     let timeout = Duration::from_secs(h.timeout_s.max(1) as u64);
-    let waited = tokio::time::timeout(timeout, async {
-        let (o, e) = read_all.await;
-        let status = child.wait().await;
-        (o, e, status)
-    })
-    .await;
+    let waited = tokio::select! {
+        w = tokio::time::timeout(timeout, async {
+            let (o, e) = read_all.await;
+            let status = child.wait().await;
+            (o, e, status)
+        }) => w.map_err(|_| HookResult::TimedOut),
+        // Only a stop sent, not a dropped runner, kills the hook.
+        Ok(_) = stop.wait_for(|s| *s) => Err(HookResult::Killed),
+    };
     let (result, output) = match waited {
-        Err(_) => {
+        Err(why) => {
             if let Some(pid) = child.id() {
                 // SAFETY: kill(2) on the process group we created for it.
                 unsafe {
@@ -145,7 +260,7 @@ async fn run_one(h: &HookSettings, ctx: &HookContext) -> HookOutcome {
             }
             let _ = child.start_kill();
             let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
-            (HookResult::TimedOut, String::new())
+            (why, String::new())
         }
         Ok((o, e, status)) => {
             let mut text = String::from_utf8_lossy(&o).into_owned();
@@ -161,6 +276,9 @@ async fn run_one(h: &HookSettings, ctx: &HookContext) -> HookOutcome {
     match &result {
         HookResult::Success => {
             info!(command = %h.command.display(), event = ctx.event.as_str(), "hook succeeded")
+        }
+        HookResult::Killed => {
+            warn!(command = %h.command.display(), event = ctx.event.as_str(), "hook killed: still running when the process stopped")
         }
         r => {
             warn!(command = %h.command.display(), event = ctx.event.as_str(), result = ?r, output = %output, "hook failed")
@@ -252,5 +370,72 @@ mod tests {
         assert_eq!(res[1].result, HookResult::TimedOut);
         assert!(matches!(res[2].result, HookResult::SpawnError(_)));
         assert!(res[3].ok());
+    }
+
+    #[tokio::test]
+    async fn a_runner_waits_for_its_hooks_and_kills_them_at_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let done = dir.path().join("done");
+        let pids = dir.path().join("pids");
+        let slow = script(
+            dir.path(),
+            "slow.sh",
+            &format!("sleep 0.5\necho ok > {}", done.display()),
+        );
+        // Hangs, with a grandchild in its process group.
+        let hang = script(
+            dir.path(),
+            "hang.sh",
+            &format!(
+                "sleep 600 &\necho $! > {p}\necho $$ >> {p}\nwait",
+                p = pids.display()
+            ),
+        );
+        let runner = HookRunner::new(vec![
+            hook(HookEvent::Demote, slow, 30),
+            hook(HookEvent::Fence, hang, 600),
+        ]);
+        let ctx = |event| HookContext { event, ..ctx() };
+        runner.spawn(ctx(HookEvent::Demote));
+        assert_eq!(runner.running(), 1);
+        // The process stops at once: the hook still completes.
+        assert_eq!(runner.finish(Duration::from_secs(10)).await, 0);
+        assert_eq!(std::fs::read_to_string(&done).unwrap().trim(), "ok");
+        assert_eq!(runner.running(), 0);
+
+        let runner = HookRunner::new(vec![hook(
+            HookEvent::Fence,
+            dir.path().join("hang.sh"),
+            600,
+        )]);
+        runner.spawn(ctx(HookEvent::Fence));
+        // Let it start its grandchild.
+        for _ in 0..100 {
+            if std::fs::read_to_string(&pids)
+                .unwrap_or_default()
+                .lines()
+                .count()
+                == 2
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let start = std::time::Instant::now();
+        assert_eq!(runner.finish(Duration::from_millis(300)).await, 1);
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            start.elapsed()
+        );
+        for pid in std::fs::read_to_string(&pids).unwrap().lines() {
+            let pid: i32 = pid.trim().parse().unwrap();
+            // Reaped or a zombie: either way no longer running.
+            let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let running = state
+                .rsplit_once(") ")
+                .is_some_and(|(_, rest)| !rest.starts_with('Z'));
+            assert!(!running, "process {pid} of the hook survived: {state}");
+        }
     }
 }

@@ -1,5 +1,7 @@
 //! `remus-wan switchover VM --to SITE`: a planned move, asked of the
-//! `protect` process running the VM on this host.
+//! `protect` process running the VM on this host, with that process's
+//! control token (a file only the user running it can read: see
+//! [`crate::metrics::control_token_path`]).
 
 use std::path::PathBuf;
 
@@ -24,6 +26,10 @@ pub struct SwitchoverArgs {
     /// 127.0.0.1:9478; each is tried in turn.
     #[arg(long = "control", default_values = ["127.0.0.1:9477", "127.0.0.1:9478"])]
     controls: Vec<std::net::SocketAddr>,
+    /// Directory of the processes' control token files (default:
+    /// /run/remus-wan as root; the processes must use the same).
+    #[arg(long, env = crate::metrics::RUN_DIR_ENV)]
+    run_dir: Option<PathBuf>,
 }
 
 impl SwitchoverArgs {
@@ -56,9 +62,25 @@ impl SwitchoverArgs {
             vm.name, self.to, self.to
         );
         let path = format!("/switchover/{}", vm.name);
+        let run_dir = self.run_dir.clone().unwrap_or_else(crate::metrics::run_dir);
         let mut errors = Vec::new();
+        let mut denied = false;
         for addr in &self.controls {
-            match crate::metrics::post_control(*addr, &path) {
+            let file = crate::metrics::control_token_path(&run_dir, addr.port());
+            let token = match crate::metrics::read_control_token(&file) {
+                Ok(t) => Some(t),
+                // No process here (or one that wrote no token: it says so).
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => {
+                    denied |= e.kind() == std::io::ErrorKind::PermissionDenied;
+                    errors.push(format!(
+                        "{addr}: cannot read the control token {}: {e} (run this as the user running the process, root in production)",
+                        file.display()
+                    ));
+                    continue;
+                }
+            };
+            match crate::metrics::post_control(*addr, &path, token.as_deref()) {
                 Ok((200, msg)) => {
                     println!("{msg}");
                     return Code::Success;
@@ -70,12 +92,26 @@ impl SwitchoverArgs {
                 // Not the process running the VM (a standby that has
                 // not taken over): try the next one.
                 Ok((404, msg)) => errors.push(format!("{addr}: {msg}")),
+                // Token missing or wrong: another process may still be
+                // the one running the VM.
+                Ok((403, msg)) => {
+                    denied = true;
+                    errors.push(format!("{addr}: refused: {msg}"));
+                }
                 Ok((code, msg)) => {
                     eprintln!("error: {addr} answered {code}: {msg}");
                     return Code::Failure;
                 }
                 Err(e) => errors.push(format!("{addr}: {e}")),
             }
+        }
+        if denied {
+            eprintln!(
+                "error: not allowed to control the process running {} ({})",
+                vm.name,
+                errors.join("; ")
+            );
+            return Code::Refused;
         }
         eprintln!(
             "error: no process running {} here ({}): run this on the host where it runs",

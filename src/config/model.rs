@@ -250,13 +250,33 @@ fn default_ttl() -> u32 {
     30
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Netops {
     pub bgp: Option<Bgp>,
     pub dns: Option<Dns>,
     #[serde(default)]
     pub hooks: Vec<Hook>,
+    /// How long a stopping process waits for hooks still running (each is
+    /// also bounded by its own `timeout_s`); those still running then are
+    /// killed.
+    #[serde(default = "default_hook_exit_wait")]
+    pub hook_exit_wait_s: u32,
+}
+
+impl Default for Netops {
+    fn default() -> Self {
+        Self {
+            bgp: None,
+            dns: None,
+            hooks: Vec::new(),
+            hook_exit_wait_s: default_hook_exit_wait(),
+        }
+    }
+}
+
+fn default_hook_exit_wait() -> u32 {
+    30
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -362,6 +382,10 @@ pub struct Dns {
     pub tsig_secret_file: PathBuf,
     #[serde(default = "default_dns_timeout")]
     pub timeout_s: u32,
+    /// Failed updates are retried with exponential backoff; no attempt
+    /// starts after this long from the first (0: one attempt).
+    #[serde(default = "default_dns_retry_deadline")]
+    pub retry_deadline_s: u32,
 }
 
 fn default_tsig_algorithm() -> TsigAlgorithm {
@@ -369,6 +393,9 @@ fn default_tsig_algorithm() -> TsigAlgorithm {
 }
 fn default_dns_timeout() -> u32 {
     5
+}
+fn default_dns_retry_deadline() -> u32 {
+    60
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -502,9 +502,16 @@ impl Validator {
             self.push("netops.dns.tsig_key_name", "expected a TSIG key name");
         }
         self.range("netops.dns.timeout_s", dns.timeout_s, 1, 300);
+        self.range("netops.dns.retry_deadline_s", dns.retry_deadline_s, 0, 3600);
     }
 
     fn hooks(&mut self, cfg: &Config) {
+        self.range(
+            "netops.hook_exit_wait_s",
+            cfg.netops.hook_exit_wait_s,
+            0,
+            3600,
+        );
         for (i, h) in cfg.netops.hooks.iter().enumerate() {
             self.range(
                 &format!("netops.hooks[{i}].timeout_s"),
