@@ -277,6 +277,22 @@ fn a_standby_that_lost_its_replica_is_resynchronised_and_can_take_over() {
     );
 }
 
+/// A switchover whose backup never commits the final epoch (frozen) is
+/// aborted at its deadline: the command fails, and the primary resumes the
+/// guest and goes on serving the same connection.
+#[test]
+fn a_switchover_that_cannot_finish_is_aborted_and_the_vm_runs_on() {
+    if !require_kvm_root() {
+        return;
+    }
+    with_witness(
+        End::SwitchoverToAFrozenBackup,
+        "rwe2e8",
+        17791,
+        "52:54:00:12:36:09",
+    );
+}
+
 /// The primary dies at exact moments of the pipeline (fault points, see
 /// `remus_wan::faults`): while its guest is paused for a checkpoint, right
 /// after handing an epoch to the transport, and while the backup is in the
@@ -316,6 +332,7 @@ enum End {
     KilledWhileBackupApplies,
     SwitchoverThenBack,
     StandbyLosesItsState,
+    SwitchoverToAFrozenBackup,
 }
 
 fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
@@ -412,7 +429,8 @@ fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
             End::KillPrimary
             | End::Switchover
             | End::SwitchoverThenBack
-            | End::StandbyLosesItsState => Instant::now() < until,
+            | End::StandbyLosesItsState
+            | End::SwitchoverToAFrozenBackup => Instant::now() < until,
             End::PrimaryDiesAt(_) => !protect.has_exited() && Instant::now() < fault_limit,
             End::KilledWhileBackupApplies => {
                 !log("standby.log").contains("fault point reached") && Instant::now() < fault_limit
@@ -450,6 +468,49 @@ fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
             End::KillPrimary => {
                 protect.kill();
                 eprintln!("protect SIGKILLed after {kill_after:?} (seed {seed}), client at counter {before}");
+            }
+            End::SwitchoverToAFrozenBackup => {
+                // The backup is frozen (SIGSTOP) when the switchover starts:
+                // it never commits the final epoch. The switchover must be
+                // aborted at its deadline and dc1 must go on running the VM
+                // (before, the guest stayed paused for good).
+                let pid = standby.pid().expect("standby running") as i32;
+                // SAFETY: signalling our own child.
+                unsafe { libc::kill(pid, libc::SIGSTOP) };
+                let asked = Instant::now();
+                let out = Command::new(env!("CARGO_BIN_EXE_remus-wan"))
+                    .args(["switchover", "web1", "--to", "dc2", "--config", &cfg_s])
+                    .output()
+                    .expect("switchover");
+                // SAFETY: as above.
+                unsafe { libc::kill(pid, libc::SIGCONT) };
+                let text = format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                assert!(
+                    !out.status.success() && text.contains("aborted"),
+                    "a switchover to a frozen backup must be aborted: {text}\nprotect log:\n{}",
+                    log("protect.log")
+                );
+                eprintln!("switchover aborted after {:?}: {}", asked.elapsed(), text.trim());
+                assert!(!protect.has_exited(), "dc1 keeps the VM");
+                let more = counter.read_more(&mut conn, 100_000, Duration::from_secs(60));
+                assert!(
+                    more >= 100_000,
+                    "after the aborted switchover only {more} more values\nprotect log:\n{}",
+                    log("protect.log")
+                );
+                {
+                    use std::io::{BufRead, Write};
+                    writeln!(kv_w, "GET key0").expect("kv write");
+                    let mut line = String::new();
+                    kv_lines.read_line(&mut line).expect("kv reply");
+                    assert_eq!(line, "VALUE value0\n");
+                }
+                eprintln!("dc1 kept web1; stream continued to {}", counter.next());
+                return;
             }
             End::StandbyLosesItsState => {
                 // The backup site loses its disk: its process dies, its

@@ -83,6 +83,13 @@ pub struct Site {
     unprotected: bool,
     output_allowed: bool,
     handover: Option<Handover>,
+    /// After a switchover aborted once the witness had been asked: nothing
+    /// held before counts (the witness may have moved the lease), so output
+    /// waits for a reply to a request numbered from here.
+    confirm_from: Option<u64>,
+    /// A switchover was aborted after the witness was asked: a newer token
+    /// learnt now is that switchover's outcome.
+    handover_aborted: bool,
     hb_seq: u64,
     hb_sent: VecDeque<(u64, Instant)>,
     req_seq: u64,
@@ -156,6 +163,8 @@ impl Site {
             unprotected: false,
             output_allowed: false,
             handover: None,
+            confirm_from: None,
+            handover_aborted: false,
             hb_seq: 0,
             hb_sent: VecDeque::new(),
             req_seq: 0,
@@ -189,6 +198,7 @@ impl Site {
     pub fn may_release_output(&self, now: Instant) -> bool {
         self.stance == Stance::Active
             && self.handover != Some(Handover::Requested)
+            && self.confirm_from.is_none()
             && (self.lease_until.is_some_and(|t| now < t)
                 || self.promise_until.is_some_and(|t| now < t))
     }
@@ -222,6 +232,29 @@ impl Site {
             return false;
         }
         self.handover = Some(Handover::FinalEpoch);
+        true
+    }
+
+    /// Abandons a switchover that did not end in time (the backup never
+    /// committed the final epoch, or the witness did not answer). Before
+    /// the witness was asked nothing changed: output may go on under the
+    /// lease. Once it was asked, the witness may have moved the lease
+    /// already: output stays held until the witness answers a request sent
+    /// from now on (granting the lease again, or naming the new holder,
+    /// which ends as [`Event::SwitchoverDone`]). Returns false when no
+    /// switchover was under way.
+    pub fn abort_switchover(&mut self, now: Instant) -> bool {
+        match self.handover.take() {
+            None => return false,
+            Some(Handover::FinalEpoch) => {}
+            Some(Handover::Requested) => {
+                self.confirm_from = Some(self.req_seq + 1);
+                self.handover_aborted = true;
+                self.next_request = now;
+            }
+        }
+        tracing::warn!(site = self.me.0, token = self.token, "switchover aborted");
+        self.handle_timeout(now);
         true
     }
 
@@ -389,10 +422,16 @@ impl Site {
         now: Instant,
     ) {
         let mine = holder == Some(self.me);
+        let confirms = self.confirm_from.is_some_and(|c| req >= c);
         match granted {
             Some(validity) if mine => {
                 if token < self.token {
                     return; // a reply from before a newer grant we know of
+                }
+                if confirms && token == self.token {
+                    // The aborted switchover moved nothing: ours again.
+                    self.confirm_from = None;
+                    self.handover_aborted = false;
                 }
                 // Validity counts from the witness's receipt, which is
                 // after our send: count from our send, conservatively. An
@@ -454,9 +493,11 @@ impl Site {
             // The peer's heartbeat (its own connection) often arrives
             // before the witness's reply; taking it for a demotion made a
             // successful switchover look failed to the engine.
-            Stance::Active if self.handover == Some(Handover::Requested) => {
+            Stance::Active if self.handover == Some(Handover::Requested) || self.handover_aborted => {
                 self.stance = Stance::Idle;
                 self.handover = None;
+                self.confirm_from = None;
+                self.handover_aborted = false;
                 self.lease_until = None;
                 self.promise_until = None;
                 self.replica_ready = false;
@@ -470,6 +511,8 @@ impl Site {
     fn demote(&mut self, _now: Instant) {
         let was_active = self.stance == Stance::Active;
         self.stance = Stance::Idle;
+        self.confirm_from = None;
+        self.handover_aborted = false;
         self.candidate_since = None;
         self.lease_until = None;
         self.promise_until = None;

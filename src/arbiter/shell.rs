@@ -61,6 +61,7 @@ enum Command {
     ReplicaReady(bool),
     StartSwitchover,
     FinalEpochCommitted,
+    AbortSwitchover,
 }
 
 /// The engine's handle on the failover shell.
@@ -111,6 +112,12 @@ impl ArbiterHandle {
 
     pub fn final_epoch_committed(&self) {
         let _ = self.cmds.send(Command::FinalEpochCommitted);
+    }
+
+    /// Abandons a switchover that did not end in time (see
+    /// [`failover::Site::abort_switchover`]).
+    pub fn abort_switchover(&self) {
+        let _ = self.cmds.send(Command::AbortSwitchover);
     }
 }
 
@@ -259,6 +266,9 @@ async fn run(mut sh: Shell) {
                         sh.site.start_switchover();
                     }
                     Some(Command::FinalEpochCommitted) => sh.site.final_epoch_committed(now),
+                    Some(Command::AbortSwitchover) => {
+                        sh.site.abort_switchover(now);
+                    }
                     None => return,
                 }
             }

@@ -42,6 +42,10 @@ use failover::Event;
 use netops::config::HookEvent;
 use netops::policy::Role;
 
+/// A switchover not done by then is aborted: the backup did not commit
+/// the final epoch, or the witness did not move the lease.
+const SWITCHOVER_DEADLINE: Duration = Duration::from_secs(20);
+
 /// The first wait after a replication error; doubled up to the maximum.
 const RETRY_FIRST: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(30);
@@ -427,6 +431,41 @@ impl<G: ProtectedGuest> Protector<G> {
             reply: Some(reply),
         });
         self.check_switchover();
+        Ok(())
+    }
+
+    /// Abandons a switchover past its deadline. Before the witness was
+    /// asked, the guest resumes at once under the lease; after, it stays
+    /// paused with output held until the witness answers (Unfence resumes
+    /// it; if the lease had moved, the switchover ends as done).
+    fn abort_switchover(&mut self) -> Result<(), ProtectError> {
+        let Some(mut sw) = self.switchover.take() else {
+            return Ok(());
+        };
+        let why = if sw.committed_reported {
+            "the witness did not move the lease"
+        } else {
+            "the backup did not commit the final epoch"
+        };
+        warn!(vm = %self.opts.vm, after = ?sw.started.elapsed(), why, "switchover aborted: the VM stays here");
+        if let Some(reply) = sw.reply.take() {
+            let _ = reply.send(Err(format!(
+                "switchover aborted after {} s: {why}; {} keeps running {}",
+                SWITCHOVER_DEADLINE.as_secs(),
+                self.opts.site,
+                self.opts.vm
+            )));
+        }
+        if let Some(f) = &mut self.failover {
+            f.arbiter.abort_switchover();
+            if sw.committed_reported {
+                f.fenced = true;
+                self.set_state("fenced");
+                return Ok(());
+            }
+        }
+        tokio::task::block_in_place(|| self.guest.resume())?;
+        self.set_state(self.steady_state());
         Ok(())
     }
 
@@ -910,6 +949,17 @@ impl<G: ProtectedGuest> Protector<G> {
         mut self,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<ProtectStats, ProtectError> {
+        let r = self.run_loop(shutdown).await;
+        // Every way out (a demotion too) withdraws the addresses and waits,
+        // bounded, for the hooks it started.
+        let stats = self.stop().await;
+        r.map(|()| stats)
+    }
+
+    async fn run_loop(
+        &mut self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), ProtectError> {
         tokio::pin!(shutdown);
         if matches!(self.phase, Phase::AwaitPeer) {
             self.set_state("unprotected");
@@ -917,7 +967,7 @@ impl<G: ProtectedGuest> Protector<G> {
         } else {
             let r = self.begin_sync("protection starts");
             if !self.survive(r)? {
-                return Ok(self.stop().await);
+                return Ok(());
             }
         }
         let mut pacer = Pacer::new(self.opts.interval, self.opts.max_in_flight, Instant::now());
@@ -939,6 +989,17 @@ impl<G: ProtectedGuest> Protector<G> {
                 self.failover.as_ref().is_some_and(|f| f.fenced) || self.switchover.is_some();
             let now = Instant::now();
             let mut wake = tokio::time::Instant::now() + self.opts.interval;
+            if let Some(sw) = &self.switchover {
+                let deadline = sw.started + SWITCHOVER_DEADLINE;
+                if now >= deadline {
+                    let r = self.abort_switchover();
+                    if !self.survive(r)? {
+                        break;
+                    }
+                    continue;
+                }
+                wake = wake.min(tokio::time::Instant::from_std(deadline));
+            }
             let mut step = None;
             match &self.phase {
                 _ if paused => {}
@@ -1045,7 +1106,7 @@ impl<G: ProtectedGuest> Protector<G> {
                 }
             }
         }
-        Ok(self.stop().await)
+        Ok(())
     }
 
     /// What the replication session reports.

@@ -415,9 +415,11 @@ pub async fn run_with<L: Listener>(
     if let Some((task, stop)) = active.take() {
         info!(vm = %opts.vm, "stopping the VM");
         let _ = stop.send(());
-        match tokio::time::timeout(Duration::from_secs(30), task).await {
+        // Longer than the hooks' exit wait (netops.hook_exit_wait_s, 30 s
+        // by default), which the VM's protector honours as it stops.
+        match tokio::time::timeout(Duration::from_secs(45), task).await {
             Ok(Ok(Err(e))) => warn!(vm = %opts.vm, error = %e, "the VM did not stop cleanly"),
-            Err(_) => warn!(vm = %opts.vm, "the VM did not stop within 30 s"),
+            Err(_) => warn!(vm = %opts.vm, "the VM did not stop within 45 s"),
             _ => {}
         }
     }
