@@ -4,5 +4,5 @@ pub mod frame;
 mod server;
 mod store;
 
-pub use server::{WitnessError, WitnessOptions, WitnessServer};
-pub use store::{LeaseStore, LeaseStoreError, StoredLease};
+pub use server::{VmSites, WitnessError, WitnessOptions, WitnessServer};
+pub use store::{LeaseStore, LeaseStoreError, Opened, StoredLease};

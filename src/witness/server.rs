@@ -1,7 +1,7 @@
 //! `remus-wan witness`: the failover arbiter at the third site, serving
 //! the sites' lease requests over mutually authenticated QUIC.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -13,7 +13,7 @@ use tracing::{info, warn};
 use wan::transport::{Connection, Endpoint, TlsPaths, TransportConfig, TransportError};
 
 use super::frame::{read_message, write_message};
-use super::store::{LeaseStore, LeaseStoreError, StoredLease};
+use super::store::{LeaseStore, LeaseStoreError, Opened, StoredLease};
 
 /// What the witness needs to run.
 #[derive(Debug, Clone)]
@@ -22,9 +22,21 @@ pub struct WitnessOptions {
     pub tls: TlsPaths,
     /// Site names, in configuration order (`SiteId(i + 1)` is `sites[i]`).
     pub sites: Vec<String>,
+    /// The VMs the witness arbitrates, each with the two sites that may
+    /// hold its lease (`vms.primary`, `vms.backup`); any other site, and
+    /// any other VM, is refused.
+    pub vms: Vec<VmSites>,
     pub timers: Timers,
-    /// Where the lease records live.
+    /// Where the lease records live (see [`LeaseStore::open`]).
     pub state_dir: PathBuf,
+}
+
+/// A VM and its two sites, by name.
+#[derive(Debug, Clone)]
+pub struct VmSites {
+    pub vm: String,
+    pub primary: String,
+    pub backup: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +45,8 @@ pub enum WitnessError {
     Transport(#[from] TransportError),
     #[error(transparent)]
     Store(#[from] LeaseStoreError),
+    #[error("VM {vm}: site {site:?} is not among the configured sites")]
+    UnknownSite { vm: String, site: String },
 }
 
 struct Shared {
@@ -61,10 +75,13 @@ impl Shared {
             .map(String::as_str)
     }
 
-    /// Feeds one message to the arbiter; persists before anything is sent.
+    /// Feeds one message to the arbiter. A record to persist is written
+    /// (and synced) before the witness releases the replies that wait for
+    /// it; a failed write releases none and leaves the witness's record as
+    /// it was (see `failover::Witness`).
     fn handle(&mut self, vm: &str, from: SiteId, msg: Message) {
-        let outputs = self.witness.handle(vm, from, msg, Instant::now());
-        for o in outputs {
+        let mut outputs: VecDeque<_> = self.witness.handle(vm, from, msg, Instant::now()).into();
+        while let Some(o) = outputs.pop_front() {
             match o {
                 WitnessOutput::Persist { vm, record } => {
                     let holder = record
@@ -75,11 +92,14 @@ impl Shared {
                         holder,
                         token: record.token,
                     };
-                    if let Err(e) = self.store.put(&vm, stored) {
-                        // A grant that is not durable must not be announced.
-                        warn!(error = %e, vm, "cannot persist a lease: reply withheld");
-                        return;
-                    }
+                    let durable = match self.store.put(&vm, stored) {
+                        Ok(()) => true,
+                        Err(e) => {
+                            warn!(error = %e, vm, token = record.token, "cannot persist a lease record: nothing granted");
+                            false
+                        }
+                    };
+                    outputs.extend(self.witness.persisted(&vm, durable, Instant::now()));
                 }
                 WitnessOutput::Send { to, msg } => {
                     let tx = self
@@ -102,19 +122,33 @@ pub struct WitnessServer {
 }
 
 impl WitnessServer {
-    /// Binds the endpoint and recovers the lease records.
+    /// Opens the state (see [`LeaseStore::open`]: a first start creates
+    /// it, a missing or corrupt file is an error), binds the endpoint and
+    /// recovers the lease records.
     pub fn bind(opts: WitnessOptions) -> Result<Self, WitnessError> {
-        let store = LeaseStore::open(&opts.state_dir)?;
+        let id_of = |vm: &str, name: &str| {
+            opts.sites
+                .iter()
+                .position(|s| s == name)
+                .map(|i| SiteId(i as u32 + 1))
+                .ok_or_else(|| WitnessError::UnknownSite {
+                    vm: vm.to_owned(),
+                    site: name.to_owned(),
+                })
+        };
+        let mut parties = Vec::with_capacity(opts.vms.len());
+        for v in &opts.vms {
+            parties.push((
+                v.vm.clone(),
+                [id_of(&v.vm, &v.primary)?, id_of(&v.vm, &v.backup)?],
+            ));
+        }
+        let (store, opened) = LeaseStore::open(&opts.state_dir)?;
         let records: Vec<(String, LeaseRecord)> = store
             .leases()
             .iter()
             .map(|(vm, l)| {
-                let holder = l.holder.as_ref().and_then(|h| {
-                    opts.sites
-                        .iter()
-                        .position(|s| s == h)
-                        .map(|i| SiteId(i as u32 + 1))
-                });
+                let holder = l.holder.as_ref().and_then(|h| id_of(vm, h).ok());
                 (
                     vm.clone(),
                     LeaseRecord {
@@ -124,13 +158,31 @@ impl WitnessServer {
                 )
             })
             .collect();
-        if !records.is_empty() {
-            info!(
+        match opened {
+            Opened::Created => info!(
+                dir = %opts.state_dir.display(),
+                token_floor = store.token_floor(),
+                "first start: new witness state created"
+            ),
+            Opened::Recovered => info!(
+                dir = %opts.state_dir.display(),
                 leases = records.len(),
-                "witness recovered its lease records; no lease changes hands for one lease period"
-            );
+                token_floor = store.token_floor(),
+                "witness state recovered"
+            ),
         }
-        let witness = Witness::recover(opts.timers, records, Instant::now());
+        info!(
+            vms = parties.len(),
+            wait_ms = (opts.timers.lease + opts.timers.clock_margin).as_millis() as u64,
+            "no lease changes hands until one lease period has passed"
+        );
+        let witness = Witness::recover(
+            opts.timers,
+            parties,
+            store.token_floor(),
+            records,
+            Instant::now(),
+        );
         let mut cfg = TransportConfig::new(opts.tls.clone());
         cfg.allowed_clients = opts.sites.clone();
         let endpoint = Endpoint::bind(opts.listen, cfg)?;

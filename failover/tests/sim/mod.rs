@@ -5,7 +5,7 @@
 #![allow(dead_code)]
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use std::time::{Duration, Instant};
 
 use failover::{
@@ -16,6 +16,23 @@ pub const A: SiteId = SiteId(1);
 pub const B: SiteId = SiteId(2);
 pub const W: SiteId = SiteId(3);
 pub const VM: &str = "web1";
+
+/// The witness's configuration: the VM's two sites.
+pub fn parties() -> [(String, [SiteId; 2]); 1] {
+    [(VM.to_owned(), [A, B])]
+}
+
+/// What the witness's disk does with one write of a lease record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disk {
+    /// The record is durable and the witness is told so.
+    Works,
+    /// The write fails before the file changes: the old record stays.
+    Fails,
+    /// The record reaches the file, yet the witness is told the write
+    /// failed (the folder's fsync failed after the rename).
+    LandsButFails,
+}
 
 /// splitmix64: small, fast, good enough to pick schedules.
 pub struct Rng(u64);
@@ -66,6 +83,19 @@ enum Ev {
     FinalEpochCommitted {
         node: SiteId,
     },
+    /// A write of the witness's lease record completes.
+    WitnessWriteDone {
+        id: usize,
+    },
+}
+
+/// A write of the witness's lease record under way.
+#[derive(Debug, Clone)]
+struct WitnessWrite {
+    incarnation: u64,
+    vm: String,
+    record: LeaseRecord,
+    outcome: Disk,
 }
 
 /// How a crashed site's process comes back. Both are what a real engine
@@ -123,6 +153,25 @@ pub struct World {
     pub log: Vec<Happened>,
     pub trace: Vec<String>,
     pub highest_promoted_token: u64,
+    /// What the witness's disk does with writes, once `witness_writes`
+    /// (a script of outcomes, one per write) is used up.
+    pub witness_disk: Disk,
+    witness_writes: VecDeque<Disk>,
+    /// How long a write of the witness's record takes (zero: done within
+    /// the step that asked for it).
+    pub witness_write_latency: Duration,
+    writes_in_flight: Vec<Option<WitnessWrite>>,
+    /// Bumped when the witness crashes: its writes in flight end with it.
+    witness_incarnation: u64,
+    /// The witness's state file is gone: a restarted witness refuses to
+    /// run until [`World::reinit_witness`] (the operator's act).
+    witness_file_lost: bool,
+    /// Writes of the witness's record reported failed.
+    pub witness_write_failures: u64,
+    /// Each token the witness ever put in a grant, and to whom.
+    pub granted_tokens: BTreeMap<u64, SiteId>,
+    /// Broken safety properties found inside a step.
+    violations: Vec<String>,
 }
 
 fn key(a: SiteId, b: SiteId) -> (SiteId, SiteId) {
@@ -165,6 +214,15 @@ impl World {
             log: Vec::new(),
             trace: Vec::new(),
             highest_promoted_token: 0,
+            witness_disk: Disk::Works,
+            witness_writes: VecDeque::new(),
+            witness_write_latency: Duration::ZERO,
+            writes_in_flight: Vec::new(),
+            witness_incarnation: 0,
+            witness_file_lost: false,
+            witness_write_failures: 0,
+            granted_tokens: BTreeMap::new(),
+            violations: Vec::new(),
         };
         for pair in [key(A, B), key(A, W), key(B, W)] {
             w.links.insert(pair, (true, 0));
@@ -173,7 +231,8 @@ impl World {
         let b = Site::backup(B, A, W, timers, w.local(B));
         w.nodes.insert(A, Node::Site(Box::new(a)));
         w.nodes.insert(B, Node::Site(Box::new(b)));
-        w.nodes.insert(W, Node::Witness(Witness::new(timers)));
+        w.nodes
+            .insert(W, Node::Witness(Witness::new(timers, parties())));
         w.drain(A);
         w.drain(B);
         w
@@ -254,6 +313,18 @@ impl World {
     }
 
     pub fn crash(&mut self, p: SiteId) {
+        if p == W && !matches!(self.nodes.get(&W), Some(Node::Down)) {
+            self.witness_incarnation += 1;
+            // A write under way when the witness dies may or may not have
+            // reached the file; nothing of it is decided after the crash.
+            for slot in &mut self.writes_in_flight {
+                if let Some(wr) = slot.take() {
+                    if wr.outcome != Disk::Fails && self.rng.chance(50) {
+                        self.witness_records.insert(wr.vm, wr.record);
+                    }
+                }
+            }
+        }
         self.nodes.insert(p, Node::Down);
         self.resyncing.remove(&p);
         // Every connection of the crashed party dies.
@@ -271,7 +342,8 @@ impl World {
     }
 
     /// Starts a new process at a crashed party; a site comes back the way
-    /// `how` says (the witness always recovers from its records). The new
+    /// `how` says (the witness recovers from its records, and refuses to
+    /// run once they are lost: see [`World::lose_witness_file`]). The new
     /// site resynchronises from its peer as soon as it hears it active.
     pub fn restart_as(&mut self, p: SiteId, how: Comeback) {
         if !matches!(self.nodes.get(&p), Some(Node::Down)) {
@@ -279,10 +351,19 @@ impl World {
         }
         let now = self.local(p);
         if p == W {
+            if self.witness_file_lost {
+                // What `remus-wan witness` does on a state directory
+                // without its file: refuse to run.
+                self.trace.push(format!(
+                    "{:?} witness refuses to start: its state file is lost",
+                    self.now
+                ));
+                return;
+            }
             let records = self.witness_records.clone();
             self.nodes.insert(
                 W,
-                Node::Witness(Witness::recover(self.timers, records, now)),
+                Node::Witness(Witness::recover(self.timers, parties(), 0, records, now)),
             );
         } else {
             let peer = peer_of(p);
@@ -298,6 +379,55 @@ impl World {
         }
         self.trace
             .push(format!("{:?} restart {} as {how:?}", self.now, p.0));
+    }
+
+    /// The witness's state file is lost (its disk was replaced): from now
+    /// on a restarted witness refuses to run, as the real one does.
+    pub fn lose_witness_file(&mut self) {
+        self.witness_records.clear();
+        self.witness_file_lost = true;
+        self.trace
+            .push(format!("{:?} witness state file lost", self.now));
+    }
+
+    /// The operator re-initialises a crashed witness whose file was lost
+    /// (`remus-wan witness --init`) and starts it: a new state whose
+    /// tokens begin above `token_floor`.
+    pub fn reinit_witness(&mut self, token_floor: u64) {
+        if !matches!(self.nodes.get(&W), Some(Node::Down)) {
+            return;
+        }
+        self.witness_file_lost = false;
+        self.witness_records.clear();
+        let now = self.local(W);
+        self.nodes.insert(
+            W,
+            Node::Witness(Witness::recover(
+                self.timers,
+                parties(),
+                token_floor,
+                BTreeMap::new(),
+                now,
+            )),
+        );
+        self.trace.push(format!(
+            "{:?} witness re-initialised, tokens above {token_floor}",
+            self.now
+        ));
+    }
+
+    /// The next writes of the witness's record end as `outcomes` says, in
+    /// order; later ones as `witness_disk` says.
+    pub fn script_witness_writes(&mut self, outcomes: impl IntoIterator<Item = Disk>) {
+        self.witness_writes.extend(outcomes);
+    }
+
+    /// The lease records in the witness's file.
+    pub fn witness_file(&self) -> Option<LeaseRecord> {
+        if self.witness_file_lost {
+            return None;
+        }
+        self.witness_records.get(VM).copied()
     }
 
     /// The witness's current lease record for the VM (None while it is
@@ -377,14 +507,7 @@ impl World {
                     }
                     Some(Node::Witness(w)) => {
                         let outs = w.handle(VM, from, msg, local);
-                        for o in outs {
-                            match o {
-                                WitnessOutput::Persist { vm, record } => {
-                                    self.witness_records.insert(vm, record);
-                                }
-                                WitnessOutput::Send { to: dest, msg } => self.send(W, dest, msg),
-                            }
-                        }
+                        self.witness_outputs(outs);
                     }
                     _ => {}
                 }
@@ -418,6 +541,120 @@ impl World {
                     s.final_epoch_committed(local);
                     self.drain(node);
                 }
+            }
+            Ev::WitnessWriteDone { id } => {
+                if let Some(wr) = self.writes_in_flight.get_mut(id).and_then(Option::take) {
+                    if wr.incarnation == self.witness_incarnation {
+                        self.witness_write_done(wr);
+                    }
+                }
+            }
+        }
+    }
+
+    /// What the witness's shell does with its outputs: each record is
+    /// written before anything that follows it is sent, and nothing that
+    /// follows a failed write is sent.
+    fn witness_outputs(&mut self, outs: Vec<WitnessOutput>) {
+        for o in outs {
+            match o {
+                WitnessOutput::Persist { vm, record } => {
+                    let outcome = self.witness_writes.pop_front().unwrap_or(self.witness_disk);
+                    let wr = WitnessWrite {
+                        incarnation: self.witness_incarnation,
+                        vm,
+                        record,
+                        outcome,
+                    };
+                    if self.witness_write_latency.is_zero() {
+                        if !self.witness_write_done(wr) {
+                            return;
+                        }
+                    } else {
+                        self.writes_in_flight.push(Some(wr));
+                        let id = self.writes_in_flight.len() - 1;
+                        let at = self.now + self.witness_write_latency;
+                        self.push(at, Ev::WitnessWriteDone { id });
+                        // Whatever follows waits for the write.
+                        return;
+                    }
+                }
+                WitnessOutput::Send { to: dest, msg } => {
+                    self.witness_sends(dest, &msg);
+                    self.send(W, dest, msg);
+                }
+            }
+        }
+    }
+
+    /// A write of the witness's record ends; returns whether it was
+    /// reported durable.
+    fn witness_write_done(&mut self, wr: WitnessWrite) -> bool {
+        if wr.outcome != Disk::Fails {
+            self.witness_records.insert(wr.vm.clone(), wr.record);
+        }
+        let durable = wr.outcome == Disk::Works;
+        if !durable {
+            self.witness_write_failures += 1;
+        }
+        self.trace.push(format!(
+            "{:?} witness write {:?} {:?}",
+            self.now, wr.record, wr.outcome
+        ));
+        let local = self.local(W);
+        let outs = match self.nodes.get_mut(&W) {
+            Some(Node::Witness(w)) => w.persisted(&wr.vm, durable, local),
+            _ => return false,
+        };
+        self.witness_outputs(outs);
+        durable
+    }
+
+    /// Checks each grant the witness sends: a token goes to one site only,
+    /// and a token granted for the first time is above every token granted
+    /// before and every token any site knows (a site ignores a grant under
+    /// an older token; it may know this very token already, from a refusal
+    /// naming the holder the witness recovered).
+    fn witness_sends(&mut self, dest: SiteId, msg: &Message) {
+        let Message::LeaseReply {
+            granted: Some(_),
+            token,
+            holder: Some(h),
+            ..
+        } = *msg
+        else {
+            return;
+        };
+        assert_eq!(h, dest, "a grant names its receiver");
+        match self.granted_tokens.get(&token) {
+            Some(&other) if other != dest => self.violations.push(format!(
+                "token {token} granted to site {} and to site {}",
+                other.0, dest.0
+            )),
+            Some(_) => {}
+            None => {
+                if let Some((&last, _)) = self.granted_tokens.last_key_value() {
+                    if last > token {
+                        self.violations.push(format!(
+                            "new token {token} granted to site {} after token {last}",
+                            dest.0
+                        ));
+                    }
+                }
+                for s in [A, B] {
+                    let known = self.site(s).map_or(0, |s| s.token());
+                    if known > token {
+                        self.violations.push(format!(
+                            "new token {token} granted to site {} while site {} knows token {known}",
+                            dest.0, s.0
+                        ));
+                    }
+                }
+                self.granted_tokens.insert(token, dest);
+                self.trace.push(format!(
+                    "{:?} witness grants new token {token} to {}",
+                    self.now, dest.0
+                ));
             }
         }
     }
@@ -527,6 +764,9 @@ impl World {
     }
 
     fn check_safety(&self) -> Result<(), String> {
+        if let Some(v) = self.violations.first() {
+            return Err(format!("{v} (at {:?})\n{}", self.now, self.trace_tail(40)));
+        }
         if self.releasing(A) && self.releasing(B) {
             return Err(format!(
                 "split brain at {:?}: both sites may release output\n{}",
