@@ -11,7 +11,8 @@
 //! Points: `protect.paused` (guest paused, epoch being closed),
 //! `protect.sent` (epoch handed to the transport, not yet acknowledged),
 //! `standby.journaled` (epoch staged and journaled, commit rename not yet
-//! done), `standby.committed` (committed, not yet acknowledged).
+//! done), `standby.committed` (committed, not yet acknowledged),
+//! `standby.swap` (a resync swap between its two renames).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;

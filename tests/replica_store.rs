@@ -187,8 +187,9 @@ const CHILD_ENV: &str = "REMUS_WAN_TEST_REPLICA_CHILD_DIR";
 #[test]
 #[ignore = "the child process of sigkill_at_random_moments_leaves_a_committed_epoch"]
 fn child_commit_loop() {
-    let dir = std::env::var(CHILD_ENV)
-        .unwrap_or_else(|_| panic!("{CHILD_ENV} is not set: this is the child process of the SIGKILL test"));
+    let dir = std::env::var(CHILD_ENV).unwrap_or_else(|_| {
+        panic!("{CHILD_ENV} is not set: this is the child process of the SIGKILL test")
+    });
     let dir = Path::new(&dir);
     let mut store = ReplicaStore::create(dir, "web1", PS, FRAMES, DISK).expect("create");
     let mut p = Primary::new();
@@ -251,4 +252,44 @@ fn sigkill_at_random_moments_leaves_a_committed_epoch() {
     }
     let replayed_or_clean = left.len();
     assert!(replayed_or_clean >= 4, "too few rounds reached a commit");
+}
+
+/// An epoch that passed its commit point but could not be applied whole
+/// (a full disk after the pages were written): the replica is no committed
+/// epoch any more, so it says inconsistent and is not resumed; the journal
+/// stays, and the next commit, or a reopen after a crash, replays it whole.
+#[test]
+fn an_epoch_applied_in_part_is_never_resumed_and_is_replayed_whole() {
+    for reopen in [false, true] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = ReplicaStore::create(dir.path(), "web1", PS, FRAMES, DISK).expect("create");
+        let mut p = Primary::new();
+        let mut dec = decoder();
+        for _ in 0..3 {
+            let staged = dec.decode(&p.next_epoch(), &store).expect("decode");
+            store.commit(staged, 1, true).expect("commit");
+        }
+        assert!(store.meta().consistent);
+        store.fail_next_apply_for_test();
+        let staged = dec.decode(&p.next_epoch(), &store).expect("decode");
+        assert!(store.commit(staged, 1, true).is_err(), "the apply failed");
+        assert!(store.is_half_applied());
+        assert!(
+            !store.meta().consistent,
+            "a half-applied replica must never be offered for a takeover"
+        );
+        assert!(dir.path().join("journal").exists(), "the journal stays");
+        let store = if reopen {
+            drop(store);
+            ReplicaStore::open(dir.path()).expect("reopen replays the journal")
+        } else {
+            let mut store = store;
+            store.finish_half_applied().expect("replayed whole");
+            store
+        };
+        assert!(!store.is_half_applied());
+        assert!(store.meta().consistent);
+        assert_eq!(store.meta().epoch, Some(p.epoch));
+        assert_eq!(store_hash(&store), p.image_hash(), "reopen: {reopen}");
+    }
 }

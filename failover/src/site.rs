@@ -493,7 +493,9 @@ impl Site {
             // The peer's heartbeat (its own connection) often arrives
             // before the witness's reply; taking it for a demotion made a
             // successful switchover look failed to the engine.
-            Stance::Active if self.handover == Some(Handover::Requested) || self.handover_aborted => {
+            Stance::Active
+                if self.handover == Some(Handover::Requested) || self.handover_aborted =>
+            {
                 self.stance = Stance::Idle;
                 self.handover = None;
                 self.confirm_from = None;

@@ -32,9 +32,7 @@ fn drain(s: &mut Site) -> (Vec<(SiteId, Message)>, Vec<Event>) {
 /// The number of the last request (lease or handover) sent to the witness.
 fn last_request(sent: &[(SiteId, Message)]) -> Option<u64> {
     sent.iter().rev().find_map(|(to, m)| match m {
-        Message::LeaseRequest { req, .. } | Message::Handover { req, .. } if *to == W => {
-            Some(*req)
-        }
+        Message::LeaseRequest { req, .. } | Message::Handover { req, .. } if *to == W => Some(*req),
         _ => None,
     })
 }
@@ -80,7 +78,10 @@ fn handover_requested(s: &mut Site, now: Instant) -> u64 {
 fn aborted_before_the_witness_was_asked_the_primary_goes_on() {
     let (mut s, now) = active_primary();
     assert!(s.start_switchover());
-    assert!(s.may_release_output(now), "output goes on until the final epoch");
+    assert!(
+        s.may_release_output(now),
+        "output goes on until the final epoch"
+    );
     assert!(s.abort_switchover(now));
     assert!(s.may_release_output(now));
     let (_, events) = drain(&mut s);

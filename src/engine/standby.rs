@@ -88,6 +88,7 @@ pub struct Standby {
 impl Standby {
     /// Opens (recovering) the replica, or notes that none exists yet.
     pub fn open(opts: StandbyOptions) -> Result<Self, StandbyError> {
+        recover_interrupted_swap(&opts.replica_dir)?;
         let live = if opts.replica_dir.join("meta.json").exists() {
             match ReplicaStore::open(&opts.replica_dir) {
                 Ok(s) => Some(s),
@@ -129,14 +130,7 @@ impl Standby {
     }
 
     fn resync_dir(&self) -> PathBuf {
-        let mut name = self
-            .opts
-            .replica_dir
-            .file_name()
-            .map(|n| n.to_os_string())
-            .unwrap_or_default();
-        name.push(".resync");
-        self.opts.replica_dir.with_file_name(name)
+        resync_dir_of(&self.opts.replica_dir)
     }
 
     /// Verifies and commits one epoch; returns whether to acknowledge it.
@@ -154,6 +148,13 @@ impl Standby {
             )
             .map_err(|e| e.to_string())?;
             self.target.resync = Some(store);
+        }
+        if let Some(live) = &mut self.target.live {
+            if live.is_half_applied() {
+                // An epoch passed its commit point without being applied
+                // whole: replay it before decoding against this replica.
+                live.finish_half_applied().map_err(|e| e.to_string())?;
+            }
         }
         let result = {
             let store = match (&mut self.target.resync, &mut self.target.live) {
@@ -198,6 +199,9 @@ impl Standby {
         }
     }
 
+    /// Replaces the live replica with the resynchronised one. Two renames
+    /// (live to `.old`, `.resync` to live): a crash between them is
+    /// finished or undone by [`recover_interrupted_swap`] at the next open.
     fn swap_in_resync(&mut self) -> Result<(), StandbyError> {
         let Some(store) = self.target.resync.take() else {
             return Ok(());
@@ -210,6 +214,7 @@ impl Standby {
         if self.opts.replica_dir.exists() {
             std::fs::rename(&self.opts.replica_dir, &old).map_err(StandbyError::Swap)?;
         }
+        crate::faults::point("standby.swap");
         std::fs::rename(&from, &self.opts.replica_dir).map_err(StandbyError::Swap)?;
         let _ = std::fs::remove_dir_all(&old);
         self.target.live = Some(ReplicaStore::open(&self.opts.replica_dir)?);
@@ -517,7 +522,99 @@ fn promote(
     Ok((tokio::spawn(run), stop))
 }
 
+/// Where the replica of a full resync is built, beside the live one.
+fn resync_dir_of(replica_dir: &Path) -> PathBuf {
+    let mut name = replica_dir
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(".resync");
+    replica_dir.with_file_name(name)
+}
+
+/// Finishes or undoes a resync swap that a crash interrupted. With no live
+/// replica: a consistent resynchronised replica becomes the live one (the
+/// crash came between the two renames); failing that, the previous live
+/// replica, set aside as `.old`, comes back. A leftover `.old` beside a
+/// live replica is removed.
+pub fn recover_interrupted_swap(replica_dir: &Path) -> Result<(), StandbyError> {
+    let old = replica_dir.with_extension("old");
+    let resync = resync_dir_of(replica_dir);
+    let present = |d: &Path| d.join("meta.json").exists();
+    if !present(replica_dir) {
+        let resync_ready =
+            present(&resync) && ReplicaStore::open(&resync).is_ok_and(|s| s.meta().consistent);
+        if resync_ready {
+            warn!(dir = %replica_dir.display(), "finishing a resync swap interrupted by a crash: the resynchronised replica is the live one");
+            std::fs::rename(&resync, replica_dir).map_err(StandbyError::Swap)?;
+        } else if present(&old) {
+            warn!(dir = %replica_dir.display(), "undoing a resync swap interrupted by a crash: the previous replica is the live one again");
+            std::fs::rename(&old, replica_dir).map_err(StandbyError::Swap)?;
+        }
+    }
+    if present(replica_dir) && old.exists() {
+        std::fs::remove_dir_all(&old).map_err(StandbyError::Swap)?;
+    }
+    Ok(())
+}
+
 /// Where a VM's replica lives under the standby's state folder.
 pub fn replica_dir(state_dir: &Path, vm: &str) -> PathBuf {
     state_dir.join("replicas").join(vm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn replica(dir: &Path, consistent: bool, epoch_marker: u8) {
+        let mut s = ReplicaStore::create(dir, "web1", 4096, 4, 0).expect("create");
+        if consistent {
+            s.set_consistent().expect("consistent");
+        }
+        std::fs::write(dir.join("marker"), [epoch_marker]).expect("marker");
+    }
+
+    fn marker(dir: &Path) -> Option<u8> {
+        std::fs::read(dir.join("marker")).ok().map(|m| m[0])
+    }
+
+    /// Every crash point of the swap recovers to one whole replica.
+    #[test]
+    fn an_interrupted_swap_is_finished_or_undone() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let live = root.path().join("web1");
+        let old = live.with_extension("old");
+        let resync = resync_dir_of(&live);
+
+        // Crash after live -> .old, resync complete: finished.
+        replica(&old, true, 1);
+        replica(&resync, true, 2);
+        recover_interrupted_swap(&live).expect("recover");
+        assert_eq!(marker(&live), Some(2));
+        assert!(!old.exists() && !resync.exists());
+
+        // Crash after live -> .old, resync not consistent: undone.
+        std::fs::remove_dir_all(&live).unwrap();
+        replica(&old, true, 1);
+        replica(&resync, false, 2);
+        recover_interrupted_swap(&live).expect("recover");
+        assert_eq!(marker(&live), Some(1));
+        assert!(!old.exists());
+        assert!(
+            resync.exists(),
+            "an unfinished resync is left for the next full epoch to replace"
+        );
+
+        // Crash after both renames, before .old was removed: cleaned up.
+        std::fs::remove_dir_all(&resync).unwrap();
+        replica(&old, true, 1);
+        recover_interrupted_swap(&live).expect("recover");
+        assert_eq!(marker(&live), Some(1));
+        assert!(!old.exists());
+
+        // Nothing to do.
+        recover_interrupted_swap(&live).expect("recover");
+        assert_eq!(marker(&live), Some(1));
+    }
 }

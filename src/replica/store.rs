@@ -72,6 +72,20 @@ pub struct ReplicaStore {
     meta: Meta,
     memory: MmapMut,
     disk: Option<File>,
+    /// An epoch passed its commit point but could not be applied whole
+    /// (an I/O error mid-apply, e.g. a full disk): memory and disk may hold
+    /// part of it, so the replica is no committed epoch until the journal,
+    /// still on disk, has been replayed whole.
+    half_applied: Option<HalfApplied>,
+    /// Test seam: the next apply fails after the pages, before the disk.
+    fail_next_apply: bool,
+}
+
+#[derive(Debug, Clone)]
+struct HalfApplied {
+    /// Whether the epoch, once applied, makes the replica resumable.
+    consistent: bool,
+    reason: String,
 }
 
 impl std::fmt::Debug for ReplicaStore {
@@ -148,6 +162,8 @@ impl ReplicaStore {
             meta,
             memory,
             disk,
+            half_applied: None,
+            fail_next_apply: false,
         };
         s.write_meta()?;
         Ok(s)
@@ -205,6 +221,8 @@ impl ReplicaStore {
             meta,
             memory,
             disk,
+            half_applied: None,
+            fail_next_apply: false,
         };
         // An uncommitted journal is an epoch that never happened.
         let _ = fs::remove_file(dir.join(JOURNAL_TMP));
@@ -274,6 +292,9 @@ impl ReplicaStore {
         token: u64,
         consistent: bool,
     ) -> Result<u64, StoreError> {
+        if self.half_applied.is_some() {
+            self.finish_half_applied()?;
+        }
         let mut sink = JournalSink {
             store: self,
             writer: None,
@@ -309,9 +330,69 @@ impl ReplicaStore {
         // Committed. From here a crash replays the journal on open().
         let journal = Journal::parse(&bytes)?;
         self.meta.consistent = consistent;
-        self.replay(&journal)?;
+        if let Err(e) = self.replay(&journal) {
+            // Part of the epoch may be in memory or on disk: this replica
+            // is no committed epoch now, and must not be resumed. The
+            // journal stays; the next commit (or open) replays it whole.
+            tracing::error!(vm = %self.meta.vm, epoch = journal.epoch, error = %e, "epoch committed but not applied whole: the replica is unusable until its journal is replayed");
+            self.half_applied = Some(HalfApplied {
+                consistent,
+                reason: e.to_string(),
+            });
+            // In memory only: after a crash, open() replays the journal
+            // and the replica is that epoch, as meta.json still says.
+            self.meta.consistent = false;
+            return Err(e);
+        }
         fs::remove_file(&fin).map_err(|err| io(&fin, err))?;
         Ok(applied.epoch)
+    }
+
+    /// Replays the journal of a half-applied epoch; the replica is that
+    /// epoch again, or still unusable (a full resync is needed). Call it
+    /// before decoding the next epoch against this replica.
+    pub fn finish_half_applied(&mut self) -> Result<(), StoreError> {
+        let Some(h) = self.half_applied.clone() else {
+            return Ok(());
+        };
+        let fin = self.dir.join(JOURNAL);
+        let dir = self.dir.clone();
+        let unusable = |reason: String| StoreError::NeedsResync {
+            dir: dir.clone(),
+            reason,
+        };
+        let bytes = fs::read(&fin).map_err(|err| {
+            unusable(format!(
+                "half-applied epoch ({}), its journal unreadable: {err}",
+                h.reason
+            ))
+        })?;
+        let journal = Journal::parse(&bytes)
+            .map_err(|err| unusable(format!("half-applied epoch, journal: {err}")))?;
+        self.meta.consistent = h.consistent;
+        if let Err(e) = self.replay(&journal) {
+            self.meta.consistent = false;
+            let _ = self.write_meta();
+            return Err(unusable(format!(
+                "half-applied epoch still cannot be applied: {e}"
+            )));
+        }
+        fs::remove_file(&fin).map_err(|err| io(&fin, err))?;
+        self.half_applied = None;
+        tracing::info!(vm = %self.meta.vm, epoch = journal.epoch, "half-applied epoch replayed whole");
+        Ok(())
+    }
+
+    /// Whether an epoch is half applied (the replica cannot be resumed).
+    pub fn is_half_applied(&self) -> bool {
+        self.half_applied.is_some()
+    }
+
+    /// Test seam: makes the next apply fail after its pages were written
+    /// and before its disk writes (as a full disk would).
+    #[doc(hidden)]
+    pub fn fail_next_apply_for_test(&mut self) {
+        self.fail_next_apply = true;
     }
 
     fn replay(&mut self, j: &Journal<'_>) -> Result<(), StoreError> {
@@ -334,6 +415,13 @@ impl ReplicaStore {
                 Some(d) => dst.copy_from_slice(d),
                 None => dst.fill(0),
             }
+        }
+        if std::mem::take(&mut self.fail_next_apply) {
+            return Err(StoreError::Io {
+                dir: self.dir.clone(),
+                what: "write disk image",
+                source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+            });
         }
         if let Some(disk) = &self.disk {
             for (off, data) in &j.disk_writes {
