@@ -158,10 +158,14 @@ impl Witness {
             .into_iter()
             .map(|(vm, r)| (vm, Lease::new(r.holder, r.token, expires)))
             .collect();
+        // Token 0, not the floor: the token in a reply tells a site that
+        // another site was granted the lease under it (it demotes on a
+        // higher one), and no grant was ever made under the floor. The
+        // floor only raises the next grant's token.
         for vm in parties.keys() {
             leases
                 .entry(vm.clone())
-                .or_insert_with(|| Lease::new(None, token_floor, expires));
+                .or_insert_with(|| Lease::new(None, 0, expires));
         }
         Self {
             timers,

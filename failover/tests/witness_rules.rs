@@ -244,9 +244,11 @@ fn a_started_witness_gives_no_lease_away_for_one_lease_period() {
     assert_eq!(w.handle(VM, A, ask(1, 12), t), vec![grant(A, 1, 12)]);
     // db1 has no record: its lease may be held under a lost state, so
     // nobody gets it before a lease period has passed.
+    // The refusal names token 0: nothing was ever granted under the floor,
+    // and a site that hears a higher token than its own demotes.
     assert_eq!(
         w.handle("db1", B, ask(1, 0), inside),
-        vec![refusal(B, 1, 10, None)]
+        vec![refusal(B, 1, 0, None)]
     );
     let after = t + quarantine;
     // Tokens start above the state's floor.
