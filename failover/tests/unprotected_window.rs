@@ -34,7 +34,11 @@ fn a_primary_that_dies_while_unprotected_is_taken_over_from_the_older_replica() 
             .any(|h| h.node == A && h.at >= cut && h.event == Event::ProtectionLost),
         "the window opens with ProtectionLost"
     );
-    assert_eq!(w.promoted(B, cut), None, "no takeover while A holds the lease");
+    assert_eq!(
+        w.promoted(B, cut),
+        None,
+        "no takeover while A holds the lease"
+    );
     // A dies inside the window: B takes over from its replica.
     let died = w.now;
     w.crash(A);
