@@ -260,7 +260,7 @@ pub fn protect_options(
         max_in_flight: r.max_epochs_in_flight,
         zstd_level: r.compression_level,
         cache_bytes: (r.page_cache_mib << 20) as usize,
-        output_limit: 64 << 20,
+        output_limit: (r.output_buffer_mib << 20) as usize,
         max_epoch_bytes: r.max_epoch_mib << 20,
         disk,
         report_every,

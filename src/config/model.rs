@@ -82,6 +82,10 @@ pub struct Replication {
     pub max_epochs_in_flight: u32,
     /// The receiver refuses a single epoch larger than this.
     pub max_epoch_mib: u64,
+    /// The guest's transmitted frames held while their epochs await
+    /// commits, at most; past it frames are dropped (TCP resends them) and
+    /// the primary checkpoints sooner.
+    pub output_buffer_mib: u64,
 }
 
 impl Default for Replication {
@@ -92,6 +96,7 @@ impl Default for Replication {
             compression_level: 1,
             max_epochs_in_flight: 4,
             max_epoch_mib: 512,
+            output_buffer_mib: 64,
         }
     }
 }

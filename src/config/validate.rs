@@ -143,6 +143,12 @@ impl Validator {
             64,
         );
         self.range(&format!("{key}.max_epoch_mib"), r.max_epoch_mib, 1, 1 << 16);
+        self.range(
+            &format!("{key}.output_buffer_mib"),
+            r.output_buffer_mib,
+            1,
+            1 << 14,
+        );
     }
 
     fn name(&mut self, key: &str, name: &str, what: &str) {
