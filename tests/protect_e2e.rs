@@ -722,3 +722,114 @@ fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
     })
     .expect("network namespace");
 }
+
+/// Restarts on old state folders: the protect process restarts (a fresh
+/// VM, numbering its epochs from 1) while the standby holds a replica at a
+/// later epoch; then the standby restarts on its folder. Each time the
+/// primary must end up protected again (the session renumbers past the
+/// standby's epoch and a full resync follows; before, the renumbering was
+/// fatal to protect), and the standby's replica must be consistent.
+#[test]
+fn protect_and_standby_restart_on_old_state_folders() {
+    if !require_kvm_root() {
+        return;
+    }
+    let images = hypervisor::guest_build::from_env_or_build(
+        &Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-build"),
+    )
+    .expect("guest images (cargo xtask guest-image)");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().to_owned();
+    let tap = "rwe2e9";
+    let cfg = LocalDeployment {
+        dir: dir.clone(),
+        guest_image: images.net.clone(),
+        epoch_interval_ms: 50,
+        memory_mib: 64,
+        ports: (17801, 17802),
+        dc2_connect_port: None,
+        tap: tap.into(),
+        mac: "52:54:00:12:36:0a".into(),
+        witness_port: None,
+    }
+    .write()
+    .expect("deployment");
+    let cfg_s = cfg.to_str().expect("utf-8").to_owned();
+    let state_s = dir.join("state").to_str().expect("utf-8").to_owned();
+    let log = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+    let standby_args = [
+        "standby",
+        "--config",
+        &cfg_s,
+        "--site",
+        "dc2",
+        "--state-dir",
+        &state_s,
+    ];
+    let protect_args = ["protect", "web1", "--site", "dc2", "--config", &cfg_s];
+    // Protected, with checkpoints committed past `min`.
+    let protected_past = |min: u64, what: &str, logs: &[&str]| {
+        wait_until(
+            what,
+            Duration::from_secs(120),
+            || {
+                vm_status("127.0.0.1:9477")
+                    .is_some_and(|v| v.state == "protected" && v.committed_epoch > min)
+            },
+            || std::thread::sleep(Duration::from_millis(100)),
+        )
+        .unwrap_or_else(|e| {
+            let all: Vec<String> = logs.iter().map(|l| format!("{l}:\n{}", log(l))).collect();
+            panic!("{e}\n{}", all.join("\n"))
+        });
+        vm_status("127.0.0.1:9477").map_or(0, |v| v.committed_epoch)
+    };
+
+    hypervisor::netns::in_new_netns(|| {
+        ip(&["tuntap", "add", "dev", tap, "mode", "tap"]);
+        ip(&["addr", "add", "192.0.2.1/24", "dev", tap]);
+        ip(&["link", "set", "dev", tap, "up"]);
+        let mut standby = Proc::remus("standby", &standby_args, &dir.join("standby.log"));
+        assert!(wait_for_log(
+            &dir.join("standby.log"),
+            "standby listening",
+            Duration::from_secs(30)
+        ));
+        let mut protect = Proc::remus("protect", &protect_args, &dir.join("protect.log"));
+        let first = protected_past(40, "first protection", &["protect.log", "standby.log"]);
+        eprintln!("protected, committed epoch {first}");
+
+        // protect restarts: its epochs start again at 1, the standby is at
+        // `first` and beyond.
+        protect.kill();
+        let mut protect = Proc::remus(
+            "protect (restarted)",
+            &protect_args,
+            &dir.join("protect2.log"),
+        );
+        let second = protected_past(first, "protect restarted", &["protect2.log", "standby.log"]);
+        assert!(!protect.has_exited());
+        eprintln!("protect restarted: protected again, committed epoch {second}");
+
+        // The standby restarts on its folder (a consistent replica).
+        standby.kill();
+        let _standby = Proc::remus(
+            "standby (restarted)",
+            &standby_args,
+            &dir.join("standby2.log"),
+        );
+        let third = protected_past(
+            second,
+            "standby restarted",
+            &["protect2.log", "standby2.log"],
+        );
+        assert!(!protect.has_exited());
+        assert!(
+            log("standby2.log").contains("replica recovered"),
+            "the restarted standby reopens its replica:\n{}",
+            log("standby2.log")
+        );
+        eprintln!("standby restarted: protected again, committed epoch {third}");
+    })
+    .expect("network namespace");
+}
