@@ -18,10 +18,12 @@ use std::path::{Path, PathBuf};
 
 use wan::session::EpochKind;
 
-/// Largest pre-copy epoch, in pages (64 MiB).
-pub const PRECOPY_PAGES: usize = 16 * 1024;
+/// Largest pre-copy epoch, in pages (16 MiB). A VM that already serves
+/// (resumed at takeover) releases its output between steps only, so a
+/// step is kept short: its copy and encoding hold the output meanwhile.
+pub const PRECOPY_PAGES: usize = 4 * 1024;
 /// Disk bytes read into one pre-copy epoch at most.
-pub const PRECOPY_DISK_BYTES: usize = 32 << 20;
+pub const PRECOPY_DISK_BYTES: usize = 16 << 20;
 /// Size of one disk chunk.
 const DISK_CHUNK: usize = 1 << 20;
 /// Rounds over the memory at most before the first checkpoint.
@@ -179,10 +181,10 @@ mod tests {
         );
         // Round 1 is large, round 2 small: finished.
         assert_eq!(
-            p.stepped(5000, true),
+            p.stepped(3000, true),
             Step::RoundDone {
                 round: 1,
-                pages: 5000
+                pages: 3000
             }
         );
         assert_eq!(
@@ -192,7 +194,7 @@ mod tests {
                 pages: 10
             }
         );
-        assert_eq!(p.sent_pages, (PRECOPY_PAGES + 5110) as u64);
+        assert_eq!(p.sent_pages, (PRECOPY_PAGES + 3110) as u64);
     }
 
     #[test]
@@ -201,7 +203,7 @@ mod tests {
         let mut steps = 0;
         loop {
             steps += 1;
-            match p.stepped(8000, true) {
+            match p.stepped(PRECOPY_PAGES / 2, true) {
                 Step::Finished { round, .. } => {
                     assert_eq!(round, PRECOPY_MAX_ROUNDS - 1);
                     break;

@@ -836,6 +836,13 @@ impl<G: ProtectedGuest> Protector<G> {
         let token = f.arbiter.token();
         let vm = self.opts.vm.clone();
         match ev {
+            Event::Fence if self.switchover.is_some() => {
+                // The hand-over was asked of the witness: output is held
+                // (the guest is already paused) until it answers. Not a
+                // fence: no hooks, the addresses move with the outcome.
+                f.fenced = true;
+                info!(vm = %vm, token, "switchover: output held while the witness moves the lease");
+            }
             Event::Fence => {
                 if !f.fenced && f.started {
                     f.fenced = true;
