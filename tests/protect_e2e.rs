@@ -29,8 +29,37 @@ fn require_kvm_root() -> bool {
     support::require_kvm_root("protect_e2e")
 }
 
-fn ip(args: &[&str]) {
-    hypervisor::netns::ip(args).unwrap_or_else(|e| panic!("{e}"));
+/// A two-site deployment of the micro-VM network guest (64 MiB, 50 ms
+/// epochs) in a new temporary folder: sites on `port` and `port + 1`, a
+/// witness on `port + 2` when `witness`. Returns the folder (kept while
+/// the guard lives) and the configuration file's path.
+fn deployment(
+    tap: &str,
+    port: u16,
+    mac: &str,
+    witness: bool,
+) -> (tempfile::TempDir, std::path::PathBuf, String) {
+    let images = hypervisor::guest_build::from_env_or_build(
+        &Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-build"),
+    )
+    .expect("guest images (cargo xtask guest-image)");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cfg = LocalDeployment {
+        dir: tmp.path().to_owned(),
+        guest_image: images.net.clone(),
+        epoch_interval_ms: 50,
+        memory_mib: 64,
+        ports: (port, port + 1),
+        dc2_connect_port: None,
+        tap: tap.into(),
+        mac: mac.into(),
+        witness_port: witness.then_some(port + 2),
+    }
+    .write()
+    .expect("deployment");
+    let cfg_s = cfg.to_str().expect("utf-8").to_owned();
+    let dir = tmp.path().to_owned();
+    (tmp, dir, cfg_s)
 }
 
 #[test]
@@ -38,26 +67,7 @@ fn protected_guest_survives_the_primary_being_killed() {
     if !require_kvm_root() {
         return;
     }
-    let images = hypervisor::guest_build::from_env_or_build(
-        &Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-build"),
-    )
-    .expect("guest images (cargo xtask guest-image)");
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let dir = tmp.path().to_owned();
-    let cfg = LocalDeployment {
-        dir: dir.clone(),
-        guest_image: images.net.clone(),
-        epoch_interval_ms: 50,
-        memory_mib: 64,
-        ports: (17701, 17702),
-        dc2_connect_port: None,
-        tap: TAP.into(),
-        mac: "52:54:00:12:36:01".into(),
-        witness_port: None,
-    }
-    .write()
-    .expect("deployment");
-    let cfg_s = cfg.to_str().expect("utf-8").to_owned();
+    let (_tmp, dir, cfg_s) = deployment(TAP, 17701, "52:54:00:12:36:01", false);
     let state = dir.join("state");
     let state_s = state.to_str().expect("utf-8").to_owned();
     // The kill moment: a seed from the clock, printed for reproduction.
@@ -65,9 +75,7 @@ fn protected_guest_survives_the_primary_being_killed() {
     let kill_after = Duration::from_millis(800 + seed % 1500);
 
     hypervisor::netns::in_new_netns(|| {
-        ip(&["tuntap", "add", "dev", TAP, "mode", "tap"]);
-        ip(&["addr", "add", "192.0.2.1/24", "dev", TAP]);
-        ip(&["link", "set", "dev", TAP, "up"]);
+        support::host_tap(TAP);
 
         let mut standby = Proc::remus(
             "standby",
@@ -336,26 +344,7 @@ enum End {
 }
 
 fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
-    let images = hypervisor::guest_build::from_env_or_build(
-        &Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-build"),
-    )
-    .expect("guest images (cargo xtask guest-image)");
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let dir = tmp.path().to_owned();
-    let cfg = LocalDeployment {
-        dir: dir.clone(),
-        guest_image: images.net.clone(),
-        epoch_interval_ms: 50,
-        ports: (port, port + 1),
-        dc2_connect_port: None,
-        tap: tap.into(),
-        mac: mac.into(),
-        memory_mib: 64,
-        witness_port: Some(port + 2),
-    }
-    .write()
-    .expect("deployment");
-    let cfg_s = cfg.to_str().expect("utf-8").to_owned();
+    let (_tmp, dir, cfg_s) = deployment(tap, port, mac, true);
     let state_s = dir.join("state").to_str().expect("utf-8").to_owned();
     let wstate_s = dir.join("witness").to_str().expect("utf-8").to_owned();
     let seed = Instant::now().elapsed().as_nanos() as u64 ^ std::process::id() as u64;
@@ -363,9 +352,7 @@ fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
     let log = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
 
     hypervisor::netns::in_new_netns(|| {
-        ip(&["tuntap", "add", "dev", tap, "mode", "tap"]);
-        ip(&["addr", "add", "192.0.2.1/24", "dev", tap]);
-        ip(&["link", "set", "dev", tap, "up"]);
+        support::host_tap(tap);
         let _witness = Proc::remus(
             "witness",
             &["witness", "--config", &cfg_s, "--state-dir", &wstate_s],
@@ -734,27 +721,8 @@ fn protect_and_standby_restart_on_old_state_folders() {
     if !require_kvm_root() {
         return;
     }
-    let images = hypervisor::guest_build::from_env_or_build(
-        &Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-build"),
-    )
-    .expect("guest images (cargo xtask guest-image)");
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let dir = tmp.path().to_owned();
     let tap = "rwe2e9";
-    let cfg = LocalDeployment {
-        dir: dir.clone(),
-        guest_image: images.net.clone(),
-        epoch_interval_ms: 50,
-        memory_mib: 64,
-        ports: (17801, 17802),
-        dc2_connect_port: None,
-        tap: tap.into(),
-        mac: "52:54:00:12:36:0a".into(),
-        witness_port: None,
-    }
-    .write()
-    .expect("deployment");
-    let cfg_s = cfg.to_str().expect("utf-8").to_owned();
+    let (_tmp, dir, cfg_s) = deployment(tap, 17801, "52:54:00:12:36:0a", false);
     let state_s = dir.join("state").to_str().expect("utf-8").to_owned();
     let log = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
     let standby_args = [
@@ -786,9 +754,7 @@ fn protect_and_standby_restart_on_old_state_folders() {
     };
 
     hypervisor::netns::in_new_netns(|| {
-        ip(&["tuntap", "add", "dev", tap, "mode", "tap"]);
-        ip(&["addr", "add", "192.0.2.1/24", "dev", tap]);
-        ip(&["link", "set", "dev", tap, "up"]);
+        support::host_tap(tap);
         let mut standby = Proc::remus("standby", &standby_args, &dir.join("standby.log"));
         assert!(wait_for_log(
             &dir.join("standby.log"),

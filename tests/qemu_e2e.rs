@@ -45,10 +45,6 @@ fn prerequisites() -> Option<hypervisor::qemu::LinuxImage> {
     }
 }
 
-fn ip(args: &[&str]) {
-    hypervisor::netns::ip(args).unwrap_or_else(|e| panic!("{e}"));
-}
-
 fn ask(w: &mut TcpStream, r: &mut BufReader<TcpStream>) -> u64 {
     w.write_all(b"next\n").expect("send request");
     let mut line = String::new();
@@ -100,9 +96,7 @@ fn a_linux_guest_in_qemu_survives_its_primary_being_killed() {
     let log = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
 
     hypervisor::netns::in_new_netns(|| {
-        ip(&["tuntap", "add", "dev", TAP, "mode", "tap"]);
-        ip(&["addr", "add", "192.0.2.1/24", "dev", TAP]);
-        ip(&["link", "set", "dev", TAP, "up"]);
+        support::host_tap(TAP);
         let _witness = Proc::remus(
             "witness",
             &["witness", "--config", &cfg_s, "--state-dir", &wstate_s],

@@ -105,6 +105,17 @@ pub fn ip(args: &[&str]) {
     run(Command::new("ip").args(args));
 }
 
+/// The host side of a guest's tap in the current namespace: a persistent
+/// tap `name` with 192.0.2.1/24, up (the guests of the local deployments
+/// sit at 192.0.2.10 behind it; it outlives the VM processes).
+pub fn host_tap(name: &str) {
+    hypervisor::netns::ip(&["tuntap", "add", "dev", name, "mode", "tap"])
+        .unwrap_or_else(|e| panic!("{e}"));
+    hypervisor::netns::ip(&["addr", "add", "192.0.2.1/24", "dev", name])
+        .unwrap_or_else(|e| panic!("{e}"));
+    hypervisor::netns::ip(&["link", "set", "dev", name, "up"]).unwrap_or_else(|e| panic!("{e}"));
+}
+
 /// `ip -n NS args...`
 pub fn ip_in(ns: &str, args: &[&str]) {
     run(Command::new("ip").args(["-n", ns]).args(args));
