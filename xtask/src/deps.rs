@@ -25,6 +25,9 @@ pub const TEST_APT_PACKAGES: &[&str] = &[
 pub const TEST_CARGO_TOOLS: &[(&str, &str)] = &[("cargo-nextest", "cargo-nextest")];
 
 pub fn install_test_deps() -> Result<()> {
+    // First, so that a new machine installs QEMU from backports at once
+    // rather than the release's 7.2 and then an upgrade.
+    crate::qemu_backports::ensure()?;
     ensure_apt(TEST_APT_PACKAGES)?;
     for (binary, krate) in TEST_CARGO_TOOLS {
         ensure_cargo_tool(binary, krate)?;

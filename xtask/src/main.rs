@@ -7,6 +7,7 @@
 mod demo;
 mod deps;
 mod linux_guest;
+mod qemu_backports;
 mod tasks;
 
 use std::process::ExitCode;
