@@ -326,3 +326,52 @@ fn qemu_needs_an_initramfs() {
     );
     assert_issue(&t, "vms[0].initramfs", "initramfs");
 }
+
+fn qemu_vm(extra: &str, memory_mib: u64) -> String {
+    example_text()
+        .replace(
+            "backend = \"kvm\"",
+            &format!("backend = \"qemu\"\nkernel = \"vmlinuz\"\ninitramfs = \"initrd\"\n{extra}"),
+        )
+        .replace("memory_mib = 64", &format!("memory_mib = {memory_mib}"))
+}
+
+fn accepted(text: &str) -> Config {
+    Config::parse(
+        text,
+        Path::new("test.toml"),
+        Path::new("/nonexistent"),
+        no_env(),
+    )
+    .unwrap_or_else(|e| panic!("expected the configuration to load: {e}"))
+}
+
+#[test]
+fn qemu_vms_take_up_to_64_gib_and_no_more() {
+    let c = accepted(&qemu_vm("", 65_536));
+    assert_eq!(c.vms[0].memory_mib, 65_536);
+    assert_issue(&qemu_vm("", 65_538), "vms[0].memory_mib", "64 to 65536 MiB");
+    assert_issue(&qemu_vm("", 32), "vms[0].memory_mib", "64 to 65536 MiB");
+}
+
+#[test]
+fn accel_is_chosen_per_qemu_vm_and_checked() {
+    use remus_wan::config::Accel;
+    assert_eq!(accepted(&qemu_vm("", 1024)).vms[0].accel, Accel::Auto);
+    assert_eq!(
+        accepted(&qemu_vm("accel = \"tcg\"", 1024)).vms[0].accel,
+        Accel::Tcg
+    );
+    assert_eq!(
+        accepted(&qemu_vm("accel = \"kvm\"", 1024)).vms[0].accel,
+        Accel::Kvm
+    );
+    assert_issue(
+        &qemu_vm("accel = \"fast\"", 1024),
+        "vms[0].accel",
+        "\"auto\", \"kvm\", \"tcg\"",
+    );
+    let micro_vm =
+        example_text().replace("backend = \"kvm\"", "backend = \"kvm\"\naccel = \"tcg\"");
+    assert_issue(&micro_vm, "vms[0].accel", "only backend \"qemu\"");
+}

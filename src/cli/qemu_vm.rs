@@ -1,7 +1,7 @@
 //! `backend = "qemu"`: a Linux VM in QEMU, from its `[[vms]]` entry.
 
 use hypervisor::kvm::Seams;
-use hypervisor::qemu::{LinuxImage, QemuGuest, QemuNetSpec, QemuSpec, TapBridge};
+use hypervisor::qemu::{Accel, LinuxImage, QemuGuest, QemuNetSpec, QemuSpec, TapBridge};
 
 use crate::config;
 
@@ -26,6 +26,11 @@ pub fn spec_from_config(vm: &config::Vm) -> Result<QemuSpec, String> {
         .map_err(|e| format!("creating {}: {e}", run_dir.display()))?;
     let spec = QemuSpec::new(&vm.name, LinuxImage { kernel, initrd }, run_dir)
         .memory_mib(vm.memory_mib)
+        .accel(match vm.accel {
+            config::Accel::Auto => Accel::Auto,
+            config::Accel::Kvm => Accel::Kvm,
+            config::Accel::Tcg => Accel::Tcg,
+        })
         .vcpus(vm.vcpus)
         .network(QemuNetSpec {
             mac,

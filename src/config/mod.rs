@@ -217,6 +217,7 @@ fn expected_text(e: &config::ConfigError) -> String {
 fn enum_values(name: &str) -> Option<&'static str> {
     Some(match name {
         "Backend" => "\"kvm\", \"qemu\", \"xen\"",
+        "Accel" => "\"auto\", \"kvm\", \"tcg\"",
         "StandbyPolicy" => "\"none\", \"prepend\"",
         "PeerMode" => "\"active\", \"passive\", \"both\"",
         "TsigAlgorithm" => "\"hmac-sha256\", \"hmac-sha384\", \"hmac-sha512\"",

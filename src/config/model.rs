@@ -168,6 +168,18 @@ pub enum Backend {
     Xen,
 }
 
+/// The accelerator of a QEMU VM (`accel` in `[[vms]]`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// KVM where `/dev/kvm` opens and the CPU has hardware
+    /// virtualization, TCG otherwise.
+    #[default]
+    Auto,
+    Kvm,
+    Tcg,
+}
+
 /// One protected virtual machine.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -185,6 +197,10 @@ pub struct Vm {
     pub kernel: Option<PathBuf>,
     pub initramfs: Option<PathBuf>,
     pub memory_mib: u64,
+    /// How a `backend = "qemu"` VM runs: hardware virtualization, QEMU's
+    /// software emulation, or whichever the host offers.
+    #[serde(default)]
+    pub accel: Accel,
     #[serde(default = "default_vcpus")]
     pub vcpus: u32,
     /// Raw disk image; its writes are replicated with each epoch.

@@ -9,6 +9,10 @@ use ipnet::IpNet;
 use super::error::Issue;
 use super::model::*;
 
+/// Largest QEMU guest (64 GiB): QEMU tracks its dirty pages, so the pause
+/// grows with what the guest writes, not with its RAM.
+pub const QEMU_MAX_MIB: u64 = 65_536;
+
 /// Checks everything that does not depend on the host the file is read on.
 pub fn structure(cfg: &Config) -> Vec<Issue> {
     let mut v = Validator::default();
@@ -271,13 +275,20 @@ impl Validator {
                 ),
                 _ => {}
             }
-            if vm.backend == Backend::Qemu && !(64..=3072).contains(&vm.memory_mib) {
+            if vm.backend == Backend::Qemu && !(64..=QEMU_MAX_MIB).contains(&vm.memory_mib) {
                 self.push(
                     &format!("{key}.memory_mib"),
                     format!(
-                        "expected 64 to 3072 MiB with backend \"qemu\" (one RAM block), found {}",
+                        "expected 64 to {QEMU_MAX_MIB} MiB with backend \"qemu\", found {}",
                         vm.memory_mib
                     ),
+                );
+            }
+            if vm.backend != Backend::Qemu && vm.accel != Accel::Auto {
+                self.push(
+                    &format!("{key}.accel"),
+                    "expected no `accel` (or \"auto\"): it chooses QEMU's accelerator, \
+                     and only backend \"qemu\" runs in QEMU (the micro-VM always uses KVM)",
                 );
             }
             // The micro-VM maps guest memory with 2 MiB pages.
