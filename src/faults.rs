@@ -23,11 +23,16 @@ struct Fault {
     point: String,
     at: u64,
     sleep: Option<Duration>,
+    error: bool,
     seen: AtomicU64,
 }
 
 fn parse(spec: &str) -> Option<Fault> {
     let (point, rest) = spec.split_once('@')?;
+    let (rest, error) = match rest.strip_suffix(":error") {
+        Some(n) => (n, true),
+        None => (rest, false),
+    };
     let (at, sleep) = match rest.split_once(":sleep=") {
         Some((n, ms)) => (n, Some(Duration::from_millis(ms.parse().ok()?))),
         None => (rest, None),
@@ -36,6 +41,7 @@ fn parse(spec: &str) -> Option<Fault> {
         point: point.to_owned(),
         at: at.parse().ok()?,
         sleep,
+        error,
         seen: AtomicU64::new(0),
     })
 }
@@ -56,14 +62,18 @@ fn fault() -> Option<&'static Fault> {
 }
 
 /// Reaching a named point of the pipeline.
-pub fn point(name: &str) {
-    let Some(f) = fault() else { return };
+pub fn point(name: &str) -> bool {
+    let Some(f) = fault() else { return false };
     if f.point != name {
-        return;
+        return false;
     }
     let n = f.seen.fetch_add(1, Ordering::Relaxed) + 1;
     if n != f.at {
-        return;
+        return false;
+    }
+    if f.error {
+        tracing::warn!(point = name, n, "fault point reached: failing");
+        return true;
     }
     match f.sleep {
         Some(d) => {
@@ -84,6 +94,7 @@ pub fn point(name: &str) {
             }
         }
     }
+    false
 }
 
 #[cfg(test)]

@@ -285,6 +285,22 @@ fn a_standby_that_lost_its_replica_is_resynchronised_and_can_take_over() {
     );
 }
 
+/// The standby refuses one epoch (ERROR frame, fault point
+/// `standby.apply`): the VM keeps running, a resync follows, and the
+/// resynchronised replica takes over when the primary is killed.
+#[test]
+fn an_epoch_the_standby_rejects_costs_a_resync_not_the_vm() {
+    if !require_kvm_root() {
+        return;
+    }
+    with_witness(
+        End::StandbyRejectsAnEpoch,
+        "rwe2ea",
+        17821,
+        "52:54:00:12:36:0b",
+    );
+}
+
 /// A switchover whose backup never commits the final epoch (frozen) is
 /// aborted at its deadline: the command fails, and the primary resumes the
 /// guest and goes on serving the same connection.
@@ -341,6 +357,7 @@ enum End {
     SwitchoverThenBack,
     StandbyLosesItsState,
     SwitchoverToAFrozenBackup,
+    StandbyRejectsAnEpoch,
 }
 
 fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
@@ -363,6 +380,10 @@ fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
         let standby_env = match end {
             End::KilledWhileBackupApplies => {
                 vec![("REMUS_WAN_FAULT", format!("standby.journaled@{}:sleep=4000", nth + 20))]
+            }
+            // Counted from the standby's first epoch (pre-copy included).
+            End::StandbyRejectsAnEpoch => {
+                vec![("REMUS_WAN_FAULT", format!("standby.apply@{}:error", nth + 60))]
             }
             _ => Vec::new(),
         };
@@ -419,7 +440,7 @@ fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
             | End::StandbyLosesItsState
             | End::SwitchoverToAFrozenBackup => Instant::now() < until,
             End::PrimaryDiesAt(_) => !protect.has_exited() && Instant::now() < fault_limit,
-            End::KilledWhileBackupApplies => {
+            End::KilledWhileBackupApplies | End::StandbyRejectsAnEpoch => {
                 !log("standby.log").contains("fault point reached") && Instant::now() < fault_limit
             }
         };
@@ -498,6 +519,56 @@ fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
                 }
                 eprintln!("dc1 kept web1; stream continued to {}", counter.next());
                 return;
+            }
+            End::StandbyRejectsAnEpoch => {
+                // The standby refused an epoch (an ERROR frame, as for an
+                // epoch that does not decode). The primary must not stop
+                // its VM over it (it once did): output waits, a full resync
+                // follows, protection resumes, and the resynchronised
+                // replica can take over.
+                assert!(
+                    log("standby.log").contains("fault point reached"),
+                    "standby never reached its fault point\n{}",
+                    log("standby.log")
+                );
+                wait_until(
+                    "the standby's replica is resynchronised after the rejected epoch",
+                    Duration::from_secs(120),
+                    || log("standby.log").contains("resynchronised replica is consistent"),
+                    || {
+                        counter.read_more(&mut conn, u64::MAX, Duration::from_millis(20));
+                    },
+                )
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "{e}\nprotect log:\n{}\nstandby log:\n{}",
+                        log("protect.log"),
+                        log("standby.log")
+                    )
+                });
+                let committed = vm_status("127.0.0.1:9477").map(|v| v.committed_epoch).unwrap_or(0);
+                wait_until(
+                    "protect is protected again, checkpoints committed",
+                    Duration::from_secs(60),
+                    || {
+                        vm_status("127.0.0.1:9477").is_some_and(|v| {
+                            v.state == "protected" && v.committed_epoch > committed + 10
+                        })
+                    },
+                    || {
+                        counter.read_more(&mut conn, u64::MAX, Duration::from_millis(20));
+                    },
+                )
+                .unwrap_or_else(|e| panic!("{e}\nprotect log:\n{}", log("protect.log")));
+                assert!(!protect.has_exited(), "a rejected epoch must not stop the VM");
+                assert!(
+                    log("protect.log").contains("receiver rejected epoch"),
+                    "protect never saw the rejection?\n{}",
+                    log("protect.log")
+                );
+                let before = counter.next();
+                protect.kill();
+                eprintln!("epoch rejected, resynchronised; protect SIGKILLed, client at counter {before}");
             }
             End::StandbyLosesItsState => {
                 // The backup site loses its disk: its process dies, its
@@ -588,7 +659,7 @@ fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
         } else {
             "standby.log"
         };
-        let before = if end == End::StandbyLosesItsState {
+        let before = if matches!(end, End::StandbyLosesItsState | End::StandbyRejectsAnEpoch) {
             counter.next()
         } else {
             before

@@ -388,7 +388,11 @@ pub async fn run_with<L: Listener>(
                         info!(peer = %site, vm = %vm_id, last_committed, "primary connected");
                     }
                     ReceiverEvent::Epoch { epoch, kind, payload } => {
-                        let applied = standby.apply(epoch, kind, &payload);
+                        let applied = if crate::faults::point("standby.apply") {
+                            Err(format!("epoch {epoch} refused by fault injection"))
+                        } else {
+                            standby.apply(epoch, kind, &payload)
+                        };
                         publish(&standby.stats);
                         match applied {
                             Ok(()) => {
