@@ -285,6 +285,22 @@ fn a_standby_that_lost_its_replica_is_resynchronised_and_can_take_over() {
     );
 }
 
+/// After a takeover the VM runs from dc2's replica folder; dc2 dies and a
+/// standby restarts on that folder: it must not offer the folder as a
+/// consistent replica (issue 17.3).
+#[test]
+fn a_standby_restarted_on_the_folder_its_vm_ran_from_offers_no_replica() {
+    if !require_kvm_root() {
+        return;
+    }
+    with_witness(
+        End::TakeoverThenRestartOnItsFolder,
+        "rwe2eb",
+        17831,
+        "52:54:00:12:36:0c",
+    );
+}
+
 /// The standby refuses one epoch (ERROR frame, fault point
 /// `standby.apply`): the VM keeps running, a resync follows, and the
 /// resynchronised replica takes over when the primary is killed.
@@ -358,6 +374,7 @@ enum End {
     StandbyLosesItsState,
     SwitchoverToAFrozenBackup,
     StandbyRejectsAnEpoch,
+    TakeoverThenRestartOnItsFolder,
 }
 
 fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
@@ -435,6 +452,7 @@ fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
         let fault_limit = Instant::now() + Duration::from_secs(30);
         let go_on = |protect: &mut Proc| match end {
             End::KillPrimary
+            | End::TakeoverThenRestartOnItsFolder
             | End::Switchover
             | End::SwitchoverThenBack
             | End::StandbyLosesItsState
@@ -473,7 +491,7 @@ fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
                 protect.kill();
                 eprintln!("protect SIGKILLed while the backup applies an epoch, client at counter {before}");
             }
-            End::KillPrimary => {
+            End::KillPrimary | End::TakeoverThenRestartOnItsFolder => {
                 protect.kill();
                 eprintln!("protect SIGKILLed after {kill_after:?} (seed {seed}), client at counter {before}");
             }
@@ -712,6 +730,33 @@ fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
             "{acked} acknowledged writes kept; stream continued to {}",
             counter.next()
         );
+        if end == End::TakeoverThenRestartOnItsFolder {
+            // dc2 runs the VM from its replica folder, then dies too. A
+            // standby restarted on that folder must not offer it as a
+            // committed epoch: the VM has run on (and written) it since.
+            standby.kill();
+            let _again = Proc::remus(
+                "standby (restarted on the folder the VM ran from)",
+                &["standby", "--config", &cfg_s, "--site", "dc2", "--state-dir", &state_s],
+                &dir.join("standby-again.log"),
+            );
+            assert!(
+                wait_for_log(&dir.join("standby-again.log"), "replica recovered", Duration::from_secs(30)),
+                "the restarted standby did not reopen its folder\n{}",
+                log("standby-again.log")
+            );
+            let line = log("standby-again.log")
+                .lines()
+                .find(|l| l.contains("replica recovered"))
+                .map(str::to_owned)
+                .unwrap_or_default();
+            assert!(
+                line.contains("consistent=false"),
+                "a replica the VM ran from is offered as consistent: {line}"
+            );
+            eprintln!("restarted on the folder the VM ran from: {line}");
+            return;
+        }
         if end != End::SwitchoverThenBack {
             return;
         }
@@ -786,7 +831,8 @@ fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
 /// later epoch; then the standby restarts on its folder. Each time the
 /// primary must end up protected again (the session renumbers past the
 /// standby's epoch and a full resync follows; before, the renumbering was
-/// fatal to protect), and the standby's replica must be consistent.
+/// fatal to protect), and the standby's replica must be consistent. Last,
+/// both restart at once.
 #[test]
 fn protect_and_standby_restart_on_old_state_folders() {
     if !require_kvm_root() {
@@ -850,7 +896,7 @@ fn protect_and_standby_restart_on_old_state_folders() {
 
         // The standby restarts on its folder (a consistent replica).
         standby.kill();
-        let _standby = Proc::remus(
+        let mut standby = Proc::remus(
             "standby (restarted)",
             &standby_args,
             &dir.join("standby2.log"),
@@ -867,6 +913,30 @@ fn protect_and_standby_restart_on_old_state_folders() {
             log("standby2.log")
         );
         eprintln!("standby restarted: protected again, committed epoch {third}");
+
+        // Both restart at once (a power cut at both sites): a fresh VM
+        // numbering from 1 meets a standby reopening its replica at
+        // `third` and beyond.
+        protect.kill();
+        standby.kill();
+        let _standby = Proc::remus(
+            "standby (both restarted)",
+            &standby_args,
+            &dir.join("standby3.log"),
+        );
+        let mut protect = Proc::remus(
+            "protect (both restarted)",
+            &protect_args,
+            &dir.join("protect3.log"),
+        );
+        let fourth = protected_past(third, "both restarted", &["protect3.log", "standby3.log"]);
+        assert!(!protect.has_exited());
+        assert!(
+            log("standby3.log").contains("replica recovered"),
+            "the restarted standby reopens its replica:\n{}",
+            log("standby3.log")
+        );
+        eprintln!("both restarted at once: protected again, committed epoch {fourth}");
     })
     .expect("network namespace");
 }
