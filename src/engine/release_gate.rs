@@ -128,11 +128,6 @@ impl ReleaseGate {
         self.floor != Floor::Unreplicated
     }
 
-    /// True while the backup holds a replica taken by this protector.
-    pub fn replica_established(&self) -> bool {
-        self.committed > 0
-    }
-
     /// How far output may go, given whether the failover rules declared
     /// the backup lost (the VM then runs unprotected).
     pub fn release(&self, backup_lost: bool) -> Release {
@@ -199,7 +194,7 @@ mod tests {
         assert_eq!(g.release(false), Release::Through(6));
         g.committed(7);
         assert_eq!(g.release(false), Release::Through(7));
-        assert!(g.replica_established());
+        assert_eq!(g.committed_checkpoint(), 7);
     }
 
     #[test]
