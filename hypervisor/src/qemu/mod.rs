@@ -24,6 +24,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod colo;
 pub mod devstate;
 pub mod error;
 pub mod guest;
