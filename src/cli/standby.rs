@@ -110,7 +110,11 @@ impl StandbyArgs {
             tls: common::tls_paths(&site.tls),
             replica_dir: standby::replica_dir(&self.state_dir, &vm.name),
             page_size: 4096,
-            frames: vm.memory_mib * 256,
+            frames: if vm.backend == Backend::Qemu {
+                hypervisor::qemu::frame_count(vm.memory_mib)
+            } else {
+                vm.memory_mib * 256
+            },
             disk_bytes,
             max_epoch_bytes: cfg.replication_for(vm).max_epoch_mib << 20,
         };

@@ -69,6 +69,12 @@ pub enum Error {
     /// The VM description is invalid or asks for something not built yet.
     #[error("invalid QEMU VM specification: {0}")]
     Spec(String),
+    /// COLO dirty tracking was asked for but this QEMU cannot do it.
+    #[error("dirty tracking \"colo\" unavailable: {0}")]
+    ColoUnsupported(#[from] super::colo::version::Unsupported),
+    /// The COLO sink failed (the guest was let run on).
+    #[error("COLO sink: {0}")]
+    Sink(#[from] super::colo::sink::SinkError),
     /// Operating-system error.
     #[error("{what}: {source}")]
     Io {

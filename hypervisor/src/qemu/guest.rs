@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use super::colo::sink::{ColoSink, Control};
+use super::colo::{self, ColoState, Layout};
 use super::devstate::{self, StateChannel};
 use super::error::{Error, Result};
 use super::nbd::NbdServer;
@@ -21,7 +23,7 @@ use super::netdev::{Listening, NetBackend};
 use super::process::{command_line, Paths, QemuProcess};
 use super::qmp::Qmp;
 use super::shadow::{RamMap, Shadow, PAGE_SIZE};
-use super::spec::QemuSpec;
+use super::spec::{DirtyTracking, QemuSpec};
 use crate::guest::{Checkpoint, GuestError, ProtectedGuest};
 use crate::kvm::Seams;
 
@@ -76,10 +78,88 @@ pub struct QemuGuest {
     _ram_file: RamFile,
     shadow: Shadow,
     state: StateChannel,
+    /// COLO mode: the sink of the current migration (None until started,
+    /// or when a restart failed: the next call retries).
+    sink: Option<ColoSink>,
+    colo: bool,
+    /// QMP `stop` is in force (Compare mode, or a COLO sink that failed).
+    qmp_stopped: bool,
+    ram_pages: u64,
     paths: Paths,
     /// The engine paused the guest (`pause`): checkpoints leave it paused.
     held: bool,
     timings: QemuTimings,
+}
+
+/// The sink's QMP actions on our QEMU.
+struct QmpControl<'a>(&'a mut Qmp);
+
+/// What `x-checkpoint-delay` is set to: never on its own; every set
+/// (even to the same value) triggers a checkpoint at once.
+const CHECKPOINT_DELAY_MS: u64 = 3_600_000;
+
+impl Control for QmpControl<'_> {
+    fn start_migration(
+        &mut self,
+        qemu_end: std::os::unix::net::UnixStream,
+    ) -> std::result::Result<(), String> {
+        use serde_json::json;
+        use std::os::fd::AsFd;
+        let q = &mut *self.0;
+        let r = (|| -> Result<()> {
+            // x-ignore-shared must be off: with it the checkpoints would
+            // skip the (shared) guest RAM too.
+            q.execute(
+                "migrate-set-capabilities",
+                Some(json!({"capabilities": [
+                    {"capability": "x-ignore-shared", "state": false},
+                    {"capability": "x-colo", "state": true}]})),
+            )?;
+            q.execute(
+                "migrate-set-parameters",
+                Some(json!({"x-checkpoint-delay": CHECKPOINT_DELAY_MS,
+                            "max-bandwidth": 1u64 << 40,
+                            "downtime-limit": 1})),
+            )?;
+            q.execute_with_fd(
+                "getfd",
+                Some(json!({"fdname": "remus-wan-colo"})),
+                qemu_end.as_fd(),
+            )?;
+            q.execute("migrate", Some(json!({"uri": "fd:remus-wan-colo"})))?;
+            Ok(())
+        })();
+        r.map_err(|e| e.to_string())
+    }
+    fn force_completion(&mut self) -> std::result::Result<(), String> {
+        self.0
+            .execute(
+                "migrate-set-parameters",
+                Some(serde_json::json!({"downtime-limit": 2_000_000})),
+            )
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+    fn request_checkpoint(&mut self) -> std::result::Result<(), String> {
+        self.0
+            .execute(
+                "migrate-set-parameters",
+                Some(serde_json::json!({"x-checkpoint-delay": CHECKPOINT_DELAY_MS})),
+            )
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+    fn abandon(&mut self) -> std::result::Result<(), String> {
+        // In COLO: failover, the guest runs on. Before COLO: cancel.
+        match self.0.execute("x-colo-lost-heartbeat", None) {
+            Ok(_) => Ok(()),
+            Err(e) => self
+                .0
+                .execute("migrate_cancel", None)
+                .map(|_| ())
+                .map_err(|c| format!("{e}; {c}")),
+        }
+    }
 }
 
 impl std::fmt::Debug for QemuGuest {
@@ -115,14 +195,20 @@ impl QemuGuest {
         state: &[u8],
         seams: Seams,
     ) -> Result<QemuGuest> {
-        if memory_image.len() as u64 != spec.ram_bytes() {
+        let frames_bytes = spec.frame_count() * PAGE_SIZE as u64;
+        let n = memory_image.len() as u64;
+        if n != frames_bytes && n != spec.ram_bytes() {
             return Err(Error::Restore(format!(
-                "memory image has {} bytes, the VM has {}",
-                memory_image.len(),
-                spec.ram_bytes()
+                "memory image has {n} bytes, the VM has {frames_bytes} ({} frames)",
+                spec.frame_count()
             )));
         }
-        if !state.starts_with(&devstate::STREAM_MAGIC) {
+        if ColoState::is_envelope(state) && n != frames_bytes {
+            return Err(Error::Restore(format!(
+                "memory image has {n} bytes; a COLO checkpoint needs all {frames_bytes} (RAM blocks beyond the main RAM included)"
+            )));
+        }
+        if !state.starts_with(&devstate::STREAM_MAGIC) && !ColoState::is_envelope(state) {
             return Err(Error::Restore(
                 "the device state is not a QEMU migration stream".into(),
             ));
@@ -194,26 +280,66 @@ impl QemuGuest {
         // left in tmpfs even if this process is killed without unwinding.
         let _ = std::fs::remove_file(&paths.ram);
         let mut state = StateChannel::new()?;
-        let setup = devstate::enable_ignore_shared(&mut qmp).and_then(|()| match replica {
-            Some((_, blob)) => state
-                .load(&mut qmp, blob)
-                .and_then(|()| qmp.execute("cont", None).map(|_| ())),
-            None => Ok(()),
-        });
-        if let Err(e) = setup {
-            // QEMU exits on a stream it cannot load: its own message says
-            // more than the closed QMP socket.
-            std::thread::sleep(Duration::from_millis(100));
-            let what = if replica.is_some() {
-                "loading the device state"
-            } else {
-                "setting up migration"
+        let ram_pages = (len / PAGE_SIZE) as u64;
+        let accel = spec.accel.resolve();
+        let setup = (|| -> Result<bool> {
+            let colo = match spec.dirty_tracking {
+                DirtyTracking::Compare => false,
+                mode => {
+                    let v = qmp.execute("query-version", None)?;
+                    let v = colo::version::from_qmp(&v)
+                        .ok_or_else(|| Error::QmpProtocol(format!("query-version returned {v}")))?;
+                    match (mode, colo::version::check(v, accel)) {
+                        (DirtyTracking::Colo, Err(u)) => return Err(u.into()),
+                        (_, r) => r.is_ok(),
+                    }
+                }
             };
-            return Err(match process.check_alive(what) {
-                Err(exited) => exited,
-                Ok(()) => e,
-            });
-        }
+            match replica {
+                Some((image, blob)) if ColoState::is_envelope(blob) => {
+                    let stream = restore_stream(blob, image, ram_pages)?;
+                    state.load(&mut qmp, &stream)?;
+                }
+                Some((_, blob)) => {
+                    devstate::enable_ignore_shared(&mut qmp)?;
+                    state.load(&mut qmp, blob)?;
+                }
+                None => {}
+            }
+            // Compare mode saves device state with x-ignore-shared; COLO
+            // must not have it (checkpoints would skip the guest RAM).
+            qmp.execute(
+                "migrate-set-capabilities",
+                Some(serde_json::json!({"capabilities": [
+                    {"capability": "x-ignore-shared", "state": !colo}]})),
+            )?;
+            if replica.is_some() {
+                qmp.execute("cont", None)?;
+            }
+            Ok(colo)
+        })();
+        let colo = match setup {
+            Ok(c) => c,
+            Err(e) => {
+                // QEMU exits on a stream it cannot load: its own message
+                // says more than the closed QMP socket.
+                std::thread::sleep(Duration::from_millis(100));
+                let what = if replica.is_some() {
+                    "loading the device state"
+                } else {
+                    "setting up migration"
+                };
+                return Err(match process.check_alive(what) {
+                    Err(exited) => exited,
+                    Ok(()) => e,
+                });
+            }
+        };
+        let sink = if colo {
+            Some(ColoSink::start(&mut QmpControl(&mut qmp), ram_pages)?)
+        } else {
+            None
+        };
         Ok(QemuGuest {
             process: Mutex::new(process),
             qmp,
@@ -223,10 +349,19 @@ impl QemuGuest {
             _ram_file: ram_file,
             shadow: Shadow::new(len),
             state,
+            sink,
+            colo,
+            qmp_stopped: false,
+            ram_pages,
             paths,
             held: false,
             timings: QemuTimings::default(),
         })
+    }
+
+    /// Whether this guest uses COLO dirty tracking (else Compare).
+    pub fn colo(&self) -> bool {
+        self.colo
     }
 
     /// QEMU's process id.
@@ -354,13 +489,143 @@ impl QemuGuest {
     }
 }
 
+/// The migration stream a replica QEMU loads for a COLO checkpoint:
+/// `image` is the replica's frames (main RAM first, written into the RAM
+/// file beforehand; the other RAM blocks from the reserve go in the
+/// stream), `blob` the checkpoint's envelope.
+fn restore_stream(blob: &[u8], image: &[u8], ram_pages: u64) -> Result<Vec<u8>> {
+    let st = ColoState::decode(blob).map_err(|e| Error::Restore(e.to_string()))?;
+    let layout = Layout::new(&st.blocks, ram_pages).map_err(|e| Error::Restore(e.to_string()))?;
+    let mut pages: Vec<(usize, u64, &[u8])> = Vec::new();
+    for (block, first, n) in layout.others() {
+        for i in 0..n {
+            let at = ((first + i) as usize) * PAGE_SIZE;
+            let page = image
+                .get(at..at + PAGE_SIZE)
+                .ok_or_else(|| Error::Restore(format!("frame {} beyond the image", first + i)))?;
+            pages.push((block, i * PAGE_SIZE as u64, page));
+        }
+    }
+    let mut out = Vec::with_capacity(pages.len() * (PAGE_SIZE + 16) + st.devices.len() + 4096);
+    colo::writer::restore_stream(
+        &mut out,
+        &st.configuration,
+        st.ram_section_id,
+        &st.blocks,
+        pages.into_iter(),
+        &st.devices,
+    );
+    Ok(out)
+}
+
+impl QemuGuest {
+    /// Runs `f` on the sink with our QMP as its control; any error fails
+    /// the sink (QEMU is told to let the guest run on).
+    fn with_sink<T>(
+        &mut self,
+        f: impl FnOnce(
+            &mut ColoSink,
+            &mut QmpControl<'_>,
+        ) -> std::result::Result<T, colo::sink::SinkError>,
+    ) -> Result<T> {
+        let Some(sink) = self.sink.as_mut() else {
+            return Err(Error::Sink(colo::sink::SinkError::Failed));
+        };
+        let mut ctl = QmpControl(&mut self.qmp);
+        match f(sink, &mut ctl) {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                sink.fail(&mut ctl);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// The NIC and disk servers drained after the guest stopped.
+    fn quiesce(&self) {
+        if let Some(d) = &self.nbd {
+            if !d.quiesce(QUIESCE_TIMEOUT) {
+                tracing::warn!("disk server still busy after the stop");
+            }
+        }
+        if let Some(n) = &self.net {
+            if !n.quiesce(QUIESCE_TIMEOUT) {
+                tracing::warn!(
+                    "NIC backend still had bytes after the stop; they go to the next epoch"
+                );
+            }
+        }
+    }
+
+    /// COLO checkpoint: the guest stopped by QEMU (a checkpoint or the end
+    /// of the initial migration), `at_pause`, its pages and state, resumed.
+    fn colo_checkpoint(&mut self, out: &mut Checkpoint, at_pause: &mut dyn FnMut()) -> Result<()> {
+        let t0 = Instant::now();
+        self.with_sink(|s, c| s.stop(c).map(|_| ()))?;
+        self.quiesce();
+        let t_stop = Instant::now();
+        at_pause();
+        self.with_sink(|s, _| s.collect())?;
+        let t_data = Instant::now();
+        self.with_sink(|s, _| s.take(out))?;
+        let t_copy = Instant::now();
+        if !self.held {
+            self.with_sink(|s, _| s.release())?;
+        }
+        let t_end = Instant::now();
+        self.timings.stop = t_stop - t0;
+        self.timings.compare = t_data - t_stop;
+        self.timings.copy = t_copy - t_data;
+        self.timings.cont = t_end - t_copy;
+        self.timings.total = t_end - t0;
+        self.timings.state_bytes = out.state.len();
+        Ok(())
+    }
+
+    /// Ends the current COLO migration and starts a fresh one (full RAM).
+    fn colo_restart(&mut self) -> Result<()> {
+        if let Some(mut s) = self.sink.take() {
+            s.fail(&mut QmpControl(&mut self.qmp));
+        }
+        // The old migration must reach a final state before `migrate`.
+        let deadline = Instant::now() + devstate::MIGRATION_TIMEOUT;
+        loop {
+            let m = self.qmp.execute("query-migrate", None)?;
+            match m.get("status").and_then(|s| s.as_str()) {
+                None | Some("completed") | Some("failed") | Some("cancelled") | Some("none") => {
+                    break
+                }
+                _ if Instant::now() > deadline => {
+                    return Err(Error::Timeout {
+                        what: "the abandoned COLO migration to end".into(),
+                        after: devstate::MIGRATION_TIMEOUT,
+                    })
+                }
+                _ => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+        if self.held && !self.qmp_stopped {
+            // Failover resumed the guest; the engine holds it paused.
+            self.qmp.execute("stop", None)?;
+            self.qmp_stopped = true;
+        }
+        self.sink = Some(ColoSink::start(
+            &mut QmpControl(&mut self.qmp),
+            self.ram_pages,
+        )?);
+        Ok(())
+    }
+}
+
 impl ProtectedGuest for QemuGuest {
     fn page_size(&self) -> usize {
         PAGE_SIZE
     }
 
     fn frame_count(&self) -> u64 {
-        self.shadow.frame_count()
+        // Main RAM, then the reserve for QEMU's other RAM blocks (only
+        // COLO mode fills it; both modes number frames the same way).
+        self.ram_pages + colo::RESERVE_FRAMES
     }
 
     fn precopy_round(
@@ -372,6 +637,17 @@ impl ProtectedGuest for QemuGuest {
         if !self.is_running() {
             return Err(GuestError::NotRunning);
         }
+        if self.colo {
+            if self.sink.is_none() {
+                // A restart that failed earlier: try again now.
+                self.colo_restart().map_err(|e| self.guest_error(e))?;
+            }
+            let t = Instant::now();
+            let held = self.held;
+            let r = self.with_sink(|s, _| s.precopy_round(max_frames, held, out));
+            out.timings.copy = t.elapsed();
+            return r.map_err(|e| self.guest_error(e));
+        }
         let (compare, copy) = self.collect(max_frames, out);
         out.timings.dirty_log = compare;
         out.timings.copy = copy;
@@ -379,6 +655,14 @@ impl ProtectedGuest for QemuGuest {
     }
 
     fn restart_sync(&mut self) {
+        if self.colo {
+            // A fresh migration: its first passes carry the whole RAM.
+            if let Err(e) = self.colo_restart() {
+                tracing::warn!("restarting the COLO migration: {e} (retried at the next round)");
+                self.sink = None;
+            }
+            return;
+        }
         // Every frame counts as never sent: the rounds send them all.
         self.shadow.reset();
     }
@@ -392,6 +676,24 @@ impl ProtectedGuest for QemuGuest {
         out.state.clear();
         out.timings = Default::default();
         self.timings = QemuTimings::default();
+        if self.colo {
+            if !self.is_running() {
+                return Err(GuestError::NotRunning);
+            }
+            if self.sink.is_none() {
+                self.colo_restart().map_err(|e| self.guest_error(e))?;
+            }
+            if let Err(e) = self.colo_checkpoint(out, at_pause) {
+                out.frames.clear();
+                out.pages.clear();
+                return Err(self.guest_error(e));
+            }
+            out.timings.stop = self.timings.stop;
+            out.timings.dirty_log = self.timings.compare;
+            out.timings.copy = self.timings.copy;
+            out.timings.total = self.timings.total;
+            return Ok(());
+        }
         let t0 = Instant::now();
         if !self.held {
             if let Err(e) = self.stop() {
@@ -426,6 +728,26 @@ impl ProtectedGuest for QemuGuest {
     }
 
     fn pause(&mut self) -> std::result::Result<(), GuestError> {
+        if self.colo && !self.held {
+            // QEMU itself holds the guest stopped in the middle of a
+            // checkpoint (or at the end of the initial migration) until
+            // `resume` answers: a QMP stop would be undone by COLO.
+            let r = if self.sink.is_some() {
+                self.with_sink(|s, c| s.stop(c).map(|_| ()))
+                    .map(|()| self.quiesce())
+                    .and_then(|()| self.with_sink(|s, _| s.collect()))
+            } else {
+                self.stop().map(|()| self.qmp_stopped = true)
+            };
+            if let Err(e) = r {
+                // The failed sink let the guest run: stop it the plain way.
+                self.stop().map_err(|e| self.guest_error(e))?;
+                self.qmp_stopped = true;
+                tracing::warn!("COLO pause failed ({e}); stopped through QMP");
+            }
+            self.held = true;
+            return Ok(());
+        }
         if !self.held {
             self.stop().map_err(|e| self.guest_error(e))?;
             self.held = true;
@@ -434,6 +756,18 @@ impl ProtectedGuest for QemuGuest {
     }
 
     fn resume(&mut self) -> std::result::Result<(), GuestError> {
+        if self.colo && self.held {
+            if self.sink.as_ref().is_some_and(|s| s.guest_held()) {
+                self.with_sink(|s, _| s.release())
+                    .map_err(|e| self.guest_error(e))?;
+            }
+            if self.qmp_stopped {
+                self.cont().map_err(|e| self.guest_error(e))?;
+                self.qmp_stopped = false;
+            }
+            self.held = false;
+            return Ok(());
+        }
         if self.held {
             self.cont().map_err(|e| self.guest_error(e))?;
             self.held = false;

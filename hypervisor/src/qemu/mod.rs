@@ -39,7 +39,8 @@ pub mod tap_bridge;
 pub use error::{Error, Result};
 pub use guest::{QemuGuest, QemuTimings};
 pub use nbd::NbdServer;
-pub use spec::{Accel, LinuxImage, QemuNetSpec, QemuSpec};
+pub use colo::layout::frame_count;
+pub use spec::{Accel, DirtyTracking, LinuxImage, QemuNetSpec, QemuSpec, MAX_MEMORY_MIB};
 pub use tap_bridge::TapBridge;
 
 /// Whether a QEMU binary runs here (`qemu-system-x86_64 --version`).

@@ -4,7 +4,11 @@
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
+use super::colo::layout::frame_count;
 use super::error::{Error, Result};
+
+/// Largest guest RAM the backend takes (64 GiB).
+pub const MAX_MEMORY_MIB: u64 = 65_536;
 
 /// Which accelerator QEMU runs the guest with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -46,6 +50,22 @@ impl Accel {
             }
         }
     }
+}
+
+/// How the backend finds the pages a guest changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DirtyTracking {
+    /// [`DirtyTracking::Colo`] where the QEMU binary supports it (see
+    /// `colo::version`), [`DirtyTracking::Compare`] otherwise.
+    #[default]
+    Auto,
+    /// remus-wan is the local COLO secondary of its QEMU: QEMU's own dirty
+    /// tracking, pause O(dirty pages). Refused on QEMU releases where COLO
+    /// does not work (see `colo::version`).
+    Colo,
+    /// Compare guest RAM with a shadow at each checkpoint: pause O(RAM),
+    /// works with any QEMU.
+    Compare,
 }
 
 /// The Linux guest built by `cargo xtask guest-image --linux`.
@@ -130,6 +150,8 @@ pub struct QemuSpec {
     pub ram_dir: PathBuf,
     /// The QEMU binary.
     pub qemu_binary: PathBuf,
+    /// How dirty pages are found.
+    pub dirty_tracking: DirtyTracking,
 }
 
 impl QemuSpec {
@@ -148,6 +170,7 @@ impl QemuSpec {
             run_dir: run_dir.into(),
             ram_dir: PathBuf::from("/dev/shm"),
             qemu_binary: PathBuf::from("qemu-system-x86_64"),
+            dirty_tracking: DirtyTracking::Auto,
         }
     }
 
@@ -181,17 +204,31 @@ impl QemuSpec {
         self
     }
 
+    /// Sets how dirty pages are found.
+    pub fn dirty_tracking(mut self, t: DirtyTracking) -> Self {
+        self.dirty_tracking = t;
+        self
+    }
+
+    /// Frames the engine numbers for this guest: the main RAM, then a
+    /// fixed reserve for QEMU's other RAM blocks (firmware, ROMs), in
+    /// both dirty-tracking modes (see `colo::layout`).
+    pub fn frame_count(&self) -> u64 {
+        frame_count(self.memory_mib)
+    }
+
     /// Guest RAM in bytes.
     pub fn ram_bytes(&self) -> u64 {
         self.memory_mib << 20
     }
 
     pub(crate) fn validate(&self) -> Result<()> {
-        if self.memory_mib < 64 || self.memory_mib > 3072 {
-            // Above 3 GiB the PC splits RAM around the 32-bit hole and a
-            // frame would no longer be an offset into the RAM file.
+        // Above 3 GiB the PC splits guest-physical RAM around the 32-bit
+        // hole, but it stays one RAM block (`mem`, one file): a frame is
+        // still an offset into the RAM file.
+        if self.memory_mib < 64 || self.memory_mib > MAX_MEMORY_MIB {
             return Err(Error::Spec(format!(
-                "memory_mib {} outside 64..=3072",
+                "memory_mib {} outside 64..={MAX_MEMORY_MIB}",
                 self.memory_mib
             )));
         }

@@ -23,7 +23,9 @@ pub mod error;
 pub mod layout;
 pub mod message;
 pub mod records;
+pub mod sink;
 pub mod stream;
+pub mod version;
 pub mod wire;
 pub mod writer;
 
@@ -33,5 +35,7 @@ pub use layout::{frame_count, Layout, RESERVE_FRAMES};
 pub use message::ColoMessage;
 pub use stream::{Event, StreamParser};
 
+#[cfg(test)]
+mod sink_tests;
 #[cfg(test)]
 mod tests;
