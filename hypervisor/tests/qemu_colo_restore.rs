@@ -133,3 +133,31 @@ fn a_replica_continues_from_a_synthesized_stream() {
     );
     assert!(seen.windows(2).all(|w| w[1] == w[0] + 1), "{seen:?}");
 }
+
+/// COLO mode asked for explicitly on a QEMU that cannot do it is a typed
+/// error naming the release and the way out; Auto falls back to Compare.
+#[test]
+fn colo_mode_is_refused_where_qemu_cannot_do_it() {
+    use hypervisor::qemu::{DirtyTracking, Error};
+    let Some(image) = common::require_qemu() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let base = spec(image, dir.path(), 256);
+    match QemuGuest::start(
+        &base.clone().dirty_tracking(DirtyTracking::Colo),
+        Seams::default(),
+    ) {
+        Err(Error::ColoUnsupported(u)) => eprintln!("refused: {u}"),
+        Ok(g) => {
+            // A QEMU where COLO works (9.x, >= 10.2): the sink is on.
+            assert!(g.colo());
+        }
+        Err(e) => panic!("unexpected error: {e}"),
+    }
+    let g = QemuGuest::start(&base, Seams::default()).expect("Auto starts");
+    eprintln!(
+        "Auto resolved to {}",
+        if g.colo() { "colo" } else { "compare" }
+    );
+}
