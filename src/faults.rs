@@ -5,14 +5,17 @@
 //! `REMUS_WAN_FAULT=<point>@<n>` makes the process SIGKILL itself the n-th
 //! time it reaches `<point>`; `REMUS_WAN_FAULT=<point>@<n>:sleep=<ms>`
 //! makes it stall there instead (so a test can kill another process while
-//! this one is at that point). Unset (always, in production), a point costs
+//! this one is at that point); `<point>@<n>:error` makes the point report
+//! a failure instead, at points that can fail (`standby.apply`: the n-th
+//! epoch is rejected as if it did not decode). Unset (always, in production), a point costs
 //! one load of an initialised `OnceLock`.
 //!
 //! Points: `protect.paused` (guest paused, epoch being closed),
 //! `protect.sent` (epoch handed to the transport, not yet acknowledged),
 //! `standby.journaled` (epoch staged and journaled, commit rename not yet
 //! done), `standby.committed` (committed, not yet acknowledged),
-//! `standby.swap` (a resync swap between its two renames).
+//! `standby.swap` (a resync swap between its two renames),
+//! `standby.apply` (an epoch arrived, before it is applied; `:error`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -61,7 +64,8 @@ fn fault() -> Option<&'static Fault> {
         .as_ref()
 }
 
-/// Reaching a named point of the pipeline.
+/// Reaching a named point of the pipeline. True when the armed fault
+/// says this point must fail now (`:error`).
 pub fn point(name: &str) -> bool {
     let Some(f) = fault() else { return false };
     if f.point != name {
@@ -97,6 +101,54 @@ pub fn point(name: &str) -> bool {
     false
 }
 
+/// Environment variable of the test-only replica corruption:
+/// `memory:<byte offset>@<n>` or `disk:<byte offset>@<n>` flips one byte
+/// of the standby's replica after its n-th committed consistent epoch
+/// (once), so a test can show that `remus-wan verify` finds it.
+pub const CORRUPT_ENV: &str = "REMUS_WAN_TEST_CORRUPT";
+
+/// A replica corruption to make (see [`CORRUPT_ENV`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Corruption {
+    pub region: wan::session::wire::VerifyRegion,
+    pub offset: u64,
+    pub after: u64,
+}
+
+fn parse_corruption(spec: &str) -> Option<Corruption> {
+    use wan::session::wire::VerifyRegion;
+    let (what, at) = spec.split_once('@')?;
+    let (region, offset) = what.split_once(':')?;
+    let region = match region {
+        "memory" => VerifyRegion::Memory,
+        "disk" => VerifyRegion::Disk,
+        _ => return None,
+    };
+    Some(Corruption {
+        region,
+        offset: offset.parse().ok()?,
+        after: at.parse().ok()?,
+    })
+}
+
+/// The corruption due now, if one is armed and this is its n-th call.
+pub fn corruption_due() -> Option<Corruption> {
+    static SPEC: OnceLock<Option<(Corruption, AtomicU64)>> = OnceLock::new();
+    let (c, seen) = SPEC
+        .get_or_init(|| {
+            let spec = std::env::var(CORRUPT_ENV).ok()?;
+            let c = parse_corruption(&spec);
+            match &c {
+                Some(c) => tracing::warn!(?c, "replica corruption armed ({CORRUPT_ENV}): for tests only"),
+                None => tracing::warn!(spec, "{CORRUPT_ENV} not understood: expected memory|disk:<offset>@<n>"),
+            }
+            c.map(|c| (c, AtomicU64::new(0)))
+        })
+        .as_ref()?;
+    let n = seen.fetch_add(1, Ordering::Relaxed) + 1;
+    (n == c.after).then(|| c.clone())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,7 +162,12 @@ mod tests {
         );
         let f = parse("standby.journaled@3:sleep=800").unwrap();
         assert_eq!(f.sleep, Some(Duration::from_millis(800)));
+        let f = parse("standby.apply@7:error").unwrap();
+        assert_eq!((f.at, f.error, f.sleep), (7, true, None));
         assert!(parse("nonsense").is_none());
         assert!(parse("a@x").is_none());
+        let c = parse_corruption("memory:4096@5").unwrap();
+        assert_eq!((c.offset, c.after), (4096, 5));
+        assert!(parse_corruption("cpu:1@1").is_none());
     }
 }

@@ -46,6 +46,22 @@ pub struct VmStatus {
     /// The failover state, when a witness arbitrates.
     #[serde(default)]
     pub failover: Option<FailoverStatus>,
+    /// The last (or running) online verify of the replica.
+    #[serde(default)]
+    pub verify: Option<crate::engine::verify::VerifyProgress>,
+    /// Totals over every verify run of this process.
+    #[serde(default)]
+    pub verify_totals: VerifyTotals,
+}
+
+/// Online verify totals (counters of `/metrics`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct VerifyTotals {
+    pub runs: u64,
+    pub pages_checked: u64,
+    pub blocks_checked: u64,
+    pub mismatches: u64,
+    pub repaired: u64,
 }
 
 /// One VM's failover state at this site.
@@ -204,6 +220,37 @@ pub fn render_prometheus(vms: &[VmStatus]) -> String {
         "gauge",
         &|v| Some(v.interval_ms as f64 / 1e3),
     );
+    for (name, help, f) in [
+        (
+            "verify_runs_total",
+            "Online verify runs started.",
+            (|t: &VerifyTotals| t.runs) as fn(&VerifyTotals) -> u64,
+        ),
+        (
+            "verify_pages_checked_total",
+            "Memory pages compared with the replica by online verify.",
+            |t| t.pages_checked,
+        ),
+        (
+            "verify_blocks_checked_total",
+            "Disk blocks compared with the replica by online verify.",
+            |t| t.blocks_checked,
+        ),
+        (
+            "verify_mismatches_total",
+            "Pages and blocks online verify found different in the replica.",
+            |t| t.mismatches,
+        ),
+        (
+            "verify_repaired_total",
+            "Differing pages and blocks resent and found equal afterwards.",
+            |t| t.repaired,
+        ),
+    ] {
+        metric(&mut out, name, help, "counter", &|v| {
+            (v.role == "primary").then(|| f(&v.verify_totals) as f64)
+        });
+    }
     let flag = |b: bool| if b { 1.0 } else { 0.0 };
     metric(
         &mut out,
@@ -248,6 +295,14 @@ pub enum ControlRequest {
     /// Planned move of the VM to its backup site.
     Switchover {
         vm: String,
+        reply: tokio::sync::oneshot::Sender<Result<String, String>>,
+    },
+    /// Online verify of the replica (`remus-wan verify`): the answer comes
+    /// as soon as the run starts (its number); progress is in `/status`.
+    Verify {
+        vm: String,
+        scope: crate::engine::verify::Scope,
+        repair: bool,
         reply: tokio::sync::oneshot::Sender<Result<String, String>>,
     },
 }
@@ -485,8 +540,40 @@ async fn serve_inner(
                     ("POST", _) if switchover.is_some() => {
                         let vm = switchover.unwrap_or_default();
                         let sender = control.lock().ok().and_then(|c| c.clone());
-                        let (code, body) =
-                            control_request(sender, token.as_deref(), &req, client, vm).await;
+                        let (code, body) = control_request(
+                            sender,
+                            token.as_deref(),
+                            &req,
+                            client,
+                            vm.clone(),
+                            "switchover",
+                            Box::new(move |reply| ControlRequest::Switchover { vm, reply }),
+                        )
+                        .await;
+                        (code, "text/plain", body)
+                    }
+                    ("POST", p) if p.starts_with("/verify/") => {
+                        let (code, body) = match parse_verify_path(p) {
+                            Ok((vm, scope, repair)) => {
+                                let sender = control.lock().ok().and_then(|c| c.clone());
+                                control_request(
+                                    sender,
+                                    token.as_deref(),
+                                    &req,
+                                    client,
+                                    vm.clone(),
+                                    "verify",
+                                    Box::new(move |reply| ControlRequest::Verify {
+                                        vm,
+                                        scope,
+                                        repair,
+                                        reply,
+                                    }),
+                                )
+                                .await
+                            }
+                            Err(why) => ("400 Bad Request", format!("{why}\n")),
+                        };
                         (code, "text/plain", body)
                     }
                     (_, path) => match path {
@@ -522,12 +609,46 @@ async fn serve_inner(
     Ok(local)
 }
 
+/// `/verify/<vm>?scope=all|memory|disk&repair=0|1` (what `remus-wan
+/// verify` posts).
+pub fn parse_verify_path(
+    path: &str,
+) -> Result<(String, crate::engine::verify::Scope, bool), String> {
+    let rest = path.strip_prefix("/verify/").ok_or("not a verify request")?;
+    let (vm, query) = rest.split_once('?').unwrap_or((rest, ""));
+    if vm.is_empty() {
+        return Err("no VM named: /verify/<vm>".into());
+    }
+    let mut scope = crate::engine::verify::Scope {
+        memory: true,
+        disk: true,
+    };
+    let mut repair = false;
+    for kv in query.split('&').filter(|s| !s.is_empty()) {
+        match kv.split_once('=').unwrap_or((kv, "")) {
+            ("scope", "all") => {}
+            ("scope", "memory") => scope.disk = false,
+            ("scope", "disk") => scope.memory = false,
+            ("repair", "1") => repair = true,
+            ("repair", "0") => repair = false,
+            _ => return Err(format!("unknown verify parameter {kv:?}")),
+        }
+    }
+    Ok((vm.to_owned(), scope, repair))
+}
+
+/// The closure that makes the engine's request from its reply channel.
+type MakeRequest =
+    Box<dyn FnOnce(tokio::sync::oneshot::Sender<Result<String, String>>) -> ControlRequest + Send>;
+
 async fn control_request(
     control: Option<tokio::sync::mpsc::Sender<ControlRequest>>,
     token: Option<&ControlToken>,
     head: &str,
     client: SocketAddr,
     vm: String,
+    what: &'static str,
+    make: MakeRequest,
 ) -> (&'static str, String) {
     // Whoever reaches the metrics port must not be able to move a VM:
     // control requests come from this host only...
@@ -571,13 +692,9 @@ async fn control_request(
             "this process takes no control requests\n".into(),
         );
     };
-    info!(%client, vm, "switchover requested");
+    info!(%client, vm, "{what} requested");
     let (tx, rx) = tokio::sync::oneshot::channel();
-    if control
-        .send(ControlRequest::Switchover { vm, reply: tx })
-        .await
-        .is_err()
-    {
+    if control.send(make(tx)).await.is_err() {
         return ("503 Service Unavailable", "the engine is stopping\n".into());
     }
     match tokio::time::timeout(std::time::Duration::from_secs(120), rx).await {
@@ -673,6 +790,22 @@ pub fn render_table(vms: &[VmStatus]) -> String {
                 if f.output_allowed { "allowed" } else { "HELD" },
                 up(f.peer_link_up),
                 up(f.witness_link_up),
+            );
+        }
+        if let Some(p) = &v.verify {
+            let _ = writeln!(
+                out,
+                "{:<10} verify run {}: {}, {}/{} slices, {} pages + {} blocks checked, {} differences ({} repaired){}",
+                "",
+                p.run,
+                p.state,
+                p.slices_done,
+                p.slices_total,
+                p.pages_checked,
+                p.blocks_checked,
+                p.mismatches,
+                p.repaired,
+                p.error.as_ref().map_or(String::new(), |e| format!(": {e}")),
             );
         }
     }

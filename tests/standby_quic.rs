@@ -117,6 +117,7 @@ fn start_standby(dir: &Path) -> Standby {
         frames: FRAMES,
         disk_bytes: DISK,
         max_epoch_bytes: 64 << 20,
+        seed_disk: None,
     };
     let endpoint = standby::bind(&opts).expect("bind");
     let addr = endpoint.local_addr().expect("addr");

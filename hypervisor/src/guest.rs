@@ -105,4 +105,17 @@ pub trait ProtectedGuest: Send {
 
     /// Whether the guest is still running (it may exit on its own).
     fn is_running(&self) -> bool;
+
+    /// Read access to guest memory for online verify and repair, used only
+    /// while the guest is paused (inside [`ProtectedGuest::checkpoint`]'s
+    /// `at_pause`). `None` (the default): this backend cannot give it, and
+    /// verify covers the disk only.
+    fn frame_reader(&self) -> Option<FrameReader> {
+        None
+    }
 }
+
+/// Copies guest frames `first..` into the buffer (a whole number of
+/// pages). Consistent only while the guest is paused.
+pub type FrameReader =
+    std::sync::Arc<dyn Fn(u64, &mut [u8]) -> Result<(), GuestError> + Send + Sync>;

@@ -7,7 +7,7 @@ pub mod kvm;
 pub mod netns;
 pub mod qemu;
 
-pub use guest::{Checkpoint, GuestError, PauseTimings, ProtectedGuest};
+pub use guest::{Checkpoint, FrameReader, GuestError, PauseTimings, ProtectedGuest};
 
 /// The guest-memory crate our memory types come from (callers read pages
 /// through its `Bytes` trait).

@@ -18,6 +18,10 @@ pub enum Code {
     /// Another site runs the VM now (it took over, or a switchover handed
     /// it over): this process stopped its copy and must not restart it.
     Superseded = 5,
+    /// `verify`: the replica differs from the primary (differences left).
+    Differences = 6,
+    /// `verify --repair`: differences were found, and all were repaired.
+    Repaired = 7,
 }
 
 impl From<Code> for ExitCode {

@@ -16,6 +16,7 @@ mod signals;
 mod standby;
 mod status;
 mod switchover;
+mod verify;
 pub mod vm;
 mod witness;
 
@@ -45,13 +46,16 @@ Roles:
   witness                   arbitrate which site may run each VM (third site)
   status                    figures of the protect/standby processes on this host
   switchover web1 --to dc2  move web1 by plan, with no loss (asks the local protect process)
+  verify web1 [--repair]    prove the replica equals the primary (docs/verify.md)
 With a [witness] in the configuration, the standby takes over by itself when
 the primary site fails, and a primary cut from both the backup and the
 witness fences itself (docs/failover.md, docs/operations.md).
 
 Exit codes: 0 success, 1 failure, 2 usage error, 3 invalid configuration,
 4 refused (would overwrite keys, missing permission), 5 superseded (another
-site runs the VM now: this process stopped its copy; do not restart it).
+site runs the VM now: this process stopped its copy; do not restart it),
+6 verify found differences, 7 verify --repair found differences and repaired
+them all.
 Logs go to stderr; RUST_LOG sets the filter (default: info).
 Documentation: docs/ in the source tree (operations.md, configuration.md).";
 
@@ -99,6 +103,11 @@ pub enum Command {
     /// resumed at the backup, its addresses moved. Asks the `protect`
     /// process on this host.
     Switchover(switchover::SwitchoverArgs),
+    /// Prove the replica equals the primary: compare page and block
+    /// hashes at commit points while the VM runs (as DRBD's online
+    /// verify); list every difference; with --repair resend them. Asks
+    /// the `protect` process on this host.
+    Verify(verify::VerifyArgs),
 }
 
 impl Cli {
@@ -115,6 +124,7 @@ impl Cli {
             Command::Bench(c) => c.run(),
             Command::Status(c) => c.run(),
             Command::Switchover(c) => c.run(),
+            Command::Verify(c) => c.run(),
         }
     }
 }

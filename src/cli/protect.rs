@@ -75,6 +75,13 @@ impl ProtectArgs {
             Duration::from_secs_f64(self.report_every.max(0.1)),
         );
         let capture = Capture::new(opts.output_limit);
+        if let Some(disk) = &opts.disk {
+            // Before the guest starts: every write it makes is in the map.
+            if let Err(e) = capture.track_disk(disk) {
+                eprintln!("error: {e}");
+                return Err(Code::Failure);
+            }
+        }
         let started = match vm.backend {
             Backend::Kvm => {
                 let spec = match super::vm::spec_from_config(vm) {

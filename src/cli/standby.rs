@@ -117,6 +117,13 @@ impl StandbyArgs {
             },
             disk_bytes,
             max_epoch_bytes: cfg.replication_for(vm).max_epoch_mib << 20,
+            // The VM's home is this site (it was taken over elsewhere):
+            // the image it ran from here seeds a checksum resync.
+            seed_disk: if vm.primary == self.site {
+                vm.disk.clone()
+            } else {
+                None
+            },
         };
         let rt = common::runtime()?;
         let cfg = &cfg;
@@ -265,7 +272,10 @@ fn run_after_takeover(
     Box::new(move |store, act| {
         let capture = Capture::new(opts.output_limit);
         if vm.disk.is_some() {
-            opts.disk = Some(store.dir().join("disk.img"));
+            let disk = store.dir().join("disk.img");
+            // Tracked before the VM resumes, so no write escapes the map.
+            capture.track_disk(&disk).map_err(|e| e.to_string())?;
+            opts.disk = Some(disk);
         }
         // The resumed guest under its protector (and, for QEMU, the tap
         // bridge that must live as long as it).

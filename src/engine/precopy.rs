@@ -16,7 +16,11 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use wan::session::wire::DiskSyncMode;
 use wan::session::EpochKind;
+
+use super::blockmap::{BlockMap, BLOCK_SIZE};
+use super::disksync::{hash_blocks, read_block, HashSync};
 
 /// Largest pre-copy epoch, in pages (16 MiB). A VM that already serves
 /// (resumed at takeover) releases its output between steps only, so a
@@ -84,6 +88,155 @@ impl DiskCursor {
     }
 }
 
+/// Blocks written after `since` (the standby's replica epoch), read front
+/// to back as the block map lists them.
+#[derive(Debug)]
+pub struct MapCursor {
+    file: File,
+    disk_bytes: u64,
+    since: u64,
+    next: u64,
+    blocks: u64,
+}
+
+impl MapCursor {
+    pub fn open(path: &Path, disk_bytes: u64, since: u64) -> std::io::Result<Self> {
+        Ok(Self {
+            file: File::open(path)?,
+            disk_bytes,
+            since,
+            next: 0,
+            blocks: super::blockmap::blocks_of(disk_bytes),
+        })
+    }
+
+    pub fn since(&self) -> u64 {
+        self.since
+    }
+
+    /// The next blocks the map says were written after `since`, `budget`
+    /// bytes at most. The map is read under the capture lock by the caller.
+    pub fn next_blocks(
+        &mut self,
+        map: &BlockMap,
+        budget: usize,
+    ) -> std::io::Result<Vec<(u64, Vec<u8>)>> {
+        let mut out = Vec::new();
+        let mut taken = 0usize;
+        while taken < budget {
+            let Some(b) = map.next_written_after(self.since, self.next) else {
+                self.next = self.blocks;
+                break;
+            };
+            self.next = b + 1;
+            let (off, data) = read_block(&self.file, self.disk_bytes, b)?;
+            taken += data.len();
+            out.push((off, data));
+        }
+        Ok(out)
+    }
+}
+
+/// A checksum resync's disk side: the standby's hashes in batches, the
+/// blocks that differ read from the image.
+#[derive(Debug)]
+pub struct ChecksumCursor {
+    file: File,
+    disk_bytes: u64,
+    pub sync: HashSync,
+    /// The full epoch that opens the sync: hash requests wait until it is
+    /// committed (the standby seeds the replica as it applies it).
+    pub opening_epoch: Option<u64>,
+    pub same_blocks: u64,
+    buf: Vec<u8>,
+}
+
+impl ChecksumCursor {
+    pub fn open(path: &Path, disk_bytes: u64) -> std::io::Result<Self> {
+        Ok(Self {
+            file: File::open(path)?,
+            disk_bytes,
+            sync: HashSync::new(super::blockmap::blocks_of(disk_bytes)),
+            opening_epoch: None,
+            same_blocks: 0,
+            buf: Vec::new(),
+        })
+    }
+
+    /// Compares the blocks whose hashes arrived; returns those that differ,
+    /// `budget` bytes at most.
+    pub fn next_blocks(&mut self, budget: usize) -> std::io::Result<Vec<(u64, Vec<u8>)>> {
+        let mut out = Vec::new();
+        let mut taken = 0usize;
+        while taken < budget {
+            let Some((b, theirs)) = self.sync.next_block() else {
+                break;
+            };
+            let ours = hash_blocks(&self.file, self.disk_bytes, b, 1, &mut self.buf)?;
+            if ours.first() == Some(&theirs) {
+                self.same_blocks += 1;
+                continue;
+            }
+            let (off, data) = read_block(&self.file, self.disk_bytes, b)?;
+            taken += data.len();
+            out.push((off, data));
+        }
+        Ok(out)
+    }
+}
+
+/// Where the disk of a sync comes from.
+#[derive(Debug)]
+pub enum DiskSource {
+    /// Not chosen yet: at the first step, once the standby said what it
+    /// holds (the disk image's path and size).
+    Pending(PathBuf, u64),
+    /// Every chunk, onto a replica disk of zeros.
+    Full(DiskCursor),
+    /// Blocks written after the standby's epoch, onto a copy of its replica.
+    Incremental(MapCursor),
+    /// Blocks whose hashes differ, onto a copy of the standby's old disk.
+    Checksum(ChecksumCursor),
+}
+
+impl DiskSource {
+    pub fn done(&self) -> bool {
+        match self {
+            Self::Pending(..) => false,
+            Self::Full(c) => c.done(),
+            Self::Incremental(m) => m.next >= m.blocks,
+            Self::Checksum(c) => c.sync.done(),
+        }
+    }
+
+    pub fn mode(&self) -> Option<DiskSyncMode> {
+        match self {
+            Self::Pending(..) => None,
+            Self::Full(_) => Some(DiskSyncMode::Full),
+            Self::Incremental(_) => Some(DiskSyncMode::Incremental),
+            Self::Checksum(_) => Some(DiskSyncMode::Checksum),
+        }
+    }
+
+    /// Nothing to read until the standby answers a hash request.
+    pub fn waiting(&self) -> bool {
+        matches!(self, Self::Checksum(c) if c.sync.waiting())
+    }
+
+    /// Disk bytes gone through (read, listed or compared) and in all.
+    pub fn progress(&self) -> (u64, u64) {
+        match self {
+            Self::Pending(_, len) => (0, *len),
+            Self::Full(c) => c.progress(),
+            Self::Incremental(m) => ((m.next * BLOCK_SIZE).min(m.disk_bytes), m.disk_bytes),
+            Self::Checksum(c) => (
+                (c.sync.compared * BLOCK_SIZE).min(c.disk_bytes),
+                c.disk_bytes,
+            ),
+        }
+    }
+}
+
 /// Where a pre-copy stands.
 #[derive(Debug)]
 pub struct PreCopy {
@@ -91,7 +244,15 @@ pub struct PreCopy {
     pub round_pages: usize,
     pub sent_pages: u64,
     pub epochs: u64,
-    pub disk: Option<DiskCursor>,
+    pub disk: Option<DiskSource>,
+    /// A memory pass found fewer pages than an epoch holds: the rest of
+    /// round 0 is the disk alone.
+    pub memory_caught_up: bool,
+    /// Disk bytes the sync itself sent (chunks or blocks, not the writes
+    /// captured meanwhile) and how many blocks.
+    pub disk_sent_bytes: u64,
+    pub disk_sent_blocks: u64,
+    pub started: std::time::Instant,
 }
 
 /// What the shell does after a pre-copy step.
@@ -106,14 +267,26 @@ pub enum Step {
 }
 
 impl PreCopy {
-    pub fn new(disk: Option<DiskCursor>) -> Self {
+    pub fn new(disk: Option<DiskSource>) -> Self {
         Self {
             round: 0,
             round_pages: 0,
             sent_pages: 0,
             epochs: 0,
             disk,
+            memory_caught_up: false,
+            disk_sent_bytes: 0,
+            disk_sent_blocks: 0,
+            started: std::time::Instant::now(),
         }
+    }
+
+    /// Whether a step now would only spin: memory is caught up and the
+    /// disk waits for the standby's hashes.
+    pub fn idle(&self) -> bool {
+        self.epochs > 0
+            && self.memory_caught_up
+            && self.disk.as_ref().is_some_and(DiskSource::waiting)
     }
 
     /// The kind of the next epoch: the first one of a sync is full (the
@@ -136,11 +309,14 @@ impl PreCopy {
     /// Records a step of `pages` pages (`sent`: whether an epoch went out).
     pub fn stepped(&mut self, pages: usize, sent: bool) -> Step {
         self.round_pages += pages;
+        if pages < PRECOPY_PAGES {
+            self.memory_caught_up = true;
+        }
         if sent {
             self.epochs += 1;
             self.sent_pages += pages as u64;
         }
-        let disk_done = self.disk.as_ref().is_none_or(DiskCursor::done);
+        let disk_done = self.disk.as_ref().is_none_or(DiskSource::done);
         if pages >= PRECOPY_PAGES || !disk_done {
             return Step::More;
         }
@@ -222,9 +398,12 @@ mod tests {
         let mut cursor = DiskCursor::open(&path).unwrap();
         let first = cursor.next_chunks(2 * DISK_CHUNK).unwrap();
         assert_eq!(first.len(), 2);
-        let mut p = PreCopy::new(Some(cursor));
+        let mut p = PreCopy::new(Some(DiskSource::Full(cursor)));
         assert_eq!(p.stepped(10, true), Step::More);
-        let rest = p.disk.as_mut().unwrap().next_chunks(usize::MAX).unwrap();
+        let Some(DiskSource::Full(c)) = p.disk.as_mut() else {
+            unreachable!()
+        };
+        let rest = c.next_chunks(usize::MAX).unwrap();
         let mut image = Vec::new();
         for (off, chunk) in first.iter().chain(rest.iter()) {
             assert_eq!(*off as usize, image.len());

@@ -22,7 +22,7 @@ use bytes::Bytes;
 use hypervisor::kvm::devices::block::WriteHook;
 use hypervisor::kvm::devices::net::FrameSink;
 use hypervisor::kvm::Seams;
-use hypervisor::{Checkpoint, ProtectedGuest};
+use hypervisor::{Checkpoint, FrameReader, ProtectedGuest};
 use tracing::{error, info, warn};
 use wan::codec::{Encoder, EncoderConfig};
 use wan::session::{EpochKind, SenderConfig, SenderEvent};
@@ -31,13 +31,19 @@ use wan::transport::{Endpoint, TlsPaths, TransportConfig};
 
 use super::output_commit::OutputBuffer;
 use super::pacer::{Decision, Pacer};
+use super::blockmap::{BlockMap, BLOCK_SIZE};
+use super::disksync::choose_mode;
 use super::precopy::{
-    DiskCursor, PreCopy, Step, PRECOPY_DISK_BYTES, PRECOPY_IN_FLIGHT, PRECOPY_PAGES,
+    ChecksumCursor, DiskCursor, DiskSource, MapCursor, PreCopy, Step, PRECOPY_DISK_BYTES,
+    PRECOPY_IN_FLIGHT, PRECOPY_PAGES,
 };
+use wan::session::wire::{DiskReport, DiskSync, DiskSyncMode, SyncBegin};
 use super::release_gate::{Release, ReleaseGate};
 use crate::addresses::Addresses;
 use crate::arbiter::ArbiterHandle;
-use crate::metrics::ControlRequest;
+use super::verify::{self, VerifyRun};
+use crate::metrics::{ControlRequest, VerifyTotals};
+use wan::session::wire::VerifyRegion;
 use failover::Event;
 use netops::config::HookEvent;
 use netops::policy::Role;
@@ -78,6 +84,21 @@ pub struct ProtectOptions {
 pub struct EpochIo {
     pub output: OutputBuffer,
     pub disk: Vec<(u64, Vec<u8>)>,
+    /// The disk's written-block map (see `blockmap.rs`), when tracked.
+    pub map: Option<BlockMap>,
+    /// The epoch the writes captured now travel in (the map records it).
+    pub open_epoch: u64,
+}
+
+impl EpochIo {
+    /// The captured writes leave in `epoch`: later ones travel in the next.
+    pub fn drain_disk(&mut self, epoch: u64) -> Vec<(u64, Vec<u8>)> {
+        self.open_epoch = epoch + 1;
+        if let Some(m) = &mut self.map {
+            m.note_epoch(epoch);
+        }
+        std::mem::take(&mut self.disk)
+    }
 }
 
 /// Frames the guest transmits go into the output buffer.
@@ -108,6 +129,12 @@ struct CaptureWrites {
 impl WriteHook for CaptureWrites {
     fn on_write(&mut self, offset: u64, data: &[u8]) {
         if let Ok(mut io) = self.io.lock() {
+            // The hook runs before the write reaches the image: the map
+            // entry is never behind the disk (see blockmap.rs).
+            let epoch = io.open_epoch;
+            if let Some(m) = &mut io.map {
+                m.record(offset, data.len(), epoch);
+            }
             io.disk.push((offset, data.to_vec()));
         }
     }
@@ -125,9 +152,32 @@ impl Capture {
             io: Arc::new(Mutex::new(EpochIo {
                 output: OutputBuffer::new(1, output_limit),
                 disk: Vec::new(),
+                map: None,
+                open_epoch: 1,
             })),
             dropped_frames: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// Tracks the blocks the guest writes to `disk` in its block map
+    /// (`<disk>.blockmap`). Call it before the guest starts, so no write
+    /// escapes the map.
+    pub fn track_disk(&self, disk: &std::path::Path) -> Result<(), ProtectError> {
+        let len = std::fs::metadata(disk)
+            .map_err(|source| ProtectError::Disk {
+                path: disk.to_owned(),
+                source,
+            })?
+            .len();
+        let path = super::blockmap::map_path(disk);
+        let (map, fresh) = BlockMap::open_or_create(&path, len)
+            .map_err(|e| ProtectError::Session(e.to_string()))?;
+        info!(map = %path.display(), lineage = format!("{:016x}", map.lineage()), fresh, max_epoch = map.max_epoch(), "written-block map");
+        if let Ok(mut io) = self.io.lock() {
+            io.open_epoch = map.max_epoch() + 1;
+            io.map = Some(map);
+        }
+        Ok(())
     }
 
     /// The seams to build the protected VM with.
@@ -164,6 +214,21 @@ pub struct ProtectStats {
     /// Replication errors survived (session failures, refused epochs,
     /// failed checkpoints): each one ends in a full resync.
     pub replication_errors: u64,
+    /// Synchronisations finished, and the last one's disk figures: its
+    /// mode, the disk bytes and blocks it sent (not counting the writes
+    /// captured meanwhile), the blocks it compared by hash.
+    pub syncs: u64,
+    pub sync_mode: &'static str,
+    pub sync_disk_bytes: u64,
+    pub sync_disk_blocks: u64,
+    pub sync_blocks_compared: u64,
+    /// Disk bytes sent by all synchronisations.
+    pub sync_disk_bytes_total: u64,
+    /// The sync under way: disk bytes gone through and in all.
+    pub sync_progress: Option<(u64, u64)>,
+    /// The last (or running) online verify, and totals over all runs.
+    pub verify: Option<verify::VerifyProgress>,
+    pub verify_totals: VerifyTotals,
 }
 
 impl ProtectStats {
@@ -231,6 +296,16 @@ pub struct Protector<G: ProtectedGuest> {
     errors_in_a_row: u32,
     /// The session's event channel is open (closed: its task ended).
     events_open: bool,
+    /// The next sync sends the whole disk (a seeded one was refused).
+    force_full: bool,
+    /// Progress lines (and bar, on a terminal) of a synchronisation.
+    progress: super::progress::SyncProgress,
+    /// Online verify (`remus-wan verify`): the current or last run.
+    verify: Option<VerifyRun>,
+    /// Figures of the finished runs.
+    verify_done: VerifyTotals,
+    /// Guest memory, read at the pause (None: the backend cannot).
+    frame_reader: Option<FrameReader>,
 }
 
 /// One piece of replication work the loop decided to do now.
@@ -250,7 +325,7 @@ enum Phase {
     /// restarted after an error.
     AwaitPeer,
     /// A full synchronisation by pre-copy, one step per epoch.
-    PreCopy(PreCopy),
+    PreCopy(Box<PreCopy>),
     /// Checkpoints, every interval.
     Checkpointing,
     /// After an error the guest runs on, output held as the rules say,
@@ -292,7 +367,24 @@ impl<G: ProtectedGuest> Protector<G> {
         release: Option<Box<dyn FrameSink>>,
     ) -> Result<Self, ProtectError> {
         let endpoint = Endpoint::bind(opts.bind, TransportConfig::new(opts.tls.clone()))?;
-        let (sender, events) = new_session(&opts, &endpoint, 1);
+        if let Some(disk) = &opts.disk {
+            let tracked = capture.io.lock().map(|io| io.map.is_some()).unwrap_or(true);
+            if !tracked {
+                // Late (the guest may have written already): those writes
+                // travel in the first sync, which is full or by checksum
+                // for a fresh map, so the replica gets them anyway.
+                capture.track_disk(disk)?;
+            }
+        }
+        // Numbering continues above every epoch the block map has seen
+        // (a restarted protect), so its entries compare with the standby's.
+        let first = capture
+            .io
+            .lock()
+            .map(|io| io.map.as_ref().map_or(1, |m| m.max_epoch() + 1))
+            .unwrap_or(1);
+        let (sender, events) = new_session(&opts, &endpoint, first);
+        let frame_reader = guest.frame_reader();
         let encoder = Encoder::new(EncoderConfig {
             vm_id: vm_id(&opts.vm),
             page_size: guest.page_size(),
@@ -308,7 +400,7 @@ impl<G: ProtectedGuest> Protector<G> {
             encoder,
             sender,
             events,
-            next_epoch: 1,
+            next_epoch: first,
             staging: Checkpoint::default(),
             stats: Arc::new(Mutex::new(ProtectStats {
                 state: "starting",
@@ -322,9 +414,14 @@ impl<G: ProtectedGuest> Protector<G> {
             control: None,
             switchover: None,
             finished: false,
-            phase: Phase::PreCopy(PreCopy::new(None)),
+            phase: Phase::PreCopy(Box::new(PreCopy::new(None))),
             errors_in_a_row: 0,
             events_open: true,
+            force_full: false,
+            progress: super::progress::SyncProgress::new(),
+            verify: None,
+            verify_done: VerifyTotals::default(),
+            frame_reader,
         })
     }
 
@@ -548,6 +645,8 @@ impl<G: ProtectedGuest> Protector<G> {
                 .failover
                 .as_ref()
                 .map(|f| crate::metrics::FailoverStatus::from_snapshot(&f.arbiter.snapshot())),
+            verify: st.verify.clone(),
+            verify_totals: st.verify_totals.clone(),
         };
         self.last_publish = (now, st.epochs);
         drop(st);
@@ -563,12 +662,27 @@ impl<G: ProtectedGuest> Protector<G> {
     }
 
     async fn push(&mut self, kind: EpochKind, bytes: Vec<u8>) -> Result<u64, ProtectError> {
+        self.push_with(kind, bytes, None).await
+    }
+
+    /// Pushes an epoch, preceded on the stream by `prelude` (the DISK_SYNC
+    /// frame of a sync's opening epoch).
+    async fn push_with(
+        &mut self,
+        kind: EpochKind,
+        bytes: Vec<u8>,
+        prelude: Option<DiskSync>,
+    ) -> Result<u64, ProtectError> {
         let want = self.next_epoch;
-        let got = self
-            .sender
-            .push_epoch(kind, Bytes::from(bytes))
-            .await
-            .map_err(|e| ProtectError::Session(e.to_string()))?;
+        let pushed = match prelude {
+            Some(p) => {
+                self.sender
+                    .push_epoch_with_prelude(kind, Bytes::from(bytes), p)
+                    .await
+            }
+            None => self.sender.push_epoch(kind, Bytes::from(bytes)).await,
+        };
+        let got = pushed.map_err(|e| ProtectError::Session(e.to_string()))?;
         if got != want {
             // The session renumbered (its backup is ahead of what this
             // process produced: a restart on either side). The epoch went
@@ -588,19 +702,29 @@ impl<G: ProtectedGuest> Protector<G> {
     /// beside the one it has until this one is consistent.
     fn begin_sync(&mut self, why: &str) -> Result<(), ProtectError> {
         self.gate.resync_started();
+        if let Some(v) = &mut self.verify {
+            // Hashes in flight are answered against a replica being
+            // rebuilt: they are asked again once it is consistent.
+            v.lost_all();
+        }
         self.encoder.reset();
         self.guest.restart_sync();
         // Follow the session's numbering (it may have moved past ours).
         self.next_epoch = self.next_epoch.max(self.sender.status().next_epoch);
         let disk = match &self.opts.disk {
-            Some(path) => Some(DiskCursor::open(path).map_err(|source| ProtectError::Disk {
-                path: path.clone(),
-                source,
-            })?),
+            Some(path) => {
+                let len = std::fs::metadata(path)
+                    .map_err(|source| ProtectError::Disk {
+                        path: path.clone(),
+                        source,
+                    })?
+                    .len();
+                Some(DiskSource::Pending(path.clone(), len))
+            }
             None => None,
         };
         info!(vm = %self.opts.vm, pages = self.guest.frame_count(), disk_bytes = disk.as_ref().map(|d| d.progress().1), why, "full synchronisation: pre-copy while the guest runs");
-        self.phase = Phase::PreCopy(PreCopy::new(disk));
+        self.phase = Phase::PreCopy(Box::new(PreCopy::new(disk)));
         self.set_state("synchronising");
         Ok(())
     }
@@ -615,6 +739,112 @@ impl<G: ProtectedGuest> Protector<G> {
         st.connected
             && st.in_flight < PRECOPY_IN_FLIGHT
             && (!st.resync_pending || pc.kind() == EpochKind::Full)
+            && !pc.idle()
+    }
+
+    /// Chooses how the sync fills the replica's disk, now that the standby
+    /// said what it holds; returns the DISK_SYNC frame that goes before
+    /// the sync's first (full) epoch.
+    fn resolve_disk_source(&mut self, epoch: u64) -> Result<Option<DiskSync>, ProtectError> {
+        let Phase::PreCopy(pc) = &mut self.phase else {
+            return Ok(None);
+        };
+        let Some(DiskSource::Pending(path, len)) = &pc.disk else {
+            return Ok(None);
+        };
+        let (path, len) = (path.clone(), *len);
+        let report = self.sender.status().peer_report;
+        let lineage = self
+            .capture
+            .io
+            .lock()
+            .ok()
+            .and_then(|io| io.map.as_ref().map(|m| m.lineage()));
+        let (mode, base) = choose_mode(report.as_ref(), lineage, len, self.force_full);
+        let err = |source| ProtectError::Disk {
+            path: path.clone(),
+            source,
+        };
+        let source = match mode {
+            DiskSyncMode::Full => DiskSource::Full(DiskCursor::open(&path).map_err(err)?),
+            DiskSyncMode::Incremental => {
+                DiskSource::Incremental(MapCursor::open(&path, len, base).map_err(err)?)
+            }
+            DiskSyncMode::Checksum => {
+                let mut c = ChecksumCursor::open(&path, len).map_err(err)?;
+                c.opening_epoch = Some(epoch);
+                DiskSource::Checksum(c)
+            }
+        };
+        let written = match (mode, self.capture.io.lock()) {
+            (DiskSyncMode::Incremental, Ok(io)) => io.map.as_ref().map(|m| m.count_written_after(base)),
+            _ => None,
+        };
+        info!(vm = %self.opts.vm, mode = mode.name(), base, blocks_written_since = written, standby = ?report, "disk synchronisation mode");
+        pc.disk = Some(source);
+        self.progress.start(len, mode.name());
+        Ok(Some(DiskSync::Begin(SyncBegin {
+            epoch,
+            lineage: lineage.unwrap_or(0),
+            mode,
+            base,
+            block_size: BLOCK_SIZE as u32,
+            disk_bytes: len,
+        })))
+    }
+
+    /// Asks the standby for the next hash batches of a checksum resync,
+    /// once the sync's opening epoch is committed (it seeds the replica).
+    async fn pump_hash_requests(&mut self) -> Result<(), ProtectError> {
+        let committed = self.sender.status().committed;
+        let Phase::PreCopy(pc) = &mut self.phase else {
+            return Ok(());
+        };
+        let Some(DiskSource::Checksum(c)) = &mut pc.disk else {
+            return Ok(());
+        };
+        if c.opening_epoch.is_none_or(|e| committed < e) {
+            return Ok(());
+        }
+        // Bounded by the window of HASH_BATCHES_AHEAD batches.
+        while let Some((first_block, count)) = c.sync.poll_request() {
+            let sent = self
+                .sender
+                .send_disk_sync(DiskSync::HashRequest { first_block, count })
+                .await
+                .map_err(|e| ProtectError::SessionEnded(e.to_string()))?;
+            if !sent {
+                c.sync.unsent(first_block);
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// The standby's answer to a hash request.
+    fn on_disk_report(&mut self, r: DiskReport) -> Result<(), ProtectError> {
+        let Phase::PreCopy(pc) = &mut self.phase else {
+            return Ok(());
+        };
+        let Some(DiskSource::Checksum(c)) = &mut pc.disk else {
+            return Ok(());
+        };
+        match r {
+            DiskReport::Hashes {
+                first_block,
+                hashes,
+            } => c
+                .sync
+                .on_hashes(first_block, hashes)
+                .map_err(|e| ProtectError::Session(format!("checksum resync: {e}"))),
+            DiskReport::NoSeed { first_block } => {
+                self.force_full = true;
+                Err(ProtectError::Session(format!(
+                    "checksum resync: the standby has no seeded replica to hash (block {first_block}); a full one follows"
+                )))
+            }
+            DiskReport::Replica(_) => Ok(()),
+        }
     }
 
     /// One pre-copy epoch: pages dirtied (all of them at first), a share of
@@ -624,20 +854,45 @@ impl<G: ProtectedGuest> Protector<G> {
         let Phase::PreCopy(pc) = &mut self.phase else {
             return Ok(());
         };
-        let mut disk = match &mut pc.disk {
-            Some(d) => d
-                .next_chunks(PRECOPY_DISK_BYTES)
-                .map_err(|source| ProtectError::Disk {
-                    path: d.path().to_owned(),
-                    source,
-                })?,
-            None => Vec::new(),
+        let prelude = if pc.epochs == 0 {
+            let epoch = self.next_epoch;
+            self.resolve_disk_source(epoch)?
+        } else {
+            None
         };
+        let Phase::PreCopy(pc) = &mut self.phase else {
+            return Ok(());
+        };
+        let read = match &mut pc.disk {
+            None | Some(DiskSource::Pending(..)) => Ok(Vec::new()),
+            Some(DiskSource::Full(d)) => d.next_chunks(PRECOPY_DISK_BYTES),
+            Some(DiskSource::Incremental(m)) => match self.capture.io.lock() {
+                Ok(io) => match &io.map {
+                    Some(map) => m.next_blocks(map, PRECOPY_DISK_BYTES),
+                    None => Ok(Vec::new()),
+                },
+                Err(_) => Ok(Vec::new()),
+            },
+            Some(DiskSource::Checksum(c)) => c.next_blocks(PRECOPY_DISK_BYTES),
+        };
+        let mut disk = read.map_err(|source| ProtectError::Disk {
+            path: self.opts.disk.clone().unwrap_or_default(),
+            source,
+        })?;
+        pc.disk_sent_bytes += disk.iter().map(|(_, d)| d.len() as u64).sum::<u64>();
+        pc.disk_sent_blocks += disk.len() as u64;
+        if let Some(d) = &pc.disk {
+            let (done, total) = d.progress();
+            self.progress.update(done, total, pc.disk_sent_bytes);
+            if let Ok(mut st) = self.stats.lock() {
+                st.sync_progress = Some((done, total));
+            }
+        }
         let mut cp = std::mem::take(&mut self.staging);
         tokio::task::block_in_place(|| self.guest.precopy_round(PRECOPY_PAGES, &mut cp))?;
         // Captured writes after the chunks (see precopy.rs).
         if let Ok(mut io) = self.capture.io.lock() {
-            disk.append(&mut io.disk);
+            disk.append(&mut io.drain_disk(self.next_epoch));
         }
         let n = cp.frames.len();
         let disk_bytes: usize = disk.iter().map(|(_, d)| d.len()).sum();
@@ -665,7 +920,7 @@ impl<G: ProtectedGuest> Protector<G> {
                 bytes.len() as u64,
                 None,
             );
-            let pushed = self.push(kind, bytes).await;
+            let pushed = self.push_with(kind, bytes, prelude).await;
             self.staging = cp;
             pushed?;
             if let Ok(mut st) = self.stats.lock() {
@@ -686,6 +941,42 @@ impl<G: ProtectedGuest> Protector<G> {
             }
             Step::Finished { round, pages } => {
                 info!(vm = %self.opts.vm, round, pages, sent_pages = pc.sent_pages, epochs = pc.epochs, "pre-copy done: first checkpoint");
+                if let Some(d) = &pc.disk {
+                    let mode = d.mode().map_or("none", DiskSyncMode::name);
+                    let compared = match d {
+                        DiskSource::Checksum(c) => c.sync.compared,
+                        _ => 0,
+                    };
+                    let (_, total) = d.progress();
+                    info!(
+                        vm = %self.opts.vm,
+                        mode,
+                        disk_bytes = total,
+                        sent_bytes = pc.disk_sent_bytes,
+                        sent_blocks = pc.disk_sent_blocks,
+                        compared_blocks = compared,
+                        took_ms = pc.started.elapsed().as_millis() as u64,
+                        "disk synchronised"
+                    );
+                    if let Ok(mut st) = self.stats.lock() {
+                        st.syncs += 1;
+                        st.sync_mode = mode;
+                        st.sync_disk_bytes = pc.disk_sent_bytes;
+                        st.sync_disk_blocks = pc.disk_sent_blocks;
+                        st.sync_blocks_compared = compared;
+                        st.sync_disk_bytes_total += pc.disk_sent_bytes;
+                        st.sync_progress = None;
+                    }
+                    if d.mode() == Some(DiskSyncMode::Full) {
+                        self.force_full = false;
+                    }
+                    self.progress.finish();
+                    if let Ok(io) = self.capture.io.lock() {
+                        if let Some(m) = &io.map {
+                            m.flush_async();
+                        }
+                    }
+                }
                 self.phase = Phase::Checkpointing;
                 self.checkpoint().await?;
                 self.set_state(self.steady_state());
@@ -757,19 +1048,58 @@ impl<G: ProtectedGuest> Protector<G> {
         let io = self.capture.io.clone();
         let mut disk = Vec::new();
         let mut cp = std::mem::take(&mut self.staging);
+        // Online verify: what to resend and what to hash at this pause.
+        let (repairs, slice, layout) = match &mut self.verify {
+            Some(v) if !v.is_finished() && matches!(self.phase, Phase::Checkpointing) => {
+                (v.take_repairs(), v.next_slice(), Some(*v.layout()))
+            }
+            _ => (Vec::new(), None, None),
+        };
+        let reader = self.frame_reader.clone();
+        let disk_path = self.opts.disk.clone();
+        let mut at_pause = verify::AtPause::default();
         tokio::task::block_in_place(|| {
             self.guest.checkpoint(&mut cp, &mut || {
                 if let Ok(mut io) = io.lock() {
                     io.output.close_epoch_as(epoch);
-                    disk = std::mem::take(&mut io.disk);
+                    disk = io.drain_disk(epoch);
                 }
                 crate::faults::point("protect.paused");
+                if let Some(l) = &layout {
+                    // The guest is paused and its writes of this epoch
+                    // are captured: memory and disk are exactly what the
+                    // replica will hold at the commit of this epoch.
+                    at_pause = verify::at_pause(
+                        l,
+                        reader.as_ref(),
+                        disk_path.as_deref(),
+                        &repairs,
+                        slice,
+                    );
+                }
             })
         })?;
         self.gate.checkpoint_taken(epoch);
         let ps = self.guest.page_size();
-        let pages: Vec<(u64, &[u8])> = cp.page_slices(ps).collect();
-        let dw: Vec<(u64, &[u8])> = disk.iter().map(|(o, d)| (*o, &d[..])).collect();
+        let mut pages: Vec<(u64, &[u8])> = cp.page_slices(ps).collect();
+        if !at_pause.pages.is_empty() {
+            // Resent whole: the replica's copy is not what was sent.
+            let frames: Vec<u64> = at_pause.pages.iter().map(|(f, _)| *f).collect();
+            self.encoder.forget_frames(&frames);
+            for (f, data) in &at_pause.pages {
+                if cp.frames.binary_search(f).is_err() {
+                    pages.push((*f, &data[..]));
+                }
+            }
+            pages.sort_unstable_by_key(|(f, _)| *f);
+        }
+        // Blocks resent come after the epoch's writes: read at the pause,
+        // they already include them.
+        let dw: Vec<(u64, &[u8])> = disk
+            .iter()
+            .chain(&at_pause.blocks)
+            .map(|(o, d)| (*o, &d[..]))
+            .collect();
         let disk_bytes: usize = disk.iter().map(|(_, d)| d.len()).sum();
         let bytes =
             tokio::task::block_in_place(|| self.encoder.encode(epoch, &pages, &cp.state, &dw))?;
@@ -782,7 +1112,132 @@ impl<G: ProtectedGuest> Protector<G> {
         self.staging = cp;
         let sent = self.push(EpochKind::Delta, bytes).await;
         crate::faults::point("protect.sent");
+        if sent.is_ok() && layout.is_some() {
+            self.verify_sent(epoch, &repairs, slice, at_pause).await;
+        }
         sent
+    }
+
+    /// After epoch `epoch` went to the session: the verify request that
+    /// follows it, and the bookkeeping of repairs.
+    async fn verify_sent(
+        &mut self,
+        epoch: u64,
+        repairs: &[(VerifyRegion, u64)],
+        slice: Option<verify::Slice>,
+        at_pause: verify::AtPause,
+    ) {
+        let Some(v) = &mut self.verify else { return };
+        if let Some(e) = at_pause.error {
+            warn!(vm = %self.opts.vm, error = %e, "verify: reading the primary failed; run stopped");
+            v.abort(&e);
+            self.verify_finished();
+            self.publish_verify();
+            return;
+        }
+        for &(region, unit) in repairs {
+            v.repair_sent(region, unit);
+        }
+        if !repairs.is_empty() {
+            info!(vm = %self.opts.vm, epoch, units = repairs.len(), "verify: differing pages/blocks resent whole");
+        }
+        if let (Some(s), Some(h)) = (slice, at_pause.hashes) {
+            let req = v.hashed(s, epoch, h);
+            let id = req.id;
+            if !matches!(self.sender.push_verify(req).await, Ok(true)) {
+                if let Some(v) = &mut self.verify {
+                    v.lost(id);
+                }
+            }
+        }
+        self.publish_verify();
+    }
+
+    /// `remus-wan verify`: starts a run (answered at once with its number).
+    fn begin_verify(
+        &mut self,
+        vm: &str,
+        scope: verify::Scope,
+        repair: bool,
+    ) -> Result<String, String> {
+        if vm != self.opts.vm {
+            return Err(format!("this process protects {}, not {vm}", self.opts.vm));
+        }
+        if let Some(v) = self.verify.as_ref().filter(|v| !v.is_finished()) {
+            return Err(format!(
+                "verify run {} is under way: wait for it (remus-wan status)",
+                v.progress().run
+            ));
+        }
+        if scope.memory && self.frame_reader.is_none() {
+            return Err(
+                "this guest backend cannot read guest memory at the pause: use --disk-only".into(),
+            );
+        }
+        let disk_bytes = match &self.opts.disk {
+            Some(p) if scope.disk => std::fs::metadata(p)
+                .map_err(|e| format!("cannot read the disk image {}: {e}", p.display()))?
+                .len(),
+            _ => 0,
+        };
+        if scope.disk && !scope.memory && disk_bytes == 0 {
+            return Err(format!("{vm} has no disk to verify"));
+        }
+        let run = self.verify_done.runs + 1;
+        let layout = verify::Layout {
+            page_size: self.guest.page_size() as u32,
+            frames: if scope.memory {
+                self.guest.frame_count()
+            } else {
+                0
+            },
+            disk_bytes,
+        };
+        let v = VerifyRun::new(run, layout, scope, repair);
+        let total = v.progress().slices_total;
+        info!(vm = %self.opts.vm, run, slices = total, frames = layout.frames, disk_bytes, repair, "verify: run starts (one slice per checkpoint)");
+        self.verify_done.runs = run;
+        self.verify = Some(v);
+        if self.verify.as_ref().is_some_and(|v| v.is_finished()) {
+            self.verify_finished();
+        }
+        self.publish_verify();
+        Ok(format!("verify run {run} started: {total} slices"))
+    }
+
+    /// A run ended: its figures join the totals, a summary is logged.
+    fn verify_finished(&mut self) {
+        let Some(v) = &self.verify else { return };
+        let p = v.progress();
+        let t = &mut self.verify_done;
+        t.pages_checked += p.pages_checked;
+        t.blocks_checked += p.blocks_checked;
+        t.mismatches += p.mismatches;
+        t.repaired += p.repaired;
+        if p.state == "failed" {
+            warn!(vm = %self.opts.vm, run = p.run, error = ?p.error, "verify failed");
+        } else if p.mismatches == 0 {
+            info!(vm = %self.opts.vm, run = p.run, pages = p.pages_checked, blocks = p.blocks_checked, "verify done: the replica is identical");
+        } else {
+            warn!(vm = %self.opts.vm, run = p.run, pages = p.pages_checked, blocks = p.blocks_checked, differences = p.mismatches, repaired = p.repaired, "verify done: the replica differed");
+        }
+    }
+
+    /// Puts the verify figures where status and metrics read them.
+    fn publish_verify(&self) {
+        let Some(v) = &self.verify else { return };
+        let p = v.progress();
+        let mut totals = self.verify_done.clone();
+        if !v.is_finished() {
+            totals.pages_checked += p.pages_checked;
+            totals.blocks_checked += p.blocks_checked;
+            totals.mismatches += p.mismatches;
+            totals.repaired += p.repaired;
+        }
+        if let Ok(mut st) = self.stats.lock() {
+            st.verify = Some(p.clone());
+            st.verify_totals = totals;
+        }
     }
 
     /// The backup acknowledged every epoch up to `epoch`.
@@ -1007,6 +1462,12 @@ impl<G: ProtectedGuest> Protector<G> {
                 }
                 wake = wake.min(tokio::time::Instant::from_std(deadline));
             }
+            if matches!(self.phase, Phase::PreCopy(_)) && !paused {
+                let r = self.pump_hash_requests().await;
+                if !self.survive(r)? {
+                    break;
+                }
+            }
             let mut step = None;
             match &self.phase {
                 _ if paused => {}
@@ -1091,6 +1552,10 @@ impl<G: ProtectedGuest> Protector<G> {
                 _ = &mut shutdown => break,
                 _ = tokio::time::sleep_until(wake) => {}
                 req = control => match req {
+                    Some(ControlRequest::Verify { vm, scope, repair, reply }) => {
+                        let r = self.begin_verify(&vm, scope, repair);
+                        let _ = reply.send(r);
+                    }
                     Some(ControlRequest::Switchover { vm, reply }) => {
                         let r = self.begin_switchover(vm, reply).await;
                         if !self.survive(r)? {
@@ -1126,8 +1591,21 @@ impl<G: ProtectedGuest> Protector<G> {
         };
         match ev {
             SenderEvent::Committed { epoch } => self.on_committed(epoch),
+            SenderEvent::DiskReport(r) => return self.on_disk_report(r),
             SenderEvent::ResyncRequired { reason, .. } => {
                 warn!(vm = %self.opts.vm, reason, "backup needs a full resync");
+                // A seeded sync whose opening epoch the standby refused
+                // (it could not seed): the next one sends the whole disk.
+                if let Phase::PreCopy(pc) = &self.phase {
+                    let seeded = pc
+                        .disk
+                        .as_ref()
+                        .and_then(DiskSource::mode)
+                        .is_some_and(|m| m != DiskSyncMode::Full);
+                    if seeded && reason.contains("rejected") {
+                        self.force_full = true;
+                    }
+                }
                 if let Ok(mut st) = self.stats.lock() {
                     st.resyncs += 1;
                 }
@@ -1146,7 +1624,24 @@ impl<G: ProtectedGuest> Protector<G> {
                     return self.begin_sync("a standby answers");
                 }
             }
+            SenderEvent::VerifyResult(r) => {
+                if let Some(v) = &mut self.verify {
+                    if v.on_result(&r) == verify::Action::Finished {
+                        self.verify_finished();
+                    }
+                    self.publish_verify();
+                }
+            }
             SenderEvent::Disconnected { error, retry_in } => {
+                if let Phase::PreCopy(pc) = &mut self.phase {
+                    if let Some(DiskSource::Checksum(c)) = &mut pc.disk {
+                        c.sync.connection_lost();
+                    }
+                }
+                if let Some(v) = &mut self.verify {
+                    // Requests on that connection may be lost: asked again.
+                    v.lost_all();
+                }
                 if self.releases_at_once() {
                     warn!(vm = %self.opts.vm, %error, ?retry_in, "backup unreachable (the VM runs unprotected meanwhile)");
                 } else {

@@ -19,11 +19,14 @@ use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
 use wan::codec::{Decoder, DecoderConfig};
+use wan::session::wire::{VerifyHashes, VerifyOutcome, VerifyRegion, VerifyResult};
+use wan::session::wire::{DiskReport, DiskSync, DiskSyncMode, ReplicaReport, SyncBegin};
 use wan::session::{EpochKind, ReceiverConfig, ReceiverEvent};
 use wan::transport::replication::{spawn_receiver, QuicListener};
 use wan::transport::{Endpoint, TlsPaths, TransportConfig};
 
 use crate::addresses::Addresses;
+use super::verify;
 use crate::arbiter::ArbiterHandle;
 use crate::replica::{ReplicaStore, StoreError};
 use failover::Event;
@@ -46,6 +49,10 @@ pub struct StandbyOptions {
     pub frames: u64,
     pub disk_bytes: u64,
     pub max_epoch_bytes: u64,
+    /// An old copy of the VM's disk at this site (the image the VM ran
+    /// from here before a takeover moved it away), used to seed a checksum
+    /// resync when no replica disk is there.
+    pub seed_disk: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +77,10 @@ pub struct StandbyStats {
     pub epochs_rejected: u64,
     pub bytes_received: u64,
     pub consistent: bool,
+    /// Disk bytes copied locally to seed resynchronised replicas.
+    pub seeded_bytes: u64,
+    /// Blocks hashed for checksum resyncs.
+    pub blocks_hashed: u64,
 }
 
 /// The replica being fed: the live one, or one under resync beside it.
@@ -83,6 +94,12 @@ pub struct Standby {
     target: Target,
     decoder: Decoder,
     pub stats: StandbyStats,
+    /// How the next full epoch seeds its disk (DISK_SYNC before it).
+    plan: Option<SyncBegin>,
+    /// How the replica under resync was seeded.
+    resync_mode: Option<DiskSyncMode>,
+    /// One block, reused by hash requests.
+    hash_buf: Vec<u8>,
 }
 
 impl Standby {
@@ -117,6 +134,9 @@ impl Standby {
             target: Target { live, resync: None },
             decoder,
             stats,
+            plan: None,
+            resync_mode: None,
+            hash_buf: Vec::new(),
         })
     }
 
@@ -139,7 +159,8 @@ impl Standby {
         if kind == EpochKind::Full {
             let dir = self.resync_dir();
             info!(vm = %self.opts.vm, epoch, "full resync begins (the current replica stays until it completes)");
-            let store = ReplicaStore::create(
+            self.target.resync = None;
+            let mut store = ReplicaStore::create(
                 &dir,
                 &self.opts.vm,
                 self.opts.page_size,
@@ -147,6 +168,8 @@ impl Standby {
                 self.opts.disk_bytes,
             )
             .map_err(|e| e.to_string())?;
+            let plan = self.plan.take().filter(|p| p.epoch == epoch);
+            self.seed(&mut store, plan.as_ref())?;
             self.target.resync = Some(store);
         }
         if let Some(live) = &mut self.target.live {
@@ -199,6 +222,115 @@ impl Standby {
         }
     }
 
+    /// Seeds the disk of a new replica as the sync's DISK_SYNC frame says:
+    /// zeros (full), a copy of the live replica (incremental: only if it is
+    /// the consistent replica of that lineage the primary counted from), or
+    /// a copy of an old local disk (checksum). A seed that cannot be had
+    /// refuses the epoch; the primary then sends the whole disk.
+    fn seed(&mut self, store: &mut ReplicaStore, plan: Option<&SyncBegin>) -> Result<(), String> {
+        let mode = plan.map_or(DiskSyncMode::Full, |p| p.mode);
+        self.resync_mode = Some(mode);
+        let Some(p) = plan else {
+            return Ok(());
+        };
+        if p.mode != DiskSyncMode::Full && p.disk_bytes != self.opts.disk_bytes {
+            return Err(format!(
+                "cannot seed a {} resync: the primary's disk is {} bytes, this site's {}",
+                p.mode.name(),
+                p.disk_bytes,
+                self.opts.disk_bytes
+            ));
+        }
+        let from = match p.mode {
+            DiskSyncMode::Full => None,
+            DiskSyncMode::Incremental => {
+                let r = self.report();
+                if !(r.consistent && r.lineage == p.lineage && r.epoch >= p.base && r.disk_bytes == p.disk_bytes) {
+                    return Err(format!(
+                        "cannot seed an incremental resync from epoch {} of lineage {:016x}: this standby holds {r:?}",
+                        p.base, p.lineage
+                    ));
+                }
+                self.target.live.as_ref().map(ReplicaStore::disk_path)
+            }
+            DiskSyncMode::Checksum => match self.seed_source() {
+                Some((path, _)) => Some(path),
+                None => return Err("cannot seed a checksum resync: no old copy of the disk here".into()),
+            },
+        };
+        if let Some(from) = from {
+            let started = Instant::now();
+            let copied = tokio::task::block_in_place(|| store.seed_disk(&from)).map_err(|e| e.to_string())?;
+            self.stats.seeded_bytes += copied;
+            info!(vm = %self.opts.vm, mode = p.mode.name(), from = %from.display(), copied_bytes = copied, took_ms = started.elapsed().as_millis() as u64, "new replica's disk seeded from a local copy");
+        }
+        store.set_lineage(p.lineage).map_err(|e| e.to_string())
+    }
+
+    /// An old copy of the disk to seed a checksum resync from: the
+    /// replica folder's disk (diverged, unusable, or consistent), or the
+    /// VM's own image at this site; same size as the VM's disk.
+    fn seed_source(&self) -> Option<(PathBuf, u64)> {
+        let want = self.opts.disk_bytes;
+        if want == 0 {
+            return None;
+        }
+        let candidates = [
+            Some(self.opts.replica_dir.join("disk.img")),
+            self.opts.seed_disk.clone(),
+        ];
+        candidates.into_iter().flatten().find_map(|p| {
+            let n = std::fs::metadata(&p).ok()?.len();
+            (n == want).then_some((p, n))
+        })
+    }
+
+    /// What this standby holds, told to the primary before HELLO_ACK.
+    pub fn report(&self) -> ReplicaReport {
+        let live = self.target.live.as_ref();
+        ReplicaReport {
+            lineage: live.map_or(0, |l| l.meta().lineage),
+            epoch: live.and_then(|l| l.meta().epoch).unwrap_or(0),
+            consistent: live.is_some_and(|l| l.meta().consistent && !l.is_half_applied()),
+            disk_bytes: live.map_or(0, |l| l.meta().disk_bytes),
+            seed_bytes: self.seed_source().map_or(0, |(_, n)| n),
+        }
+    }
+
+    /// Hashes blocks of the replica under a checksum resync.
+    pub fn hash_request(&mut self, first_block: u64, count: u32) -> DiskReport {
+        let (Some(r), Some(DiskSyncMode::Checksum)) = (&self.target.resync, self.resync_mode) else {
+            return DiskReport::NoSeed { first_block };
+        };
+        let Some(f) = r.disk_file() else {
+            return DiskReport::NoSeed { first_block };
+        };
+        match super::disksync::hash_blocks(f, r.meta().disk_bytes, first_block, count, &mut self.hash_buf) {
+            Ok(hashes) => {
+                self.stats.blocks_hashed += hashes.len() as u64;
+                DiskReport::Hashes { first_block, hashes }
+            }
+            Err(e) => {
+                warn!(vm = %self.opts.vm, error = %e, first_block, "hashing the seeded disk failed");
+                DiskReport::NoSeed { first_block }
+            }
+        }
+    }
+
+    /// A DISK_SYNC frame from the primary.
+    pub fn disk_sync(&mut self, d: DiskSync) -> Option<DiskReport> {
+        match d {
+            DiskSync::Begin(b) => {
+                info!(vm = %self.opts.vm, epoch = b.epoch, mode = b.mode.name(), base = b.base, "disk synchronisation announced");
+                self.plan = Some(b);
+                None
+            }
+            DiskSync::HashRequest { first_block, count } => {
+                Some(tokio::task::block_in_place(|| self.hash_request(first_block, count)))
+            }
+        }
+    }
+
     /// Replaces the live replica with the resynchronised one. Two renames
     /// (live to `.old`, `.resync` to live): a crash between them is
     /// finished or undone by [`recover_interrupted_swap`] at the next open.
@@ -225,6 +357,119 @@ impl Standby {
     /// The live replica (for activation).
     pub fn replica(&self) -> Option<&ReplicaStore> {
         self.target.live.as_ref()
+    }
+
+    /// Online verify: compares the primary's hashes of a slice at epoch
+    /// `req.epoch` with the replica. Events come in stream order, so the
+    /// replica is at that epoch exactly when it committed it (and nothing
+    /// after it is applied yet).
+    pub fn verify(&self, req: &VerifyHashes) -> VerifyResult {
+        let outcome = self.compare(req);
+        if let VerifyOutcome::Compared { differing } = &outcome {
+            if !differing.is_empty() {
+                warn!(vm = %self.opts.vm, epoch = req.epoch, region = req.region.name(), first = req.first, differing = differing.len(), "verify: the replica differs from the primary");
+            }
+        }
+        VerifyResult {
+            id: req.id,
+            epoch: req.epoch,
+            region: req.region,
+            first: req.first,
+            count: req.hashes.len() as u32,
+            outcome,
+        }
+    }
+
+    fn compare(&self, req: &VerifyHashes) -> VerifyOutcome {
+        if self.target.resync.is_some() {
+            return VerifyOutcome::Retry("a full resync is under way".into());
+        }
+        let Some(live) = &self.target.live else {
+            return VerifyOutcome::Failed("this standby holds no replica".into());
+        };
+        if live.meta().epoch != Some(req.epoch) || live.is_half_applied() {
+            return VerifyOutcome::Retry(format!(
+                "the replica is at epoch {:?}, not {}",
+                live.meta().epoch,
+                req.epoch
+            ));
+        }
+        let n = req.hashes.len() as u64;
+        let unit = req.unit as u64;
+        let (start, end) = match req.first.checked_mul(unit).zip(
+            req.first
+                .checked_add(n)
+                .and_then(|e| e.checked_mul(unit)),
+        ) {
+            Some(r) => r,
+            None => return VerifyOutcome::Failed("slice out of range".into()),
+        };
+        let mine: Vec<u64> = match req.region {
+            VerifyRegion::Memory => {
+                let mem = live.memory();
+                if req.unit as usize != live.meta().page_size || end > mem.len() as u64 {
+                    return VerifyOutcome::Failed(format!(
+                        "memory slice {}+{n} of {}-byte pages is outside the replica ({} frames of {} bytes)",
+                        req.first,
+                        req.unit,
+                        live.meta().frames,
+                        live.meta().page_size
+                    ));
+                }
+                mem[start as usize..end as usize]
+                    .chunks(req.unit as usize)
+                    .map(verify::hash_unit)
+                    .collect()
+            }
+            VerifyRegion::Disk => {
+                let size = live.meta().disk_bytes;
+                let end = end.min(size);
+                if start >= end || n * unit > 64 << 20 {
+                    return VerifyOutcome::Failed(format!(
+                        "disk slice at byte {start} is outside the replica disk of {size} bytes"
+                    ));
+                }
+                let mut buf = vec![0u8; (end - start) as usize];
+                if let Err(e) = live.read_disk(start, &mut buf) {
+                    return VerifyOutcome::Failed(e.to_string());
+                }
+                buf.chunks(req.unit as usize).map(verify::hash_unit).collect()
+            }
+        };
+        let differing = mine
+            .iter()
+            .zip(&req.hashes)
+            .enumerate()
+            .filter(|(_, (a, b))| a != b)
+            .map(|(i, _)| i as u32)
+            .chain((mine.len()..req.hashes.len()).map(|i| i as u32))
+            .collect();
+        VerifyOutcome::Compared { differing }
+    }
+
+    /// Test-only fault (`REMUS_WAN_TEST_CORRUPT`): flips a byte of the
+    /// live replica behind the engine's back, as a bad disk would.
+    fn corrupt_for_test(&mut self, c: &crate::faults::Corruption) {
+        use std::os::unix::fs::FileExt;
+        let (file, offset) = match c.region {
+            VerifyRegion::Memory => ("memory.img", c.offset),
+            VerifyRegion::Disk => ("disk.img", c.offset),
+        };
+        let path = self.opts.replica_dir.join(file);
+        let r = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .and_then(|f| {
+                let mut b = [0u8; 1];
+                f.read_exact_at(&mut b, offset)?;
+                b[0] ^= 0x5a;
+                f.write_all_at(&b, offset)
+            });
+        match r {
+            Ok(()) => warn!(vm = %self.opts.vm, file, offset, "test fault: replica corrupted on purpose"),
+            Err(e) => warn!(vm = %self.opts.vm, file, offset, error = %e, "test fault: could not corrupt the replica"),
+        }
     }
 }
 
@@ -325,6 +570,8 @@ pub async fn run_with<L: Listener>(
     let mut rcfg = ReceiverConfig::new(opts.site.clone(), opts.vm.clone());
     rcfg.max_epoch_size = opts.max_epoch_bytes;
     let (handle, mut events) = spawn_receiver(listener, rcfg, standby.committed());
+    let mut told = standby.report();
+    handle.set_report(told).await;
     let mut takeover = takeover.map(|mut t| {
         t.arbiter.set_replica_ready(standby.stats.consistent);
         if let Some(a) = &mut t.addresses {
@@ -397,6 +644,11 @@ pub async fn run_with<L: Listener>(
                         match applied {
                             Ok(()) => {
                                 crate::faults::point("standby.committed");
+                                if standby.stats.consistent && standby.target.resync.is_none() {
+                                    if let Some(c) = crate::faults::corruption_due() {
+                                        standby.corrupt_for_test(&c);
+                                    }
+                                }
                                 if let Some(Some(t)) = &takeover {
                                     if standby.stats.consistent {
                                         t.arbiter.set_replica_ready(true);
@@ -408,6 +660,11 @@ pub async fn run_with<L: Listener>(
                             }
                             Err(e) => handle.reject(epoch, &e).await,
                         }
+                        let now = standby.report();
+                        if now != told {
+                            told = now;
+                            handle.set_report(now).await;
+                        }
                         if last_log.elapsed() > Duration::from_secs(10) {
                             last_log = Instant::now();
                             info!(vm = %opts.vm, stats = ?standby.stats, "standby progress");
@@ -415,6 +672,15 @@ pub async fn run_with<L: Listener>(
                     }
                     ReceiverEvent::Close { error } => {
                         warn!(vm = %opts.vm, %error, "replication connection closed");
+                    }
+                    ReceiverEvent::DiskSync(d) => {
+                        if let Some(r) = standby.disk_sync(d) {
+                            handle.disk_report(r).await;
+                        }
+                    }
+                    ReceiverEvent::Verify(req) => {
+                        let r = tokio::task::block_in_place(|| standby.verify(&req));
+                        handle.verify_result(r).await;
                     }
                 }
             }

@@ -65,6 +65,11 @@ pub struct Meta {
     pub consistent: bool,
     /// The host boot the files were written under.
     pub boot_id: String,
+    /// Lineage of the primary's written-block map the replica was
+    /// synchronised under (0: unknown). Only a consistent replica of the
+    /// primary's lineage can be resynchronised by the blocks written since.
+    #[serde(default)]
+    pub lineage: u64,
 }
 
 pub struct ReplicaStore {
@@ -156,6 +161,7 @@ impl ReplicaStore {
             token: 0,
             consistent: false,
             boot_id: boot_id(),
+            lineage: 0,
         };
         let mut s = Self {
             dir: dir.to_owned(),
@@ -438,6 +444,44 @@ impl ReplicaStore {
         fs::rename(&tmp, self.dir.join(STATE)).map_err(|err| io(&tmp, err))?;
         self.meta.epoch = Some(j.epoch);
         self.meta.token = j.token;
+        self.write_meta()
+    }
+
+    /// The disk image's path (whether or not the replica has a disk).
+    pub fn disk_path(&self) -> PathBuf {
+        self.dir.join(DISK)
+    }
+
+    /// The open disk image, if the replica has one.
+    pub fn disk_file(&self) -> Option<&File> {
+        self.disk.as_ref()
+    }
+
+    /// Fills the (new) replica's disk from `from`, an image of the same
+    /// size: sparse-aware, a reflink where the filesystem allows. Returns
+    /// the bytes copied.
+    pub fn seed_disk(&mut self, from: &Path) -> Result<u64, StoreError> {
+        let e = |what| {
+            let dir = self.dir.clone();
+            move |source| StoreError::Io { dir, what, source }
+        };
+        let to = self.dir.join(DISK);
+        self.disk = None;
+        let copied = crate::engine::disksync::copy_sparse(from, &to, self.meta.disk_bytes)
+            .map_err(e("seed disk image"))?;
+        self.disk = Some(
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&to)
+                .map_err(e("open disk image"))?,
+        );
+        Ok(copied)
+    }
+
+    /// Records the lineage the replica is synchronised under.
+    pub fn set_lineage(&mut self, lineage: u64) -> Result<(), StoreError> {
+        self.meta.lineage = lineage;
         self.write_meta()
     }
 

@@ -138,6 +138,8 @@ fn spawn_engine(
                     let _ = err_tx.send(error);
                 }
                 ReceiverEvent::Hello { .. } => {}
+                // Verify and disk-sync frames are not sent here.
+                _ => {}
             }
         }
     });

@@ -318,4 +318,18 @@ impl ProtectedGuest for Vm {
     fn is_running(&self) -> bool {
         self.shared.is_running()
     }
+
+    fn frame_reader(&self) -> Option<crate::guest::FrameReader> {
+        // The regions are reference-counted: the reader stays valid as
+        // long as it is held, like any other handle on guest memory.
+        let mem = self.shared.mem.clone();
+        Some(std::sync::Arc::new(move |first, out: &mut [u8]| {
+            use vm_memory::Bytes;
+            let addr = first
+                .checked_mul(PAGE_SIZE as u64)
+                .ok_or_else(|| GuestError::Backend(format!("frame {first} out of range")))?;
+            mem.read_slice(out, GuestAddress(addr))
+                .map_err(|e| GuestError::Backend(format!("reading frames from {first}: {e}")))
+        }))
+    }
 }

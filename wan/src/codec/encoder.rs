@@ -536,6 +536,16 @@ impl Encoder {
         Ok(())
     }
 
+    /// The replica's copy of these frames is known to differ from what was
+    /// last sent (online verify found it): their next records carry them
+    /// whole; nothing is encoded against, or as a reference to, the
+    /// content sent before.
+    pub fn forget_frames(&mut self, frames: &[u64]) {
+        for &f in frames {
+            self.cache.remove(f);
+        }
+    }
+
     /// Forgets everything (new replica, or its state is unknown): the next
     /// epoch has no base and references no earlier content.
     pub fn reset(&mut self) {

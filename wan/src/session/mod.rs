@@ -11,8 +11,10 @@
 //! stream, or one TLS-over-TCP connection for the baseline); the frames are
 //! in [`wire`].
 
+pub mod disk_frames;
 pub mod receiver;
 pub mod sender;
+pub mod verify_frames;
 pub mod wire;
 
 pub use receiver::{Receiver, ReceiverConfig, ReceiverEvent};
@@ -148,5 +150,7 @@ impl Backoff {
     }
 }
 
+#[cfg(test)]
+mod disk_session_tests;
 #[cfg(test)]
 mod tests;

@@ -7,6 +7,8 @@ use bytes::{Bytes, BytesMut};
 use tracing::{info, warn};
 
 use super::wire::{self, ControlFrame, Decoder, EpochKind, HelloAck, Item};
+use super::wire::{VerifyHashes, VerifyResult};
+use super::wire::{DiskReport, DiskSync, ReplicaReport};
 use super::SessionError;
 
 /// Configuration of the receiving end.
@@ -59,7 +61,20 @@ pub enum ReceiverEvent {
     /// [`SessionError::error_frame`] when there is one. The session already
     /// counts the connection as gone and waits for the next one.
     Close { error: SessionError },
+    /// Online verify: hashes of a slice as of `epoch`, which was delivered
+    /// just before (and the next epoch is not yet). The engine compares its
+    /// replica and answers with [`Receiver::verify_result`].
+    Verify(VerifyHashes),
+    /// Disk resynchronisation: how the next full epoch seeds its disk
+    /// (delivered just before that epoch), or a hash request the engine
+    /// answers with [`Receiver::disk_report`].
+    DiskSync(DiskSync),
 }
+
+/// Hash requests delivered and not yet answered, at most: the primary asks
+/// for a couple at a time; more is a misbehaving peer, refused rather than
+/// queued without bound.
+pub const MAX_PENDING_HASH_REQUESTS: usize = 8;
 
 #[derive(Debug, PartialEq, Eq)]
 enum State {
@@ -100,6 +115,10 @@ pub struct Receiver {
     hb_seq: u64,
     connected_at: Instant,
     peer_site: Option<String>,
+    /// What the engine says the standby holds, sent before HELLO_ACK.
+    report: Option<ReplicaReport>,
+    /// Hash requests delivered on this connection and not yet answered.
+    hash_requests: usize,
 }
 
 impl Receiver {
@@ -120,6 +139,8 @@ impl Receiver {
             hb_seq: 0,
             connected_at: now,
             peer_site: None,
+            report: None,
+            hash_requests: 0,
         }
     }
 
@@ -170,6 +191,7 @@ impl Receiver {
             );
         }
         self.state = State::Idle;
+        self.hash_requests = 0;
         self.decoder = Decoder::new();
         self.out.clear();
         self.expected = self.delivered.back().map_or(self.committed, |e| *e) + 1;
@@ -231,6 +253,23 @@ impl Receiver {
                 Ok(())
             }
             Item::Control(ControlFrame::Heartbeat { .. }) => Ok(()),
+            Item::Control(ControlFrame::DiskSync(d)) if self.state == State::Streaming => {
+                if matches!(d, DiskSync::HashRequest { .. }) {
+                    if self.hash_requests >= MAX_PENDING_HASH_REQUESTS {
+                        return Err(SessionError::Unexpected {
+                            frame: "DISK_SYNC",
+                            context: "beyond the pending hash requests allowed",
+                        });
+                    }
+                    self.hash_requests += 1;
+                }
+                self.events.push_back(ReceiverEvent::DiskSync(d));
+                Ok(())
+            }
+            Item::Control(ControlFrame::VerifyHashes(v)) if self.state == State::Streaming => {
+                self.events.push_back(ReceiverEvent::Verify(v));
+                Ok(())
+            }
             Item::Control(ControlFrame::Error(e)) => {
                 warn!(code = ?e.code, epoch = e.epoch, message = %e.message, "sender reported an error");
                 Err(SessionError::Peer {
@@ -298,6 +337,9 @@ impl Receiver {
         }
         self.state = State::Streaming;
         self.expected = self.committed + 1;
+        if let Some(r) = self.report {
+            self.send_control(ControlFrame::DiskReport(DiskReport::Replica(r)), now);
+        }
         self.send_control(
             ControlFrame::HelloAck(HelloAck {
                 version: wire::PROTOCOL_VERSION,
@@ -359,6 +401,30 @@ impl Receiver {
             });
         }
         self.expected = self.committed + 1;
+    }
+
+    /// What the standby holds (sent to every sender before HELLO_ACK).
+    pub fn set_report(&mut self, r: ReplicaReport) {
+        self.report = Some(r);
+    }
+
+    /// The engine's answer to a hash request (dropped when the connection
+    /// it came on is gone: the sender asks again).
+    pub fn disk_report(&mut self, r: DiskReport, now: Instant) {
+        if self.state == State::Streaming {
+            if !matches!(r, DiskReport::Replica(_)) {
+                self.hash_requests = self.hash_requests.saturating_sub(1);
+            }
+            self.send_control(ControlFrame::DiskReport(r), now);
+        }
+    }
+
+    /// The engine's answer to a [`ReceiverEvent::Verify`] (dropped when the
+    /// connection it came on is gone: the sender asks again).
+    pub fn verify_result(&mut self, r: VerifyResult, now: Instant) {
+        if self.state == State::Streaming {
+            self.send_control(ControlFrame::VerifyResult(r), now);
+        }
     }
 
     fn send_control(&mut self, f: ControlFrame, now: Instant) {

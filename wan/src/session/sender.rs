@@ -7,6 +7,8 @@ use bytes::Bytes;
 use tracing::{info, warn};
 
 use super::wire::{self, ControlFrame, Decoder, EpochKind, ErrorCode, Hello, Item};
+use super::wire::{VerifyHashes, VerifyResult};
+use super::wire::{DiskReport, DiskSync, ReplicaReport};
 use super::{Backoff, SessionError};
 
 /// Configuration of the sending end.
@@ -84,6 +86,11 @@ pub enum SenderEvent {
     /// The session cannot go on (wrong VM, version, epoch over the
     /// receiver's limit); no reconnection is attempted.
     Failed { error: SessionError },
+    /// The receiver compared a slice it was sent hashes of (online verify).
+    VerifyResult(VerifyResult),
+    /// The standby said what it holds (before `Connected`), or answered a
+    /// hash request.
+    DiskReport(DiskReport),
 }
 
 /// Why [`Sender::push_epoch`] refused an epoch. The session is unchanged.
@@ -117,6 +124,11 @@ struct Held {
     kind: EpochKind,
     payload: Bytes,
     sent: bool,
+    /// VERIFY_HASHES frames that go right after this epoch on the stream.
+    verify: Vec<Bytes>,
+    /// A DISK_SYNC frame that goes right before this epoch, every time it
+    /// is sent (the standby needs it to decode the epoch).
+    prelude: Option<Bytes>,
 }
 
 /// The primary's replication session (sans-IO).
@@ -146,6 +158,8 @@ pub struct Sender {
     last_rx: Instant,
     last_tx: Instant,
     hb_seq: u64,
+    /// The standby's REPLICA report of the current connection.
+    peer_report: Option<ReplicaReport>,
 }
 
 impl Sender {
@@ -172,6 +186,7 @@ impl Sender {
             last_rx: now,
             last_tx: now,
             hb_seq: 0,
+            peer_report: None,
         };
         s.events.push_back(SenderEvent::Connect);
         s
@@ -255,9 +270,71 @@ impl Sender {
             kind,
             payload,
             sent: false,
+            verify: Vec::new(),
+            prelude: None,
         });
         self.evict();
         Ok(epoch)
+    }
+
+    /// As [`Self::push_epoch`], with a DISK_SYNC frame that precedes the
+    /// epoch on the stream each time it is sent.
+    pub fn push_epoch_with_prelude(
+        &mut self,
+        kind: EpochKind,
+        payload: Bytes,
+        prelude: Option<DiskSync>,
+        now: Instant,
+    ) -> Result<u64, PushError> {
+        let epoch = self.push_epoch(kind, payload, now)?;
+        if let Some(p) = prelude {
+            if let Some(h) = self.window.iter_mut().find(|h| h.epoch == epoch) {
+                h.prelude = Some(ControlFrame::DiskSync(p).encode());
+            }
+        }
+        Ok(epoch)
+    }
+
+    /// Queues a DISK_SYNC control frame (a hash request) on the current
+    /// connection; false when the session is not up (the engine asks again
+    /// after it reconnects).
+    pub fn send_disk_sync(&mut self, d: DiskSync, now: Instant) -> bool {
+        if !matches!(self.state, State::Up) {
+            return false;
+        }
+        self.send_control(ControlFrame::DiskSync(d), now);
+        true
+    }
+
+    /// What the standby said it holds on the current (or last) connection.
+    pub fn peer_report(&self) -> Option<ReplicaReport> {
+        self.peer_report
+    }
+
+    /// Sends the hashes of a verify slice right after epoch `v.epoch`, the
+    /// newest pushed epoch (the receiver must see them after that epoch
+    /// and before the next). Returns false when that can no longer be
+    /// done (another epoch was pushed since, or it left the window while
+    /// the link is down): the engine asks again at a later epoch. Hashes
+    /// can also be lost with a connection; the engine asks again then too.
+    pub fn push_verify(&mut self, v: VerifyHashes, now: Instant) -> bool {
+        let epoch = v.epoch;
+        if epoch.checked_add(1) != Some(self.next_epoch) {
+            return false;
+        }
+        let frame = ControlFrame::VerifyHashes(v).encode();
+        if let Some(h) = self.window.iter_mut().find(|h| h.epoch == epoch) {
+            if !h.sent {
+                h.verify.push(frame);
+                return true;
+            }
+        }
+        if matches!(self.state, State::Up) && self.next_send > epoch {
+            self.out.push_back(frame);
+            self.last_tx = now;
+            return true;
+        }
+        false
     }
 
     /// Drops the oldest held epochs while the window is over its bounds.
@@ -309,6 +386,7 @@ impl Sender {
             return;
         }
         self.state = State::Handshaking;
+        self.peer_report = None;
         self.decoder = Decoder::new();
         self.out.clear();
         self.last_rx = now;
@@ -483,6 +561,22 @@ impl Sender {
                 Ok(())
             }
             (ControlFrame::Heartbeat { .. }, _) => Ok(()),
+            (ControlFrame::DiskReport(DiskReport::Replica(r)), State::Handshaking) => {
+                // Comes just before HELLO_ACK, so the engine knows what the
+                // standby holds when it hears `Connected`.
+                self.peer_report = Some(r);
+                self.events
+                    .push_back(SenderEvent::DiskReport(DiskReport::Replica(r)));
+                Ok(())
+            }
+            (ControlFrame::DiskReport(d @ (DiskReport::Hashes { .. } | DiskReport::NoSeed { .. })), State::Up) => {
+                self.events.push_back(SenderEvent::DiskReport(d));
+                Ok(())
+            }
+            (ControlFrame::VerifyResult(r), State::Up) => {
+                self.events.push_back(SenderEvent::VerifyResult(r));
+                Ok(())
+            }
             (ControlFrame::Error(e), _) => {
                 warn!(code = ?e.code, epoch = e.epoch, message = %e.message, "receiver reported an error");
                 if e.code == ErrorCode::Rejected {
@@ -593,13 +687,19 @@ impl Sender {
         debug_assert!(!h.sent);
         h.sent = true;
         let payload = h.payload.clone();
-        let header = wire::encode_epoch_header(h.epoch, h.kind, payload.len() as u64);
+        let mut header = wire::encode_epoch_header(h.epoch, h.kind, payload.len() as u64);
+        if let Some(p) = &h.prelude {
+            // The prelude goes first; the header follows it in `out`.
+            self.out.push_back(header);
+            header = p.clone();
+        }
         self.next_send += 1;
         self.on_wire.push_back((h.epoch, payload.len() as u64));
         self.last_tx = now;
         if !payload.is_empty() {
             self.out.push_back(payload);
         }
+        self.out.extend(h.verify.iter().cloned());
         Some(header)
     }
 

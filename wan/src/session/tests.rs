@@ -132,7 +132,10 @@ impl Pair {
                     self.r_to_s.clear();
                     self.s.handle_disconnected(now, "receiver closed");
                 }
-                ReceiverEvent::Close { .. } | ReceiverEvent::Hello { .. } => {}
+                ReceiverEvent::Close { .. }
+                | ReceiverEvent::Hello { .. }
+                | ReceiverEvent::Verify(_)
+                | ReceiverEvent::DiskSync(_) => {}
             }
             self.r_events.push((now, ev));
         }
@@ -781,4 +784,69 @@ fn random_link_failures_never_apply_twice_or_skip() {
         );
         assert_eq!(p.s.committed(), p.r.committed());
     }
+}
+
+/// Verify hashes reach the receiver after the epoch they name and before
+/// the next one, also when pushed before the epoch could be sent; the
+/// answer comes back as an event; stale requests are refused.
+#[test]
+fn verify_hashes_follow_their_epoch_and_the_answer_comes_back() {
+    use super::wire::{VerifyHashes, VerifyOutcome, VerifyRegion, VerifyResult};
+    let mut p = Pair::new(scfg(), rcfg(), 0);
+    let hashes = |id: u64, epoch: u64| VerifyHashes {
+        id,
+        epoch,
+        region: VerifyRegion::Memory,
+        unit: 4096,
+        first: 0,
+        hashes: vec![1, 2, 3],
+    };
+    // Before the link is up: held with the epoch.
+    let e1 = p.push(EpochKind::Full, 10).unwrap();
+    assert!(p.s.push_verify(hashes(1, e1), p.now));
+    p.run_for(100 * MS);
+    let e2 = p.push(EpochKind::Delta, 10).unwrap();
+    // Not the newest epoch any more.
+    assert!(!p.s.push_verify(hashes(9, e1), p.now));
+    p.run_for(100 * MS);
+    // After the epoch went out: straight onto the stream.
+    assert!(p.s.push_verify(hashes(2, e2), p.now));
+    let e3 = p.push(EpochKind::Delta, 10).unwrap();
+    p.run_for(100 * MS);
+    let order: Vec<String> = p
+        .r_events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            ReceiverEvent::Epoch { epoch, .. } => Some(format!("E{epoch}")),
+            ReceiverEvent::Verify(v) => Some(format!("V{}@{}", v.id, v.epoch)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        order,
+        vec![
+            format!("E{e1}"),
+            "V1@1".into(),
+            format!("E{e2}"),
+            "V2@2".into(),
+            format!("E{e3}")
+        ]
+    );
+    p.r.verify_result(
+        VerifyResult {
+            id: 2,
+            epoch: e2,
+            region: VerifyRegion::Memory,
+            first: 0,
+            count: 3,
+            outcome: VerifyOutcome::Compared { differing: vec![1] },
+        },
+        p.now,
+    );
+    p.run_for(100 * MS);
+    let got = p.sender_events(|e| matches!(e, SenderEvent::VerifyResult(_)));
+    assert_eq!(got.len(), 1);
+    assert!(
+        matches!(&got[0].1, SenderEvent::VerifyResult(r) if r.id == 2 && r.outcome == VerifyOutcome::Compared { differing: vec![1] })
+    );
 }

@@ -17,6 +17,13 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
+pub use super::disk_frames::{
+    DiskReport, DiskSync, DiskSyncMode, DiskWireError, ReplicaReport, SyncBegin, MAX_HASH_BLOCKS,
+};
+pub use super::verify_frames::{
+    VerifyHashes, VerifyOutcome, VerifyRegion, VerifyResult, VerifyWireError, MAX_VERIFY_UNITS,
+};
+
 /// Version of the replication protocol carried in HELLO / HELLO_ACK and in
 /// the ALPN string (`remus-wan/1`).
 pub const PROTOCOL_VERSION: u8 = 1;
@@ -35,6 +42,14 @@ pub enum FrameType {
     Ack = 4,
     Heartbeat = 5,
     Error = 6,
+    /// Disk resynchronisation, primary → standby (see [`DiskSync`]).
+    DiskSync = 7,
+    /// Disk resynchronisation, standby → primary (see [`DiskReport`]).
+    DiskReport = 8,
+    /// Online verify: the primary's hashes of a slice at an epoch.
+    VerifyHashes = 9,
+    /// Online verify: the standby's comparison of that slice.
+    VerifyResult = 10,
 }
 
 impl FrameType {
@@ -46,6 +61,10 @@ impl FrameType {
             4 => Self::Ack,
             5 => Self::Heartbeat,
             6 => Self::Error,
+            7 => Self::DiskSync,
+            8 => Self::DiskReport,
+            9 => Self::VerifyHashes,
+            10 => Self::VerifyResult,
             _ => return None,
         })
     }
@@ -149,6 +168,14 @@ pub enum ControlFrame {
         seq: u64,
     },
     Error(ErrorFrame),
+    /// Sender → receiver, right after the epoch it names (see [`VerifyHashes`]).
+    VerifyHashes(VerifyHashes),
+    /// Receiver → sender: the answer to a [`VerifyHashes`].
+    VerifyResult(VerifyResult),
+    /// Sender → receiver: disk resynchronisation.
+    DiskSync(DiskSync),
+    /// Receiver → sender: what the standby holds, block hashes.
+    DiskReport(DiskReport),
 }
 
 /// Malformed input.
@@ -166,6 +193,10 @@ pub enum WireError {
     BadString(&'static str),
     #[error("EPOCH frame body of {0} bytes is shorter than its epoch number")]
     EpochBody(u64),
+    #[error(transparent)]
+    Verify(#[from] VerifyWireError),
+    #[error(transparent)]
+    Disk(#[from] DiskWireError),
 }
 
 fn put_str(out: &mut BytesMut, s: &str) {
@@ -216,6 +247,10 @@ impl ControlFrame {
             Self::Ack { .. } => "ACK",
             Self::Heartbeat { .. } => "HEARTBEAT",
             Self::Error(_) => "ERROR",
+            Self::VerifyHashes(_) => "VERIFY_HASHES",
+            Self::VerifyResult(_) => "VERIFY_RESULT",
+            Self::DiskSync(_) => "DISK_SYNC",
+            Self::DiskReport(_) => "DISK_REPORT",
         }
     }
 
@@ -251,6 +286,22 @@ impl ControlFrame {
                 body.put_u64(e.epoch);
                 put_str(&mut body, &e.message);
                 FrameType::Error
+            }
+            Self::VerifyHashes(v) => {
+                v.encode_body(&mut body);
+                FrameType::VerifyHashes
+            }
+            Self::VerifyResult(v) => {
+                v.encode_body(&mut body);
+                FrameType::VerifyResult
+            }
+            Self::DiskSync(d) => {
+                d.encode_body(&mut body);
+                FrameType::DiskSync
+            }
+            Self::DiskReport(d) => {
+                d.encode_body(&mut body);
+                FrameType::DiskReport
             }
         };
         let mut out = BytesMut::with_capacity(HEADER_LEN + body.len());
@@ -298,6 +349,10 @@ impl ControlFrame {
                     message: get_str(&mut body, w)?,
                 })
             }
+            FrameType::VerifyHashes => Self::VerifyHashes(VerifyHashes::decode_body(&mut body)?),
+            FrameType::VerifyResult => Self::VerifyResult(VerifyResult::decode_body(&mut body)?),
+            FrameType::DiskSync => Self::DiskSync(DiskSync::decode_body(&mut body)?),
+            FrameType::DiskReport => Self::DiskReport(DiskReport::decode_body(&mut body)?),
             FrameType::Epoch => unreachable!("EPOCH is not a control frame"),
         };
         if body.has_remaining() {

@@ -237,6 +237,8 @@ pub struct SenderStatus {
     pub in_flight: usize,
     pub window_len: usize,
     pub resync_pending: bool,
+    /// What the standby said it holds (DISK_REPORT before HELLO_ACK).
+    pub peer_report: Option<crate::session::wire::ReplicaReport>,
     /// Transport statistics of the current QUIC connection (with
     /// `bytes_in_flight` = un-acknowledged epoch bytes).
     pub link: Option<LinkStats>,
@@ -249,6 +251,14 @@ enum SenderCmd {
         reply: oneshot::Sender<Result<u64, PushError>>,
     },
     Close,
+    PushWithPrelude {
+        kind: EpochKind,
+        payload: Bytes,
+        prelude: crate::session::wire::DiskSync,
+        reply: oneshot::Sender<Result<u64, PushError>>,
+    },
+    DiskSync(crate::session::wire::DiskSync, oneshot::Sender<bool>),
+    Verify(crate::session::wire::VerifyHashes, oneshot::Sender<bool>),
 }
 
 /// The engine's handle on a running sender.
@@ -280,6 +290,54 @@ impl SenderHandle {
             .await
             .map_err(|_| HandleError::Stopped)?;
         Ok(rx.await.map_err(|_| HandleError::Stopped)??)
+    }
+
+    /// Sends verify hashes right after the newest epoch (see
+    /// [`Sender::push_verify`]); false when they cannot go any more.
+    pub async fn push_verify(
+        &self,
+        v: crate::session::wire::VerifyHashes,
+    ) -> Result<bool, HandleError> {
+        let (reply, rx) = oneshot::channel();
+        self.cmd
+            .send(SenderCmd::Verify(v, reply))
+            .await
+            .map_err(|_| HandleError::Stopped)?;
+        rx.await.map_err(|_| HandleError::Stopped)
+    }
+
+    /// Queues an epoch preceded, each time it is sent, by a DISK_SYNC frame.
+    pub async fn push_epoch_with_prelude(
+        &self,
+        kind: EpochKind,
+        payload: Bytes,
+        prelude: crate::session::wire::DiskSync,
+    ) -> Result<u64, HandleError> {
+        let (reply, rx) = oneshot::channel();
+        self.cmd
+            .send(SenderCmd::PushWithPrelude {
+                kind,
+                payload,
+                prelude,
+                reply,
+            })
+            .await
+            .map_err(|_| HandleError::Stopped)?;
+        Ok(rx.await.map_err(|_| HandleError::Stopped)??)
+    }
+
+    /// Sends a DISK_SYNC frame (a hash request) now; false when the
+    /// session is not up.
+    pub async fn send_disk_sync(
+        &self,
+        d: crate::session::wire::DiskSync,
+    ) -> Result<bool, HandleError> {
+        let (reply, rx) = oneshot::channel();
+        self.cmd
+            .send(SenderCmd::DiskSync(d, reply))
+            .await
+            .map_err(|_| HandleError::Stopped)?;
+        rx.await.map_err(|_| HandleError::Stopped)
     }
 
     /// Current state of the session and link.
@@ -320,6 +378,7 @@ pub fn spawn_sender<D: Dialer>(
                 s.in_flight = sess.in_flight();
                 s.window_len = sess.window_len();
                 s.resync_pending = sess.resync_pending();
+                s.peer_report = sess.peer_report();
                 s.link = active.as_ref().and_then(|a| a.quic.as_ref()).map(|c| {
                     let mut l = c.stats();
                     l.bytes_in_flight = sess.in_flight_bytes();
@@ -355,6 +414,15 @@ pub fn spawn_sender<D: Dialer>(
                 cmd = cmd_rx.recv() => match cmd {
                     Some(SenderCmd::Push { kind, payload, reply }) => {
                         let _ = reply.send(sess.push_epoch(kind, payload, std::time::Instant::now()));
+                    }
+                    Some(SenderCmd::PushWithPrelude { kind, payload, prelude, reply }) => {
+                        let _ = reply.send(sess.push_epoch_with_prelude(kind, payload, Some(prelude), std::time::Instant::now()));
+                    }
+                    Some(SenderCmd::DiskSync(d, reply)) => {
+                        let _ = reply.send(sess.send_disk_sync(d, std::time::Instant::now()));
+                    }
+                    Some(SenderCmd::Verify(v, reply)) => {
+                        let _ = reply.send(sess.push_verify(v, std::time::Instant::now()));
                     }
                     Some(SenderCmd::Close) | None => {
                         sess.close();
@@ -412,6 +480,9 @@ enum ReceiverCmd {
     Commit(u64, oneshot::Sender<Result<(), SessionError>>),
     Reject(u64, String),
     Close,
+    VerifyResult(crate::session::wire::VerifyResult),
+    SetReport(crate::session::wire::ReplicaReport),
+    DiskReport(crate::session::wire::DiskReport),
 }
 
 /// The engine's handle on a running receiver.
@@ -440,6 +511,21 @@ impl ReceiverHandle {
             .cmd
             .send(ReceiverCmd::Reject(epoch, message.to_string()))
             .await;
+    }
+
+    /// The answer to a [`ReceiverEvent::Verify`].
+    pub async fn verify_result(&self, r: crate::session::wire::VerifyResult) {
+        let _ = self.cmd.send(ReceiverCmd::VerifyResult(r)).await;
+    }
+
+    /// What the standby holds, told to every sender before HELLO_ACK.
+    pub async fn set_report(&self, r: crate::session::wire::ReplicaReport) {
+        let _ = self.cmd.send(ReceiverCmd::SetReport(r)).await;
+    }
+
+    /// The answer to a hash request ([`ReceiverEvent::DiskSync`]).
+    pub async fn disk_report(&self, r: crate::session::wire::DiskReport) {
+        let _ = self.cmd.send(ReceiverCmd::DiskReport(r)).await;
     }
 
     /// Last committed epoch.
@@ -509,6 +595,9 @@ pub fn spawn_receiver<L: Listener>(
                             let _ = reply.send(sess.commit(e, now));
                         }
                         Some(ReceiverCmd::Reject(e, m)) => sess.reject(e, &m, now),
+                        Some(ReceiverCmd::VerifyResult(r)) => sess.verify_result(r, now),
+                        Some(ReceiverCmd::SetReport(r)) => sess.set_report(r),
+                        Some(ReceiverCmd::DiskReport(r)) => sess.disk_report(r, now),
                         Some(ReceiverCmd::Close) | None => {
                             if let Some(a) = active.take() {
                                 a.close(&SessionError::LocalClose);
