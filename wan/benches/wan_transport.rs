@@ -5,6 +5,10 @@
 //!     ... -- --cc cubic                                    # QUIC controller of the main table
 //!     ... -- --rtt-ms 50 --loss 0.5                        # chosen cells only
 //!     ... -- --queue-kib 8192                              # bottleneck queue size
+//!     ... -- --tcp-cc cubic                                # Linux controller of the baseline (default bbr)
+//!     ... -- --rtt-ms 50 --loss 0.5 --compare-only         # only the controller table, there
+//!     ... -- --controllers cubic,bbr --tcp-controllers cubic
+//!     ... -- --trace                                       # QUIC counters every 100 ms
 //!
 //! Needs root (it creates two network namespaces joined through TUN
 //! devices). Run as a test (`cargo test --benches`, no `--bench` flag) it
@@ -67,6 +71,45 @@ fn main() {
     {
         opts.queue_bytes = Some(v.parse::<usize>().expect("--queue-kib N") * 1024);
     }
+    if let Some(v) = args
+        .iter()
+        .position(|a| a == "--tcp-cc")
+        .and_then(|i| args.get(i + 1))
+    {
+        opts.tcp_congestion = v.parse().expect("--tcp-cc cubic|reno|bbr");
+    }
+    if let Some(v) = args
+        .iter()
+        .position(|a| a == "--controllers")
+        .and_then(|i| args.get(i + 1))
+    {
+        opts.quic_controllers = v
+            .split(',')
+            .filter(|x| !x.is_empty())
+            .map(|x| x.parse().expect("--controllers CC[,CC]"))
+            .collect();
+    }
+    if let Some(v) = args
+        .iter()
+        .position(|a| a == "--tcp-controllers")
+        .and_then(|i| args.get(i + 1))
+    {
+        opts.tcp_controllers = v
+            .split(',')
+            .filter(|x| !x.is_empty())
+            .map(|x| x.parse().expect("--tcp-controllers CC[,CC]"))
+            .collect();
+    }
+    if args.iter().any(|a| a == "--compare-only") {
+        // Only the controller table, on the chosen cells.
+        opts.controller_cells = opts
+            .rtts
+            .iter()
+            .flat_map(|&r| opts.losses.iter().map(move |&l| (r, l)))
+            .collect();
+        opts.rtts.clear();
+    }
+    opts.trace = args.iter().any(|a| a == "--trace");
     let started = std::time::Instant::now();
     match run(&opts) {
         Ok(table) => {

@@ -40,6 +40,15 @@ pub struct BenchOptions {
     pub congestion: CongestionControl,
     /// Also run the TCP + TLS baseline.
     pub tcp: bool,
+    /// Linux congestion controller of the TCP + TLS baseline.
+    pub tcp_congestion: TcpCc,
+    /// quinn controllers compared in the controller cells.
+    pub quic_controllers: Vec<CongestionControl>,
+    /// Linux controllers compared in the controller cells.
+    pub tcp_controllers: Vec<TcpCc>,
+    /// Print each QUIC cell's transport counters every 100 ms (cwnd, RTT,
+    /// losses, congestion events) after the tables.
+    pub trace: bool,
     /// Cells (rtt, loss) where every congestion controller is compared.
     pub controller_cells: Vec<(Duration, f64)>,
     /// Size of each synthetic epoch.
@@ -69,6 +78,10 @@ impl BenchOptions {
             rate_bps: 200_000_000,
             congestion: TransportConfig::new(TlsPaths::in_dir(".", "x")).congestion,
             tcp: true,
+            tcp_congestion: TcpCc::Bbr,
+            quic_controllers: CongestionControl::ALL.to_vec(),
+            tcp_controllers: vec![TcpCc::Cubic, TcpCc::Bbr],
+            trace: false,
             controller_cells: vec![
                 (Duration::from_millis(50), 0.005),
                 (Duration::from_millis(100), 0.02),
@@ -98,18 +111,53 @@ impl BenchOptions {
     }
 }
 
+/// Linux TCP congestion controller of the baseline, set per socket
+/// (`TCP_CONGESTION`). Set explicitly: a network namespace inherits the
+/// host's `net.ipv4.tcp_congestion_control`, which on the development
+/// machine is `bbr`, not CUBIC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcpCc {
+    Cubic,
+    Reno,
+    Bbr,
+}
+
+impl TcpCc {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Cubic => "cubic",
+            Self::Reno => "reno",
+            Self::Bbr => "bbr",
+        }
+    }
+}
+
+impl std::str::FromStr for TcpCc {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "cubic" => Ok(Self::Cubic),
+            "reno" => Ok(Self::Reno),
+            "bbr" => Ok(Self::Bbr),
+            _ => Err(format!(
+                "unknown TCP congestion controller {s:?}: expected cubic, reno or bbr"
+            )),
+        }
+    }
+}
+
 /// Which transport a row measured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
     Quic(CongestionControl),
-    TcpTls,
+    TcpTls(TcpCc),
 }
 
 impl fmt::Display for Transport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Quic(cc) => write!(f, "QUIC/{cc}"),
-            Self::TcpTls => f.write_str("TCP+TLS"),
+            Self::TcpTls(cc) => write!(f, "TCP+TLS/{}", cc.name()),
         }
     }
 }
@@ -127,6 +175,12 @@ pub struct Cell {
     pub p99: Duration,
     /// Packets the QUIC stack declared lost (0 for TCP: not visible here).
     pub lost_packets: u64,
+    /// Congestion events of the QUIC stack (0 for TCP).
+    pub congestion_events: u64,
+    /// Mean QUIC congestion window over the goodput phase (bytes; 0 for TCP).
+    pub mean_cwnd: u64,
+    /// QUIC transport counters every 100 ms (seconds since the cell began).
+    pub trace: Vec<(f64, super::LinkStats)>,
     /// Epochs that did not commit within the phase's deadline.
     pub incomplete: usize,
     /// What the emulated link did during the cell (both directions):
@@ -229,15 +283,29 @@ pub fn run(opts: &BenchOptions) -> Result<Table, BenchError> {
                     .await?,
                 );
                 if opts.tcp {
-                    cells.push(cell(&link, &tmp.0, Transport::TcpTls, rtt, loss, opts).await?);
+                    cells.push(
+                        cell(
+                            &link,
+                            &tmp.0,
+                            Transport::TcpTls(opts.tcp_congestion),
+                            rtt,
+                            loss,
+                            opts,
+                        )
+                        .await?,
+                    );
                 }
             }
         }
         let mut controller_cells = Vec::new();
         for &(rtt, loss) in &opts.controller_cells {
-            for cc in CongestionControl::ALL {
+            for &cc in &opts.quic_controllers {
                 controller_cells
                     .push(cell(&link, &tmp.0, Transport::Quic(cc), rtt, loss, opts).await?);
+            }
+            for &cc in &opts.tcp_controllers {
+                controller_cells
+                    .push(cell(&link, &tmp.0, Transport::TcpTls(cc), rtt, loss, opts).await?);
             }
         }
         Ok(Table {
@@ -318,7 +386,7 @@ async fn cell(
             spawn_committer(rh.clone(), rev);
             (sh, sev, rh, Some((ea, eb)))
         }
-        Transport::TcpTls => {
+        Transport::TcpTls(tcp_cc) => {
             let l = in_netns(&ns_b, || {
                 let l = std::net::TcpListener::bind(SocketAddr::from((ADDR_B, 0)))?;
                 l.set_nonblocking(true)?;
@@ -331,9 +399,11 @@ async fn cell(
             let ns = ns_a.clone();
             let dialer = TcpTlsDialer::new(&cfg_a, addr_b, "dc2")?.with_socket_factory(Arc::new(
                 move || {
-                    in_netns(&ns, || {
+                    let s = in_netns(&ns, || {
                         socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-                    })?
+                    })??;
+                    s.set_tcp_congestion(tcp_cc.name().as_bytes())?;
+                    Ok(s)
                 },
             ));
             let (sh, sev) = spawn_sender(dialer, scfg, 1);
@@ -341,8 +411,22 @@ async fn cell(
             (sh, sev, rh, None)
         }
     };
+    let sampler = spawn_sampler(sender.clone());
     let r = measure(&sender, sev, opts).await;
-    let lost_packets = sender.status().link.map_or(0, |l| l.lost_packets);
+    let last = sender.status().link.unwrap_or_default();
+    let trace = sampler.stop().await;
+    let lost_packets = last.lost_packets;
+    let congestion_events = last.congestion_events;
+    let goodput_phase: Vec<u64> = trace
+        .iter()
+        .filter(|(t, _)| *t <= opts.saturate_for.as_secs_f64())
+        .map(|(_, l)| l.cwnd)
+        .collect();
+    let mean_cwnd = if goodput_phase.is_empty() {
+        0
+    } else {
+        goodput_phase.iter().sum::<u64>() / goodput_phase.len() as u64
+    };
     sender.close().await;
     receiver.close().await;
     if let Some((a, b)) = quic {
@@ -367,8 +451,44 @@ async fn cell(
         p50,
         p99,
         lost_packets,
+        congestion_events,
+        mean_cwnd,
+        trace: if opts.trace { trace } else { Vec::new() },
         incomplete,
     })
+}
+
+/// Samples the sender's transport counters every 100 ms.
+struct Sampler {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Vec<(f64, super::LinkStats)>>,
+}
+
+impl Sampler {
+    async fn stop(self) -> Vec<(f64, super::LinkStats)> {
+        let _ = self.stop.send(());
+        self.task.await.unwrap_or_default()
+    }
+}
+
+fn spawn_sampler(sender: SenderHandle) -> Sampler {
+    let (stop, mut stopped) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        let start = Instant::now();
+        let mut out = Vec::new();
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                _ = &mut stopped => return out,
+                _ = tick.tick() => {
+                    if let Some(l) = sender.status().link {
+                        out.push((start.elapsed().as_secs_f64(), l));
+                    }
+                }
+            }
+        }
+    });
+    Sampler { stop, task }
 }
 
 fn spawn_committer(rh: ReceiverHandle, mut rev: mpsc::UnboundedReceiver<ReceiverEvent>) {
@@ -531,10 +651,11 @@ impl fmt::Display for Table {
             o.paced_count
         )?;
         let q = Transport::Quic(o.congestion);
+        let t = Transport::TcpTls(o.tcp_congestion);
         writeln!(f)?;
         writeln!(
             f,
-            "| RTT ms | loss % | {q} goodput Mbit/s | TCP+TLS goodput Mbit/s | {q} p50/p99 ms | TCP+TLS p50/p99 ms | target p99 ms | link drops QUIC (loss+queue) | link drops TCP (loss+queue) |"
+            "| RTT ms | loss % | {q} goodput Mbit/s | {t} goodput Mbit/s | {q} p50/p99 ms | {t} p50/p99 ms | target p99 ms | link drops QUIC (loss+queue) | link drops TCP (loss+queue) |"
         )?;
         writeln!(f, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
         for &rtt in &o.rtts {
@@ -555,7 +676,7 @@ impl fmt::Display for Table {
                     })
                 };
                 let qc = self.find(q, rtt, loss);
-                let tc = self.find(Transport::TcpTls, rtt, loss);
+                let tc = self.find(Transport::TcpTls(o.tcp_congestion), rtt, loss);
                 let drops = |c: Option<&Cell>| {
                     c.map_or("-".to_string(), |c| {
                         format!(
@@ -584,14 +705,19 @@ impl fmt::Display for Table {
         }
         if !self.controller_cells.is_empty() {
             writeln!(f)?;
-            writeln!(f, "QUIC congestion controllers:")?;
+            writeln!(
+                f,
+                "Congestion controllers (QUIC: quinn's; TCP: Linux's, set per socket):"
+            )?;
             writeln!(f)?;
-            writeln!(f, "| RTT ms | loss % | controller | goodput Mbit/s | p50/p99 ms | QUIC lost pkts | link drops (loss+queue) |")?;
-            writeln!(f, "|---:|---:|---|---:|---:|---:|---:|")?;
+            writeln!(f, "| RTT ms | loss % | controller | goodput Mbit/s | p50/p99 ms | QUIC lost pkts | QUIC congestion events | QUIC mean cwnd KiB | link drops (loss+queue) |")?;
+            writeln!(f, "|---:|---:|---|---:|---:|---:|---:|---:|---:|")?;
             for c in &self.controller_cells {
+                let quic = matches!(c.transport, Transport::Quic(_));
+                let q = |v: u64| if quic { v.to_string() } else { "-".to_string() };
                 writeln!(
                     f,
-                    "| {} | {:.1} | {} | {:.1}{} | {} / {} | {} | {}+{} of {} |",
+                    "| {} | {:.1} | {} | {:.1}{} | {} / {} | {} | {} | {} | {}+{} of {} |",
                     c.rtt.as_millis(),
                     c.loss * 100.0,
                     c.transport,
@@ -599,10 +725,35 @@ impl fmt::Display for Table {
                     if c.incomplete > 0 { "*" } else { "" },
                     ms(c.p50),
                     ms(c.p99),
-                    c.lost_packets,
+                    q(c.lost_packets),
+                    q(c.congestion_events),
+                    q(c.mean_cwnd / 1024),
                     c.link_lost,
                     c.link_queue_drops,
                     c.link_packets
+                )?;
+            }
+        }
+        for c in self.cells.iter().chain(&self.controller_cells) {
+            if c.trace.is_empty() {
+                continue;
+            }
+            writeln!(
+                f,
+                "\ntrace {} at {} ms / {:.1} %: t s, cwnd KiB, srtt ms, lost pkts, congestion events, sent pkts",
+                c.transport,
+                c.rtt.as_millis(),
+                c.loss * 100.0
+            )?;
+            for (t, l) in &c.trace {
+                writeln!(
+                    f,
+                    "{t:.1} {} {:.0} {} {} {}",
+                    l.cwnd / 1024,
+                    l.rtt.as_secs_f64() * 1000.0,
+                    l.lost_packets,
+                    l.congestion_events,
+                    l.sent_packets
                 )?;
             }
         }

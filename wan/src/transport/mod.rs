@@ -12,6 +12,7 @@
 //! See `docs/transport.md` for the protocol, identities and tuning.
 
 pub mod bench;
+pub mod congestion;
 pub mod replication;
 pub mod tcp;
 pub mod tls;
@@ -51,16 +52,22 @@ pub enum CongestionControl {
     NewReno,
     /// quinn's experimental BBR (v1-like).
     Bbr,
+    /// quinn's BBR with the bytes in flight bounded by 1.25x the measured
+    /// bandwidth-delay product ([`congestion::BoundedBbr`]): no standing
+    /// queue at the bottleneck.
+    BoundedBbr,
 }
 
 impl CongestionControl {
-    pub const ALL: [CongestionControl; 3] = [Self::Cubic, Self::NewReno, Self::Bbr];
+    pub const ALL: [CongestionControl; 4] =
+        [Self::Cubic, Self::NewReno, Self::Bbr, Self::BoundedBbr];
 
     pub fn name(self) -> &'static str {
         match self {
             Self::Cubic => "cubic",
             Self::NewReno => "newreno",
             Self::Bbr => "bbr",
+            Self::BoundedBbr => "bbr-bounded",
         }
     }
 }
@@ -72,8 +79,9 @@ impl std::str::FromStr for CongestionControl {
             "cubic" => Ok(Self::Cubic),
             "newreno" | "new-reno" | "reno" => Ok(Self::NewReno),
             "bbr" => Ok(Self::Bbr),
+            "bbr-bounded" | "bounded-bbr" => Ok(Self::BoundedBbr),
             _ => Err(format!(
-                "unknown congestion controller {s:?}: expected cubic, newreno or bbr"
+                "unknown congestion controller {s:?}: expected cubic, newreno, bbr or bbr-bounded"
             )),
         }
     }
@@ -168,6 +176,9 @@ impl TransportConfig {
             )),
             CongestionControl::Bbr => {
                 t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()))
+            }
+            CongestionControl::BoundedBbr => {
+                t.congestion_controller_factory(Arc::new(congestion::BoundedBbrConfig::default()))
             }
         };
         t
