@@ -9,6 +9,8 @@
 //!     ... -- --rtt-ms 50 --loss 0.5 --compare-only         # only the controller table, there
 //!     ... -- --controllers cubic,bbr --tcp-controllers cubic
 //!     ... -- --trace                                       # QUIC counters every 100 ms
+//!     ... -- --ack-delay-ms 5|default --bbr-headroom 1.5   # QUIC tuning experiments
+//!     ... -- --paced 100                                   # epochs in the latency phase (default 15)
 //!
 //! Needs root (it creates two network namespaces joined through TUN
 //! devices). Run as a test (`cargo test --benches`, no `--bench` flag) it
@@ -110,6 +112,32 @@ fn main() {
         opts.rtts.clear();
     }
     opts.trace = args.iter().any(|a| a == "--trace");
+    if let Some(v) = args
+        .iter()
+        .position(|a| a == "--ack-delay-ms")
+        .and_then(|i| args.get(i + 1))
+    {
+        opts.ack_delay = Some(match v.as_str() {
+            "default" => None,
+            ms => Some(Duration::from_millis(
+                ms.parse().expect("--ack-delay-ms N|default"),
+            )),
+        });
+    }
+    if let Some(v) = args
+        .iter()
+        .position(|a| a == "--paced")
+        .and_then(|i| args.get(i + 1))
+    {
+        opts.paced_count = v.parse().expect("--paced N");
+    }
+    if let Some(v) = args
+        .iter()
+        .position(|a| a == "--bbr-headroom")
+        .and_then(|i| args.get(i + 1))
+    {
+        opts.bbr_headroom = Some(v.parse().expect("--bbr-headroom X"));
+    }
     let started = std::time::Instant::now();
     match run(&opts) {
         Ok(table) => {

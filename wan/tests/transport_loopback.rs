@@ -22,7 +22,7 @@ use wan::session::{
 use wan::transport::replication::{
     spawn_receiver, spawn_sender, HandleError, QuicDialer, QuicListener, ReceiverHandle,
 };
-use wan::transport::{Endpoint, TlsPaths, TransportConfig, TransportError};
+use wan::transport::{CongestionControl, Endpoint, TlsPaths, TransportConfig, TransportError};
 
 const LOCAL: &str = "127.0.0.1:0";
 const WAIT: Duration = Duration::from_secs(60);
@@ -338,6 +338,56 @@ async fn a_version_mismatch_names_both_versions() {
             client.local_addr().unwrap()
         )
     );
+}
+
+/// The default controller (`bbr-bounded`) with a short requested ACK delay
+/// carries every epoch intact, in order, through a lossy rate-limited link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bounded_bbr_with_a_short_ack_delay_replicates_intact_through_a_lossy_link() {
+    let pki = pki();
+    let tune = |mut c: TransportConfig| {
+        assert_eq!(c.congestion, CongestionControl::BoundedBbr);
+        c.ack_delay = Some(Duration::from_millis(5));
+        c
+    };
+    let backup = bind(tune(tcfg(&pki.good, "dc2", &["dc1"])));
+    let baddr = backup.local_addr().unwrap();
+    let emu = Emulator::start(EmulatorConfig::new(baddr).with_link(LinkParams::symmetric(
+        Duration::from_millis(20),
+        0.01,
+        Some(40_000_000),
+    )))
+    .await
+    .unwrap();
+    let (rh, rev) = spawn_receiver(QuicListener::new(backup), receiver_cfg(), 0);
+    let (mut applied, _errs) = spawn_engine(rh.clone(), rev);
+    let primary = bind(tune(tcfg(&pki.good, "dc1", &[])));
+    let dialer = QuicDialer {
+        endpoint: primary,
+        addr: emu.local_addr(),
+        peer_site: "dc2".into(),
+    };
+    let (sh, mut sev) = spawn_sender(dialer, sender_cfg(), 1);
+    let n = 12u64;
+    for e in 1..=n {
+        let kind = if e == 1 {
+            EpochKind::Full
+        } else {
+            EpochKind::Delta
+        };
+        sh.push_epoch(kind, payload(e, 300_000 + e as usize * 1000))
+            .await
+            .unwrap();
+    }
+    wait_committed(&mut sev, n).await;
+    let mut got = Vec::new();
+    while let Ok(e) = applied.try_recv() {
+        got.push(e);
+    }
+    assert_eq!(got, (1..=n).collect::<Vec<_>>());
+    let st = emu.handle().stats();
+    assert!(st.forward.lost + st.backward.lost > 0, "{st:?}");
+    sh.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -46,6 +46,10 @@ pub struct BenchOptions {
     pub quic_controllers: Vec<CongestionControl>,
     /// Linux controllers compared in the controller cells.
     pub tcp_controllers: Vec<TcpCc>,
+    /// QUIC transport overrides for experiments: requested ACK delay
+    /// (`Some(None)`: quinn's default) and `bbr-bounded` headroom.
+    pub ack_delay: Option<Option<Duration>>,
+    pub bbr_headroom: Option<f64>,
     /// Print each QUIC cell's transport counters every 100 ms (cwnd, RTT,
     /// losses, congestion events) after the tables.
     pub trace: bool,
@@ -82,6 +86,8 @@ impl BenchOptions {
             quic_controllers: CongestionControl::ALL.to_vec(),
             tcp_controllers: vec![TcpCc::Cubic, TcpCc::Bbr],
             trace: false,
+            ack_delay: None,
+            bbr_headroom: None,
             controller_cells: vec![
                 (Duration::from_millis(50), 0.005),
                 (Duration::from_millis(100), 0.02),
@@ -348,8 +354,15 @@ async fn cell(
     cfg_b.allowed_clients = vec!["dc1".into()];
     let mut cfg_a = TransportConfig::new(TlsPaths::in_dir(pki, "dc1"));
     if let Transport::Quic(cc) = transport {
-        cfg_a.congestion = cc;
-        cfg_b.congestion = cc;
+        for c in [&mut cfg_a, &mut cfg_b] {
+            c.congestion = cc;
+            if let Some(d) = opts.ack_delay {
+                c.ack_delay = d;
+            }
+            if let Some(h) = opts.bbr_headroom {
+                c.bbr_headroom = h;
+            }
+        }
     }
     let mut rcfg = ReceiverConfig::new("dc2", "bench");
     rcfg.max_epoch_size = 1 << 30;

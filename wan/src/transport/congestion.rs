@@ -10,12 +10,13 @@
 //!
 //! This wrapper leaves BBR in charge (start-up, probing, its indifference
 //! to random loss) and takes the minimum of its window and
-//! `headroom x measured delivery rate x min RTT`. The delivery rate is
+//! `headroom x measured delivery rate x max(min RTT, 10 ms)`. The delivery rate is
 //! what the peer acknowledged per min-RTT interval, a windowed maximum over
 //! ten intervals; samples taken while the sender had nothing to send only
 //! count when they raise the estimate. The bound applies once the estimate
 //! stops growing (BBR's "full bandwidth" rule: three intervals without
-//! 25 % growth), so start-up is BBR's own. With a bound of 1.25 BDP the
+//! 25 % growth, counting only intervals where we had data to send or had
+//! more than 1.25x the measured BDP in flight), so start-up is BBR's own. With a bound of 1.25 BDP the
 //! queue holds at most a quarter of a BDP, and because quinn's pacer
 //! derives its rate from the window, the pacing rate drops with it.
 //!
@@ -82,6 +83,8 @@ pub struct DeliveryRate {
     round_start: Option<Instant>,
     round_max: f64,
     round_app_limited: bool,
+    /// Most bytes in flight seen this round.
+    round_in_flight: u64,
     full_bw: f64,
     rounds_without_growth: u32,
     full: bool,
@@ -138,7 +141,13 @@ impl DeliveryRate {
             if self.round_max >= self.full_bw * 1.25 {
                 self.full_bw = self.round_max;
                 self.rounds_without_growth = 0;
-            } else if !self.round_app_limited {
+            } else if !self.round_app_limited
+                || self.round_in_flight as f64 >= 1.25 * self.round_max * interval.as_secs_f64()
+            {
+                // No growth while we had data to send, or while more than
+                // the measured BDP was in flight (an application that keeps
+                // a bounded amount outstanding, more than the path holds):
+                // the bottleneck is full.
                 self.rounds_without_growth += 1;
                 if self.rounds_without_growth >= Self::FULL_ROUNDS {
                     self.full = true;
@@ -147,7 +156,13 @@ impl DeliveryRate {
             self.round_start = Some(now);
             self.round_max = 0.0;
             self.round_app_limited = false;
+            self.round_in_flight = 0;
         }
+    }
+
+    /// Bytes in flight after a batch of acknowledgements.
+    pub fn on_in_flight(&mut self, in_flight: u64) {
+        self.round_in_flight = self.round_in_flight.max(in_flight);
     }
 
     /// The windowed maximum (bytes/s), once one interval has been measured.
@@ -183,8 +198,10 @@ impl BoundedBbr {
             return None;
         }
         let bw = self.rate.estimate()?;
-        let min_rtt = self.min_rtt?;
-        let bdp = bw * min_rtt.as_secs_f64();
+        // On a short path the RTT under load is set by scheduling and ACK
+        // timing rather than by the path: count at least `min_interval`.
+        let rtt = self.min_rtt?.max(self.cfg.min_interval);
+        let bdp = bw * rtt.as_secs_f64();
         Some(((self.cfg.headroom * bdp) as u64).max(self.cfg.min_packets * self.mtu))
     }
 
@@ -231,6 +248,7 @@ impl Controller for BoundedBbr {
     ) {
         self.inner
             .on_end_acks(now, in_flight, app_limited, largest_packet_num_acked);
+        self.rate.on_in_flight(in_flight);
     }
 
     fn on_congestion_event(
@@ -339,6 +357,25 @@ mod tests {
         assert!(r.estimate().unwrap() > low * 1.4);
     }
 
+    #[test]
+    fn an_app_limited_sender_with_more_than_a_bdp_in_flight_finds_the_bottleneck() {
+        let iv = 100 * MS;
+        let run = |in_flight: u64| {
+            let mut r = DeliveryRate::default();
+            let mut t = Instant::now();
+            for _ in 0..800 {
+                t += MS;
+                r.on_ack(t, 25_000, true, iv);
+                r.on_in_flight(in_flight);
+            }
+            r.full_bandwidth()
+        };
+        // 25 MB/s x 100 ms = 2.5 MB: 8 MB outstanding is a full pipe ...
+        assert!(run(8_000_000));
+        // ... 1 MB outstanding says nothing about the path.
+        assert!(!run(1_000_000));
+    }
+
     fn bounded() -> BoundedBbr {
         let cfg = Arc::new(BoundedBbrConfig::default());
         let c = cfg.clone().build(Instant::now(), 1200);
@@ -365,7 +402,16 @@ mod tests {
         );
         assert!(c.window() <= bound);
         assert_eq!(c.window(), c.inner.window().min(bound));
-        // A tiny BDP still leaves the floor of 64 packets.
+        // A short path counts at least 10 ms of RTT.
+        let mut c = bounded();
+        for _ in 0..1000 {
+            t += MS;
+            c.on_ack_sample(t, 25_000, false, Duration::from_micros(300));
+        }
+        let b = c.bound().unwrap() as f64;
+        let min = 1.25 * 25_000_000.0 * 0.010;
+        assert!(b > 0.95 * min && b < 1.05 * min, "{b} vs {min}");
+        // A tiny rate still leaves the floor of 64 packets.
         let mut c = bounded();
         for _ in 0..1000 {
             t += MS;

@@ -101,9 +101,12 @@ pub struct TransportConfig {
     /// Sites allowed to connect to us (checked against the client
     /// certificate's DNS subjectAltName); empty: any site of our CA.
     pub allowed_clients: Vec<String>,
-    /// Congestion controller. Default BBR, chosen by `benches/wan_transport.rs`
-    /// (see docs/benchmarks.md): under random loss the loss-based
-    /// controllers collapse on a long path.
+    /// Congestion controller. Default `bbr-bounded` (quinn's BBR with the
+    /// bytes in flight bounded by 1.25x the measured BDP), chosen by
+    /// `benches/wan_transport.rs` (see docs/benchmarks.md): under random
+    /// loss the loss-based controllers collapse on a long path (quinn's and
+    /// Linux's alike), and plain BBR keeps a standing queue that overflows
+    /// the bottleneck.
     pub congestion: CongestionControl,
     /// Connection-level receive window (bytes). Default 64 MiB: above
     /// 1 Gbit/s x 100 ms (12.5 MB) with room for loss recovery.
@@ -122,6 +125,14 @@ pub struct TransportConfig {
     pub keep_alive: Duration,
     /// First RTT estimate before any sample.
     pub initial_rtt: Duration,
+    /// Largest ACK delay we ask the peer to use (QUIC ACK frequency
+    /// extension; quinn then also uses it in the probe timeout). `None`:
+    /// the peer's own `max_ack_delay` (25 ms in quinn). A short one lets
+    /// the sender see a lost packet, and a lost tail, sooner.
+    pub ack_delay: Option<Duration>,
+    /// `bbr-bounded`: in-flight bound as a multiple of the measured
+    /// bandwidth-delay product.
+    pub bbr_headroom: f64,
     /// Protocol version put in ALPN. Leave at
     /// [`crate::session::PROTOCOL_VERSION`]; tests change it to check
     /// version negotiation.
@@ -133,7 +144,7 @@ impl TransportConfig {
         Self {
             tls,
             allowed_clients: Vec::new(),
-            congestion: CongestionControl::Bbr,
+            congestion: CongestionControl::BoundedBbr,
             receive_window: 64 << 20,
             stream_receive_window: 32 << 20,
             send_window: 64 << 20,
@@ -141,6 +152,8 @@ impl TransportConfig {
             idle_timeout: Duration::from_secs(10),
             keep_alive: Duration::from_secs(2),
             initial_rtt: Duration::from_millis(100),
+            ack_delay: None,
+            bbr_headroom: 1.25,
             protocol_version: crate::session::PROTOCOL_VERSION,
         }
     }
@@ -167,6 +180,11 @@ impl TransportConfig {
                 quinn::IdleTimeout::try_from(self.idle_timeout)
                     .unwrap_or(quinn::IdleTimeout::from(quinn::VarInt::from_u32(10_000))),
             ));
+        if let Some(d) = self.ack_delay {
+            let mut af = quinn::AckFrequencyConfig::default();
+            af.max_ack_delay(Some(d));
+            t.ack_frequency_config(Some(af));
+        }
         match self.congestion {
             CongestionControl::Cubic => {
                 t.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default()))
@@ -586,4 +604,32 @@ pub fn udp_socket(addr: SocketAddr, buffer: usize) -> Result<std::net::UdpSocket
     }
     s.bind(&addr.into()).map_err(bind_err)?;
     Ok(s.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn controllers_parse_from_their_names_and_bounded_bbr_is_the_default() {
+        for cc in CongestionControl::ALL {
+            assert_eq!(cc.name().parse::<CongestionControl>(), Ok(cc));
+            assert_eq!(cc.to_string(), cc.name());
+        }
+        assert!("vegas".parse::<CongestionControl>().is_err());
+        let cfg = TransportConfig::new(TlsPaths::in_dir(".", "x"));
+        assert_eq!(cfg.congestion, CongestionControl::BoundedBbr);
+        assert_eq!(cfg.ack_delay, None);
+    }
+
+    #[test]
+    fn every_controller_and_an_ack_delay_make_a_transport_config() {
+        for cc in CongestionControl::ALL {
+            let mut cfg = TransportConfig::new(TlsPaths::in_dir(".", "x"));
+            cfg.congestion = cc;
+            cfg.ack_delay = Some(Duration::from_millis(5));
+            cfg.bbr_headroom = 1.5;
+            let _ = cfg.quinn_transport();
+        }
+    }
 }
