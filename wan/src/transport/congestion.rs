@@ -21,7 +21,12 @@
 //! derives its rate from the window, the pacing rate drops with it.
 //!
 //! If the path gets faster, the bound still lets 1.25x the measured rate
-//! through, so the estimate (and the bound) grows by up to 25 % per RTT.
+//! through, so the estimate (and the bound) can grow by up to 25 % per RTT
+//! -- but only while the actual RTT stays below 1.25x the min RTT: the rate
+//! delivered is in-flight / actual RTT, so when RTT samples are inflated by
+//! something other than the bottleneck queue (scheduling, the relay, loss
+//! recovery) the bound stops growing and can lock in low. Seen at 2 % loss
+//! in the benchmark; this is why it is opt-in (docs/transport.md).
 
 use std::any::Any;
 use std::collections::VecDeque;

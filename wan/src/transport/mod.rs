@@ -54,7 +54,8 @@ pub enum CongestionControl {
     Bbr,
     /// quinn's BBR with the bytes in flight bounded by 1.25x the measured
     /// bandwidth-delay product ([`congestion::BoundedBbr`]): no standing
-    /// queue at the bottleneck.
+    /// queue at the bottleneck, but it can lock in low under heavy loss
+    /// (docs/transport.md), so it is opt-in.
     BoundedBbr,
 }
 
