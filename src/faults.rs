@@ -139,8 +139,14 @@ pub fn corruption_due() -> Option<Corruption> {
             let spec = std::env::var(CORRUPT_ENV).ok()?;
             let c = parse_corruption(&spec);
             match &c {
-                Some(c) => tracing::warn!(?c, "replica corruption armed ({CORRUPT_ENV}): for tests only"),
-                None => tracing::warn!(spec, "{CORRUPT_ENV} not understood: expected memory|disk:<offset>@<n>"),
+                Some(c) => tracing::warn!(
+                    ?c,
+                    "replica corruption armed ({CORRUPT_ENV}): for tests only"
+                ),
+                None => tracing::warn!(
+                    spec,
+                    "{CORRUPT_ENV} not understood: expected memory|disk:<offset>@<n>"
+                ),
             }
             c.map(|c| (c, AtomicU64::new(0)))
         })

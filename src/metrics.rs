@@ -614,7 +614,9 @@ async fn serve_inner(
 pub fn parse_verify_path(
     path: &str,
 ) -> Result<(String, crate::engine::verify::Scope, bool), String> {
-    let rest = path.strip_prefix("/verify/").ok_or("not a verify request")?;
+    let rest = path
+        .strip_prefix("/verify/")
+        .ok_or("not a verify request")?;
     let (vm, query) = rest.split_once('?').unwrap_or((rest, ""));
     if vm.is_empty() {
         return Err("no VM named: /verify/<vm>".into());

@@ -29,24 +29,24 @@ use wan::session::{EpochKind, SenderConfig, SenderEvent};
 use wan::transport::replication::{spawn_sender, QuicDialer, SenderHandle};
 use wan::transport::{Endpoint, TlsPaths, TransportConfig};
 
-use super::output_commit::OutputBuffer;
-use super::pacer::{Decision, Pacer};
 use super::blockmap::{BlockMap, BLOCK_SIZE};
 use super::disksync::choose_mode;
+use super::output_commit::OutputBuffer;
+use super::pacer::{Decision, Pacer};
 use super::precopy::{
     ChecksumCursor, DiskCursor, DiskSource, MapCursor, PreCopy, Step, PRECOPY_DISK_BYTES,
     PRECOPY_IN_FLIGHT, PRECOPY_PAGES,
 };
-use wan::session::wire::{DiskReport, DiskSync, DiskSyncMode, SyncBegin};
 use super::release_gate::{Release, ReleaseGate};
+use super::verify::{self, VerifyRun};
 use crate::addresses::Addresses;
 use crate::arbiter::ArbiterHandle;
-use super::verify::{self, VerifyRun};
 use crate::metrics::{ControlRequest, VerifyTotals};
-use wan::session::wire::VerifyRegion;
 use failover::Event;
 use netops::config::HookEvent;
 use netops::policy::Role;
+use wan::session::wire::VerifyRegion;
+use wan::session::wire::{DiskReport, DiskSync, DiskSyncMode, SyncBegin};
 
 /// A switchover not done by then is aborted: the backup did not commit
 /// the final epoch, or the witness did not move the lease.
@@ -777,7 +777,9 @@ impl<G: ProtectedGuest> Protector<G> {
             }
         };
         let written = match (mode, self.capture.io.lock()) {
-            (DiskSyncMode::Incremental, Ok(io)) => io.map.as_ref().map(|m| m.count_written_after(base)),
+            (DiskSyncMode::Incremental, Ok(io)) => {
+                io.map.as_ref().map(|m| m.count_written_after(base))
+            }
             _ => None,
         };
         info!(vm = %self.opts.vm, mode = mode.name(), base, blocks_written_since = written, standby = ?report, "disk synchronisation mode");
@@ -1069,13 +1071,8 @@ impl<G: ProtectedGuest> Protector<G> {
                     // The guest is paused and its writes of this epoch
                     // are captured: memory and disk are exactly what the
                     // replica will hold at the commit of this epoch.
-                    at_pause = verify::at_pause(
-                        l,
-                        reader.as_ref(),
-                        disk_path.as_deref(),
-                        &repairs,
-                        slice,
-                    );
+                    at_pause =
+                        verify::at_pause(l, reader.as_ref(), disk_path.as_deref(), &repairs, slice);
                 }
             })
         })?;

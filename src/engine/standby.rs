@@ -19,14 +19,14 @@ use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
 use wan::codec::{Decoder, DecoderConfig};
-use wan::session::wire::{VerifyHashes, VerifyOutcome, VerifyRegion, VerifyResult};
 use wan::session::wire::{DiskReport, DiskSync, DiskSyncMode, ReplicaReport, SyncBegin};
+use wan::session::wire::{VerifyHashes, VerifyOutcome, VerifyRegion, VerifyResult};
 use wan::session::{EpochKind, ReceiverConfig, ReceiverEvent};
 use wan::transport::replication::{spawn_receiver, QuicListener};
 use wan::transport::{Endpoint, TlsPaths, TransportConfig};
 
-use crate::addresses::Addresses;
 use super::verify;
+use crate::addresses::Addresses;
 use crate::arbiter::ArbiterHandle;
 use crate::replica::{ReplicaStore, StoreError};
 use failover::Event;
@@ -245,7 +245,11 @@ impl Standby {
             DiskSyncMode::Full => None,
             DiskSyncMode::Incremental => {
                 let r = self.report();
-                if !(r.consistent && r.lineage == p.lineage && r.epoch >= p.base && r.disk_bytes == p.disk_bytes) {
+                if !(r.consistent
+                    && r.lineage == p.lineage
+                    && r.epoch >= p.base
+                    && r.disk_bytes == p.disk_bytes)
+                {
                     return Err(format!(
                         "cannot seed an incremental resync from epoch {} of lineage {:016x}: this standby holds {r:?}",
                         p.base, p.lineage
@@ -255,12 +259,17 @@ impl Standby {
             }
             DiskSyncMode::Checksum => match self.seed_source() {
                 Some((path, _)) => Some(path),
-                None => return Err("cannot seed a checksum resync: no old copy of the disk here".into()),
+                None => {
+                    return Err(
+                        "cannot seed a checksum resync: no old copy of the disk here".into(),
+                    )
+                }
             },
         };
         if let Some(from) = from {
             let started = Instant::now();
-            let copied = tokio::task::block_in_place(|| store.seed_disk(&from)).map_err(|e| e.to_string())?;
+            let copied = tokio::task::block_in_place(|| store.seed_disk(&from))
+                .map_err(|e| e.to_string())?;
             self.stats.seeded_bytes += copied;
             info!(vm = %self.opts.vm, mode = p.mode.name(), from = %from.display(), copied_bytes = copied, took_ms = started.elapsed().as_millis() as u64, "new replica's disk seeded from a local copy");
         }
@@ -299,16 +308,26 @@ impl Standby {
 
     /// Hashes blocks of the replica under a checksum resync.
     pub fn hash_request(&mut self, first_block: u64, count: u32) -> DiskReport {
-        let (Some(r), Some(DiskSyncMode::Checksum)) = (&self.target.resync, self.resync_mode) else {
+        let (Some(r), Some(DiskSyncMode::Checksum)) = (&self.target.resync, self.resync_mode)
+        else {
             return DiskReport::NoSeed { first_block };
         };
         let Some(f) = r.disk_file() else {
             return DiskReport::NoSeed { first_block };
         };
-        match super::disksync::hash_blocks(f, r.meta().disk_bytes, first_block, count, &mut self.hash_buf) {
+        match super::disksync::hash_blocks(
+            f,
+            r.meta().disk_bytes,
+            first_block,
+            count,
+            &mut self.hash_buf,
+        ) {
             Ok(hashes) => {
                 self.stats.blocks_hashed += hashes.len() as u64;
-                DiskReport::Hashes { first_block, hashes }
+                DiskReport::Hashes {
+                    first_block,
+                    hashes,
+                }
             }
             Err(e) => {
                 warn!(vm = %self.opts.vm, error = %e, first_block, "hashing the seeded disk failed");
@@ -326,7 +345,9 @@ impl Standby {
                 None
             }
             DiskSync::HashRequest { first_block, count } => {
-                Some(tokio::task::block_in_place(|| self.hash_request(first_block, count)))
+                Some(tokio::task::block_in_place(|| {
+                    self.hash_request(first_block, count)
+                }))
             }
         }
     }
@@ -396,11 +417,11 @@ impl Standby {
         }
         let n = req.hashes.len() as u64;
         let unit = req.unit as u64;
-        let (start, end) = match req.first.checked_mul(unit).zip(
-            req.first
-                .checked_add(n)
-                .and_then(|e| e.checked_mul(unit)),
-        ) {
+        let (start, end) = match req
+            .first
+            .checked_mul(unit)
+            .zip(req.first.checked_add(n).and_then(|e| e.checked_mul(unit)))
+        {
             Some(r) => r,
             None => return VerifyOutcome::Failed("slice out of range".into()),
         };
@@ -433,7 +454,9 @@ impl Standby {
                 if let Err(e) = live.read_disk(start, &mut buf) {
                     return VerifyOutcome::Failed(e.to_string());
                 }
-                buf.chunks(req.unit as usize).map(verify::hash_unit).collect()
+                buf.chunks(req.unit as usize)
+                    .map(verify::hash_unit)
+                    .collect()
             }
         };
         let differing = mine
@@ -467,8 +490,12 @@ impl Standby {
                 f.write_all_at(&b, offset)
             });
         match r {
-            Ok(()) => warn!(vm = %self.opts.vm, file, offset, "test fault: replica corrupted on purpose"),
-            Err(e) => warn!(vm = %self.opts.vm, file, offset, error = %e, "test fault: could not corrupt the replica"),
+            Ok(()) => {
+                warn!(vm = %self.opts.vm, file, offset, "test fault: replica corrupted on purpose")
+            }
+            Err(e) => {
+                warn!(vm = %self.opts.vm, file, offset, error = %e, "test fault: could not corrupt the replica")
+            }
         }
     }
 }

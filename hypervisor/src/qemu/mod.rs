@@ -36,10 +36,10 @@ pub mod shadow;
 pub mod spec;
 pub mod tap_bridge;
 
+pub use colo::layout::frame_count;
 pub use error::{Error, Result};
 pub use guest::{QemuGuest, QemuTimings};
 pub use nbd::NbdServer;
-pub use colo::layout::frame_count;
 pub use spec::{Accel, DirtyTracking, LinuxImage, QemuNetSpec, QemuSpec, MAX_MEMORY_MIB};
 pub use tap_bridge::TapBridge;
 

@@ -7,8 +7,8 @@ use bytes::{Bytes, BytesMut};
 use tracing::{info, warn};
 
 use super::wire::{self, ControlFrame, Decoder, EpochKind, HelloAck, Item};
-use super::wire::{VerifyHashes, VerifyResult};
 use super::wire::{DiskReport, DiskSync, ReplicaReport};
+use super::wire::{VerifyHashes, VerifyResult};
 use super::SessionError;
 
 /// Configuration of the receiving end.

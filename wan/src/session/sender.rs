@@ -7,8 +7,8 @@ use bytes::Bytes;
 use tracing::{info, warn};
 
 use super::wire::{self, ControlFrame, Decoder, EpochKind, ErrorCode, Hello, Item};
-use super::wire::{VerifyHashes, VerifyResult};
 use super::wire::{DiskReport, DiskSync, ReplicaReport};
+use super::wire::{VerifyHashes, VerifyResult};
 use super::{Backoff, SessionError};
 
 /// Configuration of the sending end.
@@ -569,7 +569,12 @@ impl Sender {
                     .push_back(SenderEvent::DiskReport(DiskReport::Replica(r)));
                 Ok(())
             }
-            (ControlFrame::DiskReport(d @ (DiskReport::Hashes { .. } | DiskReport::NoSeed { .. })), State::Up) => {
+            (
+                ControlFrame::DiskReport(
+                    d @ (DiskReport::Hashes { .. } | DiskReport::NoSeed { .. }),
+                ),
+                State::Up,
+            ) => {
                 self.events.push_back(SenderEvent::DiskReport(d));
                 Ok(())
             }
