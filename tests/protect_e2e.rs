@@ -377,6 +377,43 @@ enum End {
     TakeoverThenRestartOnItsFolder,
 }
 
+/// Waits (reading the client's stream meanwhile) until the standby logging
+/// to `standby_log` holds a resynchronised consistent replica, then until
+/// protect is `protected` again with `progress` true of its status.
+fn resynced_then_protected(
+    dir: &Path,
+    standby_log: &str,
+    conn: &mut TcpStream,
+    counter: &mut Counter,
+    progress: impl Fn(&remus_wan::metrics::VmStatus) -> bool,
+) {
+    let log = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+    wait_until(
+        "the standby holds a resynchronised consistent replica",
+        Duration::from_secs(120),
+        || log(standby_log).contains("resynchronised replica is consistent"),
+        || {
+            counter.read_more(conn, u64::MAX, Duration::from_millis(20));
+        },
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}\nprotect log:\n{}\nstandby log:\n{}",
+            log("protect.log"),
+            log(standby_log)
+        )
+    });
+    wait_until(
+        "protect is protected again, checkpoints committed",
+        Duration::from_secs(60),
+        || vm_status("127.0.0.1:9477").is_some_and(|v| v.state == "protected" && progress(&v)),
+        || {
+            counter.read_more(conn, u64::MAX, Duration::from_millis(20));
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\nprotect log:\n{}", log("protect.log")));
+}
+
 fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
     let (_tmp, dir, cfg_s) = deployment(tap, port, mac, true);
     let state_s = dir.join("state").to_str().expect("utf-8").to_owned();
@@ -549,35 +586,10 @@ fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
                     "standby never reached its fault point\n{}",
                     log("standby.log")
                 );
-                wait_until(
-                    "the standby's replica is resynchronised after the rejected epoch",
-                    Duration::from_secs(120),
-                    || log("standby.log").contains("resynchronised replica is consistent"),
-                    || {
-                        counter.read_more(&mut conn, u64::MAX, Duration::from_millis(20));
-                    },
-                )
-                .unwrap_or_else(|e| {
-                    panic!(
-                        "{e}\nprotect log:\n{}\nstandby log:\n{}",
-                        log("protect.log"),
-                        log("standby.log")
-                    )
-                });
                 let committed = vm_status("127.0.0.1:9477").map(|v| v.committed_epoch).unwrap_or(0);
-                wait_until(
-                    "protect is protected again, checkpoints committed",
-                    Duration::from_secs(60),
-                    || {
-                        vm_status("127.0.0.1:9477").is_some_and(|v| {
-                            v.state == "protected" && v.committed_epoch > committed + 10
-                        })
-                    },
-                    || {
-                        counter.read_more(&mut conn, u64::MAX, Duration::from_millis(20));
-                    },
-                )
-                .unwrap_or_else(|e| panic!("{e}\nprotect log:\n{}", log("protect.log")));
+                resynced_then_protected(&dir, "standby.log", &mut conn, &mut counter, |v| {
+                    v.committed_epoch > committed + 10
+                });
                 assert!(!protect.has_exited(), "a rejected epoch must not stop the VM");
                 assert!(
                     log("protect.log").contains("receiver rejected epoch"),
@@ -603,34 +615,9 @@ fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
                     &dir.join("standby2.log"),
                 );
                 let first = Instant::now();
-                wait_until(
-                    "the new standby holds a consistent replica",
-                    Duration::from_secs(120),
-                    || log("standby2.log").contains("resynchronised replica is consistent"),
-                    || {
-                        counter.read_more(&mut conn, u64::MAX, Duration::from_millis(20));
-                    },
-                )
-                .unwrap_or_else(|e| {
-                    panic!(
-                        "{e}\nprotect log:\n{}\nstandby log:\n{}",
-                        log("protect.log"),
-                        log("standby2.log")
-                    )
+                resynced_then_protected(&dir, "standby2.log", &mut conn, &mut counter, |v| {
+                    v.epochs > resyncs_before + 20
                 });
-                wait_until(
-                    "protect is protected again, checkpoints committed",
-                    Duration::from_secs(60),
-                    || {
-                        vm_status("127.0.0.1:9477").is_some_and(|v| {
-                            v.state == "protected" && v.epochs > resyncs_before + 20
-                        })
-                    },
-                    || {
-                        counter.read_more(&mut conn, u64::MAX, Duration::from_millis(20));
-                    },
-                )
-                .unwrap_or_else(|e| panic!("{e}\nprotect log:\n{}", log("protect.log")));
                 assert!(!protect.has_exited(), "protect must survive its standby's loss");
                 eprintln!("standby wiped and restarted: resynchronised in {:?}", first.elapsed());
                 let before = counter.next();
