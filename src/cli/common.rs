@@ -40,3 +40,31 @@ pub fn tls_paths(tls: &config::Tls) -> wan::transport::TlsPaths {
         key: tls.key.clone(),
     }
 }
+
+/// Why the control token of the process at a control address cannot be
+/// read (the message names the file; `denied`: a permission problem).
+pub struct TokenError {
+    pub message: String,
+    pub denied: bool,
+}
+
+/// The control token of the process serving `addr` (None: no process
+/// there wrote one), for the commands that post control requests.
+pub fn control_token(
+    run_dir: &Path,
+    addr: std::net::SocketAddr,
+) -> Result<Option<String>, TokenError> {
+    let file = crate::metrics::control_token_path(run_dir, addr.port());
+    match crate::metrics::read_control_token(&file) {
+        Ok(t) => Ok(Some(t)),
+        // No process here (or one that wrote no token: it says so).
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(TokenError {
+            denied: e.kind() == std::io::ErrorKind::PermissionDenied,
+            message: format!(
+                "{addr}: cannot read the control token {}: {e} (run this as the user running the process, root in production)",
+                file.display()
+            ),
+        }),
+    }
+}

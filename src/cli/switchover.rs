@@ -66,17 +66,11 @@ impl SwitchoverArgs {
         let mut errors = Vec::new();
         let mut denied = false;
         for addr in &self.controls {
-            let file = crate::metrics::control_token_path(&run_dir, addr.port());
-            let token = match crate::metrics::read_control_token(&file) {
-                Ok(t) => Some(t),
-                // No process here (or one that wrote no token: it says so).
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            let token = match super::common::control_token(&run_dir, *addr) {
+                Ok(t) => t,
                 Err(e) => {
-                    denied |= e.kind() == std::io::ErrorKind::PermissionDenied;
-                    errors.push(format!(
-                        "{addr}: cannot read the control token {}: {e} (run this as the user running the process, root in production)",
-                        file.display()
-                    ));
+                    denied |= e.denied;
+                    errors.push(e.message);
                     continue;
                 }
             };
