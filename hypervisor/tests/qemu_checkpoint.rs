@@ -1,8 +1,10 @@
 //! The qemu backend end to end: boot the Linux guest under TCG, take
-//! checkpoints (stop, compare with the shadow, device state through
+//! checkpoints (stop, find the changed pages, device state through
 //! `migrate`, cont), check the replica image against guest RAM at paused
 //! checkpoints, then continue the guest from the last checkpoint in a
-//! second QEMU (`-incoming defer`) after the first one is killed.
+//! second QEMU (`-incoming defer`) after the first one is killed. Run with
+//! kernel write tracking and with the RAM compare: a page either misses
+//! shows up as a difference at a paused checkpoint.
 
 mod common;
 
@@ -10,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::qemu::{spec, ticks, wait_console, wait_ready};
 use hypervisor::kvm::Seams;
-use hypervisor::qemu::QemuGuest;
+use hypervisor::qemu::{DirtyTracking, QemuGuest};
 use hypervisor::{Checkpoint, ProtectedGuest};
 
 const MIB: u64 = 128;
@@ -20,13 +22,23 @@ fn apply(replica: &mut [u8], cp: &Checkpoint) {
 }
 
 #[test]
-fn checkpoints_then_a_second_qemu_continues_the_guest() {
+fn checkpoints_then_a_second_qemu_continues_the_guest_with_kernel_write_tracking() {
+    checkpoints_then_a_second_qemu_continues_the_guest(DirtyTracking::WriteProtect);
+}
+
+#[test]
+fn checkpoints_then_a_second_qemu_continues_the_guest_with_the_ram_compare() {
+    checkpoints_then_a_second_qemu_continues_the_guest(DirtyTracking::Compare);
+}
+
+fn checkpoints_then_a_second_qemu_continues_the_guest(tracking: DirtyTracking) {
     let Some(image) = common::require_qemu() else {
         return;
     };
     let dir = tempfile::tempdir().expect("temp dir");
-    let spec = spec(image, dir.path(), MIB);
+    let spec = spec(image, dir.path(), MIB).dirty_tracking(tracking);
     let mut g = QemuGuest::start(&spec, Seams::default()).expect("start QEMU");
+    assert_eq!(g.dirty_tracking(), tracking);
     wait_ready(&g);
 
     let mut replica = vec![0u8; g.frame_count() as usize * 4096];
@@ -48,8 +60,8 @@ fn checkpoints_then_a_second_qemu_continues_the_guest() {
             break;
         }
     }
-    // Compare mode fills the main RAM frames; the reserve after them
-    // (QEMU's other RAM blocks) is COLO mode's.
+    // Compare and write-protect modes fill the main RAM frames; the
+    // reserve after them (QEMU's other RAM blocks) is COLO mode's.
     let ram_frames = MIB * 256;
     assert_eq!(g.frame_count(), hypervisor::qemu::frame_count(MIB));
     assert!(sent >= ram_frames, "pre-copy sent the whole image");

@@ -75,6 +75,9 @@ pub enum Error {
     /// The COLO sink failed (the guest was let run on).
     #[error("COLO sink: {0}")]
     Sink(#[from] super::colo::sink::SinkError),
+    /// Kernel write tracking of guest RAM failed or is unavailable.
+    #[error("dirty tracking \"write-protect\": {0}")]
+    WriteTracking(#[from] super::write_protect::WpError),
     /// Operating-system error.
     #[error("{what}: {source}")]
     Io {

@@ -24,6 +24,7 @@ use super::process::{command_line, Paths, QemuProcess};
 use super::qmp::Qmp;
 use super::shadow::{RamMap, Shadow, PAGE_SIZE};
 use super::spec::{DirtyTracking, QemuSpec};
+use super::write_protect::{self, WriteTracker, Written};
 use crate::guest::{Checkpoint, GuestError, ProtectedGuest};
 use crate::kvm::Seams;
 
@@ -40,8 +41,14 @@ pub struct QemuTimings {
     /// Saving the device state (`migrate` to the memfd), beyond the part
     /// that overlaps the compare.
     pub state: Duration,
-    /// Comparing RAM with the shadow.
+    /// Finding the changed pages: comparing RAM with the shadow (all of it
+    /// in Compare mode, the written pages with kernel write tracking),
+    /// the scan included.
     pub compare: Duration,
+    /// Kernel write tracking: the `PAGEMAP_SCAN` walk (part of `compare`).
+    pub scan: Duration,
+    /// Kernel write tracking: pages the scan reported written.
+    pub written_pages: u64,
     /// Copying the changed pages (staging buffer and shadow).
     pub copy: Duration,
     /// QMP `cont`.
@@ -77,6 +84,10 @@ pub struct QemuGuest {
     ram: RamMap,
     _ram_file: RamFile,
     shadow: Shadow,
+    /// Kernel write tracking (None: Compare or COLO mode).
+    tracker: Option<WriteTracker>,
+    /// Frames the tracker reported and no round has taken yet.
+    written: Written,
     state: StateChannel,
     /// COLO mode: the sink of the current migration (None until started,
     /// or when a restart failed: the next call retries).
@@ -267,7 +278,27 @@ impl QemuGuest {
         };
         let args = command_line(spec, &paths, spec.accel.resolve(), replica.is_some());
         tracing::debug!(?args, "starting QEMU");
-        let mut process = QemuProcess::spawn(&spec.qemu_binary, &args, &paths.log)?;
+        let want_wp = matches!(
+            spec.dirty_tracking,
+            DirtyTracking::Auto | DirtyTracking::WriteProtect
+        );
+        let env = if want_wp {
+            match write_protect::preload_env(&spec.run_dir) {
+                Ok(env) => env,
+                Err(e) if spec.dirty_tracking == DirtyTracking::WriteProtect => {
+                    return Err(e.into())
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "kernel write tracking unavailable ({e}); trying COLO, then compare"
+                    );
+                    Vec::new()
+                }
+            }
+        } else {
+            Vec::new()
+        };
+        let mut process = QemuProcess::spawn(&spec.qemu_binary, &args, &env, &paths.log)?;
         let deadline = Instant::now() + START_TIMEOUT;
         let mut alive = || process.check_alive("starting");
         let net = match listening {
@@ -282,9 +313,26 @@ impl QemuGuest {
         let mut state = StateChannel::new()?;
         let ram_pages = (len / PAGE_SIZE) as u64;
         let accel = spec.accel.resolve();
+        let tracker = if want_wp && !env.is_empty() {
+            match WriteTracker::attach(process.pid(), &ram_file._file, len as u64) {
+                Ok(t) => Some(t),
+                Err(e) if spec.dirty_tracking == DirtyTracking::WriteProtect => {
+                    return Err(e.into())
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "kernel write tracking unavailable ({e}); trying COLO, then compare"
+                    );
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let setup = (|| -> Result<bool> {
             let colo = match spec.dirty_tracking {
-                DirtyTracking::Compare => false,
+                DirtyTracking::Compare | DirtyTracking::WriteProtect => false,
+                DirtyTracking::Auto if tracker.is_some() => false,
                 mode => {
                     let v = qmp.execute("query-version", None)?;
                     let v = colo::version::from_qmp(&v)
@@ -348,6 +396,8 @@ impl QemuGuest {
             ram,
             _ram_file: ram_file,
             shadow: Shadow::new(len),
+            tracker,
+            written: Written::new(ram_pages),
             state,
             sink,
             colo,
@@ -359,9 +409,20 @@ impl QemuGuest {
         })
     }
 
-    /// Whether this guest uses COLO dirty tracking (else Compare).
+    /// Whether this guest uses COLO dirty tracking.
     pub fn colo(&self) -> bool {
         self.colo
+    }
+
+    /// The dirty tracking this guest uses (never `Auto`).
+    pub fn dirty_tracking(&self) -> DirtyTracking {
+        if self.tracker.is_some() {
+            DirtyTracking::WriteProtect
+        } else if self.colo {
+            DirtyTracking::Colo
+        } else {
+            DirtyTracking::Compare
+        }
     }
 
     /// QEMU's process id.
@@ -467,7 +528,7 @@ impl QemuGuest {
         let t = Instant::now();
         self.state.start_save(&mut self.qmp)?;
         let started = t.elapsed();
-        let (compare, copy) = self.collect(usize::MAX, out);
+        let (compare, copy) = self.collect(usize::MAX, out)?;
         self.timings.compare = compare;
         self.timings.copy = copy;
         let t = Instant::now();
@@ -477,15 +538,47 @@ impl QemuGuest {
         Ok(())
     }
 
-    fn collect(&mut self, max: usize, out: &mut Checkpoint) -> (Duration, Duration) {
+    /// One round of changed pages into `out` (at most `max`): with kernel
+    /// write tracking, the pages written since the last round; else a
+    /// compare of all RAM. Returns (finding, copying) times.
+    fn collect(&mut self, max: usize, out: &mut Checkpoint) -> Result<(Duration, Duration)> {
         let t = Instant::now();
-        // SAFETY: the mapping covers the shadow's frames (both were sized
-        // from the spec's RAM) and lives as long as self.
-        let found = unsafe {
-            self.shadow
-                .collect(self.ram.as_ptr(), max, &mut out.frames, &mut out.pages)
+        let ram = self.ram.as_ptr();
+        let Some(tracker) = self.tracker.as_mut() else {
+            // SAFETY: the mapping covers the shadow's frames (both were
+            // sized from the spec's RAM) and lives as long as self.
+            let found = unsafe {
+                self.shadow
+                    .collect(ram, max, &mut out.frames, &mut out.pages)
+            };
+            return Ok((found.compare, t.elapsed().saturating_sub(found.compare)));
         };
-        (found.compare, t.elapsed().saturating_sub(found.compare))
+        let written = &mut self.written;
+        match tracker.take_written(|r| written.mark(r)) {
+            Ok(n) => self.timings.written_pages = n,
+            Err(e) => {
+                // Some pages may have been re-protected unreported: only a
+                // full resend is safe now.
+                self.shadow.reset();
+                self.written.clear();
+                out.frames.clear();
+                out.pages.clear();
+                return Err(e.into());
+            }
+        }
+        self.timings.scan = t.elapsed();
+        // SAFETY: as above.
+        let found = unsafe {
+            self.shadow.collect_written(
+                ram,
+                max,
+                &mut self.written,
+                &mut out.frames,
+                &mut out.pages,
+            )
+        };
+        let compare = self.timings.scan + found.compare;
+        Ok((compare, t.elapsed().saturating_sub(compare)))
     }
 }
 
@@ -648,7 +741,9 @@ impl ProtectedGuest for QemuGuest {
             out.timings.copy = t.elapsed();
             return r.map_err(|e| self.guest_error(e));
         }
-        let (compare, copy) = self.collect(max_frames, out);
+        let (compare, copy) = self
+            .collect(max_frames, out)
+            .map_err(|e| self.guest_error(e))?;
         out.timings.dirty_log = compare;
         out.timings.copy = copy;
         Ok(())
@@ -665,6 +760,7 @@ impl ProtectedGuest for QemuGuest {
         }
         // Every frame counts as never sent: the rounds send them all.
         self.shadow.reset();
+        self.written.clear();
     }
 
     fn checkpoint(

@@ -35,6 +35,7 @@ pub mod qmp;
 pub mod shadow;
 pub mod spec;
 pub mod tap_bridge;
+pub mod write_protect;
 
 pub use colo::layout::frame_count;
 pub use error::{Error, Result};

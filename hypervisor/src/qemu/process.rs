@@ -170,14 +170,24 @@ pub struct QemuProcess {
 }
 
 impl QemuProcess {
-    /// Starts `binary` with `args`, its output going to `log`.
-    pub fn spawn(binary: &Path, args: &[String], log: &Path) -> Result<QemuProcess> {
+    /// Starts `binary` with `args` and the extra environment `env`, its
+    /// output going to `log`.
+    pub fn spawn(
+        binary: &Path,
+        args: &[String],
+        env: &[(std::ffi::OsString, std::ffi::OsString)],
+        log: &Path,
+    ) -> Result<QemuProcess> {
         let out = File::create(log).map_err(Error::io(format!("creating {}", log.display())))?;
         let err = out
             .try_clone()
             .map_err(Error::io("duplicating the log fd"))?;
         let mut cmd = Command::new(binary);
-        cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
+        cmd.args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
         // SAFETY: prctl is async-signal-safe; the closure touches nothing
         // else between fork and exec.
         unsafe {

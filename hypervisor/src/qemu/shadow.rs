@@ -20,6 +20,8 @@
 
 use std::ops::Range;
 
+use super::write_protect::Written;
+
 /// Bytes per frame.
 pub const PAGE_SIZE: usize = 4096;
 /// Pages per compare block.
@@ -224,7 +226,69 @@ impl Shadow {
         let found = Found {
             compare: t.elapsed(),
         };
+        // SAFETY: forwarded from the caller.
+        unsafe { self.copy_out(ram, frames, pages) };
+        found
+    }
 
+    /// One round with the frames written since the last one known (kernel
+    /// write tracking): of the frames in `written`, up to `max` that differ
+    /// from what was sent (a page rewritten with the same bytes is not
+    /// resent), then never-sent frames, ascending, with their contents from
+    /// `ram` into `frames`/`pages`; the shadow takes the same contents.
+    /// Only the written pages are compared: the cost follows the epoch's
+    /// writes, not the size of RAM. Frames left over (beyond `max`) stay in
+    /// `written` for the next round.
+    ///
+    /// # Safety
+    /// As [`Shadow::collect`].
+    pub unsafe fn collect_written(
+        &mut self,
+        ram: *const u8,
+        max: usize,
+        written: &mut Written,
+        frames: &mut Vec<u64>,
+        pages: &mut Vec<u8>,
+    ) -> Found {
+        let t = std::time::Instant::now();
+        frames.clear();
+        let sent = self.sent;
+        let shadow = self.shadow.as_ptr();
+        written.drain_while(|f| {
+            if f >= sent {
+                // Never sent: the fresh frames below carry it.
+                return true;
+            }
+            if frames.len() >= max {
+                return false;
+            }
+            let off = f as usize * PAGE_SIZE;
+            // SAFETY: f < sent <= frame_count: in bounds of both.
+            let same =
+                unsafe { libc::memcmp(ram.add(off).cast(), shadow.add(off).cast(), PAGE_SIZE) }
+                    == 0;
+            if !same {
+                frames.push(f);
+            }
+            true
+        });
+        let room = (max - frames.len()) as u64;
+        let fresh = (self.frames - sent).min(room);
+        frames.extend(sent..sent + fresh);
+        self.sent = sent + fresh;
+        let found = Found {
+            compare: t.elapsed(),
+        };
+        // SAFETY: forwarded from the caller.
+        unsafe { self.copy_out(ram, frames, pages) };
+        found
+    }
+
+    /// Copies `frames` (ascending) from `ram` into `pages` and the shadow.
+    ///
+    /// # Safety
+    /// As [`Shadow::collect`].
+    unsafe fn copy_out(&mut self, ram: *const u8, frames: &[u64], pages: &mut Vec<u8>) {
         pages.resize(frames.len() * PAGE_SIZE, 0);
         let mut i = 0;
         while i < frames.len() {
@@ -244,7 +308,6 @@ impl Shadow {
             self.shadow[off..off + len].copy_from_slice(dst);
             i += n;
         }
-        found
     }
 }
 
@@ -339,6 +402,46 @@ mod tests {
         let (f, p) = round(&mut s, &ram, usize::MAX);
         assert_eq!(f, [7, 4999]);
         assert_eq!(&p[..PAGE_SIZE], &ram[7 * PAGE_SIZE..8 * PAGE_SIZE]);
+    }
+
+    proptest! {
+        /// With the written frames known (as kernel write tracking reports
+        /// them, plus frames rewritten with the same bytes), bounded rounds
+        /// reproduce the RAM in the replica and compare only those frames.
+        #[test]
+        fn replica_follows_ram_from_written_frames(
+            writes in proptest::collection::vec(
+                proptest::collection::vec((0usize..300, any::<u8>()), 0..40), 1..6),
+            extra in proptest::collection::vec(0u64..300, 0..10),
+            max in 1usize..400,
+        ) {
+            let frames = 300;
+            let mut ram = vec![0u8; frames * PAGE_SIZE];
+            let mut replica = vec![0xAAu8; frames * PAGE_SIZE];
+            let mut s = Shadow::new(ram.len());
+            let mut w = Written::new(frames as u64);
+            for epoch in writes {
+                for (frame, v) in epoch {
+                    ram[frame * PAGE_SIZE + (v as usize * 13) % PAGE_SIZE] = v;
+                    w.mark(frame as u64..frame as u64 + 1);
+                }
+                for &f in &extra {
+                    w.mark(f..f + 1);
+                }
+                loop {
+                    let (mut f, mut p) = (Vec::new(), Vec::new());
+                    // SAFETY: ram covers the shadow's frames.
+                    unsafe { s.collect_written(ram.as_ptr(), max, &mut w, &mut f, &mut p) };
+                    for (i, fr) in f.iter().enumerate() {
+                        let o = *fr as usize * PAGE_SIZE;
+                        replica[o..o + PAGE_SIZE].copy_from_slice(&p[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]);
+                    }
+                    if f.len() < max { break; }
+                }
+                prop_assert!(ram == replica);
+                prop_assert!(w.is_empty());
+            }
+        }
     }
 
     proptest! {

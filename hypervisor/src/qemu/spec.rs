@@ -55,10 +55,16 @@ impl Accel {
 /// How the backend finds the pages a guest changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DirtyTracking {
+    /// [`DirtyTracking::WriteProtect`] where the kernel can do it, else
     /// [`DirtyTracking::Colo`] where the QEMU binary supports it (see
-    /// `colo::version`), [`DirtyTracking::Compare`] otherwise.
+    /// `colo::version`), else [`DirtyTracking::Compare`].
     #[default]
     Auto,
+    /// The kernel tracks QEMU's writes to guest RAM (userfaultfd
+    /// write-protect in asynchronous mode, scanned with `PAGEMAP_SCAN`; see
+    /// `write_protect`): pause O(pages written), any QEMU, TCG or KVM.
+    /// Needs Linux >= 6.7.
+    WriteProtect,
     /// remus-wan is the local COLO secondary of its QEMU: QEMU's own dirty
     /// tracking, pause O(dirty pages). Refused on QEMU releases where COLO
     /// does not work (see `colo::version`).
