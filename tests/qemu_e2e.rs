@@ -9,6 +9,9 @@
 //! is served by remus-wan over NBD: every write the guest acknowledged
 //! (synced before its "OK") is on the resumed guest's disk.
 //!
+//! The guest has 1 GiB of RAM and is protected with kernel write tracking
+//! (the pause follows the pages written, not RAM).
+//!
 //! Needs root (network namespace, tap), QEMU and the Linux guest image
 //! (`cargo xtask guest-image --linux`; `cargo xtask test` builds it).
 
@@ -67,7 +70,9 @@ fn a_linux_guest_in_qemu_survives_its_primary_being_killed() {
         dc2_connect_port: None,
         tap: TAP.into(),
         mac: "52:54:00:12:38:71".into(),
-        memory_mib: 128,
+        // A real-sized guest: with kernel write tracking the checkpoint
+        // pause follows the pages written, not the 1 GiB of RAM.
+        memory_mib: 1024,
         witness_port: Some(17803),
     }
     .write()
@@ -156,6 +161,11 @@ fn a_linux_guest_in_qemu_survives_its_primary_being_killed() {
             last = v;
         }
         eprintln!("protected Linux guest answered {first}..={last}");
+        assert!(
+            log("protect.log").contains("dirty_tracking=WriteProtect"),
+            "the guest is not protected by kernel write tracking:\n{}",
+            log("protect.log")
+        );
         // Disk writes: each "OK" leaves the guest only once the epoch
         // holding the write (and its sync) is committed at dc2.
         let kv = TcpStream::connect_timeout(

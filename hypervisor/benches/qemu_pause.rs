@@ -1,16 +1,21 @@
-//! Pause of the qemu backend, part by part (stop, device state, compare,
-//! copy, cont), for guests of 128, 256 and 512 MiB, beside a plain memcmp
-//! of the same RAM in the same run (the floor of any compare-based
-//! approach). Prints figures; asserts nothing about time.
+//! Pause of the qemu backend, part by part (stop, device state, finding
+//! the changed pages, copy, cont), for guests of 256 MiB, 1 GiB and 4 GiB
+//! running the same workload (the guest rewrites a fixed 32 MiB working set
+//! with new bytes, `rw.dirty=32`), with kernel write tracking and with the
+//! RAM compare in the same run, beside a plain memcmp of the same RAM (the
+//! floor of any compare-based approach). Prints figures; asserts nothing
+//! about time.
 //!
 //! cargo bench -p hypervisor --bench qemu_pause   (QEMU and
-//! `cargo xtask guest-image --linux` needed; sizes: QEMU_PAUSE_MIB=128,256;
-//! checkpoints per row: QEMU_PAUSE_EPOCHS=300)
+//! `cargo xtask guest-image --linux` needed; sizes: QEMU_PAUSE_MIB=256,1024;
+//! modes: QEMU_PAUSE_MODES=write-protect,compare; working set:
+//! QEMU_PAUSE_DIRTY_MIB=32 (0: idle guest); checkpoints per row:
+//! QEMU_PAUSE_EPOCHS=30)
 
 use std::time::{Duration, Instant};
 
 use hypervisor::kvm::Seams;
-use hypervisor::qemu::{Accel, LinuxImage, QemuGuest, QemuSpec, QemuTimings};
+use hypervisor::qemu::{Accel, DirtyTracking, LinuxImage, QemuGuest, QemuSpec, QemuTimings};
 use hypervisor::{Checkpoint, ProtectedGuest};
 
 /// Checkpoints per row (QEMU_PAUSE_EPOCHS overrides: a soak run).
@@ -47,14 +52,34 @@ fn p90(mut v: Vec<Duration>) -> Duration {
     v[(v.len() * 9 / 10).min(v.len() - 1)]
 }
 
-fn run(image: &LinuxImage, mib: u64, threads: &[usize]) {
+fn dirty_mib() -> u64 {
+    std::env::var("QEMU_PAUSE_DIRTY_MIB")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(32)
+}
+
+fn mode_name(t: DirtyTracking) -> &'static str {
+    match t {
+        DirtyTracking::WriteProtect => "write-protect",
+        DirtyTracking::Compare => "compare",
+        DirtyTracking::Colo => "colo",
+        DirtyTracking::Auto => "auto",
+    }
+}
+
+fn run(image: &LinuxImage, mib: u64, mode: DirtyTracking, threads: &[usize]) {
     let dir = match tempfile::tempdir() {
         Ok(d) => d,
         Err(e) => skip(&format!("no temp dir: {e}")),
     };
-    let spec = QemuSpec::new("bench", image.clone(), dir.path())
+    let mut spec = QemuSpec::new("bench", image.clone(), dir.path())
         .memory_mib(mib)
-        .accel(Accel::Tcg);
+        .accel(Accel::Tcg)
+        .dirty_tracking(mode);
+    if dirty_mib() > 0 {
+        spec.cmdline_extra = format!("rw.dirty={}", dirty_mib());
+    }
     let mut g = match QemuGuest::start(&spec, Seams::default()) {
         Ok(g) => g,
         Err(e) => skip(&format!("cannot start QEMU: {e}")),
@@ -72,6 +97,8 @@ fn run(image: &LinuxImage, mib: u64, threads: &[usize]) {
         skip(&format!("first checkpoint: {e}"));
     }
     let first = t.elapsed();
+    // The workload starts with the guest; let it reach its working set.
+    std::thread::sleep(Duration::from_secs(2));
 
     // The floor: one plain memcmp of the whole RAM against a copy of it,
     // one thread, in this same run. The guest is paused meanwhile, so the
@@ -115,11 +142,13 @@ fn run(image: &LinuxImage, mib: u64, threads: &[usize]) {
         let col = |f: fn(&QemuTimings) -> Duration| median(all.iter().map(f).collect());
         pages.sort();
         println!(
-            "{mib:>5} MiB {n:>2} thr | stop {:>6} | state {:>6} ({:>3} KB) | compare {:>6} | copy {:>5} | cont {:>6} | total {:>6} (p90 {:>6}, max {:>6}) | memcmp 1 thr {:>6} | pages {:>4} | first (full) {:>7}",
+            "{mib:>5} MiB {:>13} {n:>2} thr | stop {:>6} | state {:>6} ({:>3} KB) | find {:>6} (scan {:>5}) | copy {:>5} | cont {:>6} | total {:>6} (p90 {:>6}, max {:>6}) | memcmp 1 thr {:>6} | pages {:>5} | first (full) {:>7}",
+            mode_name(mode),
             ms(col(|t| t.stop)),
             ms(col(|t| t.state)),
             all[0].state_bytes / 1000,
             ms(col(|t| t.compare)),
+            ms(col(|t| t.scan)),
             ms(col(|t| t.copy)),
             ms(col(|t| t.cont)),
             ms(col(|t| t.total)),
@@ -129,6 +158,10 @@ fn run(image: &LinuxImage, mib: u64, threads: &[usize]) {
             pages[pages.len() / 2],
             ms(first),
         );
+        if mode == DirtyTracking::WriteProtect {
+            // The compare threads do not matter without a compare.
+            break;
+        }
     }
 }
 
@@ -146,16 +179,29 @@ fn main() {
     let sizes: Vec<u64> = std::env::var("QEMU_PAUSE_MIB")
         .ok()
         .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
-        .unwrap_or_else(|| vec![128, 256, 512]);
+        .unwrap_or_else(|| vec![256, 1024, 4096]);
+    let modes: Vec<DirtyTracking> = std::env::var("QEMU_PAUSE_MODES")
+        .unwrap_or_else(|_| "write-protect,compare".into())
+        .split(',')
+        .filter_map(|m| match m.trim() {
+            "write-protect" => Some(DirtyTracking::WriteProtect),
+            "compare" => Some(DirtyTracking::Compare),
+            "colo" => Some(DirtyTracking::Colo),
+            _ => None,
+        })
+        .collect();
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
     let threads: Vec<usize> = if cores > 1 { vec![1, cores] } else { vec![1] };
     println!(
-        "qemu backend pause, median of {} checkpoints {EPOCH_GAP:?} apart, TCG guest idle but for its console ticker (ms)",
-        epochs()
+        "qemu backend pause, median of {} checkpoints {EPOCH_GAP:?} apart, TCG guest rewriting a {} MiB working set (ms)",
+        epochs(),
+        dirty_mib()
     );
     for mib in sizes {
-        run(&image, mib, &threads);
+        for &mode in &modes {
+            run(&image, mib, mode, &threads);
+        }
     }
 }

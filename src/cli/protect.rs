@@ -115,6 +115,11 @@ impl ProtectArgs {
                         eprintln!("error: VM {}: {e}", vm.name);
                         Code::Failure
                     })?;
+                tracing::info!(
+                    vm = %vm.name,
+                    dirty_tracking = ?guest.dirty_tracking(),
+                    "QEMU started"
+                );
                 let bridge = qemu_vm::bridge(&guest, vm).map_err(|e| {
                     eprintln!("error: {e}");
                     Code::Failure

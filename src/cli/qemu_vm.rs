@@ -1,7 +1,9 @@
 //! `backend = "qemu"`: a Linux VM in QEMU, from its `[[vms]]` entry.
 
 use hypervisor::kvm::Seams;
-use hypervisor::qemu::{Accel, LinuxImage, QemuGuest, QemuNetSpec, QemuSpec, TapBridge};
+use hypervisor::qemu::{
+    Accel, DirtyTracking, LinuxImage, QemuGuest, QemuNetSpec, QemuSpec, TapBridge,
+};
 
 use crate::config;
 
@@ -30,6 +32,12 @@ pub fn spec_from_config(vm: &config::Vm) -> Result<QemuSpec, String> {
             config::Accel::Auto => Accel::Auto,
             config::Accel::Kvm => Accel::Kvm,
             config::Accel::Tcg => Accel::Tcg,
+        })
+        .dirty_tracking(match vm.dirty_tracking {
+            config::DirtyTracking::Auto => DirtyTracking::Auto,
+            config::DirtyTracking::WriteProtect => DirtyTracking::WriteProtect,
+            config::DirtyTracking::Colo => DirtyTracking::Colo,
+            config::DirtyTracking::Compare => DirtyTracking::Compare,
         })
         .vcpus(vm.vcpus)
         .network(QemuNetSpec {

@@ -218,6 +218,7 @@ fn enum_values(name: &str) -> Option<&'static str> {
     Some(match name {
         "Backend" => "\"kvm\", \"qemu\", \"xen\"",
         "Accel" => "\"auto\", \"kvm\", \"tcg\"",
+        "DirtyTracking" => "\"auto\", \"write-protect\", \"colo\", \"compare\"",
         "StandbyPolicy" => "\"none\", \"prepend\"",
         "PeerMode" => "\"active\", \"passive\", \"both\"",
         "TsigAlgorithm" => "\"hmac-sha256\", \"hmac-sha384\", \"hmac-sha512\"",

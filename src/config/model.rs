@@ -180,6 +180,23 @@ pub enum Accel {
     Tcg,
 }
 
+/// How a QEMU VM's checkpoints find the pages its guest changed
+/// (`dirty_tracking` in `[[vms]]`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DirtyTracking {
+    /// Kernel write tracking where the kernel can do it (Linux >= 6.7),
+    /// else COLO where the QEMU release can, else the RAM compare.
+    #[default]
+    Auto,
+    /// The kernel tracks QEMU's writes to guest RAM (userfaultfd).
+    WriteProtect,
+    /// remus-wan is QEMU's local COLO secondary.
+    Colo,
+    /// Guest RAM compared with a shadow copy at each checkpoint.
+    Compare,
+}
+
 /// One protected virtual machine.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -201,6 +218,9 @@ pub struct Vm {
     /// software emulation, or whichever the host offers.
     #[serde(default)]
     pub accel: Accel,
+    /// How a `backend = "qemu"` VM's checkpoints find changed pages.
+    #[serde(default)]
+    pub dirty_tracking: DirtyTracking,
     #[serde(default = "default_vcpus")]
     pub vcpus: u32,
     /// Raw disk image; its writes are replicated with each epoch.

@@ -291,6 +291,13 @@ impl Validator {
                      and only backend \"qemu\" runs in QEMU (the micro-VM always uses KVM)",
                 );
             }
+            if vm.backend != Backend::Qemu && vm.dirty_tracking != DirtyTracking::Auto {
+                self.push(
+                    &format!("{key}.dirty_tracking"),
+                    "expected no `dirty_tracking` (or \"auto\"): it chooses how QEMU's \
+                     checkpoints find changed pages, and the micro-VM always uses KVM's dirty log",
+                );
+            }
             // The micro-VM maps guest memory with 2 MiB pages.
             if vm.memory_mib < 2 || vm.memory_mib % 2 != 0 || vm.memory_mib > 1 << 20 {
                 self.push(

@@ -17,7 +17,9 @@
 //! - `httpd` on port 80;
 //! - a console ticker: `tick N` every 200 ms on the serial console, N kept
 //!   in the shell's memory, which lets tests see that a replica continued
-//!   the guest rather than rebooting it.
+//!   the guest rather than rebooting it;
+//! - with `rw.dirty=MIB` on the command line, a benchmark workload that
+//!   rewrites the same MIB of guest memory with new bytes, pass after pass.
 //!
 //! Output: `vmlinuz` and `initrd.cpio` in the chosen folder (the names
 //! `hypervisor::qemu::LinuxImage` expects).
@@ -68,11 +70,12 @@ for m in MODULES; do
   done
   if [ -f /lib/modules/$m.ko ]; then insmod /lib/modules/$m.ko $args || echo "insmod $m failed"; fi
 done
-IP=; GW=
+IP=; GW=; DIRTY=
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     rw.ip=*) IP="${arg#rw.ip=}" ;;
     rw.gw=*) GW="${arg#rw.gw=}" ;;
+    rw.dirty=*) DIRTY="${arg#rw.dirty=}" ;;
   esac
 done
 ip link set lo up
@@ -85,6 +88,15 @@ echo 0 > /run/count
 nc -ll -p 7000 -e /bin/counter &
 if [ -b /dev/vda ]; then nc -ll -p 7001 -e /bin/disk & fi
 httpd -p 80 -h /www
+# rw.dirty=MIB: a benchmark workload rewriting the same MIB of page cache
+# (a file in the initramfs' tmpfs, written in place) with new bytes on
+# every pass, for ever.
+if [ -n "$DIRTY" ]; then
+  (i=0; while :; do
+    i=$((i+1))
+    yes "$i" | head -c $((DIRTY * 1048576)) | dd of=/run/dirty bs=64k conv=notrunc 2>/dev/null
+  done) &
+fi
 echo "remus-wan guest ready"
 n=0
 while :; do
