@@ -11,7 +11,11 @@
 //! at each one.
 //!
 //! Speeds are the benchmark thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`),
-//! not wall time: the machines this runs on are shared.
+//! not wall time: the machines this runs on are shared. Every table row of
+//! ours runs the encoder on one thread (`threads: 1`). The "encode threads"
+//! lines after each table compare one thread (per core) with the encoder's
+//! default thread count (total), by wall time and by the process's CPU
+//! time, beside plain zstd-3 per page from the same run.
 //!
 //! Environment: `CODEC_TRACE=<name>` runs one trace, `CODEC_TABLE_ONLY=1`
 //! skips criterion, `CODEC_OURS_ONLY=1` leaves out the baselines (but raw).
@@ -31,6 +35,17 @@ struct Stopwatch(Option<u64>, Instant);
 
 #[cfg(target_os = "linux")]
 fn thread_cpu_ns() -> Option<u64> {
+    cpu_clock_ns(3) // CLOCK_THREAD_CPUTIME_ID
+}
+
+/// CPU time of the whole process: the encoder's helper threads included.
+#[cfg(target_os = "linux")]
+fn process_cpu_ns() -> Option<u64> {
+    cpu_clock_ns(2) // CLOCK_PROCESS_CPUTIME_ID
+}
+
+#[cfg(target_os = "linux")]
+fn cpu_clock_ns(clock: i32) -> Option<u64> {
     #[repr(C)]
     struct Timespec {
         sec: i64,
@@ -39,16 +54,20 @@ fn thread_cpu_ns() -> Option<u64> {
     extern "C" {
         fn clock_gettime(clock: i32, ts: *mut Timespec) -> i32;
     }
-    const CLOCK_THREAD_CPUTIME_ID: i32 = 3;
     let mut ts = Timespec { sec: 0, nsec: 0 };
     // SAFETY: clock_gettime writes one timespec into the pointed-to struct,
     // which has the C layout of `struct timespec` on 64-bit Linux.
-    let rc = unsafe { clock_gettime(CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    let rc = unsafe { clock_gettime(clock, &mut ts) };
     (rc == 0).then(|| ts.sec as u64 * 1_000_000_000 + ts.nsec as u64)
 }
 
 #[cfg(not(target_os = "linux"))]
 fn thread_cpu_ns() -> Option<u64> {
+    None
+}
+
+#[cfg(not(target_os = "linux"))]
+fn process_cpu_ns() -> Option<u64> {
     None
 }
 
@@ -482,6 +501,8 @@ impl Ours {
                 cache_budget_bytes: cache_bytes,
                 per_page_zstd,
                 zstd_level: level.unwrap_or(EncoderConfig::default().zstd_level),
+                // The table's speeds are one core's.
+                threads: 1,
                 ..EncoderConfig::default()
             })
             .expect("encoder"),
@@ -625,6 +646,7 @@ fn table(rec: &Recorded) -> Vec<Row> {
 fn all_cached(rec: &Recorded) -> Row {
     let mut enc = Encoder::new(EncoderConfig {
         cache_budget_bytes: FRAMES as usize * PS,
+        threads: 1,
         ..EncoderConfig::default()
     })
     .expect("encoder");
@@ -671,6 +693,80 @@ fn all_cached(rec: &Recorded) -> Row {
     }
 }
 
+/// Encode speed of ours (defaults, 64 MiB cache) with `threads` threads:
+/// (wall MB/s, MB/s per CPU-second of the whole process), the median of
+/// `passes` passes over the measured epochs. Each pass's output is decoded
+/// (untimed) and checked against the guest's image.
+fn threaded_encode(rec: &Recorded, threads: usize, passes: usize) -> (f64, f64) {
+    let page_bytes = MEASURED_EPOCHS * DIRTY * PS;
+    let mut runs = Vec::new();
+    for _ in 0..passes {
+        let mut enc = Encoder::new(EncoderConfig {
+            threads,
+            ..EncoderConfig::default()
+        })
+        .expect("encoder");
+        let mut dec = Decoder::new(DecoderConfig::default()).expect("decoder");
+        let mut replica = VecMemory::from_bytes(rec.initial.clone(), PS);
+        let mut out = Vec::new();
+        let (mut wall, mut cpu) = (Duration::ZERO, Duration::ZERO);
+        for (i, e) in rec.epochs.iter().enumerate() {
+            let pages = e.refs();
+            let (t, c) = (Instant::now(), process_cpu_ns());
+            enc.encode_into(i as u64 + 1, &pages, &[], &[], &mut out)
+                .expect("encode");
+            let (tw, tc) = (t.elapsed(), process_cpu_ns());
+            if i >= WARMUP_EPOCHS {
+                wall += tw;
+                cpu += match (c, tc) {
+                    (Some(a), Some(b)) => Duration::from_nanos(b.saturating_sub(a)),
+                    _ => tw,
+                };
+            }
+            enc.acknowledge(i as u64 + 1);
+            dec.decode(&out, &replica)
+                .expect("decode")
+                .apply(&mut replica)
+                .expect("apply");
+        }
+        assert!(replica.as_bytes() == &rec.final_image[..]);
+        runs.push((mbps(page_bytes, wall), mbps(page_bytes, cpu)));
+    }
+    runs.sort_by(|a, b| a.0.total_cmp(&b.0));
+    runs[runs.len() / 2]
+}
+
+/// Total threads of the multi-threaded figures: the encoder's default, at
+/// least 2 (so a 1-CPU machine still shows what a second thread costs).
+fn bench_threads() -> usize {
+    EncoderConfig::default_threads().max(2)
+}
+
+fn print_threads(rec: &Recorded, rows: &[Row]) {
+    let n = bench_threads();
+    let (w1, c1) = threaded_encode(rec, 1, 3);
+    let (wn, cn) = threaded_encode(rec, n, 3);
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let zstd3 = rows
+        .iter()
+        .find(|r| r.name == "zstd-3/page")
+        .map_or(String::from("-"), |r| format!("{:.0}", r.encode_mbps));
+    println!(
+        "  encode threads, ours (64 MiB cache), {} CPUs, load average {}",
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    println!("    1 thread (per core):  {w1:>6.0} MB/s wall, {c1:>6.0} MB/s per CPU-second");
+    println!(
+        "    {n} threads (total):   {wn:>6.0} MB/s wall, {cn:>6.0} MB/s per CPU-second ({:.2}x wall)",
+        wn / w1
+    );
+    println!("    zstd-3/page (baseline, one core, same run): {zstd3} MB/s");
+}
+
 fn print_table(kind: TraceKind, rows: &[Row]) {
     let raw = rows[0].bytes_per_epoch;
     println!(
@@ -711,6 +807,7 @@ fn bench(c: &mut Criterion) {
             rows.push(all_cached(&rec));
         }
         print_table(kind, &rows);
+        print_threads(&rec, &rows);
         // Criterion (statistics on our encode/decode speed) only where the
         // speed targets are set, to keep the whole run within minutes.
         if std::env::var_os("CODEC_TABLE_ONLY").is_some() || kind != TraceKind::SparseWrite {
@@ -724,28 +821,45 @@ fn bench(c: &mut Criterion) {
             .measurement_time(Duration::from_secs(3))
             .throughput(Throughput::Bytes(page_bytes));
         // Each iteration: a fresh encoder warmed up untimed, then the
-        // measured epochs timed.
-        g.bench_function("encode", |b| {
-            b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let mut enc = Encoder::new(EncoderConfig::default()).expect("encoder");
-                    let mut out = Vec::new();
-                    for (i, e) in rec.epochs.iter().enumerate() {
-                        let pages = e.refs();
-                        let t = Stopwatch::start();
-                        enc.encode_into(i as u64 + 1, &pages, &[], &[], &mut out)
-                            .expect("encode");
-                        if i >= WARMUP_EPOCHS {
-                            total += t.elapsed();
+        // measured epochs timed. "encode": one thread, its CPU time (per
+        // core). "encode-N-threads": the default thread count, wall time
+        // (total; it measures the neighbours too on a shared machine).
+        for threads in [1, bench_threads()] {
+            let name = if threads == 1 {
+                "encode".to_string()
+            } else {
+                format!("encode-{threads}-threads")
+            };
+            g.bench_function(name, |b| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        let mut enc = Encoder::new(EncoderConfig {
+                            threads,
+                            ..EncoderConfig::default()
+                        })
+                        .expect("encoder");
+                        let mut out = Vec::new();
+                        for (i, e) in rec.epochs.iter().enumerate() {
+                            let pages = e.refs();
+                            let (cpu, wall) = (Stopwatch::start(), Instant::now());
+                            enc.encode_into(i as u64 + 1, &pages, &[], &[], &mut out)
+                                .expect("encode");
+                            if i >= WARMUP_EPOCHS {
+                                total += if threads == 1 {
+                                    cpu.elapsed()
+                                } else {
+                                    wall.elapsed()
+                                };
+                            }
+                            enc.acknowledge(i as u64 + 1);
+                            black_box(&out);
                         }
-                        enc.acknowledge(i as u64 + 1);
-                        black_box(&out);
                     }
-                }
-                total
-            })
-        });
+                    total
+                })
+            });
+        }
         let mut enc = Encoder::new(EncoderConfig::default()).expect("encoder");
         let wire: Vec<Vec<u8>> = rec
             .epochs

@@ -14,6 +14,7 @@ use super::format::{
     REC_REF, REC_ZERO, VERSION,
 };
 use super::page_cache::PageCache;
+use super::parallel::{helper_loop, Helper, Pipeline, Shared};
 use super::rle::{encode_xor, xor_into};
 use super::wire::{put_uleb, uleb_len, zigzag};
 
@@ -42,6 +43,21 @@ pub struct EncoderConfig {
     /// not per page) and smaller (matches across pages). `true`: each page
     /// also tries XOR-then-zstd and page-then-zstd and keeps the smallest.
     pub per_page_zstd: bool,
+    /// Threads that compress an epoch's chunks (the calling thread included).
+    /// Chunks are independent zstd frames, so extra threads change nothing on
+    /// the wire: the bytes are the same for every count. The page pass
+    /// (cache, deltas, duplicates) always runs on the calling thread. `1` (or
+    /// `0`) compresses on the calling thread only. Default:
+    /// [`EncoderConfig::default_threads`].
+    pub threads: usize,
+}
+
+impl EncoderConfig {
+    /// The machine's available parallelism, at most 4 (zstd on 256 KiB
+    /// chunks rarely keeps more busy behind one page pass).
+    pub fn default_threads() -> usize {
+        std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
+    }
 }
 
 impl Default for EncoderConfig {
@@ -54,6 +70,7 @@ impl Default for EncoderConfig {
             chunk_bytes: 256 << 10,
             rle_accept_bytes: 128,
             per_page_zstd: false,
+            threads: Self::default_threads(),
         }
     }
 }
@@ -93,11 +110,22 @@ impl EncodeStats {
     }
 }
 
+/// Where the page pass hands a full chunk: (the calling thread's compressor,
+/// its scratch buffer, raw records, record count, worth compressing) ->
+/// an empty buffer for the next chunk.
+type ChunkSink<'a> = dyn FnMut(&mut zstd::bulk::Compressor<'static>, &mut Vec<u8>, Vec<u8>, u32, bool) -> Vec<u8>
+    + 'a;
+
 /// The sender's codec state for one protected VM.
 pub struct Encoder {
     cfg: EncoderConfig,
     cache: PageCache,
     zc: zstd::bulk::Compressor<'static>,
+    /// Compression contexts of the helper threads (`threads - 1`), kept
+    /// between epochs; the threads themselves live for one epoch.
+    helpers: Vec<Helper>,
+    /// Emptied chunk buffers of the multi-threaded path, for reuse.
+    spare_chunks: Vec<(Vec<u8>, Vec<u8>)>,
     /// Last epoch of the current chain: the base of the next epoch.
     chain_tail: Option<u64>,
     in_flight: VecDeque<u64>,
@@ -135,9 +163,15 @@ impl Encoder {
         let chunk_bytes = cfg
             .chunk_bytes
             .clamp(1, (super::format::MAX_CHUNK_RAW as usize) / 2);
+        let helpers = (1..cfg.threads.max(1))
+            .map(|_| Helper::new(cfg.zstd_level))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| CodecError::corrupt(format!("zstd compressor: {e}")))?;
         Ok(Encoder {
             cache: PageCache::new(cfg.page_size, cfg.cache_budget_bytes),
             zc,
+            helpers,
+            spare_chunks: Vec::new(),
             chain_tail: None,
             in_flight: VecDeque::new(),
             acknowledged: None,
@@ -224,28 +258,23 @@ impl Encoder {
             page_bytes: (pages.len() * self.cfg.page_size) as u64,
             ..EncodeStats::default()
         };
-        let mut records = 0u32;
-        let mut chunks = 0u32;
-        let mut predicted = 0u64;
-        self.epoch_hashes.clear();
-        self.chunk.clear();
-        self.chunk_records = 0;
-        self.chunk_dense = 0;
-        for (index, &(frame, data)) in pages.iter().enumerate() {
-            if self.encode_page(epoch, index as u32, pages, frame, data, predicted, &mut st) {
-                predicted = frame.wrapping_add(1);
-                records += 1;
-                self.chunk_records += 1;
-                if self.chunk.len() >= self.cfg.chunk_bytes {
-                    self.flush_chunk(out);
-                    chunks += 1;
-                }
-            }
-        }
-        if self.chunk_records > 0 {
-            self.flush_chunk(out);
-            chunks += 1;
-        }
+        // Helper threads pay only when the epoch can fill several chunks.
+        let parallel = !self.helpers.is_empty()
+            && pages.len().saturating_mul(self.cfg.page_size) >= 2 * self.cfg.chunk_bytes;
+        let (records, chunks) = if parallel {
+            self.encode_pages_parallel(epoch, pages, &mut st, out)
+        } else {
+            self.encode_pages(
+                epoch,
+                pages,
+                &mut st,
+                &mut |zc, scratch, raw, records, worth| {
+                    out.extend_from_slice(&records.to_le_bytes());
+                    put_block(out, &raw, worth.then_some(zc), scratch);
+                    raw
+                },
+            )
+        };
 
         // Small blobs never shrink enough to pay for a zstd frame.
         let worth = |raw: &[u8]| raw.len() > 256;
@@ -289,6 +318,81 @@ impl Encoder {
         self.chain_tail = Some(epoch);
         self.in_flight.push_back(epoch);
         Ok(st)
+    }
+
+    /// The page pass: one record per page that needs one, in page order,
+    /// cache updated as it goes. Each full chunk of records goes to `sink`
+    /// (with the record count and whether it is worth compressing), which
+    /// returns an empty buffer for the next chunk. Returns (records, chunks).
+    fn encode_pages(
+        &mut self,
+        epoch: u64,
+        pages: &[(u64, &[u8])],
+        st: &mut EncodeStats,
+        sink: &mut ChunkSink<'_>,
+    ) -> (u32, u32) {
+        let mut records = 0u32;
+        let mut chunks = 0u32;
+        let mut predicted = 0u64;
+        self.epoch_hashes.clear();
+        self.chunk.clear();
+        self.chunk_records = 0;
+        self.chunk_dense = 0;
+        for (index, &(frame, data)) in pages.iter().enumerate() {
+            if self.encode_page(epoch, index as u32, pages, frame, data, predicted, st) {
+                predicted = frame.wrapping_add(1);
+                records += 1;
+                self.chunk_records += 1;
+                if self.chunk.len() >= self.cfg.chunk_bytes {
+                    self.flush_chunk(sink);
+                    chunks += 1;
+                }
+            }
+        }
+        if self.chunk_records > 0 {
+            self.flush_chunk(sink);
+            chunks += 1;
+        }
+        (records, chunks)
+    }
+
+    /// [`Encoder::encode_pages`] with chunks compressed by helper threads
+    /// too; same bytes in `out`.
+    fn encode_pages_parallel(
+        &mut self,
+        epoch: u64,
+        pages: &[(u64, &[u8])],
+        st: &mut EncodeStats,
+        out: &mut Vec<u8>,
+    ) -> (u32, u32) {
+        let mut helpers = std::mem::take(&mut self.helpers);
+        let mut spare = std::mem::take(&mut self.spare_chunks);
+        let shared = Shared::default();
+        let raw_capacity = self.cfg.chunk_bytes + 2 * self.cfg.page_size;
+        let counts = std::thread::scope(|s| {
+            let mut started = 0;
+            for h in helpers.iter_mut() {
+                let sh = &shared;
+                // A thread that cannot be started leaves its share to the others.
+                if std::thread::Builder::new()
+                    .name("codec-zstd".into())
+                    .spawn_scoped(s, move || helper_loop(sh, h))
+                    .is_ok()
+                {
+                    started += 1;
+                }
+            }
+            let mut pipe = Pipeline::new(&shared, started, &mut spare, raw_capacity);
+            let counts =
+                self.encode_pages(epoch, pages, st, &mut |zc, scratch, raw, records, worth| {
+                    pipe.submit(zc, scratch, out, raw, records, worth)
+                });
+            pipe.finish(&mut self.zc, &mut self.block_scratch, out);
+            counts
+        });
+        self.helpers = helpers;
+        self.spare_chunks = spare;
+        counts
     }
 
     fn check_input(
@@ -492,16 +596,18 @@ impl Encoder {
         true
     }
 
-    fn flush_chunk(&mut self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.chunk_records.to_le_bytes());
+    fn flush_chunk(&mut self, sink: &mut ChunkSink<'_>) {
         let worth = self.chunk_dense * 2 < self.chunk.len();
-        put_block(
-            out,
-            &self.chunk,
-            worth.then_some(&mut self.zc),
+        let raw = std::mem::take(&mut self.chunk);
+        let mut next = sink(
+            &mut self.zc,
             &mut self.block_scratch,
+            raw,
+            self.chunk_records,
+            worth,
         );
-        self.chunk.clear();
+        next.clear();
+        self.chunk = next;
         self.chunk_records = 0;
         self.chunk_dense = 0;
     }

@@ -85,6 +85,7 @@ mod format;
 mod fuzzing;
 mod memory;
 mod page_cache;
+mod parallel;
 mod rle;
 mod staged;
 pub mod synthetic;

@@ -130,7 +130,13 @@ impl PageCache {
         sl.live = true;
         self.by_hash.insert(hash, slot);
         let (seg, at) = self.locate(slot);
-        self.segments[seg][at..at + self.page_size].copy_from_slice(content);
+        let data = &mut self.segments[seg];
+        if data.len() == at {
+            // A slot just added by `allocate`.
+            data.extend_from_slice(content);
+        } else {
+            data[at..at + self.page_size].copy_from_slice(content);
+        }
     }
 
     fn allocate(&mut self) -> u32 {
@@ -152,7 +158,9 @@ impl PageCache {
                 self.segments
                     .push(Vec::with_capacity(pages * self.page_size));
             }
-            self.segments[seg].resize(at + self.page_size, 0);
+            // The page's bytes are appended by `store`, which this returns to:
+            // filling them with zeros first would only be overwritten.
+            debug_assert_eq!(self.segments[seg].len(), at);
             return s;
         }
         // Every live slot has hot <= HOT_MAX, so this ends within

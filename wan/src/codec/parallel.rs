@@ -1,0 +1,528 @@
+//! Compressing an epoch's record chunks on more than one thread.
+//!
+//! Each chunk is an independent block (its own zstd frame), so chunks can be
+//! compressed in any order on any thread; only their order on the wire is
+//! fixed. The encoder's page pass (cache lookups, deltas, duplicate
+//! detection, cache updates) stays on the calling thread and in page order,
+//! exactly as with one thread: only the compression of finished chunks moves.
+//! The wire bytes are identical whatever the thread count (zstd's output
+//! depends only on the input, the parameters and the library version, not on
+//! which context compresses it), so the decoder and the format do not change.
+//!
+//! Shape: helper threads (scoped to one `encode_into` call) take chunks from a
+//! queue and hand back finished blocks; the calling thread queues each chunk
+//! as the page pass fills it, compresses the oldest queued chunk itself when
+//! the helpers fall behind, writes finished blocks to the output in order,
+//! and at the end of the pass helps drain the queue.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+use super::block::put_block;
+
+/// One chunk of records on its way from raw records to wire bytes.
+pub(super) struct ChunkJob {
+    /// Position of the chunk in the epoch.
+    index: usize,
+    records: u32,
+    /// Worth a zstd pass (not mostly already-compressed data).
+    worth: bool,
+    raw: Vec<u8>,
+    /// `record count u32 | block`: exactly what goes on the wire.
+    wire: Vec<u8>,
+}
+
+impl ChunkJob {
+    fn finish(&mut self, zc: &mut zstd::bulk::Compressor<'static>, scratch: &mut Vec<u8>) {
+        self.wire.clear();
+        self.wire.extend_from_slice(&self.records.to_le_bytes());
+        put_block(&mut self.wire, &self.raw, self.worth.then_some(zc), scratch);
+    }
+}
+
+/// A helper thread's compression context, kept by the encoder between epochs.
+pub(super) struct Helper {
+    zc: zstd::bulk::Compressor<'static>,
+    scratch: Vec<u8>,
+}
+
+impl Helper {
+    pub(super) fn new(level: i32) -> std::io::Result<Self> {
+        Ok(Helper {
+            zc: zstd::bulk::Compressor::new(level)?,
+            scratch: Vec::new(),
+        })
+    }
+}
+
+#[derive(Default)]
+struct State {
+    queue: VecDeque<ChunkJob>,
+    done: Vec<ChunkJob>,
+    /// No more chunks will be queued: helpers leave once the queue is empty.
+    closed: bool,
+    /// A helper panicked; the job it held is lost.
+    failed: bool,
+}
+
+/// What the calling thread and the helpers share for one epoch.
+#[derive(Default)]
+pub(super) struct Shared {
+    state: Mutex<State>,
+    /// Signalled when a job is queued or the queue is closed.
+    work: Condvar,
+    /// Signalled when a job is done or a helper failed.
+    done: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panicking holder leaves the state consistent (every critical
+        // section is a push or a pop), so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.work.notify_all();
+    }
+}
+
+/// A helper thread's loop: compress queued chunks until the queue is closed
+/// and empty.
+pub(super) fn helper_loop(shared: &Shared, helper: &mut Helper) {
+    struct FailFlag<'a>(&'a Shared);
+    impl Drop for FailFlag<'_> {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                self.0.lock().failed = true;
+                self.0.done.notify_all();
+            }
+        }
+    }
+    let _flag = FailFlag(shared);
+    loop {
+        let mut job = {
+            let mut st = shared.lock();
+            loop {
+                if let Some(j) = st.queue.pop_front() {
+                    break j;
+                }
+                if st.closed {
+                    return;
+                }
+                st = shared.work.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
+        };
+        job.finish(&mut helper.zc, &mut helper.scratch);
+        shared.lock().done.push(job);
+        shared.done.notify_one();
+    }
+}
+
+/// The calling thread's side: queues chunks, writes finished ones in order.
+pub(super) struct Pipeline<'a> {
+    shared: &'a Shared,
+    helpers: usize,
+    /// Index the next queued chunk gets.
+    next: usize,
+    /// Chunks before this index are on the wire.
+    written: usize,
+    /// Finished chunks waiting for an earlier one.
+    pending: BTreeMap<usize, ChunkJob>,
+    /// Emptied buffers (raw, wire) for reuse, kept by the encoder.
+    spare: &'a mut Vec<(Vec<u8>, Vec<u8>)>,
+    raw_capacity: usize,
+}
+
+impl<'a> Pipeline<'a> {
+    pub(super) fn new(
+        shared: &'a Shared,
+        helpers: usize,
+        spare: &'a mut Vec<(Vec<u8>, Vec<u8>)>,
+        raw_capacity: usize,
+    ) -> Self {
+        Pipeline {
+            shared,
+            helpers,
+            next: 0,
+            written: 0,
+            pending: BTreeMap::new(),
+            spare,
+            raw_capacity,
+        }
+    }
+
+    /// Hands over a full chunk; returns an empty buffer for the next one.
+    pub(super) fn submit(
+        &mut self,
+        zc: &mut zstd::bulk::Compressor<'static>,
+        scratch: &mut Vec<u8>,
+        out: &mut Vec<u8>,
+        raw: Vec<u8>,
+        records: u32,
+        worth: bool,
+    ) -> Vec<u8> {
+        let (fresh, wire) = self
+            .spare
+            .pop()
+            .unwrap_or_else(|| (Vec::with_capacity(self.raw_capacity), Vec::new()));
+        let mut job = ChunkJob {
+            index: self.next,
+            records,
+            worth,
+            raw,
+            wire,
+        };
+        self.next += 1;
+        if !worth {
+            // Stored as is: a copy, not worth a trip to another thread.
+            job.finish(zc, scratch);
+            self.complete(job, out);
+            return fresh;
+        }
+        let (stolen, done) = {
+            let mut st = self.shared.lock();
+            st.queue.push_back(job);
+            // More queued than helpers to take them: they are behind, so this
+            // thread compresses the oldest one itself.
+            let stolen = if st.queue.len() > self.helpers {
+                st.queue.pop_front()
+            } else {
+                None
+            };
+            (stolen, std::mem::take(&mut st.done))
+        };
+        self.shared.work.notify_one();
+        for j in done {
+            self.complete(j, out);
+        }
+        if let Some(mut j) = stolen {
+            j.finish(zc, scratch);
+            self.complete(j, out);
+        }
+        fresh
+    }
+
+    /// Closes the queue, helps compress what is left, and writes every
+    /// remaining chunk in order.
+    pub(super) fn finish(
+        &mut self,
+        zc: &mut zstd::bulk::Compressor<'static>,
+        scratch: &mut Vec<u8>,
+        out: &mut Vec<u8>,
+    ) {
+        self.shared.close();
+        while self.written < self.next {
+            let mut st = self.shared.lock();
+            if let Some(mut j) = st.queue.pop_front() {
+                drop(st);
+                j.finish(zc, scratch);
+                self.complete(j, out);
+            } else if !st.done.is_empty() {
+                let done = std::mem::take(&mut st.done);
+                drop(st);
+                for j in done {
+                    self.complete(j, out);
+                }
+            } else if st.failed {
+                drop(st);
+                panic!("codec: a chunk compression thread panicked");
+            } else {
+                drop(self.shared.done.wait(st).unwrap_or_else(|e| e.into_inner()));
+            }
+        }
+    }
+
+    fn complete(&mut self, job: ChunkJob, out: &mut Vec<u8>) {
+        self.pending.insert(job.index, job);
+        while let Some(j) = self.pending.remove(&self.written) {
+            out.extend_from_slice(&j.wire);
+            self.written += 1;
+            let (mut raw, mut wire) = (j.raw, j.wire);
+            raw.clear();
+            wire.clear();
+            self.spare.push((raw, wire));
+        }
+    }
+}
+
+impl Drop for Pipeline<'_> {
+    /// Also on unwinding: helpers waiting for work must leave, or the scope
+    /// that spawned them would wait for them forever.
+    fn drop(&mut self) {
+        self.shared.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The multi-threaded encoder against the single-threaded one, in
+    //! lockstep over random histories (pipelined epochs, losses with
+    //! invalidation, resets, forgotten frames): every epoch's bytes must be
+    //! identical, and the replica fed the multi-threaded bytes must hold the
+    //! source image after each delivered epoch.
+
+    use std::collections::{BTreeSet, VecDeque};
+
+    use proptest::prelude::*;
+
+    use crate::codec::synthetic::{fill_struct, fill_text, Rng};
+    use crate::codec::{
+        CodecError, Decoder, DecoderConfig, Encoder, EncoderConfig, PageSource, VecMemory,
+    };
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Dirty these frames (frame, content kind, seed) and send an epoch.
+        Send(Vec<(u16, u8, u64)>),
+        /// The oldest epoch in flight is applied, and maybe acknowledged.
+        Deliver(bool),
+        /// The oldest epoch in flight is lost; later ones are rejected.
+        Lose,
+        Reset,
+        /// Online verify found these frames different on the replica.
+        Forget(Vec<u16>),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            5 => prop::collection::vec((any::<u16>(), 0u8..6, any::<u64>()), 0..48)
+                .prop_map(Op::Send),
+            4 => any::<bool>().prop_map(Op::Deliver),
+            1 => Just(Op::Lose),
+            1 => Just(Op::Reset),
+            1 => prop::collection::vec(any::<u16>(), 0..4).prop_map(Op::Forget),
+        ]
+    }
+
+    fn write(page: &mut [u8], kind: u8, seed: u64, other: &[u8]) {
+        let mut rng = Rng::new(seed);
+        match kind {
+            0 => {
+                // A few bytes: the delta path.
+                for i in 0..1 + seed as usize % 5 {
+                    let at = (seed as usize).wrapping_mul(31).wrapping_add(i * 97) % page.len();
+                    page[at] = page[at].wrapping_add(1 + (seed >> 8) as u8 % 250);
+                }
+            }
+            1 => page.fill(0),
+            2 => fill_text(&mut rng, page),
+            3 => fill_struct(&mut rng, page),
+            4 => rng.fill(page),
+            _ => page.copy_from_slice(other),
+        }
+    }
+
+    struct InFlight {
+        epoch: u64,
+        bytes: Vec<u8>,
+        dirty: BTreeSet<u64>,
+        image: Vec<u8>,
+    }
+
+    fn fail(e: impl std::fmt::Display) -> TestCaseError {
+        TestCaseError::fail(e.to_string())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn lockstep(
+        threads: usize,
+        frames: u64,
+        ps: usize,
+        cache_pages: usize,
+        chunk_bytes: usize,
+        per_page_zstd: bool,
+        seed: u64,
+        ops: Vec<Op>,
+    ) -> Result<(), TestCaseError> {
+        let mut source = vec![0u8; frames as usize * ps];
+        let mut rng = Rng::new(seed);
+        for (i, page) in source.chunks_exact_mut(ps).enumerate() {
+            match i % 4 {
+                0 => {}
+                1 => fill_text(&mut rng, page),
+                2 => fill_struct(&mut rng, page),
+                _ => rng.fill(page),
+            }
+        }
+        let cfg = |threads| EncoderConfig {
+            vm_id: 9,
+            page_size: ps,
+            cache_budget_bytes: cache_pages * ps,
+            zstd_level: 1 + (seed % 3) as i32,
+            chunk_bytes,
+            per_page_zstd,
+            threads,
+            ..EncoderConfig::default()
+        };
+        let mut one = Encoder::new(cfg(1)).map_err(fail)?;
+        let mut many = Encoder::new(cfg(threads)).map_err(fail)?;
+        let mut dec = Decoder::new(DecoderConfig::default()).map_err(fail)?;
+        let mut replica = VecMemory::new(frames, ps);
+        let mut pending: BTreeSet<u64> = (0..frames).collect();
+        let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+        let mut epoch = 0u64;
+        let (mut out_one, mut out_many) = (Vec::new(), Vec::new());
+
+        for op in ops {
+            match op {
+                Op::Send(writes) => {
+                    let mut order = Vec::new();
+                    for (f, kind, s) in writes {
+                        let f = u64::from(f) % frames;
+                        let src = (s % frames) as usize * ps;
+                        let other = source[src..src + ps].to_vec();
+                        let at = f as usize * ps;
+                        write(&mut source[at..at + ps], kind, s, &other);
+                        if !order.contains(&f) {
+                            order.push(f);
+                        }
+                    }
+                    let mut dirty: BTreeSet<u64> = order.iter().copied().collect();
+                    for &f in &pending {
+                        if dirty.insert(f) {
+                            order.push(f);
+                        }
+                    }
+                    pending.clear();
+                    let pages: Vec<(u64, &[u8])> = order
+                        .iter()
+                        .map(|&f| (f, &source[f as usize * ps..(f as usize + 1) * ps]))
+                        .collect();
+                    epoch += 1;
+                    let blob = vec![epoch as u8; 300 + (seed % 700) as usize];
+                    let disk = [(epoch * 8, &blob[..100])];
+                    let a = one
+                        .encode_into(epoch, &pages, &blob, &disk, &mut out_one)
+                        .map_err(fail)?;
+                    let b = many
+                        .encode_into(epoch, &pages, &blob, &disk, &mut out_many)
+                        .map_err(fail)?;
+                    prop_assert!(out_one == out_many, "epoch {} bytes differ", epoch);
+                    prop_assert_eq!(a, b);
+                    in_flight.push_back(InFlight {
+                        epoch,
+                        bytes: out_many.clone(),
+                        dirty,
+                        image: source.clone(),
+                    });
+                }
+                Op::Deliver(ack) => {
+                    let Some(e) = in_flight.pop_front() else {
+                        continue;
+                    };
+                    dec.decode(&e.bytes, &replica)
+                        .map_err(fail)?
+                        .apply(&mut replica)
+                        .map_err(fail)?;
+                    prop_assert!(replica.as_bytes() == &e.image[..], "epoch {}", e.epoch);
+                    if ack {
+                        one.acknowledge(e.epoch);
+                        many.acknowledge(e.epoch);
+                    }
+                }
+                Op::Lose => {
+                    let Some(lost) = in_flight.pop_front() else {
+                        continue;
+                    };
+                    pending.extend(&lost.dirty);
+                    for later in in_flight.drain(..) {
+                        let err = dec.decode(&later.bytes, &replica).err();
+                        let mismatch = matches!(err, Some(CodecError::BaseMismatch { .. }));
+                        prop_assert!(mismatch, "got {:?}", err);
+                        pending.extend(&later.dirty);
+                    }
+                    one.invalidate_from(lost.epoch).map_err(fail)?;
+                    many.invalidate_from(lost.epoch).map_err(fail)?;
+                    prop_assert_eq!(one.base_epoch(), many.base_epoch());
+                    let base = many.base_epoch();
+                    prop_assert!(base.is_none() || base == replica.committed_epoch());
+                }
+                Op::Reset => {
+                    in_flight.clear();
+                    one.reset();
+                    many.reset();
+                    pending = (0..frames).collect();
+                }
+                Op::Forget(fs) => {
+                    let fs: Vec<u64> = fs.iter().map(|&f| u64::from(f) % frames).collect();
+                    one.forget_frames(&fs);
+                    many.forget_frames(&fs);
+                }
+            }
+        }
+        while let Some(e) = in_flight.pop_front() {
+            dec.decode(&e.bytes, &replica)
+                .map_err(fail)?
+                .apply(&mut replica)
+                .map_err(fail)?;
+            prop_assert!(replica.as_bytes() == &e.image[..], "epoch {}", e.epoch);
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn codec_threads_give_the_same_bytes_and_round_trip(
+            threads in 2usize..5,
+            frames in 8u64..96,
+            ps in prop_oneof![Just(512usize), Just(4096)],
+            cache_pages in prop_oneof![Just(0usize), Just(2), Just(16), Just(128)],
+            chunk_bytes in prop_oneof![Just(1usize), Just(700), Just(4096), Just(64 << 10)],
+            per_page_zstd in prop::bool::weighted(0.2),
+            seed in any::<u64>(),
+            ops in prop::collection::vec(op(), 1..32),
+        ) {
+            lockstep(threads, frames, ps, cache_pages, chunk_bytes, per_page_zstd, seed, ops)?;
+        }
+    }
+
+    /// Whole synthetic traces, large enough for dozens of 256 KiB chunks per
+    /// epoch: the helpers really run concurrently with the page pass.
+    #[test]
+    fn codec_threads_same_bytes_on_synthetic_traces() {
+        use crate::codec::synthetic::{Trace, TraceConfig, TraceKind};
+        for kind in TraceKind::ALL {
+            let cfg = TraceConfig {
+                frames: 4096,
+                dirty_pages: 1024,
+                ..TraceConfig::default()
+            };
+            let mut trace = Trace::new(kind, cfg);
+            let enc = |threads| {
+                Encoder::new(EncoderConfig {
+                    cache_budget_bytes: 1024 * 4096,
+                    threads,
+                    ..EncoderConfig::default()
+                })
+                .expect("encoder")
+            };
+            let (mut one, mut many) = (enc(1), enc(3));
+            let mut dec = Decoder::new(DecoderConfig::default()).expect("decoder");
+            let mut replica = VecMemory::new(cfg.frames, cfg.page_size);
+            let mut frames = trace.all_frames();
+            for epoch in 1..=6 {
+                let pages = trace.pages(&frames);
+                let a = one.encode(epoch, &pages, b"", &[]).expect("encode");
+                let b = many.encode(epoch, &pages, b"", &[]).expect("encode");
+                assert!(a == b, "{kind:?} epoch {epoch}: bytes differ");
+                dec.decode(&b, &replica)
+                    .expect("decode")
+                    .apply(&mut replica)
+                    .expect("apply");
+                assert!(
+                    replica.as_bytes() == trace.memory(),
+                    "{kind:?} epoch {epoch}"
+                );
+                if epoch % 2 == 0 {
+                    one.acknowledge(epoch);
+                    many.acknowledge(epoch);
+                }
+                frames = trace.step();
+            }
+        }
+    }
+}
