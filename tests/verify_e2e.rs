@@ -47,11 +47,19 @@ fn deployment(tap: &str, port: u16, mac: &str) -> (tempfile::TempDir, std::path:
     (tmp, dir, cfg_s)
 }
 
-/// `remus-wan verify args...`: exit code and stdout (stderr printed).
-fn verify(args: &[&str]) -> (i32, String) {
+/// The control token folder of the test in `dir`: tests running at the
+/// same time in other namespaces use the same control port.
+fn run_dir(dir: &Path) -> String {
+    dir.join("run").to_str().expect("utf-8").to_owned()
+}
+
+/// `remus-wan verify args...` for the deployment in `dir`: exit code and
+/// stdout (stderr printed).
+fn verify(dir: &Path, args: &[&str]) -> (i32, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_remus-wan"))
         .arg("verify")
         .args(args)
+        .args(["--run-dir", &run_dir(dir)])
         .args(["--timeout", "120"])
         .output()
         .expect("remus-wan verify");
@@ -97,9 +105,10 @@ fn protected_with_workload(
         "standby did not start: {}",
         std::fs::read_to_string(dir.join("standby.log")).unwrap_or_default()
     );
-    let protect = Proc::remus(
+    let protect = Proc::remus_env(
         "protect",
         &["protect", "web1", "--site", "dc2", "--config", cfg_s],
+        &[("REMUS_WAN_RUN_DIR", run_dir(dir))],
         &dir.join("protect.log"),
     );
     let guest: SocketAddr = "192.0.2.10:9000".parse().expect("addr");
@@ -150,7 +159,7 @@ fn verify_after_a_workload_finds_the_replica_identical() {
     hypervisor::netns::in_new_netns(|| {
         support::host_tap(tap);
         let (_standby, mut protect, _conn) = protected_with_workload(&dir, &cfg_s, &[]);
-        let (code, out) = verify(&["web1"]);
+        let (code, out) = verify(&dir, &["web1"]);
         assert_eq!(
             code,
             0,
@@ -166,7 +175,7 @@ fn verify_after_a_workload_finds_the_replica_identical() {
             out.contains("16384 memory pages and 1024 disk blocks compared"),
             "{out}"
         );
-        let (code, out) = verify(&["web1", "--disk-only"]);
+        let (code, out) = verify(&dir, &["web1", "--disk-only"]);
         assert_eq!(code, 0, "{out}");
         assert!(out.contains("0 memory pages and 1024 disk blocks"), "{out}");
         // The figures are in status and metrics.
@@ -212,7 +221,7 @@ fn verify_finds_a_corrupted_page_and_repair_fixes_it() {
             "the test fault did not fire:\n{}",
             standby.log_text()
         );
-        let (code, out) = verify(&["web1", "--memory-only"]);
+        let (code, out) = verify(&dir, &["web1", "--memory-only"]);
         assert_eq!(code, 6, "verify should report the difference:\n{out}");
         assert!(out.contains("1 differences"), "{out}");
         assert!(
@@ -222,10 +231,10 @@ fn verify_finds_a_corrupted_page_and_repair_fixes_it() {
             )),
             "{out}"
         );
-        let (code, out) = verify(&["web1", "--memory-only", "--repair"]);
+        let (code, out) = verify(&dir, &["web1", "--memory-only", "--repair"]);
         assert_eq!(code, 7, "repair should fix the difference:\n{out}");
         assert!(out.contains("1 differences, 1 repaired"), "{out}");
-        let (code, out) = verify(&["web1"]);
+        let (code, out) = verify(&dir, &["web1"]);
         assert_eq!(code, 0, "after repair the replica is identical:\n{out}");
         let st = vm_status("127.0.0.1:9477").expect("status");
         assert_eq!(

@@ -81,7 +81,8 @@ pub struct QemuGuest {
     qmp: Qmp,
     net: Option<NetBackend>,
     nbd: Option<NbdServer>,
-    ram: RamMap,
+    /// Shared with [`ProtectedGuest::frame_reader`]'s readers.
+    ram: std::sync::Arc<RamMap>,
     _ram_file: RamFile,
     shadow: Shadow,
     /// Kernel write tracking (None: Compare or COLO mode).
@@ -261,7 +262,8 @@ impl QemuGuest {
         };
         file.set_len(len as u64)
             .map_err(Error::io(format!("sizing {}", paths.ram.display())))?;
-        let ram = RamMap::map(&file, len).map_err(Error::io("mapping guest RAM"))?;
+        let ram =
+            std::sync::Arc::new(RamMap::map(&file, len).map_err(Error::io("mapping guest RAM"))?);
         if let Some((image, _)) = replica {
             ram.write_from(image);
         }
@@ -873,5 +875,37 @@ impl ProtectedGuest for QemuGuest {
 
     fn is_running(&self) -> bool {
         lock(&self.process).is_alive()
+    }
+
+    fn frame_reader(&self) -> Option<crate::guest::FrameReader> {
+        if self.colo {
+            // COLO fills the reserve frames from QEMU's other RAM blocks,
+            // which our mapping does not show.
+            return None;
+        }
+        // Frames are offsets into the RAM file; the reserve after it is
+        // never sent in this mode, so the replica holds zeros there.
+        let ram = self.ram.clone();
+        let frames = self.frame_count();
+        Some(std::sync::Arc::new(move |first, out: &mut [u8]| {
+            let n = (out.len() / PAGE_SIZE) as u64;
+            if first.checked_add(n).is_none_or(|end| end > frames) {
+                return Err(GuestError::Backend(format!(
+                    "frames {first}..+{n} beyond the guest's {frames}"
+                )));
+            }
+            let start = first as usize * PAGE_SIZE;
+            let in_ram = ram.len().saturating_sub(start).min(out.len());
+            out[in_ram..].fill(0);
+            if in_ram > 0 {
+                // SAFETY: start + in_ram <= ram.len(); `out` is ours. The
+                // guest may write concurrently unless paused: the caller
+                // reads only at a pause (see FrameReader).
+                unsafe {
+                    std::ptr::copy_nonoverlapping(ram.as_ptr().add(start), out.as_mut_ptr(), in_ram)
+                };
+            }
+            Ok(())
+        }))
     }
 }
