@@ -14,7 +14,7 @@ use super::format::{
     REC_REF, REC_ZERO, VERSION,
 };
 use super::page_cache::PageCache;
-use super::parallel::{helper_loop, Helper, Pipeline, Shared};
+use super::parallel::{helper_loop, Helper, ModeChooser, Pipeline, Shared, Spare};
 use super::rle::{encode_xor, xor_into};
 use super::wire::{put_uleb, uleb_len, zigzag};
 
@@ -47,7 +47,11 @@ pub struct EncoderConfig {
     /// Chunks are independent zstd frames, so extra threads change nothing on
     /// the wire: the bytes are the same for every count. The page pass
     /// (cache, deltas, duplicates) always runs on the calling thread. `1` (or
-    /// `0`) compresses on the calling thread only. Default:
+    /// `0`) compresses on the calling thread only. With more, each epoch
+    /// large enough for two chunks uses the helpers or not by which of the
+    /// two was faster (wall time per byte) in recent epochs, trying the
+    /// other one every 16 epochs: helpers on a core that is busy with
+    /// something else only slow the epoch down. Default:
     /// [`EncoderConfig::default_threads`].
     pub threads: usize,
 }
@@ -125,7 +129,9 @@ pub struct Encoder {
     /// between epochs; the threads themselves live for one epoch.
     helpers: Vec<Helper>,
     /// Emptied chunk buffers of the multi-threaded path, for reuse.
-    spare_chunks: Vec<(Vec<u8>, Vec<u8>)>,
+    spare_chunks: Spare,
+    /// Helpers or not, from how fast each mode has been lately.
+    mode: ModeChooser,
     /// Last epoch of the current chain: the base of the next epoch.
     chain_tail: Option<u64>,
     in_flight: VecDeque<u64>,
@@ -171,7 +177,8 @@ impl Encoder {
             cache: PageCache::new(cfg.page_size, cfg.cache_budget_bytes),
             zc,
             helpers,
-            spare_chunks: Vec::new(),
+            spare_chunks: Spare::default(),
+            mode: ModeChooser::default(),
             chain_tail: None,
             in_flight: VecDeque::new(),
             acknowledged: None,
@@ -258,10 +265,14 @@ impl Encoder {
             page_bytes: (pages.len() * self.cfg.page_size) as u64,
             ..EncodeStats::default()
         };
-        // Helper threads pay only when the epoch can fill several chunks.
-        let parallel = !self.helpers.is_empty()
-            && pages.len().saturating_mul(self.cfg.page_size) >= 2 * self.cfg.chunk_bytes;
-        let (records, chunks) = if parallel {
+        // Helper threads pay only when the epoch can fill several chunks,
+        // and only when a core is free for them (see `ModeChooser`). Either
+        // way the bytes are the same.
+        let input = pages.len().saturating_mul(self.cfg.page_size);
+        let eligible = !self.helpers.is_empty() && input >= 2 * self.cfg.chunk_bytes;
+        let helpers = eligible && self.mode.use_helpers();
+        let started = std::time::Instant::now();
+        let (records, chunks) = if helpers {
             self.encode_pages_parallel(epoch, pages, &mut st, out)
         } else {
             self.encode_pages(
@@ -275,6 +286,9 @@ impl Encoder {
                 },
             )
         };
+        if eligible {
+            self.mode.record(helpers, input, started.elapsed());
+        }
 
         // Small blobs never shrink enough to pay for a zstd frame.
         let worth = |raw: &[u8]| raw.len() > 256;
@@ -318,6 +332,13 @@ impl Encoder {
         self.chain_tail = Some(epoch);
         self.in_flight.push_back(epoch);
         Ok(st)
+    }
+
+    /// Tests: always (`Some(true)`) or never use the helper threads,
+    /// whatever the timings say.
+    #[cfg(test)]
+    pub(crate) fn force_helpers(&mut self, forced: Option<bool>) {
+        self.mode.forced = forced;
     }
 
     /// The page pass: one record per page that needs one, in page order,

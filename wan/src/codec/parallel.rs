@@ -13,12 +13,73 @@
 //! queue and hand back finished blocks; the calling thread queues each chunk
 //! as the page pass fills it, compresses the oldest queued chunk itself when
 //! the helpers fall behind, writes finished blocks to the output in order,
-//! and at the end of the pass helps drain the queue.
+//! and at the end of the pass helps drain the queue. When the other cores are
+//! busy a helper can be descheduled in the middle of a chunk; the calling
+//! thread then compresses that chunk too (the result is the same, whichever
+//! finishes first is used), so a stalled helper costs at most about one
+//! chunk's compression, never a scheduler time slice or more.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
 use super::block::put_block;
+
+/// How long the calling thread, with nothing left to do, waits for a helper
+/// to finish a chunk before compressing that chunk itself. About one 256 KiB
+/// chunk's compression at zstd level 3.
+const TAKEOVER_AFTER: Duration = Duration::from_millis(1);
+
+/// Chooses, epoch by epoch, between compressing on the calling thread alone
+/// and with the helpers, by the wall time per input byte each mode took
+/// lately. Helpers pay only when a core is free for them: on a machine whose
+/// other cores are busy they share the calling thread's core and slow the
+/// epoch down. Every [`PROBE_EVERY`] epochs the other mode is tried once, so
+/// a core that frees up (or gets busy) is noticed.
+#[derive(Default)]
+pub(super) struct ModeChooser {
+    /// Moving average of nanoseconds per input byte: [one thread, helpers].
+    ns_per_byte: [Option<f64>; 2],
+    since_probe: u32,
+    /// Tests: always this mode.
+    pub(super) forced: Option<bool>,
+}
+
+/// Epochs between two tries of the mode not currently preferred.
+const PROBE_EVERY: u32 = 16;
+
+impl ModeChooser {
+    /// Whether the next (large enough) epoch uses the helpers.
+    pub(super) fn use_helpers(&mut self) -> bool {
+        if let Some(f) = self.forced {
+            return f;
+        }
+        match self.ns_per_byte {
+            [_, None] => true,
+            [None, _] => false,
+            [Some(one), Some(many)] => {
+                let best = many < one;
+                self.since_probe += 1;
+                if self.since_probe >= PROBE_EVERY {
+                    self.since_probe = 0;
+                    !best
+                } else {
+                    best
+                }
+            }
+        }
+    }
+
+    /// How long an epoch of `bytes` input bytes took in the given mode.
+    pub(super) fn record(&mut self, helpers: bool, bytes: usize, wall: Duration) {
+        let x = wall.as_nanos() as f64 / bytes.max(1) as f64;
+        let avg = &mut self.ns_per_byte[usize::from(helpers)];
+        *avg = Some(avg.map_or(x, |v| v + 0.25 * (x - v)));
+    }
+}
+
+/// Buffers of each kind kept for reuse between chunks and epochs.
+const MAX_SPARE: usize = 16;
 
 /// One chunk of records on its way from raw records to wire bytes.
 pub(super) struct ChunkJob {
@@ -27,7 +88,8 @@ pub(super) struct ChunkJob {
     records: u32,
     /// Worth a zstd pass (not mostly already-compressed data).
     worth: bool,
-    raw: Vec<u8>,
+    /// Shared with the calling thread, which may compress it too.
+    raw: Arc<Vec<u8>>,
     /// `record count u32 | block`: exactly what goes on the wire.
     wire: Vec<u8>,
 }
@@ -55,13 +117,20 @@ impl Helper {
     }
 }
 
+/// Emptied buffers of finished chunks, kept by the encoder for reuse.
+#[derive(Default)]
+pub(super) struct Spare {
+    raw: Vec<Vec<u8>>,
+    wire: Vec<Vec<u8>>,
+}
+
 #[derive(Default)]
 struct State {
     queue: VecDeque<ChunkJob>,
     done: Vec<ChunkJob>,
     /// No more chunks will be queued: helpers leave once the queue is empty.
     closed: bool,
-    /// A helper panicked; the job it held is lost.
+    /// A helper panicked; the job it held is lost (the calling thread redoes it).
     failed: bool,
 }
 
@@ -130,8 +199,10 @@ pub(super) struct Pipeline<'a> {
     written: usize,
     /// Finished chunks waiting for an earlier one.
     pending: BTreeMap<usize, ChunkJob>,
-    /// Emptied buffers (raw, wire) for reuse, kept by the encoder.
-    spare: &'a mut Vec<(Vec<u8>, Vec<u8>)>,
+    /// Chunks handed to the queue and not yet finished: what the calling
+    /// thread needs to redo one that a helper holds too long.
+    queued: BTreeMap<usize, (Arc<Vec<u8>>, u32, bool)>,
+    spare: &'a mut Spare,
     raw_capacity: usize,
 }
 
@@ -139,7 +210,7 @@ impl<'a> Pipeline<'a> {
     pub(super) fn new(
         shared: &'a Shared,
         helpers: usize,
-        spare: &'a mut Vec<(Vec<u8>, Vec<u8>)>,
+        spare: &'a mut Spare,
         raw_capacity: usize,
     ) -> Self {
         Pipeline {
@@ -148,6 +219,7 @@ impl<'a> Pipeline<'a> {
             next: 0,
             written: 0,
             pending: BTreeMap::new(),
+            queued: BTreeMap::new(),
             spare,
             raw_capacity,
         }
@@ -163,24 +235,27 @@ impl<'a> Pipeline<'a> {
         records: u32,
         worth: bool,
     ) -> Vec<u8> {
-        let (fresh, wire) = self
+        let fresh = self
             .spare
+            .raw
             .pop()
-            .unwrap_or_else(|| (Vec::with_capacity(self.raw_capacity), Vec::new()));
+            .unwrap_or_else(|| Vec::with_capacity(self.raw_capacity));
         let mut job = ChunkJob {
             index: self.next,
             records,
             worth,
-            raw,
-            wire,
+            raw: Arc::new(raw),
+            wire: self.spare.wire.pop().unwrap_or_default(),
         };
         self.next += 1;
-        if !worth {
+        if !worth || self.helpers == 0 {
             // Stored as is: a copy, not worth a trip to another thread.
             job.finish(zc, scratch);
             self.complete(job, out);
             return fresh;
         }
+        self.queued
+            .insert(job.index, (Arc::clone(&job.raw), records, worth));
         let (stolen, done) = {
             let mut st = self.shared.lock();
             st.queue.push_back(job);
@@ -213,6 +288,7 @@ impl<'a> Pipeline<'a> {
         out: &mut Vec<u8>,
     ) {
         self.shared.close();
+        let mut waited = false;
         while self.written < self.next {
             let mut st = self.shared.lock();
             if let Some(mut j) = st.queue.pop_front() {
@@ -225,24 +301,79 @@ impl<'a> Pipeline<'a> {
                 for j in done {
                     self.complete(j, out);
                 }
-            } else if st.failed {
+                waited = false;
+            } else if waited || st.failed {
+                // Every unfinished chunk is held by a helper that has not
+                // delivered it in time: redo the oldest one here.
                 drop(st);
-                panic!("codec: a chunk compression thread panicked");
+                self.take_over(zc, scratch, out);
+                waited = false;
             } else {
-                drop(self.shared.done.wait(st).unwrap_or_else(|e| e.into_inner()));
+                let (st, _) = self
+                    .shared
+                    .done
+                    .wait_timeout(st, TAKEOVER_AFTER)
+                    .unwrap_or_else(|e| e.into_inner());
+                drop(st);
+                waited = true;
             }
         }
     }
 
+    /// Compresses the oldest chunk that is neither written nor finished.
+    fn take_over(
+        &mut self,
+        zc: &mut zstd::bulk::Compressor<'static>,
+        scratch: &mut Vec<u8>,
+        out: &mut Vec<u8>,
+    ) {
+        let Some((&index, (raw, records, worth))) = self
+            .queued
+            .iter()
+            .find(|(i, _)| !self.pending.contains_key(i))
+        else {
+            return;
+        };
+        let mut job = ChunkJob {
+            index,
+            records: *records,
+            worth: *worth,
+            raw: Arc::clone(raw),
+            wire: self.spare.wire.pop().unwrap_or_default(),
+        };
+        job.finish(zc, scratch);
+        self.complete(job, out);
+    }
+
     fn complete(&mut self, job: ChunkJob, out: &mut Vec<u8>) {
+        if job.index < self.written || self.pending.contains_key(&job.index) {
+            // The other copy of a chunk taken over: identical, already here.
+            self.recycle(job);
+            return;
+        }
         self.pending.insert(job.index, job);
         while let Some(j) = self.pending.remove(&self.written) {
             out.extend_from_slice(&j.wire);
+            self.queued.remove(&self.written);
             self.written += 1;
-            let (mut raw, mut wire) = (j.raw, j.wire);
-            raw.clear();
+            self.recycle(j);
+        }
+    }
+
+    fn recycle(&mut self, job: ChunkJob) {
+        // Taken-over chunks add a buffer each time: keep a bounded number.
+        if self.spare.wire.len() < MAX_SPARE {
+            let mut wire = job.wire;
             wire.clear();
-            self.spare.push((raw, wire));
+            self.spare.wire.push(wire);
+        }
+        // Unique once the helper and the queue map have let go of it; a
+        // chunk still held elsewhere is simply not reused.
+        if let Ok(mut raw) = Arc::try_unwrap(job.raw) {
+            if self.spare.raw.len() < MAX_SPARE {
+                raw.clear();
+                self.spare.raw.push(raw);
+            }
         }
     }
 }
@@ -358,6 +489,8 @@ mod tests {
         };
         let mut one = Encoder::new(cfg(1)).map_err(fail)?;
         let mut many = Encoder::new(cfg(threads)).map_err(fail)?;
+        // Whatever the wall clock says: the helpers' path is what is tested.
+        many.force_helpers(Some(true));
         let mut dec = Decoder::new(DecoderConfig::default()).map_err(fail)?;
         let mut replica = VecMemory::new(frames, ps);
         let mut pending: BTreeSet<u64> = (0..frames).collect();
@@ -480,6 +613,39 @@ mod tests {
         }
     }
 
+    /// A helper that never picks anything up (as when it is descheduled for
+    /// long): the calling thread takes every queued chunk over, in order.
+    #[test]
+    fn codec_stalled_helpers_are_taken_over() {
+        use super::{Pipeline, Shared, Spare};
+        let level = 3;
+        let mut zc = zstd::bulk::Compressor::new(level).expect("zstd");
+        let mut zc_ref = zstd::bulk::Compressor::new(level).expect("zstd");
+        let (mut scratch, mut scratch_ref) = (Vec::new(), Vec::new());
+        let shared = Shared::default();
+        let mut spare = Spare::default();
+        let (mut out, mut expected) = (Vec::new(), Vec::new());
+        {
+            let mut pipe = Pipeline::new(&shared, 2, &mut spare, 8192);
+            for i in 0..7u32 {
+                let mut raw = vec![0u8; 3000 + 500 * i as usize];
+                fill_text(&mut Rng::new(u64::from(i)), &mut raw);
+                let worth = i % 3 != 2;
+                expected.extend_from_slice(&i.to_le_bytes());
+                crate::codec::block::put_block(
+                    &mut expected,
+                    &raw,
+                    worth.then_some(&mut zc_ref),
+                    &mut scratch_ref,
+                );
+                let next = pipe.submit(&mut zc, &mut scratch, &mut out, raw, i, worth);
+                assert!(next.is_empty());
+            }
+            pipe.finish(&mut zc, &mut scratch, &mut out);
+        }
+        assert!(out == expected);
+    }
+
     /// Whole synthetic traces, large enough for dozens of 256 KiB chunks per
     /// epoch: the helpers really run concurrently with the page pass.
     #[test]
@@ -501,6 +667,7 @@ mod tests {
                 .expect("encoder")
             };
             let (mut one, mut many) = (enc(1), enc(3));
+            many.force_helpers(Some(true));
             let mut dec = Decoder::new(DecoderConfig::default()).expect("decoder");
             let mut replica = VecMemory::new(cfg.frames, cfg.page_size);
             let mut frames = trace.all_frames();
