@@ -9,7 +9,8 @@
 //! disk is byte-identical to the primary's (every SET acknowledged, so
 //! committed, and no write after it). Then protect is killed and
 //! restarted on the same disk: its block map survives, and that sync is
-//! incremental too.
+//! incremental too. Last, a new standby with no replica gets the whole
+//! disk while the guest writes to it, and ends with an identical image.
 
 mod support;
 
@@ -243,7 +244,59 @@ fn a_standby_restart_and_a_protect_restart_resync_only_written_blocks() {
         )
         .unwrap_or_else(|e| panic!("{e}"));
         assert!(!protect.has_exited());
-        assert!(!standby.has_exited());
+
+        // A new standby host (no replica at all): the whole disk is copied
+        // while the VM runs and writes to it. The standby stalls on its
+        // first epoch, so the guest's writes land while the copy is in
+        // flight; they travel in later epochs and the replica ends equal.
+        standby.kill();
+        std::fs::remove_dir_all(dir.join("state")).expect("wipe the standby's state");
+        let _standby = Proc::remus_env(
+            "standby (new host)",
+            &standby_args,
+            &[("REMUS_WAN_FAULT", "standby.apply@1:sleep=4000".into())],
+            &dir.join("standby3.log"),
+        );
+        assert!(
+            wait_for_log(
+                &dir.join("standby3.log"),
+                "fault point reached: stalling",
+                Duration::from_secs(60)
+            ),
+            "the new standby never got its first epoch:\n{}\n{}",
+            log("standby3.log"),
+            log("protect2.log")
+        );
+        assert_eq!(
+            syncs(&log("protect2.log")).len(),
+            1,
+            "the copy to the new standby must still be in flight"
+        );
+        for k in 0..20u64 {
+            writeln!(kv_w, "SET fresh{k} value-{k}-{}", "w".repeat(300)).expect("kv write");
+        }
+        protected_with(
+            2,
+            "full copy to a new standby",
+            "protect2.log",
+            "standby3.log",
+        );
+        for _ in 0..20 {
+            let mut line = String::new();
+            kv_r.read_line(&mut line).expect("kv reply");
+            assert_eq!(line, "OK\n");
+        }
+        let copy = syncs(&log("protect2.log"));
+        eprintln!("sync to a new standby: {copy:?}");
+        assert_eq!(copy[1].0, "full", "{copy:?}");
+        assert_eq!(copy[1].2, DISK_BYTES, "the whole disk went");
+        wait_until(
+            "replica identical after a full copy under writes",
+            Duration::from_secs(30),
+            || image_hash(&disk) == image_hash(&replica_disk),
+            || std::thread::sleep(Duration::from_millis(200)),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
     })
     .expect("network namespace");
 }
