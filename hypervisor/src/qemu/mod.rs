@@ -2,16 +2,18 @@
 //! virtualization, TCG otherwise), protected through QMP.
 //!
 //! Guest RAM is a file in tmpfs that QEMU maps shared and so do we. Each
-//! checkpoint is QMP `stop`, the changed pages found by comparing RAM with
-//! the shadow of what was sent ([`shadow`]), the device state through
-//! `migrate` with `x-ignore-shared` into a memfd ([`devstate`]), and
-//! `cont`. The replica is a second QEMU started with `-incoming defer` on
-//! the replica's RAM image, which loads the device state and continues.
-//! remus-wan is the NIC's backend (`-netdev stream`, [`netdev`]), so the
-//! guest's output can be held per epoch.
+//! checkpoint is QMP `stop`, the changed pages found ([`write_protect`]:
+//! the pages the kernel saw QEMU write since the last checkpoint, compared
+//! with the shadow of what was sent, [`shadow`]; or, as a fallback, all RAM
+//! compared with the shadow), the device state through `migrate` with
+//! `x-ignore-shared` into a memfd ([`devstate`]), and `cont`. The replica
+//! is a second QEMU started with `-incoming defer` on the replica's RAM
+//! image, which loads the device state and continues. remus-wan is the
+//! NIC's backend (`-netdev stream`, [`netdev`]), so the guest's output can
+//! be held per epoch.
 //!
-//! The pause grows with guest RAM (the compare reads all of it): this
-//! backend suits small VMs. See docs/qemu-backend.md.
+//! With kernel write tracking the pause follows the pages written, not the
+//! size of RAM. See docs/qemu-backend.md.
 //!
 //! ```no_run
 //! use hypervisor::qemu::{Accel, LinuxImage, QemuGuest, QemuSpec};

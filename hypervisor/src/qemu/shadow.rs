@@ -1,11 +1,11 @@
 //! Finding the pages the guest changed: guest RAM compared with a shadow
 //! copy of what the replica holds.
 //!
-//! QEMU's own dirty log is not reachable from outside the process without
-//! a migration (which would send the pages through QEMU), so each
-//! checkpoint compares the RAM file, page by page, with the shadow: the
-//! contents of every page as last sent. The shadow is also exactly the
-//! replica's memory, so it doubles as the delta codec's reference.
+//! The shadow is exactly the replica's memory, so it doubles as the delta
+//! codec's reference. Which pages are compared: with kernel write tracking
+//! (`write_protect`), only the pages written since the last round
+//! ([`Shadow::collect_written`]); without it, every page
+//! ([`Shadow::collect`]).
 //!
 //! Invariant: for every frame below `sent`, the shadow holds what was sent
 //! for it last. A page is copied RAM → staging buffer → shadow, so even a
@@ -13,8 +13,8 @@
 //! page compares different again next round. Frames at and above `sent`
 //! were never sent (the first rounds carry the full image, in order).
 //!
-//! The cost is one pass over the RAM and the shadow per checkpoint: the
-//! pause grows with guest RAM. To keep it short the compare runs in
+//! The full compare costs one pass over the RAM and the shadow per
+//! checkpoint: the pause grows with guest RAM. To keep it short the compare runs in
 //! 64 KiB blocks (memcmp, which glibc vectorizes) on several threads, and
 //! looks at single pages only inside blocks that differ.
 
