@@ -21,14 +21,16 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::block::put_block;
 
 /// How long the calling thread, with nothing left to do, waits for a helper
-/// to finish a chunk before compressing that chunk itself. About one 256 KiB
-/// chunk's compression at zstd level 3.
-const TAKEOVER_AFTER: Duration = Duration::from_millis(1);
+/// to finish a chunk before compressing that chunk itself: twice as long as
+/// the slowest chunk it compressed itself in this epoch (a helper that is
+/// running finishes within that), or this when it compressed none.
+const TAKEOVER_DEFAULT: Duration = Duration::from_millis(2);
+const TAKEOVER_MIN: Duration = Duration::from_micros(200);
 
 /// Chooses, epoch by epoch, between compressing on the calling thread alone
 /// and with the helpers, by the wall time per input byte each mode took
@@ -204,6 +206,8 @@ pub(super) struct Pipeline<'a> {
     queued: BTreeMap<usize, (Arc<Vec<u8>>, u32, bool)>,
     spare: &'a mut Spare,
     raw_capacity: usize,
+    /// Longest compression of a chunk on the calling thread this epoch.
+    slowest_here: Option<Duration>,
 }
 
 impl<'a> Pipeline<'a> {
@@ -222,6 +226,7 @@ impl<'a> Pipeline<'a> {
             queued: BTreeMap::new(),
             spare,
             raw_capacity,
+            slowest_here: None,
         }
     }
 
@@ -273,7 +278,7 @@ impl<'a> Pipeline<'a> {
             self.complete(j, out);
         }
         if let Some(mut j) = stolen {
-            j.finish(zc, scratch);
+            self.compress_here(&mut j, zc, scratch);
             self.complete(j, out);
         }
         fresh
@@ -293,7 +298,7 @@ impl<'a> Pipeline<'a> {
             let mut st = self.shared.lock();
             if let Some(mut j) = st.queue.pop_front() {
                 drop(st);
-                j.finish(zc, scratch);
+                self.compress_here(&mut j, zc, scratch);
                 self.complete(j, out);
             } else if !st.done.is_empty() {
                 let done = std::mem::take(&mut st.done);
@@ -312,7 +317,7 @@ impl<'a> Pipeline<'a> {
                 let (st, _) = self
                     .shared
                     .done
-                    .wait_timeout(st, TAKEOVER_AFTER)
+                    .wait_timeout(st, self.takeover_after())
                     .unwrap_or_else(|e| e.into_inner());
                 drop(st);
                 waited = true;
@@ -341,8 +346,25 @@ impl<'a> Pipeline<'a> {
             raw: Arc::clone(raw),
             wire: self.spare.wire.pop().unwrap_or_default(),
         };
-        job.finish(zc, scratch);
+        self.compress_here(&mut job, zc, scratch);
         self.complete(job, out);
+    }
+
+    fn compress_here(
+        &mut self,
+        job: &mut ChunkJob,
+        zc: &mut zstd::bulk::Compressor<'static>,
+        scratch: &mut Vec<u8>,
+    ) {
+        let started = Instant::now();
+        job.finish(zc, scratch);
+        let took = started.elapsed();
+        self.slowest_here = Some(self.slowest_here.map_or(took, |d| d.max(took)));
+    }
+
+    fn takeover_after(&self) -> Duration {
+        self.slowest_here
+            .map_or(TAKEOVER_DEFAULT, |d| (2 * d).max(TAKEOVER_MIN))
     }
 
     fn complete(&mut self, job: ChunkJob, out: &mut Vec<u8>) {
