@@ -20,34 +20,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use remus_wan::testbed::LocalDeployment;
-use support::{vm_status, wait_for_log, wait_until, Proc};
+use support::{disk_syncs as syncs, image_hash, vm_status, wait_for_log, wait_until, Proc};
 
 const DISK_BYTES: u64 = 64 << 20;
 const BLOCK: u64 = 64 << 10;
-
-/// Every `disk synchronised` line of a log: (mode, sent_blocks, sent_bytes).
-fn syncs(log: &str) -> Vec<(String, u64, u64)> {
-    let field = |line: &str, name: &str| -> Option<String> {
-        let at = line.find(&format!(" {name}="))? + name.len() + 2;
-        let rest = &line[at..];
-        let end = rest.find(' ').unwrap_or(rest.len());
-        Some(rest[..end].trim_matches('"').to_owned())
-    };
-    log.lines()
-        .filter(|l| l.contains("disk synchronised"))
-        .filter_map(|l| {
-            Some((
-                field(l, "mode")?,
-                field(l, "sent_blocks")?.parse().ok()?,
-                field(l, "sent_bytes")?.parse().ok()?,
-            ))
-        })
-        .collect()
-}
-
-fn image_hash(p: &Path) -> u64 {
-    xxhash_rust::xxh3::xxh3_64(&std::fs::read(p).unwrap_or_default())
-}
 
 /// Sends `n` SETs without waiting, then reads the `n` replies (each one
 /// released only once its epoch is committed at the backup).

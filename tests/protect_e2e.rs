@@ -266,6 +266,21 @@ fn after_a_switchover_protection_runs_back_and_the_vm_can_return() {
     );
 }
 
+/// Failback after a takeover: the old primary's site returns as standby
+/// with its old copy of the disk, and only the blocks that differ travel.
+#[test]
+fn failback_to_the_old_site_sends_only_the_disk_blocks_that_differ() {
+    if !require_kvm_root() {
+        return;
+    }
+    with_witness(
+        End::TakeoverThenFailback,
+        "rwe2ea",
+        17841,
+        "52:54:00:12:36:0b",
+    );
+}
+
 /// The backup site loses its replica (process killed, state folder gone)
 /// and a new, empty standby starts: the primary resynchronises the running
 /// VM to it without stopping the VM, and when the primary is then killed
@@ -375,6 +390,7 @@ enum End {
     SwitchoverToAFrozenBackup,
     StandbyRejectsAnEpoch,
     TakeoverThenRestartOnItsFolder,
+    TakeoverThenFailback,
 }
 
 /// Waits (reading the client's stream meanwhile) until the standby logging
@@ -490,6 +506,7 @@ fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
         let go_on = |protect: &mut Proc| match end {
             End::KillPrimary
             | End::TakeoverThenRestartOnItsFolder
+            | End::TakeoverThenFailback
             | End::Switchover
             | End::SwitchoverThenBack
             | End::StandbyLosesItsState
@@ -528,7 +545,7 @@ fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
                 protect.kill();
                 eprintln!("protect SIGKILLed while the backup applies an epoch, client at counter {before}");
             }
-            End::KillPrimary | End::TakeoverThenRestartOnItsFolder => {
+            End::KillPrimary | End::TakeoverThenRestartOnItsFolder | End::TakeoverThenFailback => {
                 protect.kill();
                 eprintln!("protect SIGKILLed after {kill_after:?} (seed {seed}), client at counter {before}");
             }
@@ -744,6 +761,10 @@ fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
             eprintln!("restarted on the folder the VM ran from: {line}");
             return;
         }
+        if end == End::TakeoverThenFailback {
+            failback_by_checksum(&dir, &cfg_s, &mut kv_w, &mut kv_lines);
+            return;
+        }
         if end != End::SwitchoverThenBack {
             return;
         }
@@ -811,6 +832,109 @@ fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
         eprintln!("dc2 killed: dc1 took web1 back; stream continued to {}", counter.next());
     })
     .expect("network namespace");
+}
+
+/// The old primary's site comes back after a takeover: a standby at dc1,
+/// holding the VM's old disk (`web1.img`, where the VM ran before it was
+/// killed), receives the VM that now runs at dc2. dc2 has written to the
+/// disk since (those writes travel with dc2's epochs), and dc1's copy holds
+/// blocks of its own (its last epochs, never committed): the block hashes
+/// of both sides are compared and only the blocks that differ travel (a
+/// checksum resync, not the whole disk); at the end dc1's replica disk is
+/// the disk dc2 runs from, byte for byte.
+fn failback_by_checksum(
+    dir: &Path,
+    cfg_s: &str,
+    kv_w: &mut TcpStream,
+    kv_lines: &mut std::io::BufReader<TcpStream>,
+) {
+    use std::io::{BufRead, Write};
+    let log = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+    // Writes at dc2, while no backup exists: their replies wait for dc1.
+    for k in 0..10 {
+        writeln!(kv_w, "SET back{k} value{k}").expect("kv write");
+    }
+    // dc1's copy also holds what its last epochs wrote and never committed
+    // (the kill came first): two blocks of it changed while it was down.
+    {
+        use std::os::unix::fs::FileExt;
+        let old = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join("web1.img"))
+            .expect("dc1's old disk");
+        for block in [10u64, 40] {
+            old.write_all_at(&[0xA5; 512], block * 65536 + 4096)
+                .expect("write dc1's old disk");
+        }
+    }
+    let state1 = dir.join("state-dc1").to_str().expect("utf-8").to_owned();
+    let _standby1 = Proc::remus(
+        "standby at dc1 (failback)",
+        &[
+            "standby",
+            "--config",
+            cfg_s,
+            "--site",
+            "dc1",
+            "--state-dir",
+            &state1,
+            "--metrics",
+            "127.0.0.1:9479",
+        ],
+        &dir.join("standby-dc1.log"),
+    );
+    kv_lines
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .expect("timeout");
+    for k in 0..10 {
+        let mut line = String::new();
+        kv_lines.read_line(&mut line).expect("kv reply at dc2");
+        assert_eq!(line, "OK\n", "SET back{k}");
+    }
+    wait_until(
+        "dc2 protects web1 back towards dc1",
+        Duration::from_secs(120),
+        || {
+            vm_status("127.0.0.1:9478")
+                .is_some_and(|v| v.role == "primary" && v.state == "protected")
+                && !support::disk_syncs(&log("standby.log")).is_empty()
+        },
+        || std::thread::sleep(Duration::from_millis(100)),
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}\nstandby (dc2) log:\n{}\nstandby (dc1) log:\n{}",
+            log("standby.log"),
+            log("standby-dc1.log")
+        )
+    });
+    let syncs = support::disk_syncs(&log("standby.log"));
+    let (mode, blocks, bytes) = syncs.last().expect("a disk sync").clone();
+    eprintln!("failback disk sync: mode {mode}, {blocks} blocks, {bytes} bytes of a 4 MiB disk");
+    assert_eq!(mode, "checksum", "{syncs:?}\n{}", log("standby.log"));
+    // The writes at dc2 travel as the epochs' own disk writes; the sync
+    // itself repairs the two blocks dc1's copy has of its own (of 64
+    // blocks of 64 KiB), plus at most a block or two the guest wrote while
+    // the hashes were being taken (sent again, harmlessly).
+    assert!(
+        (2..=4).contains(&blocks) && bytes == blocks * 65536,
+        "only the blocks that differ travel, not the disk: {syncs:?}"
+    );
+    // Every SET acknowledged and the guest idle: both disks the same.
+    let ours = dir.join("state/replicas/web1/disk.img");
+    let theirs = dir.join("state-dc1/replicas/web1/disk.img");
+    wait_until(
+        "dc1's replica disk equals the disk dc2 runs from",
+        Duration::from_secs(30),
+        || support::image_hash(&ours) == support::image_hash(&theirs),
+        || std::thread::sleep(Duration::from_millis(200)),
+    )
+    .unwrap_or_else(|e| panic!("{e}\nstandby (dc1) log:\n{}", log("standby-dc1.log")));
+    writeln!(kv_w, "GET back9").expect("kv write");
+    let mut line = String::new();
+    kv_lines.read_line(&mut line).expect("kv reply");
+    assert_eq!(line, "VALUE value9\n");
 }
 
 /// Restarts on old state folders: the protect process restarts (a fresh

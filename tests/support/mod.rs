@@ -405,3 +405,29 @@ pub fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
+
+/// Every `disk synchronised` line of a protect log: (mode, sent_blocks,
+/// sent_bytes).
+pub fn disk_syncs(log: &str) -> Vec<(String, u64, u64)> {
+    let field = |line: &str, name: &str| -> Option<String> {
+        let at = line.find(&format!(" {name}="))? + name.len() + 2;
+        let rest = &line[at..];
+        let end = rest.find(' ').unwrap_or(rest.len());
+        Some(rest[..end].trim_matches('"').to_owned())
+    };
+    log.lines()
+        .filter(|l| l.contains("disk synchronised"))
+        .filter_map(|l| {
+            Some((
+                field(l, "mode")?,
+                field(l, "sent_blocks")?.parse().ok()?,
+                field(l, "sent_bytes")?.parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
+/// xxh3 of a whole file (0 bytes if it cannot be read).
+pub fn image_hash(p: &Path) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(&std::fs::read(p).unwrap_or_default())
+}
