@@ -115,7 +115,7 @@ fn run_dir(log: &Path) -> PathBuf {
 }
 
 /// One `remus-wan` process of the deployment; SIGKILLed and reaped on drop.
-struct Party {
+pub(super) struct Party {
     name: String,
     site: &'static str,
     child: Option<Child>,
@@ -126,7 +126,7 @@ struct Party {
 }
 
 impl Party {
-    fn spawn(
+    pub(super) fn spawn(
         bin: &Path,
         name: String,
         site: &'static str,
@@ -158,12 +158,12 @@ impl Party {
         })
     }
 
-    fn pid(&self) -> Option<u32> {
+    pub(super) fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
 
     /// SIGKILL and reap (nothing if it already ended and was reaped).
-    fn kill(&mut self) {
+    pub(super) fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -199,14 +199,14 @@ impl Party {
         }
     }
 
-    fn status(&self) -> Option<VmStatus> {
+    pub(super) fn status(&self) -> Option<VmStatus> {
         crate::metrics::fetch_status(self.metrics)
             .ok()?
             .into_iter()
             .next()
     }
 
-    fn log_text(&self) -> String {
+    pub(super) fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
@@ -988,7 +988,7 @@ fn line(round: u32, r: &RoundResult, base_token: u64, stall_limit: Duration) -> 
     )
 }
 
-fn resolve_image(image: Option<PathBuf>) -> Result<PathBuf> {
+pub(super) fn resolve_image(image: Option<PathBuf>) -> Result<PathBuf> {
     let image = match image {
         Some(i) => i,
         None => {

@@ -3,6 +3,7 @@
 mod bench;
 mod bench_failback;
 mod bench_protect;
+mod bench_resync;
 mod bench_sched;
 mod certs;
 mod common;
