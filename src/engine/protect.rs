@@ -88,6 +88,12 @@ pub struct EpochIo {
     pub map: Option<BlockMap>,
     /// The epoch the writes captured now travel in (the map records it).
     pub open_epoch: u64,
+    /// Whether captured writes are kept to travel with an epoch. Off while
+    /// no epoch can leave (waiting for a peer, backing off): a sync always
+    /// follows, and it reads the disk itself (the whole disk, the blocks
+    /// the map recorded, or the blocks whose hashes differ), so keeping
+    /// the writes would only grow memory for as long as the outage lasts.
+    pub buffering: bool,
 }
 
 impl EpochIo {
@@ -135,7 +141,9 @@ impl WriteHook for CaptureWrites {
             if let Some(m) = &mut io.map {
                 m.record(offset, data.len(), epoch);
             }
-            io.disk.push((offset, data.to_vec()));
+            if io.buffering {
+                io.disk.push((offset, data.to_vec()));
+            }
         }
     }
 }
@@ -154,6 +162,7 @@ impl Capture {
                 disk: Vec::new(),
                 map: None,
                 open_epoch: 1,
+                buffering: true,
             })),
             dropped_frames: Arc::new(AtomicU64::new(0)),
         }
@@ -432,6 +441,7 @@ impl<G: ProtectedGuest> Protector<G> {
     /// from its pause on output waits for commits again.
     pub fn protect_when_peer_returns(&mut self) {
         self.phase = Phase::AwaitPeer;
+        self.buffer_captured_writes(false);
         self.gate = ReleaseGate::serving_unreplicated();
         if let Some(f) = &mut self.failover {
             f.started = true;
@@ -700,7 +710,20 @@ impl<G: ProtectedGuest> Protector<G> {
     /// Starts a full synchronisation (at start, on the backup's request,
     /// or after an error): the backup builds a new replica from nothing,
     /// beside the one it has until this one is consistent.
+    /// Keeps (or drops, and stops keeping) the guest's captured disk
+    /// writes; see [`EpochIo::buffering`].
+    fn buffer_captured_writes(&self, on: bool) {
+        if let Ok(mut io) = self.capture.io.lock() {
+            io.buffering = on;
+            if !on {
+                io.disk = Vec::new();
+            }
+        }
+    }
+
     fn begin_sync(&mut self, why: &str) -> Result<(), ProtectError> {
+        // From here writes travel again: after the sync's disk reads.
+        self.buffer_captured_writes(true);
         self.gate.resync_started();
         if let Some(v) = &mut self.verify {
             // Hashes in flight are answered against a replica being
@@ -1010,6 +1033,7 @@ impl<G: ProtectedGuest> Protector<G> {
             until: Instant::now() + wait,
             new_session,
         };
+        self.buffer_captured_writes(false);
         self.set_state("recovering");
         Ok(())
     }
