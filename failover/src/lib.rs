@@ -1,5 +1,5 @@
 //! Heartbeats, failure detection, witness arbitration and leases, and the
-//! failover / fencing / switchover state machine (see DESIGN.md).
+//! failover / fencing / switchover state machine (see docs/design.md).
 //!
 //! Everything here is sans-IO: [`Site`] and [`Witness`] take messages and
 //! the time and return messages to send and events for the engine. The

@@ -1,4 +1,4 @@
-//! The failover rules of DESIGN.md, one scenario each, on the simulated
+//! The failover rules of docs/design.md, one scenario each, on the simulated
 //! network (simulated time; deterministic).
 
 mod sim;

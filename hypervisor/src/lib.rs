@@ -1,5 +1,5 @@
 //! Guest backends: the `Guest` trait the replication engine drives, and its
-//! backends (`kvm`: the built-in micro-VM; `qemu`; `xen`). See DESIGN.md.
+//! backends (`kvm`: the built-in micro-VM; `qemu`; `xen`). See docs/design.md.
 
 pub mod guest;
 pub mod guest_build;
