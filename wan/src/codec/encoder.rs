@@ -47,11 +47,11 @@ pub struct EncoderConfig {
     /// Chunks are independent zstd frames, so extra threads change nothing on
     /// the wire: the bytes are the same for every count. The page pass
     /// (cache, deltas, duplicates) always runs on the calling thread. `1` (or
-    /// `0`) compresses on the calling thread only. With more, each epoch
-    /// large enough for two chunks uses the helpers or not by which of the
-    /// two was faster (wall time per byte) in recent epochs, trying the
-    /// other one every 16 epochs: helpers on a core that is busy with
-    /// something else only slow the epoch down. Default:
+    /// `0`) compresses on the calling thread only. With more, an epoch large
+    /// enough for two chunks uses the helpers unless the last epoch that did
+    /// gained less than 10 % from them (estimated within that epoch); then
+    /// helpers are retried every 16 epochs: helpers on a core that is busy
+    /// with something else only slow the epoch down. Default:
     /// [`EncoderConfig::default_threads`].
     pub threads: usize,
 }
@@ -269,9 +269,9 @@ impl Encoder {
         // and only when a core is free for them (see `ModeChooser`). Either
         // way the bytes are the same.
         let input = pages.len().saturating_mul(self.cfg.page_size);
-        let eligible = !self.helpers.is_empty() && input >= 2 * self.cfg.chunk_bytes;
-        let helpers = eligible && self.mode.use_helpers();
-        let started = std::time::Instant::now();
+        let helpers = !self.helpers.is_empty()
+            && input >= 2 * self.cfg.chunk_bytes
+            && self.mode.use_helpers();
         let (records, chunks) = if helpers {
             self.encode_pages_parallel(epoch, pages, &mut st, out)
         } else {
@@ -286,9 +286,6 @@ impl Encoder {
                 },
             )
         };
-        if eligible {
-            self.mode.record(helpers, input, started.elapsed());
-        }
 
         // Small blobs never shrink enough to pay for a zstd frame.
         let worth = |raw: &[u8]| raw.len() > 256;
@@ -389,6 +386,8 @@ impl Encoder {
         let mut helpers = std::mem::take(&mut self.helpers);
         let mut spare = std::mem::take(&mut self.spare_chunks);
         let shared = Shared::default();
+        let started = std::time::Instant::now();
+        let cpu_at_start = super::parallel::thread_cpu_time();
         let raw_capacity = self.cfg.chunk_bytes + 2 * self.cfg.page_size;
         let counts = std::thread::scope(|s| {
             let mut started = 0;
@@ -408,9 +407,11 @@ impl Encoder {
                 self.encode_pages(epoch, pages, st, &mut |zc, scratch, raw, records, worth| {
                     pipe.submit(zc, scratch, out, raw, records, worth)
                 });
-            pipe.finish(&mut self.zc, &mut self.block_scratch, out);
-            counts
+            let timing = pipe.finish(&mut self.zc, &mut self.block_scratch, out, cpu_at_start);
+            (counts, timing)
         });
+        let (counts, timing) = counts;
+        self.mode.record(started.elapsed(), timing);
         self.helpers = helpers;
         self.spare_chunks = spare;
         counts

@@ -33,22 +33,49 @@ const TAKEOVER_DEFAULT: Duration = Duration::from_millis(2);
 const TAKEOVER_MIN: Duration = Duration::from_micros(200);
 
 /// Chooses, epoch by epoch, between compressing on the calling thread alone
-/// and with the helpers, by the wall time per input byte each mode took
-/// lately. Helpers pay only when a core is free for them: on a machine whose
-/// other cores are busy they share the calling thread's core and slow the
-/// epoch down. Every [`PROBE_EVERY`] epochs the other mode is tried once, so
-/// a core that frees up (or gets busy) is noticed.
+/// and with the helpers. Helpers pay only when a core is free for them: on a
+/// machine whose other cores are busy they wait for a time slice while the
+/// epoch waits for them, or take one from the calling thread.
+///
+/// After each epoch with helpers it estimates, from that same epoch (so the
+/// content of the epoch does not matter), how long the calling thread alone
+/// would have taken: its own CPU time plus the helpers' raw chunk bytes at
+/// the CPU time per byte it took to compress chunks itself. That over the
+/// wall time is the helpers' gain. CPU time, not wall time: a helper that
+/// shares the calling thread's core stretches the calling thread's wall
+/// time and would look useful. (Where the thread's CPU clock is not
+/// available, wall time minus the time spent waiting for helpers.) Below [`MIN_GAIN`] the next epochs run on the calling
+/// thread alone, and every [`PROBE_EVERY`] epochs one runs with helpers
+/// again to see whether a core has freed up.
 #[derive(Default)]
 pub(super) struct ModeChooser {
-    /// Moving average of nanoseconds per input byte: [one thread, helpers].
-    ns_per_byte: [Option<f64>; 2],
+    /// Gain measured in the last epoch run with helpers.
+    gain: Option<f64>,
+    /// Calling thread's compression time per raw chunk byte (moving average).
+    ns_per_byte: Option<f64>,
     since_probe: u32,
     /// Tests: always this mode.
     pub(super) forced: Option<bool>,
 }
 
-/// Epochs between two tries of the mode not currently preferred.
+/// Epochs between two tries of the helpers when they did not pay.
 const PROBE_EVERY: u32 = 16;
+/// Below this estimated speedup, helpers are not worth their overhead.
+const MIN_GAIN: f64 = 1.1;
+
+/// What one epoch with helpers measured, for [`ModeChooser::record`].
+#[derive(Default, Clone, Copy)]
+pub(super) struct EpochTiming {
+    /// CPU time of the calling thread over the whole epoch, when known.
+    busy: Option<Duration>,
+    /// Time the calling thread waited for helpers.
+    idle: Duration,
+    /// Raw chunk bytes, and time, the calling thread compressed itself.
+    own_bytes: u64,
+    own_time: Duration,
+    /// Raw chunk bytes whose compression by a helper was used.
+    helper_bytes: u64,
+}
 
 impl ModeChooser {
     /// Whether the next (large enough) epoch uses the helpers.
@@ -56,28 +83,72 @@ impl ModeChooser {
         if let Some(f) = self.forced {
             return f;
         }
-        match self.ns_per_byte {
-            [_, None] => true,
-            [None, _] => false,
-            [Some(one), Some(many)] => {
-                let best = many < one;
+        match self.gain {
+            Some(g) if g < MIN_GAIN => {
                 self.since_probe += 1;
                 if self.since_probe >= PROBE_EVERY {
                     self.since_probe = 0;
-                    !best
+                    true
                 } else {
-                    best
+                    false
                 }
             }
+            _ => true,
         }
     }
 
-    /// How long an epoch of `bytes` input bytes took in the given mode.
-    pub(super) fn record(&mut self, helpers: bool, bytes: usize, wall: Duration) {
-        let x = wall.as_nanos() as f64 / bytes.max(1) as f64;
-        let avg = &mut self.ns_per_byte[usize::from(helpers)];
-        *avg = Some(avg.map_or(x, |v| v + 0.25 * (x - v)));
+    /// One epoch with helpers took `wall` and measured `t`.
+    pub(super) fn record(&mut self, wall: Duration, t: EpochTiming) {
+        if t.own_bytes > 0 {
+            let x = t.own_time.as_nanos() as f64 / t.own_bytes as f64;
+            self.ns_per_byte = Some(self.ns_per_byte.map_or(x, |v| v + 0.5 * (x - v)));
+        }
+        let wall_ns = wall.as_nanos() as f64;
+        let Some(rate) = self.ns_per_byte else {
+            // Nothing compressed here yet to compare with: try again.
+            self.gain = None;
+            return;
+        };
+        if wall_ns <= 0.0 {
+            return;
+        }
+        let busy = match t.busy {
+            Some(cpu) => cpu.as_nanos() as f64,
+            None => wall_ns - t.idle.as_nanos() as f64,
+        };
+        let alone = busy + t.helper_bytes as f64 * rate;
+        self.gain = Some(alone / wall_ns);
     }
+
+    #[cfg(test)]
+    pub(super) fn gain(&self) -> Option<f64> {
+        self.gain
+    }
+}
+
+/// CPU time consumed by the calling thread, where the platform tells it.
+#[cfg(all(target_os = "linux", target_pointer_width = "64"))]
+pub(super) fn thread_cpu_time() -> Option<Duration> {
+    #[repr(C)]
+    struct Timespec {
+        sec: i64,
+        nsec: i64,
+    }
+    extern "C" {
+        fn clock_gettime(clock: i32, ts: *mut Timespec) -> i32;
+    }
+    const CLOCK_THREAD_CPUTIME_ID: i32 = 3;
+    let mut ts = Timespec { sec: 0, nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec into the pointed-to struct,
+    // which has the C layout of `struct timespec` on 64-bit Linux.
+    let rc = unsafe { clock_gettime(CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    (rc == 0 && ts.sec >= 0 && (0..1_000_000_000).contains(&ts.nsec))
+        .then(|| Duration::new(ts.sec as u64, ts.nsec as u32))
+}
+
+#[cfg(not(all(target_os = "linux", target_pointer_width = "64")))]
+pub(super) fn thread_cpu_time() -> Option<Duration> {
+    None
 }
 
 /// Buffers of each kind kept for reuse between chunks and epochs.
@@ -94,6 +165,8 @@ pub(super) struct ChunkJob {
     raw: Arc<Vec<u8>>,
     /// `record count u32 | block`: exactly what goes on the wire.
     wire: Vec<u8>,
+    /// Compressed by a helper thread.
+    by_helper: bool,
 }
 
 impl ChunkJob {
@@ -186,6 +259,7 @@ pub(super) fn helper_loop(shared: &Shared, helper: &mut Helper) {
             }
         };
         job.finish(&mut helper.zc, &mut helper.scratch);
+        job.by_helper = true;
         shared.lock().done.push(job);
         shared.done.notify_one();
     }
@@ -208,6 +282,7 @@ pub(super) struct Pipeline<'a> {
     raw_capacity: usize,
     /// Longest compression of a chunk on the calling thread this epoch.
     slowest_here: Option<Duration>,
+    timing: EpochTiming,
 }
 
 impl<'a> Pipeline<'a> {
@@ -227,6 +302,7 @@ impl<'a> Pipeline<'a> {
             spare,
             raw_capacity,
             slowest_here: None,
+            timing: EpochTiming::default(),
         }
     }
 
@@ -251,6 +327,7 @@ impl<'a> Pipeline<'a> {
             worth,
             raw: Arc::new(raw),
             wire: self.spare.wire.pop().unwrap_or_default(),
+            by_helper: false,
         };
         self.next += 1;
         if !worth || self.helpers == 0 {
@@ -291,7 +368,8 @@ impl<'a> Pipeline<'a> {
         zc: &mut zstd::bulk::Compressor<'static>,
         scratch: &mut Vec<u8>,
         out: &mut Vec<u8>,
-    ) {
+        cpu_at_start: Option<Duration>,
+    ) -> EpochTiming {
         self.shared.close();
         let mut waited = false;
         while self.written < self.next {
@@ -314,15 +392,21 @@ impl<'a> Pipeline<'a> {
                 self.take_over(zc, scratch, out);
                 waited = false;
             } else {
+                let idle = Instant::now();
                 let (st, _) = self
                     .shared
                     .done
                     .wait_timeout(st, self.takeover_after())
                     .unwrap_or_else(|e| e.into_inner());
                 drop(st);
+                self.timing.idle += idle.elapsed();
                 waited = true;
             }
         }
+        if let (Some(a), Some(b)) = (cpu_at_start, thread_cpu_time()) {
+            self.timing.busy = Some(b.saturating_sub(a));
+        }
+        self.timing
     }
 
     /// Compresses the oldest chunk that is neither written nor finished.
@@ -345,6 +429,7 @@ impl<'a> Pipeline<'a> {
             worth: *worth,
             raw: Arc::clone(raw),
             wire: self.spare.wire.pop().unwrap_or_default(),
+            by_helper: false,
         };
         self.compress_here(&mut job, zc, scratch);
         self.complete(job, out);
@@ -356,9 +441,16 @@ impl<'a> Pipeline<'a> {
         zc: &mut zstd::bulk::Compressor<'static>,
         scratch: &mut Vec<u8>,
     ) {
-        let started = Instant::now();
+        let (started, cpu) = (Instant::now(), thread_cpu_time());
         job.finish(zc, scratch);
         let took = started.elapsed();
+        if job.worth {
+            self.timing.own_bytes += job.raw.len() as u64;
+            self.timing.own_time += match (cpu, thread_cpu_time()) {
+                (Some(a), Some(b)) => b.saturating_sub(a),
+                _ => took,
+            };
+        }
         self.slowest_here = Some(self.slowest_here.map_or(took, |d| d.max(took)));
     }
 
@@ -372,6 +464,9 @@ impl<'a> Pipeline<'a> {
             // The other copy of a chunk taken over: identical, already here.
             self.recycle(job);
             return;
+        }
+        if job.by_helper && job.worth {
+            self.timing.helper_bytes += job.raw.len() as u64;
         }
         self.pending.insert(job.index, job);
         while let Some(j) = self.pending.remove(&self.written) {
@@ -635,6 +730,43 @@ mod tests {
         }
     }
 
+    /// The choice between helpers and the calling thread alone, from
+    /// made-up timings: helpers that did half the work are kept; helpers
+    /// that delivered nothing are dropped, and retried every 16 epochs.
+    #[test]
+    fn codec_mode_chooser_keeps_useful_helpers_only() {
+        use super::{EpochTiming, ModeChooser};
+        use std::time::Duration;
+        let ms = Duration::from_millis;
+        let mut m = ModeChooser::default();
+        assert!(m.use_helpers(), "helpers are tried first");
+        // 5 ns per byte here; 1 MB here and 1 MB by a helper in 10 ms of
+        // wall time: alone it would have taken 15 ms.
+        let useful = EpochTiming {
+            busy: None,
+            idle: Duration::ZERO,
+            own_bytes: 1_000_000,
+            own_time: ms(5),
+            helper_bytes: 1_000_000,
+        };
+        m.record(ms(10), useful);
+        let g = m.gain().expect("gain");
+        assert!((g - 1.5).abs() < 1e-6, "gain {g}");
+        assert!((0..20).all(|_| m.use_helpers()));
+        // Nothing from the helpers, 2 ms spent waiting for them.
+        m.record(
+            ms(10),
+            EpochTiming {
+                idle: ms(2),
+                helper_bytes: 0,
+                ..useful
+            },
+        );
+        let picks: Vec<bool> = (0..32).map(|_| m.use_helpers()).collect();
+        assert_eq!(picks.iter().filter(|&&b| b).count(), 2, "{picks:?}");
+        assert!(picks[15] && picks[31]);
+    }
+
     /// A helper that never picks anything up (as when it is descheduled for
     /// long): the calling thread takes every queued chunk over, in order.
     #[test]
@@ -663,7 +795,7 @@ mod tests {
                 let next = pipe.submit(&mut zc, &mut scratch, &mut out, raw, i, worth);
                 assert!(next.is_empty());
             }
-            pipe.finish(&mut zc, &mut scratch, &mut out);
+            pipe.finish(&mut zc, &mut scratch, &mut out, None);
         }
         assert!(out == expected);
     }
