@@ -133,6 +133,46 @@ impl CounterCheck {
     }
 }
 
+/// One `disk synchronised` line of a protect log (what a sync sent).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DiskSync {
+    /// `full`, `incremental` or `checksum`.
+    pub mode: String,
+    pub sent_bytes: u64,
+    pub sent_blocks: u64,
+    pub took_ms: u64,
+}
+
+/// Every `disk synchronised` line of a protect log, in order.
+pub fn disk_syncs(log: &str) -> Vec<DiskSync> {
+    let field = |line: &str, name: &str| -> Option<String> {
+        let at = line.find(&format!(" {name}="))? + name.len() + 2;
+        let rest = &line[at..];
+        let end = rest.find(' ').unwrap_or(rest.len());
+        Some(rest[..end].trim_matches('"').to_owned())
+    };
+    log.lines()
+        .filter(|l| l.contains("disk synchronised"))
+        .filter_map(|l| {
+            Some(DiskSync {
+                mode: field(l, "mode")?,
+                sent_bytes: field(l, "sent_bytes")?.parse().ok()?,
+                sent_blocks: field(l, "sent_blocks")?.parse().ok()?,
+                took_ms: field(l, "took_ms")?.parse().ok()?,
+            })
+        })
+        .collect()
+}
+
+/// Makes tap `name` in the current network namespace with the guests'
+/// gateway address (192.0.2.1/24) and brings it up.
+pub fn gateway_tap(name: &str) -> std::io::Result<()> {
+    hypervisor::netns::ip(&["tuntap", "add", "dev", name, "mode", "tap"])?;
+    hypervisor::netns::ip(&["addr", "add", "192.0.2.1/24", "dev", name])?;
+    hypervisor::netns::ip(&["link", "set", "dev", name, "up"])?;
+    Ok(())
+}
+
 /// The path as given, or relative to the current directory made absolute.
 pub fn absolute(p: &Path) -> PathBuf {
     std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned())
@@ -141,6 +181,20 @@ pub fn absolute(p: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn disk_sync_lines_are_read_from_a_log() {
+        let log = "2026 INFO remus_wan::engine::protect: disk synchronised vm=web1 mode=\"checksum\" disk_bytes=4194304 sent_bytes=131072 sent_blocks=2 compared_blocks=64 took_ms=913\nother line\n";
+        assert_eq!(
+            disk_syncs(log),
+            [DiskSync {
+                mode: "checksum".into(),
+                sent_bytes: 131072,
+                sent_blocks: 2,
+                took_ms: 913
+            }]
+        );
+    }
 
     #[test]
     fn counter_check_spots_gaps_and_duplicates_across_reads() {

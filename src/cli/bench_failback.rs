@@ -1071,10 +1071,7 @@ pub fn run(opts: Options) -> Result<bool> {
 }
 
 fn soak(opts: &Options, bin: &Path, cfg: &Path, dir: &Path) -> Result<bool> {
-    let ip = |a: &[&str]| hypervisor::netns::ip(a).map_err(anyhow::Error::from);
-    ip(&["tuntap", "add", "dev", TAP, "mode", "tap"])?;
-    ip(&["addr", "add", "192.0.2.1/24", "dev", TAP])?;
-    ip(&["link", "set", "dev", TAP, "up"])?;
+    crate::testbed::gateway_tap(TAP)?;
     let mut bench = Bench {
         bin: bin.to_owned(),
         cfg: cfg.to_string_lossy().into_owned(),

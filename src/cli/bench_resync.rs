@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use super::bench_failback::{resolve_image, Party};
-use crate::testbed::LocalDeployment;
+use crate::testbed::{disk_syncs as syncs, DiskSync as Sync, LocalDeployment};
 
 const TAP: &str = "rwresync0";
 const MAC: &str = "52:54:00:12:3a:11";
@@ -27,35 +27,6 @@ pub struct Options {
     /// Share of blocks changed before the resync, in percent.
     pub changed_percent: f64,
     pub guest_image: Option<PathBuf>,
-}
-
-/// One `disk synchronised` line of a protect log.
-#[derive(Debug, Clone, Default)]
-struct Sync {
-    mode: String,
-    sent_bytes: u64,
-    sent_blocks: u64,
-    took_ms: u64,
-}
-
-fn syncs(log: &str) -> Vec<Sync> {
-    let field = |line: &str, name: &str| -> Option<String> {
-        let at = line.find(&format!(" {name}="))? + name.len() + 2;
-        let rest = &line[at..];
-        let end = rest.find(' ').unwrap_or(rest.len());
-        Some(rest[..end].trim_matches('"').to_owned())
-    };
-    log.lines()
-        .filter(|l| l.contains("disk synchronised"))
-        .filter_map(|l| {
-            Some(Sync {
-                mode: field(l, "mode")?,
-                sent_bytes: field(l, "sent_bytes")?.parse().ok()?,
-                sent_blocks: field(l, "sent_blocks")?.parse().ok()?,
-                took_ms: field(l, "took_ms")?.parse().ok()?,
-            })
-        })
-        .collect()
 }
 
 /// Peak resident memory of a process in KiB (`VmHWM`).
@@ -147,11 +118,8 @@ fn measure(
     disk: &Path,
     disk_bytes: u64,
 ) -> Result<()> {
-    let ip = |a: &[&str]| hypervisor::netns::ip(a).map_err(anyhow::Error::from);
-    ip(&["link", "set", "lo", "up"])?;
-    ip(&["tuntap", "add", "dev", TAP, "mode", "tap"])?;
-    ip(&["addr", "add", "192.0.2.1/24", "dev", TAP])?;
-    ip(&["link", "set", "dev", TAP, "up"])?;
+    hypervisor::netns::ip(&["link", "set", "lo", "up"])?;
+    crate::testbed::gateway_tap(TAP)?;
     let cfg_s = cfg.to_string_lossy().into_owned();
     let state = dir.join("state");
     let start_pair = |round: &str| -> Result<(Party, Party)> {

@@ -409,21 +409,9 @@ pub fn tail(text: &str, lines: usize) -> String {
 /// Every `disk synchronised` line of a protect log: (mode, sent_blocks,
 /// sent_bytes).
 pub fn disk_syncs(log: &str) -> Vec<(String, u64, u64)> {
-    let field = |line: &str, name: &str| -> Option<String> {
-        let at = line.find(&format!(" {name}="))? + name.len() + 2;
-        let rest = &line[at..];
-        let end = rest.find(' ').unwrap_or(rest.len());
-        Some(rest[..end].trim_matches('"').to_owned())
-    };
-    log.lines()
-        .filter(|l| l.contains("disk synchronised"))
-        .filter_map(|l| {
-            Some((
-                field(l, "mode")?,
-                field(l, "sent_blocks")?.parse().ok()?,
-                field(l, "sent_bytes")?.parse().ok()?,
-            ))
-        })
+    remus_wan::testbed::disk_syncs(log)
+        .into_iter()
+        .map(|s| (s.mode, s.sent_blocks, s.sent_bytes))
         .collect()
 }
 
