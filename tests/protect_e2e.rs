@@ -18,7 +18,6 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use remus_wan::testbed::LocalDeployment;
 use support::{
     connect_retrying, connect_small_window, vm_status, wait_for_log, wait_until, Counter, Proc,
 };
@@ -29,37 +28,13 @@ fn require_kvm_root() -> bool {
     support::require_kvm_root("protect_e2e")
 }
 
-/// A two-site deployment of the micro-VM network guest (64 MiB, 50 ms
-/// epochs) in a new temporary folder: sites on `port` and `port + 1`, a
-/// witness on `port + 2` when `witness`. Returns the folder (kept while
-/// the guard lives) and the configuration file's path.
 fn deployment(
     tap: &str,
     port: u16,
     mac: &str,
     witness: bool,
 ) -> (tempfile::TempDir, std::path::PathBuf, String) {
-    let images = hypervisor::guest_build::from_env_or_build(
-        &Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-build"),
-    )
-    .expect("guest images (cargo xtask guest-image)");
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let cfg = LocalDeployment {
-        dir: tmp.path().to_owned(),
-        guest_image: images.net.clone(),
-        epoch_interval_ms: 50,
-        memory_mib: 64,
-        ports: (port, port + 1),
-        dc2_connect_port: None,
-        tap: tap.into(),
-        mac: mac.into(),
-        witness_port: witness.then_some(port + 2),
-    }
-    .write()
-    .expect("deployment");
-    let cfg_s = cfg.to_str().expect("utf-8").to_owned();
-    let dir = tmp.path().to_owned();
-    (tmp, dir, cfg_s)
+    support::micro_vm_deployment(tap, port, mac, witness)
 }
 
 #[test]

@@ -14,7 +14,6 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use remus_wan::testbed::LocalDeployment;
 use support::{
     connect_retrying, connect_small_window, vm_status, wait_for_log, wait_until, Counter, Proc,
 };
@@ -24,27 +23,7 @@ use support::{
 const CORRUPT_FRAME: u64 = 16_000;
 
 fn deployment(tap: &str, port: u16, mac: &str) -> (tempfile::TempDir, std::path::PathBuf, String) {
-    let images = hypervisor::guest_build::from_env_or_build(
-        &Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-build"),
-    )
-    .expect("guest images (cargo xtask guest-image)");
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let cfg = LocalDeployment {
-        dir: tmp.path().to_owned(),
-        guest_image: images.net.clone(),
-        epoch_interval_ms: 50,
-        memory_mib: 64,
-        ports: (port, port + 1),
-        dc2_connect_port: None,
-        tap: tap.into(),
-        mac: mac.into(),
-        witness_port: None,
-    }
-    .write()
-    .expect("deployment");
-    let cfg_s = cfg.to_str().expect("utf-8").to_owned();
-    let dir = tmp.path().to_owned();
-    (tmp, dir, cfg_s)
+    support::micro_vm_deployment(tap, port, mac, false)
 }
 
 /// The control token folder of the test in `dir`: tests running at the

@@ -419,3 +419,37 @@ pub fn disk_syncs(log: &str) -> Vec<(String, u64, u64)> {
 pub fn image_hash(p: &Path) -> u64 {
     xxhash_rust::xxh3::xxh3_64(&std::fs::read(p).unwrap_or_default())
 }
+
+/// A two-site deployment of the micro-VM network guest (64 MiB, 50 ms
+/// epochs, a 4 MiB disk) in a new temporary folder: sites on `port` and
+/// `port + 1`, a witness on `port + 2` when `witness`. Returns the folder
+/// guard (the folder lives as long as it), the folder and the
+/// configuration file's path.
+pub fn micro_vm_deployment(
+    tap: &str,
+    port: u16,
+    mac: &str,
+    witness: bool,
+) -> (tempfile::TempDir, PathBuf, String) {
+    let images = hypervisor::guest_build::from_env_or_build(
+        &Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-build"),
+    )
+    .expect("guest images (cargo xtask guest-image)");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cfg = remus_wan::testbed::LocalDeployment {
+        dir: tmp.path().to_owned(),
+        guest_image: images.net.clone(),
+        epoch_interval_ms: 50,
+        memory_mib: 64,
+        ports: (port, port + 1),
+        dc2_connect_port: None,
+        tap: tap.into(),
+        mac: mac.into(),
+        witness_port: witness.then_some(port + 2),
+    }
+    .write()
+    .expect("deployment");
+    let cfg_s = cfg.to_str().expect("utf-8").to_owned();
+    let dir = tmp.path().to_owned();
+    (tmp, dir, cfg_s)
+}
