@@ -4,7 +4,7 @@
 //! [`ProtectedGuest`] on the primary site and calls a backend's restore
 //! function on the replica side. Transmitted frames and disk writes do not
 //! go through this trait: the engine hands the backend a frame sink and a
-//! write hook when it builds the VM (see `kvm::Seams`), and attributes what
+//! write hook when it builds the VM (see `seams::Seams`), and attributes what
 //! they see to the epoch that is open at the time. [`ProtectedGuest::checkpoint`]
 //! calls back at the instant the guest is quiescent, which is where the
 //! engine closes one epoch and opens the next.

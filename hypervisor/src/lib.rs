@@ -6,8 +6,10 @@ pub mod guest_build;
 pub mod kvm;
 pub mod netns;
 pub mod qemu;
+pub mod seams;
 
 pub use guest::{Checkpoint, FrameReader, GuestError, PauseTimings, ProtectedGuest};
+pub use seams::{FrameSink, Seams, WriteHook};
 
 /// The guest-memory crate our memory types come from (callers read pages
 /// through its `Bytes` trait).

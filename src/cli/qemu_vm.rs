@@ -1,9 +1,9 @@
 //! `backend = "qemu"`: a Linux VM in QEMU, from its `[[vms]]` entry.
 
-use hypervisor::kvm::Seams;
 use hypervisor::qemu::{
     Accel, DirtyTracking, LinuxImage, QemuGuest, QemuNetSpec, QemuSpec, TapBridge,
 };
+use hypervisor::Seams;
 
 use crate::config;
 

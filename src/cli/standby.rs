@@ -219,7 +219,7 @@ impl StandbyArgs {
 fn resume(
     vm: &crate::config::Vm,
     store: &crate::replica::ReplicaStore,
-    seams: impl Fn() -> hypervisor::kvm::Seams,
+    seams: impl Fn() -> hypervisor::Seams,
 ) -> Result<hypervisor::kvm::Vm, String> {
     use hypervisor::kvm;
 
@@ -379,7 +379,7 @@ fn activate(vm: &crate::config::Vm, dir: &std::path::Path) -> Code {
         eprintln!("error: cannot handle SIGTERM: {e}");
         return Code::Failure;
     }
-    let guest = match resume(vm, &store, kvm::Seams::default) {
+    let guest = match resume(vm, &store, hypervisor::Seams::default) {
         Ok(g) => g,
         Err(e) => {
             eprintln!("error: {e}");

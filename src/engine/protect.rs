@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use hypervisor::kvm::devices::block::WriteHook;
 use hypervisor::kvm::devices::net::FrameSink;
-use hypervisor::kvm::Seams;
+use hypervisor::Seams;
 use hypervisor::{Checkpoint, FrameReader, ProtectedGuest};
 use tracing::{error, info, warn};
 use wan::codec::{Encoder, EncoderConfig};

@@ -4,9 +4,6 @@
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
-use super::devices::block::WriteHook;
-use super::devices::net::FrameSink;
-
 /// A micro-VM to build.
 #[derive(Debug, Clone)]
 pub struct VmSpec {
@@ -153,23 +150,7 @@ impl NetSpec {
     }
 }
 
-/// Seams through which the engine takes over the devices' output.
-#[derive(Default)]
-pub struct Seams {
-    /// Transmitted frames go here instead of the tap.
-    pub frame_sink: Option<Box<dyn FrameSink>>,
-    /// Called with every disk write before it reaches the image.
-    pub write_hook: Option<Box<dyn WriteHook>>,
-}
-
-impl std::fmt::Debug for Seams {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Seams")
-            .field("frame_sink", &self.frame_sink.is_some())
-            .field("write_hook", &self.write_hook.is_some())
-            .finish()
-    }
-}
+pub use crate::seams::Seams;
 
 #[cfg(test)]
 mod tests {

@@ -26,7 +26,7 @@ use super::shadow::{RamMap, Shadow, PAGE_SIZE};
 use super::spec::{DirtyTracking, QemuSpec};
 use super::write_protect::{self, WriteTracker, Written};
 use crate::guest::{Checkpoint, GuestError, ProtectedGuest};
-use crate::kvm::Seams;
+use crate::seams::Seams;
 
 /// How long QEMU may take to start (QMP socket up, NIC connected).
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);

@@ -34,7 +34,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::error::{Error, Result};
-use crate::kvm::devices::block::{BlockStats, WriteHook};
+use crate::kvm::devices::block::BlockStats;
+use crate::seams::WriteHook;
 
 /// "NBDMAGIC", the first thing the server sends.
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;

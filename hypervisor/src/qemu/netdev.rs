@@ -21,7 +21,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::error::{Error, Result};
-use crate::kvm::devices::net::FrameSink;
+use crate::seams::FrameSink;
 
 /// Largest frame accepted from QEMU (a 64 KiB GSO frame plus headers);
 /// anything larger means the stream is out of step.

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use super::error::{Error, Result};
 use super::netdev::GuestPort;
-use crate::kvm::devices::net::FrameSink;
 use crate::kvm::devices::tap::Tap;
+use crate::seams::FrameSink;
 
 pub struct TapBridge {
     tap: Tap,

@@ -28,13 +28,7 @@ const S_OK: u8 = 0;
 const S_IOERR: u8 = 1;
 const S_UNSUPP: u8 = 2;
 
-/// Sees every disk write before it is applied.
-pub trait WriteHook: Send {
-    /// `data` is about to be written at byte `offset` of the image.
-    fn on_write(&mut self, offset: u64, data: &[u8]);
-    /// The guest asked for a flush (writes so far must be durable).
-    fn on_flush(&mut self) {}
-}
+pub use crate::seams::WriteHook;
 
 /// Counters of the device.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

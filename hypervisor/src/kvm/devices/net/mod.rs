@@ -28,11 +28,7 @@ const TX: usize = 1;
 /// Frames kept while the guest has no receive buffer posted.
 const MAX_PENDING_RX: usize = 256;
 
-/// Where transmitted frames go.
-pub trait FrameSink: Send {
-    /// One Ethernet frame (without virtio header) from the guest.
-    fn send(&mut self, frame: &[u8]);
-}
+pub use crate::seams::FrameSink;
 
 /// Counters of the device.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
