@@ -76,6 +76,15 @@ impl StandbyArgs {
                 return Err(Code::Config);
             }
         };
+        if vm.backend == Backend::Xen {
+            // A replica this build could never resume: say so now, not at
+            // the takeover.
+            eprintln!(
+                "error: vms.{}.backend = \"xen\": this build has no Xen backend",
+                vm.name
+            );
+            return Err(Code::Config);
+        }
         // The standby's copy of the disk image gives its size; its content
         // arrives with the initial synchronisation.
         let disk_bytes = match &vm.disk {
@@ -305,11 +314,17 @@ fn run_after_takeover(
                     Protector::new(opts, guest, capture, release).map_err(|e| e.to_string())?;
                 Box::new(move |f: Failover| protect_after_takeover(protector, f, Some(bridge)))
             }
-            _ => {
+            Backend::Xen => {
+                return Err(format!(
+                    "vms.{}.backend = \"xen\": this build has no Xen backend to resume it with",
+                    vm.name
+                ))
+            }
+            Backend::Kvm => {
                 let guest = resume(&vm, store, || capture.seams())?;
                 let release = guest
                     .tap()
-                    .map(|t| Box::new(t) as Box<dyn hypervisor::kvm::devices::net::FrameSink>);
+                    .map(|t| Box::new(t) as Box<dyn hypervisor::FrameSink>);
                 let protector =
                     Protector::new(opts, guest, capture, release).map_err(|e| e.to_string())?;
                 Box::new(move |f: Failover| protect_after_takeover(protector, f, None))
