@@ -50,8 +50,9 @@ pub struct EncoderConfig {
     /// `0`) compresses on the calling thread only. With more, an epoch large
     /// enough for two chunks uses the helpers unless the last epoch that did
     /// gained less than 10 % from them (estimated within that epoch); then
-    /// helpers are retried every 16 epochs: helpers on a core that is busy
-    /// with something else only slow the epoch down. Default:
+    /// helpers are retried after 2, 4, 8, then every 16 epochs: helpers on a
+    /// core that is busy with something else only slow the epoch down.
+    /// Default:
     /// [`EncoderConfig::default_threads`].
     pub threads: usize,
 }

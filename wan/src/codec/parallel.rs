@@ -44,13 +44,17 @@ const TAKEOVER_MIN: Duration = Duration::from_micros(200);
 /// wall time is the helpers' gain. CPU time, not wall time: a helper that
 /// shares the calling thread's core stretches the calling thread's wall
 /// time and would look useful. (Where the thread's CPU clock is not
-/// available, wall time minus the time spent waiting for helpers.) Below [`MIN_GAIN`] the next epochs run on the calling
-/// thread alone, and every [`PROBE_EVERY`] epochs one runs with helpers
-/// again to see whether a core has freed up.
+/// available, wall time minus the time spent waiting for helpers.)
+///
+/// Below [`MIN_GAIN`] the next epochs run on the calling thread alone, and
+/// one runs with helpers again after 2, 4, 8, then every [`PROBE_EVERY`]
+/// epochs, to see whether a core has freed up.
 #[derive(Default)]
 pub(super) struct ModeChooser {
     /// Gain measured in the last epoch run with helpers.
     gain: Option<f64>,
+    /// Epochs on the calling thread alone before the next try of helpers.
+    backoff: u32,
     /// Calling thread's compression time per raw chunk byte (moving average).
     ns_per_byte: Option<f64>,
     since_probe: u32,
@@ -58,7 +62,7 @@ pub(super) struct ModeChooser {
     pub(super) forced: Option<bool>,
 }
 
-/// Epochs between two tries of the helpers when they did not pay.
+/// Most epochs between two tries of the helpers when they did not pay.
 const PROBE_EVERY: u32 = 16;
 /// Below this estimated speedup, helpers are not worth their overhead.
 const MIN_GAIN: f64 = 1.1;
@@ -86,7 +90,7 @@ impl ModeChooser {
         match self.gain {
             Some(g) if g < MIN_GAIN => {
                 self.since_probe += 1;
-                if self.since_probe >= PROBE_EVERY {
+                if self.since_probe >= self.backoff {
                     self.since_probe = 0;
                     true
                 } else {
@@ -117,7 +121,14 @@ impl ModeChooser {
             None => wall_ns - t.idle.as_nanos() as f64,
         };
         let alone = busy + t.helper_bytes as f64 * rate;
-        self.gain = Some(alone / wall_ns);
+        let gain = alone / wall_ns;
+        self.gain = Some(gain);
+        self.backoff = if gain < MIN_GAIN {
+            (self.backoff * 2).clamp(2, PROBE_EVERY)
+        } else {
+            0
+        };
+        self.since_probe = 0;
     }
 
     #[cfg(test)]
@@ -754,17 +765,23 @@ mod tests {
         assert!((g - 1.5).abs() < 1e-6, "gain {g}");
         assert!((0..20).all(|_| m.use_helpers()));
         // Nothing from the helpers, 2 ms spent waiting for them.
-        m.record(
-            ms(10),
-            EpochTiming {
-                idle: ms(2),
-                helper_bytes: 0,
-                ..useful
-            },
-        );
-        let picks: Vec<bool> = (0..32).map(|_| m.use_helpers()).collect();
-        assert_eq!(picks.iter().filter(|&&b| b).count(), 2, "{picks:?}");
-        assert!(picks[15] && picks[31]);
+        let useless = EpochTiming {
+            idle: ms(2),
+            helper_bytes: 0,
+            ..useful
+        };
+        m.record(ms(10), useless);
+        // Retried after 2 epochs alone, then 4, 8, 16, 16.
+        let mut tries = Vec::new();
+        for _ in 0..5 {
+            let alone = (0..40).take_while(|_| !m.use_helpers()).count();
+            tries.push(alone + 1);
+            m.record(ms(10), useless);
+        }
+        assert_eq!(tries, [2, 4, 8, 16, 16]);
+        // Helpers that pay again are kept again.
+        m.record(ms(10), useful);
+        assert!((0..20).all(|_| m.use_helpers()));
     }
 
     /// A helper that never picks anything up (as when it is descheduled for
