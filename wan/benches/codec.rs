@@ -33,42 +33,13 @@ use wan::codec::{Decoder, DecoderConfig, Encoder, EncoderConfig, VecMemory};
 /// means. Falls back to wall time off Linux.
 struct Stopwatch(Option<u64>, Instant);
 
-#[cfg(target_os = "linux")]
 fn thread_cpu_ns() -> Option<u64> {
-    cpu_clock_ns(3) // CLOCK_THREAD_CPUTIME_ID
+    wan::codec::cpu_time::thread_cpu_time().map(|d| d.as_nanos() as u64)
 }
 
 /// CPU time of the whole process: the encoder's helper threads included.
-#[cfg(target_os = "linux")]
 fn process_cpu_ns() -> Option<u64> {
-    cpu_clock_ns(2) // CLOCK_PROCESS_CPUTIME_ID
-}
-
-#[cfg(target_os = "linux")]
-fn cpu_clock_ns(clock: i32) -> Option<u64> {
-    #[repr(C)]
-    struct Timespec {
-        sec: i64,
-        nsec: i64,
-    }
-    extern "C" {
-        fn clock_gettime(clock: i32, ts: *mut Timespec) -> i32;
-    }
-    let mut ts = Timespec { sec: 0, nsec: 0 };
-    // SAFETY: clock_gettime writes one timespec into the pointed-to struct,
-    // which has the C layout of `struct timespec` on 64-bit Linux.
-    let rc = unsafe { clock_gettime(clock, &mut ts) };
-    (rc == 0).then(|| ts.sec as u64 * 1_000_000_000 + ts.nsec as u64)
-}
-
-#[cfg(not(target_os = "linux"))]
-fn thread_cpu_ns() -> Option<u64> {
-    None
-}
-
-#[cfg(not(target_os = "linux"))]
-fn process_cpu_ns() -> Option<u64> {
-    None
+    wan::codec::cpu_time::process_cpu_time().map(|d| d.as_nanos() as u64)
 }
 
 impl Stopwatch {

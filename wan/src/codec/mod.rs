@@ -77,6 +77,7 @@
 //! (`wan/fuzz`).
 
 mod block;
+pub mod cpu_time;
 mod decoder;
 mod encoder;
 mod error;

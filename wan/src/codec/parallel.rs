@@ -137,30 +137,7 @@ impl ModeChooser {
     }
 }
 
-/// CPU time consumed by the calling thread, where the platform tells it.
-#[cfg(all(target_os = "linux", target_pointer_width = "64"))]
-pub(super) fn thread_cpu_time() -> Option<Duration> {
-    #[repr(C)]
-    struct Timespec {
-        sec: i64,
-        nsec: i64,
-    }
-    extern "C" {
-        fn clock_gettime(clock: i32, ts: *mut Timespec) -> i32;
-    }
-    const CLOCK_THREAD_CPUTIME_ID: i32 = 3;
-    let mut ts = Timespec { sec: 0, nsec: 0 };
-    // SAFETY: clock_gettime writes one timespec into the pointed-to struct,
-    // which has the C layout of `struct timespec` on 64-bit Linux.
-    let rc = unsafe { clock_gettime(CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    (rc == 0 && ts.sec >= 0 && (0..1_000_000_000).contains(&ts.nsec))
-        .then(|| Duration::new(ts.sec as u64, ts.nsec as u32))
-}
-
-#[cfg(not(all(target_os = "linux", target_pointer_width = "64")))]
-pub(super) fn thread_cpu_time() -> Option<Duration> {
-    None
-}
+pub(super) use super::cpu_time::thread_cpu_time;
 
 /// Buffers of each kind kept for reuse between chunks and epochs.
 const MAX_SPARE: usize = 16;
