@@ -219,16 +219,8 @@ impl Shadow {
             let room = max - frames.len();
             frames.extend_from_slice(&f[..f.len().min(room)]);
         }
-        let room = (max - frames.len()) as u64;
-        let fresh = (self.frames - sent).min(room);
-        frames.extend(sent..sent + fresh);
-        self.sent = sent + fresh;
-        let found = Found {
-            compare: t.elapsed(),
-        };
         // SAFETY: forwarded from the caller.
-        unsafe { self.copy_out(ram, frames, pages) };
-        found
+        unsafe { self.finish_round(ram, max, t, frames, pages) }
     }
 
     /// One round with the frames written since the last one known (kernel
@@ -262,16 +254,31 @@ impl Shadow {
             if frames.len() >= max {
                 return false;
             }
-            let off = f as usize * PAGE_SIZE;
             // SAFETY: f < sent <= frame_count: in bounds of both.
-            let same =
-                unsafe { libc::memcmp(ram.add(off).cast(), shadow.add(off).cast(), PAGE_SIZE) }
-                    == 0;
-            if !same {
+            if !unsafe { same_page(ram, shadow, f) } {
                 frames.push(f);
             }
             true
         });
+        // SAFETY: forwarded from the caller.
+        unsafe { self.finish_round(ram, max, t, frames, pages) }
+    }
+
+    /// The end of every round: never-sent frames after the changed ones,
+    /// up to `max` in all, then the contents copied out. `t` is when the
+    /// round began (the search's time is reported).
+    ///
+    /// # Safety
+    /// As [`Shadow::collect`].
+    unsafe fn finish_round(
+        &mut self,
+        ram: *const u8,
+        max: usize,
+        t: std::time::Instant,
+        frames: &mut Vec<u64>,
+        pages: &mut Vec<u8>,
+    ) -> Found {
+        let sent = self.sent;
         let room = (max - frames.len()) as u64;
         let fresh = (self.frames - sent).min(room);
         frames.extend(sent..sent + fresh);
@@ -345,6 +352,16 @@ fn split(range: Range<u64>, n: usize) -> Vec<Range<u64>> {
     out
 }
 
+/// Whether frame `f` holds the same bytes in RAM and in the shadow.
+///
+/// # Safety
+/// Both addresses must point at memory covering frame `f`.
+unsafe fn same_page(ram: *const u8, shadow: *const u8, f: u64) -> bool {
+    let off = f as usize * PAGE_SIZE;
+    // SAFETY: the caller guarantees both cover frame f.
+    unsafe { libc::memcmp(ram.add(off).cast(), shadow.add(off).cast(), PAGE_SIZE) == 0 }
+}
+
 /// Frames in `range` whose RAM differs from the shadow (at most `max`).
 ///
 /// # Safety
@@ -361,12 +378,8 @@ unsafe fn diff(ram: usize, shadow: usize, range: Range<u64>, max: usize, out: &m
         let same = unsafe { libc::memcmp(ram.add(off).cast(), shadow.add(off).cast(), len) } == 0;
         if !same {
             for p in 0..n {
-                let off = (f + p) as usize * PAGE_SIZE;
                 // SAFETY: as above.
-                let same =
-                    unsafe { libc::memcmp(ram.add(off).cast(), shadow.add(off).cast(), PAGE_SIZE) }
-                        == 0;
-                if !same && out.len() < max {
+                if !unsafe { same_page(ram, shadow, f + p) } && out.len() < max {
                     out.push(f + p);
                 }
             }
