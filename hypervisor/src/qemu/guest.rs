@@ -284,19 +284,18 @@ impl QemuGuest {
             spec.dirty_tracking,
             DirtyTracking::Auto | DirtyTracking::WriteProtect
         );
-        let env = if want_wp {
-            match write_protect::preload_env(&spec.run_dir) {
-                Ok(env) => env,
-                Err(e) if spec.dirty_tracking == DirtyTracking::WriteProtect => {
-                    return Err(e.into())
-                }
-                Err(e) => {
-                    tracing::warn!(
-                        "kernel write tracking unavailable ({e}); trying COLO, then compare"
-                    );
-                    Vec::new()
-                }
+        // Asked for by name, write tracking must work; under Auto its
+        // absence means the next mode.
+        let wp_unavailable = |e: write_protect::WpError| -> Result<()> {
+            if spec.dirty_tracking == DirtyTracking::WriteProtect {
+                return Err(e.into());
             }
+            tracing::warn!("kernel write tracking unavailable ({e}); trying COLO, then compare");
+            Ok(())
+        };
+        let env = if want_wp {
+            write_protect::preload_env(&spec.run_dir)
+                .or_else(|e| wp_unavailable(e).map(|()| Vec::new()))?
         } else {
             Vec::new()
         };
@@ -316,18 +315,9 @@ impl QemuGuest {
         let ram_pages = (len / PAGE_SIZE) as u64;
         let accel = spec.accel.resolve();
         let tracker = if want_wp && !env.is_empty() {
-            match WriteTracker::attach(process.pid(), &ram_file._file, len as u64) {
-                Ok(t) => Some(t),
-                Err(e) if spec.dirty_tracking == DirtyTracking::WriteProtect => {
-                    return Err(e.into())
-                }
-                Err(e) => {
-                    tracing::warn!(
-                        "kernel write tracking unavailable ({e}); trying COLO, then compare"
-                    );
-                    None
-                }
-            }
+            WriteTracker::attach(process.pid(), &ram_file._file, len as u64)
+                .map(Some)
+                .or_else(|e| wp_unavailable(e).map(|()| None))?
         } else {
             None
         };
