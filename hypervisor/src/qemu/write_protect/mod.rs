@@ -100,7 +100,7 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> WpError {
 /// Writes the preload library into `dir` and returns the environment that
 /// makes a QEMU started with it create its userfaultfd.
 pub fn preload_env(dir: &Path) -> Result<Vec<(OsString, OsString)>, WpError> {
-    let lib = preload_path(dir);
+    let lib = dir.join("libremus_wan_uffd.so");
     // Written under a temporary name and renamed: a QEMU starting at the
     // same time from the same folder never loads a half-written library.
     let tmp = dir.join(format!(".libremus_wan_uffd.{}.so", std::process::id()));
@@ -110,11 +110,6 @@ pub fn preload_env(dir: &Path) -> Result<Vec<(OsString, OsString)>, WpError> {
         ("LD_PRELOAD".into(), lib.into_os_string()),
         ("REMUS_WAN_UFFD_FD".into(), QEMU_UFFD_FD.to_string().into()),
     ])
-}
-
-/// Where [`preload_env`] puts the library.
-pub fn preload_path(dir: &Path) -> PathBuf {
-    dir.join("libremus_wan_uffd.so")
 }
 
 /// Write tracking of one QEMU's guest RAM.
@@ -254,11 +249,6 @@ impl WriteTracker {
             from = arg.walk_end;
         }
         Ok(pages)
-    }
-
-    /// Guest RAM's address in QEMU.
-    pub fn qemu_address(&self) -> u64 {
-        self.start
     }
 }
 
