@@ -33,7 +33,7 @@ use std::ffi::OsString;
 use std::fs::File;
 use std::ops::Range;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 pub use written::Written;
 
