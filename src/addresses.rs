@@ -48,7 +48,8 @@ pub struct Addresses {
     announce: AnnounceSettings,
     standby: StandbyPolicy,
     standby_prepend: u8,
-    speaker: Option<Speaker>,
+    /// The site's speaker, shared with the site's other VMs.
+    speaker: Option<Arc<Speaker>>,
     dns: Option<Arc<(DnsUpdater, Vec<RecordUpdate>)>>,
     /// The DNS update in flight, if any.
     dns_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -74,8 +75,62 @@ impl std::fmt::Debug for Addresses {
 
 impl Addresses {
     /// Starts this site's BGP speaker (sessions come up at once, announcing
-    /// nothing until [`Addresses::set_role`]) and prepares the DNS updater.
+    /// nothing until [`Addresses::set_role`]) and prepares the DNS updater,
+    /// for one VM alone. A site daemon serving many VMs starts the speaker
+    /// once ([`Addresses::site_speaker`]) and gives it to each VM
+    /// ([`Addresses::for_vm`]): the routers see one BGP session per site,
+    /// each VM's routes a group of their own in it.
     pub async fn start(cfg: &Config, site: &str, vm: &Vm) -> Result<Self, AddressError> {
+        let speaker = Self::site_speaker(cfg, site).await?;
+        Self::for_vm(cfg, site, vm, speaker)
+    }
+
+    /// Starts site `site`'s BGP speaker, if `[netops.bgp]` has one for it.
+    pub async fn site_speaker(
+        cfg: &Config,
+        site: &str,
+    ) -> Result<Option<Arc<Speaker>>, AddressError> {
+        let bgp_err = |message: String| AddressError::Bgp {
+            site: site.to_owned(),
+            message,
+        };
+        let Some(bgp) = &cfg.netops.bgp else {
+            return Ok(None);
+        };
+        let Some(sp) = bgp.speakers.iter().find(|s| s.site == site) else {
+            return Ok(None);
+        };
+        let settings = BgpSettings {
+            hold_time_s: bgp.hold_time_s,
+            connect_retry_s: bgp.connect_retry_s,
+            standby: standby_policy(bgp.standby),
+            standby_prepend: bgp.standby_prepend,
+            speaker: BgpSpeakerSettings {
+                site: sp.site.clone(),
+                local_as: sp.local_as,
+                router_id: sp.router_id,
+                listen: None,
+                peers: sp.peers.iter().map(peer_settings).collect(),
+            },
+        };
+        let scfg = settings
+            .speaker_config()
+            .map_err(|e| bgp_err(e.to_string()))?;
+        let s = Speaker::start(scfg)
+            .await
+            .map_err(|e| bgp_err(e.to_string()))?;
+        info!(site, peers = sp.peers.len(), "BGP speaker started");
+        Ok(Some(Arc::new(s)))
+    }
+
+    /// VM `vm`'s addresses at site `site`, announced through `speaker`
+    /// (shared by every VM of the site).
+    pub fn for_vm(
+        cfg: &Config,
+        site: &str,
+        vm: &Vm,
+        speaker: Option<Arc<Speaker>>,
+    ) -> Result<Self, AddressError> {
         let announce = AnnounceSettings::parse(&AnnounceSettingsRaw {
             communities: vm.announce.communities.clone(),
             large_communities: vm.announce.large_communities.clone(),
@@ -87,41 +142,10 @@ impl Addresses {
             vm: vm.name.clone(),
             message: e.to_string(),
         })?;
-        let bgp_err = |message: String| AddressError::Bgp {
-            site: site.to_owned(),
-            message,
+        let (standby, standby_prepend) = match &cfg.netops.bgp {
+            Some(bgp) => (standby_policy(bgp.standby), bgp.standby_prepend),
+            None => (StandbyPolicy::None, 0),
         };
-        let (mut speaker, mut standby, mut standby_prepend) = (None, StandbyPolicy::None, 0);
-        if let Some(bgp) = &cfg.netops.bgp {
-            standby = match bgp.standby {
-                config::StandbyPolicy::None => StandbyPolicy::None,
-                config::StandbyPolicy::Prepend => StandbyPolicy::Prepend,
-            };
-            standby_prepend = bgp.standby_prepend;
-            if let Some(sp) = bgp.speakers.iter().find(|s| s.site == site) {
-                let settings = BgpSettings {
-                    hold_time_s: bgp.hold_time_s,
-                    connect_retry_s: bgp.connect_retry_s,
-                    standby,
-                    standby_prepend,
-                    speaker: BgpSpeakerSettings {
-                        site: sp.site.clone(),
-                        local_as: sp.local_as,
-                        router_id: sp.router_id,
-                        listen: None,
-                        peers: sp.peers.iter().map(peer_settings).collect(),
-                    },
-                };
-                let scfg = settings
-                    .speaker_config()
-                    .map_err(|e| bgp_err(e.to_string()))?;
-                let s = Speaker::start(scfg)
-                    .await
-                    .map_err(|e| bgp_err(e.to_string()))?;
-                info!(site, peers = sp.peers.len(), "BGP speaker started");
-                speaker = Some(s);
-            }
-        }
         let dns = match &cfg.netops.dns {
             Some(d) if !vm.dns.is_empty() => {
                 let updater = DnsUpdater::from_settings(&DnsSettings {
@@ -278,9 +302,11 @@ impl Addresses {
         self.hooks.running()
     }
 
-    /// Stops this site's part before the process exits: closes the BGP
-    /// sessions (CEASE; withdraws nothing on purpose, the routers drop
-    /// this site's routes with the sessions), abandons a DNS update still
+    /// Stops this site's part before the process exits (or the daemon
+    /// stops serving the VM): closes the BGP sessions when no other VM of
+    /// the site uses them (CEASE; withdraws nothing on purpose, the routers
+    /// drop this site's routes with the sessions), else withdraws this VM's
+    /// routes only; abandons a DNS update still
     /// retrying (this process no longer runs the VM), and waits for hooks
     /// still running (demote, fence, ...) at most
     /// `netops.hook_exit_wait_s`, killing those still running then. Call
@@ -288,7 +314,19 @@ impl Addresses {
     /// off otherwise.
     pub async fn shutdown(mut self) {
         if let Some(s) = self.speaker.take() {
-            s.shutdown().await;
+            match Arc::try_unwrap(s) {
+                // The site's last VM here: the sessions close (CEASE).
+                Ok(s) => s.shutdown().await,
+                // Other VMs of the site still use the sessions: only this
+                // VM's routes go.
+                Err(shared) => {
+                    if let Err(e) =
+                        shared.set_group_routes(&self.vm, self.token.unwrap_or(0), Vec::new())
+                    {
+                        warn!(vm = %self.vm, error = %e, "BGP withdrawal refused");
+                    }
+                }
+            }
         }
         let task = self
             .dns_task
@@ -314,6 +352,13 @@ impl Drop for Addresses {
         if running > 0 {
             warn!(vm = %self.vm, events = running, "addresses dropped without shutdown(): hooks still running are cut off if the process exits now");
         }
+    }
+}
+
+fn standby_policy(p: config::StandbyPolicy) -> StandbyPolicy {
+    match p {
+        config::StandbyPolicy::None => StandbyPolicy::None,
+        config::StandbyPolicy::Prepend => StandbyPolicy::Prepend,
     }
 }
 

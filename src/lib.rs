@@ -10,5 +10,6 @@ pub mod engine;
 pub mod faults;
 pub mod metrics;
 pub mod replica;
+pub mod site;
 pub mod testbed;
 pub mod witness;

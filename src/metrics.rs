@@ -94,6 +94,22 @@ impl FailoverStatus {
 /// What the process publishes; updated by the engine, read by the server.
 pub type Published = Arc<Mutex<Vec<VmStatus>>>;
 
+/// Replaces the status of `v.vm` (or adds it), keeping the list sorted by
+/// VM name: a site daemon publishes every VM it serves into one list.
+pub fn publish_vm(p: &Published, v: VmStatus) {
+    let mut list = p.lock().unwrap_or_else(|e| e.into_inner());
+    match list.binary_search_by(|x| x.vm.as_str().cmp(&v.vm)) {
+        Ok(i) => list[i] = v,
+        Err(i) => list.insert(i, v),
+    }
+}
+
+/// Drops `vm` from the list (the daemon no longer serves it).
+pub fn unpublish_vm(p: &Published, vm: &str) {
+    let mut list = p.lock().unwrap_or_else(|e| e.into_inner());
+    list.retain(|x| x.vm != vm);
+}
+
 /// Prometheus text exposition of the statuses.
 pub fn render_prometheus(vms: &[VmStatus]) -> String {
     let mut out = String::new();

@@ -65,6 +65,10 @@ pub struct ProtectOptions {
     pub backup_addr: std::net::SocketAddr,
     /// Local address for our endpoint (port 0 is fine).
     pub bind: std::net::SocketAddr,
+    /// The site daemon's endpoint, shared by all its VMs (one UDP port;
+    /// each VM's session is a connection of its own on it); `None` binds
+    /// one at `bind` for this VM alone.
+    pub endpoint: Option<Endpoint>,
     pub tls: TlsPaths,
     pub interval: Duration,
     pub max_in_flight: u32,
@@ -149,6 +153,7 @@ impl WriteHook for CaptureWrites {
 }
 
 /// What the engine shares with the VM it protects.
+#[derive(Clone)]
 pub struct Capture {
     pub io: Arc<Mutex<EpochIo>>,
     pub dropped_frames: Arc<AtomicU64>,
@@ -375,7 +380,10 @@ impl<G: ProtectedGuest> Protector<G> {
         capture: Capture,
         release: Option<Box<dyn FrameSink>>,
     ) -> Result<Self, ProtectError> {
-        let endpoint = Endpoint::bind(opts.bind, TransportConfig::new(opts.tls.clone()))?;
+        let endpoint = match &opts.endpoint {
+            Some(e) => e.clone(),
+            None => Endpoint::bind(opts.bind, TransportConfig::new(opts.tls.clone()))?,
+        };
         if let Some(disk) = &opts.disk {
             let tracked = capture.io.lock().map(|io| io.map.is_some()).unwrap_or(true);
             if !tracked {
@@ -660,9 +668,7 @@ impl<G: ProtectedGuest> Protector<G> {
         };
         self.last_publish = (now, st.epochs);
         drop(st);
-        if let Ok(mut list) = p.lock() {
-            *list = vec![v];
-        }
+        crate::metrics::publish_vm(p, v);
     }
 
     fn set_state(&self, s: &'static str) {
@@ -1699,7 +1705,10 @@ impl<G: ProtectedGuest> Protector<G> {
             }
         }
         self.sender.close().await;
-        self.endpoint.close();
+        if self.opts.endpoint.is_none() {
+            // Ours alone; a daemon's shared endpoint outlives its VMs.
+            self.endpoint.close();
+        }
         self.stats.lock().map(|s| s.clone()).unwrap_or_default()
     }
 

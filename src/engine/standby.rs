@@ -515,7 +515,7 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<StandbyStats, StandbyError> {
     let listener = QuicListener::new(endpoint.clone());
-    run_with(opts, listener, endpoint, shutdown, None, None).await
+    run_with(opts, listener, Some(endpoint), shutdown, None, None).await
 }
 
 /// What a promoted standby hands to the code that runs the VM: the
@@ -557,10 +557,12 @@ pub struct Takeover {
 /// As [`run`], on connections from `listener`, publishing figures for
 /// `/metrics` and `/status`, and with automatic takeover when `takeover`
 /// is given. After a takeover the process runs the VM until `shutdown`.
+/// `endpoint`, if given, is this VM's alone and closes when it stops (a
+/// site daemon's shared endpoint is not passed).
 pub async fn run_with<L: Listener>(
     opts: StandbyOptions,
     listener: L,
-    endpoint: Endpoint,
+    endpoint: Option<Endpoint>,
     shutdown: impl std::future::Future<Output = ()>,
     published: Option<crate::metrics::Published>,
     takeover: Option<Takeover>,
@@ -587,13 +589,14 @@ pub async fn run_with<L: Listener>(
                     .map(|a| crate::metrics::FailoverStatus::from_snapshot(&a.snapshot())),
                 ..Default::default()
             };
-            if let Ok(mut l) = p.lock() {
-                *l = vec![v];
-            }
+            crate::metrics::publish_vm(p, v);
         }
     };
     let mut standby = Standby::open(opts.clone())?;
-    info!(vm = %opts.vm, addr = %endpoint.local_addr()?, "standby listening");
+    match &endpoint {
+        Some(e) => info!(vm = %opts.vm, addr = %e.local_addr()?, "standby listening"),
+        None => info!(vm = %opts.vm, "standby serving the VM"),
+    }
     let mut rcfg = ReceiverConfig::new(opts.site.clone(), opts.vm.clone());
     rcfg.max_epoch_size = opts.max_epoch_bytes;
     let (handle, mut events) = spawn_receiver(listener, rcfg, standby.committed());
@@ -730,7 +733,9 @@ pub async fn run_with<L: Listener>(
             a.shutdown().await;
         }
     }
-    endpoint.close();
+    if let Some(e) = endpoint {
+        e.close();
+    }
     match end {
         Some(Err(e)) => Err(StandbyError::Activation(e)),
         Some(Ok(ActiveEnd::Superseded { token })) => Err(StandbyError::Superseded { token }),

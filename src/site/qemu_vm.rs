@@ -17,11 +17,11 @@ pub fn spec_from_config(vm: &config::Vm) -> Result<QemuSpec, String> {
         ));
     };
     let n = &vm.network;
-    let super::vm::GuestNet {
+    let super::kvm_vm::GuestNet {
         mac,
         address,
         gateway,
-    } = super::vm::guest_net(vm, "the Linux guest image is configured over IPv4")?;
+    } = super::kvm_vm::guest_net(vm, "the Linux guest image is configured over IPv4")?;
     // Unix socket paths are short: a short folder name.
     let run_dir = std::env::temp_dir().join(format!("rw-{}-{}", vm.name, std::process::id()));
     std::fs::create_dir_all(&run_dir)

@@ -1,0 +1,295 @@
+//! The primary side of a site daemon: each VM started here runs under a
+//! protector of its own, all replicating over one endpoint (one UDP port;
+//! each VM's session is a QUIC connection of its own on it, with its own
+//! congestion controller, so one VM's resync cannot hold another's commits
+//! behind it in a shared stream, and one VM's session reset touches no
+//! other VM).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hypervisor::kvm::devices::net::FrameSink;
+use hypervisor::qemu::QemuGuest;
+use hypervisor::ProtectedGuest;
+use netops::bgp::Speaker;
+use tracing::info;
+use wan::transport::{Endpoint, TransportConfig};
+
+use super::control::ControlRouter;
+use super::{qemu_vm, tls_paths, Launcher, StopSignal, VmEnd, VmTask};
+use crate::addresses::Addresses;
+use crate::arbiter::StartAs;
+use crate::cli::failover_setup;
+use crate::config::{Backend, Config, Site, Vm};
+use crate::engine::protect::{Capture, ProtectError, ProtectOptions, Protector};
+
+/// Protection of `vm` running at site `me` towards site `peer`.
+pub fn protect_options(
+    r: &crate::config::Replication,
+    vm: &Vm,
+    me: &Site,
+    peer: &Site,
+    disk: Option<PathBuf>,
+    report_every: Duration,
+) -> ProtectOptions {
+    ProtectOptions {
+        site: me.name.clone(),
+        backup: peer.name.clone(),
+        vm: vm.name.clone(),
+        backup_addr: peer.connect_addr(),
+        bind: std::net::SocketAddr::new(me.listen.ip(), 0),
+        endpoint: None,
+        tls: tls_paths(&me.tls),
+        interval: Duration::from_millis(r.epoch_interval_ms),
+        max_in_flight: r.max_epochs_in_flight,
+        zstd_level: r.compression_level,
+        cache_bytes: (r.page_cache_mib << 20) as usize,
+        output_limit: (r.output_buffer_mib << 20) as usize,
+        max_epoch_bytes: r.max_epoch_mib << 20,
+        disk,
+        report_every,
+    }
+}
+
+/// The endpoint every VM of the daemon replicates from (an ephemeral port
+/// of site `me`'s address).
+pub fn bind(me: &Site) -> Result<Endpoint, String> {
+    Endpoint::bind(
+        std::net::SocketAddr::new(me.listen.ip(), 0),
+        TransportConfig::new(tls_paths(&me.tls)),
+    )
+    .map_err(|e| format!("replication endpoint: {e}"))
+}
+
+/// Which VMs a protect daemon runs.
+#[derive(Debug, Clone)]
+pub enum Selection {
+    /// This one VM.
+    One(String),
+    /// Every VM running at `primary` and backed up at `backup`.
+    All { primary: String, backup: String },
+}
+
+impl Selection {
+    pub fn select(&self, cfg: &Config) -> Vec<Vm> {
+        cfg.vms
+            .iter()
+            .filter(|v| match self {
+                Selection::One(name) => &v.name == name,
+                Selection::All { primary, backup } => &v.primary == primary && &v.backup == backup,
+            })
+            .cloned()
+            .collect()
+    }
+}
+
+/// What every VM of the protect daemon shares.
+pub struct ProtectSite {
+    pub selection: Selection,
+    pub endpoint: Endpoint,
+    pub published: crate::metrics::Published,
+    pub control: ControlRouter,
+    pub speaker: Option<Arc<Speaker>>,
+    /// Guest console log: this file for one VM, `<file>.<vm>` for each of
+    /// several.
+    pub console_log: Option<PathBuf>,
+    pub several: bool,
+    pub report_every: Duration,
+}
+
+impl Launcher for ProtectSite {
+    fn select(&self, cfg: &Config) -> Vec<Vm> {
+        self.selection.select(cfg)
+    }
+
+    fn launch(&mut self, cfg: Arc<Config>, vm: Vm, stop: StopSignal) -> VmTask {
+        let console_log = self.console_log.as_ref().map(|p| {
+            if self.several {
+                let mut s = p.clone().into_os_string();
+                s.push(format!(".{}", vm.name));
+                PathBuf::from(s)
+            } else {
+                p.clone()
+            }
+        });
+        let ctx = VmContext {
+            endpoint: self.endpoint.clone(),
+            published: self.published.clone(),
+            control: self.control.clone(),
+            speaker: self.speaker.clone(),
+            console_log,
+            report_every: self.report_every,
+        };
+        Box::pin(async move { ctx.serve(cfg, vm, stop).await })
+    }
+
+    fn forget(&mut self, vm: &str) {
+        self.control.unregister(vm);
+        crate::metrics::unpublish_vm(&self.published, vm);
+    }
+}
+
+/// The VM started here, by backend.
+enum Started {
+    Kvm(hypervisor::kvm::Vm, Option<Box<dyn FrameSink>>),
+    Qemu(Box<QemuGuest>, hypervisor::qemu::TapBridge),
+}
+
+struct VmContext {
+    endpoint: Endpoint,
+    published: crate::metrics::Published,
+    control: ControlRouter,
+    speaker: Option<Arc<Speaker>>,
+    console_log: Option<PathBuf>,
+    report_every: Duration,
+}
+
+impl VmContext {
+    async fn serve(self, cfg: Arc<Config>, vm: Vm, stop: StopSignal) -> VmEnd {
+        let (Some(primary), Some(backup)) = (cfg.site(&vm.primary), cfg.site(&vm.backup)) else {
+            return VmEnd::Config(format!("vms.{}: unknown site", vm.name));
+        };
+        let mut opts = protect_options(
+            cfg.replication_for(&vm),
+            &vm,
+            primary,
+            backup,
+            vm.disk.clone(),
+            self.report_every,
+        );
+        opts.endpoint = Some(self.endpoint.clone());
+        let capture = Capture::new(opts.output_limit);
+        if let Some(disk) = &opts.disk {
+            // Before the guest starts: every write it makes is in the map.
+            if let Err(e) = capture.track_disk(disk) {
+                return VmEnd::Failed(e.to_string());
+            }
+        }
+        // Starting a guest blocks (QEMU's start, KVM set-up): off the
+        // runtime's threads, so other VMs' checkpoints go on meanwhile.
+        let started = {
+            let vm = vm.clone();
+            let seams_capture = capture.clone();
+            let console_log = self.console_log.clone();
+            tokio::task::spawn_blocking(move || start_guest(&vm, &seams_capture, console_log))
+                .await
+                .unwrap_or_else(|e| Err(VmEnd::Failed(format!("starting the guest: {e}"))))
+        };
+        let started = match started {
+            Ok(s) => s,
+            Err(end) => return end,
+        };
+        match started {
+            Started::Kvm(guest, release) => {
+                self.protect(
+                    &cfg,
+                    &vm,
+                    Protector::new(opts, guest, capture, release),
+                    stop,
+                )
+                .await
+            }
+            Started::Qemu(guest, bridge) => {
+                let release = Some(bridge.sink());
+                let end = self
+                    .protect(
+                        &cfg,
+                        &vm,
+                        Protector::new(opts, *guest, capture, release),
+                        stop,
+                    )
+                    .await;
+                drop(bridge);
+                end
+            }
+        }
+    }
+
+    /// Metrics, control, failover, then protection until stopped.
+    async fn protect<G: ProtectedGuest>(
+        &self,
+        cfg: &Config,
+        vm: &Vm,
+        protector: Result<Protector<G>, ProtectError>,
+        stop: StopSignal,
+    ) -> VmEnd {
+        let (Some(primary), Some(backup)) = (cfg.site(&vm.primary), cfg.site(&vm.backup)) else {
+            return VmEnd::Config(format!("vms.{}: unknown site", vm.name));
+        };
+        let mut protector = match protector {
+            Ok(p) => p,
+            Err(e) => return VmEnd::Failed(e.to_string()),
+        };
+        let (control_tx, control_rx) = tokio::sync::mpsc::channel(4);
+        protector.accept_control(control_rx);
+        self.control.register(&vm.name, control_tx);
+        protector.publish_to(self.published.clone());
+        let to_backup = match failover_setup::dial_peer(primary, backup) {
+            Ok(link) => link,
+            Err(e) => return VmEnd::Failed(e),
+        };
+        match failover_setup::start(cfg, vm, &primary.name, StartAs::Primary, to_backup) {
+            Ok(Some((arbiter, events))) => {
+                let addresses =
+                    match Addresses::for_vm(cfg, &primary.name, vm, self.speaker.clone()) {
+                        Ok(a) => Some(a),
+                        Err(e) => return VmEnd::Config(e.to_string()),
+                    };
+                protector.with_failover(arbiter, events, addresses);
+            }
+            Ok(None) => tracing::warn!(
+                vm = %vm.name,
+                "no [witness] configured: output is released on commit alone and there is no automatic takeover"
+            ),
+            Err(e) => return VmEnd::Config(e),
+        }
+        match protector.run(stop.stopped()).await {
+            Ok(stats) => {
+                info!(
+                    vm = %vm.name,
+                    epochs = stats.epochs,
+                    committed = stats.committed,
+                    "protection stopped"
+                );
+                VmEnd::Stopped
+            }
+            Err(ProtectError::Demoted { token, .. }) => VmEnd::Superseded { token },
+            Err(e) => VmEnd::Failed(e.to_string()),
+        }
+    }
+}
+
+/// Starts `vm`'s guest here, its output and disk writes going to `capture`.
+fn start_guest(vm: &Vm, capture: &Capture, console_log: Option<PathBuf>) -> Result<Started, VmEnd> {
+    match vm.backend {
+        Backend::Kvm => {
+            let spec = super::kvm_vm::spec_from_config(vm)
+                .map_err(VmEnd::Config)?
+                .console(hypervisor::kvm::ConsoleSpec {
+                    log_file: console_log,
+                    to_terminal: false,
+                });
+            let g = hypervisor::kvm::Vm::start(&spec, capture.seams())
+                .map_err(|e| VmEnd::Failed(format!("VM {}: {e}", vm.name)))?;
+            let release = g.tap().map(|t| Box::new(t) as Box<dyn FrameSink>);
+            Ok(Started::Kvm(g, release))
+        }
+        Backend::Qemu => {
+            let spec = qemu_vm::spec_from_config(vm).map_err(VmEnd::Config)?;
+            let guest = QemuGuest::start(&spec, qemu_vm::seams(capture, &spec))
+                .map_err(|e| VmEnd::Failed(format!("VM {}: {e}", vm.name)))?;
+            info!(
+                vm = %vm.name,
+                dirty_tracking = ?guest.dirty_tracking(),
+                "QEMU started"
+            );
+            let bridge = qemu_vm::bridge(&guest, vm).map_err(VmEnd::Failed)?;
+            Ok(Started::Qemu(Box::new(guest), bridge))
+        }
+        Backend::Xen => Err(VmEnd::Config(format!(
+            "vms.{}.backend = \"xen\": this build has no Xen backend",
+            vm.name
+        ))),
+    }
+}
