@@ -19,7 +19,17 @@
 //!   in the shell's memory, which lets tests see that a replica continued
 //!   the guest rather than rebooting it;
 //! - with `rw.dirty=MIB` on the command line, a benchmark workload that
-//!   rewrites the same MIB of guest memory with new bytes, pass after pass.
+//!   rewrites the same MIB of guest memory with new bytes, pass after pass;
+//! - with `rw.work=NAME`, a real workload for the codec's dirty-page traces
+//!   (`remus-wan bench record-trace`, see docs/benchmarks.md): `gzip`
+//!   (compress and decompress ~10 MiB of text and binaries), `sort` (sort
+//!   ~10 MiB of text rows, by two keys), `db` (sqlite3 inserting rows in
+//!   transactions into an indexed table; needs sqlite3 on the build host,
+//!   which is copied into the image with its libraries; without it, an
+//!   approximation: awk appending rows to a log file and re-sorting the
+//!   index file, said on the console) or `copy` (cp and read back a
+//!   ~12 MiB file through the page cache, over and over). The console
+//!   says `workload NAME ready` once its input exists.
 //!
 //! Output: `vmlinuz` and `initrd.cpio` in the chosen folder (the names
 //! `hypervisor::qemu::LinuxImage` expects).
@@ -70,12 +80,13 @@ for m in MODULES; do
   done
   if [ -f /lib/modules/$m.ko ]; then insmod /lib/modules/$m.ko $args || echo "insmod $m failed"; fi
 done
-IP=; GW=; DIRTY=
+IP=; GW=; DIRTY=; WORK=
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     rw.ip=*) IP="${arg#rw.ip=}" ;;
     rw.gw=*) GW="${arg#rw.gw=}" ;;
     rw.dirty=*) DIRTY="${arg#rw.dirty=}" ;;
+    rw.work=*) WORK="${arg#rw.work=}" ;;
   esac
 done
 ip link set lo up
@@ -97,6 +108,8 @@ if [ -n "$DIRTY" ]; then
     yes "$i" | head -c $((DIRTY * 1048576)) | dd of=/run/dirty bs=64k conv=notrunc 2>/dev/null
   done) &
 fi
+# rw.work=NAME: a real workload for dirty-page traces (/bin/workload).
+if [ -n "$WORK" ]; then /bin/workload "$WORK" & fi
 echo "remus-wan guest ready"
 n=0
 while :; do
@@ -116,6 +129,48 @@ while read -r _; do
   echo "$n" > /run/count
   echo "$n"
 done
+"#;
+
+const WORKLOAD: &str = r#"#!/bin/busybox sh
+# rw.work=NAME: gzip | sort | db | copy, for ever (see xtask/src/linux_guest.rs).
+mkdir -p /tmp/w && cd /tmp/w || exit 1
+# Text rows: a random key, a counter, words (about 6 MiB).
+seq 1 150000 | awk 'BEGIN { srand(7) } { printf "%08d %d row-%d user%d@example.org status=%s\n", int(rand() * 1e8), $1, $1 * 7, int(rand() * 5000), (rand() < 0.5 ? "active" : "idle") }' > rows.txt
+case "$1" in
+  gzip)
+    cat rows.txt /bin/busybox /lib/modules/*.ko > data
+    echo "workload gzip ready"
+    while :; do gzip -c data > data.gz; gzip -dc data.gz > data.out; rm -f data.out; done ;;
+  sort)
+    echo "workload sort ready"
+    while :; do sort rows.txt > by-key; sort -t ' ' -k4 by-key > by-user; rm -f by-key by-user; done ;;
+  db)
+    if [ -x /bin/sqlite3 ]; then
+      sqlite3 db.sqlite 'CREATE TABLE t(id INTEGER PRIMARY KEY, k INTEGER, name TEXT, email TEXT); CREATE INDEX t_k ON t(k);'
+      echo "workload db ready (sqlite3)"
+      b=0
+      while :; do
+        b=$((b + 1))
+        awk -v b=$b 'BEGIN { srand(b); print "BEGIN;"; for (i = 0; i < 500; i++) printf "INSERT INTO t(k, name, email) VALUES(%d, \047name-%d-%d\047, \047user%d@example.org\047);\n", int(rand() * 1e9), b, i, int(rand() * 1e6); print "COMMIT;" }' | sqlite3 db.sqlite
+      done
+    else
+      # No sqlite3 in the image: rows appended to a log, and an index
+      # file (key, offset) kept sorted, batch after batch.
+      echo "workload db ready (approximation: no sqlite3 in the image)"
+      b=0; : > log; : > index
+      while :; do
+        b=$((b + 1))
+        awk -v b=$b 'BEGIN { srand(b); for (i = 0; i < 500; i++) printf "%09d name-%d-%d user%d@example.org\n", int(rand() * 1e9), b, i, int(rand() * 1e6) }' > batch
+        cat batch >> log
+        cut -d ' ' -f 1 batch | sort -m - index > index.new && mv index.new index
+      done
+    fi ;;
+  copy)
+    cat rows.txt /bin/busybox /lib/modules/*.ko > data
+    echo "workload copy ready"
+    while :; do cp data copy; cat copy > /dev/null; rm -f copy; done ;;
+  *) echo "workload $1: unknown (gzip, sort, db, copy)" ;;
+esac
 "#;
 
 const DISK: &str = r#"#!/bin/busybox sh
@@ -166,6 +221,8 @@ pub fn build(out_dir: &Path) -> Result<PathBuf> {
     cpio.file("init", 0o755, init.as_bytes());
     cpio.file("bin/counter", 0o755, COUNTER.as_bytes());
     cpio.file("bin/disk", 0o755, DISK.as_bytes());
+    cpio.file("bin/workload", 0o755, WORKLOAD.as_bytes());
+    add_sqlite(&mut cpio)?;
     cpio.file(
         "www/index.html",
         0o644,
@@ -195,6 +252,64 @@ pub fn build(out_dir: &Path) -> Result<PathBuf> {
         .with_context(|| format!("copying {}", kernel.display()))?;
     std::fs::write(out_dir.join("kernel-version"), format!("{version}\n"))?;
     Ok(out_dir.to_owned())
+}
+
+/// sqlite3 of the build host (the `db` workload), with the libraries `ldd`
+/// names, when the host has it: the guest's workload falls back to an
+/// approximation without it.
+fn add_sqlite(cpio: &mut Cpio) -> Result<()> {
+    let sqlite = Path::new("/usr/bin/sqlite3");
+    if !sqlite.exists() {
+        eprintln!("xtask: no /usr/bin/sqlite3 here: the guest's db workload is an approximation");
+        return Ok(());
+    }
+    let out = Command::new("ldd")
+        .arg(sqlite)
+        .output()
+        .context("running ldd")?;
+    let libs = parse_ldd(&String::from_utf8_lossy(&out.stdout));
+    let mut dirs: Vec<String> = Vec::new();
+    for lib in &libs {
+        let mut parent = Path::new(lib.trim_start_matches('/')).parent();
+        let mut chain = Vec::new();
+        while let Some(p) = parent.filter(|p| !p.as_os_str().is_empty()) {
+            chain.push(p.to_string_lossy().into_owned());
+            parent = p.parent();
+        }
+        for d in chain.into_iter().rev() {
+            if !dirs.contains(&d) && d != "lib" && d != "bin" {
+                cpio.dir(&d);
+                dirs.push(d);
+            }
+        }
+    }
+    for lib in &libs {
+        let bytes = std::fs::read(lib).with_context(|| format!("reading {lib}"))?;
+        cpio.file(lib.trim_start_matches('/'), 0o755, &bytes);
+    }
+    cpio.file(
+        "bin/sqlite3",
+        0o755,
+        &std::fs::read(sqlite).with_context(|| format!("reading {}", sqlite.display()))?,
+    );
+    Ok(())
+}
+
+/// Absolute library paths in `ldd` output (`name => /path (addr)` and the
+/// interpreter's `/path (addr)`).
+fn parse_ldd(out: &str) -> Vec<String> {
+    out.lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            let path = l
+                .split("=>")
+                .nth(1)
+                .unwrap_or(l)
+                .split_whitespace()
+                .next()?;
+            path.starts_with('/').then(|| path.to_owned())
+        })
+        .collect()
 }
 
 /// The kernel version `linux-image-amd64` points at (its dependency
@@ -309,6 +424,18 @@ mod tests {
             Some("6.1.0-56-amd64")
         );
         assert_eq!(parse_kernel_version(""), None);
+    }
+
+    #[test]
+    fn ldd_output_gives_library_paths() {
+        let out = "\tlinux-vdso.so.1 (0x00007f)\n\tlibz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x7f)\n\t/lib64/ld-linux-x86-64.so.2 (0x7f)\n";
+        assert_eq!(
+            parse_ldd(out),
+            [
+                "/lib/x86_64-linux-gnu/libz.so.1",
+                "/lib64/ld-linux-x86-64.so.2"
+            ]
+        );
     }
 
     #[test]

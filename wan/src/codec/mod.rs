@@ -87,6 +87,7 @@ mod fuzzing;
 mod memory;
 mod page_cache;
 mod parallel;
+pub mod recorded;
 mod rle;
 mod staged;
 pub mod synthetic;
