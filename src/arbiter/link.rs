@@ -37,6 +37,14 @@ pub enum LinkKind {
     },
     /// Streams the peer opened towards us (from the endpoint demux).
     Accept(mpsc::Receiver<ControlStream>),
+    /// The witness is an etcd cluster: site `me`'s messages to the witness
+    /// become etcd operations, and their answers come back as the
+    /// witness's (see [`super::etcd`]).
+    #[cfg(feature = "etcd")]
+    Etcd {
+        link: super::etcd::EtcdLink,
+        me: SiteId,
+    },
 }
 
 /// Starts a link to party `from`; returns where to queue messages for it.
@@ -62,6 +70,12 @@ pub fn spawn(
         }
         LinkKind::Accept(streams) => {
             tokio::spawn(accept_loop(streams, vm, from, inbox, up, rx));
+        }
+        #[cfg(feature = "etcd")]
+        LinkKind::Etcd { link, me } => {
+            tokio::spawn(super::etcd::etcd_loop(
+                link, vm, me, from, inbox, up, rx, retry,
+            ));
         }
     }
     tx

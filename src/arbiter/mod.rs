@@ -4,6 +4,7 @@
 //! and failover control streams.
 
 pub mod demux;
+pub mod etcd;
 pub mod link;
 mod shell;
 

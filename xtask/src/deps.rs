@@ -19,6 +19,12 @@ pub const TEST_APT_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "linux-image-amd64",
     "busybox-static",
+    // etcd as the failover arbiter: the etcd daemon the tests start as a
+    // three-member cluster, etcdctl to look at it by hand, and protoc,
+    // which the etcd-client crate's build script compiles etcd's API with.
+    "etcd-server",
+    "etcd-client",
+    "protobuf-compiler",
 ];
 
 /// Cargo tools the test suite uses.
