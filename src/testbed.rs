@@ -52,11 +52,57 @@ impl LocalDeployment {
             .and_then(|f| f.set_len(4 << 20))
             .map_err(io)?;
         let path = self.dir.join("deployment.toml");
-        std::fs::write(&path, self.config_text()).map_err(io)?;
+        let vm = self.vm_text("web1", &self.tap, &self.mac, "192.0.2.10");
+        std::fs::write(&path, self.config_text(&vm)).map_err(io)?;
         Ok(path)
     }
 
-    fn config_text(&self) -> String {
+    /// As [`LocalDeployment::write`], with `count` VMs `vm1`..`vmN` (a
+    /// 1 MiB disk each), all primary at dc1 and backed up at dc2: VM `i`
+    /// is behind tap `<tap><i>` with MAC `<mac prefix>:<i>` at
+    /// 192.0.2.(10 + i). The taps are the caller's (on one bridge holding
+    /// 192.0.2.1/24).
+    pub fn write_fleet(&self, count: usize) -> Result<PathBuf, CertsError> {
+        self.write()?;
+        let io = |source| CertsError::Write {
+            path: self.dir.clone(),
+            source,
+        };
+        let prefix = self
+            .mac
+            .rsplit_once(':')
+            .map_or("52:54:00:12:40", |(p, _)| p);
+        let mut vms = String::new();
+        for i in 1..=count {
+            let name = format!("vm{i}");
+            std::fs::File::create(self.dir.join(format!("{name}.img")))
+                .and_then(|f| f.set_len(1 << 20))
+                .map_err(io)?;
+            vms.push_str(&self.vm_text(
+                &name,
+                &fleet_tap(&self.tap, i),
+                &format!("{prefix}:{i:02x}"),
+                &fleet_address(i).to_string(),
+            ));
+            vms.push('\n');
+        }
+        let path = self.dir.join("fleet.toml");
+        std::fs::write(&path, self.config_text(&vms)).map_err(io)?;
+        Ok(path)
+    }
+
+    fn vm_text(&self, name: &str, tap: &str, mac: &str, address: &str) -> String {
+        format!(
+            "[[vms]]\nname = \"{name}\"\nprimary = \"dc1\"\nbackup = \"dc2\"\nguest_image = \"{image}\"\n\
+             memory_mib = {memory}\ndisk = \"{disk}\"\n[vms.network]\ntap = \"{tap}\"\nmac = \"{mac}\"\n\
+             address = \"{address}/24\"\ngateway = \"192.0.2.1\"\n",
+            memory = self.memory_mib,
+            image = self.guest_image.display(),
+            disk = self.dir.join(format!("{name}.img")).display(),
+        )
+    }
+
+    fn config_text(&self, vms: &str) -> String {
         let pki = self.dir.join("pki");
         let site = |name: &str, port: u16, connect: Option<u16>| {
             let connect = connect
@@ -85,20 +131,22 @@ impl LocalDeployment {
             })
             .unwrap_or_default();
         format!(
-            "[replication]\nepoch_interval_ms = {interval}\nmax_epochs_in_flight = 4\n\n{dc1}{dc2}{witness}\
-             [[vms]]\nname = \"web1\"\nprimary = \"dc1\"\nbackup = \"dc2\"\nguest_image = \"{image}\"\n\
-             memory_mib = {memory}\ndisk = \"{disk}\"\n[vms.network]\ntap = \"{tap}\"\nmac = \"{mac}\"\n\
-             address = \"192.0.2.10/24\"\ngateway = \"192.0.2.1\"\n",
+            "[replication]\nepoch_interval_ms = {interval}\nmax_epochs_in_flight = 4\n\n{dc1}{dc2}{witness}{vms}",
             interval = self.epoch_interval_ms,
-            memory = self.memory_mib,
             dc1 = site("dc1", self.ports.0, None),
             dc2 = site("dc2", self.ports.1, self.dc2_connect_port),
-            image = self.guest_image.display(),
-            disk = self.dir.join("web1.img").display(),
-            tap = self.tap,
-            mac = self.mac,
         )
     }
+}
+
+/// The tap of VM `i` of a fleet whose taps start with `prefix`.
+pub fn fleet_tap(prefix: &str, i: usize) -> String {
+    format!("{prefix}{i}")
+}
+
+/// The address of VM `i` of a fleet.
+pub fn fleet_address(i: usize) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::new(192, 0, 2, 10 + i as u8)
 }
 
 /// Checks the guest's counter stream (consecutive big-endian u64 from 0)
@@ -230,5 +278,39 @@ mod tests {
         assert_eq!(cfg.site("dc2").unwrap().connect_addr().port(), 17010);
         assert_eq!(cfg.replication.epoch_interval_ms, 50);
         assert_eq!(cfg.vms[0].memory_mib, 96);
+    }
+
+    #[test]
+    fn the_written_fleet_is_a_valid_configuration_of_distinct_vms() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("guest.elf");
+        std::fs::write(&image, b"\x7fELF").unwrap();
+        let d = LocalDeployment {
+            dir: dir.path().to_owned(),
+            guest_image: image,
+            epoch_interval_ms: 100,
+            memory_mib: 32,
+            ports: (17001, 17002),
+            dc2_connect_port: None,
+            tap: "rwfl".into(),
+            mac: "52:54:00:12:40:00".into(),
+            witness_port: Some(17011),
+        };
+        let path = d.write_fleet(3).unwrap();
+        let cfg = crate::config::Config::load_with_env(&path, Vec::new()).unwrap();
+        assert_eq!(cfg.check_files("dc1"), vec![]);
+        let names: Vec<&str> = cfg.vms.iter().map(|v| v.name.as_str()).collect();
+        assert_eq!(names, ["vm1", "vm2", "vm3"]);
+        let macs: Vec<&str> = cfg.vms.iter().map(|v| v.network.mac.as_str()).collect();
+        assert_eq!(
+            macs,
+            [
+                "52:54:00:12:40:01",
+                "52:54:00:12:40:02",
+                "52:54:00:12:40:03"
+            ]
+        );
+        assert_eq!(cfg.vms[2].network.tap, "rwfl3");
+        assert_eq!(cfg.vms[2].network.address.addr(), fleet_address(3));
     }
 }
