@@ -9,7 +9,7 @@ use wan::transport::{Endpoint, TransportConfig};
 use super::common;
 use crate::arbiter::link::LinkKind;
 use crate::arbiter::{self, ArbiterHandle, ArbiterOptions, StartAs};
-use crate::config::{Config, Site, Vm};
+use crate::config::{Config, Site, Vm, WitnessBackend};
 
 /// The witness's numbering of sites: `SiteId(i + 1)` is the i-th site.
 pub fn site_id(cfg: &Config, name: &str) -> Option<SiteId> {
@@ -42,24 +42,63 @@ pub fn start(
     else {
         return Err(format!("`vms.{}`: unknown site", vm.name));
     };
-    // The witness link has its own endpoint (an ephemeral port), so it
-    // never waits behind replication traffic in one congestion window.
-    let endpoint = ephemeral_endpoint(site)?;
     let timers = cfg.failover.timers();
+    let to_witness = witness_link(cfg, w, site, me_id)?;
     Ok(Some(arbiter::spawn(ArbiterOptions {
         vm: vm.name.clone(),
         me: me_id,
         peer: peer_id,
         start_as,
         timers,
-        to_witness: LinkKind::Dial {
-            endpoint,
+        to_witness,
+        to_peer,
+    })))
+}
+
+/// How site `me` reaches the arbiter: the built-in witness over QUIC, or
+/// etcd.
+fn witness_link(
+    cfg: &Config,
+    w: &crate::config::Witness,
+    site: &Site,
+    me: SiteId,
+) -> Result<LinkKind, String> {
+    match w.backend {
+        // The witness link has its own endpoint (an ephemeral port), so it
+        // never waits behind replication traffic in one congestion window.
+        WitnessBackend::Builtin => Ok(LinkKind::Dial {
+            endpoint: ephemeral_endpoint(site)?,
             addr: w.connect_addr(),
             name: w.name.clone(),
             control: false,
-        },
-        to_peer,
-    })))
+        }),
+        #[cfg(feature = "etcd")]
+        WitnessBackend::Etcd => {
+            let timers = cfg.failover.timers();
+            Ok(LinkKind::Etcd {
+                link: crate::arbiter::etcd::EtcdLink {
+                    endpoints: w.endpoints.clone(),
+                    ca: w.ca.clone(),
+                    cert: w.cert.clone(),
+                    key: w.key.clone(),
+                    prefix: w.etcd_prefix().to_owned(),
+                    // Validated: whole seconds.
+                    ttl_secs: timers.lease.as_secs().max(1) as i64,
+                    op_timeout: (timers.lease / 2).max(std::time::Duration::from_millis(500)),
+                },
+                me,
+            })
+        }
+        #[cfg(not(feature = "etcd"))]
+        WitnessBackend::Etcd => {
+            let _ = (cfg, me);
+            Err(
+                "`witness.backend`: this build has no etcd support (built without the \
+                 `etcd` feature)"
+                    .to_owned(),
+            )
+        }
+    }
 }
 
 /// A QUIC endpoint of `site` on an ephemeral port of its address, for a

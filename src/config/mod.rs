@@ -121,7 +121,13 @@ impl Config {
             s.tls.resolve(base);
         }
         if let Some(w) = &mut self.witness {
-            w.tls.resolve(base);
+            // Absent (an etcd witness): stays empty, as validation expects.
+            if !w.tls.ca.as_os_str().is_empty() {
+                w.tls.resolve(base);
+            }
+            for p in [&mut w.ca, &mut w.cert, &mut w.key].into_iter().flatten() {
+                fix(p);
+            }
         }
         for vm in &mut self.vms {
             for p in [
@@ -217,6 +223,7 @@ fn expected_text(e: &config::ConfigError) -> String {
 fn enum_values(name: &str) -> Option<&'static str> {
     Some(match name {
         "Backend" => "\"kvm\", \"qemu\", \"xen\"",
+        "WitnessBackend" => "\"builtin\", \"etcd\"",
         "Accel" => "\"auto\", \"kvm\", \"tcg\"",
         "DirtyTracking" => "\"auto\", \"write-protect\", \"colo\", \"compare\"",
         "StandbyPolicy" => "\"none\", \"prepend\"",

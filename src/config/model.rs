@@ -124,7 +124,7 @@ impl Site {
 }
 
 /// The files `remus-wan certs init` writes for one party.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Tls {
     /// The deployment's site CA certificate (PEM), the only trust anchor.
@@ -135,24 +135,71 @@ pub struct Tls {
     pub key: PathBuf,
 }
 
-/// The third party that grants the per-VM lease.
+/// The third party that grants the per-VM lease: the built-in witness
+/// process (`listen`, `connect`, `tls`), or an etcd cluster the sites use
+/// directly (`endpoints`, `ca`, `cert`, `key`, `prefix`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Witness {
+    #[serde(default)]
+    pub backend: WitnessBackend,
     #[serde(default = "default_witness_name")]
     pub name: String,
+    /// Built-in witness only (required there: validation says so, naming
+    /// the key, rather than serde's bare "missing field").
+    #[serde(default = "unset_listen")]
     pub listen: SocketAddr,
     pub connect: Option<SocketAddr>,
+    /// Built-in witness only; empty paths when absent (validation requires
+    /// it for the built-in witness).
+    #[serde(default)]
     pub tls: Tls,
+    /// etcd only: `http://host:port` or `https://host:port` of the members.
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    /// etcd only: the CA that signed the members' certificates (https).
+    pub ca: Option<PathBuf>,
+    /// etcd only: the sites' client certificate and key, when the cluster
+    /// authenticates clients (`--client-cert-auth`).
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// etcd only: the key prefix of this deployment's leases.
+    pub prefix: Option<String>,
+}
+
+/// Who arbitrates the leases (`backend` in `[witness]`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WitnessBackend {
+    /// `remus-wan witness` at a third site.
+    #[default]
+    Builtin,
+    /// An etcd cluster (one etcd lease per VM).
+    Etcd,
 }
 
 fn default_witness_name() -> String {
     "witness".to_owned()
 }
 
+fn unset_listen() -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)
+}
+
+/// The etcd key prefix when `prefix` is not set.
+pub const DEFAULT_ETCD_PREFIX: &str = "/remus-wan";
+
 impl Witness {
     pub fn connect_addr(&self) -> SocketAddr {
         self.connect.unwrap_or(self.listen)
+    }
+
+    /// The etcd key prefix, without a trailing slash.
+    pub fn etcd_prefix(&self) -> &str {
+        self.prefix
+            .as_deref()
+            .unwrap_or(DEFAULT_ETCD_PREFIX)
+            .trim_end_matches('/')
     }
 }
 

@@ -39,9 +39,31 @@ pub fn files_for(cfg: &Config, party: &str) -> Vec<Issue> {
         }
     }
     if let Some(w) = &cfg.witness {
+        if w.name == party && w.backend == WitnessBackend::Etcd {
+            v.push(
+                "--site",
+                format!(
+                    "expected the name of a site: the witness {party:?} is etcd \
+                     (backend = \"etcd\"), not a remus-wan process"
+                ),
+            );
+            return v.issues;
+        }
         if w.name == party {
             known = true;
             v.tls_files("witness.tls", &w.tls);
+        }
+        // The sites are etcd's clients: they read its TLS files.
+        if known && w.backend == WitnessBackend::Etcd {
+            for (key, path) in [
+                ("witness.ca", &w.ca),
+                ("witness.cert", &w.cert),
+                ("witness.key", &w.key),
+            ] {
+                if let Some(p) = path {
+                    v.file_exists(key, p);
+                }
+            }
         }
     }
     if !known {
@@ -213,9 +235,131 @@ impl Validator {
                     ),
                 );
             }
-            if w.listen.port() == 0 {
-                self.push("witness.listen", "expected a non-zero UDP port");
+            match w.backend {
+                WitnessBackend::Builtin => self.builtin_witness(w),
+                WitnessBackend::Etcd => self.etcd_witness(cfg, w),
             }
+        }
+    }
+
+    fn builtin_witness(&mut self, w: &Witness) {
+        if w.listen.port() == 0 {
+            self.push("witness.listen", "expected a non-zero UDP port");
+        }
+        if w.tls.ca.as_os_str().is_empty() {
+            self.push(
+                "witness.tls",
+                "expected a [witness.tls] table (ca, cert, key) for the built-in witness",
+            );
+        }
+        let etcd_keys = [
+            ("witness.endpoints", !w.endpoints.is_empty()),
+            ("witness.ca", w.ca.is_some()),
+            ("witness.cert", w.cert.is_some()),
+            ("witness.key", w.key.is_some()),
+            ("witness.prefix", w.prefix.is_some()),
+        ];
+        for (key, set) in etcd_keys {
+            if set {
+                self.push(
+                    key,
+                    "expected only with backend = \"etcd\" (the built-in witness has \
+                     listen, connect and [witness.tls])",
+                );
+            }
+        }
+    }
+
+    fn etcd_witness(&mut self, cfg: &Config, w: &Witness) {
+        for (key, set) in [
+            ("witness.listen", w.listen.port() != 0),
+            ("witness.connect", w.connect.is_some()),
+            ("witness.tls", !w.tls.ca.as_os_str().is_empty()),
+        ] {
+            if set {
+                self.push(
+                    key,
+                    "expected only with the built-in witness; with backend = \"etcd\" the \
+                     sites reach etcd at `endpoints` (TLS files: witness.ca, cert, key)",
+                );
+            }
+        }
+        if w.endpoints.is_empty() {
+            self.push(
+                "witness.endpoints",
+                "expected at least one etcd member, such as \"https://192.0.2.10:2379\"",
+            );
+        }
+        let mut https = 0;
+        for (i, e) in w.endpoints.iter().enumerate() {
+            match etcd_endpoint(e) {
+                Some(tls) => https += usize::from(tls),
+                None => self.push(
+                    &format!("witness.endpoints[{i}]"),
+                    format!("expected http://host:port or https://host:port, found {e:?}"),
+                ),
+            }
+        }
+        if https != 0 && https != w.endpoints.len() {
+            self.push(
+                "witness.endpoints",
+                "expected all members over https or all over http, found both",
+            );
+        }
+        if https == 0 && (w.ca.is_some() || w.cert.is_some()) {
+            self.push(
+                "witness.endpoints",
+                "expected https:// endpoints: TLS files (witness.ca, cert) are set",
+            );
+        }
+        if https != 0 && w.ca.is_none() {
+            self.push(
+                "witness.ca",
+                "expected the CA file that signed the etcd members' certificates \
+                 (the endpoints use https)",
+            );
+        }
+        if w.cert.is_some() != w.key.is_some() {
+            let key = if w.cert.is_some() {
+                "witness.key"
+            } else {
+                "witness.cert"
+            };
+            self.push(
+                key,
+                "expected witness.cert and witness.key together (the sites' etcd client \
+                 certificate)",
+            );
+        }
+        if let Some(p) = &w.prefix {
+            let ok = p.starts_with('/')
+                && p.len() > 1
+                && !p
+                    .bytes()
+                    .any(|b| b.is_ascii_whitespace() || b.is_ascii_control());
+            if !ok {
+                self.push(
+                    "witness.prefix",
+                    format!(
+                        "expected an etcd key prefix such as \"/remus-wan/prod\" (starting \
+                         with / and without spaces), found {p:?}"
+                    ),
+                );
+            }
+        }
+        // etcd lease TTLs are whole seconds, and etcd raises shorter ones
+        // to its minimum (2 s with its default election timeout): the
+        // lease the sites count on must be the one etcd enforces.
+        let lease = cfg.failover.lease_ms;
+        if lease % 1000 != 0 || lease < ETCD_MIN_LEASE_MS {
+            self.push(
+                "failover.lease_ms",
+                format!(
+                    "expected a whole number of seconds of at least {ETCD_MIN_LEASE_MS} with \
+                     the etcd witness (etcd lease TTLs are whole seconds, 2 s at least), \
+                     found {lease}"
+                ),
+            );
         }
     }
 
@@ -595,6 +739,24 @@ impl Validator {
             ),
         }
     }
+}
+
+/// etcd's shortest lease with its default election timeout (1 s): its
+/// minimum TTL is 1.5 election timeouts, rounded up to whole seconds.
+pub const ETCD_MIN_LEASE_MS: u64 = 2000;
+
+/// `https://host:port` → Some(true), `http://host:port` → Some(false).
+pub fn etcd_endpoint(e: &str) -> Option<bool> {
+    let (tls, rest) = if let Some(r) = e.strip_prefix("https://") {
+        (true, r)
+    } else {
+        (false, e.strip_prefix("http://")?)
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    let (host, port) = rest.rsplit_once(':')?;
+    let host_ok =
+        !host.is_empty() && !host.contains('/') && !host.bytes().any(|b| b.is_ascii_whitespace());
+    (host_ok && port.parse::<u16>().is_ok_and(|p| p != 0)).then_some(tls)
 }
 
 /// `52:54:00:12:34:56` → bytes; refuses multicast addresses, which a NIC
