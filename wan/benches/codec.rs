@@ -19,6 +19,16 @@
 //!
 //! Environment: `CODEC_TRACE=<name>` runs one trace, `CODEC_TABLE_ONLY=1`
 //! skips criterion, `CODEC_OURS_ONLY=1` leaves out the baselines (but raw).
+//!
+//! `CODEC_TRACE_DIR=DIR` runs the same table (no criterion) over dirty-page
+//! traces recorded from the qemu backend's real Linux guest instead of the
+//! synthetic ones (`cargo run --release -p hypervisor --example
+//! record_trace`; format: `wan::codec::recorded`): DIR is one trace folder
+//! or a folder of them. Every scheme first takes the trace's epoch 0 (the
+//! whole image, as at the start of protection: it fills the caches within
+//! their budgets) and `CODEC_TRACE_WARMUP` (default 3) more epochs,
+//! unmeasured; the rest are measured. One more row of ours has a cache as
+//! large as the guest. `CODEC_NO_THREADS=1` skips the "encode threads" lines.
 
 use std::collections::{HashMap, VecDeque};
 use std::hint::black_box;
@@ -60,7 +70,7 @@ const DIRTY: usize = 2048; // 8 MiB of dirty pages per epoch
 const WARMUP_EPOCHS: usize = 3;
 const MEASURED_EPOCHS: usize = 12;
 
-/// One epoch of a recorded trace.
+/// One epoch of a trace.
 struct Epoch {
     pages: Vec<(u64, Vec<u8>)>,
 }
@@ -72,10 +82,85 @@ impl Epoch {
 }
 
 struct Recorded {
-    kind: TraceKind,
+    name: String,
+    /// The synthetic trace it is, if it is one.
+    kind: Option<TraceKind>,
+    frames: u64,
     initial: Vec<u8>,
     epochs: Vec<Epoch>,
     final_image: Vec<u8>,
+    /// Epochs each scheme takes before the measured ones.
+    warmup: usize,
+}
+
+impl Recorded {
+    fn measured(&self) -> &[Epoch] {
+        &self.epochs[self.warmup.min(self.epochs.len())..]
+    }
+    fn measured_epochs(&self) -> usize {
+        self.measured().len().max(1)
+    }
+    /// Bytes of dirty pages handed in over the measured epochs.
+    fn measured_page_bytes(&self) -> usize {
+        self.measured().iter().map(|e| e.pages.len() * PS).sum()
+    }
+}
+
+/// A trace recorded from a real guest (`CODEC_TRACE_DIR`): the replica
+/// starts from zeros and epoch 0 (the whole image) is the first warm-up
+/// epoch.
+fn load_recorded(dir: &std::path::Path) -> Recorded {
+    let t = wan::codec::recorded::read_trace(dir)
+        .unwrap_or_else(|e| panic!("reading the trace in {}: {e}", dir.display()));
+    assert_eq!(t.meta.page_size, PS, "{}: page size", dir.display());
+    let warmup = 1 + std::env::var("CODEC_TRACE_WARMUP")
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok())
+        .unwrap_or(WARMUP_EPOCHS);
+    let final_image = t.image_after(t.epochs.len());
+    let name = format!(
+        "{} ({})",
+        t.meta.workload,
+        dir.file_name()
+            .map_or(String::new(), |n| n.to_string_lossy().into_owned())
+    );
+    let epochs = t
+        .epochs
+        .iter()
+        .map(|e| Epoch {
+            pages: e
+                .page_slices(PS)
+                .into_iter()
+                .map(|(f, p)| (f, p.to_vec()))
+                .collect(),
+        })
+        .collect();
+    Recorded {
+        name,
+        kind: None,
+        frames: t.meta.frame_count,
+        initial: vec![0; t.meta.frame_count as usize * PS],
+        epochs,
+        final_image,
+        warmup,
+    }
+}
+
+/// Trace folders under `CODEC_TRACE_DIR`: the folder itself if it holds
+/// epoch files, else its subfolders that do.
+fn trace_dirs(root: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let first = wan::codec::recorded::epoch_file_name(0);
+    if root.join(&first).exists() {
+        return vec![root.to_owned()];
+    }
+    let mut dirs: Vec<_> = std::fs::read_dir(root)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", root.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join(&first).exists())
+        .collect();
+    dirs.sort();
+    assert!(!dirs.is_empty(), "no traces in {}", root.display());
+    dirs
 }
 
 fn record(kind: TraceKind) -> Recorded {
@@ -98,10 +183,13 @@ fn record(kind: TraceKind) -> Recorded {
         })
         .collect();
     Recorded {
-        kind,
+        name: kind.name().into(),
+        kind: Some(kind),
+        frames: FRAMES,
         initial,
         epochs,
         final_image: t.memory().to_vec(),
+        warmup: WARMUP_EPOCHS,
     }
 }
 
@@ -574,7 +662,17 @@ fn mbps(bytes: usize, d: Duration) -> f64 {
 fn table(rec: &Recorded) -> Vec<Row> {
     let mut rows = Vec::new();
     let ours_only = std::env::var_os("CODEC_OURS_ONLY").is_some();
-    for mut s in schemes(&rec.initial) {
+    let mut all = schemes(&rec.initial);
+    if rec.kind.is_none() {
+        all.push(Box::new(Ours::new(
+            "ours (cache = guest)",
+            rec.frames as usize * PS,
+            false,
+            None,
+            &rec.initial,
+        )));
+    }
+    for mut s in all {
         if ours_only && !s.name().starts_with("ours") && s.name() != "raw" {
             continue;
         }
@@ -587,7 +685,7 @@ fn table(rec: &Recorded) -> Vec<Row> {
             let t = Stopwatch::start();
             s.decode(&bytes);
             let td = t.elapsed();
-            if i >= WARMUP_EPOCHS {
+            if i >= rec.warmup {
                 wire += bytes.len();
                 enc_t += te;
                 dec_t += td;
@@ -597,12 +695,12 @@ fn table(rec: &Recorded) -> Vec<Row> {
             s.replica() == &rec.final_image[..],
             "{} replica diverged on {}",
             s.name(),
-            rec.kind.name()
+            rec.name
         );
-        let page_bytes = MEASURED_EPOCHS * DIRTY * PS;
+        let page_bytes = rec.measured_page_bytes();
         rows.push(Row {
             name: s.name(),
-            bytes_per_epoch: wire as f64 / MEASURED_EPOCHS as f64,
+            bytes_per_epoch: wire as f64 / rec.measured_epochs() as f64,
             encode_mbps: mbps(page_bytes, enc_t),
             decode_mbps: mbps(page_bytes, dec_t),
         });
@@ -669,7 +767,7 @@ fn all_cached(rec: &Recorded) -> Row {
 /// `passes` passes over the measured epochs. Each pass's output is decoded
 /// (untimed) and checked against the guest's image.
 fn threaded_encode(rec: &Recorded, threads: usize, passes: usize) -> (f64, f64) {
-    let page_bytes = MEASURED_EPOCHS * DIRTY * PS;
+    let page_bytes = rec.measured_page_bytes();
     let mut runs = Vec::new();
     for _ in 0..passes {
         let mut enc = Encoder::new(EncoderConfig {
@@ -687,7 +785,7 @@ fn threaded_encode(rec: &Recorded, threads: usize, passes: usize) -> (f64, f64) 
             enc.encode_into(i as u64 + 1, &pages, &[], &[], &mut out)
                 .expect("encode");
             let (tw, tc) = (t.elapsed(), process_cpu_ns());
-            if i >= WARMUP_EPOCHS {
+            if i >= rec.warmup {
                 wall += tw;
                 cpu += match (c, tc) {
                     (Some(a), Some(b)) => Duration::from_nanos(b.saturating_sub(a)),
@@ -738,16 +836,22 @@ fn print_threads(rec: &Recorded, rows: &[Row]) {
     println!("    zstd-3/page (baseline, one core, same run): {zstd3} MB/s");
 }
 
-fn print_table(kind: TraceKind, rows: &[Row]) {
+fn print_table(rec: &Recorded, rows: &[Row]) {
     let raw = rows[0].bytes_per_epoch;
+    let dirty = rec.measured_page_bytes() / PS / rec.measured_epochs();
     println!(
-        "\n{} trace: {} dirty pages/epoch ({} MiB), guest {} MiB, {} measured epochs after {} warm-up",
-        kind.name(),
-        DIRTY,
-        (DIRTY * PS) >> 20,
-        (FRAMES as usize * PS) >> 20,
-        MEASURED_EPOCHS,
-        WARMUP_EPOCHS
+        "\n{} trace: {} dirty pages/epoch ({:.2} MiB), guest {} MiB, {} measured epochs after {} warm-up{}",
+        rec.name,
+        dirty,
+        (dirty * PS) as f64 / (1 << 20) as f64,
+        (rec.frames as usize * PS) >> 20,
+        rec.measured_epochs(),
+        rec.warmup,
+        if rec.kind.is_none() {
+            " (the first: the whole image)"
+        } else {
+            ""
+        }
     );
     println!(
         "  {:<22} {:>14} {:>8} {:>12} {:>12}",
@@ -765,7 +869,33 @@ fn print_table(kind: TraceKind, rows: &[Row]) {
     }
 }
 
+/// Bytes of per-page zstd-1 over ours at the default cache (64 MiB), from
+/// one table.
+fn print_against_zstd1(rows: &[Row]) {
+    let find = |n: &str| rows.iter().find(|r| r.name == n);
+    for name in ["ours (64 MiB cache)", "ours (cache = guest)"] {
+        if let (Some(z), Some(o)) = (find("zstd-1/page"), find(name)) {
+            println!(
+                "  {name}: {:.2}x fewer bytes than zstd-1/page",
+                z.bytes_per_epoch / o.bytes_per_epoch
+            );
+        }
+    }
+}
+
 fn bench(c: &mut Criterion) {
+    if let Some(root) = std::env::var_os("CODEC_TRACE_DIR") {
+        for dir in trace_dirs(std::path::Path::new(&root)) {
+            let rec = load_recorded(&dir);
+            let rows = table(&rec);
+            print_table(&rec, &rows);
+            print_against_zstd1(&rows);
+            if std::env::var_os("CODEC_NO_THREADS").is_none() {
+                print_threads(&rec, &rows);
+            }
+        }
+        return;
+    }
     // CODEC_TRACE=<name> limits the run to one trace.
     let only = std::env::var("CODEC_TRACE").ok();
     for kind in TraceKind::ALL {
@@ -777,7 +907,7 @@ fn bench(c: &mut Criterion) {
         if kind == TraceKind::SparseWrite {
             rows.push(all_cached(&rec));
         }
-        print_table(kind, &rows);
+        print_table(&rec, &rows);
         print_threads(&rec, &rows);
         // Criterion (statistics on our encode/decode speed) only where the
         // speed targets are set, to keep the whole run within minutes.
