@@ -75,9 +75,13 @@ impl LocalDeployment {
         let mut vms = String::new();
         for i in 1..=count {
             let name = format!("vm{i}");
-            std::fs::File::create(self.dir.join(format!("{name}.img")))
-                .and_then(|f| f.set_len(1 << 20))
-                .map_err(io)?;
+            let disk = self.dir.join(format!("{name}.img"));
+            // Kept if there (a reload must not wipe a running VM's disk).
+            if !disk.exists() {
+                std::fs::File::create(&disk)
+                    .and_then(|f| f.set_len(1 << 20))
+                    .map_err(io)?;
+            }
             vms.push_str(&self.vm_text(
                 &name,
                 &fleet_tap(&self.tap, i),

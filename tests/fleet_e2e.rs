@@ -30,11 +30,11 @@ fn net(args: &[&str]) {
 
 /// The bridge with the host side's address, and one persistent tap per VM
 /// on it (they outlive the killed protect process, as in a real site).
-fn bridge_and_taps() {
+fn bridge_and_taps(vms: usize) {
     net(&["link", "add", BRIDGE, "type", "bridge"]);
     net(&["addr", "add", "192.0.2.1/24", "dev", BRIDGE]);
     net(&["link", "set", "dev", BRIDGE, "up"]);
-    for i in 1..=VMS {
+    for i in 1..=vms {
         let tap = fleet_tap(TAP_PREFIX, i);
         net(&["tuntap", "add", "dev", &tap, "mode", "tap"]);
         net(&["link", "set", "dev", &tap, "master", BRIDGE]);
@@ -42,52 +42,75 @@ fn bridge_and_taps() {
     }
 }
 
+/// The fleet's deployment in `dir`: sites on loopback ports 17951/17952,
+/// dc2 reached through the WAN emulator on 17953, the witness on 17954.
+fn deployment(dir: &std::path::Path) -> LocalDeployment {
+    let images = hypervisor::guest_build::from_env_or_build(
+        &std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-build"),
+    )
+    .expect("guest images (cargo xtask guest-image)");
+    LocalDeployment {
+        dir: dir.to_owned(),
+        guest_image: images.net.clone(),
+        epoch_interval_ms: 100,
+        memory_mib: 32,
+        ports: (DC1_PORT, DC2_PORT),
+        dc2_connect_port: Some(EMULATOR_PORT),
+        tap: TAP_PREFIX.into(),
+        mac: "52:54:00:12:40:00".into(),
+        witness_port: Some(WITNESS_PORT),
+    }
+}
+
+const DC1_PORT: u16 = 17951;
+const DC2_PORT: u16 = 17952;
+const EMULATOR_PORT: u16 = 17953;
+const WITNESS_PORT: u16 = 17954;
+
+/// The WAN between the sites (10 ms RTT): dc1 reaches dc2 through it.
+/// Lives as long as the returned runtime and emulator.
+fn wan_emulator() -> (tokio::runtime::Runtime, wan::emulator::Emulator) {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let mut ecfg =
+        wan::emulator::EmulatorConfig::new(format!("127.0.0.1:{DC2_PORT}").parse().expect("addr"))
+            .with_link(wan::emulator::LinkParams::symmetric(
+                Duration::from_millis(10),
+                0.0,
+                None,
+            ));
+    ecfg.listen = format!("127.0.0.1:{EMULATOR_PORT}").parse().expect("addr");
+    let emulator = rt
+        .block_on(wan::emulator::Emulator::start(ecfg))
+        .expect("WAN emulator");
+    (rt, emulator)
+}
+
+/// A client of VM `i`'s counter service.
+fn client(i: usize, log: impl Fn() -> String) -> (TcpStream, Counter) {
+    let addr = SocketAddr::new(fleet_address(i).into(), 9000);
+    let conn = connect_retrying(&addr, Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("VM {i}: {e}\nprotect log:\n{}", log()));
+    conn.set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
+    (conn, Counter::default())
+}
+
 #[test]
 fn eight_vms_of_one_protect_daemon_all_take_over_with_their_connections() {
     if !support::require_kvm_root("fleet_e2e") {
         return;
     }
-    let images = hypervisor::guest_build::from_env_or_build(
-        &std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-build"),
-    )
-    .expect("guest images (cargo xtask guest-image)");
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().to_owned();
-    let (dc1, dc2, emu_port, witness) = (17951, 17952, 17953, 17954);
-    let cfg = LocalDeployment {
-        dir: dir.clone(),
-        guest_image: images.net.clone(),
-        epoch_interval_ms: 100,
-        memory_mib: 32,
-        ports: (dc1, dc2),
-        dc2_connect_port: Some(emu_port),
-        tap: TAP_PREFIX.into(),
-        mac: "52:54:00:12:40:00".into(),
-        witness_port: Some(witness),
-    }
-    .write_fleet(VMS)
-    .expect("fleet deployment");
+    let cfg = deployment(&dir).write_fleet(VMS).expect("fleet deployment");
     let cfg_s = cfg.to_str().expect("utf-8").to_owned();
     let state_s = dir.join("state").to_str().expect("utf-8").to_owned();
     let wstate_s = dir.join("witness").to_str().expect("utf-8").to_owned();
     let log = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
 
     hypervisor::netns::in_new_netns(|| {
-        bridge_and_taps();
-        // The WAN between the sites: dc1 reaches dc2 through it.
-        let rt = tokio::runtime::Runtime::new().expect("runtime");
-        let mut ecfg = wan::emulator::EmulatorConfig::new(
-            format!("127.0.0.1:{dc2}").parse().expect("addr"),
-        )
-        .with_link(wan::emulator::LinkParams::symmetric(
-            Duration::from_millis(10),
-            0.0,
-            None,
-        ));
-        ecfg.listen = format!("127.0.0.1:{emu_port}").parse().expect("addr");
-        let _emulator = rt
-            .block_on(wan::emulator::Emulator::start(ecfg))
-            .expect("WAN emulator");
+        bridge_and_taps(VMS);
+        let _wan = wan_emulator();
 
         let _witness = Proc::remus(
             "witness",
@@ -110,17 +133,8 @@ fn eight_vms_of_one_protect_daemon_all_take_over_with_their_connections() {
             &["protect", "--site", "dc2", "--config", &cfg_s],
             &dir.join("protect.log"),
         );
-        let mut clients: Vec<(TcpStream, Counter)> = (1..=VMS)
-            .map(|i| {
-                let addr = SocketAddr::new(fleet_address(i).into(), 9000);
-                let conn = connect_retrying(&addr, Duration::from_secs(120)).unwrap_or_else(|e| {
-                    panic!("VM {i}: {e}\nprotect log:\n{}", log("protect.log"))
-                });
-                conn.set_read_timeout(Some(Duration::from_millis(100)))
-                    .expect("timeout");
-                (conn, Counter::default())
-            })
-            .collect();
+        let mut clients: Vec<(TcpStream, Counter)> =
+            (1..=VMS).map(|i| client(i, || log("protect.log"))).collect();
         // Each client sees its VM serve while protected.
         for (i, (conn, counter)) in clients.iter_mut().enumerate() {
             let got = counter.read_more(conn, 2_000, Duration::from_secs(60));
@@ -182,6 +196,159 @@ fn eight_vms_of_one_protect_daemon_all_take_over_with_their_connections() {
             shown.is_ok(),
             "after the takeover the standby daemon's status: {:?}",
             last.iter().map(|v| (&v.vm, &v.role, &v.state)).collect::<Vec<_>>()
+        );
+    })
+    .expect("network namespace");
+}
+
+/// `kill -HUP pid`.
+fn hangup(p: &Proc) {
+    let pid = p.pid().expect("running") as i32;
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+}
+
+/// The configuration text without VM `name`'s `[[vms]]` block.
+fn without_vm(text: &str, name: &str) -> String {
+    let mut parts = text.split("[[vms]]\n");
+    let mut out = parts.next().unwrap_or_default().to_owned();
+    for p in parts {
+        if !p.starts_with(&format!("name = \"{name}\"")) {
+            out.push_str("[[vms]]\n");
+            out.push_str(p);
+        }
+    }
+    out
+}
+
+/// SIGHUP changes the daemons' VMs without touching the others: vm2 added
+/// to both daemons' configuration starts and is protected while vm1's
+/// client connection goes on; vm1 removed stops while vm2's goes on.
+#[test]
+fn sighup_adds_and_removes_vms_without_touching_the_others() {
+    if !support::require_kvm_root("fleet_e2e") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().to_owned();
+    let d = deployment(&dir);
+    let cfg = d.write_fleet(1).expect("fleet deployment");
+    let cfg_s = cfg.to_str().expect("utf-8").to_owned();
+    let state_s = dir.join("state").to_str().expect("utf-8").to_owned();
+    let wstate_s = dir.join("witness").to_str().expect("utf-8").to_owned();
+    let log = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+    let status = |port: u16| {
+        let mut v: Vec<(String, String)> =
+            remus_wan::metrics::fetch_status(format!("127.0.0.1:{port}").parse().expect("addr"))
+                .unwrap_or_default()
+                .into_iter()
+                .map(|s| (s.vm, s.state))
+                .collect();
+        v.sort();
+        v
+    };
+
+    hypervisor::netns::in_new_netns(|| {
+        bridge_and_taps(2);
+        let _wan = wan_emulator();
+        let _witness = Proc::remus(
+            "witness",
+            &["witness", "--config", &cfg_s, "--state-dir", &wstate_s],
+            &dir.join("witness.log"),
+        );
+        let standby = Proc::remus(
+            "standby",
+            &[
+                "standby",
+                "--config",
+                &cfg_s,
+                "--site",
+                "dc2",
+                "--state-dir",
+                &state_s,
+            ],
+            &dir.join("standby.log"),
+        );
+        assert!(
+            wait_for_log(
+                &dir.join("standby.log"),
+                "standby listening",
+                Duration::from_secs(30)
+            ),
+            "standby did not start: {}",
+            log("standby.log")
+        );
+        let protect = Proc::remus(
+            "protect",
+            &["protect", "--site", "dc2", "--config", &cfg_s],
+            &dir.join("protect.log"),
+        );
+        let (mut c1, mut n1) = client(1, || log("protect.log"));
+        assert!(n1.read_more(&mut c1, 2_000, Duration::from_secs(60)) >= 2_000);
+
+        // Add vm2: the configuration now lists vm1 and vm2.
+        let two = d.write_fleet(2).expect("fleet deployment");
+        assert_eq!(two, cfg);
+        hangup(&standby);
+        assert!(
+            wait_for_log(
+                &dir.join("standby.log"),
+                "configuration reloaded",
+                Duration::from_secs(30)
+            ),
+            "standby did not reload: {}",
+            support::tail(&log("standby.log"), 30)
+        );
+        hangup(&protect);
+        let (mut c2, mut n2) = client(2, || log("protect.log"));
+        // vm2 serves, and is protected: its standby holds a replica.
+        assert!(n2.read_more(&mut c2, 2_000, Duration::from_secs(60)) >= 2_000);
+        let replicas = support::wait_until(
+            "vm2's replica at dc2",
+            Duration::from_secs(60),
+            || {
+                status(9478)
+                    .iter()
+                    .any(|(vm, st)| vm == "vm2" && st == "replica ok")
+            },
+            || std::thread::sleep(Duration::from_millis(100)),
+        );
+        assert!(replicas.is_ok(), "standby status: {:?}", status(9478));
+        // vm1's connection never noticed.
+        assert!(
+            n1.read_more(&mut c1, AFTER_KILL, Duration::from_secs(60)) >= AFTER_KILL,
+            "vm1's stream stalled after the reload\nprotect log:\n{}",
+            support::tail(&log("protect.log"), 40)
+        );
+
+        // Remove vm1 from both daemons.
+        let text = std::fs::read_to_string(&cfg).expect("config");
+        std::fs::write(&cfg, without_vm(&text, "vm1")).expect("config");
+        hangup(&protect);
+        hangup(&standby);
+        let gone = support::wait_until(
+            "vm1 gone from both daemons",
+            Duration::from_secs(60),
+            || {
+                let p = status(9477);
+                let s = status(9478);
+                p.len() == 1 && p[0].0 == "vm2" && s.len() == 1 && s[0].0 == "vm2"
+            },
+            || std::thread::sleep(Duration::from_millis(100)),
+        );
+        assert!(
+            gone.is_ok(),
+            "protect status {:?}, standby status {:?}\nprotect log:\n{}",
+            status(9477),
+            status(9478),
+            support::tail(&log("protect.log"), 30)
+        );
+        assert!(log("protect.log").contains("no longer in the configuration"));
+        // vm2's connection never noticed.
+        assert!(
+            n2.read_more(&mut c2, AFTER_KILL, Duration::from_secs(60)) >= AFTER_KILL,
+            "vm2's stream stalled after vm1's removal\nprotect log:\n{}",
+            support::tail(&log("protect.log"), 40)
         );
     })
     .expect("network namespace");
