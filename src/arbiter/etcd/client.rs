@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, Identity, LeaseKeepAliveStream,
-    LeaseKeeper, PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse,
+    LeaseKeeper, PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchStream, Watcher,
 };
 use failover::{Message, SiteId};
 use tokio::sync::mpsc;
@@ -48,9 +48,7 @@ pub enum EtcdLinkError {
 }
 
 impl EtcdLink {
-    /// A client of the cluster (the crate balances over the endpoints and
-    /// reconnects by itself).
-    pub async fn connect(&self) -> Result<Client, EtcdLinkError> {
+    fn options(&self) -> Result<ConnectOptions, EtcdLinkError> {
         let read = |p: &PathBuf| {
             std::fs::read(p).map_err(|source| EtcdLinkError::TlsFile {
                 path: p.clone(),
@@ -71,28 +69,87 @@ impl EtcdLink {
             }
             opts = opts.with_tls(tls);
         }
-        Ok(Client::connect(&self.endpoints, Some(opts)).await?)
+        Ok(opts)
     }
 }
 
-/// [`Kv`] over a real cluster.
+/// [`Kv`] over a real cluster: one client per member, used one at a time.
+/// The crate's own balancing over several endpoints keeps sending a share
+/// of the requests to a member that is down (each fails), so we stick to
+/// one member and move to the next after a failure instead: the rules'
+/// operations are safe to repeat from the start (a repeat finds the key as
+/// the lost attempt left it, and answers from it).
 pub struct EtcdKv {
-    client: Client,
-    /// The keep-alive stream of the lease we renew (one lease at a time).
+    endpoints: Vec<String>,
+    opts: ConnectOptions,
+    clients: Vec<Option<Client>>,
+    current: usize,
+    /// The keep-alive stream of the lease we renew (one lease at a time),
+    /// on the current member.
     keeper: Option<(i64, LeaseKeeper, LeaseKeepAliveStream)>,
 }
 
 impl EtcdKv {
-    pub fn new(client: Client) -> Self {
-        Self {
-            client,
+    pub fn new(link: &EtcdLink) -> Result<Self, EtcdLinkError> {
+        Ok(Self {
+            endpoints: link.endpoints.clone(),
+            opts: link.options()?,
+            clients: link.endpoints.iter().map(|_| None).collect(),
+            current: 0,
             keeper: None,
+        })
+    }
+
+    pub fn members(&self) -> usize {
+        self.endpoints.len().max(1)
+    }
+
+    /// Moves on to the next member (after a failure on this one).
+    pub fn next_member(&mut self) {
+        self.keeper = None;
+        if let Some(c) = self.clients.get_mut(self.current) {
+            // Reconnect from scratch when we come back to it.
+            *c = None;
         }
+        self.current = (self.current + 1) % self.members();
+    }
+
+    pub fn member(&self) -> &str {
+        self.endpoints
+            .get(self.current)
+            .map(String::as_str)
+            .unwrap_or("")
+    }
+
+    async fn client(&mut self) -> Result<&mut Client, etcd_client::Error> {
+        let i = self.current;
+        let ep = self.endpoints.get(i).cloned().unwrap_or_default();
+        let slot = self
+            .clients
+            .get_mut(i)
+            .ok_or_else(|| etcd_client::Error::InvalidArgs("no etcd endpoint".into()))?;
+        if slot.is_none() {
+            *slot = Some(Client::connect([ep], Some(self.opts.clone())).await?);
+        }
+        slot.as_mut()
+            .ok_or_else(|| etcd_client::Error::InvalidArgs("no etcd client".into()))
+    }
+
+    /// Starts watching `key` on the current member, then reads it (after
+    /// the watch started: no change between is missed).
+    pub async fn watch(
+        &mut self,
+        key: &str,
+    ) -> Result<(Watcher, WatchStream, Option<Entry>), etcd_client::Error> {
+        let c = self.client().await?;
+        let (watcher, events) = c.watch(key, None).await?;
+        let now = c.get(key, None).await?.kvs().first().map(entry);
+        Ok((watcher, events, now))
     }
 
     async fn keep_alive_once(&mut self, lease: i64) -> Result<i64, etcd_client::Error> {
         if self.keeper.as_ref().is_none_or(|(id, _, _)| *id != lease) {
-            let (k, s) = self.client.lease_keep_alive(lease).await?;
+            let (k, s) = self.client().await?.lease_keep_alive(lease).await?;
             self.keeper = Some((lease, k, s));
         }
         let Some((_, keeper, stream)) = self.keeper.as_mut() else {
@@ -121,12 +178,12 @@ impl Kv for EtcdKv {
     type Error = etcd_client::Error;
 
     async fn get(&mut self, key: &str) -> Result<Option<Entry>, Self::Error> {
-        let r = self.client.get(key, None).await?;
+        let r = self.client().await?.get(key, None).await?;
         Ok(r.kvs().first().map(entry))
     }
 
     async fn grant(&mut self, ttl: i64) -> Result<(i64, i64), Self::Error> {
-        let r = self.client.lease_grant(ttl, None).await?;
+        let r = self.client().await?.lease_grant(ttl, None).await?;
         Ok((r.id(), r.ttl()))
     }
 
@@ -134,9 +191,8 @@ impl Kv for EtcdKv {
         match self.keep_alive_once(lease).await {
             Ok(ttl) => Ok(ttl),
             Err(e) => {
-                // The stream may have been on a member that went away:
-                // one more try on a new stream (the channel balances to
-                // the members still up).
+                // A stream left over from before may have broken (its
+                // member restarted): one more try on a new stream.
                 debug!(error = %e, "etcd keep-alive stream failed: opening another");
                 self.keeper = None;
                 self.keep_alive_once(lease).await
@@ -145,7 +201,7 @@ impl Kv for EtcdKv {
     }
 
     async fn revoke(&mut self, lease: i64) -> Result<(), Self::Error> {
-        self.client.lease_revoke(lease).await.map(|_| ())
+        self.client().await?.lease_revoke(lease).await.map(|_| ())
     }
 
     async fn put_if(
@@ -165,7 +221,7 @@ impl Kv for EtcdKv {
                 Some(PutOptions::new().with_lease(lease)),
             )])
             .or_else([TxnOp::get(key, None)]);
-        let r = self.client.txn(txn).await?;
+        let r = self.client().await?.txn(txn).await?;
         if r.succeeded() {
             return Ok(Ok(r.header().map_or(0, |h| h.revision())));
         }
@@ -193,44 +249,54 @@ pub async fn etcd_loop(
 ) {
     let key = holder_key(&cfg.prefix, &vm);
     let mut arb = Arbiter::new(me, key.clone(), cfg.ttl_secs);
+    let mut kv = loop {
+        match EtcdKv::new(&cfg) {
+            Ok(kv) => break kv,
+            Err(e) => {
+                // The files may appear (a certificate being rotated in).
+                warn!(vm, error = %e, "etcd arbiter: cannot set up the etcd client (retrying)");
+                if !wait_retry(&mut out, &inbox, retry.max(Duration::from_secs(5))).await {
+                    return;
+                }
+            }
+        }
+    };
     let mut first = true;
-    let mut logged_down = false;
+    let mut failures = 0usize;
     loop {
-        let session = async {
-            let client = cfg.connect().await?;
-            let mut kv = EtcdKv::new(client.clone());
-            let mut watch_client = client.clone();
-            let (watcher, events) = watch_client.watch(key.as_str(), None).await?;
-            // Read after the watch started: no change between is missed.
-            let now = kv.get(&key).await?;
-            Ok::<_, EtcdLinkError>((kv, now, watcher, events))
+        let watched = tokio::time::timeout(cfg.op_timeout, kv.watch(&key)).await;
+        let (_watcher, mut events, now) = match watched {
+            Ok(Ok(w)) => w,
+            failed => {
+                let why = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "no answer".to_owned(),
+                };
+                up.store(false, Ordering::Relaxed);
+                // Quiet while trying the members in turn; a warning once
+                // every member failed.
+                failures += 1;
+                if failures == kv.members() {
+                    warn!(vm, error = %why, "etcd arbiter: no etcd member reachable (retrying)");
+                } else {
+                    debug!(vm, member = kv.member(), error = %why, "etcd member unreachable: trying the next");
+                }
+                kv.next_member();
+                let wait = if failures % kv.members() == 0 {
+                    retry
+                } else {
+                    Duration::ZERO
+                };
+                if !wait_retry(&mut out, &inbox, wait).await {
+                    return;
+                }
+                continue;
+            }
         };
-        let (mut kv, now, _watcher, mut events) =
-            match tokio::time::timeout(cfg.op_timeout * 2, session).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    if !logged_down {
-                        warn!(vm, error = %e, "etcd arbiter: cannot reach etcd (retrying)");
-                        logged_down = true;
-                    }
-                    if !wait_retry(&mut out, &inbox, retry).await {
-                        return;
-                    }
-                    continue;
-                }
-                Err(_) => {
-                    if !logged_down {
-                        warn!(vm, "etcd arbiter: no answer from etcd (retrying)");
-                        logged_down = true;
-                    }
-                    if !wait_retry(&mut out, &inbox, retry).await {
-                        return;
-                    }
-                    continue;
-                }
-            };
-        info!(vm, %key, "etcd arbiter up");
-        logged_down = false;
+        if failures >= kv.members() || first {
+            info!(vm, %key, member = kv.member(), "etcd arbiter up");
+        }
+        failures = 0;
         up.store(true, Ordering::Relaxed);
         if let Some(m) = arb.observed(now.as_ref(), first) {
             let _ = inbox.send((from, m));
@@ -245,35 +311,24 @@ pub async fn etcd_loop(
                     while let Ok(n) = out.try_recv() {
                         m = n;
                     }
-                    match tokio::time::timeout(cfg.op_timeout, arb.handle(&mut kv, &m)).await {
-                        Ok(Ok(Some(reply))) => {
+                    match answer(&mut arb, &mut kv, &m, cfg.op_timeout, &vm).await {
+                        Some(Some(reply)) => {
                             up.store(true, Ordering::Relaxed);
                             if inbox.send((from, reply)).is_err() {
                                 return;
                             }
                         }
-                        Ok(Ok(None)) => {}
-                        Ok(Err(e)) => {
-                            up.store(false, Ordering::Relaxed);
-                            warn!(vm, error = %e, "etcd arbiter: request failed (the site asks again)");
-                        }
-                        Err(_) => {
-                            up.store(false, Ordering::Relaxed);
-                            warn!(vm, "etcd arbiter: request timed out (the site asks again)");
-                        }
+                        Some(None) => {}
+                        None => up.store(false, Ordering::Relaxed),
                     }
                 }
                 ev = events.message() => {
                     match ev {
-                        Ok(Some(resp)) => {
-                            if resp.canceled() {
-                                break;
-                            }
+                        Ok(Some(resp)) if !resp.canceled() => {
                             for e in resp.events() {
-                                let seen = e.kv().map(entry);
                                 // A delete carries the key without value
                                 // or lease: nothing to hand over.
-                                let seen = seen.filter(|s| !s.value.is_empty());
+                                let seen = e.kv().map(entry).filter(|s| !s.value.is_empty());
                                 if let Some(m) = arb.observed(seen.as_ref(), false) {
                                     if inbox.send((from, m)).is_err() {
                                         return;
@@ -281,19 +336,50 @@ pub async fn etcd_loop(
                                 }
                             }
                         }
-                        Ok(None) | Err(_) => {
-                            debug!(vm, "etcd watch ended: watching again");
+                        _ => {
+                            debug!(vm, member = kv.member(), "etcd watch ended: watching again");
                             break;
                         }
                     }
                 }
             }
         }
-        up.store(false, Ordering::Relaxed);
-        if !wait_retry(&mut out, &inbox, retry).await {
-            return;
-        }
+        // The watch's member may be gone: watch from the next one.
+        kv.next_member();
     }
+}
+
+/// One message's answer, trying each member at most once (each try
+/// bounded by `timeout`). `None`: no member answered (the site asks
+/// again at its next renewal, as after a lost message).
+async fn answer(
+    arb: &mut Arbiter,
+    kv: &mut EtcdKv,
+    m: &Message,
+    timeout: Duration,
+    vm: &str,
+) -> Option<Option<Message>> {
+    for _ in 0..kv.members() {
+        match tokio::time::timeout(timeout, arb.handle(kv, m)).await {
+            Ok(Ok(reply)) => return Some(reply),
+            Ok(Err(e)) => {
+                debug!(vm, member = kv.member(), error = %e, "etcd request failed: trying the next member");
+            }
+            Err(_) => {
+                debug!(
+                    vm,
+                    member = kv.member(),
+                    "etcd request timed out: trying the next member"
+                );
+            }
+        }
+        kv.next_member();
+    }
+    warn!(
+        vm,
+        "etcd arbiter: no etcd member answered (the site asks again)"
+    );
+    None
 }
 
 /// Waits `retry`, dropping what the site sends meanwhile (it repeats its
