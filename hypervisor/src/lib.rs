@@ -1,6 +1,7 @@
 //! Guest backends: the `Guest` trait the replication engine drives, and its
 //! backends (`kvm`: the built-in micro-VM; `qemu`; `xen`). See docs/design.md.
 
+pub mod group;
 pub mod guest;
 pub mod guest_build;
 pub mod kvm;
