@@ -21,10 +21,25 @@ pub struct Config {
     pub witness: Option<Witness>,
     #[serde(default)]
     pub vms: Vec<Vm>,
+    /// Consistency groups: VMs checkpointed, committed, released and
+    /// failed over together.
+    #[serde(default)]
+    pub groups: Vec<Group>,
     #[serde(default)]
     pub netops: Netops,
     #[serde(default)]
     pub failover: Failover,
+}
+
+/// A consistency group (`[[groups]]`): its VMs pause at the same epoch
+/// boundary, commit at the backup together or not at all, release their
+/// output together and fail over together under one lease. The group's
+/// name names its replica, its lease and its status entry.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Group {
+    pub name: String,
+    pub vms: Vec<String>,
 }
 
 /// Failover timers (see docs/failover.md for the defaults' reasoning).

@@ -19,6 +19,7 @@ pub fn structure(cfg: &Config) -> Vec<Issue> {
     v.replication("replication", &cfg.replication);
     v.sites(cfg);
     v.vms(cfg);
+    v.groups(cfg);
     v.bgp(cfg);
     v.dns(cfg);
     v.hooks(cfg);
@@ -376,6 +377,88 @@ impl Validator {
             ),
         );
         false
+    }
+
+    fn groups(&mut self, cfg: &Config) {
+        let mut names = BTreeSet::new();
+        let mut member_of: BTreeMap<&str, &str> = BTreeMap::new();
+        for (i, g) in cfg.groups.iter().enumerate() {
+            let key = format!("groups[{i}]");
+            self.name(&format!("{key}.name"), &g.name, "group");
+            if !names.insert(g.name.as_str()) {
+                self.push(
+                    &format!("{key}.name"),
+                    format!("expected a unique group name, found {:?} twice", g.name),
+                );
+            }
+            if cfg.vm(&g.name).is_some() {
+                self.push(
+                    &format!("{key}.name"),
+                    format!(
+                        "expected a name no VM has: {:?} names the group's replica, lease and \
+                         status entry, and is a VM's name too",
+                        g.name
+                    ),
+                );
+            }
+            if g.vms.len() < 2 {
+                self.push(
+                    &format!("{key}.vms"),
+                    format!(
+                        "expected at least two VM names, found {}: a group of one VM is the VM itself",
+                        g.vms.len()
+                    ),
+                );
+            }
+            let mut sites: Option<(&str, &str)> = None;
+            for (j, name) in g.vms.iter().enumerate() {
+                let mkey = format!("{key}.vms[{j}]");
+                let Some(vm) = cfg.vm(name) else {
+                    self.push(
+                        &mkey,
+                        format!("expected the name of a [[vms]] entry, found {name:?}"),
+                    );
+                    continue;
+                };
+                if let Some(other) = member_of.insert(name, &g.name) {
+                    self.push(
+                        &mkey,
+                        format!("expected a VM in no other group, found {name:?} in group {other:?} too"),
+                    );
+                }
+                match sites {
+                    None => sites = Some((&vm.primary, &vm.backup)),
+                    Some((p, b)) if p != vm.primary || b != vm.backup => self.push(
+                        &mkey,
+                        format!(
+                            "expected the group's sites (primary {p:?}, backup {b:?}), found VM \
+                             {name:?} with primary {:?} and backup {:?}: a group runs at one site",
+                            vm.primary, vm.backup
+                        ),
+                    ),
+                    Some(_) => {}
+                }
+                if vm.backend != Backend::Kvm {
+                    self.push(
+                        &mkey,
+                        format!(
+                            "expected a VM with backend \"kvm\": VM {name:?} has backend {:?}, and this \
+                             build groups micro-VMs only",
+                            vm.backend
+                        ),
+                    );
+                }
+                if vm.disk.is_some() {
+                    self.push(
+                        &mkey,
+                        format!(
+                            "expected a VM without `disk`: VM {name:?} has one, and this build \
+                             replicates the disks of ungrouped VMs only"
+                        ),
+                    );
+                }
+            }
+        }
     }
 
     fn vms(&mut self, cfg: &Config) {
@@ -800,4 +883,101 @@ fn in_zone(name: &str, zone: &str) -> bool {
     }
     let (n, z) = (name.to_ascii_lowercase(), zone.to_ascii_lowercase());
     n == z || n.ends_with(&format!(".{z}"))
+}
+
+#[cfg(test)]
+mod group_tests {
+    use super::*;
+
+    fn issues(groups: &str) -> Vec<String> {
+        let text = format!(
+            r#"
+[[sites]]
+name = "dc1"
+listen = "127.0.0.1:7001"
+[sites.tls]
+ca = "ca.pem"
+cert = "dc1.pem"
+key = "dc1.key"
+
+[[sites]]
+name = "dc2"
+listen = "127.0.0.1:7002"
+[sites.tls]
+ca = "ca.pem"
+cert = "dc2.pem"
+key = "dc2.key"
+
+[[vms]]
+name = "web1"
+primary = "dc1"
+backup = "dc2"
+guest_image = "guest.elf"
+memory_mib = 32
+[vms.network]
+tap = "tap0"
+mac = "52:54:00:12:34:01"
+address = "192.0.2.10/24"
+
+[[vms]]
+name = "db1"
+primary = "dc1"
+backup = "dc2"
+guest_image = "guest.elf"
+memory_mib = 32
+[vms.network]
+tap = "tap1"
+mac = "52:54:00:12:34:02"
+address = "192.0.2.11/24"
+
+[[vms]]
+name = "mail1"
+primary = "dc2"
+backup = "dc1"
+guest_image = "guest.elf"
+memory_mib = 32
+disk = "mail1.img"
+[vms.network]
+tap = "tap2"
+mac = "52:54:00:12:34:03"
+address = "192.0.2.12/24"
+{groups}
+"#
+        );
+        match Config::parse(&text, Path::new("t.toml"), Path::new("/"), Vec::new()) {
+            Ok(_) => Vec::new(),
+            Err(e) if e.issues().is_empty() => vec![e.to_string()],
+            Err(e) => e.issues().iter().map(|i| i.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn a_group_of_vms_sharing_their_sites_is_accepted() {
+        assert_eq!(
+            issues("[[groups]]\nname = \"shop\"\nvms = [\"web1\", \"db1\"]\n"),
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn each_bad_group_names_its_key() {
+        let cases = [
+            ("[[groups]]\nname = \"shop\"\nvms = [\"web1\"]\n", "groups[0].vms"),
+            ("[[groups]]\nname = \"shop\"\nvms = [\"web1\", \"nope\"]\n", "groups[0].vms[1]"),
+            ("[[groups]]\nname = \"web1\"\nvms = [\"web1\", \"db1\"]\n", "groups[0].name"),
+            ("[[groups]]\nname = \"shop\"\nvms = [\"web1\", \"mail1\"]\n", "groups[0].vms[1]"),
+            (
+                "[[groups]]\nname = \"a\"\nvms = [\"web1\", \"db1\"]\n[[groups]]\nname = \"b\"\nvms = [\"db1\", \"web1\"]\n",
+                "groups[1].vms[0]",
+            ),
+            ("[[groups]]\nname = \"shop\"\nvms = [\"web1\", \"db1\"]\ncolour = 1\n", "colour"),
+        ];
+        for (text, key) in cases {
+            let found = issues(text);
+            assert!(
+                found.iter().any(|i| i.contains(key)),
+                "{text}: expected an issue at {key}, found {found:?}"
+            );
+        }
+    }
 }
