@@ -54,6 +54,7 @@ impl EtcdCluster {
     /// log) and waits until they agree on a leader.
     pub fn start(dir: &Path) -> EtcdCluster {
         let etcd = which("etcd").expect("etcd installed");
+        std::fs::create_dir_all(dir).expect("etcd folder");
         let names = ["m0", "m1", "m2"];
         let peers: Vec<u16> = names.iter().map(|_| free_port()).collect();
         let clients: Vec<u16> = names.iter().map(|_| free_port()).collect();
