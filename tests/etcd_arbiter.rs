@@ -17,11 +17,12 @@
 mod etcd_cluster;
 mod support;
 
+use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use etcd_cluster::{require_etcd, EtcdCluster};
+use etcd_cluster::{require_etcd, ClusterTls, EtcdCluster};
 use failover::{Message, SiteId};
 use remus_wan::arbiter::etcd::EtcdLink;
 use remus_wan::arbiter::link::{self, LinkKind};
@@ -45,14 +46,27 @@ struct SiteLink {
 
 impl SiteLink {
     fn new(me: SiteId, endpoints: Vec<String>, vm: &str) -> Self {
+        Self::with_tls(me, endpoints, vm, None, None)
+    }
+
+    /// `ca`: to verify the members; `client`: this site's certificate and
+    /// key.
+    fn with_tls(
+        me: SiteId,
+        endpoints: Vec<String>,
+        vm: &str,
+        ca: Option<PathBuf>,
+        client: Option<(PathBuf, PathBuf)>,
+    ) -> Self {
         let (inbox, rx) = mpsc::unbounded_channel();
+        let (cert, key) = client.unzip();
         let tx = link::spawn(
             LinkKind::Etcd {
                 link: EtcdLink {
                     endpoints,
-                    ca: None,
-                    cert: None,
-                    key: None,
+                    ca,
+                    cert,
+                    key,
                     prefix: "/remus-wan-test".into(),
                     ttl_secs: TTL.as_secs() as i64,
                     op_timeout: Duration::from_secs(1),
@@ -269,6 +283,52 @@ async fn scenario(cluster: &mut EtcdCluster) -> Result<(), String> {
     let r = b.request().await.ok_or("B: no answer after the takeover")?;
     check(r == (None, t3, Some(A)), "B refused after the takeover", r)?;
     Ok(())
+}
+
+/// Over https with client certificates (`--client-cert-auth`): a site
+/// with the CA and its certificate is granted the lease; one without a
+/// client certificate is answered nothing (etcd refuses it), nor one that
+/// does not trust the members' CA.
+#[test]
+fn lease_over_tls_with_a_client_certificate() {
+    if !require_etcd("etcd_arbiter") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let tls = ClusterTls::generate(&tmp.path().join("tls"));
+    let cluster = EtcdCluster::start_with(&tmp.path().join("etcd"), Some(tls.clone()));
+    let other = ClusterTls::generate(&tmp.path().join("other"));
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let result: Result<(), String> = rt.block_on(async {
+        let client = Some((tls.client_cert.clone(), tls.client_key.clone()));
+        let mut a = SiteLink::with_tls(A, cluster.endpoints(), "db1", Some(tls.ca.clone()), client);
+        let (g, t, h) = a
+            .request()
+            .await
+            .ok_or("A (with a client certificate): no answer")?;
+        check(
+            g == Some(TTL) && h == Some(A) && t > 0,
+            "A granted over TLS",
+            (g, t, h),
+        )?;
+        let mut b = SiteLink::with_tls(B, cluster.endpoints(), "db1", Some(tls.ca.clone()), None);
+        let r = b.request().await;
+        check(r.is_none(), "no answer without a client certificate", r)?;
+        let client = Some((other.client_cert.clone(), other.client_key.clone()));
+        let mut b = SiteLink::with_tls(
+            B,
+            cluster.endpoints(),
+            "db1",
+            Some(other.ca.clone()),
+            client,
+        );
+        let r = b.request().await;
+        check(r.is_none(), "no answer with another CA", r)?;
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("{e}\n{}", cluster.logs());
+    }
 }
 
 fn check(ok: bool, what: &str, got: impl std::fmt::Debug) -> Result<(), String> {

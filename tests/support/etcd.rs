@@ -23,6 +23,66 @@ pub struct Member {
 pub struct EtcdCluster {
     pub members: Vec<Member>,
     pub dir: PathBuf,
+    pub tls: Option<ClusterTls>,
+}
+
+/// PEM files of a cluster that serves its clients over https and asks
+/// them for a certificate: a CA, the members' certificate (127.0.0.1 and
+/// localhost) and a client certificate, all signed by the CA.
+#[derive(Clone)]
+pub struct ClusterTls {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl ClusterTls {
+    pub fn generate(dir: &Path) -> ClusterTls {
+        use rcgen::{
+            BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+        };
+        std::fs::create_dir_all(dir).expect("tls folder");
+        let write = |name: &str, pem: String| {
+            let p = dir.join(name);
+            std::fs::write(&p, pem).expect("write pem");
+            p
+        };
+        let ca_key = KeyPair::generate().expect("key");
+        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).expect("ca");
+        let ca_path = write("ca.pem", ca_cert.pem());
+        let issuer = Issuer::new(ca, ca_key);
+        let mut leaf = |names: Vec<String>, usage: ExtendedKeyUsagePurpose, stem: &str| {
+            let key = KeyPair::generate().expect("key");
+            let mut p = CertificateParams::new(names).expect("params");
+            p.extended_key_usages = vec![usage];
+            let cert = p.signed_by(&key, &issuer).expect("sign");
+            (
+                write(&format!("{stem}.pem"), cert.pem()),
+                write(&format!("{stem}.key"), key.serialize_pem()),
+            )
+        };
+        let (server_cert, server_key) = leaf(
+            vec!["127.0.0.1".into(), "localhost".into()],
+            ExtendedKeyUsagePurpose::ServerAuth,
+            "member",
+        );
+        let (client_cert, client_key) = leaf(
+            vec!["remus-wan-site".into()],
+            ExtendedKeyUsagePurpose::ClientAuth,
+            "client",
+        );
+        ClusterTls {
+            ca: ca_path,
+            server_cert,
+            server_key,
+            client_cert,
+            client_key,
+        }
+    }
 }
 
 /// A port free on 127.0.0.1 now (the OS picks it; it is closed again, and
@@ -53,6 +113,12 @@ impl EtcdCluster {
     /// Starts three members under `dir` (each its own data folder and
     /// log) and waits until they agree on a leader.
     pub fn start(dir: &Path) -> EtcdCluster {
+        Self::start_with(dir, None)
+    }
+
+    /// As [`EtcdCluster::start`]; with `tls`, clients are served over https
+    /// and must present a certificate signed by the CA.
+    pub fn start_with(dir: &Path, tls: Option<ClusterTls>) -> EtcdCluster {
         let etcd = which("etcd").expect("etcd installed");
         std::fs::create_dir_all(dir).expect("etcd folder");
         let names = ["m0", "m1", "m2"];
@@ -68,7 +134,8 @@ impl EtcdCluster {
         let mut members = Vec::new();
         for (i, name) in names.iter().enumerate() {
             let data = dir.join(name);
-            let client_url = format!("http://127.0.0.1:{}", clients[i]);
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            let client_url = format!("{scheme}://127.0.0.1:{}", clients[i]);
             let peer_url = format!("http://127.0.0.1:{}", peers[i]);
             let args: Vec<String> = vec![
                 "--name".into(),
@@ -92,6 +159,18 @@ impl EtcdCluster {
                 "--log-level".into(),
                 "warn".into(),
             ];
+            let mut args = args;
+            if let Some(t) = &tls {
+                for (flag, path) in [
+                    ("--cert-file", &t.server_cert),
+                    ("--key-file", &t.server_key),
+                    ("--trusted-ca-file", &t.ca),
+                ] {
+                    args.push(flag.into());
+                    args.push(path.display().to_string());
+                }
+                args.push("--client-cert-auth".into());
+            }
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             let log = dir.join(format!("{name}.log"));
             let proc = Proc::spawn("etcd", &etcd, &args, &[], &log);
@@ -104,6 +183,7 @@ impl EtcdCluster {
         let cluster = EtcdCluster {
             members,
             dir: dir.to_owned(),
+            tls,
         };
         if let Err(e) = cluster.wait_leader(Duration::from_secs(60)) {
             panic!("{e}\n{}", cluster.logs());
@@ -121,8 +201,17 @@ impl EtcdCluster {
     }
 
     /// `etcdctl endpoint status` of one member: (its id, the leader's id).
-    fn status(url: &str) -> Option<(u64, u64)> {
-        let out = std::process::Command::new("etcdctl")
+    fn status(&self, url: &str) -> Option<(u64, u64)> {
+        let mut cmd = std::process::Command::new("etcdctl");
+        if let Some(t) = &self.tls {
+            cmd.arg("--cacert")
+                .arg(&t.ca)
+                .arg("--cert")
+                .arg(&t.client_cert)
+                .arg("--key")
+                .arg(&t.client_key);
+        }
+        let out = cmd
             .args([
                 "--endpoints",
                 url,
@@ -157,7 +246,7 @@ impl EtcdCluster {
             let st: Vec<(String, Option<(u64, u64)>)> = self
                 .live()
                 .iter()
-                .map(|m| (m.name.clone(), Self::status(&m.client_url)))
+                .map(|m| (m.name.clone(), self.status(&m.client_url)))
                 .collect();
             let ids: Vec<u64> = st.iter().filter_map(|(_, s)| s.map(|s| s.0)).collect();
             let leaders: Vec<u64> = st.iter().filter_map(|(_, s)| s.map(|s| s.1)).collect();
