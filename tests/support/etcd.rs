@@ -55,7 +55,7 @@ impl ClusterTls {
         let ca_cert = ca.self_signed(&ca_key).expect("ca");
         let ca_path = write("ca.pem", ca_cert.pem());
         let issuer = Issuer::new(ca, ca_key);
-        let mut leaf = |names: Vec<String>, usage: ExtendedKeyUsagePurpose, stem: &str| {
+        let leaf = |names: Vec<String>, usage: ExtendedKeyUsagePurpose, stem: &str| {
             let key = KeyPair::generate().expect("key");
             let mut p = CertificateParams::new(names).expect("params");
             p.extended_key_usages = vec![usage];
