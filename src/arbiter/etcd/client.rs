@@ -43,8 +43,6 @@ pub enum EtcdLinkError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("etcd: {0}")]
-    Etcd(#[from] etcd_client::Error),
 }
 
 impl EtcdLink {

@@ -399,13 +399,14 @@ impl World {
                 65..=69 => {
                     let now = self.now;
                     let timers = self.timers;
+                    let ttl = timers.lease.as_secs() as i64;
                     let peer = if s == A { B } else { A };
                     let p = self.parties.get_mut(&s).expect("site");
                     if !p.alive {
                         let token = p.site.token();
                         p.site = Site::restarted(s, peer, W, timers, token, now);
                         p.site.set_replica_ready(true, now);
-                        p.arb = Arbiter::new(s, p.arb.key().to_owned(), p.arb_ttl());
+                        p.arb = Arbiter::new(s, p.arb.key().to_owned(), ttl);
                         let e = self.etcd.borrow().entry(&self.key);
                         p.arb.observed(e.as_ref(), true);
                         p.alive = true;
@@ -434,12 +435,6 @@ impl World {
             p.kv.up.set(true);
         }
         self.max_delay = 30;
-    }
-}
-
-impl Party {
-    fn arb_ttl(&self) -> i64 {
-        2
     }
 }
 
@@ -479,8 +474,16 @@ fn takeover_when_the_primary_dies_and_switchover_both_ways() {
     assert!(w.parties[&A].site.may_release_output(w.now));
 }
 
+/// Random schedules per run: 256, or `ETCD_SIM_SCHEDULES`.
+fn schedules() -> u32 {
+    std::env::var("ETCD_SIM_SCHEDULES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
+    #![proptest_config(ProptestConfig::with_cases(schedules()))]
 
     /// Random faults never let both sites release output; once healed
     /// with a live site holding a replica, someone runs the VM again.
