@@ -16,6 +16,9 @@
 //!    duplicate: the fenced primary released nothing the backup did not
 //!    have.
 //!
+//! 3. `remus-wan switchover`: the lease is handed over in etcd and the
+//!    standby's link notices it; the VM moves with nothing lost.
+//!
 //! Everything runs in a network namespace the test creates, on loopback.
 //! Needs root, /dev/kvm and Debian's etcd-server and etcd-client (`cargo
 //! xtask deps`); fails with a clear message without them unless
@@ -169,6 +172,95 @@ fn etcd_member_loss_changes_nothing_and_the_standby_takes_over() {
         eprintln!(
             "etcd arbiter: kill → 100000 more values in {:?}",
             killed.elapsed()
+        );
+    })
+    .expect("network namespace");
+}
+
+/// `remus-wan switchover` with etcd: the lease is handed over in etcd, the
+/// standby's link notices the key naming dc2 and promotes it; protect exits
+/// 0 and the client's connection goes on with nothing lost.
+#[test]
+fn switchover_hands_the_etcd_lease_over() {
+    if !preflight("etcd_e2e") {
+        return;
+    }
+    let tap = "rwetcd3";
+    let (_tmp, dir, cfg_s) = support::micro_vm_deployment(tap, 17821, "52:54:00:12:38:03", true);
+    let state_s = dir.join("state").to_str().expect("utf-8").to_owned();
+    hypervisor::netns::in_new_netns(|| {
+        support::host_tap(tap);
+        let cluster = EtcdCluster::start(&dir.join("etcd"));
+        let text = std::fs::read_to_string(&cfg_s).expect("config");
+        std::fs::write(&cfg_s, with_etcd(&text, &cluster.endpoints())).expect("config");
+        let _standby = Proc::remus(
+            "standby",
+            &[
+                "standby",
+                "--config",
+                &cfg_s,
+                "--site",
+                "dc2",
+                "--state-dir",
+                &state_s,
+            ],
+            &dir.join("standby.log"),
+        );
+        assert!(
+            wait_for_log(
+                &dir.join("standby.log"),
+                "standby listening",
+                Duration::from_secs(30)
+            ),
+            "standby did not start: {}",
+            log(&dir, "standby.log")
+        );
+        let mut protect = Proc::remus(
+            "protect",
+            &["protect", "web1", "--site", "dc2", "--config", &cfg_s],
+            &dir.join("protect.log"),
+        );
+        let guest: SocketAddr = "192.0.2.10:9000".parse().expect("addr");
+        let mut conn = connect_retrying(&guest, Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("{e}\nprotect log:\n{}", log(&dir, "protect.log")));
+        conn.set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        let mut counter = Counter::default();
+        let got = stream_on(&mut counter, &mut conn, 5000, Duration::from_secs(30));
+        assert!(got >= 5000, "only {got} counter values while protected");
+        let asked = Instant::now();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_remus-wan"))
+            .args(["switchover", "web1", "--to", "dc2", "--config", &cfg_s])
+            .output()
+            .expect("switchover");
+        assert!(
+            out.status.success(),
+            "switchover failed: {}{}\nprotect log:\n{}\nstandby log:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            log(&dir, "protect.log"),
+            log(&dir, "standby.log")
+        );
+        eprintln!(
+            "switchover through etcd in {:?}: {}",
+            asked.elapsed(),
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
+        assert_eq!(
+            protect.term(),
+            Some(0),
+            "protect exits 0 after handing over"
+        );
+        let more = stream_on(&mut counter, &mut conn, 50_000, Duration::from_secs(60));
+        assert!(
+            more >= 50_000,
+            "after the switchover only {more} more counter values\nstandby log:\n{}",
+            log(&dir, "standby.log")
+        );
+        let standby_log = log(&dir, "standby.log");
+        assert!(
+            standby_log.contains("etcd lease handed over to this site"),
+            "dc2 runs the VM but its link never saw the handover?\n{standby_log}"
         );
     })
     .expect("network namespace");
