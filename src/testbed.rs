@@ -63,6 +63,16 @@ impl LocalDeployment {
     /// 192.0.2.(10 + i). The taps are the caller's (on one bridge holding
     /// 192.0.2.1/24).
     pub fn write_fleet(&self, count: usize) -> Result<PathBuf, CertsError> {
+        self.write_fleet_with(count, None)
+    }
+
+    /// As [`LocalDeployment::write_fleet`]; with `group`, the VMs have no
+    /// disk and form one consistency group of that name.
+    pub fn write_fleet_with(
+        &self,
+        count: usize,
+        group: Option<&str>,
+    ) -> Result<PathBuf, CertsError> {
         self.write()?;
         let io = |source| CertsError::Write {
             path: self.dir.clone(),
@@ -77,18 +87,33 @@ impl LocalDeployment {
             let name = format!("vm{i}");
             let disk = self.dir.join(format!("{name}.img"));
             // Kept if there (a reload must not wipe a running VM's disk).
-            if !disk.exists() {
+            if !disk.exists() && group.is_none() {
                 std::fs::File::create(&disk)
                     .and_then(|f| f.set_len(1 << 20))
                     .map_err(io)?;
             }
-            vms.push_str(&self.vm_text(
+            let mut text = self.vm_text(
                 &name,
                 &fleet_tap(&self.tap, i),
                 &format!("{prefix}:{i:02x}"),
                 &fleet_address(i).to_string(),
-            ));
+            );
+            if group.is_some() {
+                text = text
+                    .lines()
+                    .filter(|l| !l.starts_with("disk = "))
+                    .map(|l| format!("{l}\n"))
+                    .collect();
+            }
+            vms.push_str(&text);
             vms.push('\n');
+        }
+        if let Some(g) = group {
+            let names: Vec<String> = (1..=count).map(|i| format!("\"vm{i}\"")).collect();
+            vms.push_str(&format!(
+                "[[groups]]\nname = \"{g}\"\nvms = [{}]\n",
+                names.join(", ")
+            ));
         }
         let path = self.dir.join("fleet.toml");
         std::fs::write(&path, self.config_text(&vms)).map_err(io)?;

@@ -353,3 +353,102 @@ fn sighup_adds_and_removes_vms_without_touching_the_others() {
     })
     .expect("network namespace");
 }
+
+/// A consistency group of two VMs (`shop` = vm1 + vm2) fails over as one,
+/// wherever the primary dies (fault points: while the guests are paused
+/// at a boundary, and right after an epoch left): one lease, one takeover,
+/// both members resumed from the same committed epoch of the group's one
+/// replica, and both clients' connections go on with no gap or duplicate.
+#[test]
+fn a_consistency_group_fails_over_as_one_wherever_the_primary_dies() {
+    if !support::require_kvm_root("fleet_e2e") {
+        return;
+    }
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(7, |d| d.as_nanos() as u64)
+        ^ u64::from(std::process::id());
+    for (k, point) in ["protect.paused", "protect.sent"].into_iter().enumerate() {
+        let nth = 20 + (seed >> (8 * k)) % 40;
+        eprintln!("group run: protect dies at {point}@{nth} (seed {seed})");
+        group_run(point, nth);
+    }
+}
+
+fn group_run(point: &str, nth: u64) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().to_owned();
+    let cfg = deployment(&dir)
+        .write_fleet_with(2, Some("shop"))
+        .expect("group deployment");
+    let cfg_s = cfg.to_str().expect("utf-8").to_owned();
+    let state_s = dir.join("state").to_str().expect("utf-8").to_owned();
+    let wstate_s = dir.join("witness").to_str().expect("utf-8").to_owned();
+    let log = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+
+    hypervisor::netns::in_new_netns(|| {
+        bridge_and_taps(2);
+        let _wan = wan_emulator();
+        let _witness = Proc::remus(
+            "witness",
+            &["witness", "--config", &cfg_s, "--state-dir", &wstate_s],
+            &dir.join("witness.log"),
+        );
+        let _standby = Proc::remus(
+            "standby",
+            &["standby", "--config", &cfg_s, "--site", "dc2", "--state-dir", &state_s],
+            &dir.join("standby.log"),
+        );
+        assert!(
+            wait_for_log(&dir.join("standby.log"), "standby listening", Duration::from_secs(30)),
+            "standby did not start: {}",
+            log("standby.log")
+        );
+        let mut protect = Proc::remus_env(
+            "protect",
+            &["protect", "shop", "--site", "dc2", "--config", &cfg_s],
+            &[("REMUS_WAN_FAULT", format!("{point}@{nth}"))],
+            &dir.join("protect.log"),
+        );
+        let mut clients: Vec<(TcpStream, Counter)> =
+            (1..=2).map(|i| client(i, || log("protect.log"))).collect();
+        // Both serve until the primary dies at its fault point.
+        let died = support::wait_until(
+            "the protect process reaching its fault point",
+            Duration::from_secs(120),
+            || protect.has_exited(),
+            || {
+                for (conn, counter) in clients.iter_mut() {
+                    counter.read_more(conn, u64::MAX, Duration::from_millis(20));
+                }
+            },
+        );
+        assert!(
+            died.is_ok(),
+            "protect never reached {point}@{nth}\nprotect log:\n{}",
+            support::tail(&log("protect.log"), 40)
+        );
+        for (i, (conn, counter)) in clients.iter_mut().enumerate() {
+            let before = counter.next();
+            let more = counter.read_more(conn, AFTER_KILL, Duration::from_secs(120));
+            assert!(
+                more >= AFTER_KILL,
+                "vm{} after the primary died: only {more} more values (from {before})\nstandby log:\n{}",
+                i + 1,
+                support::tail(&log("standby.log"), 60)
+            );
+        }
+        let text = log("standby.log");
+        let takeovers: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("takeover complete"))
+            .collect();
+        assert_eq!(
+            takeovers.len(),
+            1,
+            "one takeover for the whole group: {takeovers:?}"
+        );
+        assert!(takeovers[0].contains("vm=shop "), "{}", takeovers[0]);
+    })
+    .expect("network namespace");
+}

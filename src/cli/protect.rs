@@ -15,9 +15,10 @@ use crate::site::{self};
 
 #[derive(Debug, Args)]
 pub struct ProtectArgs {
-    /// The VM to protect (a [[vms]] name); it is started here. Without
-    /// it, every VM backed up at --site whose primary is the same site is
-    /// started and protected by this one process (a site daemon).
+    /// The VM to protect (a [[vms]] name) or consistency group (a
+    /// [[groups]] name: its VMs are protected together); it is started
+    /// here. Without it, every VM and group backed up at --site is started
+    /// and protected by this one process (a site daemon).
     vm: Option<String>,
     /// The backup site to protect towards (the VMs' `backup`).
     #[arg(long)]
@@ -49,18 +50,32 @@ impl ProtectArgs {
         let cfg = common::load_config(&self.config)?;
         let selection = match &self.vm {
             Some(name) => {
-                let Some(vm) = cfg.vm(name) else {
+                let group = cfg.groups.iter().find(|g| &g.name == name);
+                let vm = match group {
+                    Some(g) => g.vms.first().and_then(|m| cfg.vm(m)),
+                    None => cfg.vm(name),
+                };
+                let Some(vm) = vm else {
                     eprintln!(
-                        "error: {}: no VM named {:?} in [[vms]]",
+                        "error: {}: no VM or group named {:?} in [[vms]] / [[groups]]",
                         self.config.display(),
                         name
                     );
                     return Err(Code::Config);
                 };
+                if group.is_none() {
+                    if let Some(g) = cfg.groups.iter().find(|g| g.vms.contains(name)) {
+                        eprintln!(
+                            "error: VM {name} is in consistency group {:?}: its members are protected together (remus-wan protect {} --site {})",
+                            g.name, g.name, self.site
+                        );
+                        return Err(Code::Config);
+                    }
+                }
                 if vm.backup != self.site {
                     eprintln!(
-                        "error: VM {} is backed up at {:?} (`vms.backup`), not at {:?}",
-                        vm.name, vm.backup, self.site
+                        "error: {name} is backed up at {:?} (`vms.backup`), not at {:?}",
+                        vm.backup, self.site
                     );
                     return Err(Code::Config);
                 }
@@ -103,7 +118,7 @@ impl ProtectArgs {
         let Some(first) = vms.first() else {
             return Err(Code::Config);
         };
-        let home = first.primary.clone();
+        let home = first.vm.primary.clone();
         common::require_files(&cfg, &home)?;
         let Some(me) = cfg.site(&home).cloned() else {
             return Err(Code::Config);

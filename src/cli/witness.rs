@@ -57,6 +57,8 @@ impl WitnessArgs {
             listen: w.listen,
             tls: common::tls_paths(&w.tls),
             sites: cfg.sites.iter().map(|s| s.name.clone()).collect(),
+            // One lease per VM, and one per consistency group (its members
+            // fail over together under the group's name).
             vms: cfg
                 .vms
                 .iter()
@@ -65,6 +67,14 @@ impl WitnessArgs {
                     primary: v.primary.clone(),
                     backup: v.backup.clone(),
                 })
+                .chain(cfg.groups.iter().filter_map(|g| {
+                    let first = cfg.vm(g.vms.first()?)?;
+                    Some(VmSites {
+                        vm: g.name.clone(),
+                        primary: first.primary.clone(),
+                        backup: first.backup.clone(),
+                    })
+                }))
                 .collect(),
             timers: cfg.failover.timers(),
             state_dir: self.state_dir,

@@ -10,6 +10,7 @@
 //! it no longer lists, leaving the others untouched.
 
 pub mod control;
+pub mod group;
 pub mod kvm_vm;
 pub mod protect;
 pub mod qemu_vm;
@@ -26,7 +27,8 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
-use crate::config::{Config, Vm};
+use crate::config::Config;
+pub use group::Unit;
 
 /// How one VM's task ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,10 +72,10 @@ pub type VmTask = Pin<Box<dyn Future<Output = VmEnd> + Send>>;
 
 /// What a daemon (protect or standby) does for each VM.
 pub trait Launcher: Send + 'static {
-    /// The VMs of `cfg` this daemon serves.
-    fn select(&self, cfg: &Config) -> Vec<Vm>;
-    /// Prepares `vm` (routes, control) at once and returns its task.
-    fn launch(&mut self, cfg: Arc<Config>, vm: Vm, stop: StopSignal) -> VmTask;
+    /// The units (VMs and consistency groups) of `cfg` this daemon serves.
+    fn select(&self, cfg: &Config) -> Vec<Unit>;
+    /// Prepares `unit` (routes, control) at once and returns its task.
+    fn launch(&mut self, cfg: Arc<Config>, unit: Unit, stop: StopSignal) -> VmTask;
     /// `vm` is no longer served (its task ended): drop what `launch` set up.
     fn forget(&mut self, vm: &str);
 }
@@ -89,8 +91,8 @@ pub async fn run_fleet<L: Launcher>(
     let mut tasks: JoinSet<(String, VmEnd)> = JoinSet::new();
     let mut running: HashMap<String, Running> = HashMap::new();
     let mut ends = BTreeMap::new();
-    for vm in launcher.select(&cfg) {
-        start(&mut launcher, &mut tasks, &mut running, cfg.clone(), vm);
+    for unit in launcher.select(&cfg) {
+        start(&mut launcher, &mut tasks, &mut running, cfg.clone(), unit);
     }
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(|e| warn!(error = %e, "no SIGHUP handler: configuration reload disabled"))
@@ -132,7 +134,7 @@ pub async fn run_fleet<L: Launcher>(
 /// A VM the daemon runs.
 struct Running {
     stop: watch::Sender<bool>,
-    vm: Vm,
+    unit: Unit,
     task: tokio::task::Id,
 }
 
@@ -159,14 +161,14 @@ fn start<L: Launcher>(
     tasks: &mut JoinSet<(String, VmEnd)>,
     running: &mut HashMap<String, Running>,
     cfg: Arc<Config>,
-    vm: Vm,
+    unit: Unit,
 ) {
     let (stop, stop_rx) = watch::channel(false);
-    let name = vm.name.clone();
-    let task = launcher.launch(cfg, vm.clone(), StopSignal(stop_rx));
+    let name = unit.name().to_owned();
+    let task = launcher.launch(cfg, unit.clone(), StopSignal(stop_rx));
     let n = name.clone();
     let task = tasks.spawn(async move { (n, task.await) }).id();
-    running.insert(name, Running { stop, vm, task });
+    running.insert(name, Running { stop, unit, task });
 }
 
 fn finished<L: Launcher>(
@@ -204,7 +206,7 @@ fn reload<L: Launcher>(
         }
     };
     let wanted = launcher.select(&cfg);
-    let names: Vec<&str> = wanted.iter().map(|v| v.name.as_str()).collect();
+    let names: Vec<&str> = wanted.iter().map(|u| u.name()).collect();
     for (name, r) in running.iter() {
         if !names.contains(&name.as_str()) {
             info!(vm = %name, "SIGHUP: no longer in the configuration: stopping it");
@@ -212,16 +214,16 @@ fn reload<L: Launcher>(
         }
     }
     let mut added = 0;
-    for vm in wanted {
-        match running.get(&vm.name) {
+    for unit in wanted {
+        match running.get(unit.name()) {
             Some(r) => {
-                if format!("{:?}", r.vm) != format!("{vm:?}") {
-                    warn!(vm = %vm.name, "SIGHUP: its definition changed; it runs on as it was (remove it, reload, add it back to apply)");
+                if format!("{:?}", r.unit) != format!("{unit:?}") {
+                    warn!(vm = %unit.name(), "SIGHUP: its definition changed; it runs on as it was (remove it, reload, add it back to apply)");
                 }
             }
             None => {
-                info!(vm = %vm.name, "SIGHUP: new in the configuration: starting it");
-                start(launcher, tasks, running, cfg.clone(), vm);
+                info!(vm = %unit.name(), "SIGHUP: new in the configuration: starting it");
+                start(launcher, tasks, running, cfg.clone(), unit);
                 added += 1;
             }
         }

@@ -17,6 +17,7 @@ use tracing::info;
 use wan::transport::{Endpoint, TransportConfig};
 
 use super::control::ControlRouter;
+use super::group::{units, Unit};
 use super::{qemu_vm, tls_paths, Launcher, StopSignal, VmEnd, VmTask};
 use crate::addresses::Addresses;
 use crate::arbiter::StartAs;
@@ -72,15 +73,24 @@ pub enum Selection {
 }
 
 impl Selection {
-    pub fn select(&self, cfg: &Config) -> Vec<Vm> {
-        cfg.vms
+    /// The units selected in `cfg`: `One` names a VM or a group.
+    pub fn select(&self, cfg: &Config) -> Vec<Unit> {
+        let vms = cfg
+            .vms
             .iter()
             .filter(|v| match self {
-                Selection::One(name) => &v.name == name,
+                Selection::One(name) => {
+                    &v.name == name
+                        || cfg
+                            .groups
+                            .iter()
+                            .any(|g| &g.name == name && g.vms.contains(&v.name))
+                }
                 Selection::All { primary, backup } => &v.primary == primary && &v.backup == backup,
             })
             .cloned()
-            .collect()
+            .collect();
+        units(cfg, vms)
     }
 }
 
@@ -99,11 +109,12 @@ pub struct ProtectSite {
 }
 
 impl Launcher for ProtectSite {
-    fn select(&self, cfg: &Config) -> Vec<Vm> {
+    fn select(&self, cfg: &Config) -> Vec<Unit> {
         self.selection.select(cfg)
     }
 
-    fn launch(&mut self, cfg: Arc<Config>, vm: Vm, stop: StopSignal) -> VmTask {
+    fn launch(&mut self, cfg: Arc<Config>, unit: Unit, stop: StopSignal) -> VmTask {
+        let vm = &unit.vm;
         let console_log = self.console_log.as_ref().map(|p| {
             if self.several {
                 let mut s = p.clone().into_os_string();
@@ -121,7 +132,7 @@ impl Launcher for ProtectSite {
             console_log,
             report_every: self.report_every,
         };
-        Box::pin(async move { ctx.serve(cfg, vm, stop).await })
+        Box::pin(async move { ctx.serve(cfg, unit, stop).await })
     }
 
     fn forget(&mut self, vm: &str) {
@@ -133,6 +144,7 @@ impl Launcher for ProtectSite {
 /// The VM started here, by backend.
 enum Started {
     Kvm(hypervisor::kvm::Vm, Option<Box<dyn FrameSink>>),
+    Group(hypervisor::group::GroupGuest, super::group::GroupRelease),
     Qemu(Box<QemuGuest>, hypervisor::qemu::TapBridge),
 }
 
@@ -146,7 +158,8 @@ struct VmContext {
 }
 
 impl VmContext {
-    async fn serve(self, cfg: Arc<Config>, vm: Vm, stop: StopSignal) -> VmEnd {
+    async fn serve(self, cfg: Arc<Config>, unit: Unit, stop: StopSignal) -> VmEnd {
+        let Unit { vm, members } = unit;
         let (Some(primary), Some(backup)) = (cfg.site(&vm.primary), cfg.site(&vm.backup)) else {
             return VmEnd::Config(format!("vms.{}: unknown site", vm.name));
         };
@@ -172,9 +185,17 @@ impl VmContext {
             let vm = vm.clone();
             let seams_capture = capture.clone();
             let console_log = self.console_log.clone();
-            tokio::task::spawn_blocking(move || start_guest(&vm, &seams_capture, console_log))
-                .await
-                .unwrap_or_else(|e| Err(VmEnd::Failed(format!("starting the guest: {e}"))))
+            tokio::task::spawn_blocking(move || {
+                if members.is_empty() {
+                    start_guest(&vm, &seams_capture, console_log)
+                } else {
+                    super::group::start_members(&members, &seams_capture)
+                        .map(|(g, r)| Started::Group(g, r))
+                        .map_err(VmEnd::Failed)
+                }
+            })
+            .await
+            .unwrap_or_else(|e| Err(VmEnd::Failed(format!("starting the guest: {e}"))))
         };
         let started = match started {
             Ok(s) => s,
@@ -182,6 +203,16 @@ impl VmContext {
         };
         match started {
             Started::Kvm(guest, release) => {
+                self.protect(
+                    &cfg,
+                    &vm,
+                    Protector::new(opts, guest, capture, release),
+                    stop,
+                )
+                .await
+            }
+            Started::Group(guest, release) => {
+                let release = Some(Box::new(release) as Box<dyn FrameSink>);
                 self.protect(
                     &cfg,
                     &vm,

@@ -9,6 +9,7 @@ use tracing::{info, warn};
 use wan::transport::{Endpoint, TransportConfig};
 
 use super::control::ControlRouter;
+use super::group::{units, Unit};
 use super::{takeover, tls_paths, Launcher, StopSignal, VmEnd, VmTask};
 use crate::addresses::Addresses;
 use crate::arbiter::demux::Router;
@@ -65,11 +66,12 @@ pub struct StandbySite {
 }
 
 impl Launcher for StandbySite {
-    fn select(&self, cfg: &Config) -> Vec<Vm> {
-        standby_vms(cfg, &self.site)
+    fn select(&self, cfg: &Config) -> Vec<Unit> {
+        units(cfg, standby_vms(cfg, &self.site))
     }
 
-    fn launch(&mut self, cfg: Arc<Config>, vm: Vm, stop: StopSignal) -> VmTask {
+    fn launch(&mut self, cfg: Arc<Config>, unit: Unit, stop: StopSignal) -> VmTask {
+        let vm = &unit.vm;
         let peer = if vm.backup == self.site {
             vm.primary.clone()
         } else {
@@ -85,7 +87,7 @@ impl Launcher for StandbySite {
             control: self.control.clone(),
             speaker: self.speaker.clone(),
         };
-        Box::pin(async move { ctx.serve(cfg, vm, peer, listener, control, stop).await })
+        Box::pin(async move { ctx.serve(cfg, unit, peer, listener, control, stop).await })
     }
 
     fn forget(&mut self, vm: &str) {
@@ -107,13 +109,14 @@ impl VmContext {
     async fn serve(
         self,
         cfg: Arc<Config>,
-        vm: Vm,
+        unit: Unit,
         peer_name: String,
         listener: crate::arbiter::demux::ReplicationListener,
         control: tokio::sync::mpsc::Receiver<crate::arbiter::demux::ControlStream>,
         stop: StopSignal,
     ) -> VmEnd {
         let cfg = &*cfg;
+        let Unit { vm, members } = unit;
         if vm.backend == Backend::Xen {
             // A replica this build could never resume: say so now, not at
             // the takeover.
@@ -185,6 +188,7 @@ impl VmContext {
                     events,
                     activate: takeover::run_after_takeover(
                         vm.clone(),
+                        members,
                         protect,
                         peer.clone(),
                         me.clone(),

@@ -32,24 +32,33 @@ fn resume(
         spec = spec.disk(store.dir().join("disk.img"));
     }
     let state = store.state().map_err(|e| e.to_string())?;
-    // A process that held the tap may still be exiting (a switchover
-    // between two sites on one host, or a restart): wait for it a little.
+    restore_retrying(&vm.name, || {
+        kvm::restore(&spec, store.memory(), &state, seams())
+    })
+    .map_err(|e| format!("activating VM {} from epoch {:?}: {e}", vm.name, meta.epoch))
+}
+
+/// Runs `restore` until it succeeds or fails for another reason than a
+/// busy tap: a process that held the tap may still be exiting (a
+/// switchover between two sites on one host, or a restart), so it is
+/// retried for up to 5 s.
+pub fn restore_retrying(
+    vm: &str,
+    mut restore: impl FnMut() -> Result<hypervisor::kvm::Vm, hypervisor::kvm::Error>,
+) -> Result<hypervisor::kvm::Vm, String> {
+    use hypervisor::kvm;
+
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
-        let attempt = kvm::restore(&spec, store.memory(), &state, seams());
-        match attempt {
+        match restore() {
             Err(kvm::Error::Tap { source, .. })
                 if source.raw_os_error() == Some(libc::EBUSY)
                     && std::time::Instant::now() < deadline =>
             {
-                tracing::warn!(vm = %vm.name, "tap busy (its previous user is exiting): retrying");
+                tracing::warn!(vm, "tap busy (its previous user is exiting): retrying");
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
-            other => {
-                return other.map_err(|e| {
-                    format!("activating VM {} from epoch {:?}: {e}", vm.name, meta.epoch)
-                })
-            }
+            other => return other.map_err(|e| e.to_string()),
         }
     }
 }
@@ -60,6 +69,7 @@ fn resume(
 /// standby there as soon as one answers (protection the other way).
 pub fn run_after_takeover(
     vm: crate::config::Vm,
+    members: Vec<crate::config::Vm>,
     mut opts: ProtectOptions,
     peer: crate::config::Site,
     me: crate::config::Site,
@@ -77,6 +87,27 @@ pub fn run_after_takeover(
         // The resumed guest under its protector (and, for QEMU, the tap
         // bridge that must live as long as it).
         let start: Box<dyn FnOnce(Failover) -> standby::RunActive + Send> = match vm.backend {
+            // A consistency group: every member resumes from the group's
+            // one replica, at the same committed epoch.
+            Backend::Kvm if !members.is_empty() => {
+                let meta = store.meta();
+                if !meta.consistent {
+                    return Err("the group's replica never reached a consistent checkpoint".into());
+                }
+                let state = store.state().map_err(|e| e.to_string())?;
+                let (guest, release) =
+                    super::group::resume_members(&members, store.memory(), &state, &capture)
+                        .map_err(|e| {
+                            format!(
+                                "activating group {} from epoch {:?}: {e}",
+                                vm.name, meta.epoch
+                            )
+                        })?;
+                let release = Some(Box::new(release) as Box<dyn hypervisor::FrameSink>);
+                let protector =
+                    Protector::new(opts, guest, capture, release).map_err(|e| e.to_string())?;
+                Box::new(move |f: Failover| protect_after_takeover(protector, f, None))
+            }
             Backend::Qemu => {
                 let meta = store.meta();
                 if !meta.consistent {

@@ -1,0 +1,242 @@
+//! Consistency groups in the site daemon: a group is one replication unit
+//! (one epoch stream, one replica, one lease, one status entry, named
+//! after the group) whose guest is a [`hypervisor::group::GroupGuest`] of
+//! its members. Each member's transmitted frames are tagged with the
+//! member's index as they are held, so the group's one output buffer
+//! releases them (together, at the group's commit) to each member's own
+//! tap.
+
+use hypervisor::group::{member_ranges, GroupGuest, GroupState};
+use hypervisor::kvm::devices::net::FrameSink;
+use hypervisor::{ProtectedGuest, Seams};
+
+use crate::config::{Config, Vm};
+use crate::engine::protect::Capture;
+
+/// What the daemon replicates as one: a VM, or a consistency group.
+#[derive(Debug, Clone)]
+pub struct Unit {
+    /// The unit as the engine sees one VM: for a group, a VM named after
+    /// the group, with its members' sites, replication settings, total
+    /// memory, service prefixes and DNS records (see [`group_as_vm`]).
+    pub vm: Vm,
+    /// The group's members, in configuration order; empty for a plain VM.
+    pub members: Vec<Vm>,
+}
+
+impl Unit {
+    pub fn name(&self) -> &str {
+        &self.vm.name
+    }
+
+    pub fn is_group(&self) -> bool {
+        !self.members.is_empty()
+    }
+}
+
+/// The units among `vms`: a group whose members are all among them is one
+/// unit, every other VM is a unit of its own (a group with members
+/// missing from `vms` is left out: all of a group runs at one site).
+pub fn units(cfg: &Config, vms: Vec<Vm>) -> Vec<Unit> {
+    let mut out = Vec::new();
+    let grouped = |name: &str| cfg.groups.iter().any(|g| g.vms.iter().any(|v| v == name));
+    for g in &cfg.groups {
+        let members: Vec<Vm> = g
+            .vms
+            .iter()
+            .filter_map(|m| vms.iter().find(|v| &v.name == m).cloned())
+            .collect();
+        if members.len() == g.vms.len() && !members.is_empty() {
+            out.push(Unit {
+                vm: group_as_vm(&g.name, &members),
+                members,
+            });
+        }
+    }
+    for vm in vms {
+        if !grouped(&vm.name) {
+            out.push(Unit {
+                vm,
+                members: Vec::new(),
+            });
+        }
+    }
+    out
+}
+
+/// The group as one VM for the engine, failover and netops: the first
+/// member's settings, the group's name, every member's memory, prefixes
+/// and DNS records (announced and moved together, under the group's one
+/// lease).
+pub fn group_as_vm(name: &str, members: &[Vm]) -> Vm {
+    let mut v = members[0].clone();
+    v.name = name.to_owned();
+    v.memory_mib = members.iter().map(|m| m.memory_mib).sum();
+    v.disk = None;
+    v.service_prefixes = members
+        .iter()
+        .flat_map(|m| m.service_prefixes.iter().copied())
+        .collect();
+    v.dns = members.iter().flat_map(|m| m.dns.iter().cloned()).collect();
+    v
+}
+
+/// Frames of member `tag`, held in the group's output buffer with the tag
+/// in front.
+struct TagFrames {
+    tag: u8,
+    inner: Box<dyn FrameSink>,
+    buf: Vec<u8>,
+}
+
+impl FrameSink for TagFrames {
+    fn send(&mut self, frame: &[u8]) {
+        self.buf.clear();
+        self.buf.push(self.tag);
+        self.buf.extend_from_slice(frame);
+        self.inner.send(&self.buf);
+    }
+}
+
+/// Releases the group's committed frames, each to its member's tap.
+pub struct GroupRelease {
+    taps: Vec<Option<Box<dyn FrameSink>>>,
+}
+
+impl FrameSink for GroupRelease {
+    fn send(&mut self, frame: &[u8]) {
+        let Some((&tag, rest)) = frame.split_first() else {
+            return;
+        };
+        if let Some(Some(tap)) = self.taps.get_mut(usize::from(tag)) {
+            tap.send(rest);
+        }
+    }
+}
+
+/// The seams of member `index`: its frames held (tagged) with the group's,
+/// no disk (grouped VMs have none in this build).
+pub fn member_seams(capture: &Capture, index: usize) -> Result<Seams, String> {
+    let tag = u8::try_from(index).map_err(|_| "a group has at most 256 members".to_owned())?;
+    let inner = capture
+        .seams()
+        .frame_sink
+        .ok_or_else(|| "the capture has no frame sink".to_owned())?;
+    Ok(Seams {
+        frame_sink: Some(Box::new(TagFrames {
+            tag,
+            inner,
+            buf: Vec::new(),
+        })),
+        write_hook: None,
+    })
+}
+
+/// Starts every member here (micro-VMs), their output held by `capture`.
+pub fn start_members(
+    members: &[Vm],
+    capture: &Capture,
+) -> Result<(GroupGuest, GroupRelease), String> {
+    let mut guests: Vec<Box<dyn ProtectedGuest>> = Vec::new();
+    let mut taps: Vec<Option<Box<dyn FrameSink>>> = Vec::new();
+    for (i, m) in members.iter().enumerate() {
+        let spec = super::kvm_vm::spec_from_config(m)?;
+        let g = hypervisor::kvm::Vm::start(&spec, member_seams(capture, i)?)
+            .map_err(|e| format!("VM {}: {e}", m.name))?;
+        taps.push(g.tap().map(|t| Box::new(t) as Box<dyn FrameSink>));
+        guests.push(Box::new(g));
+    }
+    let group = GroupGuest::new(guests).map_err(|e| e.to_string())?;
+    Ok((group, GroupRelease { taps }))
+}
+
+/// Resumes every member from the group's replica (memory split by member,
+/// state blob split by member), their output held by `capture`.
+pub fn resume_members(
+    members: &[Vm],
+    memory: &[u8],
+    state: &[u8],
+    capture: &Capture,
+) -> Result<(GroupGuest, GroupRelease), String> {
+    use hypervisor::kvm;
+
+    let states = GroupState::decode(state).map_err(|e| format!("the group's state: {e}"))?;
+    if states.0.len() != members.len() {
+        return Err(format!(
+            "the replica holds {} members' state, the group has {} members",
+            states.0.len(),
+            members.len()
+        ));
+    }
+    let ps = 4096u64;
+    let frames: Vec<u64> = members.iter().map(|m| m.memory_mib * 256).collect();
+    let mut guests: Vec<Box<dyn ProtectedGuest>> = Vec::new();
+    let mut taps: Vec<Option<Box<dyn FrameSink>>> = Vec::new();
+    for (i, (m, range)) in members.iter().zip(member_ranges(&frames)).enumerate() {
+        let spec = super::kvm_vm::spec_from_config(m)?;
+        let (lo, hi) = ((range.start * ps) as usize, (range.end * ps) as usize);
+        let image = memory.get(lo..hi).ok_or_else(|| {
+            format!(
+                "the replica has {} bytes of memory, member {} needs bytes {lo}..{hi}",
+                memory.len(),
+                m.name
+            )
+        })?;
+        let g = super::takeover::restore_retrying(&m.name, || {
+            let seams = member_seams(capture, i).map_err(kvm::Error::Restore)?;
+            kvm::restore(&spec, image, &states.0[i], seams)
+        })
+        .map_err(|e| format!("resuming group member {}: {e}", m.name))?;
+        taps.push(g.tap().map(|t| Box::new(t) as Box<dyn FrameSink>));
+        guests.push(Box::new(g));
+    }
+    let group = GroupGuest::new(guests).map_err(|e| e.to_string())?;
+    Ok((group, GroupRelease { taps }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    struct Collect(Arc<Mutex<Vec<Vec<u8>>>>);
+
+    impl FrameSink for Collect {
+        fn send(&mut self, frame: &[u8]) {
+            self.0.lock().unwrap().push(frame.to_vec());
+        }
+    }
+
+    #[test]
+    fn each_members_frames_reach_its_own_tap() {
+        let a = Arc::new(Mutex::new(Vec::new()));
+        let b = Arc::new(Mutex::new(Vec::new()));
+        let mut release = GroupRelease {
+            taps: vec![
+                Some(Box::new(Collect(a.clone()))),
+                Some(Box::new(Collect(b.clone()))),
+            ],
+        };
+        let held = Arc::new(Mutex::new(Vec::new()));
+        let mut m1 = TagFrames {
+            tag: 1,
+            inner: Box::new(Collect(held.clone())),
+            buf: Vec::new(),
+        };
+        let mut m0 = TagFrames {
+            tag: 0,
+            inner: Box::new(Collect(held.clone())),
+            buf: Vec::new(),
+        };
+        m1.send(b"to b");
+        m0.send(b"to a");
+        for f in held.lock().unwrap().iter() {
+            release.send(f);
+        }
+        // Garbage (no tag, unknown member) goes nowhere.
+        release.send(b"");
+        release.send(&[7, 1, 2]);
+        assert_eq!(*a.lock().unwrap(), vec![b"to a".to_vec()]);
+        assert_eq!(*b.lock().unwrap(), vec![b"to b".to_vec()]);
+    }
+}
