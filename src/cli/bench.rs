@@ -4,6 +4,10 @@ use clap::Subcommand;
 
 use super::exit::Code;
 
+// src/cli/bench_fleet.rs
+#[path = "bench_fleet.rs"]
+mod bench_fleet;
+
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// Stream synthetic checkpoint epochs over an emulated WAN (RTT 0/20/50/100 ms,
@@ -69,6 +73,34 @@ pub enum BenchCommand {
         #[arg(long)]
         switchover_first: bool,
     },
+    /// One site daemon protecting 1, 4, 8, 16 micro-VMs towards one standby
+    /// daemon (WAN emulator, witness), beside the same VMs unprotected:
+    /// per-VM epoch rate, pause p50/p99, CPU per VM, link bytes, and each
+    /// VM's kill-to-first-byte time when the protect daemon is SIGKILLed.
+    /// Prints a Markdown table. Needs root and KVM; a few minutes.
+    Fleet {
+        /// VMs per daemon, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,4,8,16")]
+        vms: Vec<usize>,
+        /// Measuring window of each cell, seconds.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value_t = 50)]
+        epoch_ms: u64,
+        /// RTT of the emulated WAN, ms.
+        #[arg(long, default_value_t = 10)]
+        rtt_ms: u64,
+        /// What each client reads of its guest's counter stream, KiB/s.
+        #[arg(long, default_value_t = 256)]
+        client_kib_s: u64,
+        /// The network guest image (default: $REMUS_WAN_GUEST_DIR/netguest.elf,
+        /// else target/guest/netguest.elf).
+        #[arg(long)]
+        guest_image: Option<std::path::PathBuf>,
+        /// Folder for configurations, logs and replicas (kept).
+        #[arg(long)]
+        work_dir: Option<std::path::PathBuf>,
+    },
     /// Disk synchronisation at a real size: a protected micro-VM with a
     /// sparse disk (8 GiB by default, 256 MiB of data) copied whole to a
     /// new standby, then, after a share of its blocks changed with no
@@ -121,6 +153,33 @@ impl BenchCommand {
                     switchover_first,
                 };
                 match super::bench_failback::run(opts) {
+                    Ok(true) => Code::Success,
+                    Ok(false) => Code::Failure,
+                    Err(e) => {
+                        eprintln!("error: {e:#}");
+                        Code::Failure
+                    }
+                }
+            }
+            BenchCommand::Fleet {
+                vms,
+                seconds,
+                epoch_ms,
+                rtt_ms,
+                client_kib_s,
+                guest_image,
+                work_dir,
+            } => {
+                let opts = bench_fleet::Options {
+                    counts: vms,
+                    seconds,
+                    epoch_ms,
+                    rtt_ms,
+                    client_kib_s,
+                    guest_image,
+                    work_dir,
+                };
+                match bench_fleet::run(opts) {
                     Ok(true) => Code::Success,
                     Ok(false) => Code::Failure,
                     Err(e) => {
