@@ -553,12 +553,24 @@ impl Ours {
         level: Option<i32>,
         initial: &[u8],
     ) -> Self {
+        Self::with(label, cache_bytes, per_page_zstd, level, true, initial)
+    }
+
+    fn with(
+        label: &str,
+        cache_bytes: usize,
+        per_page_zstd: bool,
+        level: Option<i32>,
+        prefix_zstd: bool,
+        initial: &[u8],
+    ) -> Self {
         Ours {
             label: label.into(),
             out: Vec::new(),
             enc: Encoder::new(EncoderConfig {
                 cache_budget_bytes: cache_bytes,
                 per_page_zstd,
+                prefix_zstd,
                 zstd_level: level.unwrap_or(EncoderConfig::default().zstd_level),
                 // The table's speeds are one core's.
                 threads: 1,
@@ -635,6 +647,14 @@ fn schemes(initial: &[u8]) -> Vec<Box<dyn Scheme>> {
             64 << 20,
             true,
             None,
+            initial,
+        )),
+        Box::new(Ours::with(
+            "ours no prefix (64 MiB)",
+            64 << 20,
+            false,
+            None,
+            false,
             initial,
         )),
         Box::new(Ours::new(

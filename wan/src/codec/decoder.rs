@@ -10,9 +10,11 @@ use super::block::read_block;
 use super::error::CodecError;
 use super::format::{
     Header, HEADER_LEN, MAGIC, MAX_CHUNK_RAW, MAX_PAGE_SIZE, MIN_PAGE_SIZE, NO_BASE, REC_DELTA_RLE,
-    REC_DELTA_ZSTD, REC_FULL_RAW, REC_FULL_ZSTD, REC_REF, REC_ZERO, TRAILER_LEN, VERSION,
+    REC_DELTA_ZSTD, REC_FULL_RAW, REC_FULL_ZSTD, REC_PREFIX_ZSTD, REC_REF, REC_ZERO, TRAILER_LEN,
+    VERSION,
 };
 use super::memory::PageSource;
+use super::prefix::PrefixDecompressor;
 use super::staged::{DiskWrite, StagedEpoch};
 use super::wire::Reader;
 
@@ -48,6 +50,8 @@ impl Default for DecoderConfig {
 pub struct Decoder {
     cfg: DecoderConfig,
     dz: zstd::bulk::Decompressor<'static>,
+    /// Decompression context of `REC_PREFIX_ZSTD` records.
+    pd: PrefixDecompressor,
     xor: Vec<u8>,
 }
 
@@ -55,9 +59,12 @@ impl Decoder {
     pub fn new(cfg: DecoderConfig) -> Result<Self, CodecError> {
         let dz = zstd::bulk::Decompressor::new()
             .map_err(|e| CodecError::corrupt(format!("zstd decompressor: {e}")))?;
+        let pd = PrefixDecompressor::new()
+            .ok_or_else(|| CodecError::corrupt("zstd decompressor: no memory"))?;
         Ok(Decoder {
             cfg,
             dz,
+            pd,
             xor: Vec::new(),
         })
     }
@@ -131,7 +138,7 @@ impl Decoder {
             return Err(CodecError::BadMagic { found: magic });
         }
         let version = r.u16()?;
-        if version != VERSION {
+        if !(super::format::MIN_VERSION..=VERSION).contains(&version) {
             return Err(CodecError::UnsupportedVersion {
                 found: version,
                 supported: VERSION,
@@ -401,6 +408,16 @@ impl Decoder {
                 decompress_page(&mut self.dz, z, &mut self.xor)?;
                 staged.push_page(frame, &self.xor)?;
             }
+            REC_PREFIX_ZSTD if h.version >= 2 => {
+                if h.base().is_none() {
+                    return Err(no_base("delta in an epoch without base"));
+                }
+                let n = payload_len(r)?;
+                let z = r.bytes(n)?;
+                let old = replica.page(frame);
+                decompress_with_prefix(&mut self.pd, z, old, &mut self.xor)?;
+                staged.push_page(frame, &self.xor)?;
+            }
             REC_FULL_RAW => {
                 let at = r.position();
                 r.bytes(ps)?;
@@ -410,6 +427,27 @@ impl Decoder {
         }
         Ok(frame.wrapping_add(1))
     }
+}
+
+/// One [`REC_PREFIX_ZSTD`] payload: a zstd frame compressed with `prefix`
+/// (the page's committed content) as its single-use dictionary, which must
+/// decode to exactly `out.len()` bytes.
+fn decompress_with_prefix(
+    pd: &mut PrefixDecompressor,
+    z: &[u8],
+    prefix: &[u8],
+    out: &mut [u8],
+) -> Result<(), CodecError> {
+    let n = pd
+        .decompress(z, prefix, out)
+        .map_err(|e| CodecError::corrupt(format!("bad zstd page: {e}")))?;
+    if n != out.len() {
+        return Err(CodecError::corrupt(format!(
+            "zstd page decodes to {n} bytes, page size is {}",
+            out.len()
+        )));
+    }
+    Ok(())
 }
 
 fn decompress_page(

@@ -10,11 +10,12 @@ use super::block::put_block;
 use super::error::CodecError;
 use super::fasthash::{map_with_capacity, U64Map};
 use super::format::{
-    Header, HEADER_LEN, NO_BASE, REC_DELTA_RLE, REC_DELTA_ZSTD, REC_FULL_RAW, REC_FULL_ZSTD,
-    REC_REF, REC_ZERO, VERSION,
+    Header, HEADER_LEN, MIN_VERSION, NO_BASE, REC_DELTA_RLE, REC_DELTA_ZSTD, REC_FULL_RAW,
+    REC_FULL_ZSTD, REC_PREFIX_ZSTD, REC_REF, REC_ZERO, VERSION,
 };
 use super::page_cache::PageCache;
 use super::parallel::{helper_loop, Helper, ModeChooser, Pipeline, Shared, Spare};
+use super::prefix::PrefixCompressor;
 use super::rle::{encode_xor, xor_into};
 use super::wire::{put_uleb, uleb_len, zigzag};
 
@@ -43,6 +44,14 @@ pub struct EncoderConfig {
     /// not per page) and smaller (matches across pages). `true`: each page
     /// also tries XOR-then-zstd and page-then-zstd and keeps the smallest.
     pub per_page_zstd: bool,
+    /// A changed page whose last-sent content is cached and whose XOR delta
+    /// is not small (over `rle_accept_bytes`) is also compressed as one zstd
+    /// frame with that content as prefix (`REC_PREFIX_ZSTD`, wire version 2),
+    /// taken when it is under half the delta it replaces, or under a quarter
+    /// of the page when the alternative is the raw page. It catches what the
+    /// XOR misses: content that moved within the page (database pages
+    /// inserting rows, sorted arrays). `false`: never (version 1 only).
+    pub prefix_zstd: bool,
     /// Threads that compress an epoch's chunks (the calling thread included).
     /// Chunks are independent zstd frames, so extra threads change nothing on
     /// the wire: the bytes are the same for every count. The page pass
@@ -75,6 +84,7 @@ impl Default for EncoderConfig {
             chunk_bytes: 256 << 10,
             rle_accept_bytes: 128,
             per_page_zstd: false,
+            prefix_zstd: true,
             threads: Self::default_threads(),
         }
     }
@@ -93,6 +103,8 @@ pub struct EncodeStats {
     pub delta_zstd: u64,
     pub full_zstd: u64,
     pub full_raw: u64,
+    /// Pages compressed with their last-sent content as zstd prefix.
+    pub prefix_zstd: u64,
     /// Bytes of dirty pages handed in (`pages * page_size`).
     pub page_bytes: u64,
     /// Bytes on the wire, headers and trailers included.
@@ -110,6 +122,7 @@ impl EncodeStats {
         self.delta_zstd += o.delta_zstd;
         self.full_zstd += o.full_zstd;
         self.full_raw += o.full_raw;
+        self.prefix_zstd += o.prefix_zstd;
         self.page_bytes += o.page_bytes;
         self.wire_bytes += o.wire_bytes;
     }
@@ -126,6 +139,8 @@ pub struct Encoder {
     cfg: EncoderConfig,
     cache: PageCache,
     zc: zstd::bulk::Compressor<'static>,
+    /// Compression context of `REC_PREFIX_ZSTD` records.
+    pz: PrefixCompressor,
     /// Compression contexts of the helper threads (`threads - 1`), kept
     /// between epochs; the threads themselves live for one epoch.
     helpers: Vec<Helper>,
@@ -151,6 +166,9 @@ pub struct Encoder {
     block_scratch: Vec<u8>,
     epoch_hashes: U64Map<u32>,
     seen: U64Map<()>,
+    /// The current epoch holds a `REC_PREFIX_ZSTD` record: written as
+    /// version 2.
+    uses_prefix: bool,
 }
 
 impl Encoder {
@@ -174,9 +192,12 @@ impl Encoder {
             .map(|_| Helper::new(cfg.zstd_level))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| CodecError::corrupt(format!("zstd compressor: {e}")))?;
+        let pz = PrefixCompressor::new(cfg.zstd_level)
+            .ok_or_else(|| CodecError::corrupt("zstd compressor: no memory"))?;
         Ok(Encoder {
             cache: PageCache::new(cfg.page_size, cfg.cache_budget_bytes),
             zc,
+            pz,
             helpers,
             spare_chunks: Spare::default(),
             mode: ModeChooser::default(),
@@ -194,6 +215,7 @@ impl Encoder {
             block_scratch: Vec::new(),
             epoch_hashes: map_with_capacity(0),
             seen: map_with_capacity(0),
+            uses_prefix: false,
             cfg: EncoderConfig { chunk_bytes, ..cfg },
         })
     }
@@ -309,7 +331,11 @@ impl Encoder {
         let body_len = (out.len() - HEADER_LEN) as u64;
         let mut header = Vec::with_capacity(HEADER_LEN);
         Header {
-            version: VERSION,
+            version: if self.uses_prefix {
+                VERSION
+            } else {
+                MIN_VERSION
+            },
             flags: 0,
             page_size: self.cfg.page_size as u32,
             vm_id: self.cfg.vm_id,
@@ -354,6 +380,7 @@ impl Encoder {
         let mut chunks = 0u32;
         let mut predicted = 0u64;
         self.epoch_hashes.clear();
+        self.uses_prefix = false;
         self.chunk.clear();
         self.chunk_records = 0;
         self.chunk_dense = 0;
@@ -577,6 +604,42 @@ impl Encoder {
             best_len = ps;
             best_payload = ps;
         }
+        let prefix_candidate = self.cfg.prefix_zstd
+            && cached.is_some()
+            && best_len > self.cfg.rle_accept_bytes
+            && best_kind != REC_DELTA_ZSTD;
+        // None: not tried (no candidate, or backing off); Some(paid).
+        let mut prefix_paid = None;
+        if let Some(old) =
+            cached.filter(|_| prefix_candidate && self.cache.prefix_worth_trying(frame))
+        {
+            prefix_paid = Some(false);
+            // What the alternative is likely to cost once the chunk's zstd
+            // has run over it (RLE deltas shrink about twice; a raw page
+            // whose old content does not help as prefix compresses alone
+            // about as well as in the chunk): the prefix frame, already
+            // compressed, must beat that.
+            let target = if best_kind == REC_FULL_RAW {
+                ps / 8
+            } else {
+                best_len / 2
+            };
+            if let Some(n) = self
+                .pz
+                .compress(data, old, &mut self.zbest[..target.min(ps)])
+            {
+                if n + uleb_len(n as u64) < target {
+                    prefix_paid = Some(true);
+                    best_kind = REC_PREFIX_ZSTD;
+                    best_len = n + uleb_len(n as u64);
+                    best_payload = n;
+                    dense = true;
+                }
+            }
+        }
+        if prefix_candidate {
+            self.cache.prefix_outcome(frame, prefix_paid);
+        }
         if self.cfg.per_page_zstd && best_len > self.cfg.rle_accept_bytes {
             let cap = best_len.saturating_sub(2);
             if let Ok(n) = self.zc.compress_to_buffer(data, &mut self.zbuf[..cap]) {
@@ -597,14 +660,17 @@ impl Encoder {
                 self.chunk.extend_from_slice(&self.rle);
                 st.delta_rle += 1;
             }
-            REC_DELTA_ZSTD | REC_FULL_ZSTD => {
+            REC_DELTA_ZSTD | REC_FULL_ZSTD | REC_PREFIX_ZSTD => {
                 let n = best_payload;
                 put_uleb(&mut self.chunk, n as u64);
                 self.chunk.extend_from_slice(&self.zbest[..n]);
-                if best_kind == REC_DELTA_ZSTD {
-                    st.delta_zstd += 1;
-                } else {
-                    st.full_zstd += 1;
+                match best_kind {
+                    REC_DELTA_ZSTD => st.delta_zstd += 1,
+                    REC_FULL_ZSTD => st.full_zstd += 1,
+                    _ => {
+                        st.prefix_zstd += 1;
+                        self.uses_prefix = true;
+                    }
                 }
             }
             _ => {

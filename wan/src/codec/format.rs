@@ -1,10 +1,16 @@
-//! Constants and fixed-layout pieces of wire-format version 1
-//! (docs/wire-format.md is the normative description).
+//! Constants and fixed-layout pieces of wire-format versions 1 and 2
+//! (docs/wire-format.md is the normative description of version 1;
+//! version 2 is version 1 plus the page record kind [`REC_PREFIX_ZSTD`]).
 
 /// First four bytes of every epoch.
 pub const MAGIC: [u8; 4] = *b"RWCK";
-/// The only version this build writes and reads.
-pub const VERSION: u16 = 1;
+/// The newest version this build writes and reads. An epoch is written as
+/// version 2 only when it holds a [`REC_PREFIX_ZSTD`] record, else as
+/// version 1 (byte for byte what builds before version 2 wrote); the decoder
+/// reads both.
+pub const VERSION: u16 = 2;
+/// The oldest version this build reads.
+pub const MIN_VERSION: u16 = 1;
 /// Size of the fixed header of version 1.
 pub const HEADER_LEN: usize = 64;
 /// Size of the trailer (xxh3-128 of header and body, little-endian).
@@ -30,6 +36,11 @@ pub const REC_DELTA_RLE: u8 = 2;
 pub const REC_DELTA_ZSTD: u8 = 3;
 pub const REC_FULL_ZSTD: u8 = 4;
 pub const REC_FULL_RAW: u8 = 5;
+/// Version 2: the page compressed as one zstd frame with the replica's
+/// committed content of the same frame as its prefix (a content-only,
+/// single-use dictionary: `ZSTD_CCtx_refPrefix`); payload: ULEB128 length,
+/// then the frame. Needs a base, like the deltas.
+pub const REC_PREFIX_ZSTD: u8 = 6;
 
 /// The fixed header, as read from or written to the first [`HEADER_LEN`] bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

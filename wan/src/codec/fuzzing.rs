@@ -117,8 +117,9 @@ fn seed_pair(per_page_zstd: bool, out: &mut Vec<Vec<u8>>) {
     }
     // Next epoch: sparse edits (RLE deltas), a rewrite, random data (raw),
     // a zeroed page, copies of a committed and of a just-sent frame
-    // (references), and a page with every 16th byte changed (XOR-then-zstd
-    // in per-page mode).
+    // (references), a page with every 16th byte changed (XOR-then-zstd
+    // in per-page mode), and a page whose content moved by 8 bytes (zstd
+    // with the old content as prefix, wire version 2).
     let mut next = pages.clone();
     next[2][100] ^= 0x55;
     next[3][4000] = 9;
@@ -139,7 +140,9 @@ fn seed_pair(per_page_zstd: bool, out: &mut Vec<Vec<u8>>) {
     for b in next[14].iter_mut().step_by(16) {
         *b = b.wrapping_add(1);
     }
-    let changed: Vec<(u64, &[u8])> = [2u64, 3, 5, 6, 9, 10, 11, 14]
+    next[7].copy_within(64..4000, 72);
+    next[7][64..72].copy_from_slice(b"inserted");
+    let changed: Vec<(u64, &[u8])> = [2u64, 3, 5, 6, 7, 9, 10, 11, 14]
         .iter()
         .map(|&f| (f, &next[f as usize][..]))
         .collect();

@@ -87,6 +87,7 @@ mod fuzzing;
 mod memory;
 mod page_cache;
 mod parallel;
+mod prefix;
 pub mod recorded;
 mod rle;
 mod staged;

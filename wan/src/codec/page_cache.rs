@@ -27,6 +27,10 @@ struct Slot {
     epoch: u64,
     hot: u8,
     live: bool,
+    /// `REC_PREFIX_ZSTD` attempts on this frame that did not pay, in a row
+    /// (saturating), and how many more candidates to skip because of them.
+    prefix_misses: u8,
+    prefix_skip: u8,
 }
 
 /// Content cache with a fixed memory budget for page data.
@@ -89,6 +93,34 @@ impl PageCache {
             .map(|&s| self.slots[s as usize].epoch)
     }
 
+    /// Whether the encoder should try `REC_PREFIX_ZSTD` on `frame` this
+    /// time: not while it is backing off after attempts that did not pay.
+    pub fn prefix_worth_trying(&self, frame: u64) -> bool {
+        self.by_frame
+            .get(&frame)
+            .is_some_and(|&s| self.slots[s as usize].prefix_skip == 0)
+    }
+
+    /// Outcome of a prefix candidate of `frame`: `None` when it was skipped
+    /// ([`PageCache::prefix_worth_trying`] said no), else whether it paid.
+    /// After n misses in a row the next 2^n - 1 candidates (at most 3) are
+    /// skipped: fresh content that its old version does not help with
+    /// (a streaming rewrite) stops costing a zstd call per page.
+    pub fn prefix_outcome(&mut self, frame: u64, paid: Option<bool>) {
+        let Some(&s) = self.by_frame.get(&frame) else {
+            return;
+        };
+        let sl = &mut self.slots[s as usize];
+        match paid {
+            None => sl.prefix_skip = sl.prefix_skip.saturating_sub(1),
+            Some(true) => sl.prefix_misses = 0,
+            Some(false) => {
+                sl.prefix_misses = (sl.prefix_misses + 1).min(2);
+                sl.prefix_skip = (1u8 << sl.prefix_misses) - 1;
+            }
+        }
+    }
+
     /// A frame whose cached content has xxh3-64 `hash`, with that content.
     /// Hashes collide: the caller must compare bytes before trusting it.
     pub fn find_by_hash(&self, hash: u64) -> Option<(u64, &[u8])> {
@@ -118,7 +150,10 @@ impl PageCache {
                 // again to earn protection from the clock hand, so a long
                 // streaming pass mostly recycles its own slots.
                 let s = self.allocate();
-                self.slots[s as usize].hot = 0;
+                let sl = &mut self.slots[s as usize];
+                sl.hot = 0;
+                sl.prefix_misses = 0;
+                sl.prefix_skip = 0;
                 self.by_frame.insert(frame, s);
                 s
             }
@@ -151,6 +186,8 @@ impl PageCache {
                 epoch: 0,
                 hot: 0,
                 live: false,
+                prefix_misses: 0,
+                prefix_skip: 0,
             });
             let (seg, at) = self.locate(s);
             if seg == self.segments.len() {
@@ -265,6 +302,33 @@ mod tests {
         c.store(4, &page(4), 4, 6);
         c.store(5, &page(5), 5, 6);
         assert_eq!(c.len(), 3);
+    }
+
+    #[test]
+    fn prefix_back_off_doubles_and_resets() {
+        let mut c = PageCache::new(64, 64 * 4);
+        c.store(1, &page(1), 1, 1);
+        assert!(c.prefix_worth_trying(1));
+        assert!(!c.prefix_worth_trying(2), "not cached");
+        c.prefix_outcome(1, Some(false));
+        assert!(!c.prefix_worth_trying(1));
+        c.prefix_outcome(1, None);
+        assert!(c.prefix_worth_trying(1));
+        c.prefix_outcome(1, Some(false));
+        for _ in 0..3 {
+            assert!(!c.prefix_worth_trying(1));
+            c.prefix_outcome(1, None);
+        }
+        assert!(c.prefix_worth_trying(1));
+        c.prefix_outcome(1, Some(true));
+        c.prefix_outcome(1, Some(false));
+        c.prefix_outcome(1, None);
+        assert!(c.prefix_worth_trying(1), "a hit resets the back-off");
+        // A frame cached anew starts without back-off.
+        c.prefix_outcome(1, Some(false));
+        c.remove(1);
+        c.store(1, &page(2), 2, 2);
+        assert!(c.prefix_worth_trying(1));
     }
 
     #[test]

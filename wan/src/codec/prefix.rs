@@ -1,0 +1,110 @@
+//! zstd with a page's previous content as prefix (`REC_PREFIX_ZSTD`):
+//! reusable compression and decompression contexts.
+//!
+//! `zstd_safe` ties a context's lifetime to the prefix it references, which
+//! would forbid keeping one context across pages whose prefixes live in a
+//! cache that changes between them. zstd itself holds a prefix for one frame
+//! only (`ZSTD_CCtx_refPrefix`, `ZSTD_DCtx_refPrefix`: single use), and each
+//! call here resets the context's parameters and dictionaries before
+//! returning, so the context never references a prefix after the call: the
+//! lifetime is erased for the duration of one call only.
+
+use zstd::zstd_safe::{CCtx, CParameter, DCtx, ResetDirective};
+
+/// Compresses pages with a prefix; one context reused for every page.
+pub(crate) struct PrefixCompressor {
+    ctx: CCtx<'static>,
+    level: i32,
+}
+
+impl PrefixCompressor {
+    pub(crate) fn new(level: i32) -> Option<Self> {
+        Some(PrefixCompressor {
+            ctx: CCtx::try_create()?,
+            level,
+        })
+    }
+
+    /// `data` as one zstd frame (no content size: the decoder knows the
+    /// page size) with `prefix` as its dictionary, into `out`; `None` if it
+    /// does not fit or zstd fails.
+    pub(crate) fn compress(&mut self, data: &[u8], prefix: &[u8], out: &mut [u8]) -> Option<usize> {
+        // SAFETY: the context is used with the shortened lifetime only inside
+        // this call, and the reset below drops any reference to `prefix`
+        // (zstd also drops it when the frame starts) before it returns.
+        let ctx: &mut CCtx<'_> = unsafe { &mut *(&mut self.ctx as *mut CCtx<'static>).cast() };
+        let r = (|| {
+            ctx.set_parameter(CParameter::CompressionLevel(self.level))
+                .ok()?;
+            ctx.set_parameter(CParameter::ContentSizeFlag(false)).ok()?;
+            ctx.ref_prefix(prefix).ok()?;
+            ctx.compress2(out, data).ok()
+        })();
+        let _ = ctx.reset(ResetDirective::SessionAndParameters);
+        r
+    }
+}
+
+/// Decompresses `REC_PREFIX_ZSTD` payloads; one context reused.
+pub(crate) struct PrefixDecompressor {
+    ctx: DCtx<'static>,
+}
+
+impl PrefixDecompressor {
+    pub(crate) fn new() -> Option<Self> {
+        Some(PrefixDecompressor {
+            ctx: DCtx::try_create()?,
+        })
+    }
+
+    /// Decodes `z` with `prefix` into `out`; the number of bytes written,
+    /// or zstd's error name.
+    pub(crate) fn decompress(
+        &mut self,
+        z: &[u8],
+        prefix: &[u8],
+        out: &mut [u8],
+    ) -> Result<usize, &'static str> {
+        // SAFETY: as in `PrefixCompressor::compress`: the reset drops the
+        // reference to `prefix` before this returns.
+        let ctx: &mut DCtx<'_> = unsafe { &mut *(&mut self.ctx as *mut DCtx<'static>).cast() };
+        let r = ctx
+            .ref_prefix(prefix)
+            .and_then(|_| ctx.decompress(out, z))
+            .map_err(zstd::zstd_safe::get_error_name);
+        let _ = ctx.reset(ResetDirective::SessionAndParameters);
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_wrong_prefix() {
+        let old: Vec<u8> = (0..4096u32).map(|i| (i * 7 / 13) as u8).collect();
+        let mut new = old.clone();
+        new.copy_within(100..2000, 108);
+        new[5] ^= 0xff;
+        let mut c = PrefixCompressor::new(3).expect("ctx");
+        let mut d = PrefixDecompressor::new().expect("ctx");
+        let mut z = vec![0u8; 4096];
+        for _ in 0..3 {
+            let n = c.compress(&new, &old, &mut z).expect("fits");
+            assert!(n < 100, "the prefix should make it small: {n}");
+            let mut out = vec![0u8; 4096];
+            assert_eq!(d.decompress(&z[..n], &old, &mut out), Ok(4096));
+            assert_eq!(out, new);
+            // Another prefix: an error or other bytes, never a panic.
+            let other = vec![1u8; 4096];
+            let mut out = vec![0u8; 4096];
+            if let Ok(m) = d.decompress(&z[..n], &other, &mut out) {
+                assert!(m != 4096 || out != new);
+            }
+        }
+        // Too small an output: None, and the context still works after it.
+        assert_eq!(c.compress(&new, &old, &mut z[..4]), None);
+        assert!(c.compress(&new, &old, &mut z).is_some());
+    }
+}
