@@ -61,8 +61,31 @@ impl MemEtcd {
         }
     }
 
+    /// Another party's write: `key` = `value` on a new lease of `ttl` s.
+    pub fn put_new(&mut self, key: &str, value: Vec<u8>, ttl: i64) -> i64 {
+        self.next_lease += 1;
+        let id = self.next_lease;
+        let exp = self.now + Duration::from_secs(ttl as u64);
+        self.leases.insert(id, (ttl, exp));
+        self.rev += 1;
+        self.kv.insert(
+            key.to_owned(),
+            Entry {
+                value,
+                mod_revision: self.rev,
+                lease: id,
+            },
+        );
+        self.rev
+    }
+
     pub fn entry(&self, key: &str) -> Option<Entry> {
         self.kv.get(key).cloned()
+    }
+
+    /// How many etcd leases exist.
+    pub fn lease_count(&self) -> usize {
+        self.leases.len()
     }
 
     /// When `lease` runs out, if it exists.
@@ -71,11 +94,19 @@ impl MemEtcd {
     }
 }
 
+/// What another party does to etcd between two operations of a client
+/// (a race), run once before the client's next operation of that kind.
+pub type Interloper = Box<dyn FnOnce(&mut MemEtcd)>;
+
 /// One site's connection to the shared [`MemEtcd`].
 #[derive(Clone)]
 pub struct MemClient {
     pub etcd: Rc<RefCell<MemEtcd>>,
     pub up: Rc<Cell<bool>>,
+    /// Runs just before this client's next conditional put.
+    pub before_put: Rc<RefCell<Option<Interloper>>>,
+    /// Runs just before this client's next keep-alive.
+    pub before_keep_alive: Rc<RefCell<Option<Interloper>>>,
 }
 
 impl MemClient {
@@ -83,6 +114,14 @@ impl MemClient {
         Self {
             etcd,
             up: Rc::new(Cell::new(true)),
+            before_put: Rc::default(),
+            before_keep_alive: Rc::default(),
+        }
+    }
+
+    fn interlope(&self, hook: &RefCell<Option<Interloper>>) {
+        if let Some(f) = hook.borrow_mut().take() {
+            f(&mut self.etcd.borrow_mut());
         }
     }
 
@@ -115,6 +154,7 @@ impl Kv for MemClient {
     }
 
     async fn keep_alive(&mut self, lease: i64) -> Result<i64, Self::Error> {
+        self.interlope(&self.before_keep_alive);
         let mut e = self.reach()?;
         let now = e.now;
         match e.leases.get_mut(&lease) {
@@ -138,6 +178,7 @@ impl Kv for MemClient {
         value: Vec<u8>,
         lease: i64,
     ) -> Result<Result<i64, Option<Entry>>, Self::Error> {
+        self.interlope(&self.before_put);
         let mut e = self.reach()?;
         let cur = e.entry(key);
         if cur.as_ref().map_or(0, |c| c.mod_revision) != expect {

@@ -145,6 +145,68 @@ fn unreachable_etcd_answers_nothing_and_minimum_ttl_is_reported() {
     assert_eq!(ask(&mut a, &mut ca, hb), None);
 }
 
+/// Races between one site's read and its write: another site creates the
+/// key first (the create fails, our etcd lease is revoked, we are refused
+/// with the winner's token); our lease runs out between the read and the
+/// keep-alive (nothing granted, and the next request takes the key anew
+/// under a larger token); the key is taken over between a handover's read
+/// and its write (refused, the winner named).
+#[test]
+fn races_between_read_and_write_grant_nothing_twice() {
+    let t0 = Instant::now();
+    let etcd = Rc::new(RefCell::new(MemEtcd::new(t0)));
+    let key = holder_key("/r", "vm");
+    let mut ca = MemClient::new(etcd.clone());
+    let mut a = Arbiter::new(A, key.clone(), 2);
+
+    let k = key.clone();
+    *ca.before_put.borrow_mut() = Some(Box::new(move |e: &mut MemEtcd| {
+        e.put_new(&k, super::rules::encode(B, 0), 2);
+    }));
+    let (g, tb, h) = reply(ask(&mut a, &mut ca, req(1)));
+    assert_eq!((g, h), (None, Some(B)), "the create lost the race");
+    assert_eq!(
+        etcd.borrow().entry(&key).map(|e| e.mod_revision),
+        Some(tb as i64)
+    );
+    // Our own etcd lease was revoked: only B's remains.
+    assert_eq!(etcd.borrow().lease_count(), 1);
+
+    // B's key expires; A takes it; then A's lease runs out between its
+    // read and its keep-alive.
+    etcd.borrow_mut().advance(t0 + Duration::from_secs(3));
+    let (g, t1, _) = reply(ask(&mut a, &mut ca, req(2)));
+    assert!(g.is_some() && t1 > tb);
+    *ca.before_keep_alive.borrow_mut() = Some(Box::new(move |e: &mut MemEtcd| {
+        e.advance(t0 + Duration::from_secs(6));
+    }));
+    let (g, t, h) = reply(ask(&mut a, &mut ca, req(3)));
+    assert_eq!(
+        (g, t, h),
+        (None, t1, None),
+        "nothing granted on a dead lease"
+    );
+    let (g, t2, h) = reply(ask(&mut a, &mut ca, req(4)));
+    assert_eq!((g.is_some(), h), (true, Some(A)));
+    assert!(t2 > t1, "retaken under a larger token");
+
+    // A handover whose key changes hands between read and write.
+    let k = key.clone();
+    *ca.before_put.borrow_mut() = Some(Box::new(move |e: &mut MemEtcd| {
+        // A's lease ran out and B took the key meanwhile.
+        e.advance(t0 + Duration::from_secs(9));
+        e.put_new(&k, super::rules::encode(B, 0), 2);
+    }));
+    let ho = Message::Handover {
+        req: 5,
+        token: t2,
+        to: B,
+    };
+    let (g, t3, h) = reply(ask(&mut a, &mut ca, ho));
+    assert_eq!((g, h), (None, Some(B)));
+    assert!(t3 > t2);
+}
+
 /// A message in flight, delivered at `at` (to `W`: processed by the
 /// sender's arbiter against etcd at `at`).
 #[derive(Debug)]
