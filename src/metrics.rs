@@ -52,6 +52,9 @@ pub struct VmStatus {
     /// Totals over every verify run of this process.
     #[serde(default)]
     pub verify_totals: VerifyTotals,
+    /// For a consistency group (`vm` is then the group's name): its VMs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<String>,
 }
 
 /// Online verify totals (counters of `/metrics`).
@@ -96,11 +99,36 @@ pub type Published = Arc<Mutex<Vec<VmStatus>>>;
 
 /// Replaces the status of `v.vm` (or adds it), keeping the list sorted by
 /// VM name: a site daemon publishes every VM it serves into one list.
-pub fn publish_vm(p: &Published, v: VmStatus) {
+/// A group's members (set by the daemon, see [`set_members`]) stay when
+/// the engine publishes without them.
+pub fn publish_vm(p: &Published, mut v: VmStatus) {
     let mut list = p.lock().unwrap_or_else(|e| e.into_inner());
     match list.binary_search_by(|x| x.vm.as_str().cmp(&v.vm)) {
-        Ok(i) => list[i] = v,
+        Ok(i) => {
+            if v.members.is_empty() {
+                v.members = std::mem::take(&mut list[i].members);
+            }
+            list[i] = v
+        }
         Err(i) => list.insert(i, v),
+    }
+}
+
+/// Declares `unit` a consistency group of `members` in the status (an
+/// entry in state `starting` until the engine publishes).
+pub fn set_members(p: &Published, unit: &str, members: Vec<String>) {
+    let mut list = p.lock().unwrap_or_else(|e| e.into_inner());
+    match list.binary_search_by(|x| x.vm.as_str().cmp(unit)) {
+        Ok(i) => list[i].members = members,
+        Err(i) => list.insert(
+            i,
+            VmStatus {
+                vm: unit.to_owned(),
+                state: "starting".into(),
+                members,
+                ..Default::default()
+            },
+        ),
     }
 }
 
@@ -296,6 +324,23 @@ pub fn render_prometheus(vms: &[VmStatus]) -> String {
         "gauge",
         &|v| v.failover.as_ref().map(|f| flag(f.witness_link_up)),
     );
+    if vms.iter().any(|v| !v.members.is_empty()) {
+        let _ = writeln!(
+            out,
+            "# HELP remus_wan_group_member 1 for each VM of a consistency group (the group's series carry vm=\"<group>\")"
+        );
+        let _ = writeln!(out, "# TYPE remus_wan_group_member gauge");
+        for v in vms {
+            for m in &v.members {
+                let _ = writeln!(
+                    out,
+                    "remus_wan_group_member{{group=\"{}\",vm=\"{}\"}} 1",
+                    escape(&v.vm),
+                    escape(m)
+                );
+            }
+        }
+    }
     out
 }
 
@@ -797,6 +842,9 @@ pub fn render_table(vms: &[VmStatus]) -> String {
             v.rtt_ms.map_or("-".into(), |r| format!("{r:.1}ms")),
             human(v.output_held_bytes as f64),
         );
+        if !v.members.is_empty() {
+            let _ = writeln!(out, "{:<10} group of: {}", "", v.members.join(", "));
+        }
         if let Some(f) = &v.failover {
             let up = |b: bool| if b { "up" } else { "DOWN" };
             let _ = writeln!(
@@ -861,6 +909,32 @@ mod tests {
         );
         // No sample for a figure that is unknown.
         assert!(!text.contains("remus_wan_link_rtt_seconds{"));
+    }
+
+    #[test]
+    fn a_daemon_publishes_each_vm_once_and_keeps_group_members() {
+        let p = Published::default();
+        set_members(&p, "shop", vec!["web1".into(), "db1".into()]);
+        for (vm, epochs) in [("web2", 1), ("shop", 2), ("web2", 3), ("alpha", 4)] {
+            publish_vm(
+                &p,
+                VmStatus {
+                    vm: vm.into(),
+                    role: "primary".into(),
+                    epochs,
+                    ..Default::default()
+                },
+            );
+        }
+        let list = p.lock().unwrap().clone();
+        let names: Vec<(&str, u64)> = list.iter().map(|v| (v.vm.as_str(), v.epochs)).collect();
+        assert_eq!(names, [("alpha", 4), ("shop", 2), ("web2", 3)]);
+        assert_eq!(list[1].members, ["web1", "db1"]);
+        let text = render_prometheus(&list);
+        assert!(text.contains("remus_wan_group_member{group=\"shop\",vm=\"db1\"} 1"));
+        assert!(render_table(&list).contains("group of: web1, db1"));
+        unpublish_vm(&p, "shop");
+        assert_eq!(p.lock().unwrap().len(), 2);
     }
 
     #[tokio::test]

@@ -449,6 +449,11 @@ fn group_run(point: &str, nth: u64) {
             "one takeover for the whole group: {takeovers:?}"
         );
         assert!(takeovers[0].contains("vm=shop "), "{}", takeovers[0]);
+        // The status shows the group, with its members, running at dc2.
+        let status = remus_wan::metrics::fetch_status("127.0.0.1:9478".parse().expect("addr"))
+            .expect("standby status");
+        assert_eq!(status.len(), 1, "{status:?}");
+        assert_eq!((status[0].vm.as_str(), status[0].members.clone()), ("shop", vec!["vm1".to_owned(), "vm2".to_owned()]));
     })
     .expect("network namespace");
 }

@@ -665,6 +665,7 @@ impl<G: ProtectedGuest> Protector<G> {
                 .map(|f| crate::metrics::FailoverStatus::from_snapshot(&f.arbiter.snapshot())),
             verify: st.verify.clone(),
             verify_totals: st.verify_totals.clone(),
+            members: Vec::new(),
         };
         self.last_publish = (now, st.epochs);
         drop(st);

@@ -114,6 +114,13 @@ impl Launcher for ProtectSite {
     }
 
     fn launch(&mut self, cfg: Arc<Config>, unit: Unit, stop: StopSignal) -> VmTask {
+        if unit.is_group() {
+            crate::metrics::set_members(
+                &self.published,
+                unit.name(),
+                unit.members.iter().map(|m| m.name.clone()).collect(),
+            );
+        }
         let vm = &unit.vm;
         let console_log = self.console_log.as_ref().map(|p| {
             if self.several {

@@ -71,6 +71,13 @@ impl Launcher for StandbySite {
     }
 
     fn launch(&mut self, cfg: Arc<Config>, unit: Unit, stop: StopSignal) -> VmTask {
+        if unit.is_group() {
+            crate::metrics::set_members(
+                &self.published,
+                unit.name(),
+                unit.members.iter().map(|m| m.name.clone()).collect(),
+            );
+        }
         let vm = &unit.vm;
         let peer = if vm.backup == self.site {
             vm.primary.clone()
