@@ -375,3 +375,19 @@ fn accel_is_chosen_per_qemu_vm_and_checked() {
         example_text().replace("backend = \"kvm\"", "backend = \"kvm\"\naccel = \"tcg\"");
     assert_issue(&micro_vm, "vms[0].accel", "only backend \"qemu\"");
 }
+
+/// The site-daemon example: three VMs, two of them a consistency group;
+/// the daemon at dc1 (and at dc2) serves two units, the group and mail1.
+#[test]
+fn the_fleet_example_loads_with_its_group() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/site-fleet.toml");
+    let cfg = Config::load_with_env(&path, no_env()).expect("configs/site-fleet.toml is valid");
+    assert_eq!(cfg.vms.len(), 3);
+    assert_eq!(cfg.groups.len(), 1);
+    let units = remus_wan::site::group::units(&cfg, cfg.vms.clone());
+    let names: Vec<(&str, usize)> = units.iter().map(|u| (u.name(), u.members.len())).collect();
+    assert_eq!(names, [("shop", 2), ("mail1", 0)]);
+    // The group as one VM: both members' memory and prefixes.
+    assert_eq!(units[0].vm.memory_mib, 128);
+    assert_eq!(units[0].vm.service_prefixes.len(), 2);
+}
