@@ -85,6 +85,40 @@ fn wan_emulator() -> (tokio::runtime::Runtime, wan::emulator::Emulator) {
     (rt, emulator)
 }
 
+/// The witness and the standby daemon of dc2 for `cfg` (state and logs in
+/// `dir`), once the standby listens.
+fn witness_and_standby(dir: &std::path::Path, cfg: &str) -> (Proc, Proc) {
+    let path = |p: &str| dir.join(p).to_str().expect("utf-8").to_owned();
+    let witness = Proc::remus(
+        "witness",
+        &["witness", "--config", cfg, "--state-dir", &path("witness")],
+        &dir.join("witness.log"),
+    );
+    let standby = Proc::remus(
+        "standby",
+        &[
+            "standby",
+            "--config",
+            cfg,
+            "--site",
+            "dc2",
+            "--state-dir",
+            &path("state"),
+        ],
+        &dir.join("standby.log"),
+    );
+    assert!(
+        wait_for_log(
+            &dir.join("standby.log"),
+            "standby listening",
+            Duration::from_secs(30)
+        ),
+        "standby did not start: {}",
+        std::fs::read_to_string(dir.join("standby.log")).unwrap_or_default()
+    );
+    (witness, standby)
+}
+
 /// A client of VM `i`'s counter service.
 fn client(i: usize, log: impl Fn() -> String) -> (TcpStream, Counter) {
     let addr = SocketAddr::new(fleet_address(i).into(), 9000);
@@ -104,29 +138,13 @@ fn eight_vms_of_one_protect_daemon_all_take_over_with_their_connections() {
     let dir = tmp.path().to_owned();
     let cfg = deployment(&dir).write_fleet(VMS).expect("fleet deployment");
     let cfg_s = cfg.to_str().expect("utf-8").to_owned();
-    let state_s = dir.join("state").to_str().expect("utf-8").to_owned();
-    let wstate_s = dir.join("witness").to_str().expect("utf-8").to_owned();
     let log = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
 
     hypervisor::netns::in_new_netns(|| {
         bridge_and_taps(VMS);
         let _wan = wan_emulator();
 
-        let _witness = Proc::remus(
-            "witness",
-            &["witness", "--config", &cfg_s, "--state-dir", &wstate_s],
-            &dir.join("witness.log"),
-        );
-        let _standby = Proc::remus(
-            "standby",
-            &["standby", "--config", &cfg_s, "--site", "dc2", "--state-dir", &state_s],
-            &dir.join("standby.log"),
-        );
-        assert!(
-            wait_for_log(&dir.join("standby.log"), "standby listening", Duration::from_secs(30)),
-            "standby did not start: {}",
-            log("standby.log")
-        );
+        let (_witness, _standby) = witness_and_standby(&dir, &cfg_s);
         // No VM name: the daemon protects every VM backed up at dc2.
         let mut protect = Proc::remus(
             "protect",
@@ -234,8 +252,6 @@ fn sighup_adds_and_removes_vms_without_touching_the_others() {
     let d = deployment(&dir);
     let cfg = d.write_fleet(1).expect("fleet deployment");
     let cfg_s = cfg.to_str().expect("utf-8").to_owned();
-    let state_s = dir.join("state").to_str().expect("utf-8").to_owned();
-    let wstate_s = dir.join("witness").to_str().expect("utf-8").to_owned();
     let log = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
     let status = |port: u16| {
         let mut v: Vec<(String, String)> =
@@ -251,33 +267,7 @@ fn sighup_adds_and_removes_vms_without_touching_the_others() {
     hypervisor::netns::in_new_netns(|| {
         bridge_and_taps(2);
         let _wan = wan_emulator();
-        let _witness = Proc::remus(
-            "witness",
-            &["witness", "--config", &cfg_s, "--state-dir", &wstate_s],
-            &dir.join("witness.log"),
-        );
-        let standby = Proc::remus(
-            "standby",
-            &[
-                "standby",
-                "--config",
-                &cfg_s,
-                "--site",
-                "dc2",
-                "--state-dir",
-                &state_s,
-            ],
-            &dir.join("standby.log"),
-        );
-        assert!(
-            wait_for_log(
-                &dir.join("standby.log"),
-                "standby listening",
-                Duration::from_secs(30)
-            ),
-            "standby did not start: {}",
-            log("standby.log")
-        );
+        let (_witness, standby) = witness_and_standby(&dir, &cfg_s);
         let protect = Proc::remus(
             "protect",
             &["protect", "--site", "dc2", "--config", &cfg_s],
@@ -382,28 +372,12 @@ fn group_run(point: &str, nth: u64) {
         .write_fleet_with(2, Some("shop"))
         .expect("group deployment");
     let cfg_s = cfg.to_str().expect("utf-8").to_owned();
-    let state_s = dir.join("state").to_str().expect("utf-8").to_owned();
-    let wstate_s = dir.join("witness").to_str().expect("utf-8").to_owned();
     let log = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
 
     hypervisor::netns::in_new_netns(|| {
         bridge_and_taps(2);
         let _wan = wan_emulator();
-        let _witness = Proc::remus(
-            "witness",
-            &["witness", "--config", &cfg_s, "--state-dir", &wstate_s],
-            &dir.join("witness.log"),
-        );
-        let _standby = Proc::remus(
-            "standby",
-            &["standby", "--config", &cfg_s, "--site", "dc2", "--state-dir", &state_s],
-            &dir.join("standby.log"),
-        );
-        assert!(
-            wait_for_log(&dir.join("standby.log"), "standby listening", Duration::from_secs(30)),
-            "standby did not start: {}",
-            log("standby.log")
-        );
+        let (_witness, _standby) = witness_and_standby(&dir, &cfg_s);
         let mut protect = Proc::remus_env(
             "protect",
             &["protect", "shop", "--site", "dc2", "--config", &cfg_s],
