@@ -58,6 +58,9 @@ fn check(file: PathBuf, site: Option<String>) -> Code {
             .join(", ")
     );
     match &cfg.witness {
+        Some(w) if w.backend == crate::config::WitnessBackend::Etcd => {
+            println!("  witness: etcd ({})", w.endpoints.join(", "))
+        }
         Some(w) => println!("  witness: {} ({})", w.name, w.connect_addr()),
         None => println!("  witness: none (automatic failover needs one)"),
     }
@@ -73,6 +76,13 @@ fn check(file: PathBuf, site: Option<String>) -> Code {
             vm.vcpus,
             r.epoch_interval_ms,
             vm.service_prefixes.len()
+        );
+    }
+    for g in &cfg.groups {
+        println!(
+            "  group {}: {} (one replica, one lease)",
+            g.name,
+            g.vms.join(" + ")
         );
     }
     match &site {
