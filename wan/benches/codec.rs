@@ -553,28 +553,26 @@ impl Ours {
         level: Option<i32>,
         initial: &[u8],
     ) -> Self {
-        Self::with(label, cache_bytes, per_page_zstd, level, true, initial)
+        Self::with(
+            label,
+            EncoderConfig {
+                cache_budget_bytes: cache_bytes,
+                per_page_zstd,
+                zstd_level: level.unwrap_or(EncoderConfig::default().zstd_level),
+                ..EncoderConfig::default()
+            },
+            initial,
+        )
     }
 
-    fn with(
-        label: &str,
-        cache_bytes: usize,
-        per_page_zstd: bool,
-        level: Option<i32>,
-        prefix_zstd: bool,
-        initial: &[u8],
-    ) -> Self {
+    fn with(label: &str, cfg: EncoderConfig, initial: &[u8]) -> Self {
         Ours {
             label: label.into(),
             out: Vec::new(),
             enc: Encoder::new(EncoderConfig {
-                cache_budget_bytes: cache_bytes,
-                per_page_zstd,
-                prefix_zstd,
-                zstd_level: level.unwrap_or(EncoderConfig::default().zstd_level),
                 // The table's speeds are one core's.
                 threads: 1,
-                ..EncoderConfig::default()
+                ..cfg
             })
             .expect("encoder"),
             dec: Decoder::new(DecoderConfig::default()).expect("decoder"),
@@ -651,10 +649,18 @@ fn schemes(initial: &[u8]) -> Vec<Box<dyn Scheme>> {
         )),
         Box::new(Ours::with(
             "ours no prefix (64 MiB)",
-            64 << 20,
-            false,
-            None,
-            false,
+            EncoderConfig {
+                prefix_zstd: false,
+                ..EncoderConfig::default()
+            },
+            initial,
+        )),
+        Box::new(Ours::with(
+            "ours 1 MiB chunks (64 MiB)",
+            EncoderConfig {
+                chunk_bytes: 1 << 20,
+                ..EncoderConfig::default()
+            },
             initial,
         )),
         Box::new(Ours::new(

@@ -31,7 +31,14 @@ struct Slot {
     /// (saturating), and how many more candidates to skip because of them.
     prefix_misses: u8,
     prefix_skip: u8,
+    /// Neighbours in the list of live slots with the same hash (newest
+    /// first, head in `by_hash`); [`NIL`] at the ends.
+    prev_same: u32,
+    next_same: u32,
 }
+
+/// No slot.
+const NIL: u32 = u32::MAX;
 
 /// Content cache with a fixed memory budget for page data.
 pub struct PageCache {
@@ -40,6 +47,9 @@ pub struct PageCache {
     segments: Vec<Vec<u8>>,
     slots: Vec<Slot>,
     by_frame: U64Map<u32>,
+    /// Newest live slot of each hash; the others with that hash follow it
+    /// through `next_same`, so that rewriting or evicting one copy of a
+    /// content leaves the other copies findable.
     by_hash: U64Map<u32>,
     free: Vec<u32>,
     hand: usize,
@@ -129,6 +139,41 @@ impl PageCache {
         (slot.live && slot.hash == hash).then(|| (slot.frame, self.content(s)))
     }
 
+    /// Puts live slot `s` at the head of its hash's list.
+    fn link(&mut self, s: u32) {
+        let hash = self.slots[s as usize].hash;
+        let head = self.by_hash.insert(hash, s).unwrap_or(NIL);
+        if head != NIL {
+            self.slots[head as usize].prev_same = s;
+        }
+        let sl = &mut self.slots[s as usize];
+        sl.prev_same = NIL;
+        sl.next_same = head;
+    }
+
+    /// Takes live slot `s` out of its hash's list.
+    fn unlink(&mut self, s: u32) {
+        let Slot {
+            hash,
+            prev_same: p,
+            next_same: n,
+            ..
+        } = self.slots[s as usize];
+        if p != NIL {
+            self.slots[p as usize].next_same = n;
+        } else if n != NIL {
+            self.by_hash.insert(hash, n);
+        } else {
+            self.by_hash.remove(&hash);
+        }
+        if n != NIL {
+            self.slots[n as usize].prev_same = p;
+        }
+        let sl = &mut self.slots[s as usize];
+        sl.prev_same = NIL;
+        sl.next_same = NIL;
+    }
+
     /// Records that `content` (hashing to `hash`) was sent for `frame` in `epoch`.
     pub fn store(&mut self, frame: u64, content: &[u8], hash: u64, epoch: u64) {
         if content.len() != self.page_size || self.capacity == 0 {
@@ -137,10 +182,7 @@ impl PageCache {
         }
         let slot = match self.by_frame.get(&frame) {
             Some(&s) => {
-                let old_hash = self.slots[s as usize].hash;
-                if self.by_hash.get(&old_hash) == Some(&s) {
-                    self.by_hash.remove(&old_hash);
-                }
+                self.unlink(s);
                 let sl = &mut self.slots[s as usize];
                 sl.hot = (sl.hot + 1).min(HOT_MAX);
                 s
@@ -163,7 +205,7 @@ impl PageCache {
         sl.hash = hash;
         sl.epoch = epoch;
         sl.live = true;
-        self.by_hash.insert(hash, slot);
+        self.link(slot);
         let (seg, at) = self.locate(slot);
         let data = &mut self.segments[seg];
         if data.len() == at {
@@ -188,6 +230,8 @@ impl PageCache {
                 live: false,
                 prefix_misses: 0,
                 prefix_skip: 0,
+                prev_same: NIL,
+                next_same: NIL,
             });
             let (seg, at) = self.locate(s);
             if seg == self.segments.len() {
@@ -220,9 +264,7 @@ impl PageCache {
             if self.by_frame.get(&sl.frame) == Some(&s) {
                 self.by_frame.remove(&sl.frame);
             }
-            if self.by_hash.get(&sl.hash) == Some(&s) {
-                self.by_hash.remove(&sl.hash);
-            }
+            self.unlink(s);
         }
         self.slots[s as usize].live = false;
     }
@@ -302,6 +344,37 @@ mod tests {
         c.store(4, &page(4), 4, 6);
         c.store(5, &page(5), 5, 6);
         assert_eq!(c.len(), 3);
+    }
+
+    #[test]
+    fn every_copy_of_a_content_stays_findable() {
+        let mut c = PageCache::new(64, 64 * 8);
+        for f in 1..=3 {
+            c.store(f, &page(7), 77, 1);
+        }
+        assert_eq!(c.find_by_hash(77).map(|(f, _)| f), Some(3), "newest first");
+        // The newest copy rewritten, then the oldest: the middle one remains.
+        c.store(3, &page(8), 88, 2);
+        assert_eq!(c.find_by_hash(77).map(|(f, _)| f), Some(2));
+        c.store(1, &page(9), 99, 3);
+        assert_eq!(c.find_by_hash(77).map(|(f, _)| f), Some(2));
+        c.remove(2);
+        assert_eq!(c.find_by_hash(77), None);
+        assert_eq!(c.find_by_hash(88).map(|(f, _)| f), Some(3));
+        // Eviction by the clock hand keeps the lists consistent too.
+        for f in 10..40u64 {
+            c.store(f, &page(5), 55, 4);
+            assert!(c.find_by_hash(55).is_some());
+        }
+        let live = c.len();
+        let mut n = 0;
+        let mut s = c.by_hash.get(&55).copied().unwrap_or(NIL);
+        while s != NIL {
+            assert!(c.slots[s as usize].live);
+            n += 1;
+            s = c.slots[s as usize].next_same;
+        }
+        assert!(n <= live && n >= 1);
     }
 
     #[test]
