@@ -448,7 +448,41 @@ struct Row {
     host_busy_pct: Option<f64>,
     /// Kill -> first value of the resumed VM, per VM (None: not seen).
     takeover: Vec<Option<Duration>>,
+    /// From the standby's `takeover complete` lines, ms per VM.
+    phases: Phases,
     anomalies: u64,
+}
+
+/// The standby daemon's own account of each VM's takeover, ms.
+#[derive(Debug, Clone, Default)]
+struct Phases {
+    detection: Vec<f64>,
+    arbitration: Vec<f64>,
+    activation: Vec<f64>,
+}
+
+impl Phases {
+    fn from_log(text: &str) -> Phases {
+        let field = |line: &str, name: &str| -> Option<f64> {
+            let at = line.find(&format!(" {name}="))? + name.len() + 2;
+            let rest = &line[at..];
+            rest[..rest.find(' ').unwrap_or(rest.len())].parse().ok()
+        };
+        let mut p = Phases::default();
+        for l in text.lines().filter(|l| l.contains("takeover complete")) {
+            let (Some(d), Some(ar), Some(ac)) = (
+                field(l, "detection_ms"),
+                field(l, "arbitration_ms"),
+                field(l, "activation_ms"),
+            ) else {
+                continue;
+            };
+            p.detection.push(d);
+            p.arbitration.push(ar);
+            p.activation.push(ac);
+        }
+        p
+    }
 }
 
 struct Cell<'a> {
@@ -571,6 +605,9 @@ impl Cell<'_> {
                     None,
                 ));
         ecfg.listen = SocketAddr::from(([127, 0, 0, 1], EMU_PORT));
+        // The protect daemon dials dc2 from one UDP socket per VM, and its
+        // failover link from another: each is a client of the emulator.
+        ecfg.max_clients = 2 * self.vms + 16;
         let emulator = rt
             .block_on(wan::emulator::Emulator::start(ecfg))
             .context("WAN emulator")?;
@@ -663,6 +700,16 @@ impl Cell<'_> {
             .map(|c| c.hit().map(|t| t.saturating_duration_since(killed)))
             .collect();
         row.anomalies = clients.iter().map(|c| c.with(|s| s.anomalies)).sum();
+        // The standby's log lines of the takeovers (written as each VM
+        // resumed; a short bounded wait for the last ones).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            row.phases = Phases::from_log(&standby.log_text());
+            if row.phases.detection.len() >= self.vms || Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(POLL);
+        }
         if row.takeover.iter().any(Option::is_none) {
             let fatal: Vec<String> = clients
                 .iter()
@@ -933,6 +980,28 @@ pub fn run(opts: Options) -> Result<bool> {
             Err(e) => println!("{}", e.lines().next().unwrap_or_default()),
         }
     }
+    println!();
+    println!("Takeovers as the standby daemon logged them (`takeover complete`), ms, p50 / max over the VMs:");
+    println!();
+    println!("| VMs | logged | detection | arbitration | activation |\n|---:|---:|---:|---:|---:|");
+    for r in rows.iter().flatten().filter(|r| r.protected) {
+        let pm = |v: &[f64]| {
+            let mut v = v.to_vec();
+            v.sort_by(f64::total_cmp);
+            match (v.get(v.len() / 2), v.last()) {
+                (Some(a), Some(b)) => format!("{a:.0} / {b:.0}"),
+                _ => "-".into(),
+            }
+        };
+        println!(
+            "| {} | {} | {} | {} | {} |",
+            r.vms,
+            r.phases.detection.len(),
+            pm(&r.phases.detection),
+            pm(&r.phases.arbitration),
+            pm(&r.phases.activation)
+        );
+    }
     if temporary && failed == 0 {
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -965,6 +1034,15 @@ mod tests {
         assert_eq!(s.next, 4);
         assert_eq!(s.watch, Some((3, Some(now))));
         assert_eq!(s.bytes, 40);
+    }
+
+    #[test]
+    fn takeover_phases_are_read_from_the_standby_log() {
+        let log = "2026 INFO remus_wan::engine::standby: takeover complete: the VM runs here vm=vm4 token=1 epoch=Some(271) detection_ms=1006.5 arbitration_ms=8.8 activation_ms=95.1 x=1\nother\n";
+        let p = Phases::from_log(log);
+        assert_eq!(p.detection, [1006.5]);
+        assert_eq!(p.arbitration, [8.8]);
+        assert_eq!(p.activation, [95.1]);
     }
 
     #[test]
