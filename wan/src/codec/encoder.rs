@@ -169,7 +169,18 @@ pub struct Encoder {
     /// The current epoch holds a `REC_PREFIX_ZSTD` record: written as
     /// version 2.
     uses_prefix: bool,
+    /// Prefix candidates tried and taken in the current epoch, and in how
+    /// many candidates one is tried this epoch (1, or [`PREFIX_SAMPLE`]
+    /// after an epoch where under one try in eight paid: fresh content
+    /// such as random pages then costs one zstd call in 16 candidates).
+    prefix_tries: u32,
+    prefix_hits: u32,
+    prefix_every: u32,
+    prefix_tick: u32,
 }
+
+/// See `Encoder::prefix_every`.
+const PREFIX_SAMPLE: u32 = 16;
 
 impl Encoder {
     /// Fails only if zstd cannot allocate a context or the page size is invalid.
@@ -216,6 +227,10 @@ impl Encoder {
             epoch_hashes: map_with_capacity(0),
             seen: map_with_capacity(0),
             uses_prefix: false,
+            prefix_tries: 0,
+            prefix_hits: 0,
+            prefix_every: 1,
+            prefix_tick: 0,
             cfg: EncoderConfig { chunk_bytes, ..cfg },
         })
     }
@@ -381,6 +396,15 @@ impl Encoder {
         let mut predicted = 0u64;
         self.epoch_hashes.clear();
         self.uses_prefix = false;
+        if self.prefix_tries > 0 {
+            self.prefix_every = if self.prefix_hits * 8 < self.prefix_tries {
+                PREFIX_SAMPLE
+            } else {
+                1
+            };
+        }
+        self.prefix_tries = 0;
+        self.prefix_hits = 0;
         self.chunk.clear();
         self.chunk_records = 0;
         self.chunk_dense = 0;
@@ -610,10 +634,13 @@ impl Encoder {
             && best_kind != REC_DELTA_ZSTD;
         // None: not tried (no candidate, or backing off); Some(paid).
         let mut prefix_paid = None;
-        if let Some(old) =
-            cached.filter(|_| prefix_candidate && self.cache.prefix_worth_trying(frame))
-        {
+        let sampled = prefix_candidate && {
+            self.prefix_tick = self.prefix_tick.wrapping_add(1);
+            self.prefix_tick % self.prefix_every == 0
+        };
+        if let Some(old) = cached.filter(|_| sampled && self.cache.prefix_worth_trying(frame)) {
             prefix_paid = Some(false);
+            self.prefix_tries += 1;
             // What the alternative is likely to cost once the chunk's zstd
             // has run over it (RLE deltas shrink about twice; a raw page
             // whose old content does not help as prefix compresses alone
@@ -630,6 +657,7 @@ impl Encoder {
             {
                 if n + uleb_len(n as u64) < target {
                     prefix_paid = Some(true);
+                    self.prefix_hits += 1;
                     best_kind = REC_PREFIX_ZSTD;
                     best_len = n + uleb_len(n as u64);
                     best_payload = n;
