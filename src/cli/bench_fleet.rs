@@ -605,8 +605,9 @@ impl Cell<'_> {
                     None,
                 ));
         ecfg.listen = SocketAddr::from(([127, 0, 0, 1], EMU_PORT));
-        // The protect daemon dials dc2 from one UDP socket per VM, and its
-        // failover link from another: each is a client of the emulator.
+        // The protect daemon replicates over one endpoint, but each VM's
+        // failover link to dc2 has a UDP socket of its own: N + 1 clients
+        // of the emulator (whose default room is 16).
         ecfg.max_clients = 2 * self.vms + 16;
         let emulator = rt
             .block_on(wan::emulator::Emulator::start(ecfg))
