@@ -252,6 +252,98 @@ pub fn tls_paths(tls: &crate::config::Tls) -> wan::transport::TlsPaths {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
+
+    /// Units `a` (ends at once, failed), `b` (runs until stopped) and
+    /// `c` (superseded at once); records what the daemon forgot.
+    struct Fake {
+        forgotten: Arc<Mutex<Vec<String>>>,
+    }
+
+    fn unit(name: &str) -> Unit {
+        let text = format!(
+            "[[sites]]\nname = \"dc1\"\nlisten = \"127.0.0.1:1\"\n[sites.tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n\
+             [[sites]]\nname = \"dc2\"\nlisten = \"127.0.0.1:2\"\n[sites.tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n\
+             [[vms]]\nname = \"{name}\"\nprimary = \"dc1\"\nbackup = \"dc2\"\nguest_image = \"g\"\nmemory_mib = 32\n\
+             [vms.network]\ntap = \"t\"\nmac = \"52:54:00:12:34:56\"\naddress = \"192.0.2.10/24\"\n"
+        );
+        let cfg = Config::parse(
+            &text,
+            std::path::Path::new("t"),
+            std::path::Path::new("/"),
+            Vec::new(),
+        )
+        .expect("config");
+        Unit {
+            vm: cfg.vms[0].clone(),
+            members: Vec::new(),
+        }
+    }
+
+    impl Launcher for Fake {
+        fn select(&self, _: &Config) -> Vec<Unit> {
+            vec![unit("a"), unit("b"), unit("c")]
+        }
+        fn launch(&mut self, _: Arc<Config>, unit: Unit, stop: StopSignal) -> VmTask {
+            let name = unit.name().to_owned();
+            Box::pin(async move {
+                match name.as_str() {
+                    "a" => VmEnd::Failed("guest crashed".into()),
+                    "c" => VmEnd::Superseded { token: 9 },
+                    _ => {
+                        stop.stopped().await;
+                        VmEnd::Stopped
+                    }
+                }
+            })
+        }
+        fn forget(&mut self, vm: &str) {
+            self.forgotten.lock().unwrap().push(vm.to_owned());
+        }
+    }
+
+    #[tokio::test]
+    async fn one_units_end_leaves_the_others_running_until_shutdown() {
+        let forgotten = Arc::new(Mutex::new(Vec::new()));
+        let cfg = Arc::new(
+            Config::parse(
+                "[[sites]]\nname = \"dc1\"\nlisten = \"127.0.0.1:1\"\n[sites.tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n",
+                std::path::Path::new("t"),
+                std::path::Path::new("/"),
+                Vec::new(),
+            )
+            .expect("config"),
+        );
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let f = forgotten.clone();
+        let daemon = tokio::spawn(run_fleet(
+            Fake { forgotten: f },
+            cfg,
+            PathBuf::from("/nonexistent"),
+            async move {
+                let _ = rx.await;
+            },
+        ));
+        // a and c end on their own; b runs on until the shutdown.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while forgotten.lock().unwrap().len() < 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "a and c never ended"
+            );
+            tokio::task::yield_now().await;
+        }
+        assert!(!daemon.is_finished(), "b still runs");
+        let _ = tx.send(());
+        let ends = daemon.await.expect("daemon");
+        assert_eq!(ends.get("a"), Some(&VmEnd::Failed("guest crashed".into())));
+        assert_eq!(ends.get("b"), Some(&VmEnd::Stopped));
+        assert_eq!(ends.get("c"), Some(&VmEnd::Superseded { token: 9 }));
+        assert_eq!(overall(&ends), VmEnd::Failed("guest crashed".into()));
+        let mut f = forgotten.lock().unwrap().clone();
+        f.sort();
+        assert_eq!(f, ["a", "b", "c"]);
+    }
 
     #[test]
     fn the_most_severe_end_speaks_for_the_daemon() {
