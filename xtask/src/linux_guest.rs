@@ -21,14 +21,14 @@
 //! - with `rw.dirty=MIB` on the command line, a benchmark workload that
 //!   rewrites the same MIB of guest memory with new bytes, pass after pass;
 //! - with `rw.work=NAME`, a real workload for the codec's dirty-page traces
-//!   (`remus-wan bench record-trace`, see docs/benchmarks.md): `gzip`
-//!   (compress and decompress ~10 MiB of text and binaries), `sort` (sort
-//!   ~10 MiB of text rows, by two keys), `db` (sqlite3 inserting rows in
+//!   (`cargo run -p hypervisor --example record_trace`, see docs/benchmarks.md): `gzip`
+//!   (compress and decompress ~11 MiB of text and binaries), `sort` (sort
+//!   ~9 MiB of text rows, by two keys), `db` (sqlite3 inserting rows in
 //!   transactions into an indexed table; needs sqlite3 on the build host,
 //!   which is copied into the image with its libraries; without it, an
 //!   approximation: awk appending rows to a log file and re-sorting the
 //!   index file, said on the console) or `copy` (cp and read back a
-//!   ~12 MiB file through the page cache, over and over). The console
+//!   ~11 MiB file through the page cache, over and over). The console
 //!   says `workload NAME ready` once its input exists.
 //!
 //! Output: `vmlinuz` and `initrd.cpio` in the chosen folder (the names
@@ -134,7 +134,7 @@ done
 const WORKLOAD: &str = r#"#!/bin/busybox sh
 # rw.work=NAME: gzip | sort | db | copy, for ever (see xtask/src/linux_guest.rs).
 mkdir -p /tmp/w && cd /tmp/w || exit 1
-# Text rows: a random key, a counter, words (about 6 MiB).
+# Text rows: a random key, a counter, words (about 9 MiB).
 seq 1 150000 | awk 'BEGIN { srand(7) } { printf "%08d %d row-%d user%d@example.org status=%s\n", int(rand() * 1e8), $1, $1 * 7, int(rand() * 5000), (rand() < 0.5 ? "active" : "idle") }' > rows.txt
 case "$1" in
   gzip)
