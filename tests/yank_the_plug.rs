@@ -37,13 +37,22 @@
 //!    instead of the micro-VM: its request/response counter (port 7000,
 //!    "next" → the next value) answers the client's same TCP connection
 //!    with the very next value once dc2 took over.
+//! 7. scenario 1 with etcd as the arbiter (`[witness] backend = "etcd"`,
+//!    issue 15): the witness site's namespace runs a three-member etcd
+//!    cluster (198.51.100.10, ports 2379/2479/2579) instead of `remus-wan
+//!    witness`, with etcd's whole-second lease timers; first one member
+//!    (the leader) is killed while protected and nothing changes, then dc1
+//!    is yanked and dc2 takes the lease from etcd.
 //!
 //! Needs root, /dev/kvm, `ip`, `bird` and `birdc` (Debian `bird2`); the
-//! Linux scenario needs QEMU (Debian `qemu-system-x86`) and the Linux guest
-//! image (`cargo xtask guest-image --linux`) instead of /dev/kvm (QEMU
-//! falls back to TCG). Fails with a clear message without them unless
+//! etcd scenario also `etcd` and `etcdctl` (Debian etcd-server and
+//! etcd-client, `cargo xtask deps`); the Linux scenario needs QEMU
+//! (Debian `qemu-system-x86`) and the Linux guest image (`cargo xtask
+//! guest-image --linux`) instead of /dev/kvm (QEMU falls back to TCG). Fails with a clear message without them unless
 //! REMUS_WAN_ALLOW_SKIP=1.
 
+#[path = "support/etcd.rs"]
+mod etcd_cluster;
 mod support;
 
 use std::fs::File;
@@ -56,6 +65,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use etcd_cluster::{require_etcd, EtcdCluster};
 use hypervisor::qemu::LinuxImage;
 use remus_wan::certs::{init_site, InitOptions};
 use remus_wan::testbed::CounterCheck;
@@ -64,7 +74,8 @@ use wan::emulator::{Emulator, EmulatorConfig, EmulatorHandle, LinkParams};
 
 // ---------------------------------------------------------------- constants
 
-/// Failover timers of the deployment (the config's [failover]).
+/// Failover timers of the deployment (the config's [failover]) with the
+/// built-in witness; etcd's are [`ETCD_TIMERS`].
 const HEARTBEAT_MS: u64 = 100;
 const DETECTION_MS: u64 = 1000;
 const LEASE_MS: u64 = 800;
@@ -105,6 +116,55 @@ const WELL_BEYOND_WINDOW: u64 = 50_000;
 /// Half the detection timeout: a silence this long after a kill or cut
 /// ends with the first bytes from the new site (see `first_after_silence`).
 const NEW_SITE_SILENCE: Duration = Duration::from_millis(DETECTION_MS / 2);
+
+/// The failover timers a scenario's configuration says.
+#[derive(Debug, Clone, Copy)]
+struct Timers {
+    heartbeat_ms: u64,
+    detection_ms: u64,
+    lease_ms: u64,
+    renew_ms: u64,
+}
+
+const WITNESS_TIMERS: Timers = Timers {
+    heartbeat_ms: HEARTBEAT_MS,
+    detection_ms: DETECTION_MS,
+    lease_ms: LEASE_MS,
+    renew_ms: RENEW_MS,
+};
+
+/// etcd's lease TTLs are whole seconds, 2 s at least (as in
+/// tests/etcd_e2e.rs and configs/etcd-witness.toml).
+const ETCD_TIMERS: Timers = Timers {
+    heartbeat_ms: 200,
+    detection_ms: 3000,
+    lease_ms: 2000,
+    renew_ms: 500,
+};
+
+/// Who arbitrates the lease in a scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ArbiterKind {
+    /// `remus-wan witness` at the witness site.
+    Witness,
+    /// A three-member etcd cluster at the witness site.
+    Etcd,
+}
+
+impl ArbiterKind {
+    fn timers(self) -> Timers {
+        match self {
+            ArbiterKind::Witness => WITNESS_TIMERS,
+            ArbiterKind::Etcd => ETCD_TIMERS,
+        }
+    }
+}
+
+/// The running arbiter of a scenario; its processes are killed on drop.
+enum Arbiter {
+    Witness(Proc),
+    Etcd(EtcdCluster),
+}
 
 // ---------------------------------------------------------------- preflight
 
@@ -813,7 +873,9 @@ struct World {
     ask: Option<Ask>,
     protect: Proc,
     standby: Proc,
-    witness: Proc,
+    arbiter: Arbiter,
+    /// The failover timers of the configuration.
+    timers: Timers,
     bird: Bird,
     wan: Wan,
     net: Net,
@@ -840,7 +902,31 @@ fn vm_lines(dir: &Path, guest: &Guest, micro_vm_image: Option<&Path>) -> String 
     }
 }
 
-fn config_text(dir: &Path, guest: &Guest, vm: &str) -> String {
+/// The `[witness]` table: the built-in witness at the witness site, or
+/// etcd at `endpoints`.
+fn witness_lines(dir: &Path, etcd_endpoints: Option<&[String]>) -> String {
+    match etcd_endpoints {
+        None => {
+            let pki = dir.join("pki");
+            format!(
+                "[witness]\nname = \"witness\"\nlisten = \"{WITNESS}:{WITNESS_PORT}\"\n[witness.tls]\n\
+                 ca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+                pki.join("ca.pem").display(),
+                pki.join("witness.pem").display(),
+                pki.join("witness.key").display()
+            )
+        }
+        Some(endpoints) => {
+            let list: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+            format!(
+                "[witness]\nbackend = \"etcd\"\nendpoints = [{}]\nprefix = \"/remus-wan-yank\"\n",
+                list.join(", ")
+            )
+        }
+    }
+}
+
+fn config_text(dir: &Path, guest: &Guest, vm: &str, timers: Timers, witness: &str) -> String {
     let pki = dir.join("pki");
     let tls = |name: &str| {
         format!(
@@ -859,30 +945,34 @@ fn config_text(dir: &Path, guest: &Guest, vm: &str) -> String {
     };
     format!(
         "[replication]\nepoch_interval_ms = {epoch}\nmax_epochs_in_flight = 4\n\n\
-         [failover]\nheartbeat_ms = {HEARTBEAT_MS}\ndetection_timeout_ms = {DETECTION_MS}\n\
-         lease_ms = {LEASE_MS}\nrenew_ms = {RENEW_MS}\nclock_margin_ms = {CLOCK_MARGIN_MS}\n\n\
+         [failover]\nheartbeat_ms = {heartbeat}\ndetection_timeout_ms = {detection}\n\
+         lease_ms = {lease}\nrenew_ms = {renew}\nclock_margin_ms = {CLOCK_MARGIN_MS}\n\n\
          [[sites]]\nname = \"dc1\"\nlisten = \"{DC1}:{DC1_PORT}\"\n[sites.tls]\n{dc1_tls}\n\
          [[sites]]\nname = \"dc2\"\nlisten = \"0.0.0.0:{DC2_PORT}\"\nconnect = \"{DC2}:{EMULATOR_PORT}\"\n\
          [sites.tls]\n{dc2_tls}\n\
-         [witness]\nname = \"witness\"\nlisten = \"{WITNESS}:{WITNESS_PORT}\"\n[witness.tls]\n{w_tls}\n\
+         {witness}\n\
          [[vms]]\nname = \"web1\"\nprimary = \"dc1\"\nbackup = \"dc2\"\n\
          {vm}service_prefixes = [\"{PREFIX}\"]\n\
          [vms.network]\ntap = \"{TAP}\"\nmac = \"{GUEST_MAC}\"\naddress = \"{GUEST}/24\"\ngateway = \"192.0.2.1\"\n\n\
          [netops.bgp]\nhold_time_s = 6\nconnect_retry_s = 1\nstandby = \"none\"\n\n{s1}{s2}",
         epoch = guest.epoch_ms(),
+        heartbeat = timers.heartbeat_ms,
+        detection = timers.detection_ms,
+        lease = timers.lease_ms,
+        renew = timers.renew_ms,
         dc1_tls = tls("dc1"),
         dc2_tls = tls("dc2"),
-        w_tls = tls("witness"),
         s1 = speaker("dc1", DC1, ROUTER_DC1),
         s2 = speaker("dc2", DC2, ROUTER_DC2),
     )
 }
 
 impl World {
-    /// Topology, daemons, the protected VM, and the client's counter
-    /// (the micro-VM's stream, or the Linux guest's request/response
-    /// connection) working through the route dc1 announced.
-    fn start(test: &str, guest: &Guest) -> World {
+    /// Topology, daemons (the lease arbitrated by `arbiter` at the witness
+    /// site), the protected VM, and the client's counter (the micro-VM's
+    /// stream, or the Linux guest's request/response connection) working
+    /// through the route dc1 announced.
+    fn start(test: &str, guest: &Guest, arbiter: ArbiterKind) -> World {
         let micro_vm_image = match guest {
             Guest::MicroVm => Some(
                 hypervisor::guest_build::from_env_or_build(
@@ -913,8 +1003,6 @@ impl World {
                 .expect("disk image");
         }
         let cfg = dir.join("deployment.toml");
-        let vm = vm_lines(&dir, guest, micro_vm_image.as_deref());
-        std::fs::write(&cfg, config_text(&dir, guest, &vm)).expect("config");
         let cfg_s = cfg.display().to_string();
         let s = |p: &str| dir.join(p).display().to_string();
 
@@ -926,21 +1014,42 @@ impl World {
         );
         let bird = Bird::start(&net, &dir);
         let wan = Wan::start(&net.dc2);
-        let mut witness = Proc::remus_in(
-            &net.witness,
-            "witness",
-            &[
-                "witness",
-                "--config",
-                &cfg_s,
-                "--state-dir",
-                &s("witness-state"),
-            ],
-            &dir.join("witness.log"),
-        );
-        witness
-            .wait_log("witness listening", Duration::from_secs(30))
-            .unwrap_or_else(|e| panic!("{e}\n{}", witness.log_text()));
+        // etcd first: the configuration names its endpoints.
+        let cluster = (arbiter == ArbiterKind::Etcd)
+            .then(|| EtcdCluster::start_in(&dir.join("etcd"), &net.witness, WITNESS));
+        let endpoints = cluster.as_ref().map(EtcdCluster::endpoints);
+        let vm = vm_lines(&dir, guest, micro_vm_image.as_deref());
+        let witness = witness_lines(&dir, endpoints.as_deref());
+        let timers = arbiter.timers();
+        std::fs::write(&cfg, config_text(&dir, guest, &vm, timers, &witness)).expect("config");
+        let arbiter = match cluster {
+            Some(cluster) => {
+                eprintln!(
+                    "[{test}] etcd cluster in {} at {:?}",
+                    net.witness,
+                    cluster.endpoints()
+                );
+                Arbiter::Etcd(cluster)
+            }
+            None => {
+                let mut witness = Proc::remus_in(
+                    &net.witness,
+                    "witness",
+                    &[
+                        "witness",
+                        "--config",
+                        &cfg_s,
+                        "--state-dir",
+                        &s("witness-state"),
+                    ],
+                    &dir.join("witness.log"),
+                );
+                witness
+                    .wait_log("witness listening", Duration::from_secs(30))
+                    .unwrap_or_else(|e| panic!("{e}\n{}", witness.log_text()));
+                Arbiter::Witness(witness)
+            }
+        };
         let mut standby = Proc::remus_in(
             &net.dc2,
             "standby",
@@ -982,7 +1091,8 @@ impl World {
             ask: None,
             protect,
             standby,
-            witness,
+            arbiter,
+            timers,
             bird,
             wan,
             net,
@@ -1040,6 +1150,14 @@ impl World {
         self.stream.as_ref().expect("stream started")
     }
 
+    /// The built-in witness's process.
+    fn witness(&mut self) -> &mut Proc {
+        match &mut self.arbiter {
+            Arbiter::Witness(p) => p,
+            Arbiter::Etcd(_) => panic!("this scenario's arbiter is etcd, not the witness"),
+        }
+    }
+
     /// Asks the Linux guest's counter for its next value or fails with the
     /// logs.
     fn ask(&mut self, when: &str) -> u64 {
@@ -1050,13 +1168,20 @@ impl World {
     /// Everything one needs to see why a scenario failed.
     fn logs(&self) -> String {
         let mut out = String::new();
-        for p in [&self.protect, &self.standby, &self.witness] {
+        let mut procs = vec![&self.protect, &self.standby];
+        if let Arbiter::Witness(w) = &self.arbiter {
+            procs.push(w);
+        }
+        for p in procs {
             out.push_str(&format!(
                 "--- {} log ({}) ---\n{}\n",
                 p.name,
                 p.log_path().display(),
                 tail(&p.log_text(), 60)
             ));
+        }
+        if let Arbiter::Etcd(c) = &self.arbiter {
+            out.push_str(&format!("--- etcd members ---\n{}\n", c.logs()));
         }
         out.push_str(&self.bird.diagnostics());
         out.push_str(&format!(
@@ -1204,7 +1329,19 @@ fn yank_the_plug_on_dc1_moves_the_vm_to_dc2_with_its_connections() {
     if !preflight("yank_the_plug") {
         return;
     }
-    kill_dc1("kill dc1", &Guest::MicroVm);
+    kill_dc1("kill dc1", &Guest::MicroVm, ArbiterKind::Witness);
+}
+
+/// The same with etcd as the arbiter (issue 15): a three-member cluster at
+/// the witness site; one member killed first changes nothing, then dc2
+/// takes the lease from etcd once dc1 is gone.
+#[cfg(feature = "etcd")]
+#[test]
+fn yank_the_plug_on_dc1_with_etcd_as_the_arbiter() {
+    if !(preflight("yank_the_plug_etcd") && require_etcd("yank_the_plug_etcd")) {
+        return;
+    }
+    kill_dc1("kill dc1, etcd", &Guest::MicroVm, ArbiterKind::Etcd);
 }
 
 /// The same with a real Linux guest in QEMU (issue 9): its counter answers
@@ -1214,7 +1351,11 @@ fn yank_the_plug_on_dc1_moves_the_linux_guest_to_dc2_with_its_connection() {
     let Some(image) = preflight_linux("yank_the_plug_linux") else {
         return;
     };
-    kill_dc1("kill dc1, Linux guest", &Guest::Linux(image));
+    kill_dc1(
+        "kill dc1, Linux guest",
+        &Guest::Linux(image),
+        ArbiterKind::Witness,
+    );
 }
 
 /// The client's connections before the kill, as the guest kind has them.
@@ -1225,12 +1366,16 @@ enum Before {
     Linux { last: u64 },
 }
 
-/// Scenario 1 with either guest: kill dc1 at a random moment, check dc2
-/// takes over, the route moves and the client's connection continues;
-/// prints the figures.
-fn kill_dc1(tag: &str, guest: &Guest) {
+/// Scenario 1 with either guest and either arbiter: kill dc1 at a random
+/// moment, check dc2 takes over, the route moves and the client's
+/// connection continues; prints the figures. With etcd, one member (the
+/// leader) is killed first, and nothing may change.
+fn kill_dc1(tag: &str, guest: &Guest, arbiter: ArbiterKind) {
     let _serial = lock();
-    let mut w = World::start(tag, guest);
+    let mut w = World::start(tag, guest, arbiter);
+    if arbiter == ArbiterKind::Etcd {
+        lose_an_etcd_member(tag, &mut w);
+    }
     // The client works until a random moment.
     let seed = seed();
     let kill_after = Duration::from_millis(800 + seed % 1500);
@@ -1357,7 +1502,8 @@ fn kill_dc1(tag: &str, guest: &Guest) {
             );
         }
         None => {
-            let first_byte = ms(w.stream().first_after_silence(NEW_SITE_SILENCE));
+            let silence = Duration::from_millis(w.timers.detection_ms / 2);
+            let first_byte = ms(w.stream().first_after_silence(silence));
             let outage = ms(w.stream().longest_silence());
             eprintln!("  kill -> first byte served by dc2   {first_byte:>8}");
             eprintln!("  longest silence seen by the client {outage:>8}");
@@ -1376,6 +1522,54 @@ fn kill_dc1(tag: &str, guest: &Guest) {
         None => eprintln!("  (no `takeover complete` line to break down)"),
     }
     eprintln!("  router kernel route: {}", w.net.kernel_route().trim());
+    if arbiter == ArbiterKind::Etcd {
+        let log = w.standby.log_text();
+        assert!(
+            log.contains("etcd lease taken"),
+            "dc2 took over without taking the lease from etcd?\n{}",
+            w.logs()
+        );
+        eprintln!("[{tag}] dc2 took the lease from etcd (2 of 3 members live)");
+    }
+}
+
+/// etcd's leader is SIGKILLed while dc1 is protected: the other two elect
+/// a new one, and nothing changes for the client (no takeover, no fencing,
+/// the route stays with dc1, the stream goes on) over two lease periods.
+fn lose_an_etcd_member(tag: &str, w: &mut World) {
+    let Arbiter::Etcd(cluster) = &mut w.arbiter else {
+        unreachable!("an etcd scenario");
+    };
+    let leader = cluster
+        .wait_leader(Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+    let kill = Instant::now();
+    if let Some(stream) = &w.stream {
+        stream.mark(kill);
+    }
+    cluster.kill(&leader);
+    let elected = cluster
+        .wait_leader(Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("after killing {leader}: {e}\n{}", cluster.logs()));
+    let elected_after = kill.elapsed();
+    let window = Duration::from_millis(2 * w.timers.lease_ms);
+    let during = w.hold_steady(window, "with one etcd member down");
+    assert!(
+        !w.protect.log_text().lines().any(is_fence_line),
+        "dc1 fenced with one etcd member down\n{}",
+        w.logs()
+    );
+    w.expect_flow(
+        WELL_BEYOND_WINDOW,
+        Duration::from_secs(60),
+        "with one etcd member down",
+    );
+    eprintln!(
+        "[{tag}] etcd leader {leader} SIGKILLed: {elected} elected after {}, no takeover, no fencing, \
+         {during} values in the next {window:?}, longest stall {}",
+        ms(Some(elected_after)),
+        ms(w.stream().longest_silence())
+    );
 }
 
 /// Only the dc1↔dc2 link is cut: both still see the witness, which keeps
@@ -1386,7 +1580,7 @@ fn cutting_dc1_from_dc2_only_changes_nothing_for_the_client() {
         return;
     }
     let _serial = lock();
-    let mut w = World::start("cut dc1-dc2", &Guest::MicroVm);
+    let mut w = World::start("cut dc1-dc2", &Guest::MicroVm, ArbiterKind::Witness);
     let cut = Instant::now();
     w.stream().mark(cut);
     w.wan.handle.cut();
@@ -1425,7 +1619,7 @@ fn isolated_dc1_fences_itself_and_dc2_takes_over() {
         return;
     }
     let _serial = lock();
-    let mut w = World::start("isolate dc1", &Guest::MicroVm);
+    let mut w = World::start("isolate dc1", &Guest::MicroVm, ArbiterKind::Witness);
     let before = w.stream().next();
     let cut = Instant::now();
     w.stream().mark(cut);
@@ -1485,7 +1679,7 @@ fn a_healed_stale_primary_neither_announces_nor_serves() {
         return;
     }
     let _serial = lock();
-    let mut w = World::start("stale dc1 returns", &Guest::MicroVm);
+    let mut w = World::start("stale dc1 returns", &Guest::MicroVm, ArbiterKind::Witness);
     ip_in(&w.net.router, &["link", "set", R_DC1, "down"]);
     if let Err(e) = w
         .protect
@@ -1544,10 +1738,10 @@ fn losing_the_witness_changes_nothing_while_both_sites_see_each_other() {
         return;
     }
     let _serial = lock();
-    let mut w = World::start("kill witness", &Guest::MicroVm);
+    let mut w = World::start("kill witness", &Guest::MicroVm, ArbiterKind::Witness);
     let kill = Instant::now();
     w.stream().mark(kill);
-    w.witness.kill();
+    w.witness().kill();
     eprintln!(
         "[kill witness] witness SIGKILLed at counter {}",
         w.stream().next()

@@ -1,6 +1,7 @@
-//! A three-member etcd cluster on loopback for the tests: Debian's `etcd`
-//! (package etcd-server, installed by `cargo xtask deps`), data in a
-//! tempdir, members killed by PID on drop (through [`Proc`]), ready once
+//! A three-member etcd cluster for the tests: Debian's `etcd` (package
+//! etcd-server, installed by `cargo xtask deps`), on loopback or inside a
+//! network namespace of the test's own ([`EtcdCluster::start_in`]), data in
+//! a tempdir, members killed by PID on drop (through [`Proc`]), ready once
 //! every member reports the same leader.
 //!
 //! Include with `#[path = "support/etcd.rs"] mod etcd_cluster;` next to
@@ -24,6 +25,8 @@ pub struct EtcdCluster {
     pub members: Vec<Member>,
     pub dir: PathBuf,
     pub tls: Option<ClusterTls>,
+    /// The network namespace the members run in (None: the test's own).
+    pub ns: Option<String>,
 }
 
 /// PEM files of a cluster that serves its clients over https and asks
@@ -119,15 +122,42 @@ impl EtcdCluster {
     /// As [`EtcdCluster::start`]; with `tls`, clients are served over https
     /// and must present a certificate signed by the CA.
     pub fn start_with(dir: &Path, tls: Option<ClusterTls>) -> EtcdCluster {
+        let peers: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let clients: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        Self::launch(dir, None, "127.0.0.1", &clients, &peers, tls)
+    }
+
+    /// Three members inside network namespace `ns` (one the test made, so
+    /// nothing else listens there), all on `addr`, one of that namespace's
+    /// addresses, with distinct ports (clients 2379, 2479, 2579; peers one
+    /// above each); plain http. Spawned there by PID (`ip netns exec`
+    /// execs etcd), killed on drop; waits until they agree on a leader.
+    pub fn start_in(dir: &Path, ns: &str, addr: &str) -> EtcdCluster {
+        Self::launch(
+            dir,
+            Some(ns),
+            addr,
+            &[2379, 2479, 2579],
+            &[2380, 2480, 2580],
+            None,
+        )
+    }
+
+    fn launch(
+        dir: &Path,
+        ns: Option<&str>,
+        host: &str,
+        clients: &[u16],
+        peers: &[u16],
+        tls: Option<ClusterTls>,
+    ) -> EtcdCluster {
         let etcd = which("etcd").expect("etcd installed");
         std::fs::create_dir_all(dir).expect("etcd folder");
         let names = ["m0", "m1", "m2"];
-        let peers: Vec<u16> = names.iter().map(|_| free_port()).collect();
-        let clients: Vec<u16> = names.iter().map(|_| free_port()).collect();
         let initial: Vec<String> = names
             .iter()
-            .zip(&peers)
-            .map(|(n, p)| format!("{n}=http://127.0.0.1:{p}"))
+            .zip(peers)
+            .map(|(n, p)| format!("{n}=http://{host}:{p}"))
             .collect();
         let initial = initial.join(",");
         let token = format!("remus-wan-test-{}", std::process::id());
@@ -135,8 +165,8 @@ impl EtcdCluster {
         for (i, name) in names.iter().enumerate() {
             let data = dir.join(name);
             let scheme = if tls.is_some() { "https" } else { "http" };
-            let client_url = format!("{scheme}://127.0.0.1:{}", clients[i]);
-            let peer_url = format!("http://127.0.0.1:{}", peers[i]);
+            let client_url = format!("{scheme}://{host}:{}", clients[i]);
+            let peer_url = format!("http://{host}:{}", peers[i]);
             let args: Vec<String> = vec![
                 "--name".into(),
                 (*name).into(),
@@ -173,7 +203,10 @@ impl EtcdCluster {
             }
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             let log = dir.join(format!("{name}.log"));
-            let proc = Proc::spawn("etcd", &etcd, &args, &[], &log);
+            let proc = match ns {
+                Some(ns) => Proc::spawn_in(ns, "etcd", &etcd, &args, &log),
+                None => Proc::spawn("etcd", &etcd, &args, &[], &log),
+            };
             members.push(Member {
                 name: (*name).into(),
                 client_url,
@@ -184,6 +217,7 @@ impl EtcdCluster {
             members,
             dir: dir.to_owned(),
             tls,
+            ns: ns.map(str::to_owned),
         };
         if let Err(e) = cluster.wait_leader(Duration::from_secs(60)) {
             panic!("{e}\n{}", cluster.logs());
@@ -202,7 +236,14 @@ impl EtcdCluster {
 
     /// `etcdctl endpoint status` of one member: (its id, the leader's id).
     fn status(&self, url: &str) -> Option<(u64, u64)> {
-        let mut cmd = std::process::Command::new("etcdctl");
+        let mut cmd = match &self.ns {
+            Some(ns) => {
+                let mut c = std::process::Command::new("ip");
+                c.args(["netns", "exec", ns, "etcdctl"]);
+                c
+            }
+            None => std::process::Command::new("etcdctl"),
+        };
         if let Some(t) = &self.tls {
             cmd.arg("--cacert")
                 .arg(&t.ca)
