@@ -122,14 +122,17 @@ fn bad_magic_and_unknown_version() {
     let mut m = e2.clone();
     m[0] = b'X';
     assert_rejected(&m, &replica, |e| matches!(e, CodecError::BadMagic { .. }));
-    let mut v = e2.clone();
-    v[4] = 2;
-    assert_rejected(&v, &replica, |e| {
-        *e == CodecError::UnsupportedVersion {
-            found: 2,
-            supported: 1,
-        }
-    });
+    // Versions 1 and 2 are read; 0 and 3 are not.
+    for version in [0u8, 3] {
+        let mut v = e2.clone();
+        v[4] = version;
+        assert_rejected(&v, &replica, |e| {
+            *e == CodecError::UnsupportedVersion {
+                found: version.into(),
+                supported: 2,
+            }
+        });
+    }
 }
 
 #[test]
