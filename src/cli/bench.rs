@@ -97,7 +97,8 @@ pub enum BenchCommand {
         /// else target/guest/netguest.elf).
         #[arg(long)]
         guest_image: Option<std::path::PathBuf>,
-        /// Folder for configurations, logs and replicas (kept).
+        /// Folder for the configurations and logs (kept; the replicas and
+        /// disks are removed at the end).
         #[arg(long)]
         work_dir: Option<std::path::PathBuf>,
     },

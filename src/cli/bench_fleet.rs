@@ -78,8 +78,8 @@ pub struct Options {
     /// Offered load: what each client reads per second, KiB.
     pub client_kib_s: u64,
     pub guest_image: Option<PathBuf>,
-    /// Logs and state, kept. Default: a temp folder removed when every
-    /// cell passed.
+    /// Configurations and logs, kept (replicas and disks are removed at
+    /// the end). Default: a temp folder removed when every cell passed.
     pub work_dir: Option<PathBuf>,
 }
 
@@ -1005,6 +1005,22 @@ pub fn run(opts: Options) -> Result<bool> {
     }
     if temporary && failed == 0 {
         let _ = std::fs::remove_dir_all(&dir);
+    } else {
+        // Keep the logs and configurations, not the replicas and disks
+        // (gigabytes with many VMs).
+        for cell in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let cell = cell.path();
+            for state in ["standby-state", "witness-state"] {
+                let _ = std::fs::remove_dir_all(cell.join(state));
+            }
+            for f in std::fs::read_dir(&cell).into_iter().flatten().flatten() {
+                let f = f.path();
+                if f.extension().is_some_and(|e| e == "img" || e == "blockmap") {
+                    let _ = std::fs::remove_file(f);
+                }
+            }
+        }
+        eprintln!("logs kept in {}", dir.display());
     }
     Ok(failed == 0)
 }
