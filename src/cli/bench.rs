@@ -85,6 +85,7 @@ pub enum BenchCommand {
         /// Measuring window of each cell, seconds.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        /// Checkpoint interval, ms.
         #[arg(long, default_value_t = 50)]
         epoch_ms: u64,
         /// RTT of the emulated WAN, ms.
