@@ -65,7 +65,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use etcd_cluster::{require_etcd, EtcdCluster};
+use etcd_cluster::EtcdCluster;
 use hypervisor::qemu::LinuxImage;
 use remus_wan::certs::{init_site, InitOptions};
 use remus_wan::testbed::CounterCheck;
@@ -1338,7 +1338,7 @@ fn yank_the_plug_on_dc1_moves_the_vm_to_dc2_with_its_connections() {
 #[cfg(feature = "etcd")]
 #[test]
 fn yank_the_plug_on_dc1_with_etcd_as_the_arbiter() {
-    if !(preflight("yank_the_plug_etcd") && require_etcd("yank_the_plug_etcd")) {
+    if !(preflight("yank_the_plug_etcd") && etcd_cluster::require_etcd("yank_the_plug_etcd")) {
         return;
     }
     kill_dc1("kill dc1, etcd", &Guest::MicroVm, ArbiterKind::Etcd);
