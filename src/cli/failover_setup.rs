@@ -21,13 +21,16 @@ pub fn site_id(cfg: &Config, name: &str) -> Option<SiteId> {
 
 /// Starts the failover shell for `vm` at site `me`, or `None` when the
 /// configuration has no witness. `to_peer` is how the other site is
-/// reached (the primary dials; the backup accepts).
+/// reached (the primary dials; the backup accepts). `endpoint`: the site
+/// daemon's failover endpoint, shared by all its VMs' links (else one of
+/// this VM's own).
 pub fn start(
     cfg: &Config,
     vm: &Vm,
     me: &str,
     start_as: StartAs,
     to_peer: LinkKind,
+    endpoint: Option<&Endpoint>,
 ) -> Result<Option<(ArbiterHandle, UnboundedReceiver<Event>)>, String> {
     let Some(w) = &cfg.witness else {
         return Ok(None);
@@ -43,7 +46,7 @@ pub fn start(
         return Err(format!("`vms.{}`: unknown site", vm.name));
     };
     let timers = cfg.failover.timers();
-    let to_witness = witness_link(cfg, w, site, me_id)?;
+    let to_witness = witness_link(cfg, w, site, me_id, endpoint)?;
     Ok(Some(arbiter::spawn(ArbiterOptions {
         vm: vm.name.clone(),
         me: me_id,
@@ -62,12 +65,14 @@ fn witness_link(
     w: &crate::config::Witness,
     site: &Site,
     me: SiteId,
+    endpoint: Option<&Endpoint>,
 ) -> Result<LinkKind, String> {
     match w.backend {
-        // The witness link has its own endpoint (an ephemeral port), so it
-        // never waits behind replication traffic in one congestion window.
+        // The witness link has its own endpoint (an ephemeral port, shared
+        // by the failover links of a daemon's VMs), so it never waits
+        // behind replication traffic in one congestion window or socket.
         WitnessBackend::Builtin => Ok(LinkKind::Dial {
-            endpoint: ephemeral_endpoint(site)?,
+            endpoint: failover_endpoint(site, endpoint)?,
             addr: w.connect_addr(),
             name: w.name.clone(),
             control: false,
@@ -101,9 +106,17 @@ fn witness_link(
     }
 }
 
-/// A QUIC endpoint of `site` on an ephemeral port of its address, for a
-/// failover link it dials.
-fn ephemeral_endpoint(site: &Site) -> Result<Endpoint, String> {
+/// `shared`, or else a new endpoint of `site` for one VM's link.
+fn failover_endpoint(site: &Site, shared: Option<&Endpoint>) -> Result<Endpoint, String> {
+    match shared {
+        Some(e) => Ok(e.clone()),
+        None => ephemeral_endpoint(site),
+    }
+}
+
+/// A QUIC endpoint of `site` on an ephemeral port of its address, for
+/// failover links it dials.
+pub fn ephemeral_endpoint(site: &Site) -> Result<Endpoint, String> {
     Endpoint::bind(
         std::net::SocketAddr::new(site.listen.ip(), 0),
         TransportConfig::new(common::tls_paths(&site.tls)),
@@ -113,9 +126,9 @@ fn ephemeral_endpoint(site: &Site) -> Result<Endpoint, String> {
 
 /// The failover link from `me` to its peer site, which `me` dials (the
 /// site that runs the VM reaches the one holding the replica).
-pub fn dial_peer(me: &Site, peer: &Site) -> Result<LinkKind, String> {
+pub fn dial_peer(me: &Site, peer: &Site, endpoint: Option<&Endpoint>) -> Result<LinkKind, String> {
     Ok(LinkKind::Dial {
-        endpoint: ephemeral_endpoint(me)?,
+        endpoint: failover_endpoint(me, endpoint)?,
         addr: peer.connect_addr(),
         name: peer.name.clone(),
         control: true,

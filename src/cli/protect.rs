@@ -143,6 +143,13 @@ impl ProtectArgs {
                     return Code::Failure;
                 }
             };
+            let failover_endpoint = match super::failover_setup::ephemeral_endpoint(&me) {
+                Ok(e) => e,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return Code::Failure;
+                }
+            };
             let speaker = match Addresses::site_speaker(&cfg, &home).await {
                 Ok(s) => s,
                 Err(e) => {
@@ -153,6 +160,7 @@ impl ProtectArgs {
             let launcher = ProtectSite {
                 selection,
                 endpoint: endpoint.clone(),
+                failover_endpoint: failover_endpoint.clone(),
                 published,
                 control,
                 speaker: speaker.clone(),
@@ -165,6 +173,7 @@ impl ProtectArgs {
                 s.shutdown().await;
             }
             endpoint.close();
+            failover_endpoint.close();
             super::standby::exit_code(&ends)
         }))
     }

@@ -120,7 +120,19 @@ impl StandbyArgs {
                 }
             };
             let router = Router::serve(endpoint.clone());
+            let failover_endpoint = match cfg
+                .site(&self.site)
+                .ok_or_else(|| "no such site".to_owned())
+                .and_then(super::failover_setup::ephemeral_endpoint)
+            {
+                Ok(e) => e,
+                Err(e) => {
+                    eprintln!("error: failover endpoint: {e}");
+                    return Code::Failure;
+                }
+            };
             let launcher = StandbySite {
+                failover_endpoint: failover_endpoint.clone(),
                 site: self.site.clone(),
                 state_dir: self.state_dir.clone(),
                 router: router.clone(),
@@ -142,6 +154,7 @@ impl StandbyArgs {
                 s.shutdown().await;
             }
             endpoint.close();
+            failover_endpoint.close();
             exit_code(&ends)
         }))
     }

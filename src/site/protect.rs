@@ -98,6 +98,9 @@ impl Selection {
 pub struct ProtectSite {
     pub selection: Selection,
     pub endpoint: Endpoint,
+    /// Every VM's failover links (to the witness, to the backup) dial from
+    /// here: one UDP socket apart from replication's.
+    pub failover_endpoint: Endpoint,
     pub published: crate::metrics::Published,
     pub control: ControlRouter,
     pub speaker: Option<Arc<Speaker>>,
@@ -133,6 +136,7 @@ impl Launcher for ProtectSite {
         });
         let ctx = VmContext {
             endpoint: self.endpoint.clone(),
+            failover_endpoint: self.failover_endpoint.clone(),
             published: self.published.clone(),
             control: self.control.clone(),
             speaker: self.speaker.clone(),
@@ -157,6 +161,7 @@ enum Started {
 
 struct VmContext {
     endpoint: Endpoint,
+    failover_endpoint: Endpoint,
     published: crate::metrics::Published,
     control: ControlRouter,
     speaker: Option<Arc<Speaker>>,
@@ -263,11 +268,19 @@ impl VmContext {
         protector.accept_control(control_rx);
         self.control.register(&vm.name, control_tx);
         protector.publish_to(self.published.clone());
-        let to_backup = match failover_setup::dial_peer(primary, backup) {
-            Ok(link) => link,
-            Err(e) => return VmEnd::Failed(e),
-        };
-        match failover_setup::start(cfg, vm, &primary.name, StartAs::Primary, to_backup) {
+        let to_backup =
+            match failover_setup::dial_peer(primary, backup, Some(&self.failover_endpoint)) {
+                Ok(link) => link,
+                Err(e) => return VmEnd::Failed(e),
+            };
+        match failover_setup::start(
+            cfg,
+            vm,
+            &primary.name,
+            StartAs::Primary,
+            to_backup,
+            Some(&self.failover_endpoint),
+        ) {
             Ok(Some((arbiter, events))) => {
                 let addresses =
                     match Addresses::for_vm(cfg, &primary.name, vm, self.speaker.clone()) {

@@ -58,6 +58,8 @@ pub fn bind(cfg: &Config, site: &str) -> Result<Endpoint, String> {
 /// What every VM of the standby daemon shares.
 pub struct StandbySite {
     pub site: String,
+    /// Every VM's link to the witness dials from here.
+    pub failover_endpoint: wan::transport::Endpoint,
     pub state_dir: PathBuf,
     pub router: Router,
     pub published: crate::metrics::Published,
@@ -88,6 +90,7 @@ impl Launcher for StandbySite {
         // says it listens.
         let (listener, control) = self.router.add(&vm.name, &peer);
         let ctx = VmContext {
+            failover_endpoint: self.failover_endpoint.clone(),
             site: self.site.clone(),
             state_dir: self.state_dir.clone(),
             published: self.published.clone(),
@@ -105,6 +108,7 @@ impl Launcher for StandbySite {
 }
 
 struct VmContext {
+    failover_endpoint: wan::transport::Endpoint,
     site: String,
     state_dir: PathBuf,
     published: crate::metrics::Published,
@@ -175,6 +179,7 @@ impl VmContext {
             &self.site,
             StartAs::Backup,
             LinkKind::Accept(control),
+            Some(&self.failover_endpoint),
         ) {
             Ok(Some((arbiter, events))) => {
                 let addresses = match Addresses::for_vm(cfg, &self.site, &vm, self.speaker.clone())

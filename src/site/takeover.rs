@@ -150,7 +150,7 @@ pub fn run_after_takeover(
             }
         };
         act.arbiter
-            .redirect_peer(crate::cli::failover_setup::dial_peer(&me, &peer)?);
+            .redirect_peer(crate::cli::failover_setup::dial_peer(&me, &peer, None)?);
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         control.register(&vm.name, tx);
         Ok(start(Failover {
