@@ -430,12 +430,25 @@ mod tests {
         );
         for pid in std::fs::read_to_string(&pids).unwrap().lines() {
             let pid: i32 = pid.trim().parse().unwrap();
-            // Reaped or a zombie: either way no longer running.
-            let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let running = state
-                .rsplit_once(") ")
-                .is_some_and(|(_, rest)| !rest.starts_with('Z'));
-            assert!(!running, "process {pid} of the hook survived: {state}");
+            // Reaped or a zombie: either way no longer running. A killed
+            // process may still be on its way out on a busy machine (its
+            // SIGKILL is handled when it next runs): wait for that state,
+            // bounded.
+            let stat = || std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let running = |state: &str| {
+                state
+                    .rsplit_once(") ")
+                    .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+            };
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while running(&stat()) && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let state = stat();
+            assert!(
+                !running(&state),
+                "process {pid} of the hook survived: {state}"
+            );
         }
     }
 }
