@@ -4,10 +4,6 @@ use clap::Subcommand;
 
 use super::exit::Code;
 
-// src/cli/bench_fleet.rs
-#[path = "bench_fleet.rs"]
-mod bench_fleet;
-
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// Stream synthetic checkpoint epochs over an emulated WAN (RTT 0/20/50/100 ms,
@@ -172,7 +168,7 @@ impl BenchCommand {
                 guest_image,
                 work_dir,
             } => {
-                let opts = bench_fleet::Options {
+                let opts = super::bench_fleet::Options {
                     counts: vms,
                     seconds,
                     epoch_ms,
@@ -181,7 +177,7 @@ impl BenchCommand {
                     guest_image,
                     work_dir,
                 };
-                match bench_fleet::run(opts) {
+                match super::bench_fleet::run(opts) {
                     Ok(true) => Code::Success,
                     Ok(false) => Code::Failure,
                     Err(e) => {

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_failback;
+mod bench_fleet;
 mod bench_protect;
 mod bench_resync;
 mod bench_sched;
