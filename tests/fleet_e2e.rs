@@ -431,3 +431,190 @@ fn group_run(point: &str, nth: u64) {
     })
     .expect("network namespace");
 }
+
+/// Orders kept in flight at once by the shop client.
+const ORDER_WINDOW: u64 = 4;
+/// Orders the shop client must see confirmed after the primary died.
+const ORDERS_AFTER_KILL: u64 = 20;
+
+/// A line client: requests written whole, replies read one line at a time.
+struct Lines {
+    conn: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Lines {
+    fn connect(addr: SocketAddr, log: impl Fn() -> String) -> Lines {
+        let conn = connect_retrying(&addr, Duration::from_secs(120))
+            .unwrap_or_else(|e| panic!("{addr}: {e}\nprotect log:\n{}", log()));
+        conn.set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("timeout");
+        Lines {
+            conn,
+            buf: Vec::new(),
+        }
+    }
+
+    fn send(&mut self, text: &str) {
+        use std::io::Write;
+        self.conn.write_all(text.as_bytes()).expect("request");
+    }
+
+    /// The next reply line, or None if none came within `limit`.
+    fn line(&mut self, limit: Duration) -> Option<String> {
+        use std::io::Read;
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=i).collect();
+                return Some(String::from_utf8_lossy(&line[..i]).into_owned());
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            let mut chunk = [0u8; 4096];
+            match self.conn.read(&mut chunk) {
+                Ok(0) => panic!("connection closed by the guest"),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+    }
+}
+
+/// A group whose members talk to each other: the client orders at vm1
+/// (the shop front, TCP 7100), which numbers each order and records it in
+/// vm2's key-value database before it confirms. The primary dies at a
+/// random moment (two fault points); after the group's takeover the
+/// client's same connection goes on, every confirmation it ever got came
+/// in order with no gap or duplicate, and vm2's database holds exactly the
+/// orders vm1 has taken, each under the number the client was told: the
+/// database is neither behind nor ahead of the front.
+#[test]
+fn a_group_s_database_always_holds_what_its_front_confirmed() {
+    if !support::require_kvm_root("fleet_e2e") {
+        return;
+    }
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(11, |d| d.as_nanos() as u64)
+        ^ u64::from(std::process::id()).rotate_left(17);
+    for (k, point) in ["protect.sent", "protect.paused"].into_iter().enumerate() {
+        let nth = 15 + (seed >> (8 * k)) % 40;
+        eprintln!("shop run: protect dies at {point}@{nth} (seed {seed})");
+        shop_run(point, nth);
+    }
+}
+
+fn shop_run(point: &str, nth: u64) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().to_owned();
+    let cfg = deployment(&dir)
+        .write_fleet_with(2, Some("shop"))
+        .expect("group deployment");
+    let cfg_s = cfg.to_str().expect("utf-8").to_owned();
+    let log = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+
+    hypervisor::netns::in_new_netns(|| {
+        bridge_and_taps(2);
+        let _wan = wan_emulator();
+        let (_witness, _standby) = witness_and_standby(&dir, &cfg_s);
+        let mut protect = Proc::remus_env(
+            "protect",
+            &["protect", "shop", "--site", "dc2", "--config", &cfg_s],
+            &[("REMUS_WAN_FAULT", format!("{point}@{nth}"))],
+            &dir.join("protect.log"),
+        );
+        let (front, db) = (fleet_address(1), fleet_address(2));
+        let mut shop = Lines::connect(SocketAddr::new(front.into(), 7100), || {
+            support::tail(&log("protect.log"), 40)
+        });
+        shop.send(&format!("DB {db}\n"));
+        assert_eq!(
+            shop.line(Duration::from_secs(60)).as_deref(),
+            Some("OK"),
+            "the front accepts its database"
+        );
+        // Orders flow (a window of them in flight) until the primary has
+        // died, then until enough more are confirmed by the new primary.
+        let (mut sent, mut confirmed) = (0u64, 0u64);
+        let mut after_kill: Option<u64> = None;
+        let deadline = Instant::now() + Duration::from_secs(240);
+        loop {
+            if after_kill.is_none() && protect.has_exited() {
+                after_kill = Some(confirmed);
+            }
+            if after_kill.is_some_and(|at| confirmed >= at + ORDERS_AFTER_KILL) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "orders stalled: {confirmed} confirmed, primary {}\nprotect log:\n{}\nstandby log:\n{}",
+                if after_kill.is_some() { "dead" } else { "alive" },
+                support::tail(&log("protect.log"), 30),
+                support::tail(&log("standby.log"), 60)
+            );
+            while sent < confirmed + ORDER_WINDOW {
+                sent += 1;
+                shop.send(&format!("ORDER o{sent}\n"));
+            }
+            if let Some(reply) = shop.line(Duration::from_millis(200)) {
+                confirmed += 1;
+                assert_eq!(
+                    reply,
+                    format!("OK o{confirmed} {confirmed}"),
+                    "confirmations come in order, numbered with no gap or duplicate"
+                );
+            }
+        }
+        // Let the orders in flight finish, then compare both VMs' state.
+        while confirmed < sent {
+            let reply = shop
+                .line(Duration::from_secs(60))
+                .unwrap_or_else(|| panic!("order o{} never confirmed", confirmed + 1));
+            confirmed += 1;
+            assert_eq!(reply, format!("OK o{confirmed} {confirmed}"));
+        }
+        shop.send("TOTAL\n");
+        assert_eq!(
+            shop.line(Duration::from_secs(60)),
+            Some(format!("TOTAL {confirmed}")),
+            "the front took exactly the orders it confirmed"
+        );
+        let mut database = Lines::connect(SocketAddr::new(db.into(), 7000), || {
+            support::tail(&log("standby.log"), 40)
+        });
+        let mut requests = String::from("COUNT\n");
+        for i in 1..=confirmed {
+            requests.push_str(&format!("GET o{i}\n"));
+        }
+        database.send(&requests);
+        assert_eq!(
+            database.line(Duration::from_secs(60)),
+            Some(format!("COUNT {confirmed}")),
+            "the database holds as many orders as the front took"
+        );
+        for i in 1..=confirmed {
+            assert_eq!(
+                database.line(Duration::from_secs(60)),
+                Some(format!("VALUE {i}")),
+                "order o{i} in the database under the number the client was told"
+            );
+        }
+        let takeovers = log("standby.log")
+            .lines()
+            .filter(|l| l.contains("takeover complete"))
+            .count();
+        assert_eq!(takeovers, 1, "one takeover for the whole group");
+        eprintln!(
+            "shop run at {point}@{nth}: {confirmed} orders, {} before the primary died",
+            after_kill.unwrap_or(0)
+        );
+    })
+    .expect("network namespace");
+}

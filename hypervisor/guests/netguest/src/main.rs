@@ -7,7 +7,9 @@
 //! * TCP 7000: key-value (`SET k v`, `GET k`, `COUNT`, one per line), writes
 //!   on the block device before the `OK`;
 //! * TCP 9100: memory-dirtying workload on request (`DIRTY <kib> <ms>`,
-//!   see `dirty.rs`), for benchmarks.
+//!   see `dirty.rs`), for benchmarks;
+//! * TCP 7100: a shop front that records each order in another guest's
+//!   key-value service (`front.rs`), for consistency-group tests.
 //!
 //! Beside that it can dirty memory at a configured rate (benchmarks).
 #![no_std]
@@ -16,6 +18,7 @@
 extern crate alloc;
 
 mod dirty;
+mod front;
 mod hal;
 mod kvstore;
 mod netdev;
@@ -89,16 +92,17 @@ extern "C" fn guest_main(info: &'static BootInfo) -> u32 {
     let mut sockets = SocketSet::new(alloc::vec![]);
     let mut services = services::Services::new(&mut sockets, kv);
     let mut dirtier = dirty::Dirtier::new(&mut sockets);
+    let mut front = front::Front::new(&mut sockets);
     let mut workload = services::Workload::new(info.dirty_set_pages, info.dirty_pages_per_ms);
     println!(
-        "net guest: {}.{}.{}.{}/{} up: echo 7, counter 9000, kv 7000, dirty 9100",
+        "net guest: {}.{}.{}.{}/{} up: echo 7, counter 9000, kv 7000, dirty 9100, front 7100",
         a, b, c, d, info.prefix_len
     );
     guest_rt::report_ready();
     loop {
         let ts = now();
         iface.poll(ts, &mut device, &mut sockets);
-        let busy = services.serve(&mut sockets);
+        let busy = services.serve(&mut sockets) | front.serve(&mut iface, &mut sockets);
         // Runs at most one slice (about 1 ms) of a dirtying job, so the
         // loop comes back to poll the network stack in between.
         let dirtying = dirtier.serve(&mut sockets);
