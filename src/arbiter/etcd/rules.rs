@@ -192,7 +192,7 @@ impl Arbiter {
     ) -> Result<Message, K::Error> {
         let cur = kv.get(&self.key).await?;
         let Some(e) = cur else {
-            return Ok(self.refusal(req, None));
+            return self.hand_lapsed(kv, req, token_, to).await;
         };
         let named = decode(&e.value);
         let fresh =
@@ -221,6 +221,54 @@ impl Arbiter {
                 Ok(LeaseReply::refused(req, rev, Some(to)))
             }
             Err(now) => Ok(self.refusal(req, now.as_ref())),
+        }
+    }
+
+    /// A handover whose lease ran out before it reached etcd (the sender
+    /// was cut off from etcd, or its renewals were late): etcd deleted the
+    /// key, so nobody holds the lease and `to` gets it under a new etcd
+    /// lease, as if it had asked. The built-in witness does the same: its
+    /// record outlives the lease, so the handover is still fresh there.
+    ///
+    /// Refusing instead (the key names nobody, under no token) told the
+    /// sender nothing it could act on: with its output held, it asked again
+    /// and again, and the VM ran nowhere until the engine abandoned the
+    /// switchover, or for good without that deadline. Safe because the
+    /// lease is free: the sender releases nothing once it has asked for a
+    /// handover, and the new token is larger than any earlier one.
+    ///
+    /// As the witness checks that its record still holds the sender's
+    /// token, a lapsed key is handed over only when no later holder is
+    /// known here: a handover that a newer grant overtook is stale, and the
+    /// sender is told the newer token (superseding it if it did not know).
+    async fn hand_lapsed<K: Kv>(
+        &mut self,
+        kv: &mut K,
+        req: u64,
+        token_: u64,
+        to: SiteId,
+    ) -> Result<Message, K::Error> {
+        if to == self.me {
+            return Ok(self.refusal(req, None));
+        }
+        if token(self.seen) > token_ {
+            return Ok(LeaseReply::refused(req, self.seen, None));
+        }
+        let (lease, _) = kv.grant(self.ttl).await?;
+        match kv.put_if(&self.key, 0, encode(to, lease), lease).await? {
+            Ok(rev) => {
+                self.seen = self.seen.max(rev);
+                tracing::info!(key = %self.key, token = rev, to = to.0, "lapsed etcd lease handed over");
+                Ok(LeaseReply::refused(req, rev, Some(to)))
+            }
+            Err(now) => {
+                // Someone took the key meanwhile: the sender learns who,
+                // under which token, as from any refusal.
+                if let Err(e) = kv.revoke(lease).await {
+                    tracing::debug!(key = %self.key, error = %e, "etcd lease revoke failed (it expires by itself)");
+                }
+                Ok(self.refusal(req, now.as_ref()))
+            }
         }
     }
 
