@@ -37,6 +37,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use etcd_cluster::{require_etcd, EtcdCluster};
+use support::wan::{Wan, WanSpec};
 use support::{connect_retrying, wait_for_log, Counter, Proc};
 
 fn preflight(test: &str) -> bool {
@@ -339,73 +340,6 @@ impl Drop for Relay {
     }
 }
 
-/// The WAN emulator in front of dc2 (UDP relay), on a thread of this
-/// namespace.
-struct Wan {
-    handle: wan::emulator::EmulatorHandle,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-    addr: SocketAddr,
-}
-
-impl Wan {
-    fn start(upstream: SocketAddr) -> Wan {
-        use wan::emulator::{Emulator, EmulatorConfig, LinkParams};
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async move {
-                let mut cfg = EmulatorConfig::new(upstream).with_link(LinkParams::symmetric(
-                    Duration::from_millis(2),
-                    0.0,
-                    None,
-                ));
-                cfg.listen = "127.0.0.1:0".parse().expect("addr");
-                cfg.max_lifetime = support::HARD_LIMIT;
-                let emu = match Emulator::start(cfg).await {
-                    Ok(e) => e,
-                    Err(e) => {
-                        let _ = tx.send(Err(format!("WAN emulator: {e}")));
-                        return;
-                    }
-                };
-                let _ = tx.send(Ok((emu.handle(), emu.local_addr())));
-                let deadline = Instant::now() + support::HARD_LIMIT;
-                while !stop2.load(Ordering::SeqCst) && Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                drop(emu);
-            });
-        });
-        let (handle, addr) = match rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(Ok(h)) => h,
-            Ok(Err(e)) => panic!("{e}"),
-            Err(e) => panic!("WAN emulator did not start: {e}"),
-        };
-        Wan {
-            handle,
-            stop,
-            thread: Some(thread),
-            addr,
-        }
-    }
-}
-
-impl Drop for Wan {
-    fn drop(&mut self) {
-        self.handle.stop();
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 #[test]
 fn primary_cut_from_etcd_and_backup_fences_and_the_backup_takes_over() {
     if !preflight("etcd_e2e") {
@@ -435,7 +369,12 @@ fn primary_cut_from_etcd_and_backup_fences_and_the_backup_takes_over() {
             })
             .collect();
         let relayed: Vec<String> = relays.iter().map(|r| format!("http://{}", r.addr)).collect();
-        let wan = Wan::start("127.0.0.1:17812".parse().expect("dc2 addr"));
+        let wan = Wan::start(WanSpec {
+            netns: None,
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            upstream: "127.0.0.1:17812".parse().expect("dc2 addr"),
+            rtt: Duration::from_millis(2),
+        });
         let dc1_cfg: PathBuf = dir.join("dc1.toml");
         let dc1_text = with_etcd(&text, &relayed)
             .replace(&format!("tap = \"{tap2}\""), &format!("tap = \"{tap1}\""))

@@ -15,6 +15,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use remus_wan::testbed::{fleet_address, fleet_tap, LocalDeployment};
+use support::wan::{Wan, WanSpec};
 use support::{connect_retrying, wait_for_log, Counter, Proc};
 
 const VMS: usize = 8;
@@ -68,21 +69,13 @@ const EMULATOR_PORT: u16 = 17953;
 const WITNESS_PORT: u16 = 17954;
 
 /// The WAN between the sites (10 ms RTT): dc1 reaches dc2 through it.
-/// Lives as long as the returned runtime and emulator.
-fn wan_emulator() -> (tokio::runtime::Runtime, wan::emulator::Emulator) {
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let mut ecfg =
-        wan::emulator::EmulatorConfig::new(format!("127.0.0.1:{DC2_PORT}").parse().expect("addr"))
-            .with_link(wan::emulator::LinkParams::symmetric(
-                Duration::from_millis(10),
-                0.0,
-                None,
-            ));
-    ecfg.listen = format!("127.0.0.1:{EMULATOR_PORT}").parse().expect("addr");
-    let emulator = rt
-        .block_on(wan::emulator::Emulator::start(ecfg))
-        .expect("WAN emulator");
-    (rt, emulator)
+fn wan_emulator() -> Wan {
+    Wan::start(WanSpec {
+        netns: None,
+        listen: format!("127.0.0.1:{EMULATOR_PORT}").parse().expect("addr"),
+        upstream: format!("127.0.0.1:{DC2_PORT}").parse().expect("addr"),
+        rtt: Duration::from_millis(10),
+    })
 }
 
 /// The witness and the standby daemon of dc2 for `cfg` (state and logs in

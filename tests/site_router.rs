@@ -5,11 +5,12 @@
 //! VM's peer, is refused (closed) and reaches nobody; a removed VM's
 //! listener ends.
 
+mod support;
+
 use std::path::Path;
 use std::time::Duration;
 
 use remus_wan::arbiter::demux::{Router, CONTROL_MAGIC};
-use remus_wan::certs::{init_site, InitOptions};
 use remus_wan::witness::frame::{read_message, write_message};
 use tokio::io::AsyncReadExt;
 use wan::session::wire::{ControlFrame, Hello, PROTOCOL_VERSION};
@@ -19,15 +20,7 @@ use wan::transport::{Endpoint, TlsPaths, TransportConfig};
 const LIMIT: Duration = Duration::from_secs(20);
 
 fn pki(dir: &Path) {
-    for site in ["dc1", "dc2", "dc3"] {
-        init_site(&InitOptions {
-            site: site.into(),
-            out: dir.to_owned(),
-            ca_dir: None,
-            days: 2,
-        })
-        .expect("certs");
-    }
+    support::pki(dir, &["dc1", "dc2", "dc3"]);
 }
 
 fn endpoint(dir: &Path, site: &str, allowed: &[&str]) -> Endpoint {

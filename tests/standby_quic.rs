@@ -4,6 +4,8 @@
 //! reaches the replica; and corruption on the wire itself (bits flipped
 //! by the WAN emulator) is dropped by QUIC and never reaches the standby.
 
+mod support;
+
 use std::path::Path;
 use std::time::Duration;
 
@@ -58,15 +60,7 @@ impl Guest {
 }
 
 fn pki(dir: &Path) {
-    for site in ["dc1", "dc2"] {
-        init_site(&InitOptions {
-            site: site.into(),
-            out: dir.to_owned(),
-            ca_dir: None,
-            days: 2,
-        })
-        .expect("certs");
-    }
+    support::pki(dir, &["dc1", "dc2"]);
 }
 
 async fn wait_committed(

@@ -3,13 +3,14 @@
 //! only a VM's two sites served, a state directory without its file
 //! refused, foreign certificates refused, garbage survived.
 
+mod support;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use failover::{Message, SiteId, Timers};
-use remus_wan::certs::{init_site, InitOptions};
 use remus_wan::witness::frame::{read_message, write_message};
 use remus_wan::witness::{
     LeaseStore, LeaseStoreError, VmSites, WitnessError, WitnessOptions, WitnessServer,
@@ -17,15 +18,7 @@ use remus_wan::witness::{
 use wan::transport::{Endpoint, TlsPaths, TransportConfig};
 
 fn pki(dir: &Path) {
-    for site in ["dc1", "dc2", "dc3", "witness"] {
-        init_site(&InitOptions {
-            site: site.into(),
-            out: dir.to_owned(),
-            ca_dir: None,
-            days: 2,
-        })
-        .expect("certs");
-    }
+    support::pki(dir, &["dc1", "dc2", "dc3", "witness"]);
 }
 
 fn timers() -> Timers {

@@ -58,7 +58,6 @@ mod support;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -67,10 +66,9 @@ use std::time::{Duration, Instant};
 
 use etcd_cluster::EtcdCluster;
 use hypervisor::qemu::LinuxImage;
-use remus_wan::certs::{init_site, InitOptions};
 use remus_wan::testbed::CounterCheck;
+use support::wan::{Wan, WanSpec};
 use support::{ip, ip_in, output, tail, verdict, which, Proc, HARD_LIMIT};
-use wan::emulator::{Emulator, EmulatorConfig, EmulatorHandle, LinkParams};
 
 // ---------------------------------------------------------------- constants
 
@@ -501,82 +499,6 @@ fn route_site(birdc: &str) -> Option<&'static str> {
 
 // ---------------------------------------------------------------- WAN emulator
 
-/// The dc1↔dc2 WAN: a UDP relay on a thread inside dc2's namespace.
-struct Wan {
-    handle: EmulatorHandle,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Wan {
-    fn start(ns: &str) -> Wan {
-        let path = format!("/var/run/netns/{ns}");
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let thread = std::thread::spawn(move || {
-            let ns_file = match File::open(&path) {
-                Ok(f) => f,
-                Err(e) => {
-                    let _ = tx.send(Err(format!("{path}: {e}")));
-                    return;
-                }
-            };
-            // SAFETY: setns on this thread only, with a valid namespace fd.
-            if unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                let _ = tx.send(Err(format!(
-                    "setns {path}: {}",
-                    std::io::Error::last_os_error()
-                )));
-                return;
-            }
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async move {
-                let mut cfg = EmulatorConfig::new(SocketAddr::from(([127, 0, 0, 1], DC2_PORT)))
-                    .with_link(LinkParams::symmetric(WAN_RTT, 0.0, None));
-                cfg.listen = format!("{DC2}:{EMULATOR_PORT}").parse().expect("addr");
-                cfg.max_lifetime = HARD_LIMIT;
-                let emu = match Emulator::start(cfg).await {
-                    Ok(e) => e,
-                    Err(e) => {
-                        let _ = tx.send(Err(format!("WAN emulator: {e}")));
-                        return;
-                    }
-                };
-                let _ = tx.send(Ok(emu.handle()));
-                let deadline = Instant::now() + HARD_LIMIT;
-                while !stop2.load(Ordering::SeqCst) && Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                drop(emu);
-            });
-        });
-        let handle = match rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(Ok(h)) => h,
-            Ok(Err(e)) => panic!("{e}"),
-            Err(e) => panic!("WAN emulator did not start: {e}"),
-        };
-        Wan {
-            handle,
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Wan {
-    fn drop(&mut self) {
-        self.handle.stop();
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 // ---------------------------------------------------------------- client
 
 /// Connects from the client namespace with a 32 KiB receive buffer, so
@@ -988,15 +910,7 @@ impl World {
             .tempdir()
             .expect("tempdir");
         let dir = tmp.path().to_owned();
-        for site in ["dc1", "dc2", "witness"] {
-            init_site(&InitOptions {
-                site: site.into(),
-                out: dir.join("pki"),
-                ca_dir: None,
-                days: 2,
-            })
-            .expect("certificates");
-        }
+        support::pki(&dir.join("pki"), &["dc1", "dc2", "witness"]);
         if let Guest::MicroVm = guest {
             File::create(dir.join("web1.img"))
                 .and_then(|f| f.set_len(4 << 20))
@@ -1013,7 +927,12 @@ impl World {
             dir.display()
         );
         let bird = Bird::start(&net, &dir);
-        let wan = Wan::start(&net.dc2);
+        let wan = Wan::start(WanSpec {
+            netns: Some(net.dc2.clone()),
+            listen: format!("{DC2}:{EMULATOR_PORT}").parse().expect("addr"),
+            upstream: SocketAddr::from(([127, 0, 0, 1], DC2_PORT)),
+            rtt: WAN_RTT,
+        });
         // etcd first: the configuration names its endpoints.
         let cluster = (arbiter == ArbiterKind::Etcd)
             .then(|| EtcdCluster::start_in(&dir.join("etcd"), &net.witness, WITNESS));

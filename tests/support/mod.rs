@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 
 use remus_wan::testbed::CounterCheck;
 
+pub mod wan;
+
 /// No wait in these tests runs longer than this, whatever it is given.
 pub const HARD_LIMIT: Duration = Duration::from_secs(600);
 
@@ -452,4 +454,18 @@ pub fn micro_vm_deployment(
     let cfg_s = cfg.to_str().expect("utf-8").to_owned();
     let dir = tmp.path().to_owned();
     (tmp, dir, cfg_s)
+}
+
+/// A certificate authority and one certificate per site in `dir` (what
+/// `remus-wan certs init` writes), valid two days.
+pub fn pki(dir: &Path, sites: &[&str]) {
+    for site in sites {
+        remus_wan::certs::init_site(&remus_wan::certs::InitOptions {
+            site: (*site).into(),
+            out: dir.to_owned(),
+            ca_dir: None,
+            days: 2,
+        })
+        .unwrap_or_else(|e| panic!("certificates of {site}: {e}"));
+    }
 }
