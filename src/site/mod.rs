@@ -9,6 +9,7 @@
 //! configuration, starts the VMs it adds for this site and stops the VMs
 //! it no longer lists, leaving the others untouched.
 
+pub mod backend;
 pub mod control;
 pub mod group;
 pub mod kvm_vm;

@@ -5,24 +5,26 @@
 //! behind it in a shared stream, and one VM's session reset touches no
 //! other VM).
 
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hypervisor::kvm::devices::net::FrameSink;
-use hypervisor::qemu::QemuGuest;
 use hypervisor::ProtectedGuest;
 use netops::bgp::Speaker;
 use tracing::info;
 use wan::transport::{Endpoint, TransportConfig};
 
+use super::backend::{self, Keep, RunGuest};
 use super::control::ControlRouter;
 use super::group::{units, Unit};
-use super::{qemu_vm, tls_paths, Launcher, StopSignal, VmEnd, VmTask};
+use super::{tls_paths, Launcher, StopSignal, VmEnd, VmTask};
 use crate::addresses::Addresses;
 use crate::arbiter::StartAs;
 use crate::cli::failover_setup;
-use crate::config::{Backend, Config, Site, Vm};
+use crate::config::{Config, Site, Vm};
 use crate::engine::protect::{Capture, ProtectError, ProtectOptions, Protector};
 
 /// Protection of `vm` running at site `me` towards site `peer`.
@@ -152,13 +154,6 @@ impl Launcher for ProtectSite {
     }
 }
 
-/// The VM started here, by backend.
-enum Started {
-    Kvm(hypervisor::kvm::Vm, Option<Box<dyn FrameSink>>),
-    Group(hypervisor::group::GroupGuest, super::group::GroupRelease),
-    Qemu(Box<QemuGuest>, hypervisor::qemu::TapBridge),
-}
-
 struct VmContext {
     endpoint: Endpoint,
     failover_endpoint: Endpoint,
@@ -198,13 +193,9 @@ impl VmContext {
             let seams_capture = capture.clone();
             let console_log = self.console_log.clone();
             tokio::task::spawn_blocking(move || {
-                if members.is_empty() {
-                    start_guest(&vm, &seams_capture, console_log)
-                } else {
-                    super::group::start_members(&members, &seams_capture)
-                        .map(|(g, r)| Started::Group(g, r))
-                        .map_err(VmEnd::Failed)
-                }
+                backend::for_vm(&vm)
+                    .map_err(|e| VmEnd::Config(e.to_string()))?
+                    .start(&vm, &members, &seams_capture, console_log)
             })
             .await
             .unwrap_or_else(|e| Err(VmEnd::Failed(format!("starting the guest: {e}"))))
@@ -213,40 +204,16 @@ impl VmContext {
             Ok(s) => s,
             Err(end) => return end,
         };
-        match started {
-            Started::Kvm(guest, release) => {
-                self.protect(
-                    &cfg,
-                    &vm,
-                    Protector::new(opts, guest, capture, release),
-                    stop,
-                )
-                .await
-            }
-            Started::Group(guest, release) => {
-                let release = Some(Box::new(release) as Box<dyn FrameSink>);
-                self.protect(
-                    &cfg,
-                    &vm,
-                    Protector::new(opts, guest, capture, release),
-                    stop,
-                )
-                .await
-            }
-            Started::Qemu(guest, bridge) => {
-                let release = Some(bridge.sink());
-                let end = self
-                    .protect(
-                        &cfg,
-                        &vm,
-                        Protector::new(opts, *guest, capture, release),
-                        stop,
-                    )
-                    .await;
-                drop(bridge);
-                end
-            }
-        }
+        started
+            .run(Protect {
+                ctx: &self,
+                cfg: &cfg,
+                vm: &vm,
+                opts,
+                capture,
+                stop,
+            })
+            .await
     }
 
     /// Metrics, control, failover, then protection until stopped.
@@ -311,36 +278,33 @@ impl VmContext {
     }
 }
 
-/// Starts `vm`'s guest here, its output and disk writes going to `capture`.
-fn start_guest(vm: &Vm, capture: &Capture, console_log: Option<PathBuf>) -> Result<Started, VmEnd> {
-    match vm.backend {
-        Backend::Kvm => {
-            let spec = super::kvm_vm::spec_from_config(vm)
-                .map_err(VmEnd::Config)?
-                .console(hypervisor::kvm::ConsoleSpec {
-                    log_file: console_log,
-                    to_terminal: false,
-                });
-            let g = hypervisor::kvm::Vm::start(&spec, capture.seams())
-                .map_err(|e| VmEnd::Failed(format!("VM {}: {e}", vm.name)))?;
-            let release = g.tap().map(|t| Box::new(t) as Box<dyn FrameSink>);
-            Ok(Started::Kvm(g, release))
-        }
-        Backend::Qemu => {
-            let spec = qemu_vm::spec_from_config(vm).map_err(VmEnd::Config)?;
-            let guest = QemuGuest::start(&spec, qemu_vm::seams(capture, &spec))
-                .map_err(|e| VmEnd::Failed(format!("VM {}: {e}", vm.name)))?;
-            info!(
-                vm = %vm.name,
-                dirty_tracking = ?guest.dirty_tracking(),
-                "QEMU started"
-            );
-            let bridge = qemu_vm::bridge(&guest, vm).map_err(VmEnd::Failed)?;
-            Ok(Started::Qemu(Box::new(guest), bridge))
-        }
-        Backend::Xen => Err(VmEnd::Config(format!(
-            "vms.{}.backend = \"xen\": this build has no Xen backend",
-            vm.name
-        ))),
+/// Protection of a guest this daemon started, whatever its backend.
+struct Protect<'a> {
+    ctx: &'a VmContext,
+    cfg: &'a Config,
+    vm: &'a Vm,
+    opts: ProtectOptions,
+    capture: Capture,
+    stop: StopSignal,
+}
+
+impl<'a> RunGuest for Protect<'a> {
+    type Output = Pin<Box<dyn Future<Output = VmEnd> + Send + 'a>>;
+
+    fn run<G: ProtectedGuest + 'static>(
+        self,
+        guest: G,
+        release: Option<Box<dyn FrameSink>>,
+        keep: Keep,
+    ) -> Self::Output {
+        Box::pin(async move {
+            let protector = Protector::new(self.opts, guest, self.capture, release);
+            let end = self
+                .ctx
+                .protect(self.cfg, self.vm, protector, self.stop)
+                .await;
+            drop(keep);
+            end
+        })
     }
 }

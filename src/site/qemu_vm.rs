@@ -4,8 +4,14 @@ use hypervisor::qemu::{
     Accel, DirtyTracking, LinuxImage, QemuGuest, QemuNetSpec, QemuSpec, TapBridge,
 };
 use hypervisor::Seams;
+use std::path::PathBuf;
+use tracing::info;
 
+use super::backend::{no_groups, GuestBackend, Started};
+use super::VmEnd;
 use crate::config;
+use crate::engine::protect::Capture;
+use crate::replica::ReplicaStore;
 
 /// The QEMU description of `vm`; QEMU's sockets and log go to a folder of
 /// this process under the system's temporary folder.
@@ -53,7 +59,7 @@ pub fn spec_from_config(vm: &config::Vm) -> Result<QemuSpec, String> {
 
 /// Seams for a QEMU guest: its transmitted frames, and its disk writes
 /// when it has a disk (remus-wan's NBD server hands them to the hook).
-pub fn seams(capture: &crate::engine::protect::Capture, spec: &QemuSpec) -> Seams {
+pub fn seams(capture: &Capture, spec: &QemuSpec) -> Seams {
     let s = capture.seams();
     Seams {
         frame_sink: s.frame_sink,
@@ -68,4 +74,56 @@ pub fn bridge(guest: &QemuGuest, vm: &config::Vm) -> Result<TapBridge, String> {
         .map(|n| n.guest_port())
         .ok_or_else(|| format!("VM {}: no network backend", vm.name))?;
     TapBridge::start(&vm.network.tap, port).map_err(|e| format!("VM {}: {e}", vm.name))
+}
+
+/// A Linux VM in QEMU as the site daemon's backend (no groups).
+pub struct QemuBackend;
+
+impl GuestBackend for QemuBackend {
+    fn start(
+        &self,
+        vm: &config::Vm,
+        members: &[config::Vm],
+        capture: &Capture,
+        _console_log: Option<PathBuf>,
+    ) -> Result<Started, VmEnd> {
+        if !members.is_empty() {
+            return Err(VmEnd::Config(no_groups(vm, "qemu")));
+        }
+        let spec = spec_from_config(vm).map_err(VmEnd::Config)?;
+        let guest = QemuGuest::start(&spec, seams(capture, &spec))
+            .map_err(|e| VmEnd::Failed(format!("VM {}: {e}", vm.name)))?;
+        info!(
+            vm = %vm.name,
+            dirty_tracking = ?guest.dirty_tracking(),
+            "QEMU started"
+        );
+        let bridge = bridge(&guest, vm).map_err(VmEnd::Failed)?;
+        Ok(Started::Qemu(Box::new(guest), bridge))
+    }
+
+    fn restore(
+        &self,
+        vm: &config::Vm,
+        members: &[config::Vm],
+        store: &ReplicaStore,
+        capture: &Capture,
+    ) -> Result<Started, String> {
+        if !members.is_empty() {
+            return Err(no_groups(vm, "qemu"));
+        }
+        let meta = store.meta();
+        if !meta.consistent {
+            return Err("the replica never reached a consistent checkpoint".into());
+        }
+        let mut spec = spec_from_config(vm)?;
+        if spec.disk.is_some() {
+            spec.disk = Some(store.dir().join("disk.img"));
+        }
+        let state = store.state().map_err(|e| e.to_string())?;
+        let guest = QemuGuest::restore(&spec, store.memory(), &state, seams(capture, &spec))
+            .map_err(|e| format!("activating VM {} from epoch {:?}: {e}", vm.name, meta.epoch))?;
+        let bridge = bridge(&guest, vm)?;
+        Ok(Started::Qemu(Box::new(guest), bridge))
+    }
 }

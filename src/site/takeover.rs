@@ -4,39 +4,10 @@
 //! primary's site is down, and protects the VM back towards it as soon as
 //! a standby answers there.
 
+use super::backend::{self, Keep, RunGuest};
 use super::control::ControlRouter;
-use super::qemu_vm;
-use crate::config::Backend;
 use crate::engine::protect::{Capture, ProtectError, ProtectOptions, Protector};
 use crate::engine::standby::{self, ActiveEnd};
-use hypervisor::qemu::QemuGuest;
-
-/// Resumes the VM from the replica's last committed epoch, attached to
-/// its tap (through the seams `seams` makes).
-fn resume(
-    vm: &crate::config::Vm,
-    store: &crate::replica::ReplicaStore,
-    seams: impl Fn() -> hypervisor::Seams,
-) -> Result<hypervisor::kvm::Vm, String> {
-    use hypervisor::kvm;
-
-    let meta = store.meta();
-    if !meta.consistent {
-        return Err(format!(
-            "the replica in {} never reached a consistent checkpoint (initial synchronisation unfinished): nothing to resume",
-            store.dir().display()
-        ));
-    }
-    let mut spec = super::kvm_vm::spec_from_config(vm).map_err(|e| e.to_string())?;
-    if vm.disk.is_some() {
-        spec = spec.disk(store.dir().join("disk.img"));
-    }
-    let state = store.state().map_err(|e| e.to_string())?;
-    restore_retrying(&vm.name, || {
-        kvm::restore(&spec, store.memory(), &state, seams())
-    })
-    .map_err(|e| format!("activating VM {} from epoch {:?}: {e}", vm.name, meta.epoch))
-}
 
 /// Runs `restore` until it succeeds or fails for another reason than a
 /// busy tap: a process that held the tap may still be exiting (a
@@ -84,71 +55,12 @@ pub fn run_after_takeover(
             capture.track_disk(&disk).map_err(|e| e.to_string())?;
             opts.disk = Some(disk);
         }
-        // The resumed guest under its protector (and, for QEMU, the tap
-        // bridge that must live as long as it).
-        let start: Box<dyn FnOnce(Failover) -> standby::RunActive + Send> = match vm.backend {
-            // A consistency group: every member resumes from the group's
-            // one replica, at the same committed epoch.
-            Backend::Kvm if !members.is_empty() => {
-                let meta = store.meta();
-                if !meta.consistent {
-                    return Err("the group's replica never reached a consistent checkpoint".into());
-                }
-                let state = store.state().map_err(|e| e.to_string())?;
-                let (guest, release) =
-                    super::group::resume_members(&members, store.memory(), &state, &capture)
-                        .map_err(|e| {
-                            format!(
-                                "activating group {} from epoch {:?}: {e}",
-                                vm.name, meta.epoch
-                            )
-                        })?;
-                let release = Some(Box::new(release) as Box<dyn hypervisor::FrameSink>);
-                let protector =
-                    Protector::new(opts, guest, capture, release).map_err(|e| e.to_string())?;
-                Box::new(move |f: Failover| protect_after_takeover(protector, f, None))
-            }
-            Backend::Qemu => {
-                let meta = store.meta();
-                if !meta.consistent {
-                    return Err("the replica never reached a consistent checkpoint".into());
-                }
-                let mut spec = qemu_vm::spec_from_config(&vm)?;
-                if spec.disk.is_some() {
-                    spec.disk = Some(store.dir().join("disk.img"));
-                }
-                let state = store.state().map_err(|e| e.to_string())?;
-                let guest = QemuGuest::restore(
-                    &spec,
-                    store.memory(),
-                    &state,
-                    qemu_vm::seams(&capture, &spec),
-                )
-                .map_err(|e| {
-                    format!("activating VM {} from epoch {:?}: {e}", vm.name, meta.epoch)
-                })?;
-                let bridge = qemu_vm::bridge(&guest, &vm)?;
-                let release = Some(bridge.sink());
-                let protector =
-                    Protector::new(opts, guest, capture, release).map_err(|e| e.to_string())?;
-                Box::new(move |f: Failover| protect_after_takeover(protector, f, Some(bridge)))
-            }
-            Backend::Xen => {
-                return Err(format!(
-                    "vms.{}.backend = \"xen\": this build has no Xen backend to resume it with",
-                    vm.name
-                ))
-            }
-            Backend::Kvm => {
-                let guest = resume(&vm, store, || capture.seams())?;
-                let release = guest
-                    .tap()
-                    .map(|t| Box::new(t) as Box<dyn hypervisor::FrameSink>);
-                let protector =
-                    Protector::new(opts, guest, capture, release).map_err(|e| e.to_string())?;
-                Box::new(move |f: Failover| protect_after_takeover(protector, f, None))
-            }
-        };
+        // The resumed guest under its protector, with what must live as
+        // long as it (QEMU's tap bridge).
+        let start = backend::for_vm(&vm)
+            .map_err(|e| e.to_string())?
+            .restore(&vm, &members, store, &capture)?
+            .run(ProtectResumed { opts, capture })?;
         act.arbiter
             .redirect_peer(crate::cli::failover_setup::dial_peer(&me, &peer, None)?);
         let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -159,6 +71,33 @@ pub fn run_after_takeover(
             published,
         }))
     })
+}
+
+/// What runs a resumed VM once its takeover completes.
+type Start = Box<dyn FnOnce(Failover) -> standby::RunActive + Send>;
+
+/// The protector of a guest resumed from the replica, whatever its
+/// backend; it runs once the takeover hands it the failover.
+struct ProtectResumed {
+    opts: ProtectOptions,
+    capture: Capture,
+}
+
+impl RunGuest for ProtectResumed {
+    type Output = Result<Start, String>;
+
+    fn run<G: hypervisor::ProtectedGuest + 'static>(
+        self,
+        guest: G,
+        release: Option<Box<dyn hypervisor::FrameSink>>,
+        keep: Keep,
+    ) -> Self::Output {
+        let protector =
+            Protector::new(self.opts, guest, self.capture, release).map_err(|e| e.to_string())?;
+        Ok(Box::new(move |f: Failover| {
+            protect_after_takeover(protector, f, keep)
+        }))
+    }
 }
 
 /// What a resumed VM's protector needs from the takeover.
@@ -173,7 +112,7 @@ struct Failover {
 fn protect_after_takeover<G: hypervisor::ProtectedGuest + 'static>(
     mut protector: Protector<G>,
     f: Failover,
-    keep: Option<hypervisor::qemu::TapBridge>,
+    keep: Keep,
 ) -> standby::RunActive {
     protector.publish_to(f.published);
     protector.with_failover(f.act.arbiter, f.act.events, f.act.addresses);
@@ -203,7 +142,7 @@ pub fn activate_by_hand(vm: &crate::config::Vm, dir: &std::path::Path) -> Result
     let store = crate::replica::ReplicaStore::open(dir).map_err(|e| e.to_string())?;
     let epoch = store.meta().epoch;
     kvm::termination::install().map_err(|e| format!("cannot handle SIGTERM: {e}"))?;
-    let guest = resume(vm, &store, hypervisor::Seams::default)?;
+    let guest = super::kvm_vm::resume(vm, &store, hypervisor::Seams::default)?;
     drop(store);
     tracing::info!(vm = %vm.name, epoch = ?epoch, "VM activated from the replica");
     while !guest.wait(std::time::Duration::from_millis(200)) {
