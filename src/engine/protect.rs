@@ -12,6 +12,22 @@
 //! round is small (or five rounds have passed); then the first checkpoint.
 //! Pre-copy epochs carry no state (the standby knows them by that) and no
 //! output; what the guest sends meanwhile waits for the first checkpoint.
+//!
+//! The decisions (what to do next and when, the lifecycle under the
+//! failover rules, how far output may go) are the sans-IO
+//! [`ProtectCore`] in `protect/machine.rs`; this file is its tokio driver:
+//! it owns the guest, the encoder, the session and the addresses, feeds
+//! the core what they report and executes its actions.
+
+mod action;
+mod lifecycle;
+mod machine;
+#[cfg(test)]
+mod tests;
+
+pub use action::{Action, ArbiterCall, Finish};
+pub use lifecycle::{Lifecycle, Phase, Switchover};
+pub use machine::{CoreConfig, Observed, ProtectCore};
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,38 +39,27 @@ use hypervisor::kvm::devices::block::WriteHook;
 use hypervisor::kvm::devices::net::FrameSink;
 use hypervisor::Seams;
 use hypervisor::{Checkpoint, FrameReader, ProtectedGuest};
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 use wan::codec::{Encoder, EncoderConfig};
 use wan::session::{EpochKind, SenderConfig, SenderEvent};
-use wan::transport::replication::{spawn_sender, QuicDialer, SenderHandle};
+use wan::transport::replication::{spawn_sender, QuicDialer, SenderHandle, SenderStatus};
 use wan::transport::{Endpoint, TlsPaths, TransportConfig};
 
 use super::blockmap::{BlockMap, BLOCK_SIZE};
 use super::disksync::choose_mode;
 use super::output_commit::OutputBuffer;
-use super::pacer::{Decision, Pacer};
 use super::precopy::{
     ChecksumCursor, DiskCursor, DiskSource, MapCursor, PreCopy, Step, PRECOPY_DISK_BYTES,
     PRECOPY_IN_FLIGHT, PRECOPY_PAGES,
 };
-use super::release_gate::{Release, ReleaseGate};
+use super::release_gate::Release;
 use super::verify::{self, VerifyRun};
 use crate::addresses::Addresses;
 use crate::arbiter::ArbiterHandle;
 use crate::metrics::{ControlRequest, VerifyTotals};
 use failover::Event;
-use netops::config::HookEvent;
-use netops::policy::Role;
 use wan::session::wire::VerifyRegion;
 use wan::session::wire::{DiskReport, DiskSync, DiskSyncMode, SyncBegin};
-
-/// A switchover not done by then is aborted: the backup did not commit
-/// the final epoch, or the witness did not move the lease.
-const SWITCHOVER_DEADLINE: Duration = Duration::from_secs(20);
-
-/// The first wait after a replication error; doubled up to the maximum.
-const RETRY_FIRST: Duration = Duration::from_millis(500);
-const RETRY_MAX: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
 pub struct ProtectOptions {
@@ -282,6 +287,9 @@ pub enum ProtectError {
     },
 }
 
+/// The tokio driver of a protected VM: it feeds the [`ProtectCore`] what
+/// the guest, the replication session, the failover state machine and the
+/// operator report, and executes the core's actions.
 pub struct Protector<G: ProtectedGuest> {
     opts: ProtectOptions,
     guest: G,
@@ -297,17 +305,14 @@ pub struct Protector<G: ProtectedGuest> {
     published: Option<crate::metrics::Published>,
     last_publish: (Instant, u64),
     failover: Option<Failover>,
-    /// How far held output may go (commits of checkpoints, or at once
-    /// while the VM serves with no replica anywhere).
-    gate: ReleaseGate,
     control: Option<tokio::sync::mpsc::Receiver<ControlRequest>>,
-    switchover: Option<Switchover>,
-    /// The VM now runs elsewhere (switchover done): protection ends.
-    finished: bool,
-    /// Where replication stands (sync, checkpoints, recovery).
-    phase: Phase,
-    /// Replication errors in a row (for the backoff).
-    errors_in_a_row: u32,
+    /// The operator waiting for the switchover under way.
+    switchover_reply: Option<tokio::sync::oneshot::Sender<Result<String, String>>>,
+    /// The decisions: lifecycle, replication phase, pacing, output rule.
+    core: ProtectCore,
+    /// The cursors of the synchronisation under way (the core's phase
+    /// says whether there is one).
+    sync: Option<Box<PreCopy>>,
     /// The session's event channel is open (closed: its task ended).
     events_open: bool,
     /// The next sync sends the whole disk (a seeded one was refused).
@@ -322,53 +327,20 @@ pub struct Protector<G: ProtectedGuest> {
     frame_reader: Option<FrameReader>,
 }
 
-/// One piece of replication work the loop decided to do now.
-#[derive(Debug, Clone, Copy)]
-enum Work {
-    EndBackoff(bool),
-    Resync,
-    PreCopy,
-    Checkpoint,
-}
-
-/// Where the replication of the VM stands.
-#[derive(Debug)]
-enum Phase {
-    /// Waiting for the backup's standby to answer before a full sync: the
-    /// VM already serves (resumed at takeover), or the session was
-    /// restarted after an error.
-    AwaitPeer,
-    /// A full synchronisation by pre-copy, one step per epoch.
-    PreCopy(Box<PreCopy>),
-    /// Checkpoints, every interval.
-    Checkpointing,
-    /// After an error the guest runs on, output held as the rules say,
-    /// nothing is sent until `until`; then a full resync (over a new
-    /// session when `new_session`).
-    Backoff { until: Instant, new_session: bool },
-}
-
-/// A planned move in progress: the guest is paused after its final epoch.
-struct Switchover {
-    final_epoch: u64,
-    started: Instant,
-    committed_reported: bool,
-    reply: Option<tokio::sync::oneshot::Sender<Result<String, String>>>,
-}
-
-/// The failover side of a protected VM: the arbiter's verdicts and the
-/// means to move the VM's addresses.
+/// The failover side of a protected VM: the arbiter (its verdicts go to
+/// the core) and the means to move the VM's addresses.
 struct Failover {
     arbiter: ArbiterHandle,
     events: tokio::sync::mpsc::UnboundedReceiver<Event>,
     addresses: Option<Addresses>,
-    /// Paused because this site may not release output (lost both the
-    /// backup and the witness).
-    fenced: bool,
-    /// The backup is unreachable: output leaves without waiting for it.
-    unprotected: bool,
-    /// Output has been allowed at least once (addresses announced).
-    started: bool,
+}
+
+/// How a batch of actions ended.
+enum Settled {
+    /// Done; `recovered` when an error was turned into a backoff on the way.
+    Done { recovered: bool },
+    /// Protection ends (handed over, guest gone).
+    Finished,
 }
 
 impl<G: ProtectedGuest> Protector<G> {
@@ -409,6 +381,16 @@ impl<G: ProtectedGuest> Protector<G> {
             zstd_level: opts.zstd_level,
             ..EncoderConfig::default()
         })?;
+        let core = ProtectCore::new(
+            CoreConfig {
+                vm: opts.vm.clone(),
+                site: opts.site.clone(),
+                backup: opts.backup.clone(),
+                interval: opts.interval,
+                max_in_flight: opts.max_in_flight,
+            },
+            Instant::now(),
+        );
         Ok(Self {
             opts,
             guest,
@@ -427,12 +409,10 @@ impl<G: ProtectedGuest> Protector<G> {
             published: None,
             last_publish: (Instant::now(), 0),
             failover: None,
-            gate: ReleaseGate::new(),
             control: None,
-            switchover: None,
-            finished: false,
-            phase: Phase::PreCopy(Box::new(PreCopy::new(None))),
-            errors_in_a_row: 0,
+            switchover_reply: None,
+            core,
+            sync: Some(Box::new(PreCopy::new(None))),
             events_open: true,
             force_full: false,
             progress: super::progress::SyncProgress::new(),
@@ -448,154 +428,13 @@ impl<G: ProtectedGuest> Protector<G> {
     /// under this site's lease (there is no replica to commit to), and
     /// from its pause on output waits for commits again.
     pub fn protect_when_peer_returns(&mut self) {
-        self.phase = Phase::AwaitPeer;
+        self.core.serve_until_peer_returns();
         self.buffer_captured_writes(false);
-        self.gate = ReleaseGate::serving_unreplicated();
-        if let Some(f) = &mut self.failover {
-            f.started = true;
-        }
-    }
-
-    /// True when held output leaves without waiting for the backup (it
-    /// was declared lost, or it holds no replica of a VM that serves).
-    fn releases_at_once(&self) -> bool {
-        let lost = self.failover.as_ref().is_some_and(|f| f.unprotected);
-        self.gate.release(lost) == Release::All
-    }
-
-    /// The state to show once nothing transient (sync, switchover) is on.
-    fn steady_state(&self) -> &'static str {
-        if self.failover.as_ref().is_some_and(|f| f.fenced) {
-            "fenced"
-        } else if self.releases_at_once() {
-            "unprotected"
-        } else {
-            "protected"
-        }
     }
 
     /// Takes operator requests (`remus-wan switchover`) from `control`.
     pub fn accept_control(&mut self, control: tokio::sync::mpsc::Receiver<ControlRequest>) {
         self.control = Some(control);
-    }
-
-    /// Starts a planned switchover: final checkpoint, guest paused; the
-    /// lease moves once the backup has committed that epoch.
-    async fn begin_switchover(
-        &mut self,
-        vm: String,
-        reply: tokio::sync::oneshot::Sender<Result<String, String>>,
-    ) -> Result<(), ProtectError> {
-        let refusal = match &self.failover {
-            _ if vm != self.opts.vm => {
-                Some(format!("this process protects {}, not {vm}", self.opts.vm))
-            }
-            None => Some("switchover needs a [witness] in the configuration".into()),
-            Some(_) if self.switchover.is_some() => Some("a switchover is already under way".into()),
-            Some(_) if !matches!(self.phase, Phase::Checkpointing) => Some(format!(
-                "{} is synchronising or recovering its replica; retry once `remus-wan status` says protected",
-                self.opts.site
-            )),
-            Some(f)
-                if f.fenced
-                    || f.unprotected
-                    || !self.gate.waits_for_commits()
-                    || !f.arbiter.may_release() =>
-            {
-                Some(format!(
-                    "{} is not in a state to hand over (fenced, unprotected or without a lease): see `remus-wan status`",
-                    self.opts.site
-                ))
-            }
-            Some(_)
-                if self.gate.committed_checkpoint() + 1
-                    < self.next_epoch.saturating_sub(self.opts.max_in_flight as u64) =>
-            {
-                Some("the backup is far behind; retry when it has caught up".into())
-            }
-            Some(_) => None,
-        };
-        if let Some(why) = refusal {
-            let _ = reply.send(Err(why));
-            return Ok(());
-        }
-        info!(vm = %self.opts.vm, to = %self.opts.backup, "switchover: final checkpoint, then the lease moves");
-        let started = Instant::now();
-        // The final checkpoint and the pause come before the failover
-        // state machine hears of the switchover: if either fails, nothing
-        // was started there and the VM runs on.
-        let final_epoch = match self.checkpoint().await {
-            Ok(e) => e,
-            Err(e) => {
-                let _ = reply.send(Err(format!("the final checkpoint failed: {e}")));
-                return Err(e);
-            }
-        };
-        if let Err(e) = tokio::task::block_in_place(|| self.guest.pause()) {
-            let _ = reply.send(Err(format!("pausing the guest failed: {e}")));
-            return Err(e.into());
-        }
-        if let Some(f) = &self.failover {
-            f.arbiter.start_switchover();
-        }
-        self.set_state("switching over");
-        self.switchover = Some(Switchover {
-            final_epoch,
-            started,
-            committed_reported: false,
-            reply: Some(reply),
-        });
-        self.check_switchover();
-        Ok(())
-    }
-
-    /// Abandons a switchover past its deadline. Before the witness was
-    /// asked, the guest resumes at once under the lease; after, it stays
-    /// paused with output held until the witness answers (Unfence resumes
-    /// it; if the lease had moved, the switchover ends as done).
-    fn abort_switchover(&mut self) -> Result<(), ProtectError> {
-        let Some(mut sw) = self.switchover.take() else {
-            return Ok(());
-        };
-        let why = if sw.committed_reported {
-            "the witness did not move the lease"
-        } else {
-            "the backup did not commit the final epoch"
-        };
-        warn!(vm = %self.opts.vm, after = ?sw.started.elapsed(), why, "switchover aborted: the VM stays here");
-        if let Some(reply) = sw.reply.take() {
-            let _ = reply.send(Err(format!(
-                "switchover aborted after {} s: {why}; {} keeps running {}",
-                SWITCHOVER_DEADLINE.as_secs(),
-                self.opts.site,
-                self.opts.vm
-            )));
-        }
-        if let Some(f) = &mut self.failover {
-            f.arbiter.abort_switchover();
-            if sw.committed_reported {
-                f.fenced = true;
-                self.set_state("fenced");
-                return Ok(());
-            }
-        }
-        tokio::task::block_in_place(|| self.guest.resume())?;
-        self.set_state(self.steady_state());
-        Ok(())
-    }
-
-    /// Once the final epoch is committed (and its output released), the
-    /// failover state machine asks the witness to move the lease.
-    fn check_switchover(&mut self) {
-        let committed = self.gate.committed_checkpoint();
-        let (Some(sw), Some(f)) = (&mut self.switchover, &self.failover) else {
-            return;
-        };
-        if !sw.committed_reported && committed >= sw.final_epoch {
-            sw.committed_reported = true;
-            info!(vm = %self.opts.vm, epoch = sw.final_epoch, "switchover: final epoch committed at the backup; handing the lease over");
-            f.arbiter.final_epoch_committed();
-        }
     }
 
     /// Puts protection under the failover rules: output leaves only while
@@ -613,10 +452,8 @@ impl<G: ProtectedGuest> Protector<G> {
             arbiter,
             events,
             addresses,
-            fenced: false,
-            unprotected: false,
-            started: false,
         });
+        self.core.with_witness();
     }
 
     /// Where to publish figures for `/metrics` and `/status`.
@@ -624,7 +461,394 @@ impl<G: ProtectedGuest> Protector<G> {
         self.published = Some(published);
     }
 
-    fn publish(&mut self, pacer: &Pacer, status: &wan::transport::replication::SenderStatus) {
+    /// Whether the failover rules let this site release output now (no
+    /// witness: always).
+    fn lease_ok(&self) -> bool {
+        self.failover
+            .as_ref()
+            .is_none_or(|f| f.arbiter.may_release())
+    }
+
+    /// The synchronisation's cursors, while the core is in pre-copy.
+    fn sync_mut(&mut self) -> Option<&mut PreCopy> {
+        if self.core.phase() != Phase::PreCopy {
+            return None;
+        }
+        self.sync.as_deref_mut()
+    }
+
+    /// Executes the core's actions until there are none left. An action
+    /// that fails ends the batch with its error (the core has not heard of
+    /// it yet); `Some` when protection ends.
+    async fn execute(&mut self) -> Result<Option<Finish>, ProtectError> {
+        while let Some(action) = self.core.poll_action() {
+            match action {
+                Action::BeginSync { why } => self.begin_sync(why)?,
+                Action::PreCopyStep => {
+                    if !self.guest.is_running() {
+                        self.core.handle_guest_stopped();
+                        continue;
+                    }
+                    self.precopy_step().await?;
+                }
+                Action::PumpHashRequests => self.pump_hash_requests().await?,
+                Action::Checkpoint { paced } => {
+                    if paced && !self.guest.is_running() {
+                        self.core.handle_guest_stopped();
+                        continue;
+                    }
+                    self.checkpoint().await?;
+                    if paced {
+                        self.core.handle_checkpoint_sent(Instant::now());
+                    }
+                }
+                Action::NewSession => {
+                    let (sender, events) = new_session(&self.opts, &self.endpoint, self.next_epoch);
+                    let old = std::mem::replace(&mut self.sender, sender);
+                    self.events = events;
+                    self.events_open = true;
+                    tokio::spawn(async move { old.close().await });
+                }
+                Action::BufferWrites(on) => self.buffer_captured_writes(on),
+                Action::Flush => self.flush_output(),
+                Action::PauseGuest => tokio::task::block_in_place(|| self.guest.pause())?,
+                Action::ResumeGuest => tokio::task::block_in_place(|| self.guest.resume())?,
+                Action::HaltGuest => {
+                    let _ = tokio::task::block_in_place(|| self.guest.pause());
+                }
+                Action::SetRole { role, token } => {
+                    if let Some(a) = self.failover.as_mut().and_then(|f| f.addresses.as_mut()) {
+                        a.set_role(role, token);
+                    }
+                }
+                Action::PointDnsHere => {
+                    if let Some(a) = self.failover.as_mut().and_then(|f| f.addresses.as_mut()) {
+                        a.point_dns_here();
+                    }
+                }
+                Action::Hooks {
+                    event,
+                    token,
+                    sites,
+                } => {
+                    if let Some(a) = self.failover.as_ref().and_then(|f| f.addresses.as_ref()) {
+                        let (from, to) = if sites {
+                            (
+                                Some(self.opts.site.as_str()),
+                                Some(self.opts.backup.as_str()),
+                            )
+                        } else {
+                            (None, None)
+                        };
+                        a.spawn_hooks(event, token, from, to);
+                    }
+                }
+                Action::FinalCheckpoint => self.final_checkpoint().await?,
+                Action::Arbiter(call) => {
+                    if let Some(f) = &self.failover {
+                        match call {
+                            ArbiterCall::StartSwitchover => f.arbiter.start_switchover(),
+                            ArbiterCall::FinalEpochCommitted => f.arbiter.final_epoch_committed(),
+                            ArbiterCall::AbortSwitchover => f.arbiter.abort_switchover(),
+                        }
+                    }
+                }
+                Action::ReplySwitchover(r) => {
+                    if let Some(reply) = self.switchover_reply.take() {
+                        let _ = reply.send(r);
+                    }
+                }
+                Action::ShowState(s) => self.set_state(s),
+                Action::Finish(f) => return Ok(Some(f)),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Runs the core's actions after `first` (the outcome of what the
+    /// driver just did), turning replication errors into a backoff (see
+    /// [`ProtectCore::handle_error`]). Err only for a demotion.
+    async fn settle(&mut self, first: Result<(), ProtectError>) -> Result<Settled, ProtectError> {
+        let mut recovered = false;
+        let mut r = first;
+        loop {
+            if let Err(e) = r {
+                self.survive(e)?;
+                recovered = true;
+            }
+            match self.execute().await {
+                Ok(None) => return Ok(Settled::Done { recovered }),
+                Ok(Some(f)) => return finish(f, &self.opts).map(|()| Settled::Finished),
+                Err(e) => r = Err(e),
+            }
+        }
+    }
+
+    /// Hands an error to the core: a demotion ends protection (Err), a
+    /// guest that is gone too (by an action); any other error is
+    /// recovered from, the guest running on.
+    fn survive(&mut self, e: ProtectError) -> Result<(), ProtectError> {
+        match e {
+            ProtectError::Demoted { .. } => return Err(e),
+            ProtectError::Guest(hypervisor::GuestError::NotRunning) => {
+                self.core.handle_guest_stopped()
+            }
+            e => {
+                if let Ok(mut st) = self.stats.lock() {
+                    st.replication_errors += 1;
+                }
+                let new_session = matches!(&e, ProtectError::SessionEnded(_));
+                self.core.handle_error(Instant::now(), new_session, &e);
+            }
+        }
+        if self.core.phase() != Phase::PreCopy {
+            self.sync = None;
+        }
+        Ok(())
+    }
+
+    /// What the core needs to know of the session and the output buffer
+    /// to decide the next step.
+    fn observe(&self, st: &SenderStatus) -> Observed {
+        let held = match self.capture.io.lock() {
+            Ok(io) => io.output.held_bytes(),
+            Err(_) => 0,
+        };
+        let in_flight = st.in_flight as u32;
+        // A session that waits for a full image takes only the first
+        // pre-copy epoch.
+        let precopy_room = self.core.phase() == Phase::PreCopy
+            && self.sync.as_ref().is_some_and(|pc| {
+                st.connected
+                    && st.in_flight < PRECOPY_IN_FLIGHT
+                    && (!st.resync_pending || pc.kind() == EpochKind::Full)
+                    && !pc.idle()
+            });
+        Observed {
+            in_flight,
+            resync_pending: st.resync_pending,
+            output_pressure: held * 2 > self.opts.output_limit,
+            backlog: st
+                .link
+                .as_ref()
+                .map(|l| Duration::from_secs_f64(l.rtt.as_secs_f64() * in_flight as f64))
+                .unwrap_or_default(),
+            precopy_room,
+        }
+    }
+
+    /// Protects until `shutdown` (or until the guest exits, or a newer
+    /// token demotes this site). Replication errors do not end it: the
+    /// guest runs on and a full resync follows (see
+    /// [`ProtectCore::handle_error`]).
+    pub async fn run(
+        mut self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<ProtectStats, ProtectError> {
+        let r = self.run_loop(shutdown).await;
+        // Every way out (a demotion too) withdraws the addresses and waits,
+        // bounded, for the hooks it started.
+        let stats = self.stop().await;
+        r.map(|()| stats)
+    }
+
+    async fn run_loop(
+        &mut self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), ProtectError> {
+        tokio::pin!(shutdown);
+        self.core.handle_start(Instant::now());
+        if let Settled::Finished = self.settle(Ok(())).await? {
+            return Ok(());
+        }
+        let mut last_report = Instant::now();
+        loop {
+            let status = self.sender.status();
+            let observed = self.observe(&status);
+            let busy = self.core.handle_timeout(Instant::now(), observed);
+            match self.settle(Ok(())).await? {
+                Settled::Finished => break,
+                // A step was taken (or failed): decide again before waiting.
+                Settled::Done { recovered } if busy || recovered => continue,
+                Settled::Done { .. } => {}
+            }
+            self.publish(&status);
+            if last_report.elapsed() >= self.opts.report_every {
+                last_report = Instant::now();
+                self.report(&status);
+            }
+            let wake = match self.core.poll_timeout() {
+                Some(t) => tokio::time::Instant::from_std(t),
+                None => tokio::time::Instant::now() + self.opts.interval,
+            };
+            let failover_event = async {
+                match &mut self.failover {
+                    Some(f) => f.events.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let control = async {
+                match &mut self.control {
+                    Some(c) => c.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let replication = async {
+                if self.events_open {
+                    self.events.recv().await
+                } else {
+                    std::future::pending().await
+                }
+            };
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = tokio::time::sleep_until(wake) => {}
+                req = control => match req {
+                    Some(ControlRequest::Verify { vm, scope, repair, reply }) => {
+                        let r = self.begin_verify(&vm, scope, repair);
+                        let _ = reply.send(r);
+                    }
+                    Some(ControlRequest::Switchover { vm, reply }) => {
+                        let lease_ok = self.lease_ok();
+                        match self.core.handle_switchover_request(&vm, lease_ok, self.next_epoch) {
+                            Err(why) => {
+                                let _ = reply.send(Err(why));
+                            }
+                            Ok(()) => {
+                                self.switchover_reply = Some(reply);
+                                if let Settled::Finished = self.settle(Ok(())).await? {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    None => self.control = None,
+                },
+                ev = failover_event => {
+                    let Some(ev) = ev else {
+                        return Err(ProtectError::Session("failover task stopped".into()));
+                    };
+                    let token = self.failover.as_ref().map_or(0, |f| f.arbiter.token());
+                    self.core.handle_failover(Instant::now(), ev, token);
+                    // Failing to pause or resume the guest here is fatal.
+                    if let Some(f) = self.execute().await? {
+                        finish(f, &self.opts)?;
+                        break;
+                    }
+                }
+                ev = replication => {
+                    let r = self.on_sender_event(ev);
+                    if let Settled::Finished = self.settle(r).await? {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// What the replication session reports.
+    fn on_sender_event(&mut self, ev: Option<SenderEvent>) -> Result<(), ProtectError> {
+        let Some(ev) = ev else {
+            self.events_open = false;
+            return Err(ProtectError::SessionEnded(
+                "the replication task stopped".into(),
+            ));
+        };
+        match ev {
+            SenderEvent::Committed { epoch } => {
+                self.encoder.acknowledge(epoch);
+                self.core.handle_committed(epoch);
+                let c = self.core.committed_checkpoint();
+                if let Ok(mut st) = self.stats.lock() {
+                    st.committed = st.committed.max(c);
+                }
+            }
+            SenderEvent::DiskReport(r) => return self.on_disk_report(r),
+            SenderEvent::ResyncRequired { reason, .. } => {
+                warn!(vm = %self.opts.vm, reason, "backup needs a full resync");
+                // A seeded sync whose opening epoch the standby refused
+                // (it could not seed): the next one sends the whole disk.
+                let seeded = self.sync_mut().is_some_and(|pc| {
+                    pc.disk
+                        .as_ref()
+                        .and_then(DiskSource::mode)
+                        .is_some_and(|m| m != DiskSyncMode::Full)
+                });
+                if seeded && reason.contains("rejected") {
+                    self.force_full = true;
+                }
+                if let Ok(mut st) = self.stats.lock() {
+                    st.resyncs += 1;
+                }
+                self.core.handle_resync_required();
+            }
+            SenderEvent::Connected {
+                peer_site,
+                receiver_committed,
+                ..
+            } => {
+                info!(vm = %self.opts.vm, peer = %peer_site, receiver_committed, "backup connected");
+                self.core.handle_connected(&peer_site);
+            }
+            SenderEvent::VerifyResult(r) => {
+                if let Some(v) = &mut self.verify {
+                    if v.on_result(&r) == verify::Action::Finished {
+                        self.verify_finished();
+                    }
+                    self.publish_verify();
+                }
+            }
+            SenderEvent::Disconnected { error, retry_in } => {
+                if let Some(pc) = self.sync_mut() {
+                    if let Some(DiskSource::Checksum(c)) = &mut pc.disk {
+                        c.sync.connection_lost();
+                    }
+                }
+                if let Some(v) = &mut self.verify {
+                    // Requests on that connection may be lost: asked again.
+                    v.lost_all();
+                }
+                if self.core.releases_at_once() {
+                    warn!(vm = %self.opts.vm, %error, ?retry_in, "backup unreachable (the VM runs unprotected meanwhile)");
+                } else {
+                    warn!(vm = %self.opts.vm, %error, ?retry_in, "backup unreachable: output is held until it is back or declared lost");
+                }
+            }
+            SenderEvent::Failed { error } => {
+                return Err(ProtectError::SessionEnded(format!("it failed: {error}")));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// A switchover's first half: the final checkpoint and the pause come
+    /// before the failover state machine hears of it: if either fails,
+    /// nothing was started there and the VM runs on.
+    async fn final_checkpoint(&mut self) -> Result<(), ProtectError> {
+        let started = Instant::now();
+        let final_epoch = match self.checkpoint().await {
+            Ok(e) => e,
+            Err(e) => {
+                self.reply_switchover(Err(format!("the final checkpoint failed: {e}")));
+                return Err(e);
+            }
+        };
+        if let Err(e) = tokio::task::block_in_place(|| self.guest.pause()) {
+            self.reply_switchover(Err(format!("pausing the guest failed: {e}")));
+            return Err(e.into());
+        }
+        self.core.handle_switchover_paused(final_epoch, started);
+        Ok(())
+    }
+
+    fn reply_switchover(&mut self, r: Result<String, String>) {
+        if let Some(reply) = self.switchover_reply.take() {
+            let _ = reply.send(r);
+        }
+    }
+    fn publish(&mut self, status: &wan::transport::replication::SenderStatus) {
         let Some(p) = &self.published else { return };
         let now = Instant::now();
         let dt = now.duration_since(self.last_publish.0);
@@ -658,7 +882,7 @@ impl<G: ProtectedGuest> Protector<G> {
             output_held_bytes: held as u64,
             output_dropped_frames: self.capture.dropped_frames.load(Ordering::Relaxed),
             epochs_rejected: 0,
-            interval_ms: pacer.interval().as_millis() as u64,
+            interval_ms: self.core.interval().as_millis() as u64,
             failover: self
                 .failover
                 .as_ref()
@@ -714,9 +938,6 @@ impl<G: ProtectedGuest> Protector<G> {
         Ok(got)
     }
 
-    /// Starts a full synchronisation (at start, on the backup's request,
-    /// or after an error): the backup builds a new replica from nothing,
-    /// beside the one it has until this one is consistent.
     /// Keeps (or drops, and stops keeping) the guest's captured disk
     /// writes; see [`EpochIo::buffering`].
     fn buffer_captured_writes(&self, on: bool) {
@@ -728,10 +949,13 @@ impl<G: ProtectedGuest> Protector<G> {
         }
     }
 
+    /// The input/output of a full synchronisation's start (the core
+    /// decided it and reset the release rule): the backup builds a new
+    /// replica from nothing, beside the one it has until this one is
+    /// consistent.
     fn begin_sync(&mut self, why: &str) -> Result<(), ProtectError> {
         // From here writes travel again: after the sync's disk reads.
         self.buffer_captured_writes(true);
-        self.gate.resync_started();
         if let Some(v) = &mut self.verify {
             // Hashes in flight are answered against a replica being
             // rebuilt: they are asked again once it is consistent.
@@ -754,29 +978,19 @@ impl<G: ProtectedGuest> Protector<G> {
             None => None,
         };
         info!(vm = %self.opts.vm, pages = self.guest.frame_count(), disk_bytes = disk.as_ref().map(|d| d.progress().1), why, "full synchronisation: pre-copy while the guest runs");
-        self.phase = Phase::PreCopy(Box::new(PreCopy::new(disk)));
-        self.set_state("synchronising");
+        self.sync = Some(Box::new(PreCopy::new(disk)));
         Ok(())
-    }
-
-    /// Whether the link has room for another pre-copy epoch (a session
-    /// that waits for a full image takes only the first one).
-    fn precopy_has_room(&self) -> bool {
-        let Phase::PreCopy(pc) = &self.phase else {
-            return false;
-        };
-        let st = self.sender.status();
-        st.connected
-            && st.in_flight < PRECOPY_IN_FLIGHT
-            && (!st.resync_pending || pc.kind() == EpochKind::Full)
-            && !pc.idle()
     }
 
     /// Chooses how the sync fills the replica's disk, now that the standby
     /// said what it holds; returns the DISK_SYNC frame that goes before
     /// the sync's first (full) epoch.
     fn resolve_disk_source(&mut self, epoch: u64) -> Result<Option<DiskSync>, ProtectError> {
-        let Phase::PreCopy(pc) = &mut self.phase else {
+        let Some(pc) = self
+            .sync
+            .as_deref_mut()
+            .filter(|_| self.core.phase() == Phase::PreCopy)
+        else {
             return Ok(None);
         };
         let Some(DiskSource::Pending(path, len)) = &pc.disk else {
@@ -829,7 +1043,11 @@ impl<G: ProtectedGuest> Protector<G> {
     /// once the sync's opening epoch is committed (it seeds the replica).
     async fn pump_hash_requests(&mut self) -> Result<(), ProtectError> {
         let committed = self.sender.status().committed;
-        let Phase::PreCopy(pc) = &mut self.phase else {
+        let Some(pc) = self
+            .sync
+            .as_deref_mut()
+            .filter(|_| self.core.phase() == Phase::PreCopy)
+        else {
             return Ok(());
         };
         let Some(DiskSource::Checksum(c)) = &mut pc.disk else {
@@ -855,7 +1073,11 @@ impl<G: ProtectedGuest> Protector<G> {
 
     /// The standby's answer to a hash request.
     fn on_disk_report(&mut self, r: DiskReport) -> Result<(), ProtectError> {
-        let Phase::PreCopy(pc) = &mut self.phase else {
+        let Some(pc) = self
+            .sync
+            .as_deref_mut()
+            .filter(|_| self.core.phase() == Phase::PreCopy)
+        else {
             return Ok(());
         };
         let Some(DiskSource::Checksum(c)) = &mut pc.disk else {
@@ -883,7 +1105,11 @@ impl<G: ProtectedGuest> Protector<G> {
     /// the disk and the writes captured meanwhile; at the end of the last
     /// round, the first checkpoint.
     async fn precopy_step(&mut self) -> Result<(), ProtectError> {
-        let Phase::PreCopy(pc) = &mut self.phase else {
+        let Some(pc) = self
+            .sync
+            .as_deref_mut()
+            .filter(|_| self.core.phase() == Phase::PreCopy)
+        else {
             return Ok(());
         };
         let prelude = if pc.epochs == 0 {
@@ -892,7 +1118,11 @@ impl<G: ProtectedGuest> Protector<G> {
         } else {
             None
         };
-        let Phase::PreCopy(pc) = &mut self.phase else {
+        let Some(pc) = self
+            .sync
+            .as_deref_mut()
+            .filter(|_| self.core.phase() == Phase::PreCopy)
+        else {
             return Ok(());
         };
         let read = match &mut pc.disk {
@@ -928,7 +1158,11 @@ impl<G: ProtectedGuest> Protector<G> {
         }
         let n = cp.frames.len();
         let disk_bytes: usize = disk.iter().map(|(_, d)| d.len()).sum();
-        let Phase::PreCopy(pc) = &mut self.phase else {
+        let Some(pc) = self
+            .sync
+            .as_deref_mut()
+            .filter(|_| self.core.phase() == Phase::PreCopy)
+        else {
             return Ok(());
         };
         let send = pc.worth_sending(n, disk_bytes);
@@ -963,7 +1197,11 @@ impl<G: ProtectedGuest> Protector<G> {
         }
         // A VM that already serves keeps serving while its standby fills.
         self.flush_output();
-        let Phase::PreCopy(pc) = &mut self.phase else {
+        let Some(pc) = self
+            .sync
+            .as_deref_mut()
+            .filter(|_| self.core.phase() == Phase::PreCopy)
+        else {
             return Ok(());
         };
         match pc.stepped(n, send) {
@@ -1009,55 +1247,14 @@ impl<G: ProtectedGuest> Protector<G> {
                         }
                     }
                 }
-                self.phase = Phase::Checkpointing;
-                self.checkpoint().await?;
-                self.set_state(self.steady_state());
+                // The first checkpoint follows, as the core's action.
+                self.core.handle_precopy_finished();
             }
         }
+        if self.core.phase() != Phase::PreCopy {
+            self.sync = None;
+        }
         Ok(())
-    }
-
-    /// A replication error: the guest runs on (output held as the rules
-    /// say), and after a backoff a full resync starts, over a new session
-    /// when the old one cannot go on. Only a demotion, or a guest that is
-    /// gone, ends protection.
-    fn recover(&mut self, e: ProtectError) -> Result<(), ProtectError> {
-        match e {
-            ProtectError::Demoted { .. }
-            | ProtectError::Guest(hypervisor::GuestError::NotRunning) => return Err(e),
-            _ => {}
-        }
-        let new_session = matches!(&e, ProtectError::SessionEnded(_));
-        self.errors_in_a_row = self.errors_in_a_row.saturating_add(1);
-        let wait = RETRY_FIRST
-            .saturating_mul(1 << self.errors_in_a_row.min(8).saturating_sub(1))
-            .min(RETRY_MAX);
-        if let Ok(mut st) = self.stats.lock() {
-            st.replication_errors += 1;
-        }
-        error!(vm = %self.opts.vm, error = %e, retry_in = ?wait, new_session, "replication error: the guest runs on, output waits; full resync after the backoff");
-        self.phase = Phase::Backoff {
-            until: Instant::now() + wait,
-            new_session,
-        };
-        self.buffer_captured_writes(false);
-        self.set_state("recovering");
-        Ok(())
-    }
-
-    /// The backoff is over: a new session if needed, then a full resync.
-    fn end_backoff(&mut self, fresh_session: bool) -> Result<(), ProtectError> {
-        if fresh_session {
-            let (sender, events) = new_session(&self.opts, &self.endpoint, self.next_epoch);
-            let old = std::mem::replace(&mut self.sender, sender);
-            self.events = events;
-            self.events_open = true;
-            tokio::spawn(async move { old.close().await });
-            self.phase = Phase::AwaitPeer;
-            self.set_state("synchronising");
-            return Ok(());
-        }
-        self.begin_sync("after a replication error")
     }
 
     fn account(&self, pages: u64, raw: u64, wire: u64, pause: Option<Duration>) {
@@ -1083,7 +1280,7 @@ impl<G: ProtectedGuest> Protector<G> {
         let mut cp = std::mem::take(&mut self.staging);
         // Online verify: what to resend and what to hash at this pause.
         let (repairs, slice, layout) = match &mut self.verify {
-            Some(v) if !v.is_finished() && matches!(self.phase, Phase::Checkpointing) => {
+            Some(v) if !v.is_finished() && self.core.phase() == Phase::Checkpointing => {
                 (v.take_repairs(), v.next_slice(), Some(*v.layout()))
             }
             _ => (Vec::new(), None, None),
@@ -1107,7 +1304,7 @@ impl<G: ProtectedGuest> Protector<G> {
                 }
             })
         })?;
-        self.gate.checkpoint_taken(epoch);
+        self.core.handle_checkpoint_taken(epoch);
         let ps = self.guest.page_size();
         let mut pages: Vec<(u64, &[u8])> = cp.page_slices(ps).collect();
         if !at_pause.pages.is_empty() {
@@ -1268,32 +1465,14 @@ impl<G: ProtectedGuest> Protector<G> {
         }
     }
 
-    /// The backup acknowledged every epoch up to `epoch`.
-    fn on_committed(&mut self, epoch: u64) {
-        self.encoder.acknowledge(epoch);
-        if self.gate.committed(epoch) {
-            self.errors_in_a_row = 0;
-            let c = self.gate.committed_checkpoint();
-            if let Ok(mut st) = self.stats.lock() {
-                st.committed = st.committed.max(c);
-            }
-        }
-        self.flush_output();
-        self.check_switchover();
-    }
-
     /// Releases what may leave now, while this site may release output:
-    /// what the release gate allows (committed checkpoints' frames, or
-    /// everything while the VM runs unprotected).
+    /// what the core allows (committed checkpoints' frames, or everything
+    /// while the VM runs unprotected).
     fn flush_output(&mut self) {
-        let (allowed, lost) = match &self.failover {
-            None => (true, false),
-            Some(f) => (f.arbiter.may_release() && !f.fenced, f.unprotected),
-        };
-        if !allowed {
+        let Some(release) = self.core.release_now(self.lease_ok()) else {
             return;
-        }
-        let frames = match (self.capture.io.lock(), self.gate.release(lost)) {
+        };
+        let frames = match (self.capture.io.lock(), release) {
             (Ok(mut io), Release::All) => io.output.release_all(),
             (Ok(mut io), Release::Through(n)) => io.output.release_through(n),
             (Err(_), _) => Vec::new(),
@@ -1308,392 +1487,6 @@ impl<G: ProtectedGuest> Protector<G> {
         }
         if let Ok(mut st) = self.stats.lock() {
             st.output_released_frames += frames.len() as u64;
-        }
-    }
-
-    /// Acts on a verdict of the failover state machine.
-    fn on_failover_event(&mut self, ev: Event) -> Result<(), ProtectError> {
-        let Some(f) = &mut self.failover else {
-            return Ok(());
-        };
-        let token = f.arbiter.token();
-        let vm = self.opts.vm.clone();
-        match ev {
-            Event::Fence if self.switchover.is_some() => {
-                // The hand-over was asked of the witness: output is held
-                // (the guest is already paused) until it answers. Not a
-                // fence: no hooks, the addresses move with the outcome.
-                f.fenced = true;
-                info!(vm = %vm, token, "switchover: output held while the witness moves the lease");
-            }
-            Event::Fence => {
-                if !f.fenced && f.started {
-                    f.fenced = true;
-                    warn!(vm = %vm, token, "fenced: this site reaches neither the backup nor the witness; guest paused, output held");
-                    if let Some(a) = &mut f.addresses {
-                        a.set_role(Role::Down, token);
-                        a.spawn_hooks(HookEvent::Fence, token, None, None);
-                    }
-                    tokio::task::block_in_place(|| self.guest.pause())?;
-                    self.set_state("fenced");
-                }
-            }
-            Event::Unfence => {
-                let was_fenced = std::mem::replace(&mut f.fenced, false);
-                if !f.started {
-                    f.started = true;
-                    info!(vm = %vm, token, "this site may release the VM's output: announcing its addresses");
-                    if let Some(a) = &mut f.addresses {
-                        a.set_role(Role::Active, token);
-                        a.point_dns_here();
-                    }
-                } else if was_fenced {
-                    info!(vm = %vm, token, "unfenced: guest resumed");
-                    if let Some(a) = &mut f.addresses {
-                        a.set_role(Role::Active, token);
-                    }
-                    tokio::task::block_in_place(|| self.guest.resume())?;
-                    self.set_state(self.steady_state());
-                }
-                self.flush_output();
-            }
-            Event::ProtectionLost => {
-                f.unprotected = true;
-                warn!(vm = %vm, token, "protection lost: the backup site is unreachable; the VM runs unprotected (output no longer waits for it)");
-                if let Some(a) = &f.addresses {
-                    a.spawn_hooks(HookEvent::ProtectionLost, token, None, None);
-                }
-                if !f.fenced {
-                    self.set_state("unprotected");
-                }
-                self.flush_output();
-            }
-            Event::ProtectionRestored => {
-                f.unprotected = false;
-                info!(vm = %vm, token, "protection restored: the backup site is back");
-                if let Some(a) = &f.addresses {
-                    a.spawn_hooks(HookEvent::ProtectionRestored, token, None, None);
-                }
-                if !f.fenced && self.switchover.is_none() {
-                    self.set_state(self.steady_state());
-                }
-            }
-            Event::Demote { token } => {
-                if let Some(reply) = self.switchover.as_mut().and_then(|s| s.reply.take()) {
-                    let _ = reply.send(Err(format!(
-                        "demoted under token {token} during the switchover"
-                    )));
-                }
-                error!(vm = %vm, token, "demoted: {} runs the VM under a newer fencing token; stopping it here", self.opts.backup);
-                if let Some(a) = &mut f.addresses {
-                    a.set_role(Role::Down, token);
-                    a.spawn_hooks(
-                        HookEvent::Demote,
-                        token,
-                        Some(&self.opts.site),
-                        Some(&self.opts.backup),
-                    );
-                }
-                let _ = tokio::task::block_in_place(|| self.guest.pause());
-                self.set_state("demoted");
-                return Err(ProtectError::Demoted {
-                    site: self.opts.backup.clone(),
-                    token,
-                });
-            }
-            Event::SwitchoverDone { token } => {
-                let took = self
-                    .switchover
-                    .as_ref()
-                    .map(|s| s.started.elapsed())
-                    .unwrap_or_default();
-                info!(vm = %vm, token, took_ms = took.as_millis() as u64, "switchover done: {} runs the VM", self.opts.backup);
-                if let Some(a) = &mut f.addresses {
-                    a.set_role(Role::Down, token);
-                    a.spawn_hooks(
-                        HookEvent::Demote,
-                        token,
-                        Some(&self.opts.site),
-                        Some(&self.opts.backup),
-                    );
-                }
-                if let Some(reply) = self.switchover.as_mut().and_then(|s| s.reply.take()) {
-                    let _ = reply.send(Ok(format!(
-                        "{vm} handed over to {} under fencing token {token} in {} ms",
-                        self.opts.backup,
-                        took.as_millis()
-                    )));
-                }
-                self.set_state("handed over");
-                self.finished = true;
-            }
-            Event::Promote { .. } => {}
-        }
-        Ok(())
-    }
-
-    /// Protects until `shutdown` (or until the guest exits, or a newer
-    /// token demotes this site). Replication errors do not end it: the
-    /// guest runs on and a full resync follows (see [`Self::recover`]).
-    pub async fn run(
-        mut self,
-        shutdown: impl std::future::Future<Output = ()>,
-    ) -> Result<ProtectStats, ProtectError> {
-        let r = self.run_loop(shutdown).await;
-        // Every way out (a demotion too) withdraws the addresses and waits,
-        // bounded, for the hooks it started.
-        let stats = self.stop().await;
-        r.map(|()| stats)
-    }
-
-    async fn run_loop(
-        &mut self,
-        shutdown: impl std::future::Future<Output = ()>,
-    ) -> Result<(), ProtectError> {
-        tokio::pin!(shutdown);
-        if matches!(self.phase, Phase::AwaitPeer) {
-            self.set_state("unprotected");
-            warn!(vm = %self.opts.vm, peer = %self.opts.backup, "running unprotected until a standby at the other site answers");
-        } else {
-            let r = self.begin_sync("protection starts");
-            if !self.survive(r)? {
-                return Ok(());
-            }
-        }
-        let mut pacer = Pacer::new(self.opts.interval, self.opts.max_in_flight, Instant::now());
-        let mut last_report = Instant::now();
-        loop {
-            if self.finished {
-                break;
-            }
-            let status = self.sender.status();
-            let in_flight = status.in_flight as u32;
-            let held = match self.capture.io.lock() {
-                Ok(io) => io.output.held_bytes(),
-                Err(_) => 0,
-            };
-            let pressure = held * 2 > self.opts.output_limit;
-            // A fenced guest, or one paused for a switchover, has nothing
-            // to send.
-            let paused =
-                self.failover.as_ref().is_some_and(|f| f.fenced) || self.switchover.is_some();
-            let now = Instant::now();
-            let mut wake = tokio::time::Instant::now() + self.opts.interval;
-            if let Some(sw) = &self.switchover {
-                let deadline = sw.started + SWITCHOVER_DEADLINE;
-                if now >= deadline {
-                    let r = self.abort_switchover();
-                    if !self.survive(r)? {
-                        break;
-                    }
-                    continue;
-                }
-                wake = wake.min(tokio::time::Instant::from_std(deadline));
-            }
-            if matches!(self.phase, Phase::PreCopy(_)) && !paused {
-                let r = self.pump_hash_requests().await;
-                if !self.survive(r)? {
-                    break;
-                }
-            }
-            let mut step = None;
-            match &self.phase {
-                _ if paused => {}
-                Phase::AwaitPeer => {}
-                Phase::Backoff { until, new_session } => {
-                    if now >= *until {
-                        step = Some(Work::EndBackoff(*new_session));
-                    } else {
-                        wake = wake.min(tokio::time::Instant::from_std(*until));
-                    }
-                }
-                // Room is made by acknowledgements, which wake the loop.
-                Phase::PreCopy(_) if self.precopy_has_room() => step = Some(Work::PreCopy),
-                Phase::PreCopy(_) => {}
-                Phase::Checkpointing if status.resync_pending => step = Some(Work::Resync),
-                Phase::Checkpointing => match pacer.decide(now, in_flight, pressure) {
-                    Decision::Checkpoint => step = Some(Work::Checkpoint),
-                    Decision::WaitUntil(t) => wake = tokio::time::Instant::from_std(t),
-                    Decision::WaitForAck => {}
-                },
-            }
-            if let Some(work) = step {
-                if matches!(work, Work::PreCopy | Work::Checkpoint) && !self.guest.is_running() {
-                    warn!(vm = %self.opts.vm, "guest stopped: protection ends");
-                    break;
-                }
-                let r = match work {
-                    Work::EndBackoff(new_session) => self.end_backoff(new_session),
-                    Work::Resync => self.begin_sync("the backup needs a full resync"),
-                    Work::PreCopy => self.precopy_step().await,
-                    Work::Checkpoint => {
-                        let r = self.checkpoint().await.map(|_| ());
-                        if r.is_ok() {
-                            let backlog = status
-                                .link
-                                .as_ref()
-                                .map(|l| {
-                                    Duration::from_secs_f64(l.rtt.as_secs_f64() * in_flight as f64)
-                                })
-                                .unwrap_or_default();
-                            pacer.checkpoint_taken(Instant::now(), in_flight, backlog);
-                        }
-                        r
-                    }
-                };
-                if !self.survive(r)? {
-                    break;
-                }
-                continue;
-            }
-            if self.releases_at_once() {
-                // Unprotected: output leaves without waiting for a commit,
-                // a couple of milliseconds after the guest sent it.
-                self.flush_output();
-                wake = wake.min(tokio::time::Instant::now() + Duration::from_millis(2));
-            }
-            self.publish(&pacer, &status);
-            if last_report.elapsed() >= self.opts.report_every {
-                last_report = Instant::now();
-                self.report(&pacer, &status);
-            }
-            let failover_event = async {
-                match &mut self.failover {
-                    Some(f) => f.events.recv().await,
-                    None => std::future::pending().await,
-                }
-            };
-            let control = async {
-                match &mut self.control {
-                    Some(c) => c.recv().await,
-                    None => std::future::pending().await,
-                }
-            };
-            let replication = async {
-                if self.events_open {
-                    self.events.recv().await
-                } else {
-                    std::future::pending().await
-                }
-            };
-            tokio::select! {
-                _ = &mut shutdown => break,
-                _ = tokio::time::sleep_until(wake) => {}
-                req = control => match req {
-                    Some(ControlRequest::Verify { vm, scope, repair, reply }) => {
-                        let r = self.begin_verify(&vm, scope, repair);
-                        let _ = reply.send(r);
-                    }
-                    Some(ControlRequest::Switchover { vm, reply }) => {
-                        let r = self.begin_switchover(vm, reply).await;
-                        if !self.survive(r)? {
-                            break;
-                        }
-                    }
-                    None => self.control = None,
-                },
-                ev = failover_event => {
-                    let Some(ev) = ev else {
-                        return Err(ProtectError::Session("failover task stopped".into()));
-                    };
-                    self.on_failover_event(ev)?;
-                }
-                ev = replication => {
-                    let r = self.on_sender_event(ev);
-                    if !self.survive(r)? {
-                        break;
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// What the replication session reports.
-    fn on_sender_event(&mut self, ev: Option<SenderEvent>) -> Result<(), ProtectError> {
-        let Some(ev) = ev else {
-            self.events_open = false;
-            return Err(ProtectError::SessionEnded(
-                "the replication task stopped".into(),
-            ));
-        };
-        match ev {
-            SenderEvent::Committed { epoch } => self.on_committed(epoch),
-            SenderEvent::DiskReport(r) => return self.on_disk_report(r),
-            SenderEvent::ResyncRequired { reason, .. } => {
-                warn!(vm = %self.opts.vm, reason, "backup needs a full resync");
-                // A seeded sync whose opening epoch the standby refused
-                // (it could not seed): the next one sends the whole disk.
-                if let Phase::PreCopy(pc) = &self.phase {
-                    let seeded = pc
-                        .disk
-                        .as_ref()
-                        .and_then(DiskSource::mode)
-                        .is_some_and(|m| m != DiskSyncMode::Full);
-                    if seeded && reason.contains("rejected") {
-                        self.force_full = true;
-                    }
-                }
-                if let Ok(mut st) = self.stats.lock() {
-                    st.resyncs += 1;
-                }
-                if !matches!(self.phase, Phase::Backoff { .. }) {
-                    return self.begin_sync("the backup needs a full resync");
-                }
-            }
-            SenderEvent::Connected {
-                peer_site,
-                receiver_committed,
-                ..
-            } => {
-                info!(vm = %self.opts.vm, peer = %peer_site, receiver_committed, "backup connected");
-                if matches!(self.phase, Phase::AwaitPeer) {
-                    info!(vm = %self.opts.vm, peer = %peer_site, "a standby answers: synchronising the running VM to it");
-                    return self.begin_sync("a standby answers");
-                }
-            }
-            SenderEvent::VerifyResult(r) => {
-                if let Some(v) = &mut self.verify {
-                    if v.on_result(&r) == verify::Action::Finished {
-                        self.verify_finished();
-                    }
-                    self.publish_verify();
-                }
-            }
-            SenderEvent::Disconnected { error, retry_in } => {
-                if let Phase::PreCopy(pc) = &mut self.phase {
-                    if let Some(DiskSource::Checksum(c)) = &mut pc.disk {
-                        c.sync.connection_lost();
-                    }
-                }
-                if let Some(v) = &mut self.verify {
-                    // Requests on that connection may be lost: asked again.
-                    v.lost_all();
-                }
-                if self.releases_at_once() {
-                    warn!(vm = %self.opts.vm, %error, ?retry_in, "backup unreachable (the VM runs unprotected meanwhile)");
-                } else {
-                    warn!(vm = %self.opts.vm, %error, ?retry_in, "backup unreachable: output is held until it is back or declared lost");
-                }
-            }
-            SenderEvent::Failed { error } => {
-                return Err(ProtectError::SessionEnded(format!("it failed: {error}")));
-            }
-            _ => {}
-        }
-        Ok(())
-    }
-
-    /// Ok(true) to go on, Ok(false) when the guest is gone (protection
-    /// ends), Err for a demotion; any other error is recovered from.
-    fn survive(&mut self, r: Result<(), ProtectError>) -> Result<bool, ProtectError> {
-        match r {
-            Ok(()) => Ok(true),
-            Err(ProtectError::Guest(hypervisor::GuestError::NotRunning)) => {
-                warn!(vm = %self.opts.vm, "guest stopped: protection ends");
-                Ok(false)
-            }
-            Err(e) => self.recover(e).map(|()| true),
         }
     }
 
@@ -1713,7 +1506,7 @@ impl<G: ProtectedGuest> Protector<G> {
         self.stats.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
-    fn report(&self, pacer: &Pacer, status: &wan::transport::replication::SenderStatus) {
+    fn report(&self, status: &wan::transport::replication::SenderStatus) {
         let held = self
             .capture
             .io
@@ -1721,7 +1514,7 @@ impl<G: ProtectedGuest> Protector<G> {
             .map(|io| io.output.held_bytes())
             .unwrap_or(0);
         if let Ok(mut st) = self.stats.lock() {
-            st.interval_ms = pacer.interval().as_millis() as u64;
+            st.interval_ms = self.core.interval().as_millis() as u64;
             st.output_held_bytes = held;
             st.output_dropped_frames = self.capture.dropped_frames.load(Ordering::Relaxed);
             st.rtt_ms = status.link.as_ref().map(|l| l.rtt.as_secs_f64() * 1e3);
@@ -1737,6 +1530,18 @@ impl<G: ProtectedGuest> Protector<G> {
                 "protecting"
             );
         }
+    }
+}
+
+/// What an end of protection means for the caller: a demotion is an
+/// error, the other ends are not.
+fn finish(f: Finish, opts: &ProtectOptions) -> Result<(), ProtectError> {
+    match f {
+        Finish::HandedOver | Finish::GuestStopped => Ok(()),
+        Finish::Demoted { token } => Err(ProtectError::Demoted {
+            site: opts.backup.clone(),
+            token,
+        }),
     }
 }
 
