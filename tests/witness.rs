@@ -496,3 +496,80 @@ fn witness_cli_refuses_a_missing_state_and_init_creates_it_once() {
     let (store, _) = LeaseStore::open(&state).expect("a state now");
     assert_eq!(store.token_floor(), 18_000_000_000_000_000_000);
 }
+
+/// A whole site's VMs ask for their leases at once (what a failed site's
+/// backup does): the witness writes the records it queued while a write
+/// was syncing together, and every VM gets its lease, all of them on
+/// disk under the tokens granted.
+#[tokio::test]
+async fn a_site_full_of_vms_all_get_their_leases_and_all_are_durable() {
+    const VMS: usize = 24;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki_dir = dir.path().join("pki");
+    pki(&pki_dir);
+    let state = dir.path().join("state");
+    let names: Vec<String> = (0..VMS).map(|i| format!("vm{i}")).collect();
+    let mut opts = options(&pki_dir, &state);
+    opts.vms = names
+        .iter()
+        .map(|vm| VmSites {
+            vm: vm.clone(),
+            primary: "dc1".into(),
+            backup: "dc2".into(),
+        })
+        .collect();
+    let server = WitnessServer::bind(opts).expect("witness binds");
+    let addr = server.local_addr().expect("addr");
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(server.run(async move {
+        let _ = rx.await;
+    }));
+    let mut dc2 = Client::connect(TlsPaths::in_dir(&pki_dir, "dc2"), addr)
+        .await
+        .expect("dc2");
+    tokio::time::sleep(quarantine()).await;
+
+    // All requests back to back on one stream, then the replies in any
+    // order; a VM refused (still in the start-up period) asks again.
+    let mut tokens: std::collections::BTreeMap<String, u64> = Default::default();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tokens.len() < VMS {
+        assert!(Instant::now() < deadline, "granted only {tokens:?}");
+        let asking: Vec<&String> = names.iter().filter(|n| !tokens.contains_key(*n)).collect();
+        for vm in &asking {
+            dc2.req += 1;
+            let msg = Message::LeaseRequest {
+                req: dc2.req,
+                token: 0,
+            };
+            write_message(&mut dc2.send, vm, &msg).await.expect("send");
+        }
+        for _ in 0..asking.len() {
+            let reply = tokio::time::timeout(Duration::from_secs(10), read_message(&mut dc2.recv))
+                .await
+                .expect("the witness answers every request")
+                .expect("valid reply")
+                .expect("stream open");
+            match reply {
+                (vm, Message::LeaseReply { granted, token, .. }) => {
+                    if granted.is_some() {
+                        tokens.insert(vm, token);
+                    }
+                }
+                other => panic!("unexpected reply {other:?}"),
+            }
+        }
+    }
+    let _ = stop.send(());
+    let _ = task.await;
+    let (store, _) = LeaseStore::open(&state).expect("state");
+    for (vm, token) in &tokens {
+        assert!(*token > store.token_floor(), "{vm}: token {token}");
+        let rec = &store.leases()[vm];
+        assert_eq!(
+            (rec.holder.as_deref(), rec.token),
+            (Some("dc2"), *token),
+            "{vm}'s grant is on disk"
+        );
+    }
+}

@@ -1,14 +1,14 @@
 //! `remus-wan witness`: the failover arbiter at the third site, serving
 //! the sites' lease requests over mutually authenticated QUIC.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use failover::{LeaseRecord, Message, SiteId, Timers, Witness, WitnessOutput};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tracing::{info, warn};
 use wan::transport::{Connection, Endpoint, TlsPaths, TransportConfig, TransportError};
 
@@ -51,8 +51,12 @@ pub enum WitnessError {
 
 struct Shared {
     witness: Witness,
-    store: LeaseStore,
     sites: Vec<String>,
+    /// Records waiting for the next write (at most one per VM: the
+    /// witness ignores a VM while its record is being written).
+    to_persist: BTreeMap<String, StoredLease>,
+    /// Wakes the writer when `to_persist` gains a record.
+    persist_wake: Arc<Notify>,
     /// Per site and VM, the stream that last spoke about the VM: replies
     /// go there (one site may run several processes, one per VM).
     outbox: HashMap<(SiteId, String), mpsc::UnboundedSender<(String, Message)>>,
@@ -75,12 +79,17 @@ impl Shared {
             .map(String::as_str)
     }
 
-    /// Feeds one message to the arbiter. A record to persist is written
-    /// (and synced) before the witness releases the replies that wait for
-    /// it; a failed write releases none and leaves the witness's record as
-    /// it was (see `failover::Witness`).
+    /// Feeds one message to the arbiter.
     fn handle(&mut self, vm: &str, from: SiteId, msg: Message) {
-        let mut outputs: VecDeque<_> = self.witness.handle(vm, from, msg, Instant::now()).into();
+        let outputs = self.witness.handle(vm, from, msg, Instant::now());
+        self.dispatch(vm, outputs);
+    }
+
+    /// Sends the replies, and queues a record to persist for the writer
+    /// (see [`persist_batches`]): the replies that wait for it stay inside
+    /// the witness until the write's outcome comes back.
+    fn dispatch(&mut self, vm: &str, outputs: Vec<WitnessOutput>) {
+        let mut outputs: VecDeque<_> = outputs.into();
         while let Some(o) = outputs.pop_front() {
             match o {
                 WitnessOutput::Persist { vm, record } => {
@@ -92,14 +101,8 @@ impl Shared {
                         holder,
                         token: record.token,
                     };
-                    let durable = match self.store.put(&vm, stored) {
-                        Ok(()) => true,
-                        Err(e) => {
-                            warn!(error = %e, vm, token = record.token, "cannot persist a lease record: nothing granted");
-                            false
-                        }
-                    };
-                    outputs.extend(self.witness.persisted(&vm, durable, Instant::now()));
+                    self.to_persist.insert(vm, stored);
+                    self.persist_wake.notify_one();
                 }
                 WitnessOutput::Send { to, msg } => {
                     let tx = self
@@ -116,9 +119,63 @@ impl Shared {
     }
 }
 
+/// The witness's one writer: takes every record queued since its last
+/// write and writes them all at once (written, synced, renamed, folder
+/// synced), then reports the outcome of each to the witness, which
+/// releases the replies that waited for it. Why a group commit: at a
+/// site's failure every VM of the site asks for its lease at about the
+/// same time, and one sync per grant made the last VM wait for all the
+/// others' syncs (arbitration grew with the number of VMs per site). The
+/// write runs off the runtime threads, without the lock, so messages keep
+/// being handled (and queued) meanwhile.
+async fn persist_batches(shared: Arc<Mutex<Shared>>, mut store: LeaseStore, wake: Arc<Notify>) {
+    loop {
+        wake.notified().await;
+        let batch: Vec<(String, StoredLease)> = match shared.lock() {
+            Ok(mut s) => std::mem::take(&mut s.to_persist).into_iter().collect(),
+            Err(_) => return,
+        };
+        if batch.is_empty() {
+            continue;
+        }
+        let vms: Vec<String> = batch.iter().map(|(vm, _)| vm.clone()).collect();
+        let written = tokio::task::spawn_blocking(move || {
+            let r = store.put_all(batch);
+            (store, r)
+        })
+        .await;
+        let durable = match written {
+            Ok((back, r)) => {
+                store = back;
+                match r {
+                    Ok(()) => true,
+                    Err(e) => {
+                        warn!(error = %e, vms = ?vms, "cannot persist lease records: nothing granted");
+                        false
+                    }
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "the lease writer stopped: nothing more is granted");
+                return;
+            }
+        };
+        let Ok(mut s) = shared.lock() else {
+            return;
+        };
+        for vm in &vms {
+            let outputs = s.witness.persisted(vm, durable, Instant::now());
+            s.dispatch(vm, outputs);
+        }
+    }
+}
+
 pub struct WitnessServer {
     endpoint: Endpoint,
     shared: Arc<Mutex<Shared>>,
+    /// The lease records' file, handed to the writer task by `run`.
+    store: LeaseStore,
+    persist_wake: Arc<Notify>,
 }
 
 impl WitnessServer {
@@ -187,15 +244,19 @@ impl WitnessServer {
         cfg.allowed_clients = opts.sites.clone();
         let endpoint = Endpoint::bind(opts.listen, cfg)?;
         info!(addr = %endpoint.local_addr()?, "witness listening");
+        let persist_wake = Arc::new(Notify::new());
         Ok(Self {
             endpoint,
             shared: Arc::new(Mutex::new(Shared {
                 witness,
-                store,
                 sites: opts.sites,
+                to_persist: BTreeMap::new(),
+                persist_wake: persist_wake.clone(),
                 outbox: HashMap::new(),
                 latest: HashMap::new(),
             })),
+            store,
+            persist_wake,
         })
     }
 
@@ -216,6 +277,11 @@ impl WitnessServer {
     /// Serves until `shutdown` completes.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
+        let writer = tokio::spawn(persist_batches(
+            self.shared.clone(),
+            self.store,
+            self.persist_wake.clone(),
+        ));
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
@@ -230,6 +296,7 @@ impl WitnessServer {
             }
         }
         info!("witness shutting down");
+        writer.abort();
         self.endpoint.close();
     }
 }

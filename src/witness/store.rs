@@ -242,8 +242,18 @@ impl LeaseStore {
     /// On error the store is unchanged: the record is not counted as
     /// durable, and the next write does not carry it.
     pub fn put(&mut self, vm: &str, lease: StoredLease) -> Result<(), LeaseStoreError> {
+        self.put_all([(vm.to_owned(), lease)])
+    }
+
+    /// Records several leases with one write (the witness's group commit:
+    /// the records that queued while the previous write was syncing share
+    /// the next one). All or none, as [`LeaseStore::put`].
+    pub fn put_all(
+        &mut self,
+        leases: impl IntoIterator<Item = (String, StoredLease)>,
+    ) -> Result<(), LeaseStoreError> {
         let mut next = self.state.clone();
-        next.leases.insert(vm.to_owned(), lease);
+        next.leases.extend(leases);
         write_atomically(&self.path, &next)?;
         self.state = next;
         Ok(())
