@@ -6,6 +6,38 @@ use super::exit::Code;
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
+    /// The checkpoint codec beside per-page zstd-1: bytes and speed.
+    ///
+    /// Runs the synthetic dirtying patterns (sparse-write, streaming,
+    /// random, zero-heavy), or with --trace the dirty-page traces recorded
+    /// from a real guest (`cargo run --release -p hypervisor --example
+    /// record_trace`). Each scheme takes the warm-up epochs unmeasured (for
+    /// a trace: its epoch 0, the whole image, then --warmup more), and
+    /// every replica is checked against the guest's final memory.
+    ///
+    /// Prints one line per workload: dirty KiB per epoch; bytes per epoch
+    /// of zstd-1 per page and of ours; the ratio (how many times fewer
+    /// bytes ours sends); encode MB/s of zstd-1 and of ours on one core
+    /// (the thread's CPU time); ours with the parallel encoder on every
+    /// core (wall time, median of 3, and per CPU-second of the process);
+    /// decode MB/s of both on one core. MB/s count dirty page bytes. On a
+    /// shared machine the speeds move with the neighbours: compare rows of
+    /// one run. Figures: docs/benchmarks.md.
+    Codec {
+        /// A trace folder (epoch-NNNNNN.rwtrace files) or a folder of them.
+        #[arg(long)]
+        trace: Option<std::path::PathBuf>,
+        /// Our encoder's page cache budget, MiB.
+        #[arg(long, default_value_t = 64)]
+        cache_mib: usize,
+        /// Epochs after a trace's initial image taken unmeasured.
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        /// Also print each workload's full table: raw, zstd-1/3 per page,
+        /// Remus XOR+RLE, QEMU XBZRLE and variants of ours.
+        #[arg(long)]
+        all_schemes: bool,
+    },
     /// Stream synthetic checkpoint epochs over an emulated WAN (RTT 0/20/50/100 ms,
     /// loss 0/0.5/2 %, 200 Mbit/s): our QUIC transport beside a TCP + TLS
     /// baseline carrying the same framing; goodput and commit latency p50/p99.
@@ -123,6 +155,26 @@ pub enum BenchCommand {
 impl BenchCommand {
     pub fn run(self) -> Code {
         match self {
+            BenchCommand::Codec {
+                trace,
+                cache_mib,
+                warmup,
+                all_schemes,
+            } => {
+                let opts = super::bench_codec::Options {
+                    trace,
+                    cache_mib,
+                    all_schemes,
+                    warmup,
+                };
+                match super::bench_codec::run(opts) {
+                    Ok(()) => Code::Success,
+                    Err(e) => {
+                        eprintln!("error: {e:#}");
+                        Code::Failure
+                    }
+                }
+            }
             BenchCommand::Protect { guest_image } => match super::bench_protect::run(guest_image) {
                 Ok(()) => Code::Success,
                 Err(e) => {

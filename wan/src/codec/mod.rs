@@ -73,7 +73,8 @@
 //!
 //! [`synthetic`] holds the deterministic page traces shared by the
 //! benchmark (`wan/benches/codec.rs`), the demo (`wan/examples/codec_demo.rs`)
-//! and the tests. [`fuzz_decode`] is the decoder's fuzzing entry point
+//! and the tests; [`trace_bench`] the benchmark's tables, shared by the
+//! criterion bench and `remus-wan bench codec`. [`fuzz_decode`] is the decoder's fuzzing entry point
 //! (`wan/fuzz`).
 
 mod block;
@@ -92,6 +93,7 @@ pub mod recorded;
 mod rle;
 mod staged;
 pub mod synthetic;
+pub mod trace_bench;
 mod wire;
 
 pub use decoder::{Decoder, DecoderConfig};
