@@ -217,7 +217,7 @@ impl<G: ProtectedGuest> Protector<G> {
             control: None,
             switchover_reply: None,
             core,
-            sync: Some(Box::new(PreCopy::new(None))),
+            sync: None,
             events_open: true,
             force_full: false,
             progress: super::progress::SyncProgress::new(),

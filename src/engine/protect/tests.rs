@@ -808,3 +808,73 @@ proptest! {
         }
     }
 }
+
+/// A link that acknowledges each epoch `rtt` after it was sent, played
+/// against the core for `run` of simulated time. Returns the checkpoints
+/// taken and the interval in force at the end.
+fn simulate(rtt: Duration, run: Duration) -> (u64, Duration) {
+    let t0 = Instant::now();
+    let mut c = core(t0);
+    let mut now = t0;
+    let mut next_epoch = 1;
+    // (due, epoch), in sending order.
+    let mut acks: std::collections::VecDeque<(Instant, u64)> = Default::default();
+    let mut checkpoints = 0;
+    c.handle_start(now);
+    drain(&mut c);
+    c.handle_precopy_finished();
+    while now < t0 + run {
+        let mut busy = true;
+        while busy {
+            while let Some(a) = c.poll_action() {
+                if let Action::Checkpoint { paced } = a {
+                    c.handle_checkpoint_taken(next_epoch);
+                    acks.push_back((now + rtt, next_epoch));
+                    next_epoch += 1;
+                    checkpoints += 1;
+                    if paced {
+                        c.handle_checkpoint_sent(now);
+                    }
+                }
+            }
+            let observed = Observed {
+                in_flight: acks.len() as u32,
+                backlog: rtt * acks.len() as u32,
+                ..Observed::default()
+            };
+            busy = c.handle_timeout(now, observed);
+        }
+        drain(&mut c);
+        // Never released beyond what the backup acknowledged.
+        let committed = next_epoch - 1 - acks.len() as u64;
+        assert_eq!(c.release_now(true), Some(Release::Through(committed)));
+        let wake = c.poll_timeout().expect("a wake-up while protecting");
+        now = match acks.front() {
+            Some(&(due, _)) if due <= wake => due,
+            _ => wake,
+        };
+        while let Some(&(due, epoch)) = acks.front() {
+            if due > now {
+                break;
+            }
+            acks.pop_front();
+            c.handle_committed(epoch);
+        }
+    }
+    (checkpoints, c.interval())
+}
+
+#[test]
+fn on_a_fast_link_one_checkpoint_per_interval() {
+    let (n, interval) = simulate(ms(20), Duration::from_secs(10));
+    assert!((99..=101).contains(&n), "{n} checkpoints in 10 s at 100 ms");
+    assert_eq!(interval, INTERVAL);
+}
+
+#[test]
+fn on_a_slow_link_checkpoints_wait_for_acks_and_the_interval_stretches() {
+    let (n, interval) = simulate(ms(1000), Duration::from_secs(10));
+    // Never more than the in-flight limit per round trip.
+    assert!(n <= 10 * MAX_IN_FLIGHT as u64 + MAX_IN_FLIGHT as u64, "{n}");
+    assert!(interval > INTERVAL, "stretched to {interval:?}");
+}
