@@ -537,10 +537,13 @@ fn shop_run(point: &str, nth: u64) {
         // died, then until enough more are confirmed by the new primary.
         let (mut sent, mut confirmed) = (0u64, 0u64);
         let mut after_kill: Option<u64> = None;
+        let started = Instant::now();
+        let mut rate = 0.0;
         let deadline = Instant::now() + Duration::from_secs(240);
         loop {
             if after_kill.is_none() && protect.has_exited() {
                 after_kill = Some(confirmed);
+                rate = confirmed as f64 / started.elapsed().as_secs_f64();
             }
             if after_kill.is_some_and(|at| confirmed >= at + ORDERS_AFTER_KILL) {
                 break;
@@ -605,7 +608,8 @@ fn shop_run(point: &str, nth: u64) {
             .count();
         assert_eq!(takeovers, 1, "one takeover for the whole group");
         eprintln!(
-            "shop run at {point}@{nth}: {confirmed} orders, {} before the primary died",
+            "shop run at {point}@{nth}: {confirmed} orders, {} before the primary died \
+             ({rate:.1} orders/s with {ORDER_WINDOW} in flight, 100 ms epochs)",
             after_kill.unwrap_or(0)
         );
     })

@@ -5,6 +5,17 @@
 //! member's index as they are held, so the group's one output buffer
 //! releases them (together, at the group's commit) to each member's own
 //! tap.
+//!
+//! Frames from one member to another (unicast to a member's MAC) are not
+//! held: they leave at once through the sender's tap. Why that is safe: a
+//! takeover resumes every member from the same group checkpoint, so a
+//! frame a member received from a future the checkpoint does not hold is
+//! forgotten by its receiver together with its sender; and whatever a
+//! member tells the world because of it is held until a commit that holds
+//! both. Why it matters: a request that crosses tiers (web to database and
+//! back) would otherwise wait for a commit at every hop.
+
+use std::sync::{Arc, Mutex};
 
 use hypervisor::group::{member_ranges, GroupGuest, GroupState};
 use hypervisor::kvm::devices::net::FrameSink;
@@ -81,16 +92,73 @@ pub fn group_as_vm(name: &str, members: &[Vm]) -> Vm {
     v
 }
 
+/// The members' MACs and taps, for frames between members (see the
+/// module's notes). The taps are known once the members run.
+pub struct Intra {
+    macs: Vec<[u8; 6]>,
+    taps: Mutex<Vec<Option<Box<dyn FrameSink>>>>,
+}
+
+impl Intra {
+    pub fn new(macs: Vec<[u8; 6]>) -> Arc<Intra> {
+        Arc::new(Intra {
+            macs,
+            taps: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn set_taps(&self, taps: Vec<Option<Box<dyn FrameSink>>>) {
+        if let Ok(mut t) = self.taps.lock() {
+            *t = taps;
+        }
+    }
+
+    /// Sends `frame` of member `from` at once if it goes to another
+    /// member; false if it must be held.
+    fn send_between_members(&self, from: usize, frame: &[u8]) -> bool {
+        let Some(dst) = frame.get(..6) else {
+            return false;
+        };
+        // Broadcast and multicast (ARP requests...) reach the world too.
+        let to_member = dst[0] & 1 == 0
+            && self
+                .macs
+                .iter()
+                .enumerate()
+                .any(|(i, mac)| i != from && mac[..] == *dst);
+        if !to_member {
+            return false;
+        }
+        match self.taps.lock() {
+            Ok(mut taps) => match taps.get_mut(from) {
+                Some(Some(tap)) => {
+                    tap.send(frame);
+                    true
+                }
+                // Not running yet: held like any other frame.
+                _ => false,
+            },
+            Err(_) => false,
+        }
+    }
+}
+
 /// Frames of member `tag`, held in the group's output buffer with the tag
-/// in front.
+/// in front, except those to another member.
 struct TagFrames {
     tag: u8,
     inner: Box<dyn FrameSink>,
+    intra: Option<Arc<Intra>>,
     buf: Vec<u8>,
 }
 
 impl FrameSink for TagFrames {
     fn send(&mut self, frame: &[u8]) {
+        if let Some(intra) = &self.intra {
+            if intra.send_between_members(usize::from(self.tag), frame) {
+                return;
+            }
+        }
         self.buf.clear();
         self.buf.push(self.tag);
         self.buf.extend_from_slice(frame);
@@ -115,8 +183,9 @@ impl FrameSink for GroupRelease {
 }
 
 /// The seams of member `index`: its frames held (tagged) with the group's,
-/// no disk (grouped VMs have none in this build).
-pub fn member_seams(capture: &Capture, index: usize) -> Result<Seams, String> {
+/// those to other members sent at once through `intra`, no disk (grouped
+/// VMs have none in this build).
+fn member_seams(capture: &Capture, index: usize, intra: &Arc<Intra>) -> Result<Seams, String> {
     let tag = u8::try_from(index).map_err(|_| "a group has at most 256 members".to_owned())?;
     let inner = capture
         .seams()
@@ -126,10 +195,20 @@ pub fn member_seams(capture: &Capture, index: usize) -> Result<Seams, String> {
         frame_sink: Some(Box::new(TagFrames {
             tag,
             inner,
+            intra: Some(intra.clone()),
             buf: Vec::new(),
         })),
         write_hook: None,
     })
+}
+
+/// The members' MACs, for [`Intra`].
+fn intra_of(members: &[Vm]) -> Result<Arc<Intra>, String> {
+    let macs = members
+        .iter()
+        .map(|m| super::kvm_vm::guest_net(m, "micro-VMs speak IPv4 only").map(|n| n.mac))
+        .collect::<Result<Vec<_>, String>>()?;
+    Ok(Intra::new(macs))
 }
 
 /// Starts every member here (micro-VMs), their output held by `capture`.
@@ -137,15 +216,19 @@ pub fn start_members(
     members: &[Vm],
     capture: &Capture,
 ) -> Result<(GroupGuest, GroupRelease), String> {
+    let intra = intra_of(members)?;
     let mut guests: Vec<Box<dyn ProtectedGuest>> = Vec::new();
     let mut taps: Vec<Option<Box<dyn FrameSink>>> = Vec::new();
+    let mut direct: Vec<Option<Box<dyn FrameSink>>> = Vec::new();
     for (i, m) in members.iter().enumerate() {
         let spec = super::kvm_vm::spec_from_config(m)?;
-        let g = hypervisor::kvm::Vm::start(&spec, member_seams(capture, i)?)
+        let g = hypervisor::kvm::Vm::start(&spec, member_seams(capture, i, &intra)?)
             .map_err(|e| format!("VM {}: {e}", m.name))?;
         taps.push(g.tap().map(|t| Box::new(t) as Box<dyn FrameSink>));
+        direct.push(g.tap().map(|t| Box::new(t) as Box<dyn FrameSink>));
         guests.push(Box::new(g));
     }
+    intra.set_taps(direct);
     let group = GroupGuest::new(guests).map_err(|e| e.to_string())?;
     Ok((group, GroupRelease { taps }))
 }
@@ -170,8 +253,10 @@ pub fn resume_members(
     }
     let ps = 4096u64;
     let frames: Vec<u64> = members.iter().map(|m| m.memory_mib * 256).collect();
+    let intra = intra_of(members)?;
     let mut guests: Vec<Box<dyn ProtectedGuest>> = Vec::new();
     let mut taps: Vec<Option<Box<dyn FrameSink>>> = Vec::new();
+    let mut direct: Vec<Option<Box<dyn FrameSink>>> = Vec::new();
     for (i, (m, range)) in members.iter().zip(member_ranges(&frames)).enumerate() {
         let spec = super::kvm_vm::spec_from_config(m)?;
         let (lo, hi) = ((range.start * ps) as usize, (range.end * ps) as usize);
@@ -183,13 +268,15 @@ pub fn resume_members(
             )
         })?;
         let g = super::takeover::restore_retrying(&m.name, || {
-            let seams = member_seams(capture, i).map_err(kvm::Error::Restore)?;
+            let seams = member_seams(capture, i, &intra).map_err(kvm::Error::Restore)?;
             kvm::restore(&spec, image, &states.0[i], seams)
         })
         .map_err(|e| format!("resuming group member {}: {e}", m.name))?;
         taps.push(g.tap().map(|t| Box::new(t) as Box<dyn FrameSink>));
+        direct.push(g.tap().map(|t| Box::new(t) as Box<dyn FrameSink>));
         guests.push(Box::new(g));
     }
+    intra.set_taps(direct);
     let group = GroupGuest::new(guests).map_err(|e| e.to_string())?;
     Ok((group, GroupRelease { taps }))
 }
@@ -221,11 +308,13 @@ mod tests {
         let mut m1 = TagFrames {
             tag: 1,
             inner: Box::new(Collect(held.clone())),
+            intra: None,
             buf: Vec::new(),
         };
         let mut m0 = TagFrames {
             tag: 0,
             inner: Box::new(Collect(held.clone())),
+            intra: None,
             buf: Vec::new(),
         };
         m1.send(b"to b");
@@ -238,5 +327,55 @@ mod tests {
         release.send(&[7, 1, 2]);
         assert_eq!(*a.lock().unwrap(), vec![b"to a".to_vec()]);
         assert_eq!(*b.lock().unwrap(), vec![b"to b".to_vec()]);
+    }
+
+    fn frame(dst: [u8; 6], payload: &[u8]) -> Vec<u8> {
+        let mut f = dst.to_vec();
+        f.extend_from_slice(&[0x52, 0x54, 0, 0, 0, 9, 0x08, 0x00]);
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[test]
+    fn frames_between_members_leave_at_once_and_the_rest_is_held() {
+        let (a, b) = ([0x52, 0x54, 0, 0, 0, 1], [0x52, 0x54, 0, 0, 0, 2]);
+        let outsider = [0x52, 0x54, 0, 0, 0, 3];
+        let tap_a = Arc::new(Mutex::new(Vec::new()));
+        let tap_b = Arc::new(Mutex::new(Vec::new()));
+        let held = Arc::new(Mutex::new(Vec::new()));
+        let intra = Intra::new(vec![a, b]);
+        let mut m0 = TagFrames {
+            tag: 0,
+            inner: Box::new(Collect(held.clone())),
+            intra: Some(intra.clone()),
+            buf: Vec::new(),
+        };
+        // Before the taps are known everything is held.
+        m0.send(&frame(b, b"early"));
+        assert_eq!(held.lock().unwrap().len(), 1);
+        intra.set_taps(vec![
+            Some(Box::new(Collect(tap_a.clone()))),
+            Some(Box::new(Collect(tap_b.clone()))),
+        ]);
+        m0.send(&frame(b, b"to b"));
+        m0.send(&frame(outsider, b"to the world"));
+        m0.send(&frame([0xff; 6], b"broadcast"));
+        m0.send(&frame(a, b"to itself"));
+        m0.send(&[0x52, 0x54]);
+        // The frame to b left through a's own tap, at once.
+        assert_eq!(*tap_a.lock().unwrap(), vec![frame(b, b"to b")]);
+        assert!(tap_b.lock().unwrap().is_empty());
+        let held = held.lock().unwrap();
+        let held_payloads: Vec<&[u8]> = held.iter().map(|f| &f[1..]).collect();
+        assert_eq!(
+            held_payloads,
+            vec![
+                &frame(b, b"early")[..],
+                &frame(outsider, b"to the world")[..],
+                &frame([0xff; 6], b"broadcast")[..],
+                &frame(a, b"to itself")[..],
+                &[0x52, 0x54][..],
+            ]
+        );
     }
 }
