@@ -85,6 +85,7 @@ mod error;
 mod fasthash;
 mod format;
 mod fuzzing;
+mod match_finder;
 mod memory;
 mod page_cache;
 mod parallel;

@@ -172,9 +172,9 @@ pub(super) struct Helper {
 }
 
 impl Helper {
-    pub(super) fn new(level: i32) -> std::io::Result<Self> {
+    pub(super) fn new(level: i32, fast_match_finder: bool) -> std::io::Result<Self> {
         Ok(Helper {
-            zc: zstd::bulk::Compressor::new(level)?,
+            zc: super::match_finder::chunk_compressor(level, fast_match_finder)?,
             scratch: Vec::new(),
         })
     }

@@ -15,13 +15,15 @@ use zstd::zstd_safe::{CCtx, CParameter, DCtx, ResetDirective};
 pub(crate) struct PrefixCompressor {
     ctx: CCtx<'static>,
     level: i32,
+    fast_match_finder: bool,
 }
 
 impl PrefixCompressor {
-    pub(crate) fn new(level: i32) -> Option<Self> {
+    pub(crate) fn new(level: i32, fast_match_finder: bool) -> Option<Self> {
         Some(PrefixCompressor {
             ctx: CCtx::try_create()?,
             level,
+            fast_match_finder,
         })
     }
 
@@ -37,6 +39,7 @@ impl PrefixCompressor {
             ctx.set_parameter(CParameter::CompressionLevel(self.level))
                 .ok()?;
             ctx.set_parameter(CParameter::ContentSizeFlag(false)).ok()?;
+            super::match_finder::tune_prefix(ctx, self.level, self.fast_match_finder)?;
             ctx.ref_prefix(prefix).ok()?;
             ctx.compress2(out, data).ok()
         })();
@@ -83,16 +86,25 @@ mod tests {
 
     #[test]
     fn round_trip_and_wrong_prefix() {
+        // The level's match finder finds the shifted run in under 100 bytes;
+        // the fast one, whose small table this repetitive content crowds,
+        // in under 256 (a sixteenth of the page).
+        for (fast, limit) in [(false, 100), (true, 256)] {
+            round_trip(fast, limit);
+        }
+    }
+
+    fn round_trip(fast: bool, limit: usize) {
         let old: Vec<u8> = (0..4096u32).map(|i| (i * 7 / 13) as u8).collect();
         let mut new = old.clone();
         new.copy_within(100..2000, 108);
         new[5] ^= 0xff;
-        let mut c = PrefixCompressor::new(3).expect("ctx");
+        let mut c = PrefixCompressor::new(3, fast).expect("ctx");
         let mut d = PrefixDecompressor::new().expect("ctx");
         let mut z = vec![0u8; 4096];
         for _ in 0..3 {
             let n = c.compress(&new, &old, &mut z).expect("fits");
-            assert!(n < 100, "the prefix should make it small: {n}");
+            assert!(n < limit, "the prefix should make it small: {n}");
             let mut out = vec![0u8; 4096];
             assert_eq!(d.decompress(&z[..n], &old, &mut out), Ok(4096));
             assert_eq!(out, new);
