@@ -93,9 +93,11 @@ impl RawBlock<'_> {
             out.extend_from_slice(self.stored);
             return Ok(());
         }
-        out.resize(self.raw_len as usize, 0);
+        // Into the spare capacity: zstd writes every byte it reports, so
+        // zeroing the buffer first would only cost a pass over it.
+        out.reserve(self.raw_len as usize);
         let n = dz
-            .decompress_to_buffer(self.stored, &mut out[..])
+            .decompress_to_buffer(self.stored, out)
             .map_err(|e| CodecError::corrupt(format!("{what}: bad zstd block: {e}")))?;
         if n as u64 != self.raw_len {
             return Err(CodecError::corrupt(format!(
