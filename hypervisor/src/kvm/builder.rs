@@ -9,6 +9,7 @@ use vm_memory::{ByteValued, Bytes, GuestAddress};
 
 use super::abi::{self, BootInfo, MmioWindow};
 use super::arch::{cpuid, gdt, layout, paging, regs, snapshot};
+use super::checkpoint::Tracker;
 use super::devices::block::Block;
 use super::devices::bus::MmioBus;
 use super::devices::console::Console;
@@ -18,6 +19,7 @@ use super::devices::tap::Tap;
 use super::devices::virtio::mmio::MmioTransport;
 use super::devices::virtio::{TYPE_BLOCK, TYPE_NET};
 use super::error::{Error, Result};
+use super::hot_pages;
 use super::kick;
 use super::loader;
 use super::memory::{self, GuestMemoryMmap};
@@ -197,6 +199,23 @@ fn restore_vcpu(
     Ok((vcpu, cpuid.as_slice().to_vec()))
 }
 
+/// Turns on manual dirty-log protection when the hot-page policy wants it
+/// and KVM has it; otherwise says why the VM keeps the plain log (every
+/// reported page write-protected again at each read).
+fn manual_protection(vm_fd: &VmFd, spec: &VmSpec) -> bool {
+    if !spec.hot_pages.enabled {
+        tracing::info!(vm = %spec.name, "hot pages off ({}): every dirty page is write-protected again at each checkpoint", hot_pages::ENV_ENABLE);
+        return false;
+    }
+    match memory::enable_manual_protect(vm_fd) {
+        Ok(()) => true,
+        Err(why) => {
+            tracing::warn!(vm = %spec.name, "hot pages unavailable, every dirty page is write-protected again at each checkpoint: {why}");
+            false
+        }
+    }
+}
+
 fn build(spec: &VmSpec, seams: Seams, boot: Boot<'_>) -> Result<Vm> {
     let started = Instant::now();
     let ram = validate(spec)?;
@@ -208,6 +227,7 @@ fn build(spec: &VmSpec, seams: Seams, boot: Boot<'_>) -> Result<Vm> {
     vm_fd
         .set_tss_address(0xfffb_d000)
         .map_err(Error::kvm("KVM_SET_TSS_ADDR"))?;
+    let manual = manual_protection(&vm_fd, spec);
     let mem = memory::create(&vm_fd, ram)?;
     let entry = match boot {
         Boot::Fresh => {
@@ -408,7 +428,7 @@ fn build(spec: &VmSpec, seams: Seams, boot: Boot<'_>) -> Result<Vm> {
         tap: tap_for_vm,
         tsc_khz,
         started,
-        tracker: Default::default(),
+        tracker: Tracker::new(manual, spec.hot_pages, ram / memory::PAGE_SIZE as u64),
     };
     for (i, fd) in vcpus.into_iter().enumerate() {
         let sh = shared.clone();

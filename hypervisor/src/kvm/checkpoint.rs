@@ -13,6 +13,10 @@
 //! pages are copied into the staging buffer, every vCPU thread reads its own
 //! registers, the devices save their structs, and the VM resumes.
 //!
+//! With manual dirty-log protection, "reset" spares the hot pages (see
+//! `hot_pages`): they stay writable and dirty in KVM's log, so every
+//! checkpoint reports and copies them again until they cool down.
+//!
 //! Dirty pages found by a pre-copy round or a checkpoint but not yet copied
 //! wait in a pending bitmap, so no write is ever lost between rounds. The
 //! first round (pre-copy or checkpoint) after start or restore carries
@@ -25,6 +29,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::devices::net::Net;
 use super::error::{Error, Result};
+use super::hot_pages::{Config as HotPagesConfig, HotPages, HotStats};
 use super::memory::{self, PAGE_SIZE};
 use super::state::{ClockState, TransportState, VmState};
 use super::vm::{PauseFail, Vm};
@@ -43,6 +48,33 @@ pub(crate) struct Tracker {
     /// The engine paused the guest (`ProtectedGuest::pause`): a checkpoint
     /// taken meanwhile leaves it paused.
     held: bool,
+    /// Manual dirty-log protection is on: reading KVM's log leaves the
+    /// pages writable until `memory::clear_dirty_log`.
+    manual: bool,
+    /// The hot-page policy (only with manual protection).
+    hot: Option<HotPages>,
+}
+
+impl Tracker {
+    pub(crate) fn new(manual: bool, config: HotPagesConfig, frames: u64) -> Tracker {
+        let hot = (manual && config.enabled).then(|| HotPages::new(config, frames));
+        if let Some(h) = &hot {
+            tracing::info!(
+                budget_pages = h.stats().budget,
+                "hot pages on: pages rewritten epoch after epoch stay writable between checkpoints"
+            );
+        }
+        Tracker {
+            manual,
+            hot,
+            ..Default::default()
+        }
+    }
+
+    /// Whether KVM's log is cleared by the VMM (manual protection).
+    pub(crate) fn manual(&self) -> bool {
+        self.manual
+    }
 }
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -60,13 +92,23 @@ impl Vm {
 
     /// Folds the dirty log (guest and VMM writes) into the pending set; on
     /// the first call, marks every frame pending instead (and resets the
-    /// logs, so later rounds see only later writes).
-    fn collect_dirty(&mut self) -> Result<()> {
+    /// logs, so later rounds see only later writes). With manual
+    /// protection, clears (write-protects) the reported pages except the
+    /// hot ones, before any of them is copied: a write after the clear
+    /// faults and is logged again, one before it is in the copy. At a
+    /// checkpoint (`epoch_end`) the hot-page policy promotes and cools.
+    fn collect_dirty(&mut self, epoch_end: bool) -> Result<()> {
         let frames = self.frames();
-        let log = memory::take_dirty_log(&self.vm_fd, &self.shared.mem)?;
+        let log = memory::read_dirty_log(&self.vm_fd, &self.shared.mem)?;
         let words = frames.div_ceil(64) as usize;
         let t = &mut self.tracker;
         if !t.synced {
+            if t.manual {
+                memory::clear_dirty_log(&self.vm_fd, &self.shared.mem, &log.guest)?;
+            }
+            if let Some(h) = &mut t.hot {
+                h.reset();
+            }
             t.pending = vec![u64::MAX; words];
             if frames % 64 != 0 {
                 t.pending[words - 1] = (1u64 << (frames % 64)) - 1;
@@ -74,13 +116,38 @@ impl Vm {
             t.synced = true;
             return Ok(());
         }
+        if t.manual {
+            let clear = match &mut t.hot {
+                Some(h) if epoch_end => h.checkpoint(&log.guest),
+                Some(h) => h.between(&log.guest),
+                None => log.guest.clone(),
+            };
+            memory::clear_dirty_log(&self.vm_fd, &self.shared.mem, &clear)?;
+        }
         t.pending.resize(words, 0);
         // One memslot, at guest-physical 0 (memory::create): bit i of the
         // log is frame i.
-        for (p, l) in t.pending.iter_mut().zip(log) {
-            *p |= l;
+        for ((p, g), v) in t.pending.iter_mut().zip(&log.guest).zip(&log.vmm) {
+            *p |= g | v;
         }
         Ok(())
+    }
+
+    /// Shows the hot-page policy what the checkpoint copied (after the
+    /// resume: the staging copy does not change, and hashing it need not
+    /// hold the guest).
+    fn observe_hot(&mut self, out: &Checkpoint) {
+        if let Some(h) = &mut self.tracker.hot {
+            for (frame, page) in out.page_slices(PAGE_SIZE) {
+                h.observe(frame, page);
+            }
+        }
+    }
+
+    /// Counters of the hot-page policy (`None`: off, or no manual
+    /// dirty-log protection on this host).
+    pub fn hot_pages(&self) -> Option<HotStats> {
+        self.tracker.hot.as_ref().map(HotPages::stats)
     }
 
     /// Moves up to `max` pending frames (ascending) into `out` with their
@@ -210,7 +277,7 @@ impl Vm {
         t0: Instant,
     ) -> Result<Duration> {
         at_pause();
-        self.collect_dirty()?;
+        self.collect_dirty(true)?;
         let t_log = Instant::now();
         self.copy_pending(usize::MAX, out)?;
         let t_copy = Instant::now();
@@ -252,7 +319,7 @@ impl ProtectedGuest for Vm {
             return Err(GuestError::NotRunning);
         }
         let t0 = Instant::now();
-        self.collect_dirty().map_err(backend)?;
+        self.collect_dirty(false).map_err(backend)?;
         let t_log = Instant::now();
         self.copy_pending(max_frames, out).map_err(backend)?;
         let t_copy = Instant::now();
@@ -295,6 +362,8 @@ impl ProtectedGuest for Vm {
         if r.is_err() {
             out.frames.clear();
             out.pages.clear();
+        } else {
+            self.observe_hot(out);
         }
         r.map(|_| ()).map_err(backend)
     }

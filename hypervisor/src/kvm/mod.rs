@@ -15,6 +15,7 @@ pub mod builder;
 pub mod checkpoint;
 pub mod devices;
 pub mod error;
+pub mod hot_pages;
 pub mod kick;
 pub mod loader;
 pub mod memory;
@@ -26,7 +27,7 @@ pub mod vm;
 
 pub use builder::restore;
 pub use error::{Error, Result};
-pub use spec::{ConsoleSpec, NetSpec, Seams, VmSpec, Workload};
+pub use spec::{ConsoleSpec, HotPagesConfig, NetSpec, Seams, VmSpec, Workload};
 pub use state::{StateError, VmState};
 pub use vm::{Exit, ExitCounts, Stopper, Vm};
 

@@ -4,6 +4,8 @@
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
+pub use super::hot_pages::Config as HotPagesConfig;
+
 /// A micro-VM to build.
 #[derive(Debug, Clone)]
 pub struct VmSpec {
@@ -30,6 +32,10 @@ pub struct VmSpec {
     /// throughput here), instead of in the vCPU thread on each notification
     /// (one exit per frame, but no extra thread).
     pub tx_worker: bool,
+    /// Keep pages the guest rewrites every epoch writable between
+    /// checkpoints (`hot_pages`); default from the environment
+    /// ([`crate::kvm::hot_pages::Config::from_env`]).
+    pub hot_pages: HotPagesConfig,
 }
 
 /// A virtio-net device backed by a tap.
@@ -79,6 +85,7 @@ impl VmSpec {
             console: ConsoleSpec::default(),
             guest_arg: 0,
             tx_worker: true,
+            hot_pages: HotPagesConfig::from_env(),
         }
     }
 
@@ -121,6 +128,12 @@ impl VmSpec {
     /// Serves transmit in a polling worker thread (see `tx_worker`).
     pub fn tx_worker(mut self, on: bool) -> Self {
         self.tx_worker = on;
+        self
+    }
+
+    /// Sets the hot-page policy (see `hot_pages`).
+    pub fn hot_pages(mut self, c: HotPagesConfig) -> Self {
+        self.hot_pages = c;
         self
     }
 

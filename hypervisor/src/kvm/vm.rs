@@ -456,7 +456,9 @@ impl Vm {
     /// tests and tools: the log it clears is the one checkpoints read, so a
     /// protected VM must not be asked for it between checkpoints.
     pub fn take_dirty_log(&self) -> Result<Vec<u64>> {
-        memory::take_dirty_log(&self.vm_fd, &self.shared.mem)
+        // Hot pages cleared here are found cleared at the next checkpoint
+        // and turn cold (`HotPages::drop_unreported`).
+        memory::take_dirty_log(&self.vm_fd, &self.shared.mem, self.tracker.manual())
     }
 
     /// The tap of the network device: where the engine writes transmitted
