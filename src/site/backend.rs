@@ -75,7 +75,7 @@ pub fn for_vm(vm: &Vm) -> Result<Box<dyn GuestBackend>, UnsupportedBackend> {
 /// output. The types differ by backend; [`Started::run`] hands each to
 /// code generic over the guest.
 pub enum Started {
-    Kvm(hypervisor::kvm::Vm, Option<Box<dyn FrameSink>>),
+    Kvm(Box<hypervisor::kvm::Vm>, Option<Box<dyn FrameSink>>),
     Group(GroupGuest, GroupRelease),
     /// The bridge between the guest's NIC and its tap must live as long as
     /// the guest is protected.
@@ -103,7 +103,7 @@ pub type Keep = Option<Box<dyn Send>>;
 impl Started {
     pub fn run<R: RunGuest>(self, r: R) -> R::Output {
         match self {
-            Started::Kvm(guest, release) => r.run(guest, release, None),
+            Started::Kvm(guest, release) => r.run(*guest, release, None),
             Started::Group(guest, release) => {
                 r.run(guest, Some(Box::new(release) as Box<dyn FrameSink>), None)
             }

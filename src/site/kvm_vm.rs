@@ -106,7 +106,7 @@ impl GuestBackend for KvmBackend {
         let g = hypervisor::kvm::Vm::start(&spec, capture.seams())
             .map_err(|e| VmEnd::Failed(format!("VM {}: {e}", vm.name)))?;
         let release = g.tap().map(|t| Box::new(t) as Box<dyn FrameSink>);
-        Ok(Started::Kvm(g, release))
+        Ok(Started::Kvm(Box::new(g), release))
     }
 
     fn restore(
@@ -119,7 +119,7 @@ impl GuestBackend for KvmBackend {
         if members.is_empty() {
             let guest = resume(vm, store, || capture.seams())?;
             let release = guest.tap().map(|t| Box::new(t) as Box<dyn FrameSink>);
-            return Ok(Started::Kvm(guest, release));
+            return Ok(Started::Kvm(Box::new(guest), release));
         }
         // Every member resumes from the group's one replica, at the same
         // committed epoch.
