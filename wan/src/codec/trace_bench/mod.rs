@@ -256,6 +256,16 @@ fn all_schemes(w: &Workload, ours_only: bool) -> Result<Vec<Box<dyn Scheme>>, Tr
     let d = EncoderConfig::default;
     all.push(ours_cache("ours (32 MiB cache)", 32 << 20, w)?);
     all.push(ours_cache("ours (64 MiB cache)", 64 << 20, w)?);
+    // The match finder of zstd's level (the default before
+    // `EncoderConfig::fast_match_finder`): before and after in one run.
+    all.push(ours(
+        "ours level's finder (64 MiB)",
+        EncoderConfig {
+            fast_match_finder: false,
+            ..d()
+        },
+        w,
+    )?);
     all.push(ours(
         "ours per-page (64 MiB)",
         EncoderConfig {
@@ -444,13 +454,13 @@ pub fn format_table(w: &Workload, rows: &[Row]) -> String {
     );
     let _ = writeln!(
         s,
-        "  {:<26} {:>12} {:>8} {:>10} {:>10}",
+        "  {:<29} {:>12} {:>8} {:>10} {:>10}",
         "scheme", "bytes/epoch", "ratio", "enc MB/s", "dec MB/s"
     );
     for r in rows {
         let _ = writeln!(
             s,
-            "  {:<26} {:>12.0} {:>7.2}x {:>10.0} {:>10.0}",
+            "  {:<29} {:>12.0} {:>7.2}x {:>10.0} {:>10.0}",
             r.name,
             r.bytes_per_epoch,
             raw / r.bytes_per_epoch.max(1.0),
