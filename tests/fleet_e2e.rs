@@ -615,3 +615,136 @@ fn shop_run(point: &str, nth: u64) {
     })
     .expect("network namespace");
 }
+
+/// Without a witness, a group's replica is activated by hand as a whole:
+/// `standby --activate --vm shop` resumes both members at the group's last
+/// committed checkpoint, and both clients' connections go on with no gap
+/// or duplicate; naming a member instead is refused, naming the group.
+#[test]
+fn a_group_is_activated_by_hand_as_a_whole() {
+    if !support::require_kvm_root("fleet_e2e") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().to_owned();
+    let mut d = deployment(&dir);
+    d.witness_port = None;
+    let cfg = d
+        .write_fleet_with(2, Some("shop"))
+        .expect("group deployment");
+    let cfg_s = cfg.to_str().expect("utf-8").to_owned();
+    let state_s = dir.join("state").to_str().expect("utf-8").to_owned();
+    let log = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+
+    hypervisor::netns::in_new_netns(|| {
+        bridge_and_taps(2);
+        let _wan = wan_emulator();
+        let mut standby = Proc::remus(
+            "standby",
+            &[
+                "standby",
+                "--config",
+                &cfg_s,
+                "--site",
+                "dc2",
+                "--state-dir",
+                &state_s,
+            ],
+            &dir.join("standby.log"),
+        );
+        assert!(
+            wait_for_log(
+                &dir.join("standby.log"),
+                "standby listening",
+                Duration::from_secs(30)
+            ),
+            "standby did not start: {}",
+            log("standby.log")
+        );
+        let mut protect = Proc::remus(
+            "protect",
+            &["protect", "shop", "--site", "dc2", "--config", &cfg_s],
+            &dir.join("protect.log"),
+        );
+        let mut clients: Vec<(TcpStream, Counter)> =
+            (1..=2).map(|i| client(i, || log("protect.log"))).collect();
+        // Protected: values reach the clients only once the checkpoints
+        // holding them are committed at dc2.
+        for (i, (conn, counter)) in clients.iter_mut().enumerate() {
+            let got = counter.read_more(conn, 10_000, Duration::from_secs(120));
+            assert!(
+                got >= 10_000,
+                "vm{} streams only {got} values while protected\nprotect log:\n{}",
+                i + 1,
+                support::tail(&log("protect.log"), 30)
+            );
+        }
+        protect.kill();
+        assert_eq!(standby.term(), Some(0), "standby exits cleanly on SIGTERM");
+
+        // A member's name is refused, naming its group.
+        let member = std::process::Command::new(env!("CARGO_BIN_EXE_remus-wan"))
+            .args([
+                "standby",
+                "--config",
+                &cfg_s,
+                "--site",
+                "dc2",
+                "--state-dir",
+                &state_s,
+                "--activate",
+                "--vm",
+                "vm1",
+            ])
+            .output()
+            .expect("remus-wan runs");
+        let err = String::from_utf8_lossy(&member.stderr);
+        assert!(
+            !member.status.success() && err.contains("consistency group shop"),
+            "{err}"
+        );
+
+        let mut active = Proc::remus(
+            "activate",
+            &[
+                "standby",
+                "--config",
+                &cfg_s,
+                "--site",
+                "dc2",
+                "--state-dir",
+                &state_s,
+                "--activate",
+                "--vm",
+                "shop",
+            ],
+            &dir.join("activate.log"),
+        );
+        assert!(
+            wait_for_log(
+                &dir.join("activate.log"),
+                "VM activated",
+                Duration::from_secs(60)
+            ),
+            "group not activated:\n{}",
+            log("activate.log")
+        );
+        for (i, (conn, counter)) in clients.iter_mut().enumerate() {
+            let before = counter.next();
+            let more = counter.read_more(conn, AFTER_KILL, Duration::from_secs(120));
+            assert!(
+                more >= AFTER_KILL,
+                "vm{} after activation: only {more} more values (from {before})\nactivate log:\n{}",
+                i + 1,
+                support::tail(&log("activate.log"), 40)
+            );
+        }
+        assert_eq!(
+            active.term(),
+            Some(0),
+            "activated group stops cleanly on SIGTERM\n{}",
+            log("activate.log")
+        );
+    })
+    .expect("network namespace");
+}

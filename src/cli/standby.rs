@@ -39,7 +39,9 @@ pub struct StandbyArgs {
     #[arg(long)]
     activate: bool,
     /// With --activate, the VM to resume (needed when the site backs up
-    /// several).
+    /// several), or a consistency group's name: all its members resume
+    /// from the group's replica, at the same checkpoint (a member's own
+    /// name is refused with the group's).
     #[arg(long, requires = "activate")]
     vm: Option<String>,
 }
@@ -65,26 +67,41 @@ impl StandbyArgs {
             return Err(Code::Config);
         }
         if self.activate {
-            let vm = match (&self.vm, vms.as_slice()) {
-                (Some(name), _) => vms.iter().find(|v| &v.name == name).ok_or_else(|| {
-                    eprintln!(
-                        "error: site {} holds no replica of a VM named {name:?}",
-                        self.site
-                    );
-                    Code::Config
-                })?,
-                (None, [vm]) => vm,
+            // What is replicated here: a VM, or a consistency group as one.
+            let units = site::group::units(&cfg, vms.clone());
+            let unit = match (&self.vm, units.as_slice()) {
+                (Some(name), _) => match units.iter().find(|u| u.name() == name) {
+                    Some(u) => u,
+                    None => {
+                        match units
+                            .iter()
+                            .find(|u| u.members.iter().any(|m| &m.name == name))
+                        {
+                            Some(g) => eprintln!(
+                                "error: {name} is in consistency group {}, which is activated as a whole: --vm {}",
+                                g.name(),
+                                g.name()
+                            ),
+                            None => eprintln!(
+                                "error: site {} holds no replica of a VM named {name:?}",
+                                self.site
+                            ),
+                        }
+                        return Err(Code::Config);
+                    }
+                },
+                (None, [unit]) => unit,
                 (None, _) => {
                     eprintln!(
-                        "error: site {} backs up {} VMs: name the one to activate with --vm",
+                        "error: site {} backs up {} VMs or groups: name the one to activate with --vm",
                         self.site,
-                        vms.len()
+                        units.len()
                     );
                     return Err(Code::Usage);
                 }
             };
-            let dir = standby::replica_dir(&self.state_dir, &vm.name);
-            return Ok(match takeover::activate_by_hand(vm, &dir) {
+            let dir = standby::replica_dir(&self.state_dir, unit.name());
+            return Ok(match takeover::activate_by_hand(unit, &dir) {
                 Ok(()) => Code::Success,
                 Err(e) => {
                     eprintln!("error: {e}");

@@ -241,6 +241,39 @@ pub fn resume_members(
     state: &[u8],
     capture: &Capture,
 ) -> Result<(GroupGuest, GroupRelease), String> {
+    let intra = intra_of(members)?;
+    let vms = restore_members(members, memory, state, |i| member_seams(capture, i, &intra))?;
+    let mut guests: Vec<Box<dyn ProtectedGuest>> = Vec::new();
+    let mut taps: Vec<Option<Box<dyn FrameSink>>> = Vec::new();
+    let mut direct: Vec<Option<Box<dyn FrameSink>>> = Vec::new();
+    for g in vms {
+        taps.push(g.tap().map(|t| Box::new(t) as Box<dyn FrameSink>));
+        direct.push(g.tap().map(|t| Box::new(t) as Box<dyn FrameSink>));
+        guests.push(Box::new(g));
+    }
+    intra.set_taps(direct);
+    let group = GroupGuest::new(guests).map_err(|e| e.to_string())?;
+    Ok((group, GroupRelease { taps }))
+}
+
+/// Resumes every member from the group's replica with its output going
+/// straight to its tap (`standby --activate`: no protection).
+pub fn activate_members(
+    members: &[Vm],
+    memory: &[u8],
+    state: &[u8],
+) -> Result<Vec<hypervisor::kvm::Vm>, String> {
+    restore_members(members, memory, state, |_| Ok(Seams::default()))
+}
+
+/// Each member restored from its slice of the group's memory and its
+/// part of the group's state blob, with the seams `seams(i)` gives.
+fn restore_members(
+    members: &[Vm],
+    memory: &[u8],
+    state: &[u8],
+    seams: impl Fn(usize) -> Result<Seams, String>,
+) -> Result<Vec<hypervisor::kvm::Vm>, String> {
     use hypervisor::kvm;
 
     let states = GroupState::decode(state).map_err(|e| format!("the group's state: {e}"))?;
@@ -253,10 +286,7 @@ pub fn resume_members(
     }
     let ps = 4096u64;
     let frames: Vec<u64> = members.iter().map(|m| m.memory_mib * 256).collect();
-    let intra = intra_of(members)?;
-    let mut guests: Vec<Box<dyn ProtectedGuest>> = Vec::new();
-    let mut taps: Vec<Option<Box<dyn FrameSink>>> = Vec::new();
-    let mut direct: Vec<Option<Box<dyn FrameSink>>> = Vec::new();
+    let mut vms = Vec::new();
     for (i, (m, range)) in members.iter().zip(member_ranges(&frames)).enumerate() {
         let spec = super::kvm_vm::spec_from_config(m)?;
         let (lo, hi) = ((range.start * ps) as usize, (range.end * ps) as usize);
@@ -268,17 +298,13 @@ pub fn resume_members(
             )
         })?;
         let g = super::takeover::restore_retrying(&m.name, || {
-            let seams = member_seams(capture, i, &intra).map_err(kvm::Error::Restore)?;
+            let seams = seams(i).map_err(kvm::Error::Restore)?;
             kvm::restore(&spec, image, &states.0[i], seams)
         })
         .map_err(|e| format!("resuming group member {}: {e}", m.name))?;
-        taps.push(g.tap().map(|t| Box::new(t) as Box<dyn FrameSink>));
-        direct.push(g.tap().map(|t| Box::new(t) as Box<dyn FrameSink>));
-        guests.push(Box::new(g));
+        vms.push(g);
     }
-    intra.set_taps(direct);
-    let group = GroupGuest::new(guests).map_err(|e| e.to_string())?;
-    Ok((group, GroupRelease { taps }))
+    Ok(vms)
 }
 
 #[cfg(test)]

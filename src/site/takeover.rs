@@ -134,24 +134,57 @@ fn protect_after_takeover<G: hypervisor::ProtectedGuest + 'static>(
     })
 }
 
-/// Resumes the VM from its replica in this process (`standby
-/// --activate`): takeover by hand, for deployments without a witness.
-pub fn activate_by_hand(vm: &crate::config::Vm, dir: &std::path::Path) -> Result<(), String> {
+/// Resumes the VM, or every member of the group, from its replica in this
+/// process (`standby --activate`): takeover by hand, for deployments
+/// without a witness. Runs until every guest has stopped or SIGTERM.
+pub fn activate_by_hand(unit: &super::group::Unit, dir: &std::path::Path) -> Result<(), String> {
     use hypervisor::kvm;
 
     let store = crate::replica::ReplicaStore::open(dir).map_err(|e| e.to_string())?;
-    let epoch = store.meta().epoch;
+    let meta = store.meta();
+    let epoch = meta.epoch;
     kvm::termination::install().map_err(|e| format!("cannot handle SIGTERM: {e}"))?;
-    let guest = super::kvm_vm::resume(vm, &store, hypervisor::Seams::default)?;
+    let guests = if unit.is_group() {
+        if !meta.consistent {
+            return Err(format!(
+                "the replica in {} never reached a consistent checkpoint (initial synchronisation unfinished): nothing to resume",
+                store.dir().display()
+            ));
+        }
+        let state = store.state().map_err(|e| e.to_string())?;
+        super::group::activate_members(&unit.members, store.memory(), &state)?
+    } else {
+        vec![super::kvm_vm::resume(
+            &unit.vm,
+            &store,
+            hypervisor::Seams::default,
+        )?]
+    };
     drop(store);
-    tracing::info!(vm = %vm.name, epoch = ?epoch, "VM activated from the replica");
-    while !guest.wait(std::time::Duration::from_millis(200)) {
+    tracing::info!(vm = %unit.name(), epoch = ?epoch, members = unit.members.len(), "VM activated from the replica");
+    let mut running = guests;
+    let mut result = Ok(());
+    while !running.is_empty() {
+        let mut still = Vec::new();
+        for g in running {
+            if g.wait(std::time::Duration::from_millis(
+                200 / unit.members.len().max(1) as u64,
+            )) {
+                if let Err(e) = g.shutdown() {
+                    result = Err(format!("VM {}: {e}", unit.name()));
+                }
+            } else {
+                still.push(g);
+            }
+        }
+        running = still;
         if kvm::termination::requested() {
-            break;
+            for g in running.drain(..) {
+                if let Err(e) = g.shutdown() {
+                    result = Err(format!("VM {}: {e}", unit.name()));
+                }
+            }
         }
     }
-    guest
-        .shutdown()
-        .map(|_| ())
-        .map_err(|e| format!("VM {}: {e}", vm.name))
+    result
 }
