@@ -18,9 +18,10 @@ pub enum BenchCommand {
     /// Prints one line per workload: dirty KiB per epoch; bytes per epoch
     /// of zstd-1 per page and of ours; the ratio (how many times fewer
     /// bytes ours sends); encode MB/s of zstd-1 and of ours on one core
-    /// (the thread's CPU time); ours with the parallel encoder on every
-    /// core (wall time, median of 3, and per CPU-second of the process);
-    /// decode MB/s of both on one core. MB/s count dirty page bytes. On a
+    /// (the thread's CPU time); ours by wall time on one thread and with
+    /// the parallel encoder on every core (median of 3 passes each; the
+    /// ratio of the two is what the second core brings), and per
+    /// CPU-second of the process; decode MB/s of both on one core. MB/s count dirty page bytes. On a
     /// shared machine the speeds move with the neighbours: compare rows of
     /// one run. Figures: docs/benchmarks.md.
     Codec {

@@ -513,6 +513,10 @@ pub struct Summary {
     pub ours: Row,
     /// Ours with `threads` threads, wall time.
     pub ours_total_mbps: f64,
+    /// Ours with one thread, wall time, passes as for the total: what the
+    /// total compares with on a shared machine, where wall time includes
+    /// waiting for a core.
+    pub ours_one_thread_wall_mbps: f64,
     /// The same, per CPU-second of the whole process.
     pub ours_total_per_cpu_mbps: f64,
     pub threads: usize,
@@ -533,6 +537,7 @@ pub fn summary(w: &Workload, opts: &SummaryOptions) -> Result<Summary, TraceBenc
         ..EncoderConfig::default()
     };
     let ours = run(w, ours("ours", cfg.clone(), w)?.as_mut())?;
+    let (one_wall, _) = threaded_encode(w, &cfg, 1, opts.passes)?;
     let (total, per_cpu) = threaded_encode(w, &cfg, opts.threads, opts.passes)?;
     Ok(Summary {
         workload: w.name.clone(),
@@ -540,6 +545,7 @@ pub fn summary(w: &Workload, opts: &SummaryOptions) -> Result<Summary, TraceBenc
         zstd1,
         ours,
         ours_total_mbps: total,
+        ours_one_thread_wall_mbps: one_wall,
         ours_total_per_cpu_mbps: per_cpu,
         threads: opts.threads,
     })
@@ -549,58 +555,65 @@ pub fn summary(w: &Workload, opts: &SummaryOptions) -> Result<Summary, TraceBenc
 pub fn format_summary(rows: &[Summary], cache_bytes: usize) -> String {
     let mut s = String::new();
     let threads = rows.first().map_or(total_threads(), |r| r.threads);
-    let _ = writeln!(
-        s,
-        "{:<18} {:>9} {:>12} {:>12} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
-        "workload",
-        "dirty",
-        "zstd-1/page",
-        "ours",
-        "ratio",
-        "zstd-1",
-        "ours",
-        "ours",
-        "ours",
-        "zstd-1",
-        "ours"
-    );
-    let _ = writeln!(
-        s,
-        "{:<18} {:>9} {:>12} {:>12} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
-        "",
-        "KiB/ep",
-        "B/epoch",
-        "B/epoch",
-        "",
-        "enc/core",
-        "enc/core",
-        format!("enc {threads}thr"),
-        "per CPU-s",
-        "dec/core",
-        "dec/core"
-    );
-    for r in rows {
-        let _ = writeln!(
+    let head = [
+        ("workload", ""),
+        ("dirty", "KiB/ep"),
+        ("zstd-1/page", "B/epoch"),
+        ("ours", "B/epoch"),
+        ("ratio", ""),
+        ("zstd-1", "enc/core"),
+        ("ours", "enc/core"),
+        ("ours", "1thr wall"),
+        ("ours", &format!("{threads}thr wall")),
+        ("ours", "per CPU-s"),
+        ("zstd-1", "dec/core"),
+        ("ours", "dec/core"),
+    ];
+    for line in 0..2 {
+        let cell = |i: usize| if line == 0 { head[i].0 } else { head[i].1 };
+        let _ = write!(
             s,
-            "{:<18} {:>9.0} {:>12.0} {:>12.0} {:>6.2}x {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>9.0}",
+            "{:<18} {:>9} {:>12} {:>12} {:>7}",
+            cell(0),
+            cell(1),
+            cell(2),
+            cell(3),
+            cell(4)
+        );
+        for i in 5..head.len() {
+            let _ = write!(s, " {:>10}", cell(i));
+        }
+        s.push('\n');
+    }
+    for r in rows {
+        let _ = write!(
+            s,
+            "{:<18} {:>9.0} {:>12.0} {:>12.0} {:>6.2}x",
             r.workload,
             r.dirty_bytes_per_epoch / 1024.0,
             r.zstd1.bytes_per_epoch,
             r.ours.bytes_per_epoch,
             r.ratio(),
+        );
+        for v in [
             r.zstd1.encode_mbps,
             r.ours.encode_mbps,
+            r.ours_one_thread_wall_mbps,
             r.ours_total_mbps,
             r.ours_total_per_cpu_mbps,
             r.zstd1.decode_mbps,
-            r.ours.decode_mbps
-        );
+            r.ours.decode_mbps,
+        ] {
+            let _ = write!(s, " {v:>10.0}");
+        }
+        s.push('\n');
     }
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let _ = writeln!(
         s,
         "ours: cache {} MiB; speeds MB/s of dirty pages; per core = one thread's CPU time; \
-         enc {threads}thr = wall time with {threads} encoder threads; {} CPUs, load average {}",
+         1thr/{threads}thr wall = wall time with 1/{threads} encoder threads (median); \
+         {} CPUs, load average {}",
         cache_bytes >> 20,
         std::thread::available_parallelism().map_or(1, |n| n.get()),
         load.split_whitespace()
