@@ -441,9 +441,11 @@ fn primary_cut_from_etcd_and_backup_fences_and_the_backup_takes_over() {
         let more = stream_on(&mut counter, &mut conn, 50_000, Duration::from_secs(60));
         assert!(
             more >= 50_000,
-            "after the takeover only {more} more counter values\nstandby log:\n{}\nprotect log:\n{}",
+            "after the takeover only {more} more counter values\nstandby log:\n{}\nprotect log:\n{}\nnetwork:\n{}\nstandby status:\n{:?}",
             log(&dir, "standby.log"),
-            log(&dir, "protect.log")
+            log(&dir, "protect.log"),
+            support::net_state(),
+            remus_wan::metrics::fetch_status("127.0.0.1:9478".parse().expect("addr"))
         );
     })
     .expect("network namespace");

@@ -102,6 +102,24 @@ pub fn output(cmd: &mut Command) -> String {
     }
 }
 
+/// What the current namespace's network looks like (links with counters,
+/// addresses, routes, neighbours, TCP sockets), for failure messages.
+pub fn net_state() -> String {
+    let mut s = String::new();
+    for args in [
+        &["-s", "link"][..],
+        &["addr"][..],
+        &["route"][..],
+        &["neigh"][..],
+    ] {
+        s.push_str(&format!("$ ip {}\n", args.join(" ")));
+        s.push_str(&output(Command::new("ip").args(args)));
+    }
+    s.push_str("$ ss -tni\n");
+    s.push_str(&output(Command::new("ss").args(["-tni"])));
+    s
+}
+
 /// `ip args...` in the current namespace.
 pub fn ip(args: &[&str]) {
     run(Command::new("ip").args(args));
