@@ -8,6 +8,7 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{ByteValued, Bytes, GuestAddress};
 
 use super::abi::{self, BootInfo, MmioWindow};
+use super::affinity;
 use super::arch::{cpuid, gdt, layout, paging, regs, snapshot};
 use super::checkpoint::Tracker;
 use super::devices::block::Block;
@@ -430,12 +431,20 @@ fn build(spec: &VmSpec, seams: Seams, boot: Boot<'_>) -> Result<Vm> {
         started,
         tracker: Tracker::new(manual, spec.hot_pages, ram / memory::PAGE_SIZE as u64),
     };
+    let pin = affinity::vcpu_cpu();
+    if let Some(cpu) = pin {
+        tracing::info!(vm = %spec.name, cpu, "vCPU threads pinned, the rest of the process kept off that CPU ({})", affinity::ENV_VCPU_CPU);
+        affinity::keep_others_off(cpu);
+    }
     for (i, fd) in vcpus.into_iter().enumerate() {
         let sh = shared.clone();
         let parked = parked[i];
         let t = std::thread::Builder::new()
             .name(format!("vcpu-{}-{i}", spec.name))
             .spawn(move || {
+                if let Some(cpu) = pin {
+                    affinity::pin_current(cpu);
+                }
                 sh.register_thread(i);
                 vcpu::run(i, fd, sh, parked);
             })

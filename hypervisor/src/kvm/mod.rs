@@ -10,6 +10,7 @@
 //! ```
 
 pub mod abi;
+pub mod affinity;
 pub mod arch;
 pub mod builder;
 pub mod checkpoint;
