@@ -67,11 +67,7 @@ impl<G: ProtectedGuest> Protector<G> {
         &mut self,
         epoch: u64,
     ) -> Result<Option<DiskSync>, ProtectError> {
-        let Some(pc) = self
-            .sync
-            .as_deref_mut()
-            .filter(|_| self.core.phase() == Phase::PreCopy)
-        else {
+        let Some(pc) = running(&mut self.sync, self.core.phase()) else {
             return Ok(None);
         };
         let Some(DiskSource::Pending(path, len)) = &pc.disk else {
@@ -124,11 +120,7 @@ impl<G: ProtectedGuest> Protector<G> {
     /// once the sync's opening epoch is committed (it seeds the replica).
     pub(super) async fn pump_hash_requests(&mut self) -> Result<(), ProtectError> {
         let committed = self.sender.status().committed;
-        let Some(pc) = self
-            .sync
-            .as_deref_mut()
-            .filter(|_| self.core.phase() == Phase::PreCopy)
-        else {
+        let Some(pc) = running(&mut self.sync, self.core.phase()) else {
             return Ok(());
         };
         let Some(DiskSource::Checksum(c)) = &mut pc.disk else {
@@ -154,11 +146,7 @@ impl<G: ProtectedGuest> Protector<G> {
 
     /// The standby's answer to a hash request.
     pub(super) fn on_disk_report(&mut self, r: DiskReport) -> Result<(), ProtectError> {
-        let Some(pc) = self
-            .sync
-            .as_deref_mut()
-            .filter(|_| self.core.phase() == Phase::PreCopy)
-        else {
+        let Some(pc) = running(&mut self.sync, self.core.phase()) else {
             return Ok(());
         };
         let Some(DiskSource::Checksum(c)) = &mut pc.disk else {
@@ -186,11 +174,7 @@ impl<G: ProtectedGuest> Protector<G> {
     /// the disk and the writes captured meanwhile; at the end of the last
     /// round, the first checkpoint.
     pub(super) async fn precopy_step(&mut self) -> Result<(), ProtectError> {
-        let Some(pc) = self
-            .sync
-            .as_deref_mut()
-            .filter(|_| self.core.phase() == Phase::PreCopy)
-        else {
+        let Some(pc) = running(&mut self.sync, self.core.phase()) else {
             return Ok(());
         };
         let prelude = if pc.epochs == 0 {
@@ -199,11 +183,7 @@ impl<G: ProtectedGuest> Protector<G> {
         } else {
             None
         };
-        let Some(pc) = self
-            .sync
-            .as_deref_mut()
-            .filter(|_| self.core.phase() == Phase::PreCopy)
-        else {
+        let Some(pc) = running(&mut self.sync, self.core.phase()) else {
             return Ok(());
         };
         let read = match &mut pc.disk {
@@ -239,11 +219,7 @@ impl<G: ProtectedGuest> Protector<G> {
         }
         let n = cp.frames.len();
         let disk_bytes: usize = disk.iter().map(|(_, d)| d.len()).sum();
-        let Some(pc) = self
-            .sync
-            .as_deref_mut()
-            .filter(|_| self.core.phase() == Phase::PreCopy)
-        else {
+        let Some(pc) = running(&mut self.sync, self.core.phase()) else {
             return Ok(());
         };
         let send = pc.worth_sending(n, disk_bytes);
@@ -278,11 +254,7 @@ impl<G: ProtectedGuest> Protector<G> {
         }
         // A VM that already serves keeps serving while its standby fills.
         self.flush_output();
-        let Some(pc) = self
-            .sync
-            .as_deref_mut()
-            .filter(|_| self.core.phase() == Phase::PreCopy)
-        else {
+        let Some(pc) = running(&mut self.sync, self.core.phase()) else {
             return Ok(());
         };
         match pc.stepped(n, send) {
@@ -337,4 +309,11 @@ impl<G: ProtectedGuest> Protector<G> {
         }
         Ok(())
     }
+}
+
+/// The synchronisation in progress: `sync` while the phase is pre-copy
+/// (a free function over the two fields, so the caller keeps using its
+/// other fields — the sender — while it holds the pre-copy).
+fn running(sync: &mut Option<Box<PreCopy>>, phase: Phase) -> Option<&mut PreCopy> {
+    sync.as_deref_mut().filter(|_| phase == Phase::PreCopy)
 }
