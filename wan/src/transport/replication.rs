@@ -63,12 +63,8 @@ impl Dialer for QuicDialer {
         Box::pin(async move {
             let conn = d.endpoint.connect(d.addr, &d.peer_site).await?;
             let (send, recv) = conn.open_bi().await?;
-            Ok(Link {
-                read: Box::new(recv),
-                write: Box::new(send),
-                peer: format!("site {} at {}", d.peer_site, d.addr),
-                quic: Some(conn),
-            })
+            let peer = format!("site {} at {}", d.peer_site, d.addr);
+            Ok(d.endpoint.replication_link(conn, send, recv, peer))
         })
     }
 }
@@ -99,15 +95,11 @@ impl Listener for QuicListener {
                 .map_err(|_| {
                     TransportError::Timeout("peer opened no replication stream".into())
                 })??;
-            Ok(Link {
-                read: Box::new(recv),
-                write: Box::new(send),
-                peer: conn
-                    .peer_site()
-                    .map(|s| format!("site {s} at {}", conn.remote_address()))
-                    .unwrap_or_else(|| conn.remote_address().to_string()),
-                quic: Some(conn),
-            })
+            let peer = conn
+                .peer_site()
+                .map(|s| format!("site {s} at {}", conn.remote_address()))
+                .unwrap_or_else(|| conn.remote_address().to_string());
+            Ok(self.endpoint.replication_link(conn, send, recv, peer))
         })
     }
 }
@@ -173,6 +165,14 @@ fn start_link(link: Link) -> Active {
                     if let Err(e) = write.write_all(&b).await {
                         debug!(error = %e, "replication stream write failed");
                         break;
+                    }
+                    // Nothing more queued: the burst (an epoch, a commit)
+                    // is written. A FEC link sends its redundancy on flush.
+                    if out_rx.is_empty() {
+                        if let Err(e) = write.flush().await {
+                            debug!(error = %e, "replication stream flush failed");
+                            break;
+                        }
                     }
                 }
                 WriteMsg::Close(frame, reason) => {
