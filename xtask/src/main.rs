@@ -6,6 +6,7 @@
 
 mod demo;
 mod deps;
+mod disk;
 mod linux_guest;
 mod qemu_backports;
 mod tasks;

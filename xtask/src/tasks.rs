@@ -6,6 +6,12 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 use crate::deps::{self, run};
+use crate::disk;
+
+/// Free disk the workspace's test build needs (about 40 test binaries and
+/// their dependencies, debug profile; measured on a fresh clone, with a
+/// margin).
+const TEST_BUILD_GIB: u64 = 6;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -37,6 +43,8 @@ fn flag_value(args: &[String], name: &str) -> Result<Option<u64>> {
 pub fn test(args: &[String]) -> Result<()> {
     let lint = !args.iter().any(|a| a == "--no-lint");
     let fuzz_seconds = flag_value(args, "--fuzz-seconds")?.unwrap_or(20);
+    let target = root().join("target");
+    disk::report(&target, "start");
     deps::install_test_deps()?;
 
     if lint {
@@ -51,18 +59,22 @@ pub fn test(args: &[String]) -> Result<()> {
             "-D",
             "warnings",
         ]))?;
+        disk::report(&target, "lint");
     }
 
     if fuzz_seconds > 0 {
         fuzz_all(fuzz_seconds)?;
+        disk::report(&target, "fuzzing");
     }
 
     // Built once here rather than by the first test that needs them.
     let guests = guest_image()?;
     linux_guest_image()?;
+    disk::report(&target, "guest images");
 
     eprintln!("xtask: doc tests");
     run(cargo().args(["test", "--workspace", "--doc", "--quiet"]))?;
+    disk::require(&target, "the test build", TEST_BUILD_GIB)?;
 
     // Last, so the final lines are the runner's summary.
     eprintln!("xtask: cargo nextest run --workspace");
@@ -76,6 +88,7 @@ pub fn test(args: &[String]) -> Result<()> {
             "ci",
         ])
         .env(hypervisor::guest_build::GUEST_DIR_ENV, &guests))
+    .inspect(|()| disk::report(&target, "the tests"))
 }
 
 /// Builds the guest programs the micro-VM runs into `target/guest/`.
@@ -185,6 +198,8 @@ fn fuzz_all(seconds: u64) -> Result<()> {
             std::fs::create_dir_all(&corpora[0])?;
             let status = Command::new("cargo")
                 .args(["+nightly", "fuzz", "run", target])
+                .arg("--target-dir")
+                .arg(fuzz_target_dir())
                 .args(&corpora)
                 .args(["--", "-rss_limit_mb=2048"])
                 .arg(format!("-max_total_time={seconds}"))
@@ -208,6 +223,13 @@ fn fuzz_all(seconds: u64) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// One build folder for every fuzz project: they share most of their
+/// dependencies (the workspace crates among them), which four folders
+/// would each build and store again.
+fn fuzz_target_dir() -> PathBuf {
+    root().join("target/fuzz")
 }
 
 /// Crate folders that hold a cargo-fuzz project (`<crate>/fuzz/Cargo.toml`).
