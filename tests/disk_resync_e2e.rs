@@ -111,11 +111,7 @@ fn a_standby_restart_and_a_protect_restart_resync_only_written_blocks() {
     hypervisor::netns::in_new_netns(|| {
         support::host_tap(tap);
         let mut standby = Proc::remus("standby", &standby_args, &dir.join("standby.log"));
-        assert!(wait_for_log(
-            &dir.join("standby.log"),
-            "standby listening",
-            Duration::from_secs(30)
-        ));
+        standby.expect_log("standby listening", Duration::from_secs(30));
         let mut protect = Proc::remus("protect", &protect_args, &dir.join("protect.log"));
         protected_with(1, "first protection", "protect.log", "standby.log");
         let first = syncs(&log("protect.log"));

@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use etcd_cluster::{require_etcd, EtcdCluster};
 use support::wan::{Wan, WanSpec};
-use support::{connect_retrying, wait_for_log, Counter, Proc};
+use support::{connect_retrying, Counter, Proc};
 
 fn preflight(test: &str) -> bool {
     support::require_kvm_root(test) && require_etcd(test)
@@ -96,15 +96,7 @@ fn etcd_member_loss_changes_nothing_and_the_standby_takes_over() {
             ],
             &dir.join("standby.log"),
         );
-        assert!(
-            wait_for_log(
-                &dir.join("standby.log"),
-                "standby listening",
-                Duration::from_secs(30)
-            ),
-            "standby did not start: {}",
-            log(&dir, "standby.log")
-        );
+        _standby.expect_log("standby listening", Duration::from_secs(30));
         let mut protect = Proc::remus(
             "protect",
             &["protect", "web1", "--site", "dc2", "--config", &cfg_s],
@@ -207,15 +199,7 @@ fn switchover_hands_the_etcd_lease_over() {
             ],
             &dir.join("standby.log"),
         );
-        assert!(
-            wait_for_log(
-                &dir.join("standby.log"),
-                "standby listening",
-                Duration::from_secs(30)
-            ),
-            "standby did not start: {}",
-            log(&dir, "standby.log")
-        );
+        _standby.expect_log("standby listening", Duration::from_secs(30));
         let mut protect = Proc::remus(
             "protect",
             &["protect", "web1", "--site", "dc2", "--config", &cfg_s],
@@ -401,11 +385,7 @@ fn primary_cut_from_etcd_and_backup_fences_and_the_backup_takes_over() {
             &["standby", "--config", &cfg_s, "--site", "dc2", "--state-dir", &state_s],
             &dir.join("standby.log"),
         );
-        assert!(
-            wait_for_log(&dir.join("standby.log"), "standby listening", Duration::from_secs(30)),
-            "standby did not start: {}",
-            log(&dir, "standby.log")
-        );
+        _standby.expect_log("standby listening", Duration::from_secs(30));
         let _protect = Proc::remus(
             "protect",
             &["protect", "web1", "--site", "dc2", "--config", &dc1_s],
@@ -430,17 +410,9 @@ fn primary_cut_from_etcd_and_backup_fences_and_the_backup_takes_over() {
         }
         wan.handle.cut();
         let cut_at = Instant::now();
-        assert!(
-            wait_for_log(&dir.join("protect.log"), "Fence", Duration::from_secs(15)),
-            "dc1 did not fence once cut from etcd and dc2\n{}",
-            log(&dir, "protect.log")
-        );
+        _protect.expect_log("Fence", Duration::from_secs(15));
         eprintln!("dc1 fenced {:?} after the cut", cut_at.elapsed());
-        assert!(
-            wait_for_log(&dir.join("standby.log"), "takeover complete", Duration::from_secs(30)),
-            "dc2 did not take over\n{}",
-            log(&dir, "standby.log")
-        );
+        _standby.expect_log("takeover complete", Duration::from_secs(30));
         eprintln!("dc2 took over {:?} after the cut", cut_at.elapsed());
         // The route to the guest moves to dc2's tap.
         hypervisor::netns::ip(&["link", "set", "dev", tap1, "down"])

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use remus_wan::testbed::{fleet_address, fleet_tap, LocalDeployment};
 use support::wan::{Wan, WanSpec};
-use support::{connect_retrying, wait_for_log, Counter, Proc};
+use support::{connect_retrying, Counter, Proc};
 
 const VMS: usize = 8;
 const TAP_PREFIX: &str = "rwfl";
@@ -100,15 +100,7 @@ fn witness_and_standby(dir: &std::path::Path, cfg: &str) -> (Proc, Proc) {
         ],
         &dir.join("standby.log"),
     );
-    assert!(
-        wait_for_log(
-            &dir.join("standby.log"),
-            "standby listening",
-            Duration::from_secs(30)
-        ),
-        "standby did not start: {}",
-        std::fs::read_to_string(dir.join("standby.log")).unwrap_or_default()
-    );
+    standby.expect_log("standby listening", Duration::from_secs(30));
     (witness, standby)
 }
 
@@ -273,15 +265,7 @@ fn sighup_adds_and_removes_vms_without_touching_the_others() {
         let two = d.write_fleet(2).expect("fleet deployment");
         assert_eq!(two, cfg);
         hangup(&standby);
-        assert!(
-            wait_for_log(
-                &dir.join("standby.log"),
-                "configuration reloaded",
-                Duration::from_secs(30)
-            ),
-            "standby did not reload: {}",
-            support::tail(&log("standby.log"), 30)
-        );
+        standby.expect_log("configuration reloaded", Duration::from_secs(30));
         hangup(&protect);
         let (mut c2, mut n2) = client(2, || log("protect.log"));
         // vm2 serves, and is protected: its standby holds a replica.
@@ -652,15 +636,7 @@ fn a_group_is_activated_by_hand_as_a_whole() {
             ],
             &dir.join("standby.log"),
         );
-        assert!(
-            wait_for_log(
-                &dir.join("standby.log"),
-                "standby listening",
-                Duration::from_secs(30)
-            ),
-            "standby did not start: {}",
-            log("standby.log")
-        );
+        standby.expect_log("standby listening", Duration::from_secs(30));
         let mut protect = Proc::remus(
             "protect",
             &["protect", "shop", "--site", "dc2", "--config", &cfg_s],
@@ -720,15 +696,7 @@ fn a_group_is_activated_by_hand_as_a_whole() {
             ],
             &dir.join("activate.log"),
         );
-        assert!(
-            wait_for_log(
-                &dir.join("activate.log"),
-                "VM activated",
-                Duration::from_secs(60)
-            ),
-            "group not activated:\n{}",
-            log("activate.log")
-        );
+        active.expect_log("VM activated", Duration::from_secs(60));
         for (i, (conn, counter)) in clients.iter_mut().enumerate() {
             let before = counter.next();
             let more = counter.read_more(conn, AFTER_KILL, Duration::from_secs(120));

@@ -57,11 +57,7 @@ fn protected_guest_survives_the_primary_being_killed() {
             &["standby", "--config", &cfg_s, "--site", "dc2", "--state-dir", &state_s],
             &dir.join("standby.log"),
         );
-        assert!(
-            wait_for_log(&dir.join("standby.log"), "standby listening", Duration::from_secs(30)),
-            "standby did not start: {}",
-            std::fs::read_to_string(dir.join("standby.log")).unwrap_or_default()
-        );
+        standby.expect_log("standby listening", Duration::from_secs(30));
         let mut protect = Proc::remus(
             "protect",
             &["protect", "web1", "--site", "dc2", "--config", &cfg_s],
@@ -158,11 +154,7 @@ fn protected_guest_survives_the_primary_being_killed() {
             ],
             &dir.join("activate.log"),
         );
-        assert!(
-            wait_for_log(&dir.join("activate.log"), "VM activated", Duration::from_secs(60)),
-            "replica not activated:\n{}",
-            std::fs::read_to_string(dir.join("activate.log")).unwrap_or_default()
-        );
+        active.expect_log("VM activated", Duration::from_secs(60));
         // Far more than the client's small receive window could have held
         // at the kill: these values come from the resumed guest.
         let after = counter.read_more(&mut conn, 100_000, Duration::from_secs(60));
@@ -442,15 +434,7 @@ fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
             &standby_env,
             &dir.join("standby.log"),
         );
-        assert!(
-            wait_for_log(
-                &dir.join("standby.log"),
-                "standby listening",
-                Duration::from_secs(30)
-            ),
-            "standby did not start: {}",
-            log("standby.log")
-        );
+        standby.expect_log("standby listening", Duration::from_secs(30));
         let mut protect = Proc::remus_env(
             "protect",
             &["protect", "web1", "--site", "dc2", "--config", &cfg_s],
@@ -719,11 +703,7 @@ fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
                 &["standby", "--config", &cfg_s, "--site", "dc2", "--state-dir", &state_s],
                 &dir.join("standby-again.log"),
             );
-            assert!(
-                wait_for_log(&dir.join("standby-again.log"), "replica recovered", Duration::from_secs(30)),
-                "the restarted standby did not reopen its folder\n{}",
-                log("standby-again.log")
-            );
+            _again.expect_log("replica recovered", Duration::from_secs(30));
             let line = log("standby-again.log")
                 .lines()
                 .find(|l| l.contains("replica recovered"))
@@ -959,11 +939,7 @@ fn protect_and_standby_restart_on_old_state_folders() {
     hypervisor::netns::in_new_netns(|| {
         support::host_tap(tap);
         let mut standby = Proc::remus("standby", &standby_args, &dir.join("standby.log"));
-        assert!(wait_for_log(
-            &dir.join("standby.log"),
-            "standby listening",
-            Duration::from_secs(30)
-        ));
+        standby.expect_log("standby listening", Duration::from_secs(30));
         let mut protect = Proc::remus("protect", &protect_args, &dir.join("protect.log"));
         let first = protected_past(40, "first protection", &["protect.log", "standby.log"]);
         eprintln!("protected, committed epoch {first}");

@@ -23,7 +23,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use remus_wan::testbed::LocalDeployment;
-use support::{wait_for_log, Proc};
+use support::Proc;
 
 const TAP: &str = "rwqe2e0";
 
@@ -120,15 +120,7 @@ fn a_linux_guest_in_qemu_survives_its_primary_being_killed() {
             ],
             &dir.join("standby.log"),
         );
-        assert!(
-            wait_for_log(
-                &dir.join("standby.log"),
-                "standby listening",
-                Duration::from_secs(30)
-            ),
-            "standby did not start: {}",
-            log("standby.log")
-        );
+        _standby.expect_log("standby listening", Duration::from_secs(30));
         // A control token folder of this test's own: tests running at the
         // same time in other namespaces use the same control port.
         let run_dir = dir.join("run").to_str().expect("utf-8").to_owned();

@@ -75,15 +75,7 @@ fn protected_with_workload(
         standby_env,
         &dir.join("standby.log"),
     );
-    assert!(
-        wait_for_log(
-            &dir.join("standby.log"),
-            "standby listening",
-            Duration::from_secs(30)
-        ),
-        "standby did not start: {}",
-        std::fs::read_to_string(dir.join("standby.log")).unwrap_or_default()
-    );
+    standby.expect_log("standby listening", Duration::from_secs(30));
     let protect = Proc::remus_env(
         "protect",
         &["protect", "web1", "--site", "dc2", "--config", cfg_s],

@@ -229,6 +229,18 @@ impl Proc {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits until the process's log holds `needle` (a line it prints once
+    /// it is in the state the test needs), failing the test with the log's
+    /// tail after `limit`.
+    pub fn expect_log(&self, needle: &str, limit: Duration) {
+        assert!(
+            wait_for_log(&self.log, needle, limit),
+            "{} never logged {needle:?} within {limit:?}; its log ends:\n{}",
+            self.name,
+            tail(&self.log_text(), 40)
+        );
+    }
+
     /// None while running; how it ended once it did.
     pub fn exited(&mut self) -> Option<String> {
         match self.child.as_mut() {
