@@ -35,6 +35,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use super::bench_client::connect_small_window;
+
 use crate::metrics::VmStatus;
 use crate::testbed::{CounterCheck, LocalDeployment};
 
@@ -49,9 +51,6 @@ const WITNESS_PORT: u16 = 17853;
 const METRICS_BASE: u16 = 9600;
 const EPOCH_MS: u64 = 50;
 const GUEST_MIB: u64 = 64;
-/// The client's requested receive buffer, as in the end-to-end tests: what
-/// the old site can have had in flight to the client is bounded by it.
-const CLIENT_RCVBUF: u32 = 32 * 1024;
 /// A time without a new counter value at least this long counts as a stall
 /// (the failover timers' detection timeout is 1 s, so every kill has one).
 const STALL_COUNTED: Duration = Duration::from_secs(1);
@@ -321,31 +320,7 @@ struct Stream {
 impl Stream {
     fn connect(limit: Duration) -> Result<Stream> {
         let addr: SocketAddr = GUEST.parse()?;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let deadline = Instant::now() + limit;
-        let (sock, rcvbuf) = loop {
-            let attempt = rt.block_on(async {
-                let s = tokio::net::TcpSocket::new_v4()?;
-                s.set_recv_buffer_size(CLIENT_RCVBUF)?;
-                let rcvbuf = s.recv_buffer_size()?;
-                match tokio::time::timeout(Duration::from_secs(2), s.connect(addr)).await {
-                    Ok(r) => r.map(|c| (c, rcvbuf)),
-                    Err(_) => Err(std::io::Error::from(std::io::ErrorKind::TimedOut)),
-                }
-            });
-            match attempt {
-                Ok(c) => break c,
-                Err(_) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(200))
-                }
-                Err(e) => bail!("the guest's counter service {addr} never answered: {e}"),
-            }
-        };
-        let sock: TcpStream = sock.into_std()?;
-        sock.set_nonblocking(false)?;
-        sock.set_read_timeout(Some(Duration::from_millis(200)))?;
+        let (sock, rcvbuf) = connect_small_window(addr, limit, Duration::from_millis(200))?;
         let state = Arc::new(Mutex::new(StreamState {
             check: CounterCheck::default(),
             partial: Vec::new(),
@@ -366,7 +341,7 @@ impl Stream {
             state,
             stop,
             reader: Some(reader),
-            rcvbuf: rcvbuf as u64,
+            rcvbuf,
         })
     }
 

@@ -38,6 +38,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use super::bench_client::connect_small_window;
+
 use crate::cli::bench_sched::split_threads;
 use crate::metrics::VmStatus;
 use crate::testbed::{fleet_address, fleet_tap, LocalDeployment};
@@ -53,8 +55,6 @@ const WITNESS_PORT: u16 = 17974;
 const PROTECT_STATUS: &str = "127.0.0.1:9477";
 const STANDBY_STATUS: &str = "127.0.0.1:9478";
 const GUEST_MIB: u64 = 32;
-/// The client's requested receive buffer (the kernel doubles it).
-const CLIENT_RCVBUF: u32 = 32 * 1024;
 /// Between "every VM protected and streaming" and the measuring window.
 const WARMUP: Duration = Duration::from_secs(3);
 const POLL: Duration = Duration::from_millis(50);
@@ -220,31 +220,7 @@ struct Client {
 
 impl Client {
     fn connect(addr: SocketAddr, rate: f64, limit: Duration) -> Result<Client> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let deadline = Instant::now() + limit;
-        let (sock, rcvbuf) = loop {
-            let attempt = rt.block_on(async {
-                let s = tokio::net::TcpSocket::new_v4()?;
-                s.set_recv_buffer_size(CLIENT_RCVBUF)?;
-                let rcvbuf = s.recv_buffer_size()?;
-                match tokio::time::timeout(Duration::from_secs(2), s.connect(addr)).await {
-                    Ok(r) => r.map(|c| (c, rcvbuf)),
-                    Err(_) => Err(std::io::Error::from(std::io::ErrorKind::TimedOut)),
-                }
-            });
-            match attempt {
-                Ok(c) => break c,
-                Err(_) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(200))
-                }
-                Err(e) => bail!("{addr} never answered within {limit:?}: {e}"),
-            }
-        };
-        let sock: TcpStream = sock.into_std()?;
-        sock.set_nonblocking(false)?;
-        sock.set_read_timeout(Some(Duration::from_millis(100)))?;
+        let (sock, rcvbuf) = connect_small_window(addr, limit, Duration::from_millis(100))?;
         let state = Arc::new(Mutex::new(ClientState {
             next: 0,
             partial: Vec::new(),
@@ -265,7 +241,7 @@ impl Client {
             state,
             stop,
             reader: Some(reader),
-            rcvbuf: rcvbuf as u64,
+            rcvbuf,
         })
     }
 

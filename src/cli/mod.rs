@@ -1,6 +1,7 @@
 //! The `remus-wan` command line: one file per subcommand.
 
 mod bench;
+mod bench_client;
 mod bench_codec;
 mod bench_failback;
 mod bench_fleet;
