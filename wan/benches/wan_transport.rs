@@ -11,6 +11,9 @@
 //!     ... -- --trace                                       # QUIC counters every 100 ms
 //!     ... -- --ack-delay-ms 5|default --bbr-headroom 1.5   # QUIC tuning experiments
 //!     ... -- --paced 100                                   # epochs in the latency phase (default 15)
+//!     ... -- --no-fec                                      # without the QUIC+FEC rows
+//!     ... -- --no-tcp                                      # without the TCP + TLS rows
+//!     ... -- --fec-only                                    # QUIC+FEC alone (no QUIC, no TCP rows)
 //!
 //! Needs root (it creates two network namespaces joined through TUN
 //! devices). Run as a test (`cargo test --benches`, no `--bench` flag) it
@@ -112,6 +115,17 @@ fn main() {
         opts.rtts.clear();
     }
     opts.trace = args.iter().any(|a| a == "--trace");
+    if args.iter().any(|a| a == "--no-tcp") {
+        opts.tcp = false;
+    }
+    if args.iter().any(|a| a == "--no-fec") {
+        opts.fec = false;
+    }
+    if args.iter().any(|a| a == "--fec-only") {
+        opts.quic = false;
+        opts.tcp = false;
+        opts.fec = true;
+    }
     if let Some(v) = args
         .iter()
         .position(|a| a == "--ack-delay-ms")

@@ -38,8 +38,12 @@ pub struct BenchOptions {
     pub rate_bps: u64,
     /// QUIC congestion controller of the main table.
     pub congestion: CongestionControl,
+    /// Run QUIC without FEC in the main table.
+    pub quic: bool,
     /// Also run the TCP + TLS baseline.
     pub tcp: bool,
+    /// Also run QUIC with forward error correction (same controller).
+    pub fec: bool,
     /// Linux congestion controller of the TCP + TLS baseline.
     pub tcp_congestion: TcpCc,
     /// quinn controllers compared in the controller cells.
@@ -81,7 +85,9 @@ impl BenchOptions {
             losses: vec![0.0, 0.005, 0.02],
             rate_bps: 200_000_000,
             congestion: TransportConfig::new(TlsPaths::in_dir(".", "x")).congestion,
+            quic: true,
             tcp: true,
+            fec: true,
             tcp_congestion: TcpCc::Bbr,
             quic_controllers: CongestionControl::ALL.to_vec(),
             tcp_controllers: vec![TcpCc::Cubic, TcpCc::Bbr],
@@ -156,6 +162,8 @@ impl std::str::FromStr for TcpCc {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
     Quic(CongestionControl),
+    /// QUIC with FEC repair datagrams ([`super::fec`]).
+    QuicFec(CongestionControl),
     TcpTls(TcpCc),
 }
 
@@ -163,6 +171,7 @@ impl fmt::Display for Transport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Quic(cc) => write!(f, "QUIC/{cc}"),
+            Self::QuicFec(cc) => write!(f, "QUIC+FEC/{cc}"),
             Self::TcpTls(cc) => write!(f, "TCP+TLS/{}", cc.name()),
         }
     }
@@ -197,6 +206,10 @@ pub struct Cell {
     /// Largest IP packet the link carried (checks that no offload merged
     /// segments: loss is per packet).
     pub link_max_packet: u64,
+    /// FEC counters of both sites (QUIC+FEC only): the primary's redundancy
+    /// sent and stream bytes written, the backup's rebuilt shards.
+    pub fec_primary: super::fec::link::FecTotals,
+    pub fec_backup: super::fec::link::FecTotals,
 }
 
 /// The benchmark's result; `Display` prints the side-by-side table.
@@ -277,17 +290,32 @@ pub fn run(opts: &BenchOptions) -> Result<Table, BenchError> {
         let mut cells = Vec::new();
         for &rtt in &opts.rtts {
             for &loss in &opts.losses {
-                cells.push(
-                    cell(
-                        &link,
-                        &tmp.0,
-                        Transport::Quic(opts.congestion),
-                        rtt,
-                        loss,
-                        opts,
-                    )
-                    .await?,
-                );
+                if opts.quic {
+                    cells.push(
+                        cell(
+                            &link,
+                            &tmp.0,
+                            Transport::Quic(opts.congestion),
+                            rtt,
+                            loss,
+                            opts,
+                        )
+                        .await?,
+                    );
+                }
+                if opts.fec {
+                    cells.push(
+                        cell(
+                            &link,
+                            &tmp.0,
+                            Transport::QuicFec(opts.congestion),
+                            rtt,
+                            loss,
+                            opts,
+                        )
+                        .await?,
+                    );
+                }
                 if opts.tcp {
                     cells.push(
                         cell(
@@ -353,9 +381,11 @@ async fn cell(
     let mut cfg_b = TransportConfig::new(TlsPaths::in_dir(pki, "dc2"));
     cfg_b.allowed_clients = vec!["dc1".into()];
     let mut cfg_a = TransportConfig::new(TlsPaths::in_dir(pki, "dc1"));
-    if let Transport::Quic(cc) = transport {
+    if let Transport::Quic(cc) | Transport::QuicFec(cc) = transport {
         for c in [&mut cfg_a, &mut cfg_b] {
             c.congestion = cc;
+            c.fec = matches!(transport, Transport::QuicFec(_));
+
             if let Some(d) = opts.ack_delay {
                 c.ack_delay = d;
             }
@@ -374,7 +404,7 @@ async fn cell(
     let ns_a = link.ns_a().to_string();
     let ns_b = link.ns_b().to_string();
     let (sender, sev, receiver, quic) = match transport {
-        Transport::Quic(_) => {
+        Transport::Quic(_) | Transport::QuicFec(_) => {
             let buf = cfg_b.socket_buffer;
             let sb = in_netns(&ns_b, move || {
                 udp_socket(SocketAddr::from((ADDR_B, 0)), buf)
@@ -442,6 +472,10 @@ async fn cell(
     };
     sender.close().await;
     receiver.close().await;
+    let (fec_primary, fec_backup) = quic
+        .as_ref()
+        .map(|(a, b)| (a.fec_totals(), b.fec_totals()))
+        .unwrap_or_default();
     if let Some((a, b)) = quic {
         a.close();
         b.close();
@@ -468,6 +502,8 @@ async fn cell(
         mean_cwnd,
         trace: if opts.trace { trace } else { Vec::new() },
         incomplete,
+        fec_primary,
+        fec_backup,
     })
 }
 
@@ -664,13 +700,17 @@ impl fmt::Display for Table {
             o.paced_count
         )?;
         let q = Transport::Quic(o.congestion);
+        let qf = Transport::QuicFec(o.congestion);
         let t = Transport::TcpTls(o.tcp_congestion);
         writeln!(f)?;
         writeln!(
             f,
-            "| RTT ms | loss % | {q} goodput Mbit/s | {t} goodput Mbit/s | {q} p50/p99 ms | {t} p50/p99 ms | target p99 ms | link drops QUIC (loss+queue) | link drops TCP (loss+queue) |"
+            "| RTT ms | loss % | {q} goodput Mbit/s | {qf} goodput Mbit/s | {t} goodput Mbit/s | {q} p50/p99 ms | {qf} p50/p99 ms | {t} p50/p99 ms | target p99 ms | link drops QUIC (loss+queue) | link drops QUIC+FEC | link drops TCP |"
         )?;
-        writeln!(f, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+        writeln!(
+            f,
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        )?;
         for &rtt in &o.rtts {
             for &loss in &o.losses {
                 let gp = |c: Option<&Cell>| {
@@ -689,6 +729,7 @@ impl fmt::Display for Table {
                     })
                 };
                 let qc = self.find(q, rtt, loss);
+                let fc = self.find(qf, rtt, loss);
                 let tc = self.find(Transport::TcpTls(o.tcp_congestion), rtt, loss);
                 let drops = |c: Option<&Cell>| {
                     c.map_or("-".to_string(), |c| {
@@ -700,16 +741,44 @@ impl fmt::Display for Table {
                 };
                 writeln!(
                     f,
-                    "| {} | {:.1} | {} | {} | {} | {} | {} | {} | {} |",
+                    "| {} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                     rtt.as_millis(),
                     loss * 100.0,
                     gp(qc),
+                    gp(fc),
                     gp(tc),
                     lat(qc),
+                    lat(fc),
                     lat(tc),
                     ms(self.latency_target(rtt)),
                     drops(qc),
+                    drops(fc),
                     drops(tc)
+                )?;
+            }
+        }
+        let fec: Vec<&Cell> = self
+            .cells
+            .iter()
+            .filter(|c| matches!(c.transport, Transport::QuicFec(_)))
+            .collect();
+        if !fec.is_empty() {
+            writeln!(f, "\nFEC (QUIC+FEC cells): redundancy = repair + mirror payload the primary sent / stream bytes it wrote; rebuilt = data shards the backup decoded (windows); unused = repairs that came too late or were dropped\n")?;
+            writeln!(f, "| RTT ms | loss % | redundancy | datagrams sent | rebuilt shards (windows) | mirror bytes used (primary) | unused repairs |")?;
+            writeln!(f, "|---:|---:|---:|---:|---:|---:|---:|")?;
+            for c in fec {
+                let (a, b) = (&c.fec_primary, &c.fec_backup);
+                writeln!(
+                    f,
+                    "| {} | {:.1} | {:.1} % | {} | {} ({}) | {} | {} |",
+                    c.rtt.as_millis(),
+                    c.loss * 100.0,
+                    a.redundant_bytes_sent as f64 * 100.0 / a.stream_bytes_written.max(1) as f64,
+                    a.datagrams_sent,
+                    b.recovered_shards,
+                    b.decoded_windows,
+                    a.mirrored_bytes,
+                    b.unused_repairs
                 )?;
             }
         }
@@ -726,7 +795,7 @@ impl fmt::Display for Table {
             writeln!(f, "| RTT ms | loss % | controller | goodput Mbit/s | p50/p99 ms | QUIC lost pkts | QUIC congestion events | QUIC mean cwnd KiB | link drops (loss+queue) |")?;
             writeln!(f, "|---:|---:|---|---:|---:|---:|---:|---:|---:|")?;
             for c in &self.controller_cells {
-                let quic = matches!(c.transport, Transport::Quic(_));
+                let quic = matches!(c.transport, Transport::Quic(_) | Transport::QuicFec(_));
                 let q = |v: u64| if quic { v.to_string() } else { "-".to_string() };
                 writeln!(
                     f,

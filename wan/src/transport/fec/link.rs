@@ -146,6 +146,7 @@ pub fn quic_link(
         read: Box::new(FecRead {
             rx,
             cur: Bytes::new(),
+            err: None,
             task,
         }),
         write: Box::new(FecWrite {
@@ -246,6 +247,8 @@ impl AsyncWrite for FecWrite {
 struct FecRead {
     rx: mpsc::Receiver<io::Result<Bytes>>,
     cur: Bytes,
+    /// An error that came after bytes already handed out in the same read.
+    err: Option<io::Error>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -261,16 +264,33 @@ impl AsyncRead for FecRead {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        // Fill the buffer with everything queued, not one chunk per call:
+        // a recovered epoch is released at once as hundreds of packet-sized
+        // pieces, and a read per piece costs the session loop a round each.
         let this = self.get_mut();
-        while this.cur.is_empty() {
-            match ready!(this.rx.poll_recv(cx)) {
-                Some(Ok(b)) => this.cur = b,
-                Some(Err(e)) => return Poll::Ready(Err(e)),
-                None => return Poll::Ready(Ok(())),
+        if let Some(e) = this.err.take() {
+            return Poll::Ready(Err(e));
+        }
+        let mut copied = false;
+        while buf.remaining() > 0 {
+            if !this.cur.is_empty() {
+                let n = this.cur.len().min(buf.remaining());
+                buf.put_slice(&this.cur.split_to(n));
+                copied = true;
+                continue;
+            }
+            match this.rx.poll_recv(cx) {
+                Poll::Ready(Some(Ok(b))) => this.cur = b,
+                Poll::Ready(Some(Err(e))) if copied => {
+                    this.err = Some(e);
+                    break;
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
+                Poll::Ready(None) => break,
+                Poll::Pending if copied => break,
+                Poll::Pending => return Poll::Pending,
             }
         }
-        let n = this.cur.len().min(buf.remaining());
-        buf.put_slice(&this.cur.split_to(n));
         Poll::Ready(Ok(()))
     }
 }
