@@ -269,6 +269,25 @@ mod tests {
         assert!(Datagram::decode(Bytes::from_static(b"M12345678")).is_err());
     }
 
+    #[test]
+    fn the_fuzz_seeds_decode_and_feed() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/decode_fec_datagram");
+        let mut n = 0;
+        for e in std::fs::read_dir(dir).expect("seed directory") {
+            let data = std::fs::read(e.expect("entry").path()).expect("seed");
+            fuzz_decode(&data);
+            super::super::reassembly::fuzz_feed(&data);
+            n += 1;
+        }
+        assert!(n >= 4);
+        let seq = include_bytes!("../../../fuzz/seeds/decode_fec_datagram/repair.bin");
+        assert!(matches!(
+            Datagram::decode(Bytes::from_static(seq)),
+            Ok(Datagram::Repair { .. })
+        ));
+    }
+
     proptest::proptest! {
         #[test]
         fn decoding_random_bytes_never_panics(data in proptest::collection::vec(proptest::num::u8::ANY, 0..64)) {
@@ -278,6 +297,7 @@ mod tests {
             fuzz_decode(&v);
             v[0] = KIND_MIRROR;
             fuzz_decode(&v);
+            super::super::reassembly::fuzz_feed(&data);
         }
     }
 }
