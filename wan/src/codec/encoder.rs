@@ -7,16 +7,15 @@ use std::collections::VecDeque;
 use xxhash_rust::xxh3::{xxh3_128, xxh3_64};
 
 use super::block::put_block;
+use super::chunk_plan::{ChunkCtx, ChunkPlan, Outcome, PrefixTry};
 use super::error::CodecError;
 use super::fasthash::{map_with_capacity, U64Map};
 use super::format::{
     Header, HEADER_LEN, MIN_VERSION, NO_BASE, REC_DELTA_RLE, REC_DELTA_ZSTD, REC_FULL_RAW,
     REC_FULL_ZSTD, REC_PREFIX_ZSTD, REC_REF, REC_ZERO, VERSION,
 };
-use super::match_finder::chunk_compressor;
 use super::page_cache::PageCache;
-use super::parallel::{helper_loop, Helper, ModeChooser, Pipeline, Shared, Spare};
-use super::prefix::PrefixCompressor;
+use super::parallel::{helper_loop, ModeChooser, Pipeline, Shared, Spare};
 use super::rle::{encode_xor, xor_into};
 use super::wire::{put_uleb, uleb_len, zigzag};
 
@@ -56,7 +55,8 @@ pub struct EncoderConfig {
     /// Threads that compress an epoch's chunks (the calling thread included).
     /// Chunks are independent zstd frames, so extra threads change nothing on
     /// the wire: the bytes are the same for every count. The page pass
-    /// (cache, deltas, duplicates) always runs on the calling thread. `1` (or
+    /// (cache, deltas, duplicates) always runs on the calling thread; the
+    /// batched mode's prefix attempts run with their chunk's zstd. `1` (or
     /// `0`) compresses on the calling thread only. With more, an epoch large
     /// enough for two chunks uses the helpers unless the last epoch that did
     /// gained less than 10 % from them (estimated within that epoch); then
@@ -136,22 +136,20 @@ impl EncodeStats {
     }
 }
 
-/// Where the page pass hands a full chunk: (the calling thread's compressor,
-/// its scratch buffer, raw records, record count, worth compressing) ->
-/// an empty buffer for the next chunk.
-type ChunkSink<'a> = dyn FnMut(&mut zstd::bulk::Compressor<'static>, &mut Vec<u8>, Vec<u8>, u32, bool) -> Vec<u8>
-    + 'a;
+/// Where the page pass hands a full chunk, with the calling thread's
+/// compression state and where the outcomes of prefix attempts go; returns
+/// an empty chunk for the next records.
+type ChunkSink<'a> = dyn FnMut(&mut ChunkCtx, ChunkPlan, &mut Vec<Outcome>) -> ChunkPlan + 'a;
 
 /// The sender's codec state for one protected VM.
 pub struct Encoder {
     cfg: EncoderConfig,
     cache: PageCache,
-    zc: zstd::bulk::Compressor<'static>,
-    /// Compression context of `REC_PREFIX_ZSTD` records.
-    pz: PrefixCompressor,
+    /// The calling thread's zstd contexts (chunks, prefix frames, blocks).
+    ctx: ChunkCtx,
     /// Compression contexts of the helper threads (`threads - 1`), kept
     /// between epochs; the threads themselves live for one epoch.
-    helpers: Vec<Helper>,
+    helpers: Vec<ChunkCtx>,
     /// Emptied chunk buffers of the multi-threaded path, for reuse.
     spare_chunks: Spare,
     /// Helpers or not, from how fast each mode has been lately.
@@ -162,16 +160,14 @@ pub struct Encoder {
     acknowledged: Option<u64>,
     totals: EncodeStats,
     // Scratch reused across pages and epochs.
-    chunk: Vec<u8>,
-    chunk_records: u32,
-    /// Bytes of the current chunk that are already compressed or were found
-    /// incompressible: a chunk made mostly of those is not worth a zstd pass.
-    chunk_dense: usize,
+    /// The chunk the page pass is filling.
+    chunk: ChunkPlan,
+    /// Outcomes of the current epoch's deferred prefix attempts.
+    outcomes: Vec<Outcome>,
     rle: Vec<u8>,
     xor: Vec<u8>,
     zbuf: Vec<u8>,
     zbest: Vec<u8>,
-    block_scratch: Vec<u8>,
     epoch_hashes: U64Map<u32>,
     seen: U64Map<()>,
     /// The current epoch holds a `REC_PREFIX_ZSTD` record: written as
@@ -202,21 +198,20 @@ impl Encoder {
                 found: ps,
             });
         }
-        let zc = chunk_compressor(cfg.zstd_level, cfg.fast_match_finder)
-            .map_err(|e| CodecError::corrupt(format!("zstd compressor: {e}")))?;
         let chunk_bytes = cfg
             .chunk_bytes
             .clamp(1, (super::format::MAX_CHUNK_RAW as usize) / 2);
+        let new_ctx = || {
+            ChunkCtx::new(cfg.zstd_level, cfg.fast_match_finder, cfg.page_size)
+                .map_err(|e| CodecError::corrupt(format!("zstd compressor: {e}")))
+        };
+        let ctx = new_ctx()?;
         let helpers = (1..cfg.threads.max(1))
-            .map(|_| Helper::new(cfg.zstd_level, cfg.fast_match_finder))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| CodecError::corrupt(format!("zstd compressor: {e}")))?;
-        let pz = PrefixCompressor::new(cfg.zstd_level, cfg.fast_match_finder)
-            .ok_or_else(|| CodecError::corrupt("zstd compressor: no memory"))?;
+            .map(|_| new_ctx())
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Encoder {
             cache: PageCache::new(cfg.page_size, cfg.cache_budget_bytes),
-            zc,
-            pz,
+            ctx,
             helpers,
             spare_chunks: Spare::default(),
             mode: ModeChooser::default(),
@@ -224,14 +219,15 @@ impl Encoder {
             in_flight: VecDeque::new(),
             acknowledged: None,
             totals: EncodeStats::default(),
-            chunk: Vec::with_capacity(chunk_bytes + 2 * cfg.page_size),
-            chunk_records: 0,
-            chunk_dense: 0,
+            chunk: ChunkPlan {
+                raw: Vec::with_capacity(chunk_bytes + 2 * cfg.page_size),
+                ..ChunkPlan::default()
+            },
+            outcomes: Vec::new(),
             rle: Vec::with_capacity(cfg.page_size),
             xor: vec![0; cfg.page_size],
             zbuf: vec![0; cfg.page_size],
             zbest: vec![0; cfg.page_size],
-            block_scratch: Vec::new(),
             epoch_hashes: map_with_capacity(0),
             seen: map_with_capacity(0),
             uses_prefix: false,
@@ -321,33 +317,28 @@ impl Encoder {
         let (records, chunks) = if helpers {
             self.encode_pages_parallel(epoch, pages, &mut st, out)
         } else {
-            self.encode_pages(
-                epoch,
-                pages,
-                &mut st,
-                &mut |zc, scratch, raw, records, worth| {
-                    out.extend_from_slice(&records.to_le_bytes());
-                    put_block(out, &raw, worth.then_some(zc), scratch);
-                    raw
-                },
-            )
+            self.encode_pages(epoch, pages, &mut st, &mut |ctx, plan, outcomes| {
+                ctx.finish(&plan, out, outcomes);
+                plan
+            })
         };
+        self.apply_outcomes(&mut st);
 
         // Small blobs never shrink enough to pay for a zstd frame.
         let worth = |raw: &[u8]| raw.len() > 256;
         put_block(
             out,
             state_blob,
-            worth(state_blob).then_some(&mut self.zc),
-            &mut self.block_scratch,
+            worth(state_blob).then_some(&mut self.ctx.zc),
+            &mut self.ctx.scratch,
         );
         for &(offset, data) in disk_writes {
             out.extend_from_slice(&offset.to_le_bytes());
             put_block(
                 out,
                 data,
-                worth(data).then_some(&mut self.zc),
-                &mut self.block_scratch,
+                worth(data).then_some(&mut self.ctx.zc),
+                &mut self.ctx.scratch,
             );
         }
 
@@ -414,20 +405,21 @@ impl Encoder {
         self.prefix_tries = 0;
         self.prefix_hits = 0;
         self.chunk.clear();
-        self.chunk_records = 0;
-        self.chunk_dense = 0;
+        self.outcomes.clear();
         for (index, &(frame, data)) in pages.iter().enumerate() {
             if self.encode_page(epoch, index as u32, pages, frame, data, predicted, st) {
                 predicted = frame.wrapping_add(1);
                 records += 1;
-                self.chunk_records += 1;
-                if self.chunk.len() >= self.cfg.chunk_bytes {
+                self.chunk.records += 1;
+                // On the fallback sizes: the same boundaries whatever the
+                // deferred prefix attempts give (see chunk_plan.rs).
+                if self.chunk.raw.len() >= self.cfg.chunk_bytes {
                     self.flush_chunk(sink);
                     chunks += 1;
                 }
             }
         }
-        if self.chunk_records > 0 {
+        if self.chunk.records > 0 {
             self.flush_chunk(sink);
             chunks += 1;
         }
@@ -448,7 +440,6 @@ impl Encoder {
         let shared = Shared::default();
         let started = std::time::Instant::now();
         let cpu_at_start = super::parallel::thread_cpu_time();
-        let raw_capacity = self.cfg.chunk_bytes + 2 * self.cfg.page_size;
         let counts = std::thread::scope(|s| {
             let mut started = 0;
             for h in helpers.iter_mut() {
@@ -462,15 +453,15 @@ impl Encoder {
                     started += 1;
                 }
             }
-            let mut pipe = Pipeline::new(&shared, started, &mut spare, raw_capacity);
-            let counts =
-                self.encode_pages(epoch, pages, st, &mut |zc, scratch, raw, records, worth| {
-                    pipe.submit(zc, scratch, out, raw, records, worth)
-                });
-            let timing = pipe.finish(&mut self.zc, &mut self.block_scratch, out, cpu_at_start);
-            (counts, timing)
+            let mut pipe = Pipeline::new(&shared, started, &mut spare);
+            let counts = self.encode_pages(epoch, pages, st, &mut |ctx, plan, _| {
+                pipe.submit(ctx, out, plan)
+            });
+            let timing = pipe.finish(&mut self.ctx, out, cpu_at_start);
+            (counts, timing, pipe.take_outcomes())
         });
-        let (counts, timing) = counts;
+        let (counts, timing, outcomes) = counts;
+        self.outcomes.extend(outcomes);
         self.mode.record(started.elapsed(), timing);
         self.helpers = helpers;
         self.spare_chunks = spare;
@@ -553,7 +544,7 @@ impl Encoder {
                 st.unchanged += 1;
                 return false;
             }
-            head(&mut self.chunk, REC_ZERO);
+            head(&mut self.chunk.raw, REC_ZERO);
             st.zero += 1;
             self.cache.store(frame, data, hash, epoch);
             return true;
@@ -583,8 +574,8 @@ impl Encoder {
                 return false;
             }
             Some(f) => {
-                head(&mut self.chunk, REC_REF);
-                put_uleb(&mut self.chunk, zigzag(f.wrapping_sub(frame) as i64));
+                head(&mut self.chunk.raw, REC_REF);
+                put_uleb(&mut self.chunk.raw, zigzag(f.wrapping_sub(frame) as i64));
                 st.duplicate += 1;
                 self.cache.store(frame, data, hash, epoch);
                 return true;
@@ -616,6 +607,7 @@ impl Encoder {
                 xor_into(&mut self.xor, data, old);
                 let cap = best_len.saturating_sub(2);
                 if let Ok(n) = self
+                    .ctx
                     .zc
                     .compress_to_buffer(&self.xor[..], &mut self.zbuf[..cap])
                 {
@@ -642,6 +634,8 @@ impl Encoder {
             && best_kind != REC_DELTA_ZSTD;
         // None: not tried (no candidate, or backing off); Some(paid).
         let mut prefix_paid = None;
+        // Batched: the target of the attempt left to the chunk's thread.
+        let mut deferred = None;
         let sampled = prefix_candidate && {
             self.prefix_tick = self.prefix_tick.wrapping_add(1);
             self.prefix_tick % self.prefix_every == 0
@@ -659,26 +653,37 @@ impl Encoder {
             } else {
                 best_len / 2
             };
-            if let Some(n) = self
-                .pz
-                .compress(data, old, &mut self.zbest[..target.min(ps)])
-            {
-                if n + uleb_len(n as u64) < target {
-                    prefix_paid = Some(true);
-                    self.prefix_hits += 1;
-                    best_kind = REC_PREFIX_ZSTD;
-                    best_len = n + uleb_len(n as u64);
-                    best_payload = n;
-                    dense = true;
+            if self.cfg.per_page_zstd {
+                // Per page, the full-page zstd below competes with it: tried
+                // here, in order.
+                if let Some(n) = self
+                    .ctx
+                    .pz
+                    .compress(data, old, &mut self.zbest[..target.min(ps)])
+                {
+                    if n + uleb_len(n as u64) < target {
+                        prefix_paid = Some(true);
+                        self.prefix_hits += 1;
+                        best_kind = REC_PREFIX_ZSTD;
+                        best_len = n + uleb_len(n as u64);
+                        best_payload = n;
+                        dense = true;
+                    }
                 }
+            } else {
+                // Batched: deferred to whichever thread finishes the chunk
+                // (chunk_plan.rs); the outcome comes back with it.
+                deferred = Some(target);
+                self.chunk.pages.extend_from_slice(data);
+                self.chunk.pages.extend_from_slice(old);
             }
         }
-        if prefix_candidate {
+        if prefix_candidate && deferred.is_none() {
             self.cache.prefix_outcome(frame, prefix_paid);
         }
         if self.cfg.per_page_zstd && best_len > self.cfg.rle_accept_bytes {
             let cap = best_len.saturating_sub(2);
-            if let Ok(n) = self.zc.compress_to_buffer(data, &mut self.zbuf[..cap]) {
+            if let Ok(n) = self.ctx.zc.compress_to_buffer(data, &mut self.zbuf[..cap]) {
                 if n + uleb_len(n as u64) < best_len {
                     best_kind = REC_FULL_ZSTD;
                     best_len = n + uleb_len(n as u64);
@@ -689,17 +694,19 @@ impl Encoder {
             }
         }
 
-        head(&mut self.chunk, best_kind);
+        let kind_at = self.chunk.raw.len();
+        head(&mut self.chunk.raw, best_kind);
+        let payload_at = self.chunk.raw.len();
         match best_kind {
             REC_DELTA_RLE => {
-                put_uleb(&mut self.chunk, self.rle.len() as u64);
-                self.chunk.extend_from_slice(&self.rle);
+                put_uleb(&mut self.chunk.raw, self.rle.len() as u64);
+                self.chunk.raw.extend_from_slice(&self.rle);
                 st.delta_rle += 1;
             }
             REC_DELTA_ZSTD | REC_FULL_ZSTD | REC_PREFIX_ZSTD => {
                 let n = best_payload;
-                put_uleb(&mut self.chunk, n as u64);
-                self.chunk.extend_from_slice(&self.zbest[..n]);
+                put_uleb(&mut self.chunk.raw, n as u64);
+                self.chunk.raw.extend_from_slice(&self.zbest[..n]);
                 match best_kind {
                     REC_DELTA_ZSTD => st.delta_zstd += 1,
                     REC_FULL_ZSTD => st.full_zstd += 1,
@@ -710,31 +717,48 @@ impl Encoder {
                 }
             }
             _ => {
-                self.chunk.extend_from_slice(data);
+                self.chunk.raw.extend_from_slice(data);
                 st.full_raw += 1;
             }
         }
+        if let Some(target) = deferred {
+            self.chunk.tries.push(PrefixTry {
+                frame,
+                kind_at,
+                payload_at,
+                end: self.chunk.raw.len(),
+                target,
+            });
+        }
         if dense {
-            self.chunk_dense += best_len;
+            self.chunk.dense += best_len;
         }
         self.cache.store(frame, data, hash, epoch);
         true
     }
 
     fn flush_chunk(&mut self, sink: &mut ChunkSink<'_>) {
-        let worth = self.chunk_dense * 2 < self.chunk.len();
-        let raw = std::mem::take(&mut self.chunk);
-        let mut next = sink(
-            &mut self.zc,
-            &mut self.block_scratch,
-            raw,
-            self.chunk_records,
-            worth,
-        );
+        let plan = std::mem::take(&mut self.chunk);
+        let mut next = sink(&mut self.ctx, plan, &mut self.outcomes);
         next.clear();
         self.chunk = next;
-        self.chunk_records = 0;
-        self.chunk_dense = 0;
+    }
+
+    /// The deferred prefix attempts of the epoch are done: their records,
+    /// the cache's back-off and the next epoch's sampling learn the outcome.
+    fn apply_outcomes(&mut self, st: &mut EncodeStats) {
+        for o in self.outcomes.drain(..) {
+            self.cache.prefix_outcome(o.frame, Some(o.paid));
+            if o.paid {
+                self.prefix_hits += 1;
+                self.uses_prefix = true;
+                st.prefix_zstd += 1;
+                match o.fallback {
+                    REC_DELTA_RLE => st.delta_rle -= 1,
+                    _ => st.full_raw -= 1,
+                }
+            }
+        }
     }
 
     /// The replica has committed `epoch` (and so every epoch before it).

@@ -78,6 +78,7 @@
 //! (`wan/fuzz`).
 
 mod block;
+mod chunk_plan;
 pub mod cpu_time;
 mod decoder;
 mod encoder;

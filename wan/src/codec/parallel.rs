@@ -4,7 +4,9 @@
 //! compressed in any order on any thread; only their order on the wire is
 //! fixed. The encoder's page pass (cache lookups, deltas, duplicate
 //! detection, cache updates) stays on the calling thread and in page order,
-//! exactly as with one thread: only the compression of finished chunks moves.
+//! exactly as with one thread: only the finishing of full chunks moves
+//! (their deferred `REC_PREFIX_ZSTD` attempts, then their zstd pass:
+//! chunk_plan.rs).
 //! The wire bytes are identical whatever the thread count (zstd's output
 //! depends only on the input, the parameters and the library version, not on
 //! which context compresses it), so the decoder and the format do not change.
@@ -23,7 +25,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::block::put_block;
+use super::chunk_plan::{ChunkCtx, ChunkPlan, Outcome};
 
 /// How long the calling thread, with nothing left to do, waits for a helper
 /// to finish a chunk before compressing that chunk itself: twice as long as
@@ -142,48 +144,41 @@ pub(super) use super::cpu_time::thread_cpu_time;
 /// Buffers of each kind kept for reuse between chunks and epochs.
 const MAX_SPARE: usize = 16;
 
-/// One chunk of records on its way from raw records to wire bytes.
+/// One chunk of records on its way from the page pass to wire bytes.
 pub(super) struct ChunkJob {
     /// Position of the chunk in the epoch.
     index: usize,
-    records: u32,
-    /// Worth a zstd pass (not mostly already-compressed data).
-    worth: bool,
-    /// Shared with the calling thread, which may compress it too.
-    raw: Arc<Vec<u8>>,
+    /// Shared with the calling thread, which may finish it too.
+    plan: Arc<ChunkPlan>,
     /// `record count u32 | block`: exactly what goes on the wire.
     wire: Vec<u8>,
-    /// Compressed by a helper thread.
+    /// Its prefix attempts' outcomes.
+    outcomes: Vec<Outcome>,
+    /// Finished by a helper thread.
     by_helper: bool,
 }
 
 impl ChunkJob {
-    fn finish(&mut self, zc: &mut zstd::bulk::Compressor<'static>, scratch: &mut Vec<u8>) {
+    fn finish(&mut self, ctx: &mut ChunkCtx) {
         self.wire.clear();
-        self.wire.extend_from_slice(&self.records.to_le_bytes());
-        put_block(&mut self.wire, &self.raw, self.worth.then_some(zc), scratch);
+        self.outcomes.clear();
+        ctx.finish(&self.plan, &mut self.wire, &mut self.outcomes);
     }
-}
 
-/// A helper thread's compression context, kept by the encoder between epochs.
-pub(super) struct Helper {
-    zc: zstd::bulk::Compressor<'static>,
-    scratch: Vec<u8>,
-}
-
-impl Helper {
-    pub(super) fn new(level: i32, fast_match_finder: bool) -> std::io::Result<Self> {
-        Ok(Helper {
-            zc: super::match_finder::chunk_compressor(level, fast_match_finder)?,
-            scratch: Vec::new(),
-        })
+    /// Raw bytes whose work (prefix attempts, zstd) the timing counts.
+    fn work_bytes(&self) -> u64 {
+        if self.plan.needs_work() {
+            self.plan.raw.len() as u64
+        } else {
+            0
+        }
     }
 }
 
 /// Emptied buffers of finished chunks, kept by the encoder for reuse.
 #[derive(Default)]
 pub(super) struct Spare {
-    raw: Vec<Vec<u8>>,
+    raw: Vec<ChunkPlan>,
     wire: Vec<Vec<u8>>,
 }
 
@@ -222,7 +217,7 @@ impl Shared {
 
 /// A helper thread's loop: compress queued chunks until the queue is closed
 /// and empty.
-pub(super) fn helper_loop(shared: &Shared, helper: &mut Helper) {
+pub(super) fn helper_loop(shared: &Shared, ctx: &mut ChunkCtx) {
     struct FailFlag<'a>(&'a Shared);
     impl Drop for FailFlag<'_> {
         fn drop(&mut self) {
@@ -246,7 +241,7 @@ pub(super) fn helper_loop(shared: &Shared, helper: &mut Helper) {
                 st = shared.work.wait(st).unwrap_or_else(|e| e.into_inner());
             }
         };
-        job.finish(&mut helper.zc, &mut helper.scratch);
+        job.finish(ctx);
         job.by_helper = true;
         shared.lock().done.push(job);
         shared.done.notify_one();
@@ -265,21 +260,17 @@ pub(super) struct Pipeline<'a> {
     pending: BTreeMap<usize, ChunkJob>,
     /// Chunks handed to the queue and not yet finished: what the calling
     /// thread needs to redo one that a helper holds too long.
-    queued: BTreeMap<usize, (Arc<Vec<u8>>, u32, bool)>,
+    queued: BTreeMap<usize, Arc<ChunkPlan>>,
     spare: &'a mut Spare,
-    raw_capacity: usize,
+    /// Outcomes of the prefix attempts of the chunks written so far.
+    outcomes: Vec<Outcome>,
     /// Longest compression of a chunk on the calling thread this epoch.
     slowest_here: Option<Duration>,
     timing: EpochTiming,
 }
 
 impl<'a> Pipeline<'a> {
-    pub(super) fn new(
-        shared: &'a Shared,
-        helpers: usize,
-        spare: &'a mut Spare,
-        raw_capacity: usize,
-    ) -> Self {
+    pub(super) fn new(shared: &'a Shared, helpers: usize, spare: &'a mut Spare) -> Self {
         Pipeline {
             shared,
             helpers,
@@ -288,49 +279,35 @@ impl<'a> Pipeline<'a> {
             pending: BTreeMap::new(),
             queued: BTreeMap::new(),
             spare,
-            raw_capacity,
+            outcomes: Vec::new(),
             slowest_here: None,
             timing: EpochTiming::default(),
         }
     }
 
-    /// Hands over a full chunk; returns an empty buffer for the next one.
+    /// Hands over a full chunk; returns an empty one for the next.
     pub(super) fn submit(
         &mut self,
-        zc: &mut zstd::bulk::Compressor<'static>,
-        scratch: &mut Vec<u8>,
+        ctx: &mut ChunkCtx,
         out: &mut Vec<u8>,
-        raw: Vec<u8>,
-        records: u32,
-        worth: bool,
-    ) -> Vec<u8> {
-        let fresh = self
-            .spare
-            .raw
-            .pop()
-            .unwrap_or_else(|| Vec::with_capacity(self.raw_capacity));
-        let mut job = ChunkJob {
-            index: self.next,
-            records,
-            worth,
-            raw: Arc::new(raw),
-            wire: self.spare.wire.pop().unwrap_or_default(),
-            by_helper: false,
-        };
+        plan: ChunkPlan,
+    ) -> ChunkPlan {
+        let fresh = self.spare.raw.pop().unwrap_or_default();
+        let needs_work = plan.needs_work();
+        let mut job = self.job(self.next, Arc::new(plan));
         self.next += 1;
-        if !worth || self.helpers == 0 {
+        if !needs_work || self.helpers == 0 {
             // Stored as is: a copy, not worth a trip to another thread.
-            job.finish(zc, scratch);
+            job.finish(ctx);
             self.complete(job, out);
             return fresh;
         }
-        self.queued
-            .insert(job.index, (Arc::clone(&job.raw), records, worth));
+        self.queued.insert(job.index, Arc::clone(&job.plan));
         let (stolen, done) = {
             let mut st = self.shared.lock();
             st.queue.push_back(job);
             // More queued than helpers to take them: they are behind, so this
-            // thread compresses the oldest one itself.
+            // thread finishes the oldest one itself.
             let stolen = if st.queue.len() > self.helpers {
                 st.queue.pop_front()
             } else {
@@ -343,18 +320,32 @@ impl<'a> Pipeline<'a> {
             self.complete(j, out);
         }
         if let Some(mut j) = stolen {
-            self.compress_here(&mut j, zc, scratch);
+            self.compress_here(&mut j, ctx);
             self.complete(j, out);
         }
         fresh
+    }
+
+    fn job(&mut self, index: usize, plan: Arc<ChunkPlan>) -> ChunkJob {
+        ChunkJob {
+            index,
+            plan,
+            wire: self.spare.wire.pop().unwrap_or_default(),
+            outcomes: Vec::new(),
+            by_helper: false,
+        }
+    }
+
+    /// The prefix attempts' outcomes of every chunk written.
+    pub(super) fn take_outcomes(&mut self) -> Vec<Outcome> {
+        std::mem::take(&mut self.outcomes)
     }
 
     /// Closes the queue, helps compress what is left, and writes every
     /// remaining chunk in order.
     pub(super) fn finish(
         &mut self,
-        zc: &mut zstd::bulk::Compressor<'static>,
-        scratch: &mut Vec<u8>,
+        ctx: &mut ChunkCtx,
         out: &mut Vec<u8>,
         cpu_at_start: Option<Duration>,
     ) -> EpochTiming {
@@ -364,7 +355,7 @@ impl<'a> Pipeline<'a> {
             let mut st = self.shared.lock();
             if let Some(mut j) = st.queue.pop_front() {
                 drop(st);
-                self.compress_here(&mut j, zc, scratch);
+                self.compress_here(&mut j, ctx);
                 self.complete(j, out);
             } else if !st.done.is_empty() {
                 let done = std::mem::take(&mut st.done);
@@ -377,7 +368,7 @@ impl<'a> Pipeline<'a> {
                 // Every unfinished chunk is held by a helper that has not
                 // delivered it in time: redo the oldest one here.
                 drop(st);
-                self.take_over(zc, scratch, out);
+                self.take_over(ctx, out);
                 waited = false;
             } else {
                 let idle = Instant::now();
@@ -397,43 +388,28 @@ impl<'a> Pipeline<'a> {
         self.timing
     }
 
-    /// Compresses the oldest chunk that is neither written nor finished.
-    fn take_over(
-        &mut self,
-        zc: &mut zstd::bulk::Compressor<'static>,
-        scratch: &mut Vec<u8>,
-        out: &mut Vec<u8>,
-    ) {
-        let Some((&index, (raw, records, worth))) = self
+    /// Finishes the oldest chunk that is neither written nor finished.
+    fn take_over(&mut self, ctx: &mut ChunkCtx, out: &mut Vec<u8>) {
+        let Some((&index, plan)) = self
             .queued
             .iter()
             .find(|(i, _)| !self.pending.contains_key(i))
         else {
             return;
         };
-        let mut job = ChunkJob {
-            index,
-            records: *records,
-            worth: *worth,
-            raw: Arc::clone(raw),
-            wire: self.spare.wire.pop().unwrap_or_default(),
-            by_helper: false,
-        };
-        self.compress_here(&mut job, zc, scratch);
+        let plan = Arc::clone(plan);
+        let mut job = self.job(index, plan);
+        self.compress_here(&mut job, ctx);
         self.complete(job, out);
     }
 
-    fn compress_here(
-        &mut self,
-        job: &mut ChunkJob,
-        zc: &mut zstd::bulk::Compressor<'static>,
-        scratch: &mut Vec<u8>,
-    ) {
+    fn compress_here(&mut self, job: &mut ChunkJob, ctx: &mut ChunkCtx) {
         let (started, cpu) = (Instant::now(), thread_cpu_time());
-        job.finish(zc, scratch);
+        job.finish(ctx);
         let took = started.elapsed();
-        if job.worth {
-            self.timing.own_bytes += job.raw.len() as u64;
+        let bytes = job.work_bytes();
+        if bytes > 0 {
+            self.timing.own_bytes += bytes;
             self.timing.own_time += match (cpu, thread_cpu_time()) {
                 (Some(a), Some(b)) => b.saturating_sub(a),
                 _ => took,
@@ -453,12 +429,13 @@ impl<'a> Pipeline<'a> {
             self.recycle(job);
             return;
         }
-        if job.by_helper && job.worth {
-            self.timing.helper_bytes += job.raw.len() as u64;
+        if job.by_helper {
+            self.timing.helper_bytes += job.work_bytes();
         }
         self.pending.insert(job.index, job);
-        while let Some(j) = self.pending.remove(&self.written) {
+        while let Some(mut j) = self.pending.remove(&self.written) {
             out.extend_from_slice(&j.wire);
+            self.outcomes.append(&mut j.outcomes);
             self.queued.remove(&self.written);
             self.written += 1;
             self.recycle(j);
@@ -474,10 +451,10 @@ impl<'a> Pipeline<'a> {
         }
         // Unique once the helper and the queue map have let go of it; a
         // chunk still held elsewhere is simply not reused.
-        if let Ok(mut raw) = Arc::try_unwrap(job.raw) {
+        if let Ok(mut plan) = Arc::try_unwrap(job.plan) {
             if self.spare.raw.len() < MAX_SPARE {
-                raw.clear();
-                self.spare.raw.push(raw);
+                plan.clear();
+                self.spare.raw.push(plan);
             }
         }
     }
@@ -766,32 +743,85 @@ mod tests {
     #[test]
     fn codec_stalled_helpers_are_taken_over() {
         use super::{Pipeline, Shared, Spare};
-        let level = 3;
-        let mut zc = zstd::bulk::Compressor::new(level).expect("zstd");
-        let mut zc_ref = zstd::bulk::Compressor::new(level).expect("zstd");
-        let (mut scratch, mut scratch_ref) = (Vec::new(), Vec::new());
+        use crate::codec::chunk_plan::{ChunkCtx, ChunkPlan};
+        let ctx = || ChunkCtx::new(3, true, 4096).expect("zstd");
+        let (mut here, mut reference) = (ctx(), ctx());
         let shared = Shared::default();
         let mut spare = Spare::default();
-        let (mut out, mut expected) = (Vec::new(), Vec::new());
+        let (mut out, mut expected, mut outcomes) = (Vec::new(), Vec::new(), Vec::new());
         {
-            let mut pipe = Pipeline::new(&shared, 2, &mut spare, 8192);
+            let mut pipe = Pipeline::new(&shared, 2, &mut spare);
             for i in 0..7u32 {
                 let mut raw = vec![0u8; 3000 + 500 * i as usize];
                 fill_text(&mut Rng::new(u64::from(i)), &mut raw);
-                let worth = i % 3 != 2;
-                expected.extend_from_slice(&i.to_le_bytes());
-                crate::codec::block::put_block(
-                    &mut expected,
-                    &raw,
-                    worth.then_some(&mut zc_ref),
-                    &mut scratch_ref,
-                );
-                let next = pipe.submit(&mut zc, &mut scratch, &mut out, raw, i, worth);
-                assert!(next.is_empty());
+                // Every third chunk is "already compressed": stored.
+                let dense = if i % 3 == 2 { raw.len() } else { 0 };
+                let plan = ChunkPlan {
+                    raw,
+                    records: i,
+                    dense,
+                    ..ChunkPlan::default()
+                };
+                reference.finish(&plan, &mut expected, &mut outcomes);
+                let next = pipe.submit(&mut here, &mut out, plan);
+                assert!(next.raw.is_empty());
             }
-            pipe.finish(&mut zc, &mut scratch, &mut out, None);
+            pipe.finish(&mut here, &mut out, None);
         }
         assert!(out == expected);
+    }
+
+    /// Pages whose content moves, in epochs of many chunks: the prefix
+    /// attempts run on the helpers, the bytes and the counts are those of
+    /// one thread, and some attempts pay.
+    #[test]
+    fn codec_prefix_attempts_on_helpers_same_bytes() {
+        let (ps, frames) = (4096usize, 512u64);
+        let mut memory = vec![0u8; frames as usize * ps];
+        let mut rng = Rng::new(7);
+        for page in memory.chunks_exact_mut(ps) {
+            fill_struct(&mut rng, page);
+        }
+        let enc = |threads| {
+            Encoder::new(EncoderConfig {
+                chunk_bytes: 16 << 10,
+                threads,
+                ..EncoderConfig::default()
+            })
+            .expect("encoder")
+        };
+        let (mut one, mut many) = (enc(1), enc(2));
+        many.force_helpers(Some(true));
+        let mut dec = Decoder::new(DecoderConfig::default()).expect("decoder");
+        let mut replica = VecMemory::new(frames, ps);
+        for epoch in 1..=4u64 {
+            if epoch > 1 {
+                for (i, page) in memory.chunks_exact_mut(ps).enumerate() {
+                    // Every page: most shifted, some rewritten.
+                    if i % 5 == 0 {
+                        fill_text(&mut rng, page);
+                    } else {
+                        let by = 1 + (i + epoch as usize) % 24;
+                        page.copy_within(64..ps - by, 64 + by);
+                    }
+                }
+            }
+            let pages: Vec<(u64, &[u8])> = memory
+                .chunks_exact(ps)
+                .enumerate()
+                .map(|(f, p)| (f as u64, p))
+                .collect();
+            let a = one.encode(epoch, &pages, b"", &[]).expect("encode");
+            let b = many.encode(epoch, &pages, b"", &[]).expect("encode");
+            assert!(a == b, "epoch {epoch}: bytes differ");
+            assert_eq!(one.stats(), many.stats());
+            dec.decode(&b, &replica)
+                .expect("decode")
+                .apply(&mut replica)
+                .expect("apply");
+            assert!(replica.as_bytes() == &memory[..], "epoch {epoch}");
+        }
+        assert!(many.stats().prefix_zstd > 100, "{:?}", many.stats());
     }
 
     /// Whole synthetic traces, large enough for dozens of 256 KiB chunks per
