@@ -39,7 +39,10 @@ pub struct FecParams {
     /// packet's worth of stream bytes, so a lost packet straddles two.
     pub shards_per_loss: f64,
     /// Loss rate assumed before the connection measured one, and the cap
-    /// of the estimate ([`LossEstimate`]).
+    /// of the estimate ([`LossEstimate`]). 1 %: with 3 % the repairs took
+    /// ~9 % of a saturated link (BBR's own queue drops read as loss) and
+    /// goodput fell below QUIC without FEC at 50 ms / 0.5 %; with 1 % it
+    /// matched it, and the p99 target still held at 0.5 % loss.
     pub initial_loss: f64,
     pub max_loss: f64,
 }
@@ -55,7 +58,7 @@ impl Default for FecParams {
             spare: 2,
             shards_per_loss: 2.0,
             initial_loss: 0.01,
-            max_loss: 0.03,
+            max_loss: 0.01,
         }
     }
 }
@@ -221,7 +224,10 @@ mod tests {
 
     #[test]
     fn recovery_follows_the_loss_within_its_bounds() {
-        let mut e = Encoder::new(FecParams::default());
+        let mut e = Encoder::new(FecParams {
+            max_loss: 0.03,
+            ..FecParams::default()
+        });
         let (mut s, mut l) = (0u64, 0u64);
         e.observe_path(s, l);
         for _ in 0..60 {
@@ -239,6 +245,11 @@ mod tests {
             e.observe_path(s, l);
         }
         assert_eq!(e.recovery_count(740), 74, "capped at 10 %");
+        // The default caps the loss estimate at 1 %: 2 x (7.4 + 4 x 2.7) + 2.
+        let mut d = Encoder::new(FecParams::default());
+        d.observe_path(0, 0);
+        d.observe_path(1000, 500);
+        assert_eq!(d.recovery_count(740), 39);
     }
 
     #[test]

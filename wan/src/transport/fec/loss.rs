@@ -5,8 +5,9 @@
 //! packet dropped by a full bottleneck queue as lost too (BBR overflows
 //! its queue while it saturates a path, tens of percent in the benchmark),
 //! and redundancy cannot help there: it only adds to the queue. So the
-//! estimate is capped; FEC is for random loss of the order of a percent,
-//! retransmission handles the rest.
+//! estimate is capped (1 % by default, [`super::FecParams::max_loss`]);
+//! FEC is for random loss of the order of a percent, retransmission
+//! handles the rest.
 
 /// Smallest number of newly sent packets that makes a sample: fewer gives
 /// a rate too coarse to use (one loss in 20 packets reads as 5 %).
