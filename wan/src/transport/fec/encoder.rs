@@ -39,10 +39,12 @@ pub struct FecParams {
     /// packet's worth of stream bytes, so a lost packet straddles two.
     pub shards_per_loss: f64,
     /// Loss rate assumed before the connection measured one, and the cap
-    /// of the estimate ([`LossEstimate`]). 1 %: with 3 % the repairs took
-    /// ~9 % of a saturated link (BBR's own queue drops read as loss) and
-    /// goodput fell below QUIC without FEC at 50 ms / 0.5 %; with 1 % it
-    /// matched it, and the p99 target still held at 0.5 % loss.
+    /// of the estimate ([`LossEstimate`]). The cap is the highest random
+    /// loss FEC is sized for (2 %, the benchmark's worst): above it, what
+    /// quinn counts as lost is mostly BBR's own queue overflow while it
+    /// saturates the path, which repairs only add to. With 3 % the repairs
+    /// took ~9 % of a saturated link and goodput fell below QUIC without
+    /// FEC; 1 % kept goodput level but protected less (docs/transport.md).
     pub initial_loss: f64,
     pub max_loss: f64,
 }
@@ -58,7 +60,7 @@ impl Default for FecParams {
             spare: 2,
             shards_per_loss: 2.0,
             initial_loss: 0.01,
-            max_loss: 0.01,
+            max_loss: 0.02,
         }
     }
 }
@@ -245,11 +247,13 @@ mod tests {
             e.observe_path(s, l);
         }
         assert_eq!(e.recovery_count(740), 74, "capped at 10 %");
-        // The default caps the loss estimate at 1 %: 2 x (7.4 + 4 x 2.7) + 2.
+        // The default caps the loss estimate at 2 %: 2 x (14.8 + 4 x 3.85) + 2.
         let mut d = Encoder::new(FecParams::default());
         d.observe_path(0, 0);
-        d.observe_path(1000, 500);
-        assert_eq!(d.recovery_count(740), 39);
+        for i in 1..=40 {
+            d.observe_path(i * 1000, i * 500);
+        }
+        assert_eq!(d.recovery_count(740), 63);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! packet dropped by a full bottleneck queue as lost too (BBR overflows
 //! its queue while it saturates a path, tens of percent in the benchmark),
 //! and redundancy cannot help there: it only adds to the queue. So the
-//! estimate is capped (1 % by default, [`super::FecParams::max_loss`]);
+//! estimate is capped (2 % by default, [`super::FecParams::max_loss`]);
 //! FEC is for random loss of the order of a percent, retransmission
 //! handles the rest.
 
