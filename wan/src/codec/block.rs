@@ -16,18 +16,27 @@ pub fn put_block(
     scratch: &mut Vec<u8>,
 ) {
     if let Some(zc) = compressor {
-        scratch.clear();
-        // Capacity one short of raw: zstd gives up as soon as it cannot win.
-        scratch.reserve(raw.len().saturating_sub(1));
-        if raw.len() > 64
-            && zc.compress_to_buffer(raw, scratch).is_ok()
-            && scratch.len() < raw.len()
-        {
-            out.push(BLOCK_ZSTD);
-            out.extend_from_slice(&(raw.len() as u32).to_le_bytes());
-            out.extend_from_slice(&(scratch.len() as u32).to_le_bytes());
-            out.extend_from_slice(scratch);
-            return;
+        // Room for exactly one byte less than raw: zstd gives up as soon as
+        // it cannot win. Exactly, not "at least": zstd's choices depend on
+        // the room it is given (with more room it sometimes compresses a
+        // block that it stores with less), so room left over from what this
+        // buffer held before would make the bytes depend on which thread,
+        // with which history, compressed the chunk. (A `Vec` destination
+        // offers its whole spare capacity.)
+        let room = raw.len().saturating_sub(1);
+        if scratch.len() < room {
+            scratch.resize(room, 0);
+        }
+        if raw.len() > 64 {
+            if let Ok(n) = zc.compress_to_buffer(raw, &mut scratch[..room]) {
+                if n < raw.len() {
+                    out.push(BLOCK_ZSTD);
+                    out.extend_from_slice(&(raw.len() as u32).to_le_bytes());
+                    out.extend_from_slice(&(n as u32).to_le_bytes());
+                    out.extend_from_slice(&scratch[..n]);
+                    return;
+                }
+            }
         }
     }
     out.push(BLOCK_STORED);

@@ -500,7 +500,7 @@ mod tests {
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
-            5 => prop::collection::vec((any::<u16>(), 0u8..6, any::<u64>()), 0..48)
+            5 => prop::collection::vec((any::<u16>(), 0u8..7, any::<u64>()), 0..48)
                 .prop_map(Op::Send),
             4 => any::<bool>().prop_map(Op::Deliver),
             1 => Just(Op::Lose),
@@ -523,6 +523,13 @@ mod tests {
             2 => fill_text(&mut rng, page),
             3 => fill_struct(&mut rng, page),
             4 => rng.fill(page),
+            5 => {
+                // Content moved within the page: prefix attempts on the
+                // helpers, and chunks that zstd only just shrinks.
+                let by = 1 + seed as usize % 40;
+                let at = (seed >> 8) as usize % (page.len() - by);
+                page.copy_within(at..page.len() - by, at + by);
+            }
             _ => page.copy_from_slice(other),
         }
     }
