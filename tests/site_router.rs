@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use remus_wan::arbiter::demux::{Router, CONTROL_MAGIC};
 use remus_wan::witness::frame::{read_message, write_message};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wan::session::wire::{ControlFrame, Hello, PROTOCOL_VERSION};
 use wan::transport::replication::Listener;
 use wan::transport::{Endpoint, TlsPaths, TransportConfig};
@@ -141,4 +141,64 @@ async fn streams_reach_the_vm_they_name_from_its_peer_only() {
     server.close();
     dc1.close();
     dc3.close();
+}
+
+/// The site daemon's replication links are FEC-protected like the
+/// single-VM listener's: once the router has read a stream's HELLO, the
+/// routed reader answers the primary's FEC, so the primary sends repair
+/// datagrams, and every byte still arrives once and in order, the HELLO
+/// the router read included.
+#[tokio::test]
+async fn a_routed_replication_stream_is_protected_by_fec() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    pki(dir.path());
+    let server = endpoint(dir.path(), "dc2", &["dc1"]);
+    assert!(server.config().fec, "FEC is on by default");
+    let addr = server.local_addr().expect("addr");
+    let router = Router::serve(server.clone());
+    let (mut links, _control) = router.add("web1", "dc1");
+
+    let dc1 = endpoint(dir.path(), "dc1", &[]);
+    let conn = dc1.connect(addr, "dc2").await.expect("connect");
+    let (send, recv) = conn.open_bi().await.expect("stream");
+    let mut primary = dc1.replication_link(conn, send, recv, "site dc2".into());
+    let mut sent = hello("web1");
+    primary.write.write_all(&sent).await.expect("write");
+    primary.write.flush().await.expect("flush");
+    let mut backup = tokio::time::timeout(LIMIT, links.accept())
+        .await
+        .expect("routed in time")
+        .expect("link");
+
+    // Bursts (each one flushed: a burst end, where repairs go out) until
+    // the primary has heard the backup's FEC and protected one.
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    let mut got = Vec::new();
+    for burst in 0u32.. {
+        let bytes: Vec<u8> = (0..64 * 1024u32)
+            .map(|i| (i.wrapping_mul(31) ^ burst) as u8)
+            .collect();
+        primary.write.write_all(&bytes).await.expect("write");
+        primary.write.flush().await.expect("flush");
+        sent.extend_from_slice(&bytes);
+        let mut more = vec![0u8; sent.len() - got.len()];
+        tokio::time::timeout(LIMIT, backup.read.read_exact(&mut more))
+            .await
+            .expect("the burst arrives in time")
+            .expect("read");
+        got.extend_from_slice(&more);
+        if dc1.fec_totals().datagrams_sent > 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the primary sent no FEC datagram in {burst} bursts: the routed reader never answered its FEC"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(got.len(), sent.len());
+    assert!(got == sent, "the routed stream's bytes, HELLO included");
+
+    server.close();
+    dc1.close();
 }

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 use wan::session::wire::{ControlFrame, Decoder, Item};
 use wan::transport::replication::{BoxFuture, BoxRead, BoxWrite, Link, Listener};
-use wan::transport::{Connection, Endpoint, TransportError};
+use wan::transport::{Connection, Endpoint, RecvStream, SendStream, TransportError};
 
 /// First bytes of a failover control stream between two sites.
 pub const CONTROL_MAGIC: [u8; 4] = *b"RWFO";
@@ -99,7 +99,7 @@ impl Router {
             loop {
                 match endpoint.accept().await {
                     Ok(conn) => {
-                        tokio::spawn(r.clone().sort(conn));
+                        tokio::spawn(r.clone().sort(conn, endpoint.clone()));
                     }
                     Err(TransportError::Closed) => break,
                     // A refused peer (wrong CA, site or version) was logged.
@@ -169,7 +169,7 @@ impl Router {
 
     /// Accepts every stream of `conn` (a primary may carry several VMs'
     /// streams on one connection) and routes each.
-    async fn sort(self, conn: Connection) {
+    async fn sort(self, conn: Connection, endpoint: Endpoint) {
         let peer = conn
             .peer_site()
             .map(|s| format!("site {s} at {}", conn.remote_address()))
@@ -196,18 +196,24 @@ impl Router {
                     return;
                 }
             };
-            tokio::spawn(
-                self.clone()
-                    .sort_stream(conn.clone(), peer.clone(), send, recv),
-            );
+            tokio::spawn(self.clone().sort_stream(
+                endpoint.clone(),
+                conn.clone(),
+                peer.clone(),
+                send,
+                recv,
+            ));
         }
     }
 
-    async fn sort_stream<W, R>(self, conn: Connection, peer: String, send: W, mut recv: R)
-    where
-        W: tokio::io::AsyncWrite + Send + Unpin + 'static,
-        R: tokio::io::AsyncRead + Send + Unpin + 'static,
-    {
+    async fn sort_stream(
+        self,
+        endpoint: Endpoint,
+        conn: Connection,
+        peer: String,
+        send: SendStream,
+        mut recv: RecvStream,
+    ) {
         let opened = tokio::time::timeout(ROUTE_TIMEOUT, read_route(&mut recv)).await;
         let (kind, vm, consumed) = match opened {
             Ok(Ok(r)) => r,
@@ -227,24 +233,20 @@ impl Router {
                 return;
             }
         };
-        let read: BoxRead = Box::new(std::io::Cursor::new(consumed).chain(recv));
         let delivered = match target {
             RouteTarget::Control(tx) => tx
                 .send(ControlStream {
-                    read,
+                    read: Box::new(std::io::Cursor::new(consumed).chain(recv)),
                     write: Box::new(send),
                     peer,
                     conn,
                 })
                 .await
                 .is_ok(),
+            // The endpoint's replication link: with FEC (when configured)
+            // from the first byte after those read to route the stream.
             RouteTarget::Replication(tx) => tx
-                .send(Link {
-                    read,
-                    write: Box::new(send),
-                    peer,
-                    quic: Some(conn),
-                })
+                .send(endpoint.replication_link_after(conn, send, recv, consumed, peer))
                 .await
                 .is_ok(),
         };

@@ -27,6 +27,9 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use tokio::io::AsyncReadExt;
 use tracing::{info, warn};
 
+/// The stream types a [`Connection`] hands out, for callers that route
+/// streams themselves (the site daemon).
+pub use quinn::{RecvStream, SendStream};
 pub use tls::{Identity, TlsPaths};
 
 /// ALPN family name; the protocol id is `remus-wan/<version>`.
@@ -420,11 +423,26 @@ impl Endpoint {
         recv: quinn::RecvStream,
         peer: String,
     ) -> replication::Link {
-        if self.cfg.fec {
+        self.replication_link_after(conn, send, recv, Vec::new(), peer)
+    }
+
+    /// [`Self::replication_link`] for a stream whose first bytes, `read`,
+    /// were already read in order (to route it): they are handed back in
+    /// front of the link's reader.
+    pub fn replication_link_after(
+        &self,
+        conn: Connection,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+        read: Vec<u8>,
+        peer: String,
+    ) -> replication::Link {
+        let mut link = if self.cfg.fec {
             fec::link::quic_link(
                 conn,
                 send,
                 recv,
+                read.len() as u64,
                 peer,
                 self.cfg.fec_params.clone(),
                 fec::Limits::for_stream_window(self.cfg.stream_receive_window),
@@ -437,7 +455,11 @@ impl Endpoint {
                 quic: Some(conn),
                 peer,
             }
+        };
+        if !read.is_empty() {
+            link.read = Box::new(std::io::Cursor::new(read).chain(link.read));
         }
+        link
     }
 
     /// Dials `peer_site` at `addr`; the server's certificate must chain to

@@ -122,11 +122,15 @@ impl FecCounters {
     }
 }
 
-/// Makes a FEC-protected [`Link`] of a QUIC stream pair.
+/// Makes a FEC-protected [`Link`] of a QUIC stream pair. `already_read`
+/// bytes of `recv` were read (in order) before: the link's reader starts
+/// after them.
+#[allow(clippy::too_many_arguments)]
 pub fn quic_link(
     conn: Connection,
     send: quinn::SendStream,
     recv: quinn::RecvStream,
+    already_read: u64,
     peer: String,
     params: FecParams,
     limits: Limits,
@@ -137,7 +141,7 @@ pub fn quic_link(
     let task = tokio::spawn(read_task(
         conn.quinn().clone(),
         recv,
-        Reassembly::new(limits),
+        Reassembly::starting_at(limits, already_read),
         tx,
         peer_decodes.clone(),
         counters.clone(),

@@ -96,10 +96,18 @@ pub struct Reassembly {
 
 impl Reassembly {
     pub fn new(limits: Limits) -> Self {
+        Self::starting_at(limits, 0)
+    }
+
+    /// A reassembly of a stream whose first `offset` bytes were already
+    /// read in order by someone else (the site daemon reads a stream's
+    /// first frame to route it): delivery starts there, and repairs of
+    /// windows that begin before it are late.
+    pub fn starting_at(limits: Limits, offset: u64) -> Self {
         Self {
             limits,
-            delivered: 0,
-            floor: 0,
+            delivered: offset,
+            floor: offset,
             segs: Segments::default(),
             windows: BTreeMap::new(),
             repair_bytes: 0,
