@@ -100,6 +100,24 @@ fn environment_override_with_a_bad_value_names_the_key() {
 }
 
 #[test]
+fn fec_is_on_unless_the_replication_section_turns_it_off() {
+    let cfg = Config::load_with_env(&example(), no_env()).expect("valid");
+    assert!(cfg.replication.fec(), "FEC is on by default");
+    let env = vec![("REMUS_WAN_REPLICATION__FEC".to_owned(), "false".to_owned())];
+    let cfg = Config::load_with_env(&example(), env).expect("valid");
+    assert!(!cfg.replication.fec());
+}
+
+#[test]
+fn fec_per_vm_is_refused_with_its_key() {
+    let t = example_text().replace(
+        "name = \"web1\"\n",
+        "name = \"web1\"\nreplication = { fec = false }\n",
+    );
+    assert_issue(&t, "vms[0].replication.fec", "set it in [replication]");
+}
+
+#[test]
 fn unknown_site_is_named() {
     let t = example_text().replace("primary = \"dc1\"", "primary = \"dc3\"");
     assert_issue(&t, "vms[0].primary", "found \"dc3\"");

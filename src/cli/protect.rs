@@ -136,7 +136,7 @@ impl ProtectArgs {
                 eprintln!("error: metrics endpoint {}: {e}", self.metrics);
                 return Code::Failure;
             }
-            let endpoint = match site::protect::bind(&me) {
+            let endpoint = match site::protect::bind(&me, &cfg.replication) {
                 Ok(e) => e,
                 Err(e) => {
                     eprintln!("error: {e}");

@@ -101,6 +101,19 @@ pub struct Replication {
     /// commits, at most; past it frames are dropped (TCP resends them) and
     /// the primary checkpoints sooner.
     pub output_buffer_mib: u64,
+    /// Forward error correction of the replication stream: Reed-Solomon
+    /// repair datagrams sized to the loss the link measures, so an epoch
+    /// that lost packets commits without waiting for their retransmission
+    /// (docs/transport.md). A property of the site's endpoint, shared by
+    /// all its VMs: set in `[replication]` only. Absent means on.
+    pub fec: Option<bool>,
+}
+
+impl Replication {
+    /// Whether the site's replication endpoint uses FEC.
+    pub fn fec(&self) -> bool {
+        self.fec.unwrap_or(true)
+    }
 }
 
 impl Default for Replication {
@@ -112,6 +125,7 @@ impl Default for Replication {
             max_epochs_in_flight: 4,
             max_epoch_mib: 512,
             output_buffer_mib: 64,
+            fec: None,
         }
     }
 }

@@ -560,6 +560,13 @@ impl Validator {
             self.announce(&format!("{key}.announce"), &vm.announce);
             if let Some(r) = &vm.replication {
                 self.replication(&format!("{key}.replication"), r);
+                if r.fec.is_some() {
+                    self.push(
+                        &format!("{key}.replication.fec"),
+                        "expected no value per VM: FEC belongs to the site's endpoint, \
+                         which all its VMs share; set it in [replication]",
+                    );
+                }
             }
             for (j, rec) in vm.dns.iter().enumerate() {
                 self.dns_record(&format!("{key}.dns[{j}]"), cfg, vm, rec);

@@ -24,7 +24,7 @@ use super::{tls_paths, Launcher, StopSignal, VmEnd, VmTask};
 use crate::addresses::Addresses;
 use crate::arbiter::StartAs;
 use crate::cli::failover_setup;
-use crate::config::{Config, Site, Vm};
+use crate::config::{Config, Replication, Site, Vm};
 use crate::engine::protect::{Capture, ProtectError, ProtectOptions, Protector};
 
 /// Protection of `vm` running at site `me` towards site `peer`.
@@ -56,13 +56,12 @@ pub fn protect_options(
 }
 
 /// The endpoint every VM of the daemon replicates from (an ephemeral port
-/// of site `me`'s address).
-pub fn bind(me: &Site) -> Result<Endpoint, String> {
-    Endpoint::bind(
-        std::net::SocketAddr::new(me.listen.ip(), 0),
-        TransportConfig::new(tls_paths(&me.tls)),
-    )
-    .map_err(|e| format!("replication endpoint: {e}"))
+/// of site `me`'s address), with FEC as `[replication] fec` says.
+pub fn bind(me: &Site, replication: &Replication) -> Result<Endpoint, String> {
+    let mut tcfg = TransportConfig::new(tls_paths(&me.tls));
+    tcfg.fec = replication.fec();
+    Endpoint::bind(std::net::SocketAddr::new(me.listen.ip(), 0), tcfg)
+        .map_err(|e| format!("replication endpoint: {e}"))
 }
 
 /// Which VMs a protect daemon runs.

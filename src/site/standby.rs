@@ -52,6 +52,7 @@ pub fn bind(cfg: &Config, site: &str) -> Result<Endpoint, String> {
         .filter(|s| s.name != site)
         .map(|s| s.name.clone())
         .collect();
+    tcfg.fec = cfg.replication.fec();
     Endpoint::bind(me.listen, tcfg).map_err(|e| format!("endpoint {}: {e}", me.listen))
 }
 
