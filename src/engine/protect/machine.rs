@@ -434,17 +434,7 @@ impl ProtectCore {
                 _ => {
                     self.lifecycle = Lifecycle::Fenced;
                     warn!(vm = %vm, token, "fenced: this site reaches neither the backup nor the witness; guest paused, output held");
-                    self.push(Action::SetRole {
-                        role: Role::Down,
-                        token,
-                    });
-                    self.push(Action::Hooks {
-                        event: HookEvent::Fence,
-                        token,
-                        sites: false,
-                    });
-                    self.push(Action::PauseGuest);
-                    self.push(Action::ShowState("fenced"));
+                    self.step_down(token, HookEvent::Fence, Action::PauseGuest, "fenced");
                 }
             },
             Event::Unfence => {
@@ -509,17 +499,7 @@ impl ProtectCore {
                     ))));
                 }
                 error!(vm = %vm, token, "demoted: {} runs the VM under a newer fencing token; stopping it here", self.cfg.backup);
-                self.push(Action::SetRole {
-                    role: Role::Down,
-                    token,
-                });
-                self.push(Action::Hooks {
-                    event: HookEvent::Demote,
-                    token,
-                    sites: true,
-                });
-                self.push(Action::HaltGuest);
-                self.push(Action::ShowState("demoted"));
+                self.step_down(token, HookEvent::Demote, Action::HaltGuest, "demoted");
                 self.push(Action::Finish(Finish::Demoted { token }));
                 self.lifecycle = Lifecycle::Demoted { token };
             }
@@ -557,6 +537,24 @@ impl ProtectCore {
 
     fn push(&mut self, a: Action) {
         self.queue.push_back(Queued::Do(a));
+    }
+
+    /// This site stops serving the VM under `token` (fenced or demoted):
+    /// withdraw its addresses, run the operator's hooks (a demotion also
+    /// tells them which site runs the VM now), stop the guest with `guest`
+    /// (pause, or halt for good) and show `state`.
+    fn step_down(&mut self, token: u64, event: HookEvent, guest: Action, state: &'static str) {
+        self.push(Action::SetRole {
+            role: Role::Down,
+            token,
+        });
+        self.push(Action::Hooks {
+            event,
+            token,
+            sites: event == HookEvent::Demote,
+        });
+        self.push(guest);
+        self.push(Action::ShowState(state));
     }
 
     fn backup_lost(&self) -> bool {

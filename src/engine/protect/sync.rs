@@ -120,10 +120,7 @@ impl<G: ProtectedGuest> Protector<G> {
     /// once the sync's opening epoch is committed (it seeds the replica).
     pub(super) async fn pump_hash_requests(&mut self) -> Result<(), ProtectError> {
         let committed = self.sender.status().committed;
-        let Some(pc) = running(&mut self.sync, self.core.phase()) else {
-            return Ok(());
-        };
-        let Some(DiskSource::Checksum(c)) = &mut pc.disk else {
+        let Some(c) = running_checksum(&mut self.sync, self.core.phase()) else {
             return Ok(());
         };
         if c.opening_epoch.is_none_or(|e| committed < e) {
@@ -146,10 +143,7 @@ impl<G: ProtectedGuest> Protector<G> {
 
     /// The standby's answer to a hash request.
     pub(super) fn on_disk_report(&mut self, r: DiskReport) -> Result<(), ProtectError> {
-        let Some(pc) = running(&mut self.sync, self.core.phase()) else {
-            return Ok(());
-        };
-        let Some(DiskSource::Checksum(c)) = &mut pc.disk else {
+        let Some(c) = running_checksum(&mut self.sync, self.core.phase()) else {
             return Ok(());
         };
         match r {
@@ -316,4 +310,13 @@ impl<G: ProtectedGuest> Protector<G> {
 /// other fields — the sender — while it holds the pre-copy).
 fn running(sync: &mut Option<Box<PreCopy>>, phase: Phase) -> Option<&mut PreCopy> {
     sync.as_deref_mut().filter(|_| phase == Phase::PreCopy)
+}
+
+/// The checksum resync of the synchronisation in progress, when that is
+/// how its disk is being brought over.
+fn running_checksum(sync: &mut Option<Box<PreCopy>>, phase: Phase) -> Option<&mut ChecksumCursor> {
+    match &mut running(sync, phase)?.disk {
+        Some(DiskSource::Checksum(c)) => Some(c),
+        _ => None,
+    }
 }
