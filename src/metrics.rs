@@ -43,6 +43,13 @@ pub struct VmStatus {
     pub output_dropped_frames: u64,
     pub epochs_rejected: u64,
     pub interval_ms: u64,
+    /// Forward error correction (primary): repair and mirror bytes and
+    /// datagrams sent over every replication link of this VM; none when
+    /// no FEC link was used.
+    #[serde(default)]
+    pub fec_redundant_bytes: Option<u64>,
+    #[serde(default)]
+    pub fec_datagrams: Option<u64>,
     /// The failover state, when a witness arbitrates.
     #[serde(default)]
     pub failover: Option<FailoverStatus>,
@@ -228,6 +235,20 @@ pub fn render_prometheus(vms: &[VmStatus]) -> String {
         "Epochs sent and not yet committed at the backup.",
         "gauge",
         &|v| Some(v.lag_epochs as f64),
+    );
+    metric(
+        &mut out,
+        "fec_redundant_bytes_total",
+        "Forward error correction bytes sent (repair and mirror datagrams) beside the replication stream.",
+        "counter",
+        &|v| v.fec_redundant_bytes.map(|b| b as f64),
+    );
+    metric(
+        &mut out,
+        "fec_datagrams_total",
+        "Forward error correction datagrams sent.",
+        "counter",
+        &|v| v.fec_datagrams.map(|n| n as f64),
     );
     metric(
         &mut out,
@@ -899,6 +920,7 @@ mod tests {
             role: "primary".into(),
             committed_epoch: 42,
             pause_p50_us: Some(1500),
+            fec_redundant_bytes: Some(4096),
             ..Default::default()
         };
         let text = render_prometheus(&[v]);
@@ -907,8 +929,13 @@ mod tests {
         assert!(
             text.contains("remus_wan_pause_p50_seconds{vm=\"web\\\"1\",role=\"primary\"} 0.0015")
         );
+        assert!(text.contains("# TYPE remus_wan_fec_redundant_bytes_total counter"));
+        assert!(text.contains(
+            "remus_wan_fec_redundant_bytes_total{vm=\"web\\\"1\",role=\"primary\"} 4096"
+        ));
         // No sample for a figure that is unknown.
         assert!(!text.contains("remus_wan_link_rtt_seconds{"));
+        assert!(!text.contains("remus_wan_fec_datagrams_total{"));
     }
 
     #[test]

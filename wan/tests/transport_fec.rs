@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use wan::emulator::{Emulator, EmulatorConfig, LinkParams};
 use wan::session::{EpochKind, ReceiverConfig, ReceiverEvent, SenderConfig, SenderEvent};
 use wan::transport::bench::write_test_pki;
+use wan::transport::fec::link::FecTotals;
 use wan::transport::replication::{spawn_receiver, spawn_sender, QuicDialer, QuicListener};
 use wan::transport::{Endpoint, TlsPaths, TransportConfig, CLOSE_FEC_ERROR};
 
@@ -49,7 +50,14 @@ fn payload(epoch: u64, size: usize) -> Bytes {
 /// previous one committed: every epoch is its own burst) from a primary
 /// with `fec_a` to a backup with `fec_b` through a lossy link; checks every
 /// epoch's bytes and order. Returns (primary, backup) endpoints.
-async fn replicate(fec_a: bool, fec_b: bool, loss: f64, n: u64) -> (Endpoint, Endpoint) {
+/// Replicates `n` epochs; returns both endpoints and the sender's own FEC
+/// figures (its status).
+async fn replicate(
+    fec_a: bool,
+    fec_b: bool,
+    loss: f64,
+    n: u64,
+) -> (Endpoint, Endpoint, Option<FecTotals>) {
     let tmp = tempfile::tempdir().unwrap();
     write_test_pki(tmp.path()).unwrap();
     let backup = bind(tcfg(tmp.path(), "dc2", fec_b));
@@ -115,18 +123,26 @@ async fn replicate(fec_a: bool, fec_b: bool, loss: f64, n: u64) -> (Endpoint, En
     assert_eq!(got, (1..=n).collect::<Vec<_>>());
     let st = emu.handle().stats();
     assert!(st.forward.lost + st.backward.lost > 0, "{st:?}");
+    let sender_fec = sh.status().fec;
     sh.close().await;
-    (primary, backup)
+    (primary, backup, sender_fec)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn epochs_arrive_intact_and_losses_are_rebuilt_from_repairs() {
     // 3 % loss, ~150 packets per epoch: losses in nearly every epoch (the
     // chance of none at all in 10 epochs is below 1e-60).
-    let (primary, backup) = replicate(true, true, 0.03, 10).await;
+    let (primary, backup, sender) = replicate(true, true, 0.03, 10).await;
     let a = primary.fec_totals();
     let b = backup.fec_totals();
     assert!(a.datagrams_sent > 0, "{a:?}");
+    // The sender's status (what the VM's metrics show) counts its links'
+    // datagrams: all of this endpoint's, up to the last status refresh.
+    let s = sender.expect("a FEC link's figures in the sender's status");
+    assert!(
+        s.datagrams_sent > 0 && s.datagrams_sent <= a.datagrams_sent,
+        "{s:?} vs {a:?}"
+    );
     assert!(b.recovered_shards > 0, "{b:?}");
     assert!(b.decoded_windows > 0, "{b:?}");
     // The backup's commit messages are mirrored too.
@@ -136,12 +152,13 @@ async fn epochs_arrive_intact_and_losses_are_rebuilt_from_repairs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sites_with_and_without_fec_interoperate() {
     // The backup does not ask for repairs: the primary sends none.
-    let (primary, backup) = replicate(true, false, 0.01, 4).await;
+    let (primary, backup, _) = replicate(true, false, 0.01, 4).await;
     assert_eq!(primary.fec_totals().datagrams_sent, 0);
     assert_eq!(backup.fec_totals(), Default::default());
     // The primary asks, the backup has no FEC: plain stream both ways.
-    let (primary, backup) = replicate(false, true, 0.01, 4).await;
+    let (primary, backup, sender) = replicate(false, true, 0.01, 4).await;
     assert_eq!(primary.fec_totals(), Default::default());
+    assert_eq!(sender, None, "no FEC link, no FEC figures");
     assert_eq!(backup.fec_totals().datagrams_sent, 0);
 }
 

@@ -51,6 +51,8 @@ impl<G: ProtectedGuest> Protector<G> {
             output_dropped_frames: self.capture.dropped_frames.load(Ordering::Relaxed),
             epochs_rejected: 0,
             interval_ms: self.core.interval().as_millis() as u64,
+            fec_redundant_bytes: status.fec.map(|f| f.redundant_bytes_sent),
+            fec_datagrams: status.fec.map(|f| f.datagrams_sent),
             failover: self
                 .failover
                 .as_ref()

@@ -454,6 +454,7 @@ impl Endpoint {
                 write: Box::new(send),
                 quic: Some(conn),
                 peer,
+                fec: None,
             }
         };
         if !read.is_empty() {

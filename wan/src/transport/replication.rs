@@ -37,6 +37,8 @@ pub struct Link {
     pub quic: Option<Connection>,
     /// Peer description for logs.
     pub peer: String,
+    /// This link's FEC counters, when it is a FEC link.
+    pub fec: Option<Arc<super::fec::link::FecCounters>>,
 }
 
 /// Opens links to the peer (primary side).
@@ -120,6 +122,7 @@ struct Active {
     writer: mpsc::UnboundedSender<WriteMsg>,
     input: mpsc::Receiver<Input>,
     quic: Option<Connection>,
+    fec: Option<Arc<super::fec::link::FecCounters>>,
 }
 
 fn start_link(link: Link) -> Active {
@@ -128,6 +131,7 @@ fn start_link(link: Link) -> Active {
         mut write,
         quic,
         peer,
+        fec,
     } = link;
     let (in_tx, input) = mpsc::channel(64);
     tokio::spawn(async move {
@@ -203,7 +207,20 @@ fn start_link(link: Link) -> Active {
         writer,
         input,
         quic,
+        fec,
     }
+}
+
+/// Ends the current link, keeping its FEC counts in `retired`.
+fn retire(
+    active: &mut Option<Active>,
+    retired: &mut Option<super::fec::link::FecTotals>,
+) -> Option<Active> {
+    let a = active.take()?;
+    if let Some(c) = &a.fec {
+        *retired.get_or_insert_with(Default::default) += c.totals();
+    }
+    Some(a)
 }
 
 impl Active {
@@ -242,6 +259,9 @@ pub struct SenderStatus {
     /// Transport statistics of the current QUIC connection (with
     /// `bytes_in_flight` = un-acknowledged epoch bytes).
     pub link: Option<LinkStats>,
+    /// FEC counters over every link of this sender (None until a FEC link
+    /// was used).
+    pub fec: Option<super::fec::link::FecTotals>,
 }
 
 enum SenderCmd {
@@ -365,6 +385,8 @@ pub fn spawn_sender<D: Dialer>(
     tokio::spawn(async move {
         let mut sess = Sender::new(cfg, first_epoch, std::time::Instant::now());
         let mut active: Option<Active> = None;
+        // FEC counts of the links this sender has closed or lost.
+        let mut retired_fec: Option<super::fec::link::FecTotals> = None;
         let mut dialing: Option<tokio::task::JoinHandle<Result<Link, TransportError>>> = None;
         let mut closing = false;
         loop {
@@ -384,6 +406,14 @@ pub fn spawn_sender<D: Dialer>(
                     l.bytes_in_flight = sess.in_flight_bytes();
                     l
                 });
+                s.fec = match active.as_ref().and_then(|a| a.fec.as_ref()) {
+                    Some(c) => {
+                        let mut t = retired_fec.unwrap_or_default();
+                        t += c.totals();
+                        Some(t)
+                    }
+                    None => retired_fec,
+                };
             }
             while let Some(ev) = sess.poll_event() {
                 match ev {
@@ -391,7 +421,7 @@ pub fn spawn_sender<D: Dialer>(
                         dialing = Some(tokio::spawn(dialer.dial()));
                     }
                     SenderEvent::Close { error } => {
-                        if let Some(a) = active.take() {
+                        if let Some(a) = retire(&mut active, &mut retired_fec) {
                             a.close(&error);
                         }
                     }
@@ -434,6 +464,7 @@ pub fn spawn_sender<D: Dialer>(
                     let now = std::time::Instant::now();
                     match res {
                         Ok(Ok(link)) => {
+                            retire(&mut active, &mut retired_fec);
                             active = Some(start_link(link));
                             sess.handle_connected(now);
                         }
@@ -449,11 +480,11 @@ pub fn spawn_sender<D: Dialer>(
                     match input {
                         Some(Input::Data(b)) => sess.handle_input(&b, now),
                         Some(Input::Closed(reason)) => {
-                            active = None;
+                            retire(&mut active, &mut retired_fec);
                             sess.handle_disconnected(now, &reason);
                         }
                         None => {
-                            active = None;
+                            retire(&mut active, &mut retired_fec);
                             sess.handle_disconnected(now, "reader stopped");
                         }
                     }

@@ -87,6 +87,7 @@ impl Dialer for TcpTlsDialer {
                 write: Box::new(write),
                 quic: None,
                 peer,
+                fec: None,
             })
         })
     }
@@ -146,6 +147,7 @@ impl Listener for TcpTlsListener {
                 write: Box::new(write),
                 quic: None,
                 peer,
+                fec: None,
             })
         })
     }

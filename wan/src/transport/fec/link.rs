@@ -39,7 +39,8 @@ const HELLO_INTERVAL: Duration = Duration::from_millis(250);
 /// Largest chunk taken from quinn at once.
 const READ_CHUNK: usize = 256 * 1024;
 
-/// FEC counters of every link of an endpoint, for status and benchmarks.
+/// FEC counters of one link, or of every link of an endpoint, for status,
+/// metrics and benchmarks.
 #[derive(Debug, Default)]
 pub struct FecCounters {
     datagrams_sent: AtomicU64,
@@ -72,6 +73,39 @@ pub struct FecTotals {
     pub duplicate_bytes: u64,
     /// Repairs that arrived too late or over the memory caps.
     pub unused_repairs: u64,
+}
+
+impl std::ops::AddAssign for FecTotals {
+    fn add_assign(&mut self, o: FecTotals) {
+        self.datagrams_sent += o.datagrams_sent;
+        self.redundant_bytes_sent += o.redundant_bytes_sent;
+        self.send_failures += o.send_failures;
+        self.stream_bytes_written += o.stream_bytes_written;
+        self.recovered_shards += o.recovered_shards;
+        self.decoded_windows += o.decoded_windows;
+        self.mirrored_bytes += o.mirrored_bytes;
+        self.duplicate_bytes += o.duplicate_bytes;
+        self.unused_repairs += o.unused_repairs;
+    }
+}
+
+/// Where a link's counts go: its own counters (its VM's figures) and its
+/// endpoint's (all links together).
+#[derive(Debug, Clone)]
+struct Tally([Arc<FecCounters>; 2]);
+
+impl Tally {
+    fn add(&self, field: fn(&FecCounters) -> &AtomicU64, n: u64) {
+        for c in &self.0 {
+            field(c).fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    fn add_receiver(&self, now: &ReassemblyStats, before: &ReassemblyStats) {
+        for c in &self.0 {
+            c.add_receiver(now, before);
+        }
+    }
 }
 
 impl FecCounters {
@@ -137,6 +171,8 @@ pub fn quic_link(
     counters: Arc<FecCounters>,
 ) -> Link {
     let peer_decodes = Arc::new(AtomicBool::new(false));
+    let own = Arc::new(FecCounters::default());
+    let counters = Tally([own.clone(), counters]);
     let (tx, rx) = mpsc::channel(64);
     let task = tokio::spawn(read_task(
         conn.quinn().clone(),
@@ -163,6 +199,7 @@ pub fn quic_link(
         }),
         quic: Some(conn),
         peer,
+        fec: Some(own),
     }
 }
 
@@ -173,7 +210,7 @@ struct FecWrite {
     enc: Encoder,
     peer_decodes: Arc<AtomicBool>,
     out: Vec<Bytes>,
-    counters: Arc<FecCounters>,
+    counters: Tally,
 }
 
 impl FecWrite {
@@ -192,15 +229,13 @@ impl FecWrite {
             let n = d.len() as u64;
             match self.conn.send_datagram(d) {
                 Ok(()) => {
-                    self.counters.datagrams_sent.fetch_add(1, Ordering::Relaxed);
-                    self.counters
-                        .redundant_bytes_sent
-                        .fetch_add(n, Ordering::Relaxed);
+                    self.counters.add(|c| &c.datagrams_sent, 1);
+                    self.counters.add(|c| &c.redundant_bytes_sent, n);
                 }
                 // Best effort: the stream still carries every byte.
                 Err(e) => {
                     debug!(error = %e, "FEC datagram not sent");
-                    self.counters.send_failures.fetch_add(1, Ordering::Relaxed);
+                    self.counters.add(|c| &c.send_failures, 1);
                 }
             }
         }
@@ -227,9 +262,7 @@ impl AsyncWrite for FecWrite {
         let n = ready!(Pin::new(&mut this.send).poll_write(cx, buf))?;
         let max = this.max_datagram();
         this.enc.record(&buf[..n], max, &mut this.out);
-        this.counters
-            .stream_bytes_written
-            .fetch_add(n as u64, Ordering::Relaxed);
+        this.counters.add(|c| &c.stream_bytes_written, n as u64);
         this.send_out();
         Poll::Ready(Ok(n))
     }
@@ -305,7 +338,7 @@ async fn read_task(
     mut r: Reassembly,
     tx: mpsc::Sender<io::Result<Bytes>>,
     peer_decodes: Arc<AtomicBool>,
-    counters: Arc<FecCounters>,
+    counters: Tally,
 ) {
     let hello = Datagram::Hello.encode();
     let mut hellos = 0;
