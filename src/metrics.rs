@@ -50,6 +50,10 @@ pub struct VmStatus {
     pub fec_redundant_bytes: Option<u64>,
     #[serde(default)]
     pub fec_datagrams: Option<u64>,
+    /// Forward error correction (standby): data shards rebuilt from the
+    /// primary's repairs instead of waiting for their retransmission.
+    #[serde(default)]
+    pub fec_rebuilt_shards: Option<u64>,
     /// The failover state, when a witness arbitrates.
     #[serde(default)]
     pub failover: Option<FailoverStatus>,
@@ -249,6 +253,13 @@ pub fn render_prometheus(vms: &[VmStatus]) -> String {
         "Forward error correction datagrams sent.",
         "counter",
         &|v| v.fec_datagrams.map(|n| n as f64),
+    );
+    metric(
+        &mut out,
+        "fec_rebuilt_shards_total",
+        "Stream shards the backup rebuilt from forward error correction repairs instead of waiting for them.",
+        "counter",
+        &|v| v.fec_rebuilt_shards.map(|n| n as f64),
     );
     metric(
         &mut out,

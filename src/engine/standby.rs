@@ -568,7 +568,7 @@ pub async fn run_with<L: Listener>(
     takeover: Option<Takeover>,
 ) -> Result<StandbyStats, StandbyError> {
     let arbiter = takeover.as_ref().map(|t| t.arbiter.clone());
-    let publish = |s: &StandbyStats| {
+    let publish = |s: &StandbyStats, fec: Option<wan::transport::fec::link::FecTotals>| {
         if let Some(p) = &published {
             let v = crate::metrics::VmStatus {
                 vm: opts.vm.clone(),
@@ -584,6 +584,7 @@ pub async fn run_with<L: Listener>(
                 committed_epoch: s.committed_epoch.unwrap_or(0),
                 wire_bytes_per_epoch: s.bytes_received as f64 / s.epochs_committed.max(1) as f64,
                 epochs_rejected: s.epochs_rejected,
+                fec_rebuilt_shards: fec.map(|f| f.recovered_shards),
                 failover: arbiter
                     .as_ref()
                     .map(|a| crate::metrics::FailoverStatus::from_snapshot(&a.snapshot())),
@@ -637,7 +638,7 @@ pub async fn run_with<L: Listener>(
         };
         tokio::select! {
             _ = &mut shutdown => break None,
-            _ = check.tick(), if !promoted => publish(&standby.stats),
+            _ = check.tick(), if !promoted => publish(&standby.stats, handle.fec()),
             ended = running => {
                 active = None;
                 break Some(ended.map_err(|e| e.to_string()).and_then(|r| r));
@@ -670,7 +671,7 @@ pub async fn run_with<L: Listener>(
                         } else {
                             standby.apply(epoch, kind, &payload)
                         };
-                        publish(&standby.stats);
+                        publish(&standby.stats, handle.fec());
                         match applied {
                             Ok(()) => {
                                 crate::faults::point("standby.committed");

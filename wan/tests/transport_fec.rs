@@ -50,14 +50,18 @@ fn payload(epoch: u64, size: usize) -> Bytes {
 /// previous one committed: every epoch is its own burst) from a primary
 /// with `fec_a` to a backup with `fec_b` through a lossy link; checks every
 /// epoch's bytes and order. Returns (primary, backup) endpoints.
-/// Replicates `n` epochs; returns both endpoints and the sender's own FEC
-/// figures (its status).
-async fn replicate(
-    fec_a: bool,
-    fec_b: bool,
-    loss: f64,
-    n: u64,
-) -> (Endpoint, Endpoint, Option<FecTotals>) {
+/// What [`replicate`] leaves: both endpoints, and the FEC figures of the
+/// sender's status and of the receiver's handle (what the VM's metrics
+/// show at each site).
+struct Replicated {
+    primary: Endpoint,
+    backup: Endpoint,
+    sender: Option<FecTotals>,
+    receiver: Option<FecTotals>,
+}
+
+/// Replicates `n` epochs through the emulator with `loss`.
+async fn replicate(fec_a: bool, fec_b: bool, loss: f64, n: u64) -> Replicated {
     let tmp = tempfile::tempdir().unwrap();
     write_test_pki(tmp.path()).unwrap();
     let backup = bind(tcfg(tmp.path(), "dc2", fec_b));
@@ -69,6 +73,7 @@ async fn replicate(
     let mut rc = ReceiverConfig::new("dc2", "web1");
     rc.peer_timeout = Duration::from_secs(5);
     let (rh, mut rev) = spawn_receiver(QuicListener::new(backup.clone()), rc, 0);
+    let receiver = rh.clone();
     let (applied_tx, mut applied) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Some(ev) = rev.recv().await {
@@ -123,16 +128,26 @@ async fn replicate(
     assert_eq!(got, (1..=n).collect::<Vec<_>>());
     let st = emu.handle().stats();
     assert!(st.forward.lost + st.backward.lost > 0, "{st:?}");
-    let sender_fec = sh.status().fec;
+    let sender = sh.status().fec;
     sh.close().await;
-    (primary, backup, sender_fec)
+    Replicated {
+        primary,
+        backup,
+        sender,
+        receiver: receiver.fec(),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn epochs_arrive_intact_and_losses_are_rebuilt_from_repairs() {
     // 3 % loss, ~150 packets per epoch: losses in nearly every epoch (the
     // chance of none at all in 10 epochs is below 1e-60).
-    let (primary, backup, sender) = replicate(true, true, 0.03, 10).await;
+    let Replicated {
+        primary,
+        backup,
+        sender,
+        receiver,
+    } = replicate(true, true, 0.03, 10).await;
     let a = primary.fec_totals();
     let b = backup.fec_totals();
     assert!(a.datagrams_sent > 0, "{a:?}");
@@ -143,6 +158,13 @@ async fn epochs_arrive_intact_and_losses_are_rebuilt_from_repairs() {
         s.datagrams_sent > 0 && s.datagrams_sent <= a.datagrams_sent,
         "{s:?} vs {a:?}"
     );
+    // Likewise the receiver's handle: the shards it rebuilt (every epoch
+    // was applied before the last commit, so they are counted).
+    let r = receiver.expect("a FEC link's figures in the receiver's handle");
+    assert!(
+        r.recovered_shards > 0 && r.recovered_shards <= b.recovered_shards,
+        "{r:?} vs {b:?}"
+    );
     assert!(b.recovered_shards > 0, "{b:?}");
     assert!(b.decoded_windows > 0, "{b:?}");
     // The backup's commit messages are mirrored too.
@@ -152,11 +174,18 @@ async fn epochs_arrive_intact_and_losses_are_rebuilt_from_repairs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sites_with_and_without_fec_interoperate() {
     // The backup does not ask for repairs: the primary sends none.
-    let (primary, backup, _) = replicate(true, false, 0.01, 4).await;
+    let Replicated {
+        primary, backup, ..
+    } = replicate(true, false, 0.01, 4).await;
     assert_eq!(primary.fec_totals().datagrams_sent, 0);
     assert_eq!(backup.fec_totals(), Default::default());
     // The primary asks, the backup has no FEC: plain stream both ways.
-    let (primary, backup, sender) = replicate(false, true, 0.01, 4).await;
+    let Replicated {
+        primary,
+        backup,
+        sender,
+        ..
+    } = replicate(false, true, 0.01, 4).await;
     assert_eq!(primary.fec_totals(), Default::default());
     assert_eq!(sender, None, "no FEC link, no FEC figures");
     assert_eq!(backup.fec_totals().datagrams_sent, 0);

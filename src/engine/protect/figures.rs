@@ -53,6 +53,7 @@ impl<G: ProtectedGuest> Protector<G> {
             interval_ms: self.core.interval().as_millis() as u64,
             fec_redundant_bytes: status.fec.map(|f| f.redundant_bytes_sent),
             fec_datagrams: status.fec.map(|f| f.datagrams_sent),
+            fec_rebuilt_shards: None,
             failover: self
                 .failover
                 .as_ref()

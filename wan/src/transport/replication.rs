@@ -211,6 +211,21 @@ fn start_link(link: Link) -> Active {
     }
 }
 
+/// FEC counts of the links ended (`retired`) and of the current one.
+fn fec_figures(
+    active: &Option<Active>,
+    retired: Option<super::fec::link::FecTotals>,
+) -> Option<super::fec::link::FecTotals> {
+    match active.as_ref().and_then(|a| a.fec.as_ref()) {
+        Some(c) => {
+            let mut t = retired.unwrap_or_default();
+            t += c.totals();
+            Some(t)
+        }
+        None => retired,
+    }
+}
+
 /// Ends the current link, keeping its FEC counts in `retired`.
 fn retire(
     active: &mut Option<Active>,
@@ -406,14 +421,7 @@ pub fn spawn_sender<D: Dialer>(
                     l.bytes_in_flight = sess.in_flight_bytes();
                     l
                 });
-                s.fec = match active.as_ref().and_then(|a| a.fec.as_ref()) {
-                    Some(c) => {
-                        let mut t = retired_fec.unwrap_or_default();
-                        t += c.totals();
-                        Some(t)
-                    }
-                    None => retired_fec,
-                };
+                s.fec = fec_figures(&active, retired_fec);
             }
             while let Some(ev) = sess.poll_event() {
                 match ev {
@@ -521,9 +529,16 @@ enum ReceiverCmd {
 pub struct ReceiverHandle {
     cmd: mpsc::Sender<ReceiverCmd>,
     committed: Arc<Mutex<u64>>,
+    fec: Arc<Mutex<Option<super::fec::link::FecTotals>>>,
 }
 
 impl ReceiverHandle {
+    /// FEC counters over every link of this receiver (shards rebuilt from
+    /// the primary's repairs among them); None until a FEC link was used.
+    pub fn fec(&self) -> Option<super::fec::link::FecTotals> {
+        *self.fec.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The engine applied `epoch` atomically to the replica: acknowledge it.
     pub async fn commit(&self, epoch: u64) -> Result<(), HandleError> {
         let (tx, rx) = oneshot::channel();
@@ -580,6 +595,8 @@ pub fn spawn_receiver<L: Listener>(
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
     let committed = Arc::new(Mutex::new(last_committed));
     let committed2 = committed.clone();
+    let fec = Arc::new(Mutex::new(None));
+    let fec2 = fec.clone();
     let (link_tx, mut link_rx) = mpsc::channel::<Link>(4);
     let acceptor = tokio::spawn(async move {
         loop {
@@ -599,11 +616,12 @@ pub fn spawn_receiver<L: Listener>(
     tokio::spawn(async move {
         let mut sess = Receiver::new(cfg, last_committed, std::time::Instant::now());
         let mut active: Option<Active> = None;
+        let mut retired_fec: Option<super::fec::link::FecTotals> = None;
         loop {
             let now = std::time::Instant::now();
             while let Some(ev) = sess.poll_event() {
                 if let ReceiverEvent::Close { error } = &ev {
-                    if let Some(a) = active.take() {
+                    if let Some(a) = retire(&mut active, &mut retired_fec) {
                         a.close(error);
                     }
                 }
@@ -612,6 +630,7 @@ pub fn spawn_receiver<L: Listener>(
             // Published before the ACK leaves, so a peer that saw the ACK
             // never reads an older value here.
             *committed2.lock().expect("lock") = sess.committed();
+            *fec2.lock().expect("lock") = fec_figures(&active, retired_fec);
             if let Some(a) = &active {
                 while let Some(b) = sess.poll_transmit(now) {
                     let _ = a.writer.send(WriteMsg::Data(b));
@@ -630,7 +649,7 @@ pub fn spawn_receiver<L: Listener>(
                         Some(ReceiverCmd::SetReport(r)) => sess.set_report(r),
                         Some(ReceiverCmd::DiskReport(r)) => sess.disk_report(r, now),
                         Some(ReceiverCmd::Close) | None => {
-                            if let Some(a) = active.take() {
+                            if let Some(a) = retire(&mut active, &mut retired_fec) {
                                 a.close(&SessionError::LocalClose);
                             }
                             break;
@@ -639,7 +658,7 @@ pub fn spawn_receiver<L: Listener>(
                 }
                 link = link_rx.recv() => {
                     let Some(link) = link else { break };
-                    if let Some(old) = active.take() {
+                    if let Some(old) = retire(&mut active, &mut retired_fec) {
                         old.close(&SessionError::ConnectionLost("replaced by a new connection".into()));
                     }
                     active = Some(start_link(link));
@@ -652,11 +671,11 @@ pub fn spawn_receiver<L: Listener>(
                             let _ = sess.handle_input(&b, now);
                         }
                         Some(Input::Closed(reason)) => {
-                            active = None;
+                            retire(&mut active, &mut retired_fec);
                             sess.handle_disconnected(now, &reason);
                         }
                         None => {
-                            active = None;
+                            retire(&mut active, &mut retired_fec);
                             sess.handle_disconnected(now, "reader stopped");
                         }
                     }
@@ -672,6 +691,7 @@ pub fn spawn_receiver<L: Listener>(
         ReceiverHandle {
             cmd: cmd_tx,
             committed,
+            fec,
         },
         ev_rx,
     )

@@ -388,15 +388,17 @@ async fn read_task(
                 return;
             }
         };
-        while let Some(b) = r.poll_output() {
-            if tx.send(Ok(b)).await.is_err() {
-                return;
-            }
-        }
+        // Counted before the bytes go out, so whoever has read them sees
+        // the shards that rebuilt them.
         let now = r.stats();
         if now != published {
             counters.add_receiver(&now, &published);
             published = now;
+        }
+        while let Some(b) = r.poll_output() {
+            if tx.send(Ok(b)).await.is_err() {
+                return;
+            }
         }
         if !more {
             // End of stream: everything was read and handed out; dropping
