@@ -440,13 +440,14 @@ impl Endpoint {
         let mut link = if self.cfg.fec {
             fec::link::quic_link(
                 conn,
-                send,
-                recv,
+                (send, recv),
                 read.len() as u64,
                 peer,
-                self.cfg.fec_params.clone(),
-                fec::Limits::for_stream_window(self.cfg.stream_receive_window),
-                self.fec.clone(),
+                fec::link::FecSetup {
+                    params: self.cfg.fec_params.clone(),
+                    limits: fec::Limits::for_stream_window(self.cfg.stream_receive_window),
+                    counters: self.fec.clone(),
+                },
             )
         } else {
             replication::Link {

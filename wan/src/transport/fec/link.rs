@@ -156,20 +156,30 @@ impl FecCounters {
     }
 }
 
+/// How an endpoint's FEC links are made: the sender's redundancy, the
+/// receiver's bounds, and the endpoint's counters (each link also keeps
+/// its own).
+pub struct FecSetup {
+    pub params: FecParams,
+    pub limits: Limits,
+    pub counters: Arc<FecCounters>,
+}
+
 /// Makes a FEC-protected [`Link`] of a QUIC stream pair. `already_read`
 /// bytes of `recv` were read (in order) before: the link's reader starts
 /// after them.
-#[allow(clippy::too_many_arguments)]
 pub fn quic_link(
     conn: Connection,
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
+    (send, recv): (quinn::SendStream, quinn::RecvStream),
     already_read: u64,
     peer: String,
-    params: FecParams,
-    limits: Limits,
-    counters: Arc<FecCounters>,
+    setup: FecSetup,
 ) -> Link {
+    let FecSetup {
+        params,
+        limits,
+        counters,
+    } = setup;
     let peer_decodes = Arc::new(AtomicBool::new(false));
     let own = Arc::new(FecCounters::default());
     let counters = Tally([own.clone(), counters]);
