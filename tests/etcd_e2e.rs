@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use etcd_cluster::{require_etcd, EtcdCluster};
 use support::wan::{Wan, WanSpec};
-use support::{connect_retrying, Counter, Proc};
+use support::{connect_retrying, Counter};
 
 fn preflight(test: &str) -> bool {
     support::require_kvm_root(test) && require_etcd(test)
@@ -76,32 +76,14 @@ fn etcd_member_loss_changes_nothing_and_the_standby_takes_over() {
     }
     let tap = "rwetcd0";
     let (_tmp, dir, cfg_s) = support::micro_vm_deployment(tap, 17801, "52:54:00:12:38:01", true);
-    let state_s = dir.join("state").to_str().expect("utf-8").to_owned();
     hypervisor::netns::in_new_netns(|| {
         support::host_tap(tap);
         let mut cluster = EtcdCluster::start(&dir.join("etcd"));
         let text = std::fs::read_to_string(&cfg_s).expect("config");
         std::fs::write(&cfg_s, with_etcd(&text, &cluster.endpoints())).expect("config");
 
-        let _standby = Proc::remus(
-            "standby",
-            &[
-                "standby",
-                "--config",
-                &cfg_s,
-                "--site",
-                "dc2",
-                "--state-dir",
-                &state_s,
-            ],
-            &dir.join("standby.log"),
-        );
-        _standby.expect_log("standby listening", Duration::from_secs(30));
-        let mut protect = Proc::remus(
-            "protect",
-            &["protect", "web1", "--site", "dc2", "--config", &cfg_s],
-            &dir.join("protect.log"),
-        );
+        let _standby = support::sites::standby(&cfg_s, &dir, &[]);
+        let mut protect = support::sites::protect(Some("web1"), &cfg_s, &dir, &[]);
         let guest: SocketAddr = "192.0.2.10:9000".parse().expect("addr");
         let mut conn = connect_retrying(&guest, Duration::from_secs(60))
             .unwrap_or_else(|e| panic!("{e}\nprotect log:\n{}", log(&dir, "protect.log")));
@@ -180,31 +162,13 @@ fn switchover_hands_the_etcd_lease_over() {
     }
     let tap = "rwetcd3";
     let (_tmp, dir, cfg_s) = support::micro_vm_deployment(tap, 17821, "52:54:00:12:38:03", true);
-    let state_s = dir.join("state").to_str().expect("utf-8").to_owned();
     hypervisor::netns::in_new_netns(|| {
         support::host_tap(tap);
         let cluster = EtcdCluster::start(&dir.join("etcd"));
         let text = std::fs::read_to_string(&cfg_s).expect("config");
         std::fs::write(&cfg_s, with_etcd(&text, &cluster.endpoints())).expect("config");
-        let _standby = Proc::remus(
-            "standby",
-            &[
-                "standby",
-                "--config",
-                &cfg_s,
-                "--site",
-                "dc2",
-                "--state-dir",
-                &state_s,
-            ],
-            &dir.join("standby.log"),
-        );
-        _standby.expect_log("standby listening", Duration::from_secs(30));
-        let mut protect = Proc::remus(
-            "protect",
-            &["protect", "web1", "--site", "dc2", "--config", &cfg_s],
-            &dir.join("protect.log"),
-        );
+        let _standby = support::sites::standby(&cfg_s, &dir, &[]);
+        let mut protect = support::sites::protect(Some("web1"), &cfg_s, &dir, &[]);
         let guest: SocketAddr = "192.0.2.10:9000".parse().expect("addr");
         let mut conn = connect_retrying(&guest, Duration::from_secs(60))
             .unwrap_or_else(|e| panic!("{e}\nprotect log:\n{}", log(&dir, "protect.log")));
@@ -331,7 +295,6 @@ fn primary_cut_from_etcd_and_backup_fences_and_the_backup_takes_over() {
     }
     let (tap1, tap2) = ("rwetcd1", "rwetcd2");
     let (_tmp, dir, cfg_s) = support::micro_vm_deployment(tap2, 17811, "52:54:00:12:38:02", true);
-    let state_s = dir.join("state").to_str().expect("utf-8").to_owned();
     hypervisor::netns::in_new_netns(|| {
         // Each site its own tap (dc1's, then dc2's, same addresses): the
         // route to the guest follows the tap that is up.
@@ -380,17 +343,8 @@ fn primary_cut_from_etcd_and_backup_fences_and_the_backup_takes_over() {
         std::fs::write(&dc1_cfg, dc1_text).expect("dc1 config");
         let dc1_s = dc1_cfg.to_str().expect("utf-8").to_owned();
 
-        let _standby = Proc::remus(
-            "standby",
-            &["standby", "--config", &cfg_s, "--site", "dc2", "--state-dir", &state_s],
-            &dir.join("standby.log"),
-        );
-        _standby.expect_log("standby listening", Duration::from_secs(30));
-        let _protect = Proc::remus(
-            "protect",
-            &["protect", "web1", "--site", "dc2", "--config", &dc1_s],
-            &dir.join("protect.log"),
-        );
+        let _standby = support::sites::standby(&cfg_s, &dir, &[]);
+        let _protect = support::sites::protect(Some("web1"), &dc1_s, &dir, &[]);
         let guest: SocketAddr = "192.0.2.10:9000".parse().expect("addr");
         let mut conn = connect_retrying(&guest, Duration::from_secs(60))
             .unwrap_or_else(|e| panic!("{e}\nprotect log:\n{}", log(&dir, "protect.log")));

@@ -80,30 +80,6 @@ fn wan_emulator() -> Wan {
 
 /// The witness and the standby daemon of dc2 for `cfg` (state and logs in
 /// `dir`), once the standby listens.
-fn witness_and_standby(dir: &std::path::Path, cfg: &str) -> (Proc, Proc) {
-    let path = |p: &str| dir.join(p).to_str().expect("utf-8").to_owned();
-    let witness = Proc::remus(
-        "witness",
-        &["witness", "--config", cfg, "--state-dir", &path("witness")],
-        &dir.join("witness.log"),
-    );
-    let standby = Proc::remus(
-        "standby",
-        &[
-            "standby",
-            "--config",
-            cfg,
-            "--site",
-            "dc2",
-            "--state-dir",
-            &path("state"),
-        ],
-        &dir.join("standby.log"),
-    );
-    standby.expect_log("standby listening", Duration::from_secs(30));
-    (witness, standby)
-}
-
 /// A client of VM `i`'s counter service.
 fn client(i: usize, log: impl Fn() -> String) -> (TcpStream, Counter) {
     let addr = SocketAddr::new(fleet_address(i).into(), 9000);
@@ -129,13 +105,9 @@ fn eight_vms_of_one_protect_daemon_all_take_over_with_their_connections() {
         bridge_and_taps(VMS);
         let _wan = wan_emulator();
 
-        let (_witness, _standby) = witness_and_standby(&dir, &cfg_s);
+        let (_witness, _standby) = support::sites::witness_and_standby(&cfg_s, &dir);
         // No VM name: the daemon protects every VM backed up at dc2.
-        let mut protect = Proc::remus(
-            "protect",
-            &["protect", "--site", "dc2", "--config", &cfg_s],
-            &dir.join("protect.log"),
-        );
+        let mut protect = support::sites::protect(None, &cfg_s, &dir, &[]);
         let mut clients: Vec<(TcpStream, Counter)> =
             (1..=VMS).map(|i| client(i, || log("protect.log"))).collect();
         // Each client sees its VM serve while protected.
@@ -252,12 +224,8 @@ fn sighup_adds_and_removes_vms_without_touching_the_others() {
     hypervisor::netns::in_new_netns(|| {
         bridge_and_taps(2);
         let _wan = wan_emulator();
-        let (_witness, standby) = witness_and_standby(&dir, &cfg_s);
-        let protect = Proc::remus(
-            "protect",
-            &["protect", "--site", "dc2", "--config", &cfg_s],
-            &dir.join("protect.log"),
-        );
+        let (_witness, standby) = support::sites::witness_and_standby(&cfg_s, &dir);
+        let protect = support::sites::protect(None, &cfg_s, &dir, &[]);
         let (mut c1, mut n1) = client(1, || log("protect.log"));
         assert!(n1.read_more(&mut c1, 2_000, Duration::from_secs(60)) >= 2_000);
 
@@ -354,13 +322,8 @@ fn group_run(point: &str, nth: u64) {
     hypervisor::netns::in_new_netns(|| {
         bridge_and_taps(2);
         let _wan = wan_emulator();
-        let (_witness, _standby) = witness_and_standby(&dir, &cfg_s);
-        let mut protect = Proc::remus_env(
-            "protect",
-            &["protect", "shop", "--site", "dc2", "--config", &cfg_s],
-            &[("REMUS_WAN_FAULT", format!("{point}@{nth}"))],
-            &dir.join("protect.log"),
-        );
+        let (_witness, _standby) = support::sites::witness_and_standby(&cfg_s, &dir);
+        let mut protect = support::sites::protect(Some("shop"), &cfg_s, &dir, &[("REMUS_WAN_FAULT", format!("{point}@{nth}"))]);
         let mut clients: Vec<(TcpStream, Counter)> =
             (1..=2).map(|i| client(i, || log("protect.log"))).collect();
         // Both serve until the primary dies at its fault point.
@@ -500,13 +463,8 @@ fn shop_run(point: &str, nth: u64) {
     hypervisor::netns::in_new_netns(|| {
         bridge_and_taps(2);
         let _wan = wan_emulator();
-        let (_witness, _standby) = witness_and_standby(&dir, &cfg_s);
-        let mut protect = Proc::remus_env(
-            "protect",
-            &["protect", "shop", "--site", "dc2", "--config", &cfg_s],
-            &[("REMUS_WAN_FAULT", format!("{point}@{nth}"))],
-            &dir.join("protect.log"),
-        );
+        let (_witness, _standby) = support::sites::witness_and_standby(&cfg_s, &dir);
+        let mut protect = support::sites::protect(Some("shop"), &cfg_s, &dir, &[("REMUS_WAN_FAULT", format!("{point}@{nth}"))]);
         let (front, db) = (fleet_address(1), fleet_address(2));
         let mut shop = Lines::connect(SocketAddr::new(front.into(), 7100), || {
             support::tail(&log("protect.log"), 40)
@@ -623,25 +581,8 @@ fn a_group_is_activated_by_hand_as_a_whole() {
     hypervisor::netns::in_new_netns(|| {
         bridge_and_taps(2);
         let _wan = wan_emulator();
-        let mut standby = Proc::remus(
-            "standby",
-            &[
-                "standby",
-                "--config",
-                &cfg_s,
-                "--site",
-                "dc2",
-                "--state-dir",
-                &state_s,
-            ],
-            &dir.join("standby.log"),
-        );
-        standby.expect_log("standby listening", Duration::from_secs(30));
-        let mut protect = Proc::remus(
-            "protect",
-            &["protect", "shop", "--site", "dc2", "--config", &cfg_s],
-            &dir.join("protect.log"),
-        );
+        let mut standby = support::sites::standby(&cfg_s, &dir, &[]);
+        let mut protect = support::sites::protect(Some("shop"), &cfg_s, &dir, &[]);
         let mut clients: Vec<(TcpStream, Counter)> =
             (1..=2).map(|i| client(i, || log("protect.log"))).collect();
         // Protected: values reach the clients only once the checkpoints

@@ -52,17 +52,8 @@ fn protected_guest_survives_the_primary_being_killed() {
     hypervisor::netns::in_new_netns(|| {
         support::host_tap(TAP);
 
-        let mut standby = Proc::remus(
-            "standby",
-            &["standby", "--config", &cfg_s, "--site", "dc2", "--state-dir", &state_s],
-            &dir.join("standby.log"),
-        );
-        standby.expect_log("standby listening", Duration::from_secs(30));
-        let mut protect = Proc::remus(
-            "protect",
-            &["protect", "web1", "--site", "dc2", "--config", &cfg_s],
-            &dir.join("protect.log"),
-        );
+        let mut standby = support::sites::standby(&cfg_s, &dir, &[]);
+        let mut protect = support::sites::protect(Some("web1"), &cfg_s, &dir, &[]);
         let guest: SocketAddr = "192.0.2.10:9000".parse().expect("addr");
         let mut conn = connect_retrying(&guest, Duration::from_secs(60)).unwrap_or_else(|e| {
             panic!(
@@ -400,18 +391,13 @@ fn resynced_then_protected(
 fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
     let (_tmp, dir, cfg_s) = deployment(tap, port, mac, true);
     let state_s = dir.join("state").to_str().expect("utf-8").to_owned();
-    let wstate_s = dir.join("witness").to_str().expect("utf-8").to_owned();
     let seed = Instant::now().elapsed().as_nanos() as u64 ^ std::process::id() as u64;
     let kill_after = Duration::from_millis(500 + seed % 1500);
     let log = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
 
     hypervisor::netns::in_new_netns(|| {
         support::host_tap(tap);
-        let _witness = Proc::remus(
-            "witness",
-            &["witness", "--config", &cfg_s, "--state-dir", &wstate_s],
-            &dir.join("witness.log"),
-        );
+        let _witness = support::sites::witness(&cfg_s, &dir);
         // Fault points count from the first checkpoint after pre-copy.
         let nth = 30 + seed % 40;
         let standby_env = match end {
@@ -428,19 +414,8 @@ fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
             End::PrimaryDiesAt(point) => vec![("REMUS_WAN_FAULT", format!("{point}@{nth}"))],
             _ => Vec::new(),
         };
-        let mut standby = Proc::remus_env(
-            "standby",
-            &["standby", "--config", &cfg_s, "--site", "dc2", "--state-dir", &state_s],
-            &standby_env,
-            &dir.join("standby.log"),
-        );
-        standby.expect_log("standby listening", Duration::from_secs(30));
-        let mut protect = Proc::remus_env(
-            "protect",
-            &["protect", "web1", "--site", "dc2", "--config", &cfg_s],
-            &protect_env,
-            &dir.join("protect.log"),
-        );
+        let mut standby = support::sites::standby(&cfg_s, &dir, &standby_env);
+        let mut protect = support::sites::protect(Some("web1"), &cfg_s, &dir, &protect_env);
         let guest: SocketAddr = "192.0.2.10:9000".parse().expect("addr");
         let mut conn = connect_retrying(&guest, Duration::from_secs(60))
             .unwrap_or_else(|e| panic!("{e}\nprotect log:\n{}", log("protect.log")));

@@ -23,7 +23,6 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use remus_wan::testbed::LocalDeployment;
-use support::Proc;
 
 const TAP: &str = "rwqe2e0";
 
@@ -96,39 +95,19 @@ fn a_linux_guest_in_qemu_survives_its_primary_being_killed() {
         .collect();
     std::fs::write(&cfg, text).expect("config");
     let cfg_s = cfg.to_str().expect("utf-8").to_owned();
-    let state_s = dir.join("state").to_str().expect("utf-8").to_owned();
-    let wstate_s = dir.join("witness").to_str().expect("utf-8").to_owned();
     let log = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
 
     hypervisor::netns::in_new_netns(|| {
         support::host_tap(TAP);
-        let _witness = Proc::remus(
-            "witness",
-            &["witness", "--config", &cfg_s, "--state-dir", &wstate_s],
-            &dir.join("witness.log"),
-        );
-        let _standby = Proc::remus(
-            "standby",
-            &[
-                "standby",
-                "--config",
-                &cfg_s,
-                "--site",
-                "dc2",
-                "--state-dir",
-                &state_s,
-            ],
-            &dir.join("standby.log"),
-        );
-        _standby.expect_log("standby listening", Duration::from_secs(30));
+        let (_witness, _standby) = support::sites::witness_and_standby(&cfg_s, &dir);
         // A control token folder of this test's own: tests running at the
         // same time in other namespaces use the same control port.
         let run_dir = dir.join("run").to_str().expect("utf-8").to_owned();
-        let mut protect = Proc::remus_env(
-            "protect",
-            &["protect", "web1", "--site", "dc2", "--config", &cfg_s],
+        let mut protect = support::sites::protect(
+            Some("web1"),
+            &cfg_s,
+            &dir,
             &[("REMUS_WAN_RUN_DIR", run_dir.clone())],
-            &dir.join("protect.log"),
         );
         // The guest boots under TCG (tens of seconds on a loaded machine).
         let guest: SocketAddr = "192.0.2.10:7000".parse().expect("addr");

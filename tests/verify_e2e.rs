@@ -59,28 +59,12 @@ fn protected_with_workload(
     cfg_s: &str,
     standby_env: &[(&str, String)],
 ) -> (Proc, Proc, std::net::TcpStream) {
-    let state = dir.join("state");
-    let state_s = state.to_str().expect("utf-8").to_owned();
-    let standby = Proc::remus_env(
-        "standby",
-        &[
-            "standby",
-            "--config",
-            cfg_s,
-            "--site",
-            "dc2",
-            "--state-dir",
-            &state_s,
-        ],
-        standby_env,
-        &dir.join("standby.log"),
-    );
-    standby.expect_log("standby listening", Duration::from_secs(30));
-    let protect = Proc::remus_env(
-        "protect",
-        &["protect", "web1", "--site", "dc2", "--config", cfg_s],
+    let standby = support::sites::standby(cfg_s, dir, standby_env);
+    let protect = support::sites::protect(
+        Some("web1"),
+        cfg_s,
+        dir,
         &[("REMUS_WAN_RUN_DIR", run_dir(dir))],
-        &dir.join("protect.log"),
     );
     let guest: SocketAddr = "192.0.2.10:9000".parse().expect("addr");
     let mut conn = connect_retrying(&guest, Duration::from_secs(60)).unwrap_or_else(|e| {

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use remus_wan::testbed::CounterCheck;
 
+pub mod sites;
 pub mod wan;
 
 /// No wait in these tests runs longer than this, whatever it is given.
