@@ -36,6 +36,11 @@ use std::time::{Duration, Instant};
 use quinn::congestion::{BbrConfig, Controller, ControllerFactory, ControllerMetrics};
 use quinn_proto::RttEstimator;
 
+mod loss_tolerant;
+pub use loss_tolerant::{
+    LossTolerant, LossTolerantConfig, LossTolerantCore, LossTolerantStats, Phase,
+};
+
 /// Settings of [`BoundedBbr`].
 #[derive(Debug, Clone)]
 pub struct BoundedBbrConfig {

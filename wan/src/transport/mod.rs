@@ -64,11 +64,21 @@ pub enum CongestionControl {
     /// queue at the bottleneck, but it can lock in low under heavy loss
     /// (docs/transport.md), so it is opt-in.
     BoundedBbr,
+    /// Our model-based controller ([`congestion::LossTolerant`]): window
+    /// 1.5x the measured bandwidth-delay product, no reaction to random
+    /// loss below 3 % of a round (FEC repairs it), a cut when a round
+    /// loses more (a queue overflowing) or the delivery rate falls.
+    LossTolerant,
 }
 
 impl CongestionControl {
-    pub const ALL: [CongestionControl; 4] =
-        [Self::Cubic, Self::NewReno, Self::Bbr, Self::BoundedBbr];
+    pub const ALL: [CongestionControl; 5] = [
+        Self::Cubic,
+        Self::NewReno,
+        Self::Bbr,
+        Self::BoundedBbr,
+        Self::LossTolerant,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -76,6 +86,7 @@ impl CongestionControl {
             Self::NewReno => "newreno",
             Self::Bbr => "bbr",
             Self::BoundedBbr => "bbr-bounded",
+            Self::LossTolerant => "loss-tolerant",
         }
     }
 }
@@ -88,8 +99,9 @@ impl std::str::FromStr for CongestionControl {
             "newreno" | "new-reno" | "reno" => Ok(Self::NewReno),
             "bbr" => Ok(Self::Bbr),
             "bbr-bounded" | "bounded-bbr" => Ok(Self::BoundedBbr),
+            "loss-tolerant" => Ok(Self::LossTolerant),
             _ => Err(format!(
-                "unknown congestion controller {s:?}: expected cubic, newreno, bbr or bbr-bounded"
+                "unknown congestion controller {s:?}: expected cubic, newreno, bbr, bbr-bounded or loss-tolerant"
             )),
         }
     }
@@ -223,6 +235,9 @@ impl TransportConfig {
             }
             CongestionControl::BoundedBbr => {
                 t.congestion_controller_factory(Arc::new(congestion::BoundedBbrConfig::default()))
+            }
+            CongestionControl::LossTolerant => {
+                t.congestion_controller_factory(Arc::new(congestion::LossTolerantConfig::default()))
             }
         };
         t
