@@ -66,8 +66,8 @@ impl LocalDeployment {
         self.write_fleet_with(count, None)
     }
 
-    /// As [`LocalDeployment::write_fleet`]; with `group`, the VMs have no
-    /// disk and form one consistency group of that name.
+    /// As [`LocalDeployment::write_fleet`]; with `group`, the VMs form one
+    /// consistency group of that name (their disks replicate as one).
     pub fn write_fleet_with(
         &self,
         count: usize,
@@ -87,24 +87,17 @@ impl LocalDeployment {
             let name = format!("vm{i}");
             let disk = self.dir.join(format!("{name}.img"));
             // Kept if there (a reload must not wipe a running VM's disk).
-            if !disk.exists() && group.is_none() {
+            if !disk.exists() {
                 std::fs::File::create(&disk)
                     .and_then(|f| f.set_len(1 << 20))
                     .map_err(io)?;
             }
-            let mut text = self.vm_text(
+            let text = self.vm_text(
                 &name,
                 &fleet_tap(&self.tap, i),
                 &format!("{prefix}:{i:02x}"),
                 &fleet_address(i).to_string(),
             );
-            if group.is_some() {
-                text = text
-                    .lines()
-                    .filter(|l| !l.starts_with("disk = "))
-                    .map(|l| format!("{l}\n"))
-                    .collect();
-            }
             vms.push_str(&text);
             vms.push('\n');
         }

@@ -544,6 +544,18 @@ fn shop_run(point: &str, nth: u64) {
                 "order o{i} in the database under the number the client was told"
             );
         }
+        // The database's disk went with it: its part of the group's
+        // replica (after the front's image) holds every order's record,
+        // in order, written before the database answered.
+        let replica = dir.join("state/replicas/shop/disk.img");
+        let front_disk = std::fs::metadata(dir.join("vm1.img")).expect("vm1's image").len();
+        assert_eq!(
+            kv_log(&replica, front_disk),
+            (1..=confirmed)
+                .map(|i| (format!("o{i}"), i.to_string()))
+                .collect::<Vec<_>>(),
+            "the database's disk in the group's replica holds each order once, in order"
+        );
         let takeovers = log("standby.log")
             .lines()
             .filter(|l| l.contains("takeover complete"))
@@ -556,6 +568,26 @@ fn shop_run(point: &str, nth: u64) {
         );
     })
     .expect("network namespace");
+}
+
+/// The records of the guest's key-value log (one 512-byte sector per
+/// `SET` from sector 1: `KV01`, key and value lengths, key, value) on the
+/// disk that begins at byte `start` of `image`.
+fn kv_log(image: &std::path::Path, start: u64) -> Vec<(String, String)> {
+    let bytes = std::fs::read(image).expect("the replica's disk");
+    let disk = bytes
+        .get(start as usize..)
+        .expect("the member's part of the disk");
+    disk.chunks_exact(512)
+        .skip(1)
+        .take_while(|s| s.starts_with(b"KV01"))
+        .map(|s| {
+            let kl = usize::from(u16::from_le_bytes([s[4], s[5]]));
+            let vl = usize::from(u16::from_le_bytes([s[6], s[7]]));
+            let text = |r: std::ops::Range<usize>| String::from_utf8_lossy(&s[r]).into_owned();
+            (text(8..8 + kl), text(8 + kl..8 + kl + vl))
+        })
+        .collect()
 }
 
 /// Without a witness, a group's replica is activated by hand as a whole:

@@ -411,6 +411,8 @@ impl Validator {
                 );
             }
             let mut sites: Option<(&str, &str)> = None;
+            // The first member's disk or none: the others must match.
+            let mut disks: Option<(&str, bool)> = None;
             for (j, name) in g.vms.iter().enumerate() {
                 let mkey = format!("{key}.vms[{j}]");
                 let Some(vm) = cfg.vm(name) else {
@@ -448,14 +450,22 @@ impl Validator {
                         ),
                     );
                 }
-                if vm.disk.is_some() {
-                    self.push(
-                        &mkey,
-                        format!(
-                            "expected a VM without `disk`: VM {name:?} has one, and this build \
-                             replicates the disks of ungrouped VMs only"
-                        ),
-                    );
+                let has = vm.disk.is_some();
+                match disks {
+                    None => disks = Some((name, has)),
+                    Some((first, had)) if had != has => {
+                        let says = |d: bool| if d { "has a `disk`" } else { "has no `disk`" };
+                        self.push(
+                            &mkey,
+                            format!(
+                                "expected every member with a `disk` or none: VM {name:?} {}, \
+                                 VM {first:?} {} (a group's disks replicate as one)",
+                                says(has),
+                                says(had)
+                            ),
+                        )
+                    }
+                    Some(_) => {}
                 }
             }
         }
@@ -963,6 +973,43 @@ address = "192.0.2.12/24"
         assert_eq!(
             issues("[[groups]]\nname = \"shop\"\nvms = [\"web1\", \"db1\"]\n"),
             Vec::<String>::new()
+        );
+    }
+
+    /// A `[[vms]]` entry at dc1 backed up at dc2, with a disk if `disk`.
+    fn vm_at_dc1(name: &str, n: u8, disk: bool) -> String {
+        let disk = if disk {
+            format!("disk = \"{name}.img\"\n")
+        } else {
+            String::new()
+        };
+        format!(
+            "[[vms]]\nname = \"{name}\"\nprimary = \"dc1\"\nbackup = \"dc2\"\n\
+             guest_image = \"guest.elf\"\nmemory_mib = 32\n{disk}[vms.network]\n\
+             tap = \"tapx{n}\"\nmac = \"52:54:00:12:35:{n:02x}\"\naddress = \"192.0.2.{}/24\"\n",
+            100 + n
+        )
+    }
+
+    #[test]
+    fn a_group_s_members_have_disks_all_or_none() {
+        let (a, b, c) = (
+            vm_at_dc1("db2", 1, true),
+            vm_at_dc1("db3", 2, true),
+            vm_at_dc1("web2", 3, false),
+        );
+        let all = issues(&format!(
+            "{a}{b}[[groups]]\nname = \"shop\"\nvms = [\"db2\", \"db3\"]\n"
+        ));
+        assert_eq!(all, Vec::<String>::new());
+        let mixed = issues(&format!(
+            "{a}{c}[[groups]]\nname = \"shop\"\nvms = [\"db2\", \"web2\"]\n"
+        ));
+        assert!(
+            mixed.iter().any(|i| i.contains("groups[0].vms[1]")
+                && i.contains("every member with a `disk` or none")
+                && i.contains("\"web2\" has no `disk`")),
+            "{mixed:?}"
         );
     }
 

@@ -19,6 +19,7 @@ use std::path::Path;
 use wan::session::wire::{DiskSyncMode, ReplicaReport};
 
 pub use super::blockmap::BLOCK_SIZE;
+use super::disk_image::DiskRead;
 
 /// Blocks per hash request: 4096 × 64 KiB = 256 MiB of disk, 32 KiB of
 /// hashes (the largest the frame allows).
@@ -53,17 +54,6 @@ pub fn choose_mode(
     (DiskSyncMode::Full, 0)
 }
 
-/// Whether `len` bytes at `offset` of `file` are all a hole (no data).
-fn is_hole(file: &File, offset: u64, len: u64) -> bool {
-    // SAFETY: lseek on a file descriptor we own; no memory is touched.
-    let next = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, libc::SEEK_DATA) };
-    if next < 0 {
-        // ENXIO: no data at or after offset. Anything else: not known.
-        return std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
-    }
-    next as u64 >= offset + len
-}
-
 /// The hash of a block of zeros of `len` bytes.
 fn zero_hash(len: usize) -> u64 {
     xxhash_rust::xxh3::xxh3_64(&vec![0u8; len])
@@ -73,7 +63,7 @@ fn zero_hash(len: usize) -> u64 {
 /// (xxh3-64 of each block's bytes; the last block may be short). Holes are
 /// not read. `buf` is reused between calls (one block).
 pub fn hash_blocks(
-    file: &File,
+    file: &impl DiskRead,
     disk_bytes: u64,
     first: u64,
     count: u32,
@@ -87,7 +77,7 @@ pub fn hash_blocks(
             break;
         }
         let len = (disk_bytes - off).min(BLOCK_SIZE);
-        if is_hole(file, off, len) {
+        if file.is_hole(off, len) {
             out.push(if len == BLOCK_SIZE {
                 full_zero
             } else {
@@ -96,18 +86,22 @@ pub fn hash_blocks(
             continue;
         }
         buf.resize(len as usize, 0);
-        file.read_exact_at(buf, off)?;
+        file.read_disk(buf, off)?;
         out.push(xxhash_rust::xxh3::xxh3_64(buf));
     }
     Ok(out)
 }
 
 /// Reads block `b` of a disk of `disk_bytes` (the last one may be short).
-pub fn read_block(file: &File, disk_bytes: u64, b: u64) -> std::io::Result<(u64, Vec<u8>)> {
+pub fn read_block(
+    file: &impl DiskRead,
+    disk_bytes: u64,
+    b: u64,
+) -> std::io::Result<(u64, Vec<u8>)> {
     let off = b * BLOCK_SIZE;
     let len = disk_bytes.saturating_sub(off).min(BLOCK_SIZE) as usize;
     let mut buf = vec![0u8; len];
-    file.read_exact_at(&mut buf, off)?;
+    file.read_disk(&mut buf, off)?;
     Ok((off, buf))
 }
 

@@ -2,6 +2,7 @@
 //! `protect` and `standby` shells drive them (issue 7).
 
 pub mod blockmap;
+pub mod disk_image;
 pub mod disksync;
 pub mod output_commit;
 pub mod pacer;

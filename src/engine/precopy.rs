@@ -12,14 +12,13 @@
 //! every write made before it was read, and a captured write applied after
 //! it leaves the newest data, whichever of the two was first.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use wan::session::wire::DiskSyncMode;
 use wan::session::EpochKind;
 
 use super::blockmap::{BlockMap, BLOCK_SIZE};
+use super::disk_image::{DiskFile, DiskImage};
 use super::disksync::{hash_blocks, read_block, HashSync};
 
 /// Largest pre-copy epoch, in pages (16 MiB). A VM that already serves
@@ -41,18 +40,18 @@ pub const PRECOPY_IN_FLIGHT: usize = 4;
 /// Reads a disk image in chunks, front to back.
 #[derive(Debug)]
 pub struct DiskCursor {
-    path: PathBuf,
-    file: File,
+    image: DiskImage,
+    file: DiskFile,
     len: u64,
     offset: u64,
 }
 
 impl DiskCursor {
-    pub fn open(path: &Path) -> std::io::Result<Self> {
-        let file = File::open(path)?;
-        let len = file.metadata()?.len();
+    pub fn open(image: &DiskImage) -> std::io::Result<Self> {
+        let file = image.open()?;
+        let len = file.len();
         Ok(Self {
-            path: path.to_owned(),
+            image: image.clone(),
             file,
             len,
             offset: 0,
@@ -60,7 +59,7 @@ impl DiskCursor {
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        self.image.path()
     }
 
     pub fn done(&self) -> bool {
@@ -92,7 +91,7 @@ impl DiskCursor {
 /// to back as the block map lists them.
 #[derive(Debug)]
 pub struct MapCursor {
-    file: File,
+    file: DiskFile,
     disk_bytes: u64,
     since: u64,
     next: u64,
@@ -100,9 +99,9 @@ pub struct MapCursor {
 }
 
 impl MapCursor {
-    pub fn open(path: &Path, disk_bytes: u64, since: u64) -> std::io::Result<Self> {
+    pub fn open(image: &DiskImage, disk_bytes: u64, since: u64) -> std::io::Result<Self> {
         Ok(Self {
-            file: File::open(path)?,
+            file: image.open()?,
             disk_bytes,
             since,
             next: 0,
@@ -141,7 +140,7 @@ impl MapCursor {
 /// blocks that differ read from the image.
 #[derive(Debug)]
 pub struct ChecksumCursor {
-    file: File,
+    file: DiskFile,
     disk_bytes: u64,
     pub sync: HashSync,
     /// The full epoch that opens the sync: hash requests wait until it is
@@ -152,9 +151,9 @@ pub struct ChecksumCursor {
 }
 
 impl ChecksumCursor {
-    pub fn open(path: &Path, disk_bytes: u64) -> std::io::Result<Self> {
+    pub fn open(image: &DiskImage, disk_bytes: u64) -> std::io::Result<Self> {
         Ok(Self {
-            file: File::open(path)?,
+            file: image.open()?,
             disk_bytes,
             sync: HashSync::new(super::blockmap::blocks_of(disk_bytes)),
             opening_epoch: None,
@@ -189,8 +188,8 @@ impl ChecksumCursor {
 #[derive(Debug)]
 pub enum DiskSource {
     /// Not chosen yet: at the first step, once the standby said what it
-    /// holds (the disk image's path and size).
-    Pending(PathBuf, u64),
+    /// holds (the disk image and its size).
+    Pending(DiskImage, u64),
     /// Every chunk, onto a replica disk of zeros.
     Full(DiskCursor),
     /// Blocks written after the standby's epoch, onto a copy of its replica.
@@ -395,7 +394,7 @@ mod tests {
         let path = dir.path().join("disk.img");
         let data: Vec<u8> = (0..(3 * DISK_CHUNK + 10)).map(|i| i as u8).collect();
         std::fs::write(&path, &data).unwrap();
-        let mut cursor = DiskCursor::open(&path).unwrap();
+        let mut cursor = DiskCursor::open(&DiskImage::file(&path)).unwrap();
         let first = cursor.next_chunks(2 * DISK_CHUNK).unwrap();
         assert_eq!(first.len(), 2);
         let mut p = PreCopy::new(Some(DiskSource::Full(cursor)));

@@ -44,7 +44,6 @@ pub use lifecycle::{Lifecycle, Phase, Switchover};
 pub use machine::{CoreConfig, Observed, ProtectCore};
 pub use stats::ProtectStats;
 
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -57,6 +56,7 @@ use wan::session::{EpochKind, SenderConfig, SenderEvent};
 use wan::transport::replication::{spawn_sender, QuicDialer, SenderHandle, SenderStatus};
 use wan::transport::{Endpoint, TlsPaths, TransportConfig};
 
+use super::disk_image::DiskImage;
 use super::precopy::{DiskSource, PreCopy, PRECOPY_IN_FLIGHT};
 use super::release_gate::Release;
 use super::verify::{self, VerifyRun};
@@ -86,8 +86,9 @@ pub struct ProtectOptions {
     /// Bytes of transmitted frames held at most while waiting for acks.
     pub output_limit: usize,
     pub max_epoch_bytes: u64,
-    /// The guest's disk image, sent whole during the initial sync.
-    pub disk: Option<PathBuf>,
+    /// The guest's disk (a group's: its members' images back to back),
+    /// sent whole during the initial sync.
+    pub disk: Option<DiskImage>,
     /// How often a progress line is logged.
     pub report_every: Duration,
 }

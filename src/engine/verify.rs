@@ -490,7 +490,7 @@ const READ_FRAMES: u64 = 256;
 pub fn at_pause(
     layout: &Layout,
     reader: Option<&hypervisor::FrameReader>,
-    disk: Option<&std::path::Path>,
+    disk: Option<&crate::engine::disk_image::DiskImage>,
     repairs: &[(VerifyRegion, u64)],
     slice: Option<Slice>,
 ) -> AtPause {
@@ -505,19 +505,18 @@ pub fn at_pause(
 fn read_at_pause(
     layout: &Layout,
     reader: Option<&hypervisor::FrameReader>,
-    disk: Option<&std::path::Path>,
+    disk: Option<&crate::engine::disk_image::DiskImage>,
     repairs: &[(VerifyRegion, u64)],
     slice: Option<Slice>,
     out: &mut AtPause,
 ) -> Result<(), String> {
-    use std::os::unix::fs::FileExt;
     let ps = layout.page_size as usize;
     let needs_disk = repairs.iter().any(|(r, _)| *r == VerifyRegion::Disk)
         || slice.is_some_and(|s| s.region == VerifyRegion::Disk);
     let file = match disk {
-        Some(p) if needs_disk => Some(
-            std::fs::File::open(p)
-                .map_err(|e| format!("opening the disk image {}: {e}", p.display()))?,
+        Some(d) if needs_disk => Some(
+            d.open()
+                .map_err(|e| format!("opening the disk image {d}: {e}"))?,
         ),
         _ => None,
     };

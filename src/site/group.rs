@@ -15,13 +15,15 @@
 //! both. Why it matters: a request that crosses tiers (web to database and
 //! back) would otherwise wait for a commit at every hop.
 
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use hypervisor::group::{member_ranges, GroupGuest, GroupState};
 use hypervisor::kvm::devices::net::FrameSink;
-use hypervisor::{ProtectedGuest, Seams};
+use hypervisor::{ProtectedGuest, Seams, WriteHook};
 
 use crate::config::{Config, Vm};
+use crate::engine::disk_image::DiskImage;
 use crate::engine::protect::Capture;
 
 /// What the daemon replicates as one: a VM, or a consistency group.
@@ -73,6 +75,39 @@ pub fn units(cfg: &Config, vms: Vec<Vm>) -> Vec<Unit> {
         }
     }
     out
+}
+
+/// The unit's disk at its primary: the VM's image, or a group's member
+/// images back to back in member order (members have disks all or none:
+/// the configuration is checked for it).
+pub fn unit_disk(vm: &Vm, members: &[Vm]) -> Option<DiskImage> {
+    if members.is_empty() {
+        return vm.disk.clone().map(DiskImage::file);
+    }
+    let parts: Vec<PathBuf> = members.iter().filter_map(|m| m.disk.clone()).collect();
+    (!parts.is_empty()).then(|| DiskImage::members(&vm.name, parts))
+}
+
+/// Where each member's disk lies in the group's disk (start, bytes), from
+/// the members' images at this site; None for a member without one. The
+/// same layout holds at both sites: the standby sizes the group's replica
+/// from its own copies of the images.
+pub fn member_disks(members: &[Vm]) -> Result<Vec<Option<(u64, u64)>>, String> {
+    let mut start = 0u64;
+    members
+        .iter()
+        .map(|m| {
+            let Some(p) = &m.disk else {
+                return Ok(None);
+            };
+            let len = std::fs::metadata(p)
+                .map_err(|e| format!("vms.{}.disk {}: {e}", m.name, p.display()))?
+                .len();
+            let at = (start, len);
+            start += len;
+            Ok(Some(at))
+        })
+        .collect()
 }
 
 /// The group as one VM for the engine, failover and netops: the first
@@ -182,23 +217,46 @@ impl FrameSink for GroupRelease {
     }
 }
 
+/// A member's disk writes, captured at the member's place in the group's
+/// disk.
+struct ShiftWrites {
+    start: u64,
+    inner: Box<dyn WriteHook>,
+}
+
+impl WriteHook for ShiftWrites {
+    fn on_write(&mut self, offset: u64, data: &[u8]) {
+        self.inner.on_write(self.start + offset, data);
+    }
+
+    fn on_flush(&mut self) {
+        self.inner.on_flush();
+    }
+}
+
 /// The seams of member `index`: its frames held (tagged) with the group's,
-/// those to other members sent at once through `intra`, no disk (grouped
-/// VMs have none in this build).
-fn member_seams(capture: &Capture, index: usize, intra: &Arc<Intra>) -> Result<Seams, String> {
+/// those to other members sent at once through `intra`; its disk writes
+/// (if it has a disk, at `disk` in the group's) captured with the group's.
+fn member_seams(
+    capture: &Capture,
+    index: usize,
+    intra: &Arc<Intra>,
+    disk: Option<(u64, u64)>,
+) -> Result<Seams, String> {
     let tag = u8::try_from(index).map_err(|_| "a group has at most 256 members".to_owned())?;
-    let inner = capture
-        .seams()
-        .frame_sink
-        .ok_or_else(|| "the capture has no frame sink".to_owned())?;
     Ok(Seams {
         frame_sink: Some(Box::new(TagFrames {
             tag,
-            inner,
+            inner: capture.frame_sink(),
             intra: Some(intra.clone()),
             buf: Vec::new(),
         })),
-        write_hook: None,
+        write_hook: disk.map(|(start, _)| {
+            Box::new(ShiftWrites {
+                start,
+                inner: capture.write_hook(),
+            }) as Box<dyn WriteHook>
+        }),
     })
 }
 
@@ -217,12 +275,13 @@ pub fn start_members(
     capture: &Capture,
 ) -> Result<(GroupGuest, GroupRelease), String> {
     let intra = intra_of(members)?;
+    let disks = member_disks(members)?;
     let mut guests: Vec<Box<dyn ProtectedGuest>> = Vec::new();
     let mut taps: Vec<Option<Box<dyn FrameSink>>> = Vec::new();
     let mut direct: Vec<Option<Box<dyn FrameSink>>> = Vec::new();
     for (i, m) in members.iter().enumerate() {
         let spec = super::kvm_vm::spec_from_config(m)?;
-        let g = hypervisor::kvm::Vm::start(&spec, member_seams(capture, i, &intra)?)
+        let g = hypervisor::kvm::Vm::start(&spec, member_seams(capture, i, &intra, disks[i])?)
             .map_err(|e| format!("VM {}: {e}", m.name))?;
         taps.push(g.tap().map(|t| Box::new(t) as Box<dyn FrameSink>));
         direct.push(g.tap().map(|t| Box::new(t) as Box<dyn FrameSink>));
@@ -234,15 +293,20 @@ pub fn start_members(
 }
 
 /// Resumes every member from the group's replica (memory split by member,
-/// state blob split by member), their output held by `capture`.
+/// state blob split by member, each member's disk its part of the
+/// replica's `disk`), their output held by `capture`.
 pub fn resume_members(
     members: &[Vm],
     memory: &[u8],
     state: &[u8],
+    disk: &Path,
     capture: &Capture,
 ) -> Result<(GroupGuest, GroupRelease), String> {
     let intra = intra_of(members)?;
-    let vms = restore_members(members, memory, state, |i| member_seams(capture, i, &intra))?;
+    let disks = member_disks(members)?;
+    let vms = restore_members(members, memory, state, disk, |i| {
+        member_seams(capture, i, &intra, disks[i])
+    })?;
     let mut guests: Vec<Box<dyn ProtectedGuest>> = Vec::new();
     let mut taps: Vec<Option<Box<dyn FrameSink>>> = Vec::new();
     let mut direct: Vec<Option<Box<dyn FrameSink>>> = Vec::new();
@@ -262,16 +326,19 @@ pub fn activate_members(
     members: &[Vm],
     memory: &[u8],
     state: &[u8],
+    disk: &Path,
 ) -> Result<Vec<hypervisor::kvm::Vm>, String> {
-    restore_members(members, memory, state, |_| Ok(Seams::default()))
+    restore_members(members, memory, state, disk, |_| Ok(Seams::default()))
 }
 
-/// Each member restored from its slice of the group's memory and its
-/// part of the group's state blob, with the seams `seams(i)` gives.
+/// Each member restored from its slice of the group's memory, its part of
+/// the group's state blob and its part of the replica's `disk`, with the
+/// seams `seams(i)` gives.
 fn restore_members(
     members: &[Vm],
     memory: &[u8],
     state: &[u8],
+    disk: &Path,
     seams: impl Fn(usize) -> Result<Seams, String>,
 ) -> Result<Vec<hypervisor::kvm::Vm>, String> {
     use hypervisor::kvm;
@@ -286,9 +353,15 @@ fn restore_members(
     }
     let ps = 4096u64;
     let frames: Vec<u64> = members.iter().map(|m| m.memory_mib * 256).collect();
+    let disks = member_disks(members)?;
     let mut vms = Vec::new();
     for (i, (m, range)) in members.iter().zip(member_ranges(&frames)).enumerate() {
-        let spec = super::kvm_vm::spec_from_config(m)?;
+        let mut spec = super::kvm_vm::spec_from_config(m)?;
+        if let Some((start, len)) = disks[i] {
+            // The member's own image here is an old copy: it runs on its
+            // part of the replica.
+            spec = spec.disk_window(disk, start, len);
+        }
         let (lo, hi) = ((range.start * ps) as usize, (range.end * ps) as usize);
         let image = memory.get(lo..hi).ok_or_else(|| {
             format!(

@@ -128,15 +128,19 @@ impl GuestBackend for KvmBackend {
             return Err("the group's replica never reached a consistent checkpoint".into());
         }
         let state = store.state().map_err(|e| e.to_string())?;
-        let (guest, release) =
-            super::group::resume_members(members, store.memory(), &state, capture).map_err(
-                |e| {
-                    format!(
-                        "activating group {} from epoch {:?}: {e}",
-                        vm.name, meta.epoch
-                    )
-                },
-            )?;
+        let (guest, release) = super::group::resume_members(
+            members,
+            store.memory(),
+            &state,
+            &store.disk_path(),
+            capture,
+        )
+        .map_err(|e| {
+            format!(
+                "activating group {} from epoch {:?}: {e}",
+                vm.name, meta.epoch
+            )
+        })?;
         Ok(Started::Group(guest, release))
     }
 }

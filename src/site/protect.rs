@@ -25,6 +25,7 @@ use crate::addresses::Addresses;
 use crate::arbiter::StartAs;
 use crate::cli::failover_setup;
 use crate::config::{Config, Replication, Site, Vm};
+use crate::engine::disk_image::DiskImage;
 use crate::engine::protect::{Capture, ProtectError, ProtectOptions, Protector};
 
 /// Protection of `vm` running at site `me` towards site `peer`.
@@ -33,7 +34,7 @@ pub fn protect_options(
     vm: &Vm,
     me: &Site,
     peer: &Site,
-    disk: Option<PathBuf>,
+    disk: Option<DiskImage>,
     report_every: Duration,
 ) -> ProtectOptions {
     ProtectOptions {
@@ -174,7 +175,7 @@ impl VmContext {
             &vm,
             primary,
             backup,
-            vm.disk.clone(),
+            super::group::unit_disk(&vm, &members),
             self.report_every,
         );
         opts.endpoint = Some(self.endpoint.clone());

@@ -140,15 +140,12 @@ impl VmContext {
         let (Some(me), Some(peer)) = (cfg.site(&self.site), cfg.site(&peer_name)) else {
             return VmEnd::Config(format!("vms.{}: unknown site", vm.name));
         };
-        // The standby's copy of the disk image gives its size; its content
-        // arrives with the initial synchronisation.
-        let disk_bytes = match &vm.disk {
-            Some(p) => match std::fs::metadata(p) {
-                Ok(m) => m.len(),
-                Err(e) => {
-                    return VmEnd::Config(format!("vms.{}.disk {}: {e}", vm.name, p.display()))
-                }
-            },
+        // The standby's copy of the disk image (a group's: of each
+        // member's) gives its size; its content arrives with the initial
+        // synchronisation.
+        let disk_bytes = match super::group::unit_disk(&vm, &members).map(|d| d.bytes()) {
+            Some(Ok(n)) => n,
+            Some(Err(e)) => return VmEnd::Config(format!("vms.{}.disk: {e}", vm.name)),
             None => 0,
         };
         let opts = StandbyOptions {

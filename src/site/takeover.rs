@@ -6,6 +6,7 @@
 
 use super::backend::{self, Keep, RunGuest};
 use super::control::ControlRouter;
+use crate::engine::disk_image::DiskImage;
 use crate::engine::protect::{Capture, ProtectError, ProtectOptions, Protector};
 use crate::engine::standby::{self, ActiveEnd};
 
@@ -49,9 +50,11 @@ pub fn run_after_takeover(
 ) -> standby::Activate {
     Box::new(move |store, act| {
         let capture = Capture::new(opts.output_limit);
-        if vm.disk.is_some() {
-            let disk = store.dir().join("disk.img");
-            // Tracked before the VM resumes, so no write escapes the map.
+        if super::group::unit_disk(&vm, &members).is_some() {
+            // The replica's one image (a group's members' disks back to
+            // back), tracked before the VM resumes, so no write escapes
+            // the map.
+            let disk = DiskImage::file(store.disk_path());
             capture.track_disk(&disk).map_err(|e| e.to_string())?;
             opts.disk = Some(disk);
         }
@@ -152,7 +155,7 @@ pub fn activate_by_hand(unit: &super::group::Unit, dir: &std::path::Path) -> Res
             ));
         }
         let state = store.state().map_err(|e| e.to_string())?;
-        super::group::activate_members(&unit.members, store.memory(), &state)?
+        super::group::activate_members(&unit.members, store.memory(), &state, &store.disk_path())?
     } else {
         vec![super::kvm_vm::resume(
             &unit.vm,

@@ -305,7 +305,11 @@ fn build(spec: &VmSpec, seams: Seams, boot: Boot<'_>) -> Result<Vm> {
     }
     let mut block_dev = None;
     if let Some(path) = &spec.disk {
-        let mut blk = Block::open(path).map_err(|source| Error::DiskImage {
+        let opened = match spec.disk_window {
+            Some((base, len)) => Block::open_window(path, base, len),
+            None => Block::open(path),
+        };
+        let mut blk = opened.map_err(|source| Error::DiskImage {
             path: path.clone(),
             source,
         })?;

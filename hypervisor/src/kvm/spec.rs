@@ -19,6 +19,10 @@ pub struct VmSpec {
     pub vcpus: u8,
     /// Raw disk image, exposed as virtio-blk.
     pub disk: Option<PathBuf>,
+    /// The part of `disk` the VM sees (offset, bytes); the whole image if
+    /// none (a member of a consistency group resumed from the group's
+    /// replica sees its own part of it).
+    pub disk_window: Option<(u64, u64)>,
     /// Network device, exposed as virtio-net.
     pub network: Option<NetSpec>,
     /// Dirtying workload of the network guest.
@@ -80,6 +84,7 @@ impl VmSpec {
             memory_mib: 64,
             vcpus: 1,
             disk: None,
+            disk_window: None,
             network: None,
             workload: Workload::default(),
             console: ConsoleSpec::default(),
@@ -104,6 +109,14 @@ impl VmSpec {
     /// Adds a virtio-blk disk.
     pub fn disk(mut self, path: impl Into<PathBuf>) -> Self {
         self.disk = Some(path.into());
+        self.disk_window = None;
+        self
+    }
+
+    /// Adds a virtio-blk disk of `len` bytes of `path` from `offset`.
+    pub fn disk_window(mut self, path: impl Into<PathBuf>, offset: u64, len: u64) -> Self {
+        self.disk = Some(path.into());
+        self.disk_window = Some((offset, len));
         self
     }
 

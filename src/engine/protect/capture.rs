@@ -12,6 +12,7 @@ use tracing::info;
 
 use super::ProtectError;
 use crate::engine::blockmap::BlockMap;
+use crate::engine::disk_image::DiskImage;
 use crate::engine::output_commit::OutputBuffer;
 
 /// Transmitted frames and disk writes, attributed to epochs.
@@ -105,17 +106,15 @@ impl Capture {
     }
 
     /// Tracks the blocks the guest writes to `disk` in its block map
-    /// (`<disk>.blockmap`). Call it before the guest starts, so no write
-    /// escapes the map.
-    pub fn track_disk(&self, disk: &std::path::Path) -> Result<(), ProtectError> {
-        let len = std::fs::metadata(disk)
-            .map_err(|source| ProtectError::Disk {
-                path: disk.to_owned(),
-                source,
-            })?
-            .len();
-        let path = crate::engine::blockmap::map_path(disk);
-        let (map, fresh) = BlockMap::open_or_create(&path, len)
+    /// (`<disk>.blockmap` for one image). Call it before the guest starts,
+    /// so no write escapes the map.
+    pub fn track_disk(&self, disk: &DiskImage) -> Result<(), ProtectError> {
+        let len = disk.bytes().map_err(|source| ProtectError::Disk {
+            path: disk.path().to_owned(),
+            source,
+        })?;
+        let path = disk.map_path();
+        let (map, fresh) = BlockMap::open_or_create(path, len)
             .map_err(|e| ProtectError::Session(e.to_string()))?;
         info!(map = %path.display(), lineage = format!("{:016x}", map.lineage()), fresh, max_epoch = map.max_epoch(), "written-block map");
         if let Ok(mut io) = self.io.lock() {
@@ -128,13 +127,23 @@ impl Capture {
     /// The seams to build the protected VM with.
     pub fn seams(&self) -> Seams {
         Seams {
-            frame_sink: Some(Box::new(HoldFrames {
-                io: self.io.clone(),
-                dropped: self.dropped_frames.clone(),
-            })),
-            write_hook: Some(Box::new(CaptureWrites {
-                io: self.io.clone(),
-            })),
+            frame_sink: Some(self.frame_sink()),
+            write_hook: Some(self.write_hook()),
         }
+    }
+
+    /// Where the guest's transmitted frames are held.
+    pub fn frame_sink(&self) -> Box<dyn FrameSink> {
+        Box::new(HoldFrames {
+            io: self.io.clone(),
+            dropped: self.dropped_frames.clone(),
+        })
+    }
+
+    /// What captures the guest's disk writes into the open epoch.
+    pub fn write_hook(&self) -> Box<dyn WriteHook> {
+        Box::new(CaptureWrites {
+            io: self.io.clone(),
+        })
     }
 }

@@ -96,7 +96,7 @@ impl<G: ProtectedGuest> Protector<G> {
                     // are captured: memory and disk are exactly what the
                     // replica will hold at the commit of this epoch.
                     at_pause =
-                        verify::at_pause(l, reader.as_ref(), disk_path.as_deref(), &repairs, slice);
+                        verify::at_pause(l, reader.as_ref(), disk_path.as_ref(), &repairs, slice);
                 }
             })
         })?;

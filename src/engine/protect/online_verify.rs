@@ -66,9 +66,9 @@ impl<G: ProtectedGuest> Protector<G> {
             );
         }
         let disk_bytes = match &self.opts.disk {
-            Some(p) if scope.disk => std::fs::metadata(p)
-                .map_err(|e| format!("cannot read the disk image {}: {e}", p.display()))?
-                .len(),
+            Some(d) if scope.disk => d
+                .bytes()
+                .map_err(|e| format!("cannot read the disk image {d}: {e}"))?,
             _ => 0,
         };
         if scope.disk && !scope.memory && disk_bytes == 0 {

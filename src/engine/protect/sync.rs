@@ -44,14 +44,12 @@ impl<G: ProtectedGuest> Protector<G> {
         // Follow the session's numbering (it may have moved past ours).
         self.next_epoch = self.next_epoch.max(self.sender.status().next_epoch);
         let disk = match &self.opts.disk {
-            Some(path) => {
-                let len = std::fs::metadata(path)
-                    .map_err(|source| ProtectError::Disk {
-                        path: path.clone(),
-                        source,
-                    })?
-                    .len();
-                Some(DiskSource::Pending(path.clone(), len))
+            Some(image) => {
+                let len = image.bytes().map_err(|source| ProtectError::Disk {
+                    path: image.path().to_owned(),
+                    source,
+                })?;
+                Some(DiskSource::Pending(image.clone(), len))
             }
             None => None,
         };
@@ -73,7 +71,7 @@ impl<G: ProtectedGuest> Protector<G> {
         let Some(DiskSource::Pending(path, len)) = &pc.disk else {
             return Ok(None);
         };
-        let (path, len) = (path.clone(), *len);
+        let (image, len) = (path.clone(), *len);
         let report = self.sender.status().peer_report;
         let lineage = self
             .capture
@@ -83,16 +81,16 @@ impl<G: ProtectedGuest> Protector<G> {
             .and_then(|io| io.map.as_ref().map(|m| m.lineage()));
         let (mode, base) = choose_mode(report.as_ref(), lineage, len, self.force_full);
         let err = |source| ProtectError::Disk {
-            path: path.clone(),
+            path: image.path().to_owned(),
             source,
         };
         let source = match mode {
-            DiskSyncMode::Full => DiskSource::Full(DiskCursor::open(&path).map_err(err)?),
+            DiskSyncMode::Full => DiskSource::Full(DiskCursor::open(&image).map_err(err)?),
             DiskSyncMode::Incremental => {
-                DiskSource::Incremental(MapCursor::open(&path, len, base).map_err(err)?)
+                DiskSource::Incremental(MapCursor::open(&image, len, base).map_err(err)?)
             }
             DiskSyncMode::Checksum => {
-                let mut c = ChecksumCursor::open(&path, len).map_err(err)?;
+                let mut c = ChecksumCursor::open(&image, len).map_err(err)?;
                 c.opening_epoch = Some(epoch);
                 DiskSource::Checksum(c)
             }
@@ -193,7 +191,12 @@ impl<G: ProtectedGuest> Protector<G> {
             Some(DiskSource::Checksum(c)) => c.next_blocks(PRECOPY_DISK_BYTES),
         };
         let mut disk = read.map_err(|source| ProtectError::Disk {
-            path: self.opts.disk.clone().unwrap_or_default(),
+            path: self
+                .opts
+                .disk
+                .as_ref()
+                .map(|d| d.path().to_owned())
+                .unwrap_or_default(),
             source,
         })?;
         pc.disk_sent_bytes += disk.iter().map(|(_, d)| d.len() as u64).sum::<u64>();

@@ -60,6 +60,10 @@ pub struct BlockState {
 /// The virtio-blk device.
 pub struct Block {
     file: File,
+    /// The file's byte where the device's byte 0 lies (a window of a
+    /// larger image: a consistency group's replica holds every member's
+    /// disk back to back).
+    base: u64,
     capacity: u64,
     acked_features: u64,
     queues: Vec<Queue>,
@@ -82,15 +86,35 @@ impl Block {
     pub fn open(path: &Path) -> std::io::Result<Block> {
         let file = File::options().read(true).write(true).open(path)?;
         let len = file.metadata()?.len();
-        Ok(Block {
+        Ok(Self::over(file, 0, len))
+    }
+
+    /// Opens `len` bytes of `path` from `base` read-write, as a whole disk.
+    pub fn open_window(path: &Path, base: u64, len: u64) -> std::io::Result<Block> {
+        let file = File::options().read(true).write(true).open(path)?;
+        let have = file.metadata()?.len();
+        if base.checked_add(len).is_none_or(|end| end > have) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "a window of {len} bytes at {base} lies past the image's end ({have} bytes)"
+                ),
+            ));
+        }
+        Ok(Self::over(file, base, len))
+    }
+
+    fn over(file: File, base: u64, len: u64) -> Block {
+        Block {
             file,
+            base,
             capacity: len / SECTOR,
             acked_features: 0,
             queues: vec![Queue::new(QUEUE_SIZE).expect("constant queue size is valid")],
             mem: None,
             hook: None,
             stats: BlockStats::default(),
-        })
+        }
     }
 
     /// Installs the write hook.
@@ -204,7 +228,7 @@ impl Block {
                         let mut buf = vec![0u8; len];
                         match self
                             .file
-                            .read_exact_at(&mut buf, off)
+                            .read_exact_at(&mut buf, self.base + off)
                             .and_then(|_| w.write_all(&buf))
                         {
                             Ok(()) => {
@@ -228,7 +252,7 @@ impl Block {
                                 if let Some(h) = &mut self.hook {
                                     h.on_write(off, &buf);
                                 }
-                                match self.file.write_all_at(&buf, off) {
+                                match self.file.write_all_at(&buf, self.base + off) {
                                     Ok(()) => {
                                         self.stats.writes += 1;
                                         S_OK
@@ -394,6 +418,50 @@ mod tests {
         assert_eq!(read(&mem, DATA + 0x1000, 512), vec![0xab; 512]);
         assert_eq!(blk.stats().writes, 1);
         assert_eq!(blk.stats().reads, 1);
+    }
+
+    /// A window of an image (a group member's part of the group's
+    /// replica): the guest sees sectors 0.., the image takes them from the
+    /// window's start, the hook sees the guest's offsets, and nothing
+    /// outside the window is reachable.
+    #[test]
+    fn a_window_is_a_whole_disk_of_its_own() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().set_len(8 * SECTOR).unwrap();
+        assert!(Block::open_window(f.path(), 6 * SECTOR, 4 * SECTOR).is_err());
+        let mut blk = Block::open_window(f.path(), 4 * SECTOR, 4 * SECTOR).unwrap();
+        assert_eq!(blk.save().capacity, 4);
+        let mem = memory();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        blk.set_write_hook(Some(Box::new(Recorder(log.clone()))));
+        let mq = queue(&mem, 0);
+        blk.queues_mut()[0] = device_queue(&mq);
+        blk.activate(mem.clone()).unwrap();
+
+        let write = |blk: &mut Block, sector: u64, head: u16, status: u64| {
+            mem.write_slice(&header(T_OUT, sector), GuestAddress(DATA))
+                .unwrap();
+            mem.write_slice(&[0xcd; 512], GuestAddress(DATA + 0x100))
+                .unwrap();
+            chain(
+                &mq,
+                head,
+                &[(DATA, 16, 0), (DATA + 0x100, 512, 0), (status, 1, WRITE)],
+            );
+            blk.notify(0);
+            read(&mem, status, 1)[0]
+        };
+        assert_eq!(write(&mut blk, 2, 0, DATA + 0x400), S_OK);
+        assert_eq!(
+            write(&mut blk, 4, 3, DATA + 0x500),
+            S_IOERR,
+            "past the window"
+        );
+        assert_eq!(*log.lock().unwrap(), vec![(1024, 512)]);
+        let disk = std::fs::read(f.path()).unwrap();
+        let at = (6 * SECTOR) as usize;
+        assert!(disk[at..at + 512].iter().all(|&b| b == 0xcd));
+        assert!(disk[..at].iter().chain(&disk[at + 512..]).all(|&b| b == 0));
     }
 
     #[test]
