@@ -19,7 +19,7 @@ use std::path::Path;
 use wan::session::wire::{DiskSyncMode, ReplicaReport};
 
 pub use super::blockmap::BLOCK_SIZE;
-use super::disk_image::DiskRead;
+use super::disk_image::{DiskImage, DiskRead};
 
 /// Blocks per hash request: 4096 × 64 KiB = 256 MiB of disk, 32 KiB of
 /// hashes (the largest the frame allows).
@@ -105,29 +105,44 @@ pub fn read_block(
     Ok((off, buf))
 }
 
-/// Copies the disk image `from` into `to` (created, `len` bytes), keeping
-/// holes: a reflink where the filesystem allows, else only the data ranges
-/// (SEEK_DATA / SEEK_HOLE) in 1 MiB pieces. Returns the bytes copied
-/// (0 for a reflink).
-pub fn copy_sparse(from: &Path, to: &Path, len: u64) -> std::io::Result<u64> {
-    let src = File::open(from)?;
+/// Copies the disk `from` (one image, or a group's images back to back)
+/// into `to` (created, `len` bytes), keeping holes: a reflink where the
+/// filesystem allows (one image), else only the data ranges (SEEK_DATA /
+/// SEEK_HOLE) in 1 MiB pieces. Returns the bytes copied (0 for a reflink).
+pub fn copy_sparse(from: &DiskImage, to: &Path, len: u64) -> std::io::Result<u64> {
     let dst = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(true)
         .open(to)?;
-    // FICLONE = _IOW(0x94, 9, int)
-    const FICLONE: libc::c_ulong = 0x4004_9409;
-    // SAFETY: both descriptors are open files of ours; the ioctl takes the
-    // source descriptor by value.
-    let r = unsafe { libc::ioctl(dst.as_raw_fd(), FICLONE as _, src.as_raw_fd()) };
-    if r == 0 {
-        dst.set_len(len)?;
-        return Ok(0);
+    if let [one] = from.parts() {
+        let src = File::open(one)?;
+        // FICLONE = _IOW(0x94, 9, int)
+        const FICLONE: libc::c_ulong = 0x4004_9409;
+        // SAFETY: both descriptors are open files of ours; the ioctl takes
+        // the source descriptor by value.
+        let r = unsafe { libc::ioctl(dst.as_raw_fd(), FICLONE as _, src.as_raw_fd()) };
+        if r == 0 {
+            dst.set_len(len)?;
+            return Ok(0);
+        }
     }
     dst.set_len(len)?;
-    let src_len = src.metadata()?.len().min(len);
+    let mut copied = 0u64;
+    let mut start = 0u64;
+    for part in from.parts() {
+        let src = File::open(part)?;
+        let n = src.metadata()?.len();
+        copied += copy_data(&src, n.min(len.saturating_sub(start)), &dst, start)?;
+        start += n;
+    }
+    Ok(copied)
+}
+
+/// Copies the data ranges of the first `src_len` bytes of `src` into
+/// `dst` from byte `at_dst` on; returns the bytes copied.
+fn copy_data(src: &File, src_len: u64, dst: &File, at_dst: u64) -> std::io::Result<u64> {
     let mut copied = 0u64;
     let mut buf = vec![0u8; 1 << 20];
     let mut at = 0u64;
@@ -150,7 +165,7 @@ pub fn copy_sparse(from: &Path, to: &Path, len: u64) -> std::io::Result<u64> {
         while p < end {
             let n = ((end - p) as usize).min(buf.len());
             src.read_exact_at(&mut buf[..n], p)?;
-            dst.write_all_at(&buf[..n], p)?;
+            dst.write_all_at(&buf[..n], at_dst + p)?;
             p += n as u64;
             copied += n as u64;
         }
@@ -429,7 +444,7 @@ mod tests {
         f.set_len(len).unwrap();
         f.write_all_at(&[7u8; 3000], 2 * BLOCK_SIZE + 10).unwrap();
         f.write_all_at(&[9u8; 10], len - 10).unwrap();
-        copy_sparse(&a, &b, len).unwrap();
+        copy_sparse(&DiskImage::file(&a), &b, len).unwrap();
         assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
         let g = File::open(&b).unwrap();
         let mut buf = Vec::new();
@@ -443,5 +458,38 @@ mod tests {
             let e = (s + BLOCK_SIZE as usize).min(data.len());
             assert_eq!(*h, xxhash_rust::xxh3::xxh3_64(&data[s..e]), "block {i}");
         }
+    }
+
+    /// A group's disk seeds a replica as one: each member's data lands at
+    /// the member's place, holes stay holes, a short disk is cut at `len`.
+    #[test]
+    fn a_groups_images_seed_one_disk_back_to_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = |name: &str, len: u64, data: &[(u64, u8)]| {
+            let p = dir.path().join(name);
+            let f = File::create(&p).unwrap();
+            f.set_len(len).unwrap();
+            for &(at, b) in data {
+                f.write_all_at(&[b; 4096], at).unwrap();
+            }
+            p
+        };
+        let a = image("a", 3 * BLOCK_SIZE, &[(10, 1), (2 * BLOCK_SIZE, 2)]);
+        let b = image("b", 2 * BLOCK_SIZE, &[(0, 3), (BLOCK_SIZE + 5, 4)]);
+        let to = dir.path().join("disk.img");
+        let len = 5 * BLOCK_SIZE;
+        let copied = copy_sparse(
+            &DiskImage::members("g", vec![a.clone(), b.clone()]),
+            &to,
+            len,
+        )
+        .unwrap();
+        let mut want = std::fs::read(&a).unwrap();
+        want.extend(std::fs::read(&b).unwrap());
+        assert_eq!(std::fs::read(&to).unwrap(), want);
+        assert!(copied < len, "holes are not copied ({copied} bytes)");
+        // A replica shorter than the images takes what fits.
+        copy_sparse(&DiskImage::members("g", vec![a, b]), &to, 4 * BLOCK_SIZE).unwrap();
+        assert_eq!(std::fs::read(&to).unwrap(), want[..4 * BLOCK_SIZE as usize]);
     }
 }

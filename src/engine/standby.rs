@@ -25,6 +25,7 @@ use wan::session::{EpochKind, ReceiverConfig, ReceiverEvent};
 use wan::transport::replication::{spawn_receiver, QuicListener};
 use wan::transport::{Endpoint, TlsPaths, TransportConfig};
 
+use super::disk_image::DiskImage;
 use super::verify;
 use crate::addresses::Addresses;
 use crate::arbiter::ArbiterHandle;
@@ -50,9 +51,10 @@ pub struct StandbyOptions {
     pub disk_bytes: u64,
     pub max_epoch_bytes: u64,
     /// An old copy of the VM's disk at this site (the image the VM ran
-    /// from here before a takeover moved it away), used to seed a checksum
-    /// resync when no replica disk is there.
-    pub seed_disk: Option<PathBuf>,
+    /// from here before a takeover moved it away; a group's: its members'
+    /// images), used to seed a checksum resync when no replica disk is
+    /// there.
+    pub seed_disk: Option<DiskImage>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -255,10 +257,13 @@ impl Standby {
                         p.base, p.lineage
                     ));
                 }
-                self.target.live.as_ref().map(ReplicaStore::disk_path)
+                self.target
+                    .live
+                    .as_ref()
+                    .map(|l| DiskImage::file(l.disk_path()))
             }
             DiskSyncMode::Checksum => match self.seed_source() {
-                Some((path, _)) => Some(path),
+                Some((disk, _)) => Some(disk),
                 None => {
                     return Err(
                         "cannot seed a checksum resync: no old copy of the disk here".into(),
@@ -271,26 +276,27 @@ impl Standby {
             let copied = tokio::task::block_in_place(|| store.seed_disk(&from))
                 .map_err(|e| e.to_string())?;
             self.stats.seeded_bytes += copied;
-            info!(vm = %self.opts.vm, mode = p.mode.name(), from = %from.display(), copied_bytes = copied, took_ms = started.elapsed().as_millis() as u64, "new replica's disk seeded from a local copy");
+            info!(vm = %self.opts.vm, mode = p.mode.name(), from = %from, copied_bytes = copied, took_ms = started.elapsed().as_millis() as u64, "new replica's disk seeded from a local copy");
         }
         store.set_lineage(p.lineage).map_err(|e| e.to_string())
     }
 
     /// An old copy of the disk to seed a checksum resync from: the
     /// replica folder's disk (diverged, unusable, or consistent), or the
-    /// VM's own image at this site; same size as the VM's disk.
-    fn seed_source(&self) -> Option<(PathBuf, u64)> {
+    /// VM's own image at this site (a group's: its members' images); same
+    /// size as the VM's disk.
+    fn seed_source(&self) -> Option<(DiskImage, u64)> {
         let want = self.opts.disk_bytes;
         if want == 0 {
             return None;
         }
         let candidates = [
-            Some(self.opts.replica_dir.join("disk.img")),
+            Some(DiskImage::file(self.opts.replica_dir.join("disk.img"))),
             self.opts.seed_disk.clone(),
         ];
-        candidates.into_iter().flatten().find_map(|p| {
-            let n = std::fs::metadata(&p).ok()?.len();
-            (n == want).then_some((p, n))
+        candidates.into_iter().flatten().find_map(|d| {
+            let n = d.bytes().ok()?;
+            (n == want).then_some((d, n))
         })
     }
 

@@ -457,10 +457,13 @@ impl ReplicaStore {
         self.disk.as_ref()
     }
 
-    /// Fills the (new) replica's disk from `from`, an image of the same
-    /// size: sparse-aware, a reflink where the filesystem allows. Returns
-    /// the bytes copied.
-    pub fn seed_disk(&mut self, from: &Path) -> Result<u64, StoreError> {
+    /// Fills the (new) replica's disk from `from`, a disk of the same size
+    /// (one image, or a group's images back to back): sparse-aware, a
+    /// reflink where the filesystem allows. Returns the bytes copied.
+    pub fn seed_disk(
+        &mut self,
+        from: &crate::engine::disk_image::DiskImage,
+    ) -> Result<u64, StoreError> {
         let e = |what| {
             let dir = self.dir.clone();
             move |source| StoreError::Io { dir, what, source }

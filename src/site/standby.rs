@@ -166,7 +166,7 @@ impl VmContext {
             // The VM's home is this site (it was taken over elsewhere):
             // the image it ran from here seeds a checksum resync.
             seed_disk: if vm.primary == self.site {
-                vm.disk.clone()
+                super::group::unit_disk(&vm, &members)
             } else {
                 None
             },
