@@ -561,6 +561,7 @@ fn shop_run(point: &str, nth: u64) {
             .filter(|l| l.contains("takeover complete"))
             .count();
         assert_eq!(takeovers, 1, "one takeover for the whole group");
+        group_fails_back_by_checksum(&dir, &cfg_s);
         eprintln!(
             "shop run at {point}@{nth}: {confirmed} orders, {} before the primary died \
              ({rate:.1} orders/s with {ORDER_WINDOW} in flight, 100 ms epochs)",
@@ -568,6 +569,71 @@ fn shop_run(point: &str, nth: u64) {
         );
     })
     .expect("network namespace");
+}
+
+/// dc1 comes back after the group's takeover: a standby there holds the
+/// members' old images (where they ran before the primary died), which
+/// seed its new replica back to back; dc2 protects the group back towards
+/// it and only the blocks that differ travel (a checksum resync of the
+/// group's disk, not the whole of it). At the end dc1's replica disk is
+/// the disk dc2's members run from, byte for byte.
+fn group_fails_back_by_checksum(dir: &std::path::Path, cfg_s: &str) {
+    let log = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+    let state1 = dir.join("state-dc1").to_str().expect("utf-8").to_owned();
+    let _standby1 = Proc::remus(
+        "standby at dc1 (failback)",
+        &[
+            "standby",
+            "--config",
+            cfg_s,
+            "--site",
+            "dc1",
+            "--state-dir",
+            &state1,
+            "--metrics",
+            "127.0.0.1:9479",
+        ],
+        &dir.join("standby-dc1.log"),
+    );
+    support::wait_until(
+        "dc2 protects the group back towards dc1",
+        Duration::from_secs(120),
+        || !support::disk_syncs(&log("standby.log")).is_empty(),
+        || std::thread::sleep(Duration::from_millis(100)),
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}\nstandby (dc2) log:\n{}\nstandby (dc1) log:\n{}",
+            support::tail(&log("standby.log"), 40),
+            support::tail(&log("standby-dc1.log"), 40)
+        )
+    });
+    let syncs = support::disk_syncs(&log("standby.log"));
+    let (mode, blocks, bytes) = syncs.last().expect("a disk sync").clone();
+    eprintln!(
+        "group failback disk sync: mode {mode}, {blocks} blocks, {bytes} bytes of a 2 MiB disk"
+    );
+    assert_eq!(mode, "checksum", "{syncs:?}");
+    // Of the group's 32 blocks of 64 KiB, those the database wrote after
+    // the takeover and those dc1's last epochs wrote without a commit.
+    assert!(
+        (1..=8).contains(&blocks),
+        "only the blocks that differ travel, not the group's disk: {syncs:?}"
+    );
+    let ours = dir.join("state/replicas/shop/disk.img");
+    let theirs = dir.join("state-dc1/replicas/shop/disk.img");
+    support::wait_until(
+        "dc1's replica disk equals the disk dc2's members run from",
+        Duration::from_secs(60),
+        || support::image_hash(&ours) == support::image_hash(&theirs),
+        || std::thread::sleep(Duration::from_millis(200)),
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}\nstandby (dc1) log:\n{}",
+            support::tail(&log("standby-dc1.log"), 40)
+        )
+    });
 }
 
 /// The records of the guest's key-value log (one 512-byte sector per
