@@ -276,13 +276,26 @@ pub fn start_members(
 ) -> Result<(GroupGuest, GroupRelease), String> {
     let intra = intra_of(members)?;
     let disks = member_disks(members)?;
-    let mut guests: Vec<Box<dyn ProtectedGuest>> = Vec::new();
-    let mut taps: Vec<Option<Box<dyn FrameSink>>> = Vec::new();
-    let mut direct: Vec<Option<Box<dyn FrameSink>>> = Vec::new();
+    let mut vms = Vec::with_capacity(members.len());
     for (i, m) in members.iter().enumerate() {
         let spec = super::kvm_vm::spec_from_config(m)?;
         let g = hypervisor::kvm::Vm::start(&spec, member_seams(capture, i, &intra, disks[i])?)
             .map_err(|e| format!("VM {}: {e}", m.name))?;
+        vms.push(g);
+    }
+    assemble(vms, &intra)
+}
+
+/// The running members as one guest, their taps known to `intra` (for
+/// frames between members) and to the group's release.
+fn assemble(
+    vms: Vec<hypervisor::kvm::Vm>,
+    intra: &Intra,
+) -> Result<(GroupGuest, GroupRelease), String> {
+    let mut guests: Vec<Box<dyn ProtectedGuest>> = Vec::new();
+    let mut taps: Vec<Option<Box<dyn FrameSink>>> = Vec::new();
+    let mut direct: Vec<Option<Box<dyn FrameSink>>> = Vec::new();
+    for g in vms {
         taps.push(g.tap().map(|t| Box::new(t) as Box<dyn FrameSink>));
         direct.push(g.tap().map(|t| Box::new(t) as Box<dyn FrameSink>));
         guests.push(Box::new(g));
@@ -307,17 +320,7 @@ pub fn resume_members(
     let vms = restore_members(members, memory, state, disk, |i| {
         member_seams(capture, i, &intra, disks[i])
     })?;
-    let mut guests: Vec<Box<dyn ProtectedGuest>> = Vec::new();
-    let mut taps: Vec<Option<Box<dyn FrameSink>>> = Vec::new();
-    let mut direct: Vec<Option<Box<dyn FrameSink>>> = Vec::new();
-    for g in vms {
-        taps.push(g.tap().map(|t| Box::new(t) as Box<dyn FrameSink>));
-        direct.push(g.tap().map(|t| Box::new(t) as Box<dyn FrameSink>));
-        guests.push(Box::new(g));
-    }
-    intra.set_taps(direct);
-    let group = GroupGuest::new(guests).map_err(|e| e.to_string())?;
-    Ok((group, GroupRelease { taps }))
+    assemble(vms, &intra)
 }
 
 /// Resumes every member from the group's replica with its output going
