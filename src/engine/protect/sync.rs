@@ -68,10 +68,10 @@ impl<G: ProtectedGuest> Protector<G> {
         let Some(pc) = running(&mut self.sync, self.core.phase()) else {
             return Ok(None);
         };
-        let Some(DiskSource::Pending(path, len)) = &pc.disk else {
+        let Some(DiskSource::Pending(image, len)) = &pc.disk else {
             return Ok(None);
         };
-        let (image, len) = (path.clone(), *len);
+        let (image, len) = (image.clone(), *len);
         let report = self.sender.status().peer_report;
         let lineage = self
             .capture
