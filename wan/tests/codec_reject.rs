@@ -122,14 +122,14 @@ fn bad_magic_and_unknown_version() {
     let mut m = e2.clone();
     m[0] = b'X';
     assert_rejected(&m, &replica, |e| matches!(e, CodecError::BadMagic { .. }));
-    // Versions 1 and 2 are read; 0 and 3 are not.
-    for version in [0u8, 3] {
+    // Versions 1 to 3 are read; 0 and 4 are not.
+    for version in [0u8, 4] {
         let mut v = e2.clone();
         v[4] = version;
         assert_rejected(&v, &replica, |e| {
             *e == CodecError::UnsupportedVersion {
                 found: version.into(),
-                supported: 2,
+                supported: 3,
             }
         });
     }
@@ -390,4 +390,174 @@ fn lost_content_is_never_referenced() {
         .expect("apply");
     assert_eq!(replica.page(9), &fresh[..]);
     assert_eq!(replica.page(3), &pages[3][..]);
+}
+
+fn noise(seed: u32) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..PS)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+fn uleb(b: &[u8], at: &mut usize) -> u64 {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let byte = b[*at];
+        *at += 1;
+        v |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            break;
+        }
+    }
+    v
+}
+
+fn put_uleb(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// Offset of the first chunk's block method (after its record count).
+const METHOD_AT: usize = HEADER_LEN + 4;
+const STORED_AT: usize = METHOD_AT + 9;
+
+/// A replica that committed epoch 1 (pseudo-random pages) and epoch 2,
+/// where frame 20 is frame 5's content 100 bytes off the page boundary:
+/// its chunk names frame 5 as zstd prefix (`BLOCK_ZSTD_REFS`, version 3).
+fn refs_epoch() -> (VecMemory, Vec<u8>, Vec<u8>) {
+    let mut enc = encoder();
+    let pages: Vec<Vec<u8>> = (0..FRAMES).map(|f| noise(f as u32 + 1)).collect();
+    let all: Vec<(u64, &[u8])> = pages
+        .iter()
+        .enumerate()
+        .map(|(f, p)| (f as u64, &p[..]))
+        .collect();
+    let e1 = enc.encode(1, &all, b"", &[]).expect("encode");
+    let mut replica = VecMemory::new(FRAMES, PS);
+    decoder()
+        .decode(&e1, &replica)
+        .expect("decode")
+        .apply(&mut replica)
+        .expect("apply");
+    let mut spliced = pages[5][100..].to_vec();
+    spliced.extend_from_slice(&pages[6][..100]);
+    let e2 = enc
+        .encode(2, &[(20, &spliced[..])], b"", &[])
+        .expect("encode");
+    assert_eq!(u16::from_le_bytes([e2[4], e2[5]]), 3);
+    assert_eq!(e2[METHOD_AT], 2, "a chunk with prefix frames");
+    // Far smaller than the page: the prefix holds it.
+    assert!(e2.len() < 400, "{} bytes", e2.len());
+    (replica, e2, spliced)
+}
+
+/// `bytes` with the first chunk's prefix frame list replaced by `refs`
+/// (count, frames as written), lengths fixed and resealed.
+fn with_refs(bytes: &[u8], refs: &[u8]) -> Vec<u8> {
+    let mut at = STORED_AT;
+    let count = uleb(bytes, &mut at);
+    for _ in 0..count {
+        uleb(bytes, &mut at);
+    }
+    let stored_len = u32::from_le_bytes(bytes[METHOD_AT + 5..STORED_AT].try_into().unwrap());
+    let zstd_end = STORED_AT + stored_len as usize;
+    let mut out = bytes[..STORED_AT].to_vec();
+    out.extend_from_slice(refs);
+    out.extend_from_slice(&bytes[at..]);
+    let grow = refs.len() as i64 - (at - STORED_AT) as i64;
+    let new_stored = (i64::from(stored_len) + grow) as u32;
+    out[METHOD_AT + 5..STORED_AT].copy_from_slice(&new_stored.to_le_bytes());
+    let body = u64::from_le_bytes(out[56..64].try_into().unwrap());
+    out[56..64].copy_from_slice(&((body as i64 + grow) as u64).to_le_bytes());
+    assert!(zstd_end <= bytes.len());
+    reseal(&mut out);
+    out
+}
+
+#[test]
+fn chunk_prefix_frames_apply_and_malformed_ones_are_rejected() {
+    let (replica, e2, spliced) = refs_epoch();
+    let mut applied = replica.clone();
+    decoder()
+        .decode(&e2, &applied)
+        .expect("decode")
+        .apply(&mut applied)
+        .expect("apply");
+    assert_eq!(applied.page(20), &spliced[..]);
+
+    // The same bytes claiming version 2: the block method is unknown there.
+    let mut v2 = e2.clone();
+    v2[4] = 2;
+    reseal(&mut v2);
+    assert_rejected(&v2, &replica, |e| matches!(e, CodecError::Corrupt(_)));
+
+    // No frames, too many frames.
+    let none = with_refs(&e2, &[0]);
+    assert_rejected(&none, &replica, |e| matches!(e, CodecError::Corrupt(_)));
+    let mut many = Vec::new();
+    put_uleb(&mut many, 257);
+    many.extend(std::iter::repeat_n(0u8, 257));
+    let many = with_refs(&e2, &many);
+    assert_rejected(&many, &replica, |e| matches!(e, CodecError::Corrupt(_)));
+
+    // A frame past the replica's end.
+    let mut far = vec![1];
+    put_uleb(&mut far, 2 * (FRAMES + 5));
+    let far = with_refs(&e2, &far);
+    assert_rejected(
+        &far,
+        &replica,
+        |e| matches!(e, CodecError::FrameOutOfRange { frame, .. } if *frame == FRAMES + 5),
+    );
+
+    // A count of 100 with one frame: the zstd frame's bytes read as frame
+    // numbers (out of range), or the list runs past the block.
+    let short = with_refs(&e2, &[100, 10]);
+    assert_rejected(&short, &replica, |e| {
+        matches!(
+            e,
+            CodecError::Corrupt(_)
+                | CodecError::Truncated { .. }
+                | CodecError::FrameOutOfRange { .. }
+        )
+    });
+
+    // Another frame as prefix: zstd fails or the records do not parse;
+    // either way the replica is untouched (assert_rejected checks).
+    let other = with_refs(&e2, &[1, 2 * 9]);
+    let mut dec = decoder();
+    let before = replica.clone();
+    if let Ok(staged) = dec.decode(&other, &replica) {
+        // zstd cannot tell a wrong prefix; the checksum covers the wire
+        // only. Nothing may be written before apply.
+        assert_eq!(replica, before);
+        drop(staged);
+    }
+
+    // The zstd frame cut short (the stored length says one byte less).
+    let mut cut = e2.clone();
+    let stored_len = u32::from_le_bytes(cut[METHOD_AT + 5..STORED_AT].try_into().unwrap());
+    cut[METHOD_AT + 5..STORED_AT].copy_from_slice(&(stored_len - 1).to_le_bytes());
+    let end = STORED_AT + stored_len as usize;
+    cut.remove(end - 1);
+    let body = u64::from_le_bytes(cut[56..64].try_into().unwrap());
+    cut[56..64].copy_from_slice(&(body - 1).to_le_bytes());
+    reseal(&mut cut);
+    assert_rejected(&cut, &replica, |e| matches!(e, CodecError::Corrupt(_)));
+
+    // Committed content named by an epoch without base.
+    let mut no_base = e2.clone();
+    no_base[32..40].copy_from_slice(&NO_BASE.to_le_bytes());
+    reseal(&mut no_base);
+    assert_rejected(&no_base, &replica, |e| {
+        matches!(e, CodecError::BadReference { .. })
+    });
 }

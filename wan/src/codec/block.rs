@@ -4,8 +4,10 @@
 //! `method u8 | raw_len u32 | stored_len u32 | stored_len bytes`
 
 use super::error::CodecError;
-use super::format::{BLOCK_STORED, BLOCK_ZSTD};
+use super::format::{BLOCK_STORED, BLOCK_ZSTD, BLOCK_ZSTD_REFS};
+use super::prefix::RefsCompressor;
 use super::wire::Reader;
+use super::wire::{put_uleb, zigzag};
 
 /// Appends `raw` as a block, compressed when `compressor` is given and that
 /// is smaller. `scratch` is reused between calls to avoid allocation.
@@ -45,6 +47,44 @@ pub fn put_block(
     out.extend_from_slice(raw);
 }
 
+/// Appends `raw` as a `BLOCK_ZSTD_REFS` block whose prefix is `prefix`,
+/// the content of `refs` concatenated; false (nothing appended) when that
+/// is not smaller than `raw`. The room given to zstd depends only on
+/// `raw`, as in [`put_block`], so the bytes do not depend on the thread.
+pub fn put_refs_block(
+    out: &mut Vec<u8>,
+    raw: &[u8],
+    refs: &[u64],
+    prefix: &[u8],
+    rz: &mut RefsCompressor,
+    scratch: &mut Vec<u8>,
+) -> bool {
+    let room = raw.len().saturating_sub(1);
+    if scratch.len() < room {
+        scratch.resize(room, 0);
+    }
+    let Some(n) = rz.compress(raw, prefix, &mut scratch[..room]) else {
+        return false;
+    };
+    let mut head = Vec::with_capacity(2 + 3 * refs.len());
+    put_uleb(&mut head, refs.len() as u64);
+    let mut predicted = 0u64;
+    for &f in refs {
+        put_uleb(&mut head, zigzag(f.wrapping_sub(predicted) as i64));
+        predicted = f.wrapping_add(1);
+    }
+    let stored = head.len() + n;
+    if stored >= raw.len() {
+        return false;
+    }
+    out.push(BLOCK_ZSTD_REFS);
+    out.extend_from_slice(&(raw.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(stored as u32).to_le_bytes());
+    out.extend_from_slice(&head);
+    out.extend_from_slice(&scratch[..n]);
+    true
+}
+
 /// A block as read from the wire, not yet decompressed.
 pub struct RawBlock<'a> {
     pub method: u8,
@@ -52,11 +92,14 @@ pub struct RawBlock<'a> {
     pub stored: &'a [u8],
 }
 
-/// Reads a block header and its bytes; rejects a raw length above `limit`.
+/// Reads a block header and its bytes; rejects a raw length above `limit`
+/// and `BLOCK_ZSTD_REFS` unless `refs_allowed` (record chunks of a
+/// version-3 epoch; the caller checks the base).
 pub fn read_block<'a>(
     r: &mut Reader<'a>,
     what: &'static str,
     limit: u64,
+    refs_allowed: bool,
 ) -> Result<RawBlock<'a>, CodecError> {
     let method = r.u8()?;
     let raw_len = u64::from(r.u32()?);
@@ -75,6 +118,7 @@ pub fn read_block<'a>(
             )))
         }
         BLOCK_STORED | BLOCK_ZSTD => {}
+        BLOCK_ZSTD_REFS if refs_allowed => {}
         m => {
             return Err(CodecError::corrupt(format!(
                 "{what}: unknown block method {m}"

@@ -11,9 +11,9 @@
 //! are decided on the fallback sizes, so the records of each chunk, and
 //! therefore the bytes, are the same for every thread count.
 
-use super::block::put_block;
+use super::block::{put_block, put_refs_block};
 use super::format::REC_PREFIX_ZSTD;
-use super::prefix::PrefixCompressor;
+use super::prefix::{PrefixCompressor, RefsCompressor};
 use super::wire::{put_uleb, uleb_len};
 
 /// One deferred prefix attempt within [`ChunkPlan::raw`].
@@ -52,6 +52,11 @@ pub(super) struct ChunkPlan {
     /// `2 i + 1` (in pages). Copies: the cache slot is overwritten as soon
     /// as the page pass moves on.
     pub pages: Vec<u8>,
+    /// Frames whose committed content is the chunk's zstd prefix
+    /// (`BLOCK_ZSTD_REFS`, see xref.rs); empty: an ordinary block.
+    pub refs: Vec<u64>,
+    /// Their content, copied when the chunk was closed (the cache moves on).
+    pub prefix: Vec<u8>,
 }
 
 impl ChunkPlan {
@@ -61,12 +66,16 @@ impl ChunkPlan {
         self.dense = 0;
         self.tries.clear();
         self.pages.clear();
+        self.refs.clear();
+        self.prefix.clear();
     }
 
     /// Whether finishing the chunk is more than copying it: a zstd pass or
     /// prefix attempts. (Decided again on the resolved records.)
     pub fn needs_work(&self) -> bool {
-        !self.tries.is_empty() || worth_compressing(self.dense, self.raw.len())
+        !self.tries.is_empty()
+            || !self.refs.is_empty()
+            || worth_compressing(self.dense, self.raw.len())
     }
 }
 
@@ -80,6 +89,7 @@ fn worth_compressing(dense: usize, len: usize) -> bool {
 pub(super) struct ChunkCtx {
     pub zc: zstd::bulk::Compressor<'static>,
     pub pz: PrefixCompressor,
+    rz: RefsCompressor,
     pub scratch: Vec<u8>,
     resolved: Vec<u8>,
     zbuf: Vec<u8>,
@@ -91,6 +101,8 @@ impl ChunkCtx {
         Ok(ChunkCtx {
             zc: super::match_finder::chunk_compressor(level, fast_match_finder)?,
             pz: PrefixCompressor::new(level, fast_match_finder)
+                .ok_or_else(|| std::io::Error::other("zstd: no memory"))?,
+            rz: RefsCompressor::new(level, fast_match_finder)
                 .ok_or_else(|| std::io::Error::other("zstd: no memory"))?,
             scratch: Vec::new(),
             resolved: Vec::new(),
@@ -110,6 +122,18 @@ impl ChunkCtx {
             &self.resolved
         };
         wire.extend_from_slice(&plan.records.to_le_bytes());
+        if !plan.refs.is_empty()
+            && put_refs_block(
+                wire,
+                records,
+                &plan.refs,
+                &plan.prefix,
+                &mut self.rz,
+                &mut self.scratch,
+            )
+        {
+            return;
+        }
         let zc = worth_compressing(dense, records.len()).then_some(&mut self.zc);
         put_block(wire, records, zc, &mut self.scratch);
     }

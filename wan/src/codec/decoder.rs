@@ -6,12 +6,12 @@
 
 use xxhash_rust::xxh3::xxh3_128;
 
-use super::block::read_block;
+use super::block::{read_block, RawBlock};
 use super::error::CodecError;
 use super::format::{
-    Header, HEADER_LEN, MAGIC, MAX_CHUNK_RAW, MAX_PAGE_SIZE, MIN_PAGE_SIZE, NO_BASE, REC_DELTA_RLE,
-    REC_DELTA_ZSTD, REC_FULL_RAW, REC_FULL_ZSTD, REC_PREFIX_ZSTD, REC_REF, REC_ZERO, TRAILER_LEN,
-    VERSION,
+    Header, BLOCK_ZSTD_REFS, HEADER_LEN, MAGIC, MAX_CHUNK_RAW, MAX_CHUNK_REFS, MAX_PAGE_SIZE,
+    MIN_PAGE_SIZE, NO_BASE, REC_DELTA_RLE, REC_DELTA_ZSTD, REC_FULL_RAW, REC_FULL_ZSTD,
+    REC_PREFIX_ZSTD, REC_REF, REC_ZERO, TRAILER_LEN, VERSION, VERSION_PREFIX, VERSION_REFS,
 };
 use super::memory::PageSource;
 use super::prefix::PrefixDecompressor;
@@ -53,6 +53,8 @@ pub struct Decoder {
     /// Decompression context of `REC_PREFIX_ZSTD` records.
     pd: PrefixDecompressor,
     xor: Vec<u8>,
+    /// A `BLOCK_ZSTD_REFS` chunk's prefix, reused.
+    prefix: Vec<u8>,
 }
 
 impl Decoder {
@@ -66,6 +68,7 @@ impl Decoder {
             dz,
             pd,
             xor: Vec::new(),
+            prefix: Vec::new(),
         })
     }
 
@@ -100,13 +103,13 @@ impl Decoder {
 
         self.read_chunks(&mut r, &header, replica, &mut staged)?;
 
-        let state = read_block(&mut r, "state blob", self.cfg.max_state_bytes)?;
+        let state = read_block(&mut r, "state blob", self.cfg.max_state_bytes, false)?;
         state.decode_into(&mut staged.state_blob, &mut self.dz, "state blob")?;
 
         let mut disk_total = 0u64;
         for _ in 0..header.disk_write_count {
             let offset = r.u64()?;
-            let block = read_block(&mut r, "disk write", self.cfg.max_disk_write_bytes)?;
+            let block = read_block(&mut r, "disk write", self.cfg.max_disk_write_bytes, false)?;
             disk_total += block.raw_len;
             if disk_total > self.cfg.max_disk_total_bytes {
                 return Err(CodecError::Oversized {
@@ -292,9 +295,13 @@ impl Decoder {
                     "chunk record counts disagree with header",
                 ));
             }
-            let block = read_block(r, "record chunk", MAX_CHUNK_RAW)?;
+            let block = read_block(r, "record chunk", MAX_CHUNK_RAW, h.version >= VERSION_REFS)?;
             let mut buf = Vec::new();
-            block.decode_into(&mut buf, &mut self.dz, "record chunk")?;
+            if block.method == BLOCK_ZSTD_REFS {
+                self.decode_refs_chunk(&block, h, replica, &mut buf)?;
+            } else {
+                block.decode_into(&mut buf, &mut self.dz, "record chunk")?;
+            }
             chunks.push(buf);
             let cur = chunks.len() - 1;
             let mut cr = Reader::new(&chunks[cur], "page record");
@@ -314,6 +321,57 @@ impl Decoder {
             ));
         }
         staged.set_chunks(chunks);
+        Ok(())
+    }
+
+    /// A `BLOCK_ZSTD_REFS` chunk: the frame list, the prefix assembled from
+    /// the replica's committed content of those frames, then the zstd
+    /// frame, which must decode to exactly `raw_len` bytes.
+    fn decode_refs_chunk<S: PageSource + ?Sized>(
+        &mut self,
+        block: &RawBlock<'_>,
+        h: &Header,
+        replica: &S,
+        out: &mut Vec<u8>,
+    ) -> Result<(), CodecError> {
+        if h.base().is_none() {
+            return Err(CodecError::BadReference {
+                frame: 0,
+                target: 0,
+                reason: "chunk prefix of committed content in an epoch without base",
+            });
+        }
+        let frames = replica.frame_count();
+        let mut r = Reader::new(block.stored, "record chunk prefix");
+        let count = r.uleb()?;
+        if count == 0 || count > MAX_CHUNK_REFS {
+            return Err(CodecError::corrupt(format!(
+                "record chunk names {count} prefix frames (1..={MAX_CHUNK_REFS})"
+            )));
+        }
+        self.prefix.clear();
+        let mut predicted = 0u64;
+        for _ in 0..count {
+            let f = predicted.wrapping_add(r.zigzag()? as u64);
+            if f >= frames {
+                return Err(CodecError::FrameOutOfRange { frame: f, frames });
+            }
+            self.prefix.extend_from_slice(replica.page(f));
+            predicted = f.wrapping_add(1);
+        }
+        let z = r.bytes(r.remaining())?;
+        out.clear();
+        out.resize(block.raw_len as usize, 0);
+        let n = self
+            .pd
+            .decompress(z, &self.prefix, out)
+            .map_err(|e| CodecError::corrupt(format!("record chunk: bad zstd block: {e}")))?;
+        if n as u64 != block.raw_len {
+            return Err(CodecError::corrupt(format!(
+                "record chunk: zstd block decodes to {n} bytes, header says {}",
+                block.raw_len
+            )));
+        }
         Ok(())
     }
 
@@ -408,7 +466,7 @@ impl Decoder {
                 decompress_page(&mut self.dz, z, &mut self.xor)?;
                 staged.push_page(frame, &self.xor)?;
             }
-            REC_PREFIX_ZSTD if h.version >= 2 => {
+            REC_PREFIX_ZSTD if h.version >= VERSION_PREFIX => {
                 if h.base().is_none() {
                     return Err(no_base("delta in an epoch without base"));
                 }

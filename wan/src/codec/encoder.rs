@@ -12,12 +12,13 @@ use super::error::CodecError;
 use super::fasthash::{map_with_capacity, U64Map};
 use super::format::{
     Header, HEADER_LEN, MIN_VERSION, NO_BASE, REC_DELTA_RLE, REC_DELTA_ZSTD, REC_FULL_RAW,
-    REC_FULL_ZSTD, REC_PREFIX_ZSTD, REC_REF, REC_ZERO, VERSION,
+    REC_FULL_ZSTD, REC_PREFIX_ZSTD, REC_REF, REC_ZERO, VERSION_PREFIX, VERSION_REFS,
 };
 use super::page_cache::PageCache;
 use super::parallel::{helper_loop, ModeChooser, Pipeline, Shared, Spare};
 use super::rle::{encode_xor, xor_into};
 use super::wire::{put_uleb, uleb_len, zigzag};
+use super::xref::{self, FingerprintIndex};
 
 /// Encoder settings. `Default` gives 4 KiB pages, a 64 MiB cache, zstd level 3.
 #[derive(Debug, Clone)]
@@ -71,6 +72,12 @@ pub struct EncoderConfig {
     /// within 0.5 %. `false`: the level's own match finder. The decoder
     /// reads either.
     pub fast_match_finder: bool,
+    /// Most cached pages a chunk may name as its zstd prefix
+    /// (`BLOCK_ZSTD_REFS`, wire version 3; xref.rs): pages whose sub-page
+    /// fingerprints the chunk's raw pages share, so that content found in
+    /// the guest at another alignment compresses as matches. `0`: never
+    /// (versions 1 and 2 only).
+    pub chunk_refs: usize,
 }
 
 impl EncoderConfig {
@@ -94,6 +101,7 @@ impl Default for EncoderConfig {
             prefix_zstd: true,
             threads: Self::default_threads(),
             fast_match_finder: true,
+            chunk_refs: 64,
         }
     }
 }
@@ -173,6 +181,12 @@ pub struct Encoder {
     /// The current epoch holds a `REC_PREFIX_ZSTD` record: written as
     /// version 2.
     uses_prefix: bool,
+    /// A chunk of the current epoch names prefix frames: version 3.
+    uses_refs: bool,
+    /// Sub-page fingerprints of the pages sent raw, and the votes of the
+    /// current chunk's raw pages for the frames that sent them before.
+    xref: FingerprintIndex,
+    votes: U64Map<u32>,
     /// Prefix candidates tried and taken in the current epoch, and in how
     /// many candidates one is tried this epoch (1, or [`PREFIX_SAMPLE`]
     /// after an epoch where under one try in eight paid: fresh content
@@ -231,6 +245,9 @@ impl Encoder {
             epoch_hashes: map_with_capacity(0),
             seen: map_with_capacity(0),
             uses_prefix: false,
+            uses_refs: false,
+            xref: FingerprintIndex::new(),
+            votes: map_with_capacity(0),
             prefix_tries: 0,
             prefix_hits: 0,
             prefix_every: 1,
@@ -345,8 +362,10 @@ impl Encoder {
         let body_len = (out.len() - HEADER_LEN) as u64;
         let mut header = Vec::with_capacity(HEADER_LEN);
         Header {
-            version: if self.uses_prefix {
-                VERSION
+            version: if self.uses_refs {
+                VERSION_REFS
+            } else if self.uses_prefix {
+                VERSION_PREFIX
             } else {
                 MIN_VERSION
             },
@@ -395,6 +414,8 @@ impl Encoder {
         let mut predicted = 0u64;
         self.epoch_hashes.clear();
         self.uses_prefix = false;
+        self.uses_refs = false;
+        self.votes.clear();
         if self.prefix_tries > 0 {
             self.prefix_every = if self.prefix_hits * 8 < self.prefix_tries {
                 PREFIX_SAMPLE
@@ -414,13 +435,13 @@ impl Encoder {
                 // On the fallback sizes: the same boundaries whatever the
                 // deferred prefix attempts give (see chunk_plan.rs).
                 if self.chunk.raw.len() >= self.cfg.chunk_bytes {
-                    self.flush_chunk(sink);
+                    self.flush_chunk(epoch, sink);
                     chunks += 1;
                 }
             }
         }
         if self.chunk.records > 0 {
-            self.flush_chunk(sink);
+            self.flush_chunk(epoch, sink);
             chunks += 1;
         }
         (records, chunks)
@@ -719,6 +740,12 @@ impl Encoder {
             _ => {
                 self.chunk.raw.extend_from_slice(data);
                 st.full_raw += 1;
+                if self.cfg.chunk_refs > 0 {
+                    // Votes only where the epoch has a base: without one
+                    // the replica's committed content may not be used.
+                    let votes = self.chain_tail.is_some().then_some(&mut self.votes);
+                    self.xref.add_page(frame, data, votes);
+                }
             }
         }
         if let Some(target) = deferred {
@@ -737,7 +764,25 @@ impl Encoder {
         true
     }
 
-    fn flush_chunk(&mut self, sink: &mut ChunkSink<'_>) {
+    fn flush_chunk(&mut self, epoch: u64, sink: &mut ChunkSink<'_>) {
+        if !self.votes.is_empty() {
+            // Frames sent in an earlier epoch: their cached bytes are the
+            // replica's committed content when this epoch applies (the
+            // cache invariant); a frame rewritten earlier in this epoch
+            // holds new bytes in the cache and old ones in the replica.
+            let cache = &self.cache;
+            let refs = xref::choose(&self.votes, self.cfg.chunk_refs, |f| {
+                cache.sent_epoch(f).is_some_and(|e| e < epoch)
+            });
+            for &f in &refs {
+                if let Some(page) = self.cache.get(f) {
+                    self.chunk.prefix.extend_from_slice(page);
+                }
+            }
+            self.uses_refs |= !refs.is_empty();
+            self.chunk.refs = refs;
+            self.votes.clear();
+        }
         let plan = std::mem::take(&mut self.chunk);
         let mut next = sink(&mut self.ctx, plan, &mut self.outcomes);
         next.clear();
@@ -805,6 +850,7 @@ impl Encoder {
     /// epoch has no base and references no earlier content.
     pub fn reset(&mut self) {
         self.cache.clear();
+        self.xref.clear();
         self.in_flight.clear();
         self.chain_tail = None;
         self.acknowledged = None;

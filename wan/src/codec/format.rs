@@ -1,14 +1,19 @@
-//! Constants and fixed-layout pieces of wire-format versions 1 and 2
+//! Constants and fixed-layout pieces of wire-format versions 1 to 3
 //! (docs/wire-format.md is the normative description of version 1;
-//! version 2 is version 1 plus the page record kind [`REC_PREFIX_ZSTD`]).
+//! version 2 is version 1 plus the page record kind [`REC_PREFIX_ZSTD`],
+//! version 3 is version 2 plus the chunk block method [`BLOCK_ZSTD_REFS`]).
 
 /// First four bytes of every epoch.
 pub const MAGIC: [u8; 4] = *b"RWCK";
 /// The newest version this build writes and reads. An epoch is written as
-/// version 2 only when it holds a [`REC_PREFIX_ZSTD`] record, else as
-/// version 1 (byte for byte what builds before version 2 wrote); the decoder
-/// reads both.
-pub const VERSION: u16 = 2;
+/// version 3 only when a chunk uses [`BLOCK_ZSTD_REFS`], else as version 2
+/// when it holds a [`REC_PREFIX_ZSTD`] record, else as version 1 (byte for
+/// byte what builds before version 2 wrote); the decoder reads all three.
+pub const VERSION: u16 = 3;
+/// The version that introduced [`REC_PREFIX_ZSTD`].
+pub const VERSION_PREFIX: u16 = 2;
+/// The version that introduced [`BLOCK_ZSTD_REFS`].
+pub const VERSION_REFS: u16 = 3;
 /// The oldest version this build reads.
 pub const MIN_VERSION: u16 = 1;
 /// Size of the fixed header of version 1.
@@ -28,6 +33,16 @@ pub const MAX_CHUNK_RAW: u64 = 16 << 20;
 /// Block storage methods.
 pub const BLOCK_STORED: u8 = 0;
 pub const BLOCK_ZSTD: u8 = 1;
+/// Version 3, record chunks of an epoch with a base only: `stored` is
+/// `ref_count:ULEB128`, that many frame numbers (each a zigzag ULEB128
+/// difference from the previous one plus one, the first from 0), then one
+/// zstd frame decoding to exactly `raw_len` bytes, compressed with the
+/// replica's committed content of those frames, concatenated in that
+/// order, as its prefix (`ZSTD_CCtx_refPrefix`).
+pub const BLOCK_ZSTD_REFS: u8 = 2;
+/// Most frames one `BLOCK_ZSTD_REFS` chunk may name: bounds the prefix the
+/// decoder assembles (1 MiB with 4 KiB pages).
+pub const MAX_CHUNK_REFS: u64 = 256;
 
 /// Page record kinds.
 pub const REC_ZERO: u8 = 0;

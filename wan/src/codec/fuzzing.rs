@@ -15,12 +15,24 @@ const FUZZ_PAGE: usize = 4096;
 const FUZZ_VM: u64 = 42;
 
 /// The small replica every fuzz input is decoded against: 16 pages of
-/// varied content, committed at [`FUZZ_BASE_EPOCH`].
+/// varied content (zeros, constants, patterns, one pseudo-random page),
+/// committed at [`FUZZ_BASE_EPOCH`].
 pub fn fuzz_memory() -> VecMemory {
     let mut m = VecMemory::new(FUZZ_FRAMES, FUZZ_PAGE);
     for f in 0..FUZZ_FRAMES {
         let page = m.page_mut(f);
         match f % 4 {
+            // One page of pseudo-random bytes: content whose sub-page
+            // fingerprints are its own (the patterns below repeat).
+            _ if f == FUZZ_FRAMES - 1 => {
+                let mut x = 0x2545_f491_u32;
+                for b in page.iter_mut() {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    *b = (x >> 24) as u8;
+                }
+            }
             0 => {}
             1 => page.fill(f as u8),
             _ => {
@@ -118,8 +130,10 @@ fn seed_pair(per_page_zstd: bool, out: &mut Vec<Vec<u8>>) {
     // Next epoch: sparse edits (RLE deltas), a rewrite, random data (raw),
     // a zeroed page, copies of a committed and of a just-sent frame
     // (references), a page with every 16th byte changed (XOR-then-zstd
-    // in per-page mode), and a page whose content moved by 8 bytes (zstd
-    // with the old content as prefix, wire version 2).
+    // in per-page mode), a page whose content moved by 8 bytes (zstd
+    // with the old content as prefix, wire version 2), and a page made of
+    // another frame's content 100 bytes off the page boundary (its chunk
+    // names that frame as zstd prefix, wire version 3, when batched).
     let mut next = pages.clone();
     next[2][100] ^= 0x55;
     next[3][4000] = 9;
@@ -142,7 +156,9 @@ fn seed_pair(per_page_zstd: bool, out: &mut Vec<Vec<u8>>) {
     }
     next[7].copy_within(64..4000, 72);
     next[7][64..72].copy_from_slice(b"inserted");
-    let changed: Vec<(u64, &[u8])> = [2u64, 3, 5, 6, 7, 9, 10, 11, 14]
+    next[12][..4096 - 100].copy_from_slice(&pages[15][100..]);
+    next[12][4096 - 100..].copy_from_slice(&pages[15][..100]);
+    let changed: Vec<(u64, &[u8])> = [2u64, 3, 5, 6, 7, 9, 10, 11, 12, 14]
         .iter()
         .map(|&f| (f, &next[f as usize][..]))
         .collect();

@@ -66,7 +66,9 @@
 //! Per dirty page: no record if unchanged since last sent, else zero page,
 //! else a reference to an identical page (xxh3-64, confirmed byte for byte),
 //! else an XOR delta against the last-sent content (run-length coded), else
-//! the raw page; zstd then compresses whole chunks of records
+//! the raw page; zstd then compresses whole chunks of records, with the
+//! cached pages that share most sub-page fingerprints with the chunk's raw
+//! pages as prefix (wire version 3, `xref.rs`)
 //! ([`EncoderConfig::per_page_zstd`] switches to per-page zstd candidates).
 //! The sender's [`Encoder`] keeps the last-sent content in a CLOCK cache with
 //! a memory budget that favours pages rewritten again and again.
@@ -97,6 +99,7 @@ mod staged;
 pub mod synthetic;
 pub mod trace_bench;
 mod wire;
+mod xref;
 
 pub use decoder::{Decoder, DecoderConfig};
 pub use encoder::{EncodeStats, Encoder, EncoderConfig};

@@ -103,7 +103,6 @@ impl PageCache {
     }
 
     /// The epoch in which the cached content of `frame` was sent.
-    #[cfg(test)]
     pub fn sent_epoch(&self, frame: u64) -> Option<u64> {
         self.by_frame
             .get(&frame)

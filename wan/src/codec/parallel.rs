@@ -500,7 +500,7 @@ mod tests {
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
-            5 => prop::collection::vec((any::<u16>(), 0u8..7, any::<u64>()), 0..48)
+            5 => prop::collection::vec((any::<u16>(), 0u8..8, any::<u64>()), 0..48)
                 .prop_map(Op::Send),
             4 => any::<bool>().prop_map(Op::Deliver),
             1 => Just(Op::Lose),
@@ -529,6 +529,13 @@ mod tests {
                 let by = 1 + seed as usize % 40;
                 let at = (seed >> 8) as usize % (page.len() - by);
                 page.copy_within(at..page.len() - by, at + by);
+            }
+            6 => {
+                // Another frame's content at another alignment: chunks
+                // naming prefix frames (BLOCK_ZSTD_REFS).
+                let at = 1 + seed as usize % (page.len() - 1);
+                let n = page.len() - at;
+                page[at..].copy_from_slice(&other[..n]);
             }
             _ => page.copy_from_slice(other),
         }
@@ -829,6 +836,81 @@ mod tests {
             assert!(replica.as_bytes() == &memory[..], "epoch {epoch}");
         }
         assert!(many.stats().prefix_zstd > 100, "{:?}", many.stats());
+    }
+
+    /// Fresh pages made of other frames' content at other alignments, in
+    /// epochs of many chunks: chunks name prefix frames (wire version 3),
+    /// the helpers compress them, and the bytes are those of one thread.
+    #[test]
+    fn codec_chunk_refs_on_helpers_same_bytes() {
+        let (ps, frames) = (4096usize, 512u64);
+        let mut memory = vec![0u8; frames as usize * ps];
+        let mut rng = Rng::new(11);
+        for page in memory.chunks_exact_mut(ps) {
+            fill_text(&mut rng, page);
+        }
+        let enc = |threads| {
+            Encoder::new(EncoderConfig {
+                chunk_bytes: 32 << 10,
+                threads,
+                ..EncoderConfig::default()
+            })
+            .expect("encoder")
+        };
+        let (mut one, mut many) = (enc(1), enc(2));
+        many.force_helpers(Some(true));
+        let mut plain = Encoder::new(EncoderConfig {
+            chunk_bytes: 32 << 10,
+            chunk_refs: 0,
+            ..EncoderConfig::default()
+        })
+        .expect("encoder");
+        let mut dec = Decoder::new(DecoderConfig::default()).expect("decoder");
+        let mut replica = VecMemory::new(frames, ps);
+        let mut v3 = 0;
+        // Three epochs: the fingerprint table keeps two holders of each
+        // fingerprint, the lower half and the previous epoch's copy.
+        for epoch in 1..=3u64 {
+            let mut dirty: Vec<u64> = (0..frames).collect();
+            if epoch > 1 {
+                // The upper half: spliced from the lower half (unchanged
+                // this epoch), 1..4095 bytes off the page boundary.
+                dirty = (frames / 2..frames).collect();
+                let half = frames / 2;
+                for f in half..frames {
+                    let src = (f - half + epoch) % half;
+                    let next = (src + 1) % half;
+                    let at = 1 + (f as usize * 977 + epoch as usize * 131) % (ps - 1);
+                    let (lo, hi) = memory.split_at_mut(f as usize * ps);
+                    hi[..ps - at].copy_from_slice(&lo[src as usize * ps + at..][..ps - at]);
+                    hi[ps - at..ps].copy_from_slice(&lo[next as usize * ps..][..at]);
+                }
+            }
+            let pages: Vec<(u64, &[u8])> = dirty
+                .iter()
+                .map(|&f| (f, &memory[f as usize * ps..(f as usize + 1) * ps]))
+                .collect();
+            let a = one.encode(epoch, &pages, b"", &[]).expect("encode");
+            let b = many.encode(epoch, &pages, b"", &[]).expect("encode");
+            assert!(a == b, "epoch {epoch}: bytes differ");
+            let c = plain.encode(epoch, &pages, b"", &[]).expect("encode");
+            if u16::from_le_bytes([b[4], b[5]]) == 3 {
+                v3 += 1;
+                // Far smaller than the text alone compresses.
+                assert!(
+                    b.len() * 2 < c.len(),
+                    "{} bytes, {} without",
+                    b.len(),
+                    c.len()
+                );
+            }
+            dec.decode(&b, &replica)
+                .expect("decode")
+                .apply(&mut replica)
+                .expect("apply");
+            assert!(replica.as_bytes() == &memory[..], "epoch {epoch}");
+        }
+        assert_eq!(v3, 2, "every epoch after the first names prefix frames");
     }
 
     /// Whole synthetic traces, large enough for dozens of 256 KiB chunks per

@@ -48,7 +48,46 @@ impl PrefixCompressor {
     }
 }
 
-/// Decompresses `REC_PREFIX_ZSTD` payloads; one context reused.
+/// Compresses record chunks with other pages as prefix
+/// (`BLOCK_ZSTD_REFS`); one context reused for every chunk.
+pub(crate) struct RefsCompressor {
+    ctx: CCtx<'static>,
+    level: i32,
+    fast_match_finder: bool,
+}
+
+impl RefsCompressor {
+    pub(crate) fn new(level: i32, fast_match_finder: bool) -> Option<Self> {
+        Some(RefsCompressor {
+            ctx: CCtx::try_create()?,
+            level,
+            fast_match_finder,
+        })
+    }
+
+    /// `data` as one zstd frame with `prefix` as its dictionary, into
+    /// `out`; `None` if it does not fit or zstd fails. The window covers
+    /// the prefix and the data, so the whole prefix is reachable.
+    pub(crate) fn compress(&mut self, data: &[u8], prefix: &[u8], out: &mut [u8]) -> Option<usize> {
+        // SAFETY: as in `PrefixCompressor::compress`.
+        let ctx: &mut CCtx<'_> = unsafe { &mut *(&mut self.ctx as *mut CCtx<'static>).cast() };
+        let span = (prefix.len() + data.len()).max(1 << 10);
+        let window_log = (usize::BITS - (span - 1).leading_zeros()).clamp(10, 24);
+        let r = (|| {
+            ctx.set_parameter(CParameter::CompressionLevel(self.level))
+                .ok()?;
+            super::match_finder::tune_refs(ctx, self.level, self.fast_match_finder)?;
+            ctx.set_parameter(CParameter::WindowLog(window_log)).ok()?;
+            ctx.ref_prefix(prefix).ok()?;
+            ctx.compress2(out, data).ok()
+        })();
+        let _ = ctx.reset(ResetDirective::SessionAndParameters);
+        r
+    }
+}
+
+/// Decompresses `REC_PREFIX_ZSTD` payloads and `BLOCK_ZSTD_REFS` chunks;
+/// one context reused.
 pub(crate) struct PrefixDecompressor {
     ctx: DCtx<'static>,
 }
