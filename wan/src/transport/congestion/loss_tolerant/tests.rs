@@ -436,3 +436,18 @@ fn the_quinn_adapter_builds_and_clones() {
     assert_eq!(copy.window(), c.window());
     assert!(c.into_any().downcast::<LossTolerant>().is_ok());
 }
+
+#[test]
+fn a_short_path_with_a_small_queue_stays_full_without_overflowing() {
+    // 1 ms RTT, the benchmark's smallest queue (256 KiB): the window is
+    // computed from at least 5 ms (1.5 x 25 MB/s x 5 ms = 188 KB), which
+    // the queue holds.
+    let mut s = Sim::new(RATE, MS, 256 << 10, 0.0, Load::Saturate);
+    s.run_until(Duration::from_secs(1));
+    let (d0, q0) = (s.delivered, s.queue_drops);
+    s.run_until(Duration::from_secs(3));
+    let goodput = (s.delivered - d0) as f64 / 2.0;
+    assert!(goodput > 0.95 * RATE, "{goodput}");
+    assert_eq!(s.queue_drops, q0, "tail drops in cruise");
+    assert_eq!(s.cc.phase(), Phase::Cruise);
+}
