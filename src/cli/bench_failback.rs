@@ -30,12 +30,12 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use super::bench_client::connect_small_window;
+use super::bench_client::ClientThread;
 
 use crate::metrics::VmStatus;
 use crate::testbed::{CounterCheck, LocalDeployment};
@@ -308,20 +308,11 @@ impl StreamState {
 
 /// The client: one TCP connection to the guest's counter service, read by
 /// a thread of its own until the bench ends.
-struct Stream {
-    state: Arc<Mutex<StreamState>>,
-    stop: Arc<AtomicBool>,
-    reader: Option<std::thread::JoinHandle<()>>,
-    /// The client socket's receive buffer as the kernel reports it
-    /// (SO_RCVBUF: twice the size asked for).
-    rcvbuf: u64,
-}
+type Stream = ClientThread<StreamState>;
 
-impl Stream {
-    fn connect(limit: Duration) -> Result<Stream> {
-        let addr: SocketAddr = GUEST.parse()?;
-        let (sock, rcvbuf) = connect_small_window(addr, limit, Duration::from_millis(200))?;
-        let state = Arc::new(Mutex::new(StreamState {
+impl ClientThread<StreamState> {
+    fn connect_counter(limit: Duration) -> Result<Stream> {
+        let state = StreamState {
             check: CounterCheck::default(),
             partial: Vec::new(),
             received: 0,
@@ -329,25 +320,16 @@ impl Stream {
             round: StreamRound::default(),
             watch: None,
             fatal: None,
-        }));
-        let stop = Arc::new(AtomicBool::new(false));
-        let reader = {
-            let (state, stop) = (state.clone(), stop.clone());
-            std::thread::Builder::new()
-                .name("counter-client".into())
-                .spawn(move || read_stream(sock, &state, &stop))?
         };
-        Ok(Stream {
+        let addr: SocketAddr = GUEST.parse()?;
+        Stream::connect(
+            "counter-client",
+            addr,
+            limit,
+            Duration::from_millis(200),
             state,
-            stop,
-            reader: Some(reader),
-            rcvbuf,
-        })
-    }
-
-    fn with<T>(&self, f: impl FnOnce(&mut StreamState) -> T) -> T {
-        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        f(&mut g)
+            read_stream,
+        )
     }
 
     fn received(&self) -> u64 {
@@ -404,15 +386,6 @@ impl Stream {
     /// The first value of any kind received after [`Stream::arm`].
     fn first_value_after_arm(&self) -> Option<Instant> {
         self.with(|s| s.watch.as_ref().and_then(|w| w.any))
-    }
-}
-
-impl Drop for Stream {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(r) = self.reader.take() {
-            let _ = r.join();
-        }
     }
 }
 
@@ -1093,7 +1066,7 @@ fn soak(opts: &Options, bin: &Path, cfg: &Path, dir: &Path) -> Result<bool> {
         None,
     )?;
     bench.wait_protected(&mut primary, &mut standby, 0, None)?;
-    let stream = Stream::connect(Duration::from_secs(60))?;
+    let stream = Stream::connect_counter(Duration::from_secs(60))?;
     bench.wait_values(&stream, 0, VALUES_AFTER, Duration::from_secs(30))?;
     let token = primary
         .status()

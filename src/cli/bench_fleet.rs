@@ -33,12 +33,12 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use super::bench_client::connect_small_window;
+use super::bench_client::ClientThread;
 
 use crate::cli::bench_sched::split_threads;
 use crate::metrics::VmStatus;
@@ -210,18 +210,11 @@ impl ClientState {
 
 /// One TCP connection to a guest's counter service, read by a thread of
 /// its own.
-struct Client {
-    state: Arc<Mutex<ClientState>>,
-    stop: Arc<AtomicBool>,
-    reader: Option<std::thread::JoinHandle<()>>,
-    /// SO_RCVBUF as the kernel reports it.
-    rcvbuf: u64,
-}
+type Client = ClientThread<ClientState>;
 
-impl Client {
-    fn connect(addr: SocketAddr, rate: f64, limit: Duration) -> Result<Client> {
-        let (sock, rcvbuf) = connect_small_window(addr, limit, Duration::from_millis(100))?;
-        let state = Arc::new(Mutex::new(ClientState {
+impl ClientThread<ClientState> {
+    fn connect_paced(addr: SocketAddr, rate: f64, limit: Duration) -> Result<Client> {
+        let state = ClientState {
             next: 0,
             partial: Vec::new(),
             bytes: 0,
@@ -229,25 +222,15 @@ impl Client {
             rate: Some(rate),
             watch: None,
             fatal: None,
-        }));
-        let stop = Arc::new(AtomicBool::new(false));
-        let reader = {
-            let (state, stop) = (state.clone(), stop.clone());
-            std::thread::Builder::new()
-                .name("fleet-client".into())
-                .spawn(move || read_loop(sock, &state, &stop))?
         };
-        Ok(Client {
+        Client::connect(
+            "fleet-client",
+            addr,
+            limit,
+            Duration::from_millis(100),
             state,
-            stop,
-            reader: Some(reader),
-            rcvbuf,
-        })
-    }
-
-    fn with<T>(&self, f: impl FnOnce(&mut ClientState) -> T) -> T {
-        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        f(&mut g)
+            read_loop,
+        )
     }
 
     fn bytes(&self) -> u64 {
@@ -266,15 +249,6 @@ impl Client {
 
     fn hit(&self) -> Option<Instant> {
         self.with(|s| s.watch.and_then(|w| w.1))
-    }
-}
-
-impl Drop for Client {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(r) = self.reader.take() {
-            let _ = r.join();
-        }
     }
 }
 
@@ -490,7 +464,7 @@ fn connect_all(vms: usize, rate: f64) -> Result<Vec<Client>> {
         .map(|i| {
             let addr = SocketAddr::new(fleet_address(i).into(), 9000);
             let left = deadline.saturating_duration_since(Instant::now());
-            Client::connect(addr, rate, left.max(Duration::from_secs(1)))
+            Client::connect_paced(addr, rate, left.max(Duration::from_secs(1)))
                 .with_context(|| format!("vm{i}"))
         })
         .collect()
