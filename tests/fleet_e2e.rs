@@ -12,6 +12,7 @@
 mod support;
 
 use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use remus_wan::testbed::{fleet_address, fleet_tap, LocalDeployment};
@@ -299,31 +300,48 @@ fn a_consistency_group_fails_over_as_one_wherever_the_primary_dies() {
     if !support::require_kvm_root("fleet_e2e") {
         return;
     }
+    at_random_fault_points("group", ["protect.paused", "protect.sent"], 20, group_run);
+}
+
+/// Runs `run(point, nth)` for each fault point, `nth` from `first` to
+/// `first + 39` at random (the seed printed, for reproduction).
+fn at_random_fault_points(what: &str, points: [&str; 2], first: u64, run: fn(&str, u64)) {
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(7, |d| d.as_nanos() as u64)
-        ^ u64::from(std::process::id());
-    for (k, point) in ["protect.paused", "protect.sent"].into_iter().enumerate() {
-        let nth = 20 + (seed >> (8 * k)) % 40;
-        eprintln!("group run: protect dies at {point}@{nth} (seed {seed})");
-        group_run(point, nth);
+        ^ u64::from(std::process::id()).rotate_left(17);
+    for (k, point) in points.into_iter().enumerate() {
+        let nth = first + (seed >> (8 * k)) % 40;
+        eprintln!("{what} run: protect dies at {point}@{nth} (seed {seed})");
+        run(point, nth);
     }
 }
 
-fn group_run(point: &str, nth: u64) {
+/// The shop group (vm1 + vm2) in a fresh folder, inside a new network
+/// namespace with the members' taps, the WAN emulator, the witness and the
+/// standby daemon; its protect daemon dies at fault point `point@nth`.
+/// `body` gets the folder, the configuration and the protect process.
+fn with_group_dying_at(point: &str, nth: u64, body: impl FnOnce(&Path, &str, &mut Proc) + Send) {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().to_owned();
     let cfg = deployment(&dir)
         .write_fleet_with(2, Some("shop"))
         .expect("group deployment");
     let cfg_s = cfg.to_str().expect("utf-8").to_owned();
-    let log = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
-
     hypervisor::netns::in_new_netns(|| {
         bridge_and_taps(2);
         let _wan = wan_emulator();
         let (_witness, _standby) = support::sites::witness_and_standby(&cfg_s, &dir);
-        let mut protect = support::sites::protect(Some("shop"), &cfg_s, &dir, &[("REMUS_WAN_FAULT", format!("{point}@{nth}"))]);
+        let fault = [("REMUS_WAN_FAULT", format!("{point}@{nth}"))];
+        let mut protect = support::sites::protect(Some("shop"), &cfg_s, &dir, &fault);
+        body(&dir, &cfg_s, &mut protect);
+    })
+    .expect("network namespace");
+}
+
+fn group_run(point: &str, nth: u64) {
+    with_group_dying_at(point, nth, |dir, _cfg, protect| {
+        let log = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
         let mut clients: Vec<(TcpStream, Counter)> =
             (1..=2).map(|i| client(i, || log("protect.log"))).collect();
         // Both serve until the primary dies at its fault point.
@@ -367,9 +385,11 @@ fn group_run(point: &str, nth: u64) {
         let status = remus_wan::metrics::fetch_status("127.0.0.1:9478".parse().expect("addr"))
             .expect("standby status");
         assert_eq!(status.len(), 1, "{status:?}");
-        assert_eq!((status[0].vm.as_str(), status[0].members.clone()), ("shop", vec!["vm1".to_owned(), "vm2".to_owned()]));
-    })
-    .expect("network namespace");
+        assert_eq!(
+            (status[0].vm.as_str(), status[0].members.clone()),
+            ("shop", vec!["vm1".to_owned(), "vm2".to_owned()])
+        );
+    });
 }
 
 /// Orders kept in flight at once by the shop client.
@@ -440,31 +460,12 @@ fn a_group_s_database_always_holds_what_its_front_confirmed() {
     if !support::require_kvm_root("fleet_e2e") {
         return;
     }
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(11, |d| d.as_nanos() as u64)
-        ^ u64::from(std::process::id()).rotate_left(17);
-    for (k, point) in ["protect.sent", "protect.paused"].into_iter().enumerate() {
-        let nth = 15 + (seed >> (8 * k)) % 40;
-        eprintln!("shop run: protect dies at {point}@{nth} (seed {seed})");
-        shop_run(point, nth);
-    }
+    at_random_fault_points("shop", ["protect.sent", "protect.paused"], 15, shop_run);
 }
 
 fn shop_run(point: &str, nth: u64) {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let dir = tmp.path().to_owned();
-    let cfg = deployment(&dir)
-        .write_fleet_with(2, Some("shop"))
-        .expect("group deployment");
-    let cfg_s = cfg.to_str().expect("utf-8").to_owned();
-    let log = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
-
-    hypervisor::netns::in_new_netns(|| {
-        bridge_and_taps(2);
-        let _wan = wan_emulator();
-        let (_witness, _standby) = support::sites::witness_and_standby(&cfg_s, &dir);
-        let mut protect = support::sites::protect(Some("shop"), &cfg_s, &dir, &[("REMUS_WAN_FAULT", format!("{point}@{nth}"))]);
+    with_group_dying_at(point, nth, |dir, cfg_s, protect| {
+        let log = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
         let (front, db) = (fleet_address(1), fleet_address(2));
         let mut shop = Lines::connect(SocketAddr::new(front.into(), 7100), || {
             support::tail(&log("protect.log"), 40)
@@ -548,7 +549,9 @@ fn shop_run(point: &str, nth: u64) {
         // replica (after the front's image) holds every order's record,
         // in order, written before the database answered.
         let replica = dir.join("state/replicas/shop/disk.img");
-        let front_disk = std::fs::metadata(dir.join("vm1.img")).expect("vm1's image").len();
+        let front_disk = std::fs::metadata(dir.join("vm1.img"))
+            .expect("vm1's image")
+            .len();
         assert_eq!(
             kv_log(&replica, front_disk),
             (1..=confirmed)
@@ -561,14 +564,13 @@ fn shop_run(point: &str, nth: u64) {
             .filter(|l| l.contains("takeover complete"))
             .count();
         assert_eq!(takeovers, 1, "one takeover for the whole group");
-        group_fails_back_by_checksum(&dir, &cfg_s);
+        group_fails_back_by_checksum(dir, cfg_s);
         eprintln!(
             "shop run at {point}@{nth}: {confirmed} orders, {} before the primary died \
              ({rate:.1} orders/s with {ORDER_WINDOW} in flight, 100 ms epochs)",
             after_kill.unwrap_or(0)
         );
-    })
-    .expect("network namespace");
+    });
 }
 
 /// dc1 comes back after the group's takeover: a standby there holds the
