@@ -14,6 +14,7 @@
 //!     ... -- --no-fec                                      # without the QUIC+FEC rows
 //!     ... -- --no-tcp                                      # without the TCP + TLS rows
 //!     ... -- --fec-only                                    # QUIC+FEC alone (no QUIC, no TCP rows)
+//!     ... -- --fec-baseline bbr|none                       # QUIC+FEC with this controller too (default bbr)
 //!
 //! Needs root (it creates two network namespaces joined through TUN
 //! devices). Run as a test (`cargo test --benches`, no `--bench` flag) it
@@ -42,7 +43,7 @@ fn main() {
         match args.get(i + 1).map(|s| s.parse()) {
             Some(Ok(cc)) => opts.congestion = cc,
             _ => {
-                eprintln!("--cc expects cubic, newreno or bbr");
+                eprintln!("--cc expects cubic, newreno, bbr, bbr-bounded or loss-tolerant");
                 std::process::exit(2);
             }
         }
@@ -137,6 +138,16 @@ fn main() {
                 ms.parse().expect("--ack-delay-ms N|default"),
             )),
         });
+    }
+    if let Some(v) = args
+        .iter()
+        .position(|a| a == "--fec-baseline")
+        .and_then(|i| args.get(i + 1))
+    {
+        opts.fec_baseline = match v.as_str() {
+            "none" => None,
+            cc => Some(cc.parse().expect("--fec-baseline CC|none")),
+        };
     }
     if let Some(v) = args
         .iter()

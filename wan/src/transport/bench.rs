@@ -44,6 +44,10 @@ pub struct BenchOptions {
     pub tcp: bool,
     /// Also run QUIC with forward error correction (same controller).
     pub fec: bool,
+    /// Also run QUIC+FEC with this controller in every main cell (when it
+    /// differs from `congestion`), in the same run: the previous default
+    /// beside the new one. `None`: not.
+    pub fec_baseline: Option<CongestionControl>,
     /// Linux congestion controller of the TCP + TLS baseline.
     pub tcp_congestion: TcpCc,
     /// quinn controllers compared in the controller cells.
@@ -88,6 +92,7 @@ impl BenchOptions {
             quic: true,
             tcp: true,
             fec: true,
+            fec_baseline: Some(CongestionControl::Bbr),
             tcp_congestion: TcpCc::Bbr,
             quic_controllers: CongestionControl::ALL.to_vec(),
             tcp_controllers: vec![TcpCc::Cubic, TcpCc::Bbr],
@@ -328,6 +333,12 @@ pub fn run(opts: &BenchOptions) -> Result<Table, BenchError> {
                         )
                         .await?,
                     );
+                }
+                if let Some(b) = opts
+                    .fec_baseline
+                    .filter(|&b| opts.fec && b != opts.congestion)
+                {
+                    cells.push(cell(&link, &tmp.0, Transport::QuicFec(b), rtt, loss, opts).await?);
                 }
             }
         }
@@ -665,6 +676,33 @@ fn ms(d: Duration) -> String {
     format!("{:.0}", d.as_secs_f64() * 1000.0)
 }
 
+/// "188.7 (94%)" of a `limit` Mbit/s link, "*" when epochs did not commit.
+fn goodput(c: Option<&Cell>, limit: f64) -> String {
+    c.map_or("-".to_string(), |c| {
+        format!(
+            "{:.1} ({:.0}%){}",
+            c.goodput_bps / 1e6,
+            c.goodput_bps / 1e6 / limit * 100.0,
+            if c.incomplete > 0 { "*" } else { "" }
+        )
+    })
+}
+
+fn latency(c: Option<&Cell>) -> String {
+    c.map_or("-".to_string(), |c| {
+        format!("{} / {}", ms(c.p50), ms(c.p99))
+    })
+}
+
+fn link_drops(c: Option<&Cell>) -> String {
+    c.map_or("-".to_string(), |c| {
+        format!(
+            "{}+{} of {}",
+            c.link_lost, c.link_queue_drops, c.link_packets
+        )
+    })
+}
+
 impl Table {
     /// 2 RTT + serialization of one epoch at the link rate.
     pub fn latency_target(&self, rtt: Duration) -> Duration {
@@ -713,32 +751,12 @@ impl fmt::Display for Table {
         )?;
         for &rtt in &o.rtts {
             for &loss in &o.losses {
-                let gp = |c: Option<&Cell>| {
-                    c.map_or("-".to_string(), |c| {
-                        format!(
-                            "{:.1} ({:.0}%){}",
-                            c.goodput_bps / 1e6,
-                            c.goodput_bps / 1e6 / limit * 100.0,
-                            if c.incomplete > 0 { "*" } else { "" }
-                        )
-                    })
-                };
-                let lat = |c: Option<&Cell>| {
-                    c.map_or("-".to_string(), |c| {
-                        format!("{} / {}", ms(c.p50), ms(c.p99))
-                    })
-                };
+                let gp = |c: Option<&Cell>| goodput(c, limit);
+                let lat = latency;
                 let qc = self.find(q, rtt, loss);
                 let fc = self.find(qf, rtt, loss);
                 let tc = self.find(Transport::TcpTls(o.tcp_congestion), rtt, loss);
-                let drops = |c: Option<&Cell>| {
-                    c.map_or("-".to_string(), |c| {
-                        format!(
-                            "{}+{} of {}",
-                            c.link_lost, c.link_queue_drops, c.link_packets
-                        )
-                    })
-                };
+                let drops = link_drops;
                 writeln!(
                     f,
                     "| {} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
@@ -757,6 +775,32 @@ impl fmt::Display for Table {
                 )?;
             }
         }
+        if let Some(b) = o.fec_baseline.filter(|&b| b != o.congestion) {
+            let base = Transport::QuicFec(b);
+            if self.cells.iter().any(|c| c.transport == base) {
+                writeln!(f, "\nQUIC+FEC with {b} (the same run's cells, after the main table's; goodput Mbit/s, p50/p99 ms):\n")?;
+                writeln!(f, "| RTT ms | loss % | {base} goodput | {qf} goodput | {base} p50/p99 | {qf} p50/p99 | target p99 ms | link drops {base} | link drops {qf} |")?;
+                writeln!(f, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+                for &rtt in &o.rtts {
+                    for &loss in &o.losses {
+                        let (bc, fc) = (self.find(base, rtt, loss), self.find(qf, rtt, loss));
+                        writeln!(
+                            f,
+                            "| {} | {:.1} | {} | {} | {} | {} | {} | {} | {} |",
+                            rtt.as_millis(),
+                            loss * 100.0,
+                            goodput(bc, limit),
+                            goodput(fc, limit),
+                            latency(bc),
+                            latency(fc),
+                            ms(self.latency_target(rtt)),
+                            link_drops(bc),
+                            link_drops(fc)
+                        )?;
+                    }
+                }
+            }
+        }
         let fec: Vec<&Cell> = self
             .cells
             .iter()
@@ -764,13 +808,16 @@ impl fmt::Display for Table {
             .collect();
         if !fec.is_empty() {
             writeln!(f, "\nFEC (QUIC+FEC cells): redundancy = repair + mirror payload the primary sent / stream bytes it wrote; rebuilt = data shards the backup decoded (windows); unused = repairs that came too late or were dropped\n")?;
-            writeln!(f, "| RTT ms | loss % | redundancy | datagrams sent | rebuilt shards (windows) | mirror bytes used (primary) | unused repairs |")?;
-            writeln!(f, "|---:|---:|---:|---:|---:|---:|---:|")?;
+            writeln!(f, "| RTT ms | loss % | controller | redundancy | datagrams sent | rebuilt shards (windows) | mirror bytes used (primary) | unused repairs |")?;
+            writeln!(f, "|---:|---:|---|---:|---:|---:|---:|---:|")?;
             for c in fec {
                 let (a, b) = (&c.fec_primary, &c.fec_backup);
+                let Transport::QuicFec(cc) = c.transport else {
+                    continue;
+                };
                 writeln!(
                     f,
-                    "| {} | {:.1} | {:.1} % | {} | {} ({}) | {} | {} |",
+                    "| {} | {:.1} | {cc} | {:.1} % | {} | {} ({}) | {} | {} |",
                     c.rtt.as_millis(),
                     c.loss * 100.0,
                     a.redundant_bytes_sent as f64 * 100.0 / a.stream_bytes_written.max(1) as f64,
