@@ -92,6 +92,9 @@ pub(super) struct ChunkCtx {
     rz: RefsCompressor,
     pub scratch: Vec<u8>,
     resolved: Vec<u8>,
+    /// A referencing chunk's prefix and records, back to back (see
+    /// `finish`).
+    joined: Vec<u8>,
     zbuf: Vec<u8>,
     page_size: usize,
 }
@@ -106,6 +109,7 @@ impl ChunkCtx {
                 .ok_or_else(|| std::io::Error::other("zstd: no memory"))?,
             scratch: Vec::new(),
             resolved: Vec::new(),
+            joined: Vec::new(),
             zbuf: vec![0; page_size],
             page_size,
         })
@@ -122,17 +126,26 @@ impl ChunkCtx {
             &self.resolved
         };
         wire.extend_from_slice(&plan.records.to_le_bytes());
-        if !plan.refs.is_empty()
-            && put_refs_block(
+        if !plan.refs.is_empty() {
+            // The prefix right before the records in one buffer: zstd then
+            // sees one contiguous window and runs its plain match finder,
+            // not the slower external-dictionary variant it uses for a
+            // prefix elsewhere in memory (10 % of the encoder's samples
+            // on sort before; the bytes are the same either way).
+            self.joined.clear();
+            self.joined.extend_from_slice(&plan.prefix);
+            self.joined.extend_from_slice(records);
+            let (prefix, records) = self.joined.split_at(plan.prefix.len());
+            if put_refs_block(
                 wire,
                 records,
                 &plan.refs,
-                &plan.prefix,
+                prefix,
                 &mut self.rz,
                 &mut self.scratch,
-            )
-        {
-            return;
+            ) {
+                return;
+            }
         }
         let zc = worth_compressing(dense, records.len()).then_some(&mut self.zc);
         put_block(wire, records, zc, &mut self.scratch);
