@@ -328,6 +328,12 @@ fn with_group_dying_at(point: &str, nth: u64, body: impl FnOnce(&Path, &str, &mu
         .write_fleet_with(2, Some("shop"))
         .expect("group deployment");
     let cfg_s = cfg.to_str().expect("utf-8").to_owned();
+    if !fec_for(point) {
+        let text = std::fs::read_to_string(&cfg).expect("config");
+        let off = text.replacen("[replication]\n", "[replication]\nfec = false\n", 1);
+        assert_ne!(text, off, "the deployment has a [replication] table");
+        std::fs::write(&cfg, off).expect("config");
+    }
     hypervisor::netns::in_new_netns(|| {
         bridge_and_taps(2);
         let _wan = wan_emulator();
@@ -463,6 +469,12 @@ fn a_group_s_database_always_holds_what_its_front_confirmed() {
     at_random_fault_points("shop", ["protect.sent", "protect.paused"], 15, shop_run);
 }
 
+/// `[replication] fec`: on (the default) for the first fault point's run,
+/// off for the other's (written into the configuration).
+fn fec_for(point: &str) -> bool {
+    point == "protect.sent"
+}
+
 fn shop_run(point: &str, nth: u64) {
     with_group_dying_at(point, nth, |dir, cfg_s, protect| {
         let log = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
@@ -564,7 +576,7 @@ fn shop_run(point: &str, nth: u64) {
             .filter(|l| l.contains("takeover complete"))
             .count();
         assert_eq!(takeovers, 1, "one takeover for the whole group");
-        group_fails_back_by_checksum(dir, cfg_s);
+        group_fails_back_by_checksum(dir, cfg_s, fec_for(point));
         eprintln!(
             "shop run at {point}@{nth}: {confirmed} orders, {} before the primary died \
              ({rate:.1} orders/s with {ORDER_WINDOW} in flight, 100 ms epochs)",
@@ -578,8 +590,10 @@ fn shop_run(point: &str, nth: u64) {
 /// seed its new replica back to back; dc2 protects the group back towards
 /// it and only the blocks that differ travel (a checksum resync of the
 /// group's disk, not the whole of it). At the end dc1's replica disk is
-/// the disk dc2's members run from, byte for byte.
-fn group_fails_back_by_checksum(dir: &std::path::Path, cfg_s: &str) {
+/// the disk dc2's members run from, byte for byte. The protection back
+/// replicates with forward error correction exactly when the site's
+/// `[replication] fec` says so.
+fn group_fails_back_by_checksum(dir: &std::path::Path, cfg_s: &str, fec: bool) {
     let log = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
     let state1 = dir.join("state-dc1").to_str().expect("utf-8").to_owned();
     let _standby1 = Proc::remus(
@@ -636,6 +650,17 @@ fn group_fails_back_by_checksum(dir: &std::path::Path, cfg_s: &str) {
             support::tail(&log("standby-dc1.log"), 40)
         )
     });
+    // dc2's protector publishes FEC figures once a FEC link carried its
+    // epochs, and none without.
+    let datagrams = support::vm_status("127.0.0.1:9478").and_then(|v| v.fec_datagrams);
+    if fec {
+        assert!(
+            datagrams.is_some_and(|n| n > 0),
+            "no FEC datagram with fec on: {datagrams:?}"
+        );
+    } else {
+        assert_eq!(datagrams, None, "FEC figures with `fec = false`");
+    }
 }
 
 /// The records of the guest's key-value log (one 512-byte sector per

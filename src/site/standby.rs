@@ -200,8 +200,11 @@ impl VmContext {
                         vm.clone(),
                         members,
                         protect,
-                        peer.clone(),
-                        me.clone(),
+                        takeover::ProtectBack {
+                            me: me.clone(),
+                            peer: peer.clone(),
+                            replication: cfg.replication.clone(),
+                        },
                         self.published.clone(),
                         self.control.clone(),
                     ),

@@ -35,6 +35,14 @@ pub fn restore_retrying(
     }
 }
 
+/// Where a taken-over VM is protected back to: from this site `me` to
+/// `peer`, with the site's `[replication]` settings.
+pub struct ProtectBack {
+    pub me: crate::config::Site,
+    pub peer: crate::config::Site,
+    pub replication: crate::config::Replication,
+}
+
 /// What runs the VM once this standby has taken over: the VM resumed
 /// from the replica under a `Protector` that holds the lease, serves
 /// unprotected while the old primary's site is down, and synchronises to a
@@ -43,12 +51,21 @@ pub fn run_after_takeover(
     vm: crate::config::Vm,
     members: Vec<crate::config::Vm>,
     mut opts: ProtectOptions,
-    peer: crate::config::Site,
-    me: crate::config::Site,
+    back: ProtectBack,
     published: crate::metrics::Published,
     control: ControlRouter,
 ) -> standby::Activate {
+    let ProtectBack {
+        me,
+        peer,
+        replication,
+    } = back;
     Box::new(move |store, act| {
+        if opts.endpoint.is_none() {
+            // Bound at the takeover, with the site's transport settings
+            // (FEC...), as the protect daemon's own endpoint is.
+            opts.endpoint = Some(super::protect::bind(&me, &replication)?);
+        }
         let capture = Capture::new(opts.output_limit);
         if super::group::unit_disk(&vm, &members).is_some() {
             // The replica's one image (a group's members' disks back to
