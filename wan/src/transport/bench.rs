@@ -203,6 +203,10 @@ pub struct Cell {
     pub trace: Vec<(f64, super::LinkStats)>,
     /// Epochs that did not commit within the phase's deadline.
     pub incomplete: usize,
+    /// The five longest commit latencies of the paced phase, longest first.
+    pub slowest: Vec<Duration>,
+    /// Paced epochs whose commit took longer than the latency target.
+    pub over_target: usize,
     /// What the emulated link did during the cell (both directions):
     /// packets delivered, dropped by random loss, dropped by the full queue.
     pub link_packets: u64,
@@ -492,7 +496,11 @@ async fn cell(
         b.close();
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let (goodput_bps, p50, p99, incomplete) = r;
+    let (goodput_bps, p50, p99, incomplete, latencies) = r;
+    let target =
+        2 * rtt + Duration::from_secs_f64(opts.epoch_bytes as f64 * 8.0 / opts.rate_bps as f64);
+    let over_target = latencies.iter().filter(|&&l| l > target).count();
+    let slowest = latencies.iter().rev().take(5).copied().collect();
     let after = link.handle().stats();
     let d = |f: fn(&crate::emulator::DirectionStats) -> u64| {
         f(&after.forward) + f(&after.backward) - f(&before.forward) - f(&before.backward)
@@ -513,6 +521,8 @@ async fn cell(
         mean_cwnd,
         trace: if opts.trace { trace } else { Vec::new() },
         incomplete,
+        slowest,
+        over_target,
         fec_primary,
         fec_backup,
     })
@@ -615,7 +625,7 @@ async fn measure(
     sender: &SenderHandle,
     mut sev: mpsc::UnboundedReceiver<SenderEvent>,
     opts: &BenchOptions,
-) -> (f64, Duration, Duration, usize) {
+) -> (f64, Duration, Duration, usize, Vec<Duration>) {
     let start = Instant::now();
     let mut t = Tracker {
         pushed: VecDeque::new(),
@@ -669,7 +679,8 @@ async fn measure(
     let incomplete = t.pushed.len();
     let p50 = percentile(&mut t.latencies, 0.50);
     let p99 = percentile(&mut t.latencies, 0.99);
-    (goodput, p50, p99, incomplete)
+    // (`percentile` sorted them.)
+    (goodput, p50, p99, incomplete, t.latencies)
 }
 
 fn ms(d: Duration) -> String {
@@ -831,6 +842,31 @@ impl fmt::Display for Table {
         }
         if let Some(m) = self.cells.iter().map(|c| c.link_max_packet).max() {
             writeln!(f, "\nlargest IP packet carried by the emulated link: {m} bytes (loss applies per packet)")?;
+        }
+        let paced: Vec<&Cell> = self
+            .cells
+            .iter()
+            .filter(|c| !c.slowest.is_empty())
+            .collect();
+        if !paced.is_empty() {
+            writeln!(f, "\nslowest commits of the paced phase (ms, longest first) and how many of the {} exceeded the target:\n", o.paced_count)?;
+            writeln!(
+                f,
+                "| RTT ms | loss % | transport | slowest 5 | over target |"
+            )?;
+            writeln!(f, "|---:|---:|---|---|---:|")?;
+            for c in paced {
+                let slow: Vec<String> = c.slowest.iter().map(|&d| ms(d)).collect();
+                writeln!(
+                    f,
+                    "| {} | {:.1} | {} | {} | {} |",
+                    c.rtt.as_millis(),
+                    c.loss * 100.0,
+                    c.transport,
+                    slow.join(" "),
+                    c.over_target
+                )?;
+            }
         }
         if !self.controller_cells.is_empty() {
             writeln!(f)?;
