@@ -203,8 +203,9 @@ pub struct Cell {
     pub trace: Vec<(f64, super::LinkStats)>,
     /// Epochs that did not commit within the phase's deadline.
     pub incomplete: usize,
-    /// The five longest commit latencies of the paced phase, longest first.
-    pub slowest: Vec<Duration>,
+    /// The five longest commit latencies of the paced phase, longest
+    /// first, with the epoch's place in the phase (0-based).
+    pub slowest: Vec<(usize, Duration)>,
     /// Paced epochs whose commit took longer than the latency target.
     pub over_target: usize,
     /// What the emulated link did during the cell (both directions):
@@ -500,7 +501,9 @@ async fn cell(
     let target =
         2 * rtt + Duration::from_secs_f64(opts.epoch_bytes as f64 * 8.0 / opts.rate_bps as f64);
     let over_target = latencies.iter().filter(|&&l| l > target).count();
-    let slowest = latencies.iter().rev().take(5).copied().collect();
+    let mut by_length: Vec<(usize, Duration)> = latencies.iter().copied().enumerate().collect();
+    by_length.sort_by(|a, b| b.1.cmp(&a.1));
+    let slowest = by_length.into_iter().take(5).collect();
     let after = link.handle().stats();
     let d = |f: fn(&crate::emulator::DirectionStats) -> u64| {
         f(&after.forward) + f(&after.backward) - f(&before.forward) - f(&before.backward)
@@ -677,10 +680,10 @@ async fn measure(
         }
     }
     let incomplete = t.pushed.len();
+    let in_order = t.latencies.clone();
     let p50 = percentile(&mut t.latencies, 0.50);
     let p99 = percentile(&mut t.latencies, 0.99);
-    // (`percentile` sorted them.)
-    (goodput, p50, p99, incomplete, t.latencies)
+    (goodput, p50, p99, incomplete, in_order)
 }
 
 fn ms(d: Duration) -> String {
@@ -849,14 +852,18 @@ impl fmt::Display for Table {
             .filter(|c| !c.slowest.is_empty())
             .collect();
         if !paced.is_empty() {
-            writeln!(f, "\nslowest commits of the paced phase (ms, longest first) and how many of the {} exceeded the target:\n", o.paced_count)?;
+            writeln!(f, "\nslowest commits of the paced phase (ms@epoch, longest first) and how many of the {} exceeded the target:\n", o.paced_count)?;
             writeln!(
                 f,
                 "| RTT ms | loss % | transport | slowest 5 | over target |"
             )?;
             writeln!(f, "|---:|---:|---|---|---:|")?;
             for c in paced {
-                let slow: Vec<String> = c.slowest.iter().map(|&d| ms(d)).collect();
+                let slow: Vec<String> = c
+                    .slowest
+                    .iter()
+                    .map(|&(i, d)| format!("{}@{i}", ms(d)))
+                    .collect();
                 writeln!(
                     f,
                     "| {} | {:.1} | {} | {} | {} |",

@@ -1,3 +1,7 @@
+//! Our congestion controllers for quinn: `loss-tolerant`
+//! ([`LossTolerant`], the default; module `loss_tolerant`) and, below,
+//! `bbr-bounded`.
+//!
 //! `bbr-bounded`: quinn's BBR with the bytes in flight bounded by the
 //! bottleneck we measure.
 //!

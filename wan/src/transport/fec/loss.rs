@@ -7,7 +7,10 @@
 //! and redundancy cannot help there: it only adds to the queue. So the
 //! estimate is capped (2 % by default, [`super::FecParams::max_loss`]);
 //! FEC is for random loss of the order of a percent, retransmission
-//! handles the rest.
+//! handles the rest. With the `loss-tolerant` controller (the default)
+//! nothing overflows the queue after start-up, so these counters are
+//! mostly the random loss and the estimate follows the link (20 ms / 0 %:
+//! 0.8-1.9 % redundancy instead of BBR's 7 %).
 
 /// Smallest number of newly sent packets that makes a sample: fewer gives
 /// a rate too coarse to use (one loss in 20 packets reads as 5 %).
