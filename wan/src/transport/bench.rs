@@ -502,7 +502,7 @@ async fn cell(
         2 * rtt + Duration::from_secs_f64(opts.epoch_bytes as f64 * 8.0 / opts.rate_bps as f64);
     let over_target = latencies.iter().filter(|&&l| l > target).count();
     let mut by_length: Vec<(usize, Duration)> = latencies.iter().copied().enumerate().collect();
-    by_length.sort_by(|a, b| b.1.cmp(&a.1));
+    by_length.sort_by_key(|&(_, d)| std::cmp::Reverse(d));
     let slowest = by_length.into_iter().take(5).collect();
     let after = link.handle().stats();
     let d = |f: fn(&crate::emulator::DirectionStats) -> u64| {
