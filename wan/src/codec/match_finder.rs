@@ -30,16 +30,6 @@ const PREFIX: [CParameter; 3] = [
     CParameter::MinMatch(4),
 ];
 
-/// Chunks with other pages as prefix (`BLOCK_ZSTD_REFS`: up to 256 KiB
-/// of prefix pages and the chunk): a 64 Ki-entry table for twice the
-/// content, as in the scratch measurement that chose the feature. The
-/// window is set per frame, to cover the prefix.
-const REFS: [CParameter; 3] = [
-    CParameter::Strategy(Strategy::ZSTD_fast),
-    CParameter::HashLog(16),
-    CParameter::MinMatch(5),
-];
-
 /// Whether the override applies at `level`: negative levels are already
 /// the fast match finder, with their own acceleration.
 fn applies(level: i32) -> bool {
@@ -64,16 +54,6 @@ pub(super) fn chunk_compressor(
 pub(super) fn tune_prefix(ctx: &mut CCtx<'_>, level: i32, fast: bool) -> Option<()> {
     if fast && applies(level) {
         for p in PREFIX {
-            ctx.set_parameter(p).ok()?;
-        }
-    }
-    Some(())
-}
-
-/// Sets the referencing chunks' match finder on a context whose level is set.
-pub(super) fn tune_refs(ctx: &mut CCtx<'_>, level: i32, fast: bool) -> Option<()> {
-    if fast && applies(level) {
-        for p in REFS {
             ctx.set_parameter(p).ok()?;
         }
     }

@@ -195,7 +195,7 @@ pub(super) fn choose(
         .filter(|&(_, &n)| n >= MIN_VOTES)
         .map(|(&f, &n)| (n, f))
         .collect();
-    v.sort_unstable_by(|a, b| b.cmp(a));
+    v.sort_unstable_by_key(|&x| std::cmp::Reverse(x));
     let mut out: Vec<u64> = v
         .into_iter()
         .map(|(_, f)| f)

@@ -282,6 +282,16 @@ fn all_schemes(w: &Workload, ours_only: bool) -> Result<Vec<Box<dyn Scheme>>, Tr
         },
         w,
     )?);
+    // Chunks without other pages as zstd prefix (wire version 3's
+    // `BLOCK_ZSTD_REFS`, the default since issue 16): before and after.
+    all.push(ours(
+        "ours no chunk refs (64 MiB)",
+        EncoderConfig {
+            chunk_refs: 0,
+            ..d()
+        },
+        w,
+    )?);
     all.push(ours(
         "ours 1 MiB chunks (64 MiB)",
         EncoderConfig {
