@@ -27,7 +27,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use super::wire::{Datagram, KIND_HELLO};
+use super::wire::{Datagram, KIND_HELLO, KIND_MIRROR};
 use super::{Encoder, FecParams, Limits, Reassembly, ReassemblyStats};
 use crate::transport::replication::Link;
 use crate::transport::{Connection, CLOSE_FEC_ERROR};
@@ -213,6 +213,31 @@ pub fn quic_link(
     }
 }
 
+/// A mirror is sent twice, the second copy this long after the first
+/// (see [`FecWrite::send_out`]).
+const MIRROR_AGAIN_AFTER: Duration = Duration::from_millis(3);
+
+/// Whether a datagram is a MIRROR (sent twice).
+fn is_mirror(d: &[u8]) -> bool {
+    d.first() == Some(&KIND_MIRROR)
+}
+
+/// Sends one FEC datagram, best effort (the stream still carries every
+/// byte), and counts it.
+fn send_counted(conn: &quinn::Connection, counters: &Tally, d: Bytes) {
+    let n = d.len() as u64;
+    match conn.send_datagram(d) {
+        Ok(()) => {
+            counters.add(|c| &c.datagrams_sent, 1);
+            counters.add(|c| &c.redundant_bytes_sent, n);
+        }
+        Err(e) => {
+            debug!(error = %e, "FEC datagram not sent");
+            counters.add(|c| &c.send_failures, 1);
+        }
+    }
+}
+
 /// The write half: the stream, plus redundancy at each flush.
 struct FecWrite {
     send: quinn::SendStream,
@@ -236,18 +261,23 @@ impl FecWrite {
 
     fn send_out(&mut self) {
         for d in self.out.drain(..) {
-            let n = d.len() as u64;
-            match self.conn.send_datagram(d) {
-                Ok(()) => {
-                    self.counters.add(|c| &c.datagrams_sent, 1);
-                    self.counters.add(|c| &c.redundant_bytes_sent, n);
-                }
-                // Best effort: the stream still carries every byte.
-                Err(e) => {
-                    debug!(error = %e, "FEC datagram not sent");
-                    self.counters.add(|c| &c.send_failures, 1);
-                }
+            if is_mirror(&d) {
+                // quinn packs DATAGRAM frames and then STREAM frames into
+                // the same packet: a commit message and its mirror usually
+                // share one UDP packet, and one loss takes both (then the
+                // commit waits for quinn's probe timeout, ~100 ms at
+                // 50 ms RTT: the isolated slow epochs of the benchmark).
+                // A second copy a few milliseconds later travels in a
+                // packet of its own.
+                let conn = self.conn.clone();
+                let counters = self.counters.clone();
+                let again = d.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(MIRROR_AGAIN_AFTER).await;
+                    send_counted(&conn, &counters, again);
+                });
             }
+            send_counted(&self.conn, &self.counters, d);
         }
     }
 
@@ -415,5 +445,28 @@ async fn read_task(
             // `tx` is the reader's EOF.
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_mirrors_are_sent_twice() {
+        let mirror = Datagram::Mirror {
+            offset: 7,
+            bytes: Bytes::from_static(b"commit"),
+        }
+        .encode();
+        assert!(is_mirror(&mirror));
+        assert!(!is_mirror(&Datagram::Hello.encode()));
+        assert!(!is_mirror(&[]));
+        assert!(!is_mirror(&[super::super::wire::KIND_REPAIR, 0, 0]));
+        // The second copy must leave well after quinn has sent the first
+        // (and the stream frame it would share a packet with), and add
+        // little to a commit that needed it.
+        assert!(MIRROR_AGAIN_AFTER >= Duration::from_millis(1));
+        assert!(MIRROR_AGAIN_AFTER <= Duration::from_millis(10));
     }
 }
