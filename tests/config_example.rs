@@ -109,6 +109,45 @@ fn fec_is_on_unless_the_replication_section_turns_it_off() {
 }
 
 #[test]
+fn the_congestion_controller_is_loss_tolerant_unless_replication_names_another() {
+    use wan::transport::CongestionControl;
+    let cfg = Config::load_with_env(&example(), no_env()).expect("valid");
+    assert_eq!(
+        cfg.replication.congestion(),
+        CongestionControl::LossTolerant
+    );
+    let env = vec![(
+        "REMUS_WAN_REPLICATION__CONGESTION".to_owned(),
+        "bbr".to_owned(),
+    )];
+    let cfg = Config::load_with_env(&example(), env).expect("valid");
+    assert_eq!(cfg.replication.congestion(), CongestionControl::Bbr);
+    let env = vec![(
+        "REMUS_WAN_REPLICATION__CONGESTION".to_owned(),
+        "vegas".to_owned(),
+    )];
+    let err = Config::load_with_env(&example(), env).expect_err("must be refused");
+    assert_eq!(err.issues()[0].key, "replication.congestion");
+    assert!(
+        err.issues()[0].to_string().contains("loss-tolerant"),
+        "{err}"
+    );
+}
+
+#[test]
+fn congestion_per_vm_is_refused_with_its_key() {
+    let t = example_text().replace(
+        "name = \"web1\"\n",
+        "name = \"web1\"\nreplication = { congestion = \"bbr\" }\n",
+    );
+    assert_issue(
+        &t,
+        "vms[0].replication.congestion",
+        "set it in [replication]",
+    );
+}
+
+#[test]
 fn fec_per_vm_is_refused_with_its_key() {
     let t = example_text().replace(
         "name = \"web1\"\n",

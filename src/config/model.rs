@@ -107,12 +107,26 @@ pub struct Replication {
     /// (docs/transport.md). A property of the site's endpoint, shared by
     /// all its VMs: set in `[replication]` only. Absent means on.
     pub fec: Option<bool>,
+    /// Congestion controller of the replication connections:
+    /// `loss-tolerant` (absent: the default), `bbr`, `bbr-bounded`,
+    /// `cubic` or `newreno` (docs/transport.md). Like `fec`, a property of
+    /// the site's endpoint: set in `[replication]` only.
+    pub congestion: Option<String>,
 }
 
 impl Replication {
     /// Whether the site's replication endpoint uses FEC.
     pub fn fec(&self) -> bool {
         self.fec.unwrap_or(true)
+    }
+
+    /// The congestion controller of the site's replication endpoint (a
+    /// value validation refused never gets here; the default otherwise).
+    pub fn congestion(&self) -> wan::transport::CongestionControl {
+        self.congestion
+            .as_deref()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(wan::transport::CongestionControl::LossTolerant)
     }
 }
 
@@ -126,6 +140,7 @@ impl Default for Replication {
             max_epoch_mib: 512,
             output_buffer_mib: 64,
             fec: None,
+            congestion: None,
         }
     }
 }

@@ -145,6 +145,11 @@ impl Validator {
     }
 
     fn replication(&mut self, key: &str, r: &Replication) {
+        if let Some(c) = &r.congestion {
+            if let Err(e) = c.parse::<wan::transport::CongestionControl>() {
+                self.push(&format!("{key}.congestion"), e);
+            }
+        }
         self.range(
             &format!("{key}.epoch_interval_ms"),
             r.epoch_interval_ms,
@@ -570,12 +575,19 @@ impl Validator {
             self.announce(&format!("{key}.announce"), &vm.announce);
             if let Some(r) = &vm.replication {
                 self.replication(&format!("{key}.replication"), r);
-                if r.fec.is_some() {
-                    self.push(
-                        &format!("{key}.replication.fec"),
-                        "expected no value per VM: FEC belongs to the site's endpoint, \
-                         which all its VMs share; set it in [replication]",
-                    );
+                for (name, set) in [
+                    ("fec", r.fec.is_some()),
+                    ("congestion", r.congestion.is_some()),
+                ] {
+                    if set {
+                        self.push(
+                            &format!("{key}.replication.{name}"),
+                            format!(
+                                "expected no value per VM: `{name}` belongs to the site's \
+                                 endpoint, which all its VMs share; set it in [replication]"
+                            ),
+                        );
+                    }
                 }
             }
             for (j, rec) in vm.dns.iter().enumerate() {

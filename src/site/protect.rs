@@ -57,10 +57,12 @@ pub fn protect_options(
 }
 
 /// The endpoint every VM of the daemon replicates from (an ephemeral port
-/// of site `me`'s address), with FEC as `[replication] fec` says.
+/// of site `me`'s address), with FEC and the congestion controller as
+/// `[replication]` says.
 pub fn bind(me: &Site, replication: &Replication) -> Result<Endpoint, String> {
     let mut tcfg = TransportConfig::new(tls_paths(&me.tls));
     tcfg.fec = replication.fec();
+    tcfg.congestion = replication.congestion();
     Endpoint::bind(std::net::SocketAddr::new(me.listen.ip(), 0), tcfg)
         .map_err(|e| format!("replication endpoint: {e}"))
 }

@@ -53,6 +53,7 @@ pub fn bind(cfg: &Config, site: &str) -> Result<Endpoint, String> {
         .map(|s| s.name.clone())
         .collect();
     tcfg.fec = cfg.replication.fec();
+    tcfg.congestion = cfg.replication.congestion();
     Endpoint::bind(me.listen, tcfg).map_err(|e| format!("endpoint {}: {e}", me.listen))
 }
 
