@@ -595,22 +595,7 @@ fn shop_run(point: &str, nth: u64) {
 /// `[replication] fec` says so.
 fn group_fails_back_by_checksum(dir: &std::path::Path, cfg_s: &str, fec: bool) {
     let log = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
-    let state1 = dir.join("state-dc1").to_str().expect("utf-8").to_owned();
-    let _standby1 = Proc::remus(
-        "standby at dc1 (failback)",
-        &[
-            "standby",
-            "--config",
-            cfg_s,
-            "--site",
-            "dc1",
-            "--state-dir",
-            &state1,
-            "--metrics",
-            "127.0.0.1:9479",
-        ],
-        &dir.join("standby-dc1.log"),
-    );
+    let _standby1 = support::sites::standby_at_dc1(cfg_s, dir);
     support::wait_until(
         "dc2 protects the group back towards dc1",
         Duration::from_secs(120),

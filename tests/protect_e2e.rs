@@ -797,22 +797,7 @@ fn failback_by_checksum(
                 .expect("write dc1's old disk");
         }
     }
-    let state1 = dir.join("state-dc1").to_str().expect("utf-8").to_owned();
-    let _standby1 = Proc::remus(
-        "standby at dc1 (failback)",
-        &[
-            "standby",
-            "--config",
-            cfg_s,
-            "--site",
-            "dc1",
-            "--state-dir",
-            &state1,
-            "--metrics",
-            "127.0.0.1:9479",
-        ],
-        &dir.join("standby-dc1.log"),
-    );
+    let _standby1 = support::sites::standby_at_dc1(cfg_s, dir);
     kv_lines
         .get_ref()
         .set_read_timeout(Some(Duration::from_secs(120)))

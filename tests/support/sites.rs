@@ -41,6 +41,29 @@ pub fn standby(cfg: &str, dir: &Path, env: &[(&str, String)]) -> Proc {
     standby
 }
 
+/// `remus-wan standby --site dc1` with its state in `state-dc1/`, its
+/// status on 127.0.0.1:9479 (dc2's standby has the default port) and its
+/// log in `standby-dc1.log`: the old primary's site back as the backup of
+/// what dc2 took over (failback). Not waited for: dc2 connects when it can.
+pub fn standby_at_dc1(cfg: &str, dir: &Path) -> Proc {
+    let state = under(dir, "state-dc1");
+    Proc::remus(
+        "standby at dc1 (failback)",
+        &[
+            "standby",
+            "--config",
+            cfg,
+            "--site",
+            "dc1",
+            "--state-dir",
+            &state,
+            "--metrics",
+            "127.0.0.1:9479",
+        ],
+        &dir.join("standby-dc1.log"),
+    )
+}
+
 /// `remus-wan witness` of the deployment.
 pub fn witness(cfg: &str, dir: &Path) -> Proc {
     let state = under(dir, "witness");
