@@ -37,20 +37,27 @@ fn page(seed: u8) -> Vec<u8> {
 fn committed_pair() -> (Encoder, VecMemory, Vec<Vec<u8>>) {
     let mut enc = encoder();
     let pages: Vec<Vec<u8>> = (0..FRAMES).map(|f| page(f as u8 + 1)).collect();
+    let replica = commit_image(&mut enc, &pages, b"state");
+    enc.acknowledge(1);
+    (enc, replica, pages)
+}
+
+/// Epoch 1 of `enc`: every frame's page in `pages`, decoded and applied to
+/// a fresh replica.
+fn commit_image(enc: &mut Encoder, pages: &[Vec<u8>], state: &[u8]) -> VecMemory {
     let all: Vec<(u64, &[u8])> = pages
         .iter()
         .enumerate()
         .map(|(f, p)| (f as u64, &p[..]))
         .collect();
-    let e1 = enc.encode(1, &all, b"state", &[]).expect("encode");
+    let e1 = enc.encode(1, &all, state, &[]).expect("encode");
     let mut replica = VecMemory::new(FRAMES, PS);
     decoder()
         .decode(&e1, &replica)
         .expect("decode")
         .apply(&mut replica)
         .expect("apply");
-    enc.acknowledge(1);
-    (enc, replica, pages)
+    replica
 }
 
 /// Epoch 2 over the committed pair: a delta, a reference, a zero page.
@@ -435,18 +442,7 @@ const STORED_AT: usize = METHOD_AT + 9;
 fn refs_epoch() -> (VecMemory, Vec<u8>, Vec<u8>) {
     let mut enc = encoder();
     let pages: Vec<Vec<u8>> = (0..FRAMES).map(|f| noise(f as u32 + 1)).collect();
-    let all: Vec<(u64, &[u8])> = pages
-        .iter()
-        .enumerate()
-        .map(|(f, p)| (f as u64, &p[..]))
-        .collect();
-    let e1 = enc.encode(1, &all, b"", &[]).expect("encode");
-    let mut replica = VecMemory::new(FRAMES, PS);
-    decoder()
-        .decode(&e1, &replica)
-        .expect("decode")
-        .apply(&mut replica)
-        .expect("apply");
+    let replica = commit_image(&mut enc, &pages, b"");
     let mut spliced = pages[5][100..].to_vec();
     spliced.extend_from_slice(&pages[6][..100]);
     let e2 = enc
