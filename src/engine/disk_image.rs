@@ -120,11 +120,6 @@ impl DiskFile {
         self.len == 0
     }
 
-    /// Where each image begins in the unit's range.
-    pub fn starts(&self) -> Vec<u64> {
-        self.parts.iter().map(|p| p.start).collect()
-    }
-
     /// The pieces of `len` bytes at `offset`: (part, offset in its image,
     /// bytes). Bytes beyond the end are not in any piece.
     fn pieces(&self, offset: u64, len: u64) -> impl Iterator<Item = (&Part, u64, u64)> {

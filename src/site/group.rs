@@ -317,7 +317,7 @@ pub fn resume_members(
 ) -> Result<(GroupGuest, GroupRelease), String> {
     let intra = intra_of(members)?;
     let disks = member_disks(members)?;
-    let vms = restore_members(members, memory, state, disk, |i| {
+    let vms = restore_members(members, memory, state, disk, &disks, |i| {
         member_seams(capture, i, &intra, disks[i])
     })?;
     assemble(vms, &intra)
@@ -331,17 +331,21 @@ pub fn activate_members(
     state: &[u8],
     disk: &Path,
 ) -> Result<Vec<hypervisor::kvm::Vm>, String> {
-    restore_members(members, memory, state, disk, |_| Ok(Seams::default()))
+    let disks = member_disks(members)?;
+    restore_members(members, memory, state, disk, &disks, |_| {
+        Ok(Seams::default())
+    })
 }
 
 /// Each member restored from its slice of the group's memory, its part of
-/// the group's state blob and its part of the replica's `disk`, with the
-/// seams `seams(i)` gives.
+/// the group's state blob and its part (`disks`, from [`member_disks`]) of
+/// the replica's disk image, with the seams `seams(i)` gives.
 fn restore_members(
     members: &[Vm],
     memory: &[u8],
     state: &[u8],
     disk: &Path,
+    disks: &[Option<(u64, u64)>],
     seams: impl Fn(usize) -> Result<Seams, String>,
 ) -> Result<Vec<hypervisor::kvm::Vm>, String> {
     use hypervisor::kvm;
@@ -356,7 +360,6 @@ fn restore_members(
     }
     let ps = 4096u64;
     let frames: Vec<u64> = members.iter().map(|m| m.memory_mib * 256).collect();
-    let disks = member_disks(members)?;
     let mut vms = Vec::new();
     for (i, (m, range)) in members.iter().zip(member_ranges(&frames)).enumerate() {
         let mut spec = super::kvm_vm::spec_from_config(m)?;

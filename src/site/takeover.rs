@@ -61,11 +61,9 @@ pub fn run_after_takeover(
         replication,
     } = back;
     Box::new(move |store, act| {
-        if opts.endpoint.is_none() {
-            // Bound at the takeover, with the site's transport settings
-            // (FEC...), as the protect daemon's own endpoint is.
-            opts.endpoint = Some(super::protect::bind(&me, &replication)?);
-        }
+        // Bound at the takeover, with the site's transport settings (FEC,
+        // congestion controller), as the protect daemon's own endpoint is.
+        opts.endpoint = Some(super::protect::bind(&me, &replication)?);
         let capture = Capture::new(opts.output_limit);
         if super::group::unit_disk(&vm, &members).is_some() {
             // The replica's one image (a group's members' disks back to
