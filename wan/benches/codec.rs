@@ -45,8 +45,10 @@ fn thread_cpu() -> Duration {
 fn print_threads(w: &Workload, rows: &[Row]) {
     let n = trace_bench::total_threads();
     let cfg = EncoderConfig::default();
-    let (w1, c1) = trace_bench::threaded_encode(w, &cfg, 1, 3).expect("1 thread");
-    let (wn, cn) = trace_bench::threaded_encode(w, &cfg, n, 3).expect("n threads");
+    let one = trace_bench::threaded_encode(w, &cfg, 1, 3).expect("1 thread");
+    let all = trace_bench::threaded_encode(w, &cfg, n, 3).expect("n threads");
+    let (w1, c1, d1) = (one.encode_wall, one.encode_per_cpu, one.decode_wall);
+    let (wn, cn, dn) = (all.encode_wall, all.encode_per_cpu, all.decode_wall);
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let zstd3 = rows
         .iter()
@@ -60,9 +62,9 @@ fn print_threads(w: &Workload, rows: &[Row]) {
             .collect::<Vec<_>>()
             .join(" ")
     );
-    println!("    1 thread (per core):  {w1:>6.0} MB/s wall, {c1:>6.0} MB/s per CPU-second");
+    println!("    1 thread (per core):  {w1:>6.0} MB/s wall, {c1:>6.0} MB/s per CPU-second; decode {d1:>6.0} MB/s wall");
     println!(
-        "    {n} threads (total):   {wn:>6.0} MB/s wall, {cn:>6.0} MB/s per CPU-second ({:.2}x wall)",
+        "    {n} threads (total):   {wn:>6.0} MB/s wall, {cn:>6.0} MB/s per CPU-second ({:.2}x wall); decode {dn:>6.0} MB/s wall",
         wn / w1
     );
     println!("    zstd-3/page (baseline, one core, same run): {zstd3} MB/s");

@@ -7,11 +7,14 @@
 use xxhash_rust::xxh3::xxh3_128;
 
 use super::block::{read_block, RawBlock};
+use super::buffer_pool::BufferPool;
+use super::chunk_decode::{ChunkDecompressor, ChunkJob, ChunkQueue};
 use super::error::CodecError;
 use super::format::{
-    Header, BLOCK_ZSTD_REFS, HEADER_LEN, MAGIC, MAX_CHUNK_RAW, MAX_CHUNK_REFS, MAX_PAGE_SIZE,
-    MIN_PAGE_SIZE, NO_BASE, REC_DELTA_RLE, REC_DELTA_ZSTD, REC_FULL_RAW, REC_FULL_ZSTD,
-    REC_PREFIX_ZSTD, REC_REF, REC_ZERO, TRAILER_LEN, VERSION, VERSION_PREFIX, VERSION_REFS,
+    Header, BLOCK_STORED, BLOCK_ZSTD_REFS, HEADER_LEN, MAGIC, MAX_CHUNK_RAW, MAX_CHUNK_REFS,
+    MAX_PAGE_SIZE, MIN_PAGE_SIZE, NO_BASE, REC_DELTA_RLE, REC_DELTA_ZSTD, REC_FULL_RAW,
+    REC_FULL_ZSTD, REC_PREFIX_ZSTD, REC_REF, REC_ZERO, TRAILER_LEN, VERSION, VERSION_PREFIX,
+    VERSION_REFS,
 };
 use super::memory::PageSource;
 use super::prefix::PrefixDecompressor;
@@ -32,6 +35,11 @@ pub struct DecoderConfig {
     pub max_disk_write_bytes: u64,
     /// Largest sum of disk writes in one epoch.
     pub max_disk_total_bytes: u64,
+    /// Threads that decompress an epoch's record chunks (the calling thread
+    /// included; `chunk_decode.rs`). The result, errors included, is the
+    /// same for every count. `1` (or `0`): the calling thread only.
+    /// Default: the machine's available parallelism, at most 4.
+    pub threads: usize,
 }
 
 impl Default for DecoderConfig {
@@ -42,6 +50,7 @@ impl Default for DecoderConfig {
             max_state_bytes: 256 << 20,
             max_disk_write_bytes: 64 << 20,
             max_disk_total_bytes: 4 << 30,
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
         }
     }
 }
@@ -49,26 +58,26 @@ impl Default for DecoderConfig {
 /// Decodes epochs; holds zstd state and scratch reused between epochs.
 pub struct Decoder {
     cfg: DecoderConfig,
-    dz: zstd::bulk::Decompressor<'static>,
-    /// Decompression context of `REC_PREFIX_ZSTD` records.
-    pd: PrefixDecompressor,
+    /// The calling thread's zstd contexts: chunks, pages, state, disk data.
+    main: ChunkDecompressor,
+    /// Helper threads' contexts, made on the first epoch that uses them.
+    helpers: Vec<ChunkDecompressor>,
     xor: Vec<u8>,
     /// A `BLOCK_ZSTD_REFS` chunk's prefix, reused.
     prefix: Vec<u8>,
+    /// Chunk and page buffers, back from the staged epochs once applied.
+    pool: BufferPool,
 }
 
 impl Decoder {
     pub fn new(cfg: DecoderConfig) -> Result<Self, CodecError> {
-        let dz = zstd::bulk::Decompressor::new()
-            .map_err(|e| CodecError::corrupt(format!("zstd decompressor: {e}")))?;
-        let pd = PrefixDecompressor::new()
-            .ok_or_else(|| CodecError::corrupt("zstd decompressor: no memory"))?;
         Ok(Decoder {
             cfg,
-            dz,
-            pd,
+            main: ChunkDecompressor::new()?,
+            helpers: Vec::new(),
             xor: Vec::new(),
             prefix: Vec::new(),
+            pool: BufferPool::default(),
         })
     }
 
@@ -78,7 +87,7 @@ impl Decoder {
 
     /// Verifies `bytes` against `replica` and stages the epoch. The replica is
     /// only read; on error nothing about it changes.
-    pub fn decode<S: PageSource + ?Sized>(
+    pub fn decode<S: PageSource + Sync + ?Sized>(
         &mut self,
         bytes: &[u8],
         replica: &S,
@@ -96,6 +105,7 @@ impl Decoder {
             page_size,
             frames,
             header.record_count as usize,
+            self.pool.clone(),
         );
         if self.xor.len() != page_size {
             self.xor = vec![0; page_size];
@@ -104,7 +114,7 @@ impl Decoder {
         self.read_chunks(&mut r, &header, replica, &mut staged)?;
 
         let state = read_block(&mut r, "state blob", self.cfg.max_state_bytes, false)?;
-        state.decode_into(&mut staged.state_blob, &mut self.dz, "state blob")?;
+        state.decode_into(&mut staged.state_blob, &mut self.main.dz, "state blob")?;
 
         let mut disk_total = 0u64;
         for _ in 0..header.disk_write_count {
@@ -119,7 +129,7 @@ impl Decoder {
                 });
             }
             let mut data = Vec::new();
-            block.decode_into(&mut data, &mut self.dz, "disk write")?;
+            block.decode_into(&mut data, &mut self.main.dz, "disk write")?;
             staged.disk_writes.push(DiskWrite { offset, data });
         }
         if !r.is_empty() {
@@ -275,13 +285,21 @@ impl Decoder {
         Ok(())
     }
 
-    fn read_chunks<S: PageSource + ?Sized>(
+    fn read_chunks<S: PageSource + Sync + ?Sized>(
         &mut self,
         r: &mut Reader<'_>,
         h: &Header,
         replica: &S,
         staged: &mut StagedEpoch,
     ) -> Result<(), CodecError> {
+        if self.cfg.threads > 1 && h.chunk_count >= 2 {
+            if let Some((jobs, rest)) = self.locate_chunks(r, h, replica) {
+                if worth_helpers(&jobs) {
+                    *r = rest;
+                    return self.read_chunks_parallel(&jobs, h, replica, staged);
+                }
+            }
+        }
         let mut records = 0u64;
         let mut predicted = 0u64;
         // Decoded chunks are kept for the staged epoch: raw pages and delta
@@ -296,11 +314,11 @@ impl Decoder {
                 ));
             }
             let block = read_block(r, "record chunk", MAX_CHUNK_RAW, h.version >= VERSION_REFS)?;
-            let mut buf = Vec::new();
+            let mut buf = self.pool.take();
             if block.method == BLOCK_ZSTD_REFS {
                 self.decode_refs_chunk(&block, h, replica, &mut buf)?;
             } else {
-                block.decode_into(&mut buf, &mut self.dz, "record chunk")?;
+                block.decode_into(&mut buf, &mut self.main.dz, "record chunk")?;
             }
             chunks.push(buf);
             let cur = chunks.len() - 1;
@@ -334,45 +352,117 @@ impl Decoder {
         replica: &S,
         out: &mut Vec<u8>,
     ) -> Result<(), CodecError> {
-        if h.base().is_none() {
-            return Err(CodecError::BadReference {
-                frame: 0,
-                target: 0,
-                reason: "chunk prefix of committed content in an epoch without base",
+        let mut frames = Vec::new();
+        let z = refs_frames(block, h, replica, &mut frames)?;
+        self.prefix.clear();
+        for f in frames {
+            self.prefix.extend_from_slice(replica.page(f));
+        }
+        self.main.refs(z, &self.prefix, block.raw_len, out)
+    }
+
+    /// Every chunk's header and block, and the prefixes of
+    /// `BLOCK_ZSTD_REFS` chunks, read ahead of any decompression; with the
+    /// reader past the last chunk. `None` when anything there is wrong:
+    /// the single-thread path then reports it, in its order.
+    fn locate_chunks<'a, S: PageSource + ?Sized>(
+        &self,
+        r: &Reader<'a>,
+        h: &Header,
+        replica: &S,
+    ) -> Option<(Vec<ChunkJob<'a>>, Reader<'a>)> {
+        let mut scan = r.clone();
+        let mut records = 0u64;
+        let mut jobs = Vec::with_capacity((h.chunk_count as usize).min(1024));
+        for _ in 0..h.chunk_count {
+            let n = scan.u32().ok()?;
+            records += u64::from(n);
+            if n == 0 || records > u64::from(h.record_count) {
+                return None;
+            }
+            let block = read_block(
+                &mut scan,
+                "record chunk",
+                MAX_CHUNK_RAW,
+                h.version >= VERSION_REFS,
+            )
+            .ok()?;
+            let mut refs = Vec::new();
+            let refs_frame = if block.method == BLOCK_ZSTD_REFS {
+                refs_frames(&block, h, replica, &mut refs).ok()?
+            } else {
+                &[]
+            };
+            jobs.push(ChunkJob {
+                records: n,
+                block,
+                refs_frame,
+                refs,
             });
         }
-        let frames = replica.frame_count();
-        let mut r = Reader::new(block.stored, "record chunk prefix");
-        let count = r.uleb()?;
-        if count == 0 || count > MAX_CHUNK_REFS {
-            return Err(CodecError::corrupt(format!(
-                "record chunk names {count} prefix frames (1..={MAX_CHUNK_REFS})"
-            )));
+        (records == u64::from(h.record_count)).then_some((jobs, scan))
+    }
+
+    /// [`Decoder::read_chunks`] with the chunks decompressed on several
+    /// threads first, then read in order.
+    fn read_chunks_parallel<S: PageSource + Sync + ?Sized>(
+        &mut self,
+        jobs: &[ChunkJob<'_>],
+        h: &Header,
+        replica: &S,
+        staged: &mut StagedEpoch,
+    ) -> Result<(), CodecError> {
+        let want = (self.cfg.threads - 1).min(jobs.len() - 1);
+        while self.helpers.len() < want {
+            self.helpers.push(ChunkDecompressor::new()?);
         }
-        self.prefix.clear();
-        let mut predicted = 0u64;
-        for _ in 0..count {
-            let f = predicted.wrapping_add(r.zigzag()? as u64);
-            if f >= frames {
-                return Err(CodecError::FrameOutOfRange { frame: f, frames });
+        let mut helpers = std::mem::take(&mut self.helpers);
+        let pool = self.pool.clone();
+        let queue = ChunkQueue::new(jobs);
+        let chunks = std::thread::scope(|s| {
+            for h in helpers.iter_mut().take(want) {
+                let (queue, pool) = (&queue, &pool);
+                // A helper that cannot be started leaves its share to the
+                // calling thread.
+                let _ = std::thread::Builder::new()
+                    .name("codec-unzstd".into())
+                    .spawn_scoped(s, move || queue.help(h, replica, pool));
             }
-            self.prefix.extend_from_slice(replica.page(f));
-            predicted = f.wrapping_add(1);
-        }
-        let z = r.bytes(r.remaining())?;
-        out.clear();
-        out.resize(block.raw_len as usize, 0);
-        let n = self
-            .pd
-            .decompress(z, &self.prefix, out)
-            .map_err(|e| CodecError::corrupt(format!("record chunk: bad zstd block: {e}")))?;
-        if n as u64 != block.raw_len {
-            return Err(CodecError::corrupt(format!(
-                "record chunk: zstd block decodes to {n} bytes, header says {}",
-                block.raw_len
-            )));
-        }
+            let r = self.read_queued_chunks(&queue, h, replica, staged, &pool);
+            queue.stop();
+            r
+        });
+        self.helpers = helpers;
+        staged.set_chunks(chunks?);
         Ok(())
+    }
+
+    /// The records of each chunk of `queue`, in order, as the chunks
+    /// become ready; the decoded chunks.
+    fn read_queued_chunks<S: PageSource + Sync + ?Sized>(
+        &mut self,
+        queue: &ChunkQueue<'_, '_>,
+        h: &Header,
+        replica: &S,
+        staged: &mut StagedEpoch,
+        pool: &BufferPool,
+    ) -> Result<Vec<Vec<u8>>, CodecError> {
+        let jobs = queue.jobs();
+        let mut chunks: Vec<Vec<u8>> = Vec::with_capacity(jobs.len());
+        let mut predicted = 0u64;
+        for (i, job) in jobs.iter().enumerate() {
+            chunks.push(queue.take(i, &mut self.main, replica, pool)?);
+            let mut cr = Reader::new(&chunks[i], "page record");
+            for _ in 0..job.records {
+                predicted = self.read_record(&mut cr, h, replica, staged, &chunks, i, predicted)?;
+            }
+            if !cr.is_empty() {
+                return Err(CodecError::corrupt(
+                    "bytes after the last record of a chunk",
+                ));
+            }
+        }
+        Ok(chunks)
     }
 
     /// Decodes one record of chunk `cur` into `staged`; returns the next
@@ -454,7 +544,7 @@ impl Decoder {
                 }
                 let n = payload_len(r)?;
                 let z = r.bytes(n)?;
-                decompress_page(&mut self.dz, z, &mut self.xor)?;
+                decompress_page(&mut self.main.dz, z, &mut self.xor)?;
                 let page = staged.push_page(frame, replica.page(frame))?;
                 for (d, x) in page.iter_mut().zip(&self.xor) {
                     *d ^= x;
@@ -463,7 +553,7 @@ impl Decoder {
             REC_FULL_ZSTD => {
                 let n = payload_len(r)?;
                 let z = r.bytes(n)?;
-                decompress_page(&mut self.dz, z, &mut self.xor)?;
+                decompress_page(&mut self.main.dz, z, &mut self.xor)?;
                 staged.push_page(frame, &self.xor)?;
             }
             REC_PREFIX_ZSTD if h.version >= VERSION_PREFIX => {
@@ -473,7 +563,7 @@ impl Decoder {
                 let n = payload_len(r)?;
                 let z = r.bytes(n)?;
                 let old = replica.page(frame);
-                decompress_with_prefix(&mut self.pd, z, old, &mut self.xor)?;
+                decompress_with_prefix(&mut self.main.pd, z, old, &mut self.xor)?;
                 staged.push_page(frame, &self.xor)?;
             }
             REC_FULL_RAW => {
@@ -485,6 +575,57 @@ impl Decoder {
         }
         Ok(frame.wrapping_add(1))
     }
+}
+
+/// Whether a helper thread pays for these chunks: at least two of them are
+/// zstd frames of [`MIN_HELPED_CHUNK`] bytes or more. A stored chunk is one
+/// copy, and a small frame takes less time than starting a thread (about
+/// 35 us here): on the recorded `copy` and `gzip` traces, whose chunks are
+/// references or stored, helpers made decode 6-9 % slower.
+fn worth_helpers(jobs: &[ChunkJob<'_>]) -> bool {
+    jobs.iter()
+        .filter(|j| j.block.method != BLOCK_STORED && j.block.raw_len >= MIN_HELPED_CHUNK)
+        .count()
+        >= 2
+}
+
+/// Raw bytes of a zstd chunk worth a helper thread's start.
+const MIN_HELPED_CHUNK: u64 = 64 << 10;
+
+/// A `BLOCK_ZSTD_REFS` chunk's frame list, checked against the replica,
+/// into `refs`; returns the zstd frame after it.
+fn refs_frames<'a, S: PageSource + ?Sized>(
+    block: &RawBlock<'a>,
+    h: &Header,
+    replica: &S,
+    refs: &mut Vec<u64>,
+) -> Result<&'a [u8], CodecError> {
+    if h.base().is_none() {
+        return Err(CodecError::BadReference {
+            frame: 0,
+            target: 0,
+            reason: "chunk prefix of committed content in an epoch without base",
+        });
+    }
+    let frames = replica.frame_count();
+    let mut r = Reader::new(block.stored, "record chunk prefix");
+    let count = r.uleb()?;
+    if count == 0 || count > MAX_CHUNK_REFS {
+        return Err(CodecError::corrupt(format!(
+            "record chunk names {count} prefix frames (1..={MAX_CHUNK_REFS})"
+        )));
+    }
+    refs.clear();
+    let mut predicted = 0u64;
+    for _ in 0..count {
+        let f = predicted.wrapping_add(r.zigzag()? as u64);
+        if f >= frames {
+            return Err(CodecError::FrameOutOfRange { frame: f, frames });
+        }
+        refs.push(f);
+        predicted = f.wrapping_add(1);
+    }
+    r.bytes(r.remaining())
 }
 
 /// One [`REC_PREFIX_ZSTD`] payload: a zstd frame compressed with `prefix`
@@ -523,4 +664,116 @@ fn decompress_page(
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{reseal, Encoder, EncoderConfig, VecMemory};
+
+    /// Pages of text-like bytes: compressible, so every chunk is a zstd frame.
+    fn text_pages(count: u64, seed: u64) -> Vec<(u64, Vec<u8>)> {
+        let words: [&[u8]; 8] = [
+            b"replica ",
+            b"epoch ",
+            b"commit ",
+            b"page ",
+            b"witness ",
+            b"site ",
+            b"dc2 ",
+            b"\n",
+        ];
+        let mut x = seed | 1;
+        (0..count)
+            .map(|f| {
+                let mut p = Vec::with_capacity(4096);
+                while p.len() < 4096 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    p.extend_from_slice(words[(x % 8) as usize]);
+                    p.extend_from_slice(format!("{} ", x % 1000).as_bytes());
+                }
+                p.truncate(4096);
+                (f, p)
+            })
+            .collect()
+    }
+
+    fn decoder(threads: usize) -> Decoder {
+        Decoder::new(DecoderConfig {
+            threads,
+            ..DecoderConfig::default()
+        })
+        .expect("decoder")
+    }
+
+    /// Two epochs (the image, then rewrites) of four 64 KiB zstd chunks:
+    /// enough for the helper path.
+    fn epochs() -> (Vec<u8>, Vec<u8>, VecMemory) {
+        let mut enc = Encoder::new(EncoderConfig {
+            chunk_bytes: 64 << 10,
+            threads: 1,
+            ..EncoderConfig::default()
+        })
+        .expect("encoder");
+        let first = text_pages(64, 1);
+        let slices: Vec<(u64, &[u8])> = first.iter().map(|(f, p)| (*f, &p[..])).collect();
+        let one = enc.encode(1, &slices, b"", &[]).expect("encode");
+        enc.acknowledge(1);
+        let second = text_pages(64, 2);
+        let slices: Vec<(u64, &[u8])> = second.iter().map(|(f, p)| (*f, &p[..])).collect();
+        let two = enc.encode(2, &slices, b"", &[]).expect("encode");
+        (one, two, VecMemory::new(64, 4096))
+    }
+
+    #[test]
+    fn two_threads_decode_exactly_what_one_does() {
+        let (first, second, empty) = epochs();
+        let (mut single, mut double) = (decoder(1), decoder(2));
+        let (mut a, mut b) = (empty.clone(), empty);
+        for bytes in [&first, &second] {
+            single
+                .decode(bytes, &a)
+                .expect("decode")
+                .apply(&mut a)
+                .expect("apply");
+            double
+                .decode(bytes, &b)
+                .expect("decode")
+                .apply(&mut b)
+                .expect("apply");
+            assert_eq!(a, b);
+        }
+        assert_eq!(double.helpers.len(), 1, "the helper path was not taken");
+        assert!(single.helpers.is_empty());
+    }
+
+    /// Corruptions anywhere in the body (resealed, so that they reach the
+    /// parser) give the same error, or the same replica, on both paths.
+    #[test]
+    fn two_threads_fail_exactly_as_one_does() {
+        let (first, second, mut replica) = epochs();
+        decoder(1)
+            .decode(&first, &replica)
+            .expect("decode")
+            .apply(&mut replica)
+            .expect("apply");
+        let (mut single, mut double) = (decoder(1), decoder(2));
+        let body = HEADER_LEN..second.len() - TRAILER_LEN;
+        let mut errors = 0;
+        for at in body.step_by(61) {
+            for flip in [0x01u8, 0x80, 0xff] {
+                let mut bad = second.clone();
+                bad[at] ^= flip;
+                reseal(&mut bad);
+                let one = single.decode(&bad, &replica).map(|s| s.page_count());
+                let two = double.decode(&bad, &replica).map(|s| s.page_count());
+                assert_eq!(one, two, "byte {at} ^ {flip:#x}");
+                errors += usize::from(one.is_err());
+            }
+        }
+        assert!(errors > 100, "only {errors} corruptions were refused");
+        assert_eq!(double.helpers.len(), 1, "the helper path was not taken");
+    }
 }

@@ -45,13 +45,14 @@ pub fn fuzz_memory() -> VecMemory {
     m.with_committed_epoch(Some(FUZZ_BASE_EPOCH))
 }
 
-fn small_limits() -> DecoderConfig {
+fn small_limits(threads: usize) -> DecoderConfig {
     DecoderConfig {
         vm_id: Some(FUZZ_VM),
         max_epoch_bytes: 4 << 20,
         max_state_bytes: 1 << 20,
         max_disk_write_bytes: 1 << 20,
         max_disk_total_bytes: 2 << 20,
+        threads,
     }
 }
 
@@ -71,18 +72,38 @@ pub fn reseal(bytes: &mut [u8]) {
 /// for `data` as given.
 ///
 /// This is a harness: it panics if the codec breaks its contract, i.e. if a
-/// rejected epoch changed the replica, or an accepted one did not commit.
+/// rejected epoch changed the replica, or an accepted one did not commit,
+/// or if decoding on one thread and on two (chunks decompressed side by
+/// side) gave different results or replicas.
 pub fn fuzz_decode(data: &[u8]) -> Result<(), CodecError> {
     let mut sealed = data.to_vec();
     reseal(&mut sealed);
-    let _ = decode_and_apply(&sealed);
-    decode_and_apply(data)
+    let _ = same_on_one_and_two_threads(&sealed);
+    same_on_one_and_two_threads(data)
 }
 
-fn decode_and_apply(data: &[u8]) -> Result<(), CodecError> {
+fn same_on_one_and_two_threads(data: &[u8]) -> Result<(), CodecError> {
+    let (one, replica_one) = decode_and_apply(data, 1);
+    let (two, replica_two) = decode_and_apply(data, 2);
+    assert_eq!(
+        format!("{one:?}"),
+        format!("{two:?}"),
+        "one and two decoder threads disagree"
+    );
+    assert_eq!(
+        replica_one, replica_two,
+        "one and two decoder threads disagree"
+    );
+    one
+}
+
+fn decode_and_apply(data: &[u8], threads: usize) -> (Result<(), CodecError>, VecMemory) {
     let mut replica = fuzz_memory();
     let before = replica.clone();
-    let mut dec = Decoder::new(small_limits())?;
+    let mut dec = match Decoder::new(small_limits(threads)) {
+        Ok(d) => d,
+        Err(e) => return (Err(e), replica),
+    };
     let staged = dec.decode(data, &replica);
     assert_eq!(replica, before, "decode must not change the replica");
     let applied = staged.and_then(|s| s.apply(&mut replica));
@@ -90,7 +111,7 @@ fn decode_and_apply(data: &[u8]) -> Result<(), CodecError> {
         Ok(a) => assert_eq!(replica.committed_epoch(), Some(a.epoch)),
         Err(_) => assert_eq!(replica, before, "a rejected epoch changed the replica"),
     }
-    applied.map(|_| ())
+    (applied.map(|_| ()), replica)
 }
 
 /// Valid epochs against [`fuzz_memory`] exercising every record kind, for

@@ -6,6 +6,7 @@
 use super::error::CodecError;
 
 /// A cursor over untrusted bytes.
+#[derive(Clone)]
 pub struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,

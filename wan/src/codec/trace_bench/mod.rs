@@ -386,16 +386,27 @@ pub fn all_cached(w: &Workload) -> Result<Row, TraceBenchError> {
     run(w, &mut s)
 }
 
-/// Encode speed of ours over the measured epochs with `threads` threads:
-/// (wall MB/s, MB/s per CPU-second of the whole process), the median (by
-/// wall) of `passes` passes. Each pass's output is decoded, untimed, and
-/// checked against the guest's image.
+/// Speeds of ours with a number of threads, MB/s of dirty pages over the
+/// measured epochs.
+#[derive(Debug, Clone, Copy)]
+pub struct ThreadedSpeed {
+    /// Encode, wall time.
+    pub encode_wall: f64,
+    /// Encode, per CPU-second of the whole process.
+    pub encode_per_cpu: f64,
+    /// Decode and apply, wall time, the decoder on as many threads.
+    pub decode_wall: f64,
+}
+
+/// Encode and decode speed of ours over the measured epochs with `threads`
+/// threads each, the median (by encode wall time) of `passes` passes. Each
+/// pass's replica is checked against the guest's image.
 pub fn threaded_encode(
     w: &Workload,
     cfg: &EncoderConfig,
     threads: usize,
     passes: usize,
-) -> Result<(f64, f64), TraceBenchError> {
+) -> Result<ThreadedSpeed, TraceBenchError> {
     let page_bytes = w.measured_page_bytes();
     let mut runs = Vec::new();
     for _ in 0..passes.max(1) {
@@ -403,10 +414,13 @@ pub fn threaded_encode(
             threads,
             ..cfg.clone()
         })?;
-        let mut dec = Decoder::new(DecoderConfig::default())?;
+        let mut dec = Decoder::new(DecoderConfig {
+            threads,
+            ..DecoderConfig::default()
+        })?;
         let mut replica = VecMemory::from_bytes(w.initial.clone(), PS);
         let mut out = Vec::new();
-        let (mut wall, mut cpu) = (Duration::ZERO, Duration::ZERO);
+        let (mut wall, mut cpu, mut dec_wall) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
         for (i, e) in w.epochs.iter().enumerate() {
             let pages = e.page_slices(PS);
             let (t, c) = (Instant::now(), super::cpu_time::process_cpu_time());
@@ -420,7 +434,11 @@ pub fn threaded_encode(
                 };
             }
             enc.acknowledge(i as u64 + 1);
+            let t = Instant::now();
             dec.decode(&out, &replica)?.apply(&mut replica)?;
+            if w.is_measured(i) {
+                dec_wall += t.elapsed();
+            }
         }
         if replica.as_bytes() != &w.final_image[..] {
             return Err(TraceBenchError::Diverged {
@@ -428,9 +446,13 @@ pub fn threaded_encode(
                 workload: w.name.clone(),
             });
         }
-        runs.push((mbps(page_bytes, wall), mbps(page_bytes, cpu)));
+        runs.push(ThreadedSpeed {
+            encode_wall: mbps(page_bytes, wall),
+            encode_per_cpu: mbps(page_bytes, cpu),
+            decode_wall: mbps(page_bytes, dec_wall),
+        });
     }
-    runs.sort_by(|a, b| a.0.total_cmp(&b.0));
+    runs.sort_by(|a, b| a.encode_wall.total_cmp(&b.encode_wall));
     Ok(runs[runs.len() / 2])
 }
 
@@ -529,6 +551,8 @@ pub struct Summary {
     pub ours_one_thread_wall_mbps: f64,
     /// The same, per CPU-second of the whole process.
     pub ours_total_per_cpu_mbps: f64,
+    /// Decode and apply with `threads` decoder threads, wall time.
+    pub ours_decode_total_mbps: f64,
     pub threads: usize,
 }
 
@@ -547,16 +571,17 @@ pub fn summary(w: &Workload, opts: &SummaryOptions) -> Result<Summary, TraceBenc
         ..EncoderConfig::default()
     };
     let ours = run(w, ours("ours", cfg.clone(), w)?.as_mut())?;
-    let (one_wall, _) = threaded_encode(w, &cfg, 1, opts.passes)?;
-    let (total, per_cpu) = threaded_encode(w, &cfg, opts.threads, opts.passes)?;
+    let one = threaded_encode(w, &cfg, 1, opts.passes)?;
+    let total = threaded_encode(w, &cfg, opts.threads, opts.passes)?;
     Ok(Summary {
         workload: w.name.clone(),
         dirty_bytes_per_epoch: w.measured_page_bytes() as f64 / w.measured_epochs() as f64,
         zstd1,
         ours,
-        ours_total_mbps: total,
-        ours_one_thread_wall_mbps: one_wall,
-        ours_total_per_cpu_mbps: per_cpu,
+        ours_total_mbps: total.encode_wall,
+        ours_one_thread_wall_mbps: one.encode_wall,
+        ours_total_per_cpu_mbps: total.encode_per_cpu,
+        ours_decode_total_mbps: total.decode_wall,
         threads: opts.threads,
     })
 }
@@ -578,6 +603,7 @@ pub fn format_summary(rows: &[Summary], cache_bytes: usize) -> String {
         ("ours", "per CPU-s"),
         ("zstd-1", "dec/core"),
         ("ours", "dec/core"),
+        ("ours dec", &format!("{threads}thr wall")),
     ];
     for line in 0..2 {
         let cell = |i: usize| if line == 0 { head[i].0 } else { head[i].1 };
@@ -613,6 +639,7 @@ pub fn format_summary(rows: &[Summary], cache_bytes: usize) -> String {
             r.ours_total_per_cpu_mbps,
             r.zstd1.decode_mbps,
             r.ours.decode_mbps,
+            r.ours_decode_total_mbps,
         ] {
             let _ = write!(s, " {v:>10.0}");
         }
@@ -623,6 +650,7 @@ pub fn format_summary(rows: &[Summary], cache_bytes: usize) -> String {
         s,
         "ours: cache {} MiB; speeds MB/s of dirty pages; per core = one thread's CPU time; \
          1thr/{threads}thr wall = wall time with 1/{threads} encoder threads (median); \
+         dec {threads}thr wall = decode and apply with {threads} decoder threads; \
          {} CPUs, load average {}",
         cache_bytes >> 20,
         std::thread::available_parallelism().map_or(1, |n| n.get()),

@@ -38,7 +38,12 @@ impl Ours {
         Ok(Ours {
             label: label.into(),
             enc: Encoder::new(cfg)?,
-            dec: Decoder::new(DecoderConfig::default())?,
+            // One thread: the per-core figure. The threaded one is
+            // `threaded_encode`'s.
+            dec: Decoder::new(DecoderConfig {
+                threads: 1,
+                ..DecoderConfig::default()
+            })?,
             replica: VecMemory::from_bytes(initial.to_vec(), page_size),
             failed: None,
         })
