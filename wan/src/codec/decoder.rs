@@ -590,7 +590,7 @@ fn worth_helpers(jobs: &[ChunkJob<'_>]) -> bool {
 }
 
 /// Raw bytes of a zstd chunk worth a helper thread's start.
-const MIN_HELPED_CHUNK: u64 = 64 << 10;
+const MIN_HELPED_CHUNK: u64 = 32 << 10;
 
 /// A `BLOCK_ZSTD_REFS` chunk's frame list, checked against the replica,
 /// into `refs`; returns the zstd frame after it.
