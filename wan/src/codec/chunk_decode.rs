@@ -16,11 +16,13 @@
 //! recorded `sort` trace: 1.5-1.6 GB/s of dirty pages on one core, two
 //! thirds of it in zstd): the second core lifts it to about 2 GB/s.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use super::block::RawBlock;
 use super::buffer_pool::BufferPool;
+use super::cpu_time::thread_cpu_time;
 use super::error::CodecError;
 use super::format::BLOCK_ZSTD_REFS;
 use super::memory::PageSource;
@@ -115,6 +117,17 @@ pub(crate) struct ChunkQueue<'j, 'a> {
     next: AtomicUsize,
     done: Mutex<Vec<Option<ChunkResult>>>,
     ready: Condvar,
+    /// Raw bytes the helpers decompressed (for `ModeChooser`).
+    helper_bytes: AtomicU64,
+}
+
+/// What the calling thread did in one epoch, for `ModeChooser`: raw bytes
+/// it decompressed and the CPU time that took, and time it waited.
+#[derive(Default)]
+pub(crate) struct CallerWork {
+    pub bytes: u64,
+    pub time: Duration,
+    pub idle: Duration,
 }
 
 impl<'j, 'a> ChunkQueue<'j, 'a> {
@@ -124,6 +137,7 @@ impl<'j, 'a> ChunkQueue<'j, 'a> {
             next: AtomicUsize::new(0),
             done: Mutex::new((0..jobs.len()).map(|_| None).collect()),
             ready: Condvar::new(),
+            helper_bytes: AtomicU64::new(0),
         }
     }
 
@@ -138,7 +152,14 @@ impl<'j, 'a> ChunkQueue<'j, 'a> {
         replica: &S,
         pool: &BufferPool,
     ) {
-        while self.work_one(ctx, replica, pool) {}
+        while let Some(bytes) = self.work_one(ctx, replica, pool) {
+            self.helper_bytes.fetch_add(bytes, Ordering::Relaxed);
+        }
+    }
+
+    /// Raw bytes the helpers have decompressed so far.
+    pub(crate) fn helper_bytes(&self) -> u64 {
+        self.helper_bytes.load(Ordering::Relaxed)
     }
 
     /// No chunk is claimed after this (the epoch failed).
@@ -155,15 +176,29 @@ impl<'j, 'a> ChunkQueue<'j, 'a> {
         ctx: &mut ChunkDecompressor,
         replica: &S,
         pool: &BufferPool,
+        me: &mut CallerWork,
     ) -> Result<Vec<u8>, CodecError> {
         loop {
             if let Some(r) = self.lock()[i].take() {
                 return r;
             }
-            if !self.work_one(ctx, replica, pool) {
+            let (wall, cpu) = (Instant::now(), thread_cpu_time());
+            let Some(bytes) = self.work_one(ctx, replica, pool) else {
                 break;
-            }
+            };
+            me.bytes += bytes;
+            me.time += match (cpu, thread_cpu_time()) {
+                (Some(a), Some(b)) => b.saturating_sub(a),
+                _ => wall.elapsed(),
+            };
         }
+        let waiting = Instant::now();
+        let r = self.wait_for(i);
+        me.idle += waiting.elapsed();
+        r
+    }
+
+    fn wait_for(&self, i: usize) -> ChunkResult {
         let mut done = self.lock();
         loop {
             if let Some(r) = done[i].take() {
@@ -176,17 +211,16 @@ impl<'j, 'a> ChunkQueue<'j, 'a> {
         }
     }
 
-    /// Claims and decompresses one chunk; false when none is left.
+    /// Claims and decompresses one chunk: its raw bytes, `None` when no
+    /// chunk is left.
     fn work_one<S: PageSource + Sync + ?Sized>(
         &self,
         ctx: &mut ChunkDecompressor,
         replica: &S,
         pool: &BufferPool,
-    ) -> bool {
+    ) -> Option<u64> {
         let i = self.next.fetch_add(1, Ordering::Relaxed);
-        let Some(job) = self.jobs.get(i) else {
-            return false;
-        };
+        let job = self.jobs.get(i)?;
         let mut buf = pool.take();
         // A panic in zstd's bindings must not leave the reader waiting for
         // a chunk that never comes.
@@ -197,7 +231,7 @@ impl<'j, 'a> ChunkQueue<'j, 'a> {
         .map(|()| buf);
         self.lock()[i] = Some(r);
         self.ready.notify_all();
-        true
+        Some(job.block.raw_len)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Option<ChunkResult>>> {

@@ -4,11 +4,14 @@
 //! version, lengths, checksum, header fields against the replica, then every
 //! record. Only a fully verified epoch comes back, as a [`StagedEpoch`].
 
+use std::time::Instant;
+
 use xxhash_rust::xxh3::xxh3_128;
 
 use super::block::{read_block, RawBlock};
 use super::buffer_pool::BufferPool;
-use super::chunk_decode::{ChunkDecompressor, ChunkJob, ChunkQueue};
+use super::chunk_decode::{CallerWork, ChunkDecompressor, ChunkJob, ChunkQueue};
+use super::cpu_time::thread_cpu_time;
 use super::error::CodecError;
 use super::format::{
     Header, BLOCK_STORED, BLOCK_ZSTD_REFS, HEADER_LEN, MAGIC, MAX_CHUNK_RAW, MAX_CHUNK_REFS,
@@ -17,6 +20,7 @@ use super::format::{
     VERSION_REFS,
 };
 use super::memory::PageSource;
+use super::parallel::{EpochTiming, ModeChooser};
 use super::prefix::PrefixDecompressor;
 use super::staged::{DiskWrite, StagedEpoch};
 use super::wire::Reader;
@@ -62,6 +66,10 @@ pub struct Decoder {
     main: ChunkDecompressor,
     /// Helper threads' contexts, made on the first epoch that uses them.
     helpers: Vec<ChunkDecompressor>,
+    /// Whether helpers paid in the last epoch that used them (the
+    /// encoder's rule: on a machine whose other cores are busy, a helper
+    /// that is not running holds its chunk, and the epoch waits for it).
+    mode: ModeChooser,
     xor: Vec<u8>,
     /// A `BLOCK_ZSTD_REFS` chunk's prefix, reused.
     prefix: Vec<u8>,
@@ -75,6 +83,7 @@ impl Decoder {
             cfg,
             main: ChunkDecompressor::new()?,
             helpers: Vec::new(),
+            mode: ModeChooser::default(),
             xor: Vec::new(),
             prefix: Vec::new(),
             pool: BufferPool::default(),
@@ -83,6 +92,12 @@ impl Decoder {
 
     pub fn config(&self) -> &DecoderConfig {
         &self.cfg
+    }
+
+    /// Tests and fuzzing: always (`Some(true)`) or never use the helper
+    /// threads where the epoch allows, whatever the timings say.
+    pub(crate) fn force_helpers(&mut self, forced: Option<bool>) {
+        self.mode.forced = forced;
     }
 
     /// Verifies `bytes` against `replica` and stages the epoch. The replica is
@@ -294,7 +309,9 @@ impl Decoder {
     ) -> Result<(), CodecError> {
         if self.cfg.threads > 1 && h.chunk_count >= 2 {
             if let Some((jobs, rest)) = self.locate_chunks(r, h, replica) {
-                if worth_helpers(&jobs) {
+                // Forced (tests, fuzzing): whatever the chunks' sizes.
+                let forced = self.mode.forced == Some(true);
+                if (forced || worth_helpers(&jobs)) && self.mode.use_helpers() {
                     *r = rest;
                     return self.read_chunks_parallel(&jobs, h, replica, staged);
                 }
@@ -419,6 +436,8 @@ impl Decoder {
         let mut helpers = std::mem::take(&mut self.helpers);
         let pool = self.pool.clone();
         let queue = ChunkQueue::new(jobs);
+        let (started, cpu_at_start) = (Instant::now(), thread_cpu_time());
+        let mut me = CallerWork::default();
         let chunks = std::thread::scope(|s| {
             for h in helpers.iter_mut().take(want) {
                 let (queue, pool) = (&queue, &pool);
@@ -428,11 +447,19 @@ impl Decoder {
                     .name("codec-unzstd".into())
                     .spawn_scoped(s, move || queue.help(h, replica, pool));
             }
-            let r = self.read_queued_chunks(&queue, h, replica, staged, &pool);
+            let r = self.read_queued_chunks(&queue, h, replica, staged, &pool, &mut me);
             queue.stop();
             r
         });
         self.helpers = helpers;
+        let busy = match (cpu_at_start, thread_cpu_time()) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+            _ => None,
+        };
+        self.mode.record(
+            started.elapsed(),
+            EpochTiming::of(busy, me.idle, (me.bytes, me.time), queue.helper_bytes()),
+        );
         staged.set_chunks(chunks?);
         Ok(())
     }
@@ -446,12 +473,13 @@ impl Decoder {
         replica: &S,
         staged: &mut StagedEpoch,
         pool: &BufferPool,
+        me: &mut CallerWork,
     ) -> Result<Vec<Vec<u8>>, CodecError> {
         let jobs = queue.jobs();
         let mut chunks: Vec<Vec<u8>> = Vec::with_capacity(jobs.len());
         let mut predicted = 0u64;
         for (i, job) in jobs.iter().enumerate() {
-            chunks.push(queue.take(i, &mut self.main, replica, pool)?);
+            chunks.push(queue.take(i, &mut self.main, replica, pool, me)?);
             let mut cr = Reader::new(&chunks[i], "page record");
             for _ in 0..job.records {
                 predicted = self.read_record(&mut cr, h, replica, staged, &chunks, i, predicted)?;
@@ -701,11 +729,13 @@ mod tests {
     }
 
     fn decoder(threads: usize) -> Decoder {
-        Decoder::new(DecoderConfig {
+        let mut d = Decoder::new(DecoderConfig {
             threads,
             ..DecoderConfig::default()
         })
-        .expect("decoder")
+        .expect("decoder");
+        d.force_helpers(Some(true));
+        d
     }
 
     /// Two epochs (the image, then rewrites) of four 64 KiB zstd chunks:
@@ -749,8 +779,9 @@ mod tests {
         assert!(single.helpers.is_empty());
     }
 
-    /// Corruptions anywhere in the body (resealed, so that they reach the
-    /// parser) give the same error, or the same replica, on both paths.
+    /// Corruptions anywhere in the header or the body (resealed, so that
+    /// they reach the parser) give the same error, or the same staged
+    /// epoch, on both paths.
     #[test]
     fn two_threads_fail_exactly_as_one_does() {
         let (first, second, mut replica) = epochs();
@@ -760,9 +791,10 @@ mod tests {
             .apply(&mut replica)
             .expect("apply");
         let (mut single, mut double) = (decoder(1), decoder(2));
-        let body = HEADER_LEN..second.len() - TRAILER_LEN;
+        // Every header byte (counts, lengths, versions), then the body.
+        let body = (HEADER_LEN..second.len() - TRAILER_LEN).step_by(61);
         let mut errors = 0;
-        for at in body.step_by(61) {
+        for at in (0..HEADER_LEN).chain(body) {
             for flip in [0x01u8, 0x80, 0xff] {
                 let mut bad = second.clone();
                 bad[at] ^= flip;

@@ -104,6 +104,7 @@ fn decode_and_apply(data: &[u8], threads: usize) -> (Result<(), CodecError>, Vec
         Ok(d) => d,
         Err(e) => return (Err(e), replica),
     };
+    dec.force_helpers(Some(threads > 1));
     let staged = dec.decode(data, &replica);
     assert_eq!(replica, before, "decode must not change the replica");
     let applied = staged.and_then(|s| s.apply(&mut replica));

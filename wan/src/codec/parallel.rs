@@ -83,6 +83,25 @@ pub(super) struct EpochTiming {
     helper_bytes: u64,
 }
 
+impl EpochTiming {
+    /// An epoch of another kind of work split the same way (the decoder's
+    /// chunks: `chunk_decode.rs`).
+    pub(super) fn of(
+        busy: Option<Duration>,
+        idle: Duration,
+        own: (u64, Duration),
+        helper_bytes: u64,
+    ) -> Self {
+        EpochTiming {
+            busy,
+            idle,
+            own_bytes: own.0,
+            own_time: own.1,
+            helper_bytes,
+        }
+    }
+}
+
 impl ModeChooser {
     /// Whether the next (large enough) epoch uses the helpers.
     pub(super) fn use_helpers(&mut self) -> bool {
