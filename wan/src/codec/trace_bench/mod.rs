@@ -553,6 +553,8 @@ pub struct Summary {
     pub ours_total_per_cpu_mbps: f64,
     /// Decode and apply with `threads` decoder threads, wall time.
     pub ours_decode_total_mbps: f64,
+    /// The same with one decoder thread, passes as for the total.
+    pub ours_decode_one_thread_wall_mbps: f64,
     pub threads: usize,
 }
 
@@ -582,6 +584,7 @@ pub fn summary(w: &Workload, opts: &SummaryOptions) -> Result<Summary, TraceBenc
         ours_one_thread_wall_mbps: one.encode_wall,
         ours_total_per_cpu_mbps: total.encode_per_cpu,
         ours_decode_total_mbps: total.decode_wall,
+        ours_decode_one_thread_wall_mbps: one.decode_wall,
         threads: opts.threads,
     })
 }
@@ -603,6 +606,7 @@ pub fn format_summary(rows: &[Summary], cache_bytes: usize) -> String {
         ("ours", "per CPU-s"),
         ("zstd-1", "dec/core"),
         ("ours", "dec/core"),
+        ("ours dec", "1thr wall"),
         ("ours dec", &format!("{threads}thr wall")),
     ];
     for line in 0..2 {
@@ -639,6 +643,7 @@ pub fn format_summary(rows: &[Summary], cache_bytes: usize) -> String {
             r.ours_total_per_cpu_mbps,
             r.zstd1.decode_mbps,
             r.ours.decode_mbps,
+            r.ours_decode_one_thread_wall_mbps,
             r.ours_decode_total_mbps,
         ] {
             let _ = write!(s, " {v:>10.0}");
@@ -650,7 +655,7 @@ pub fn format_summary(rows: &[Summary], cache_bytes: usize) -> String {
         s,
         "ours: cache {} MiB; speeds MB/s of dirty pages; per core = one thread's CPU time; \
          1thr/{threads}thr wall = wall time with 1/{threads} encoder threads (median); \
-         dec {threads}thr wall = decode and apply with {threads} decoder threads; \
+         dec 1thr/{threads}thr wall = decode and apply with 1/{threads} decoder threads; \
          {} CPUs, load average {}",
         cache_bytes >> 20,
         std::thread::available_parallelism().map_or(1, |n| n.get()),
