@@ -21,7 +21,6 @@ use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use super::block::RawBlock;
-use super::buffer_pool::BufferPool;
 use super::cpu_time::thread_cpu_time;
 use super::error::CodecError;
 use super::format::BLOCK_ZSTD_REFS;
@@ -150,9 +149,8 @@ impl<'j, 'a> ChunkQueue<'j, 'a> {
         &self,
         ctx: &mut ChunkDecompressor,
         replica: &S,
-        pool: &BufferPool,
     ) {
-        while let Some(bytes) = self.work_one(ctx, replica, pool) {
+        while let Some(bytes) = self.work_one(ctx, replica) {
             self.helper_bytes.fetch_add(bytes, Ordering::Relaxed);
         }
     }
@@ -175,7 +173,6 @@ impl<'j, 'a> ChunkQueue<'j, 'a> {
         i: usize,
         ctx: &mut ChunkDecompressor,
         replica: &S,
-        pool: &BufferPool,
         me: &mut CallerWork,
     ) -> Result<Vec<u8>, CodecError> {
         loop {
@@ -183,7 +180,7 @@ impl<'j, 'a> ChunkQueue<'j, 'a> {
                 return r;
             }
             let (wall, cpu) = (Instant::now(), thread_cpu_time());
-            let Some(bytes) = self.work_one(ctx, replica, pool) else {
+            let Some(bytes) = self.work_one(ctx, replica) else {
                 break;
             };
             me.bytes += bytes;
@@ -217,11 +214,10 @@ impl<'j, 'a> ChunkQueue<'j, 'a> {
         &self,
         ctx: &mut ChunkDecompressor,
         replica: &S,
-        pool: &BufferPool,
     ) -> Option<u64> {
         let i = self.next.fetch_add(1, Ordering::Relaxed);
         let job = self.jobs.get(i)?;
-        let mut buf = pool.take();
+        let mut buf = Vec::new();
         // A panic in zstd's bindings must not leave the reader waiting for
         // a chunk that never comes.
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

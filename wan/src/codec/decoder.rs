@@ -9,7 +9,6 @@ use std::time::Instant;
 use xxhash_rust::xxh3::xxh3_128;
 
 use super::block::{read_block, RawBlock};
-use super::buffer_pool::BufferPool;
 use super::chunk_decode::{CallerWork, ChunkDecompressor, ChunkJob, ChunkQueue};
 use super::cpu_time::thread_cpu_time;
 use super::error::CodecError;
@@ -73,8 +72,6 @@ pub struct Decoder {
     xor: Vec<u8>,
     /// A `BLOCK_ZSTD_REFS` chunk's prefix, reused.
     prefix: Vec<u8>,
-    /// Chunk and page buffers, back from the staged epochs once applied.
-    pool: BufferPool,
 }
 
 impl Decoder {
@@ -86,7 +83,6 @@ impl Decoder {
             mode: ModeChooser::default(),
             xor: Vec::new(),
             prefix: Vec::new(),
-            pool: BufferPool::default(),
         })
     }
 
@@ -120,7 +116,6 @@ impl Decoder {
             page_size,
             frames,
             header.record_count as usize,
-            self.pool.clone(),
         );
         if self.xor.len() != page_size {
             self.xor = vec![0; page_size];
@@ -331,7 +326,7 @@ impl Decoder {
                 ));
             }
             let block = read_block(r, "record chunk", MAX_CHUNK_RAW, h.version >= VERSION_REFS)?;
-            let mut buf = self.pool.take();
+            let mut buf = Vec::new();
             if block.method == BLOCK_ZSTD_REFS {
                 self.decode_refs_chunk(&block, h, replica, &mut buf)?;
             } else {
@@ -421,7 +416,7 @@ impl Decoder {
     }
 
     /// [`Decoder::read_chunks`] with the chunks decompressed on several
-    /// threads first, then read in order.
+    /// threads, each chunk's records read in order as soon as it is ready.
     fn read_chunks_parallel<S: PageSource + Sync + ?Sized>(
         &mut self,
         jobs: &[ChunkJob<'_>],
@@ -434,20 +429,19 @@ impl Decoder {
             self.helpers.push(ChunkDecompressor::new()?);
         }
         let mut helpers = std::mem::take(&mut self.helpers);
-        let pool = self.pool.clone();
         let queue = ChunkQueue::new(jobs);
         let (started, cpu_at_start) = (Instant::now(), thread_cpu_time());
         let mut me = CallerWork::default();
         let chunks = std::thread::scope(|s| {
             for h in helpers.iter_mut().take(want) {
-                let (queue, pool) = (&queue, &pool);
+                let queue = &queue;
                 // A helper that cannot be started leaves its share to the
                 // calling thread.
                 let _ = std::thread::Builder::new()
                     .name("codec-unzstd".into())
-                    .spawn_scoped(s, move || queue.help(h, replica, pool));
+                    .spawn_scoped(s, move || queue.help(h, replica));
             }
-            let r = self.read_queued_chunks(&queue, h, replica, staged, &pool, &mut me);
+            let r = self.read_queued_chunks(&queue, h, replica, staged, &mut me);
             queue.stop();
             r
         });
@@ -472,14 +466,13 @@ impl Decoder {
         h: &Header,
         replica: &S,
         staged: &mut StagedEpoch,
-        pool: &BufferPool,
         me: &mut CallerWork,
     ) -> Result<Vec<Vec<u8>>, CodecError> {
         let jobs = queue.jobs();
         let mut chunks: Vec<Vec<u8>> = Vec::with_capacity(jobs.len());
         let mut predicted = 0u64;
         for (i, job) in jobs.iter().enumerate() {
-            chunks.push(queue.take(i, &mut self.main, replica, pool, me)?);
+            chunks.push(queue.take(i, &mut self.main, replica, me)?);
             let mut cr = Reader::new(&chunks[i], "page record");
             for _ in 0..job.records {
                 predicted = self.read_record(&mut cr, h, replica, staged, &chunks, i, predicted)?;

@@ -80,7 +80,6 @@
 //! (`wan/fuzz`).
 
 mod block;
-mod buffer_pool;
 mod chunk_decode;
 mod chunk_plan;
 pub mod cpu_time;

@@ -5,7 +5,6 @@
 //! it re-checks that the replica is still the one the epoch was verified
 //! against, then writes every page.
 
-use super::buffer_pool::BufferPool;
 use super::error::CodecError;
 use super::fasthash::{map_with_capacity, U64Map};
 use super::memory::{PageSink, PageSource};
@@ -63,9 +62,6 @@ pub struct StagedEpoch {
     index: U64Map<u32>,
     pub(crate) state_blob: Vec<u8>,
     pub(crate) disk_writes: Vec<DiskWrite>,
-    /// Where `data` came from and the chunks go back to when the epoch is
-    /// applied or dropped.
-    pool: BufferPool,
 }
 
 impl StagedEpoch {
@@ -76,7 +72,6 @@ impl StagedEpoch {
         page_size: usize,
         frame_count: u64,
         expected_records: usize,
-        pool: BufferPool,
     ) -> Self {
         // The header's record count is untrusted: never pre-allocate page data
         // from it, only small per-record bookkeeping, and that capped too.
@@ -89,12 +84,11 @@ impl StagedEpoch {
             frame_count,
             frames: Vec::with_capacity(n),
             slots: Vec::with_capacity(n),
-            data: pool.take(),
+            data: Vec::new(),
             chunks: Vec::new(),
             index: map_with_capacity(n),
             state_blob: Vec::new(),
             disk_writes: Vec::new(),
-            pool,
         }
     }
 
@@ -250,7 +244,7 @@ impl StagedEpoch {
     /// size and memory size the epoch was decoded against, and has committed
     /// exactly the epoch this one is based on.
     pub fn apply<R: PageSource + PageSink + ?Sized>(
-        mut self,
+        self,
         replica: &mut R,
     ) -> Result<AppliedEpoch, CodecError> {
         if replica.page_size() != self.page_size {
@@ -297,17 +291,8 @@ impl StagedEpoch {
         replica.set_committed_epoch(self.epoch);
         Ok(AppliedEpoch {
             epoch: self.epoch,
-            state_blob: std::mem::take(&mut self.state_blob),
-            disk_writes: std::mem::take(&mut self.disk_writes),
+            state_blob: self.state_blob,
+            disk_writes: self.disk_writes,
         })
-    }
-}
-
-impl Drop for StagedEpoch {
-    fn drop(&mut self) {
-        self.pool.give(std::mem::take(&mut self.data));
-        for c in self.chunks.drain(..) {
-            self.pool.give(c);
-        }
     }
 }
