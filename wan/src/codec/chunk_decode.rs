@@ -27,7 +27,7 @@ use super::format::BLOCK_ZSTD_REFS;
 use super::memory::PageSource;
 use super::prefix::PrefixDecompressor;
 
-/// One record chunk, located and with its prefix assembled.
+/// One record chunk, located, with its prefix frames listed and checked.
 pub(crate) struct ChunkJob<'a> {
     /// Records the chunk holds (its header's count).
     pub records: u32,
@@ -68,33 +68,32 @@ impl ChunkDecompressor {
         out: &mut Vec<u8>,
     ) -> Result<(), CodecError> {
         if job.block.method == BLOCK_ZSTD_REFS {
-            let mut prefix = std::mem::take(&mut self.prefix);
-            prefix.clear();
-            for &f in &job.refs {
-                prefix.extend_from_slice(replica.page(f));
-            }
-            let r = self.refs(job.refs_frame, &prefix, job.block.raw_len, out);
-            self.prefix = prefix;
-            r
+            self.refs(job.refs_frame, &job.refs, replica, job.block.raw_len, out)
         } else {
             job.block.decode_into(out, &mut self.dz, "record chunk")
         }
     }
 
-    /// A `BLOCK_ZSTD_REFS` chunk's zstd frame `z` with `prefix`, which must
-    /// decode to exactly `raw_len` bytes.
-    pub(crate) fn refs(
+    /// A `BLOCK_ZSTD_REFS` chunk's zstd frame `z` with the committed
+    /// content of `frames` (checked against the replica's frame count) as
+    /// prefix, which must decode to exactly `raw_len` bytes.
+    pub(crate) fn refs<S: PageSource + ?Sized>(
         &mut self,
         z: &[u8],
-        prefix: &[u8],
+        frames: &[u64],
+        replica: &S,
         raw_len: u64,
         out: &mut Vec<u8>,
     ) -> Result<(), CodecError> {
+        self.prefix.clear();
+        for &f in frames {
+            self.prefix.extend_from_slice(replica.page(f));
+        }
         out.clear();
         out.resize(raw_len as usize, 0);
         let n = self
             .pd
-            .decompress(z, prefix, out)
+            .decompress(z, &self.prefix, out)
             .map_err(|e| CodecError::corrupt(format!("record chunk: bad zstd block: {e}")))?;
         if n as u64 != raw_len {
             return Err(CodecError::corrupt(format!(

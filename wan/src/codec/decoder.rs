@@ -70,8 +70,6 @@ pub struct Decoder {
     /// that is not running holds its chunk, and the epoch waits for it).
     mode: ModeChooser,
     xor: Vec<u8>,
-    /// A `BLOCK_ZSTD_REFS` chunk's prefix, reused.
-    prefix: Vec<u8>,
 }
 
 impl Decoder {
@@ -82,7 +80,6 @@ impl Decoder {
             helpers: Vec::new(),
             mode: ModeChooser::default(),
             xor: Vec::new(),
-            prefix: Vec::new(),
         })
     }
 
@@ -366,11 +363,7 @@ impl Decoder {
     ) -> Result<(), CodecError> {
         let mut frames = Vec::new();
         let z = refs_frames(block, h, replica, &mut frames)?;
-        self.prefix.clear();
-        for f in frames {
-            self.prefix.extend_from_slice(replica.page(f));
-        }
-        self.main.refs(z, &self.prefix, block.raw_len, out)
+        self.main.refs(z, &frames, replica, block.raw_len, out)
     }
 
     /// Every chunk's header and block, and the prefixes of
