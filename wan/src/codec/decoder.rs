@@ -11,6 +11,7 @@ use xxhash_rust::xxh3::xxh3_128;
 use super::block::{read_block, RawBlock};
 use super::chunk_decode::{CallerWork, ChunkDecompressor, ChunkJob, ChunkQueue};
 use super::cpu_time::thread_cpu_time;
+use super::encoder::EncoderConfig;
 use super::error::CodecError;
 use super::format::{
     Header, BLOCK_STORED, BLOCK_ZSTD_REFS, HEADER_LEN, MAGIC, MAX_CHUNK_RAW, MAX_CHUNK_REFS,
@@ -53,7 +54,7 @@ impl Default for DecoderConfig {
             max_state_bytes: 256 << 20,
             max_disk_write_bytes: 64 << 20,
             max_disk_total_bytes: 4 << 30,
-            threads: std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
+            threads: EncoderConfig::default_threads(),
         }
     }
 }
@@ -315,14 +316,7 @@ impl Decoder {
         // runs are applied straight from them.
         let mut chunks: Vec<Vec<u8>> = Vec::with_capacity((h.chunk_count as usize).min(1024));
         for _ in 0..h.chunk_count {
-            let n = r.u32()?;
-            records += u64::from(n);
-            if n == 0 || records > u64::from(h.record_count) {
-                return Err(CodecError::corrupt(
-                    "chunk record counts disagree with header",
-                ));
-            }
-            let block = read_block(r, "record chunk", MAX_CHUNK_RAW, h.version >= VERSION_REFS)?;
+            let (n, block) = read_chunk_header(r, h, &mut records)?;
             let mut buf = Vec::new();
             if block.method == BLOCK_ZSTD_REFS {
                 self.decode_refs_chunk(&block, h, replica, &mut buf)?;
@@ -330,17 +324,7 @@ impl Decoder {
                 block.decode_into(&mut buf, &mut self.main.dz, "record chunk")?;
             }
             chunks.push(buf);
-            let cur = chunks.len() - 1;
-            let mut cr = Reader::new(&chunks[cur], "page record");
-            for _ in 0..n {
-                predicted =
-                    self.read_record(&mut cr, h, replica, staged, &chunks, cur, predicted)?;
-            }
-            if !cr.is_empty() {
-                return Err(CodecError::corrupt(
-                    "bytes after the last record of a chunk",
-                ));
-            }
+            predicted = self.read_chunk_records(n, h, replica, staged, &chunks, predicted)?;
         }
         if records != u64::from(h.record_count) {
             return Err(CodecError::corrupt(
@@ -366,7 +350,7 @@ impl Decoder {
         self.main.refs(z, &frames, replica, block.raw_len, out)
     }
 
-    /// Every chunk's header and block, and the prefixes of
+    /// Every chunk's header and block, and the prefix frame lists of
     /// `BLOCK_ZSTD_REFS` chunks, read ahead of any decompression; with the
     /// reader past the last chunk. `None` when anything there is wrong:
     /// the single-thread path then reports it, in its order.
@@ -380,18 +364,7 @@ impl Decoder {
         let mut records = 0u64;
         let mut jobs = Vec::with_capacity((h.chunk_count as usize).min(1024));
         for _ in 0..h.chunk_count {
-            let n = scan.u32().ok()?;
-            records += u64::from(n);
-            if n == 0 || records > u64::from(h.record_count) {
-                return None;
-            }
-            let block = read_block(
-                &mut scan,
-                "record chunk",
-                MAX_CHUNK_RAW,
-                h.version >= VERSION_REFS,
-            )
-            .ok()?;
+            let (n, block) = read_chunk_header(&mut scan, h, &mut records).ok()?;
             let mut refs = Vec::new();
             let refs_frame = if block.method == BLOCK_ZSTD_REFS {
                 refs_frames(&block, h, replica, &mut refs).ok()?
@@ -466,17 +439,34 @@ impl Decoder {
         let mut predicted = 0u64;
         for (i, job) in jobs.iter().enumerate() {
             chunks.push(queue.take(i, &mut self.main, replica, me)?);
-            let mut cr = Reader::new(&chunks[i], "page record");
-            for _ in 0..job.records {
-                predicted = self.read_record(&mut cr, h, replica, staged, &chunks, i, predicted)?;
-            }
-            if !cr.is_empty() {
-                return Err(CodecError::corrupt(
-                    "bytes after the last record of a chunk",
-                ));
-            }
+            predicted =
+                self.read_chunk_records(job.records, h, replica, staged, &chunks, predicted)?;
         }
         Ok(chunks)
+    }
+
+    /// The `n` records of the last chunk of `chunks`, which must hold
+    /// exactly those; returns the next predicted frame.
+    fn read_chunk_records<S: PageSource + ?Sized>(
+        &mut self,
+        n: u32,
+        h: &Header,
+        replica: &S,
+        staged: &mut StagedEpoch,
+        chunks: &[Vec<u8>],
+        mut predicted: u64,
+    ) -> Result<u64, CodecError> {
+        let cur = chunks.len() - 1;
+        let mut cr = Reader::new(&chunks[cur], "page record");
+        for _ in 0..n {
+            predicted = self.read_record(&mut cr, h, replica, staged, chunks, cur, predicted)?;
+        }
+        if !cr.is_empty() {
+            return Err(CodecError::corrupt(
+                "bytes after the last record of a chunk",
+            ));
+        }
+        Ok(predicted)
     }
 
     /// Decodes one record of chunk `cur` into `staged`; returns the next
@@ -589,6 +579,24 @@ impl Decoder {
         }
         Ok(frame.wrapping_add(1))
     }
+}
+
+/// One chunk's record count and block; `records` sums the counts so far,
+/// which may not pass the header's.
+fn read_chunk_header<'a>(
+    r: &mut Reader<'a>,
+    h: &Header,
+    records: &mut u64,
+) -> Result<(u32, RawBlock<'a>), CodecError> {
+    let n = r.u32()?;
+    *records += u64::from(n);
+    if n == 0 || *records > u64::from(h.record_count) {
+        return Err(CodecError::corrupt(
+            "chunk record counts disagree with header",
+        ));
+    }
+    let block = read_block(r, "record chunk", MAX_CHUNK_RAW, h.version >= VERSION_REFS)?;
+    Ok((n, block))
 }
 
 /// Whether a helper thread pays for these chunks: at least two of them are
