@@ -20,6 +20,9 @@ use super::rle::{encode_xor, xor_into};
 use super::wire::{put_uleb, uleb_len, zigzag};
 use super::xref::{self, FingerprintIndex};
 
+/// Pages ahead of the page pass whose bytes are fetched into the cache.
+const PREFETCH_AHEAD: usize = 1;
+
 /// Encoder settings. `Default` gives 4 KiB pages, a 64 MiB cache, zstd level 3.
 #[derive(Debug, Clone)]
 pub struct EncoderConfig {
@@ -463,6 +466,9 @@ impl Encoder {
         self.chunk.clear();
         self.outcomes.clear();
         for (index, &(frame, data)) in pages.iter().enumerate() {
+            if let Some(&(_, ahead)) = pages.get(index + PREFETCH_AHEAD) {
+                super::prefetch::page(ahead);
+            }
             if self.encode_page(epoch, index as u32, pages, frame, data, predicted, st) {
                 predicted = frame.wrapping_add(1);
                 records += 1;

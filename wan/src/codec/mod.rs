@@ -93,6 +93,7 @@ mod match_finder;
 mod memory;
 mod page_cache;
 mod parallel;
+mod prefetch;
 mod prefix;
 pub mod recorded;
 mod rle;
