@@ -4,10 +4,11 @@
 
 use std::collections::VecDeque;
 
-use xxhash_rust::xxh3::{xxh3_128, xxh3_64};
+use xxhash_rust::xxh3::xxh3_128;
 
 use super::block::put_block;
 use super::chunk_plan::{ChunkCtx, ChunkPlan, Outcome, PrefixTry};
+use super::digest::{Digests, PageDigest};
 use super::error::CodecError;
 use super::fasthash::{map_with_capacity, U64Map};
 use super::format::{
@@ -355,13 +356,14 @@ impl Encoder {
         // and only when a core is free for them (see `ModeChooser`). Either
         // way the bytes are the same.
         let input = pages.len().saturating_mul(self.cfg.page_size);
+        self.begin_pass();
         let helpers = !self.helpers.is_empty()
             && input >= 2 * self.cfg.chunk_bytes
             && self.mode.use_helpers();
         let (records, chunks) = if helpers {
             self.encode_pages_parallel(epoch, pages, &mut st, out)
         } else {
-            self.encode_pages(epoch, pages, &mut st, &mut |ctx, plan, outcomes| {
+            self.encode_pages(epoch, pages, None, &mut st, &mut |ctx, plan, outcomes| {
                 ctx.finish(&plan, out, outcomes);
                 plan
             })
@@ -433,12 +435,42 @@ impl Encoder {
         &mut self,
         epoch: u64,
         pages: &[(u64, &[u8])],
+        digests: Option<&Digests<'_>>,
         st: &mut EncodeStats,
         sink: &mut ChunkSink<'_>,
     ) -> (u32, u32) {
         let mut records = 0u32;
         let mut chunks = 0u32;
         let mut predicted = 0u64;
+        self.chunk.clear();
+        self.outcomes.clear();
+        for (index, &(frame, data)) in pages.iter().enumerate() {
+            if let Some(&(_, ahead)) = pages.get(index + PREFETCH_AHEAD) {
+                super::prefetch::page(ahead);
+            }
+            let pre = digests.and_then(|d| d.get(index));
+            if self.encode_page(epoch, index as u32, pages, frame, data, pre, predicted, st) {
+                predicted = frame.wrapping_add(1);
+                records += 1;
+                self.chunk.records += 1;
+                // On the fallback sizes: the same boundaries whatever the
+                // deferred prefix attempts give (see chunk_plan.rs).
+                if self.chunk.raw.len() >= self.cfg.chunk_bytes {
+                    self.flush_chunk(epoch, sink);
+                    chunks += 1;
+                }
+            }
+        }
+        if self.chunk.records > 0 {
+            self.flush_chunk(epoch, sink);
+            chunks += 1;
+        }
+        (records, chunks)
+    }
+
+    /// Resets the per-epoch state of the page pass and decides this
+    /// epoch's sampling from the last one's outcomes.
+    fn begin_pass(&mut self) {
         self.epoch_hashes.clear();
         self.uses_prefix = false;
         self.uses_refs = false;
@@ -463,29 +495,6 @@ impl Encoder {
         self.xref_sampled = 0;
         self.xref_found = 0;
         self.prefix_hits = 0;
-        self.chunk.clear();
-        self.outcomes.clear();
-        for (index, &(frame, data)) in pages.iter().enumerate() {
-            if let Some(&(_, ahead)) = pages.get(index + PREFETCH_AHEAD) {
-                super::prefetch::page(ahead);
-            }
-            if self.encode_page(epoch, index as u32, pages, frame, data, predicted, st) {
-                predicted = frame.wrapping_add(1);
-                records += 1;
-                self.chunk.records += 1;
-                // On the fallback sizes: the same boundaries whatever the
-                // deferred prefix attempts give (see chunk_plan.rs).
-                if self.chunk.raw.len() >= self.cfg.chunk_bytes {
-                    self.flush_chunk(epoch, sink);
-                    chunks += 1;
-                }
-            }
-        }
-        if self.chunk.records > 0 {
-            self.flush_chunk(epoch, sink);
-            chunks += 1;
-        }
-        (records, chunks)
     }
 
     /// [`Encoder::encode_pages`] with chunks compressed by helper threads
@@ -500,26 +509,29 @@ impl Encoder {
         let mut helpers = std::mem::take(&mut self.helpers);
         let mut spare = std::mem::take(&mut self.spare_chunks);
         let shared = Shared::default();
+        let digests = Digests::new(pages);
         let started = std::time::Instant::now();
         let cpu_at_start = super::parallel::thread_cpu_time();
         let counts = std::thread::scope(|s| {
             let mut started = 0;
             for h in helpers.iter_mut() {
-                let sh = &shared;
+                let (sh, dg) = (&shared, &digests);
                 // A thread that cannot be started leaves its share to the others.
                 if std::thread::Builder::new()
                     .name("codec-zstd".into())
-                    .spawn_scoped(s, move || helper_loop(sh, h))
+                    .spawn_scoped(s, move || helper_loop(sh, h, dg))
                     .is_ok()
                 {
                     started += 1;
                 }
             }
             let mut pipe = Pipeline::new(&shared, started, &mut spare);
-            let counts = self.encode_pages(epoch, pages, st, &mut |ctx, plan, _| {
-                pipe.submit(ctx, out, plan)
-            });
-            let timing = pipe.finish(&mut self.ctx, out, cpu_at_start);
+            let counts =
+                self.encode_pages(epoch, pages, Some(&digests), st, &mut |ctx, plan, _| {
+                    pipe.submit(ctx, out, plan)
+                });
+            let mut timing = pipe.finish(&mut self.ctx, out, cpu_at_start);
+            timing.add_helper_time(digests.used_helper_time());
             (counts, timing, pipe.take_outcomes())
         });
         let (counts, timing, outcomes) = counts;
@@ -590,18 +602,19 @@ impl Encoder {
         pages: &[(u64, &[u8])],
         frame: u64,
         data: &[u8],
+        pre: Option<PageDigest>,
         predicted: u64,
         st: &mut EncodeStats,
     ) -> bool {
         let ps = self.cfg.page_size;
-        let hash = xxh3_64(data);
+        let PageDigest { hash, zero } = pre.unwrap_or_else(|| PageDigest::of(data));
         let head = |chunk: &mut Vec<u8>, kind: u8| {
             chunk.push(kind);
             put_uleb(chunk, zigzag(frame.wrapping_sub(predicted) as i64));
         };
         let cached = self.cache.get(frame);
 
-        if is_zero(data) {
+        if zero {
             if cached.is_some_and(is_zero) {
                 st.unchanged += 1;
                 return false;

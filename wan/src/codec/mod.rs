@@ -84,6 +84,7 @@ mod chunk_decode;
 mod chunk_plan;
 pub mod cpu_time;
 mod decoder;
+mod digest;
 mod encoder;
 mod error;
 mod fasthash;

@@ -26,6 +26,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::chunk_plan::{ChunkCtx, ChunkPlan, Outcome};
+use super::digest::Digests;
 
 /// How long the calling thread, with nothing left to do, waits for a helper
 /// to finish a chunk before compressing that chunk itself: twice as long as
@@ -81,6 +82,9 @@ pub(super) struct EpochTiming {
     own_time: Duration,
     /// Raw chunk bytes whose compression by a helper was used.
     helper_bytes: u64,
+    /// Other work of the helpers that the calling thread used and would
+    /// otherwise have done itself (page digests: digest.rs).
+    helper_other: Duration,
 }
 
 impl EpochTiming {
@@ -98,7 +102,13 @@ impl EpochTiming {
             own_bytes: own.0,
             own_time: own.1,
             helper_bytes,
+            helper_other: Duration::ZERO,
         }
+    }
+
+    /// Counts `t` of helper work that saved the calling thread as much.
+    pub(super) fn add_helper_time(&mut self, t: Duration) {
+        self.helper_other += t;
     }
 }
 
@@ -141,7 +151,7 @@ impl ModeChooser {
             Some(cpu) => cpu.as_nanos() as f64,
             None => wall_ns - t.idle.as_nanos() as f64,
         };
-        let alone = busy + t.helper_bytes as f64 * rate;
+        let alone = busy + t.helper_bytes as f64 * rate + t.helper_other.as_nanos() as f64;
         let gain = alone / wall_ns;
         self.gain = Some(gain);
         self.backoff = if gain < MIN_GAIN {
@@ -247,7 +257,7 @@ impl Shared {
 
 /// A helper thread's loop: compress queued chunks until the queue is closed
 /// and empty.
-pub(super) fn helper_loop(shared: &Shared, ctx: &mut ChunkCtx) {
+pub(super) fn helper_loop(shared: &Shared, ctx: &mut ChunkCtx, digests: &Digests<'_>) {
     struct FailFlag<'a>(&'a Shared);
     impl Drop for FailFlag<'_> {
         fn drop(&mut self) {
@@ -259,6 +269,12 @@ pub(super) fn helper_loop(shared: &Shared, ctx: &mut ChunkCtx) {
     }
     let _flag = FailFlag(shared);
     loop {
+        // Digests first: they shorten the page pass, which every chunk
+        // waits for; once none is left ahead of the pass the helper only
+        // compresses (the pass steals a chunk when too many queue).
+        if digests.help() {
+            continue;
+        }
         let mut job = {
             let mut st = shared.lock();
             loop {
@@ -775,10 +791,17 @@ mod tests {
             own_bytes: 1_000_000,
             own_time: ms(5),
             helper_bytes: 1_000_000,
+            helper_other: Duration::ZERO,
         };
         m.record(ms(10), useful);
         let g = m.gain().expect("gain");
         assert!((g - 1.5).abs() < 1e-6, "gain {g}");
+        // Digests computed by the helpers count as time saved too.
+        let mut with_digests = useful;
+        with_digests.add_helper_time(ms(2));
+        m.record(ms(10), with_digests);
+        let g = m.gain().expect("gain");
+        assert!((g - 1.7).abs() < 1e-6, "gain {g}");
         assert!((0..20).all(|_| m.use_helpers()));
         // Nothing from the helpers, 2 ms spent waiting for them.
         let useless = EpochTiming {
