@@ -4,6 +4,7 @@
 //! version, lengths, checksum, header fields against the replica, then every
 //! record. Only a fully verified epoch comes back, as a [`StagedEpoch`].
 
+use std::sync::Mutex;
 use std::time::Instant;
 
 use xxhash_rust::xxh3::xxh3_128;
@@ -19,6 +20,7 @@ use super::format::{
     REC_FULL_ZSTD, REC_PREFIX_ZSTD, REC_REF, REC_ZERO, TRAILER_LEN, VERSION, VERSION_PREFIX,
     VERSION_REFS,
 };
+use super::helper_threads::HelperThreads;
 use super::memory::PageSource;
 use super::parallel::{EpochTiming, ModeChooser};
 use super::prefix::PrefixDecompressor;
@@ -64,8 +66,11 @@ pub struct Decoder {
     cfg: DecoderConfig,
     /// The calling thread's zstd contexts: chunks, pages, state, disk data.
     main: ChunkDecompressor,
-    /// Helper threads' contexts, made on the first epoch that uses them.
-    helpers: Vec<ChunkDecompressor>,
+    /// Helper threads' contexts, made on the first epoch that uses them,
+    /// one per slot of a round (helper_threads.rs).
+    helpers: Vec<Mutex<ChunkDecompressor>>,
+    /// The threads that use them, started then and kept.
+    threads: Option<HelperThreads>,
     /// Whether helpers paid in the last epoch that used them (the
     /// encoder's rule: on a machine whose other cores are busy, a helper
     /// that is not running holds its chunk, and the epoch waits for it).
@@ -79,6 +84,7 @@ impl Decoder {
             cfg,
             main: ChunkDecompressor::new()?,
             helpers: Vec::new(),
+            threads: None,
             mode: ModeChooser::default(),
             xor: Vec::new(),
         })
@@ -392,25 +398,26 @@ impl Decoder {
     ) -> Result<(), CodecError> {
         let want = (self.cfg.threads - 1).min(jobs.len() - 1);
         while self.helpers.len() < want {
-            self.helpers.push(ChunkDecompressor::new()?);
+            self.helpers.push(Mutex::new(ChunkDecompressor::new()?));
         }
-        let mut helpers = std::mem::take(&mut self.helpers);
+        let helpers = std::mem::take(&mut self.helpers);
+        let mut threads = self
+            .threads
+            .take()
+            .unwrap_or_else(|| HelperThreads::new(self.cfg.threads - 1, "codec-unzstd"));
         let queue = ChunkQueue::new(jobs);
         let (started, cpu_at_start) = (Instant::now(), thread_cpu_time());
         let mut me = CallerWork::default();
-        let chunks = std::thread::scope(|s| {
-            for h in helpers.iter_mut().take(want) {
-                let queue = &queue;
-                // A helper that cannot be started leaves its share to the
-                // calling thread.
-                let _ = std::thread::Builder::new()
-                    .name("codec-unzstd".into())
-                    .spawn_scoped(s, move || queue.help(h, replica));
-            }
+        let job = |slot: usize| {
+            let mut ctx = helpers[slot].lock().unwrap_or_else(|e| e.into_inner());
+            queue.help(&mut ctx, replica);
+        };
+        let chunks = threads.run(want, &job, |_| {
             let r = self.read_queued_chunks(&queue, h, replica, staged, &mut me);
             queue.stop();
             r
         });
+        self.threads = Some(threads);
         self.helpers = helpers;
         let busy = match (cpu_at_start, thread_cpu_time()) {
             (Some(a), Some(b)) => Some(b.saturating_sub(a)),

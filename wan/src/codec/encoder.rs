@@ -3,6 +3,7 @@
 //! references are computed against.
 
 use std::collections::VecDeque;
+use std::sync::Mutex;
 
 use xxhash_rust::xxh3::xxh3_128;
 
@@ -15,6 +16,7 @@ use super::format::{
     Header, HEADER_LEN, MIN_VERSION, NO_BASE, REC_DELTA_RLE, REC_DELTA_ZSTD, REC_FULL_RAW,
     REC_FULL_ZSTD, REC_PREFIX_ZSTD, REC_REF, REC_ZERO, VERSION_PREFIX, VERSION_REFS,
 };
+use super::helper_threads::HelperThreads;
 use super::page_cache::PageCache;
 use super::parallel::{helper_loop, ModeChooser, Pipeline, Shared, Spare};
 use super::rle::{encode_xor, xor_into};
@@ -165,9 +167,12 @@ pub struct Encoder {
     cache: PageCache,
     /// The calling thread's zstd contexts (chunks, prefix frames, blocks).
     ctx: ChunkCtx,
-    /// Compression contexts of the helper threads (`threads - 1`), kept
-    /// between epochs; the threads themselves live for one epoch.
-    helpers: Vec<ChunkCtx>,
+    /// Compression contexts of the helper threads (`threads - 1`), one per
+    /// slot of a round (helper_threads.rs), kept between epochs.
+    helpers: Vec<Mutex<ChunkCtx>>,
+    /// The threads that use them, started on the first epoch with helpers
+    /// and kept (helper_threads.rs).
+    threads: Option<HelperThreads>,
     /// Emptied chunk buffers of the multi-threaded path, for reuse.
     spare_chunks: Spare,
     /// Helpers or not, from how fast each mode has been lately.
@@ -245,12 +250,13 @@ impl Encoder {
         };
         let ctx = new_ctx()?;
         let helpers = (1..cfg.threads.max(1))
-            .map(|_| new_ctx())
+            .map(|_| new_ctx().map(Mutex::new))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Encoder {
             cache: PageCache::new(cfg.page_size, cfg.cache_budget_bytes),
             ctx,
             helpers,
+            threads: None,
             spare_chunks: Spare::default(),
             mode: ModeChooser::default(),
             chain_tail: None,
@@ -506,26 +512,22 @@ impl Encoder {
         st: &mut EncodeStats,
         out: &mut Vec<u8>,
     ) -> (u32, u32) {
-        let mut helpers = std::mem::take(&mut self.helpers);
+        let helpers = std::mem::take(&mut self.helpers);
+        let mut threads = self
+            .threads
+            .take()
+            .unwrap_or_else(|| HelperThreads::new(helpers.len(), "codec-zstd"));
         let mut spare = std::mem::take(&mut self.spare_chunks);
         let shared = Shared::default();
         let digests = Digests::new(pages);
         let started = std::time::Instant::now();
         let cpu_at_start = super::parallel::thread_cpu_time();
-        let counts = std::thread::scope(|s| {
-            let mut started = 0;
-            for h in helpers.iter_mut() {
-                let (sh, dg) = (&shared, &digests);
-                // A thread that cannot be started leaves its share to the others.
-                if std::thread::Builder::new()
-                    .name("codec-zstd".into())
-                    .spawn_scoped(s, move || helper_loop(sh, h, dg))
-                    .is_ok()
-                {
-                    started += 1;
-                }
-            }
-            let mut pipe = Pipeline::new(&shared, started, &mut spare);
+        let job = |slot: usize| {
+            let mut ctx = helpers[slot].lock().unwrap_or_else(|e| e.into_inner());
+            helper_loop(&shared, &mut ctx, &digests);
+        };
+        let (counts, timing, outcomes) = threads.run(helpers.len(), &job, |offered| {
+            let mut pipe = Pipeline::new(&shared, offered, &mut spare);
             let counts =
                 self.encode_pages(epoch, pages, Some(&digests), st, &mut |ctx, plan, _| {
                     pipe.submit(ctx, out, plan)
@@ -534,10 +536,10 @@ impl Encoder {
             timing.add_helper_time(digests.used_helper_time());
             (counts, timing, pipe.take_outcomes())
         });
-        let (counts, timing, outcomes) = counts;
         self.outcomes.extend(outcomes);
         self.mode.record(started.elapsed(), timing);
         self.helpers = helpers;
+        self.threads = Some(threads);
         self.spare_chunks = spare;
         counts
     }

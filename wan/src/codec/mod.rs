@@ -90,6 +90,7 @@ mod error;
 mod fasthash;
 mod format;
 mod fuzzing;
+mod helper_threads;
 mod match_finder;
 mod memory;
 mod page_cache;

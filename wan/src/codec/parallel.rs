@@ -11,8 +11,10 @@
 //! depends only on the input, the parameters and the library version, not on
 //! which context compresses it), so the decoder and the format do not change.
 //!
-//! Shape: helper threads (scoped to one `encode_into` call) take chunks from a
-//! queue and hand back finished blocks; the calling thread queues each chunk
+//! Shape: helper threads (kept by the encoder and lent to one `encode_into`
+//! call at a time: helper_threads.rs) first hash pages ahead of the page
+//! pass (digest.rs), then take chunks from a queue and hand back finished
+//! blocks; the calling thread queues each chunk
 //! as the page pass fills it, compresses the oldest queued chunk itself when
 //! the helpers fall behind, writes finished blocks to the output in order,
 //! and at the end of the pass helps drain the queue. When the other cores are
