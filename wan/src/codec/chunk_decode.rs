@@ -21,7 +21,7 @@ use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use super::block::RawBlock;
-use super::cpu_time::thread_cpu_time;
+use super::cpu_time::Stopwatch;
 use super::error::CodecError;
 use super::format::BLOCK_ZSTD_REFS;
 use super::memory::PageSource;
@@ -113,10 +113,19 @@ type ChunkResult = Result<Vec<u8>, CodecError>;
 pub(crate) struct ChunkQueue<'j, 'a> {
     jobs: &'j [ChunkJob<'a>],
     next: AtomicUsize,
-    done: Mutex<Vec<Option<ChunkResult>>>,
+    done: Mutex<Done>,
+    /// Signalled when a chunk is finished while the reader waits.
     ready: Condvar,
     /// Raw bytes the helpers decompressed (for `ModeChooser`).
     helper_bytes: AtomicU64,
+}
+
+/// Finished chunks not yet read, and whether the reader (the calling
+/// thread, the only one that waits) is waiting: a notification is a system
+/// call even when nobody waits.
+struct Done {
+    results: Vec<Option<ChunkResult>>,
+    reader_waiting: bool,
 }
 
 /// What the calling thread did in one epoch, for `ModeChooser`: raw bytes
@@ -133,7 +142,10 @@ impl<'j, 'a> ChunkQueue<'j, 'a> {
         ChunkQueue {
             jobs,
             next: AtomicUsize::new(0),
-            done: Mutex::new((0..jobs.len()).map(|_| None).collect()),
+            done: Mutex::new(Done {
+                results: (0..jobs.len()).map(|_| None).collect(),
+                reader_waiting: false,
+            }),
             ready: Condvar::new(),
             helper_bytes: AtomicU64::new(0),
         }
@@ -175,18 +187,15 @@ impl<'j, 'a> ChunkQueue<'j, 'a> {
         me: &mut CallerWork,
     ) -> Result<Vec<u8>, CodecError> {
         loop {
-            if let Some(r) = self.lock()[i].take() {
+            if let Some(r) = self.lock().results[i].take() {
                 return r;
             }
-            let (wall, cpu) = (Instant::now(), thread_cpu_time());
+            let watch = Stopwatch::start();
             let Some(bytes) = self.work_one(ctx, replica) else {
                 break;
             };
             me.bytes += bytes;
-            me.time += match (cpu, thread_cpu_time()) {
-                (Some(a), Some(b)) => b.saturating_sub(a),
-                _ => wall.elapsed(),
-            };
+            me.time += watch.elapsed();
         }
         let waiting = Instant::now();
         let r = self.wait_for(i);
@@ -197,9 +206,11 @@ impl<'j, 'a> ChunkQueue<'j, 'a> {
     fn wait_for(&self, i: usize) -> ChunkResult {
         let mut done = self.lock();
         loop {
-            if let Some(r) = done[i].take() {
+            if let Some(r) = done.results[i].take() {
+                done.reader_waiting = false;
                 return r;
             }
+            done.reader_waiting = true;
             done = self
                 .ready
                 .wait(done)
@@ -224,12 +235,18 @@ impl<'j, 'a> ChunkQueue<'j, 'a> {
         }))
         .unwrap_or_else(|_| Err(CodecError::corrupt("record chunk: decompression failed")))
         .map(|()| buf);
-        self.lock()[i] = Some(r);
-        self.ready.notify_all();
+        let wake = {
+            let mut done = self.lock();
+            done.results[i] = Some(r);
+            done.reader_waiting
+        };
+        if wake {
+            self.ready.notify_one();
+        }
         Some(job.block.raw_len)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Option<ChunkResult>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Done> {
         self.done
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())

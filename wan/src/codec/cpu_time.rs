@@ -7,7 +7,37 @@
 //! this crate only links with its network feature (the fuzzers build the
 //! codec without it).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// Time spent by the calling thread since [`Stopwatch::start`]: its CPU
+/// time, or the wall time where the platform does not tell CPU time.
+/// Read it on the thread that started it.
+pub struct Stopwatch {
+    cpu: Option<Duration>,
+    wall: Instant,
+}
+
+impl Stopwatch {
+    pub fn start() -> Self {
+        Stopwatch {
+            cpu: thread_cpu_time(),
+            wall: Instant::now(),
+        }
+    }
+
+    /// CPU time since the start, or wall time without a CPU clock.
+    pub fn elapsed(&self) -> Duration {
+        match (self.cpu, thread_cpu_time()) {
+            (Some(a), Some(b)) => b.saturating_sub(a),
+            _ => self.wall.elapsed(),
+        }
+    }
+
+    /// Wall time since the start.
+    pub fn wall(&self) -> Duration {
+        self.wall.elapsed()
+    }
+}
 
 /// CPU time the calling thread has used.
 pub fn thread_cpu_time() -> Option<Duration> {

@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::cpu_time::thread_cpu_time;
+use super::cpu_time::Stopwatch;
 use super::encoder::is_zero;
 
 /// Pages per batch: a few µs of work, long against a claim (one atomic
@@ -88,18 +88,13 @@ impl<'p> Digests<'p> {
         let Some(b) = self.claim() else {
             return false;
         };
-        let cpu = thread_cpu_time();
+        let watch = Stopwatch::start();
         let range = b * BATCH_PAGES..((b + 1) * BATCH_PAGES).min(self.pages.len());
         let pages = self.pages[range]
             .iter()
             .map(|&(_, data)| PageDigest::of(data))
             .collect();
-        // Without a thread CPU clock the gain estimate leaves this work
-        // out (and so underrates the helpers).
-        let cpu = match (cpu, thread_cpu_time()) {
-            (Some(a), Some(z)) => z.saturating_sub(a),
-            _ => Duration::ZERO,
-        };
+        let cpu = watch.elapsed();
         // Set once: the only claimant.
         let _ = self.batches[b].set(Batch { pages, cpu });
         true

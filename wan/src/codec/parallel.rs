@@ -171,6 +171,7 @@ impl ModeChooser {
 }
 
 pub(super) use super::cpu_time::thread_cpu_time;
+use super::cpu_time::Stopwatch;
 
 /// Chunks queued per helper before the calling thread compresses one
 /// itself (see `Pipeline::submit`).
@@ -470,16 +471,13 @@ impl<'a> Pipeline<'a> {
     }
 
     fn compress_here(&mut self, job: &mut ChunkJob, ctx: &mut ChunkCtx) {
-        let (started, cpu) = (Instant::now(), thread_cpu_time());
+        let watch = Stopwatch::start();
         job.finish(ctx);
-        let took = started.elapsed();
+        let took = watch.wall();
         let bytes = job.work_bytes();
         if bytes > 0 {
             self.timing.own_bytes += bytes;
-            self.timing.own_time += match (cpu, thread_cpu_time()) {
-                (Some(a), Some(b)) => b.saturating_sub(a),
-                _ => took,
-            };
+            self.timing.own_time += watch.elapsed();
         }
         self.slowest_here = Some(self.slowest_here.map_or(took, |d| d.max(took)));
     }

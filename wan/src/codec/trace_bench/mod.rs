@@ -23,6 +23,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use super::cpu_time::Stopwatch;
 use super::recorded::{self, TraceEpoch, TraceError};
 use super::synthetic::{Trace, TraceConfig, TraceKind};
 use super::{CodecError, Decoder, DecoderConfig, Encoder, EncoderConfig, VecMemory};
@@ -186,22 +187,6 @@ pub fn trace_dirs(root: &Path) -> Result<Vec<PathBuf>, TraceBenchError> {
         return Err(TraceBenchError::NoTraces(root.to_owned()));
     }
     Ok(dirs)
-}
-
-/// CPU time of the calling thread (wall time where the platform does not
-/// tell it).
-struct Stopwatch(Option<Duration>, Instant);
-
-impl Stopwatch {
-    fn start() -> Self {
-        Stopwatch(super::cpu_time::thread_cpu_time(), Instant::now())
-    }
-    fn elapsed(&self) -> Duration {
-        match (self.0, super::cpu_time::thread_cpu_time()) {
-            (Some(a), Some(b)) => b.saturating_sub(a),
-            _ => self.1.elapsed(),
-        }
-    }
 }
 
 fn mbps(bytes: usize, d: Duration) -> f64 {
