@@ -23,6 +23,11 @@ use super::rle::{encode_xor, xor_into};
 use super::wire::{put_uleb, uleb_len, zigzag};
 use super::xref::{self, FingerprintIndex};
 
+/// Over an epoch's last pages a chunk is at most this fraction of the
+/// input left, and at least [`TAIL_CHUNK_MIN`] (`Encoder::chunk_limit`).
+const TAIL_CHUNK_DIVISOR: usize = 8;
+const TAIL_CHUNK_MIN: usize = 16 << 10;
+
 /// Pages ahead of the page pass whose bytes are fetched into the cache.
 const PREFETCH_AHEAD: usize = 1;
 
@@ -461,7 +466,7 @@ impl Encoder {
                 self.chunk.records += 1;
                 // On the fallback sizes: the same boundaries whatever the
                 // deferred prefix attempts give (see chunk_plan.rs).
-                if self.chunk.raw.len() >= self.cfg.chunk_bytes {
+                if self.chunk.raw.len() >= self.chunk_limit(pages.len() - index - 1) {
                     self.flush_chunk(epoch, sink);
                     chunks += 1;
                 }
@@ -472,6 +477,23 @@ impl Encoder {
             chunks += 1;
         }
         (records, chunks)
+    }
+
+    /// Size at which the chunk being filled is full, with `pages_left`
+    /// pages of the epoch after the current one: `chunk_bytes`, down to
+    /// [`TAIL_CHUNK_MIN`] over the epoch's last pages, where a chunk is
+    /// at most an eighth of the input left. Every thread finishes its
+    /// last chunk at the end of the epoch while the others may have
+    /// nothing left: the last chunks being short keeps that wait short
+    /// (recorded traces with two threads: 2-7 % faster, bytes within
+    /// 0.4 %; all chunks at 32 KiB gained about as much on gzip and sort
+    /// but cost db 2 % more bytes and the synthetic random trace a third
+    /// of its speed on one thread). A function of the input only, like
+    /// every boundary: the bytes stay the same for any thread count.
+    fn chunk_limit(&self, pages_left: usize) -> usize {
+        let full = self.cfg.chunk_bytes;
+        (pages_left.saturating_mul(self.cfg.page_size) / TAIL_CHUNK_DIVISOR)
+            .clamp(TAIL_CHUNK_MIN.min(full), full)
     }
 
     /// Resets the per-epoch state of the page pass and decides this
