@@ -43,7 +43,8 @@ pub struct EncoderConfig {
     /// zstd level for pages, chunks, state and disk data.
     pub zstd_level: i32,
     /// Records are grouped into chunks of about this many bytes, each chunk
-    /// compressed as one zstd frame when that pays.
+    /// compressed as one zstd frame when that pays; shorter over an epoch's
+    /// last pages (down to 16 KiB), so that threads finish together.
     pub chunk_bytes: usize,
     /// A delta whose run-length coding is at most this long is taken without
     /// trying zstd: a zstd frame has ~10 bytes of overhead, so it can win
