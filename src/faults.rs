@@ -5,7 +5,10 @@
 //! `REMUS_WAN_FAULT=<point>@<n>` makes the process SIGKILL itself the n-th
 //! time it reaches `<point>`; `REMUS_WAN_FAULT=<point>@<n>:sleep=<ms>`
 //! makes it stall there instead (so a test can kill another process while
-//! this one is at that point); `<point>@<n>:error` makes the point report
+//! this one is at that point); `<point>@<n>:hold=<path>` makes it stall
+//! there until the file `<path>` exists (at most [`HOLD_LIMIT`]), so that a
+//! test decides when it goes on instead of racing a fixed delay;
+//! `<point>@<n>:error` makes the point report
 //! a failure instead, at points that can fail (`standby.apply`: the n-th
 //! epoch is rejected as if it did not decode). Unset (always, in production), a point costs
 //! one load of an initialised `OnceLock`.
@@ -17,21 +20,32 @@
 //! `standby.swap` (a resync swap between its two renames),
 //! `standby.apply` (an epoch arrived, before it is applied; `:error`).
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// Longest a `:hold=` fault waits for its file: a test that never creates
+/// it must not leave the process stuck.
+pub const HOLD_LIMIT: Duration = Duration::from_secs(120);
 
 #[derive(Debug)]
 struct Fault {
     point: String,
     at: u64,
     sleep: Option<Duration>,
+    hold: Option<PathBuf>,
     error: bool,
     seen: AtomicU64,
 }
 
 fn parse(spec: &str) -> Option<Fault> {
     let (point, rest) = spec.split_once('@')?;
+    let (rest, hold) = match rest.split_once(":hold=") {
+        Some((n, path)) if !path.is_empty() => (n, Some(PathBuf::from(path))),
+        Some(_) => return None,
+        None => (rest, None),
+    };
     let (rest, error) = match rest.strip_suffix(":error") {
         Some(n) => (n, true),
         None => (rest, false),
@@ -44,6 +58,7 @@ fn parse(spec: &str) -> Option<Fault> {
         point: point.to_owned(),
         at: at.parse().ok()?,
         sleep,
+        hold,
         error,
         seen: AtomicU64::new(0),
     })
@@ -57,7 +72,7 @@ fn fault() -> Option<&'static Fault> {
             let f = parse(&spec);
             match &f {
                 Some(f) => tracing::warn!(point = %f.point, at = f.at, "fault injection armed (REMUS_WAN_FAULT)"),
-                None => tracing::warn!(spec, "REMUS_WAN_FAULT not understood: expected <point>@<n>[:sleep=<ms>]"),
+                None => tracing::warn!(spec, "REMUS_WAN_FAULT not understood: expected <point>@<n>[:sleep=<ms>|:hold=<path>|:error]"),
             }
             f
         })
@@ -78,6 +93,19 @@ pub fn point(name: &str) -> bool {
     if f.error {
         tracing::warn!(point = name, n, "fault point reached: failing");
         return true;
+    }
+    if let Some(path) = &f.hold {
+        tracing::warn!(
+            point = name,
+            n,
+            until = %path.display(),
+            "fault point reached: stalling"
+        );
+        let limit = Instant::now() + HOLD_LIMIT;
+        while !path.exists() && Instant::now() < limit {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        return false;
     }
     match f.sleep {
         Some(d) => {
@@ -168,6 +196,12 @@ mod tests {
         );
         let f = parse("standby.journaled@3:sleep=800").unwrap();
         assert_eq!(f.sleep, Some(Duration::from_millis(800)));
+        let f = parse("standby.apply@1:hold=/tmp/x:y").unwrap();
+        assert_eq!(
+            (f.at, f.hold.as_deref()),
+            (1, Some(std::path::Path::new("/tmp/x:y")))
+        );
+        assert!(parse("standby.apply@1:hold=").is_none());
         let f = parse("standby.apply@7:error").unwrap();
         assert_eq!((f.at, f.error, f.sleep), (7, true, None));
         assert!(parse("nonsense").is_none());

@@ -218,15 +218,20 @@ fn a_standby_restart_and_a_protect_restart_resync_only_written_blocks() {
         assert!(!protect.has_exited());
 
         // A new standby host (no replica at all): the whole disk is copied
-        // while the VM runs and writes to it. The standby stalls on its
-        // first epoch, so the guest's writes land while the copy is in
-        // flight; they travel in later epochs and the replica ends equal.
+        // while the VM runs and writes to it. The standby holds its first
+        // epoch until the test releases it, so the guest's writes are sent
+        // while the copy is in flight; they travel in later epochs and the
+        // replica ends equal.
         standby.kill();
         std::fs::remove_dir_all(dir.join("state")).expect("wipe the standby's state");
+        let release = dir.join("release-standby3");
         let _standby = Proc::remus_env(
             "standby (new host)",
             &standby_args,
-            &[("REMUS_WAN_FAULT", "standby.apply@1:sleep=4000".into())],
+            &[(
+                "REMUS_WAN_FAULT",
+                format!("standby.apply@1:hold={}", release.display()),
+            )],
             &dir.join("standby3.log"),
         );
         assert!(
@@ -247,6 +252,7 @@ fn a_standby_restart_and_a_protect_restart_resync_only_written_blocks() {
         for k in 0..20u64 {
             writeln!(kv_w, "SET fresh{k} value-{k}-{}", "w".repeat(300)).expect("kv write");
         }
+        std::fs::write(&release, b"").expect("release the standby");
         protected_with(
             2,
             "full copy to a new standby",
