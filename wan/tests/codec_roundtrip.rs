@@ -291,9 +291,10 @@ proptest! {
     }
 }
 
-/// A page whose content moved goes as zstd with its old content as prefix,
-/// in an epoch marked wire version 2; epochs without such a record stay
-/// version 1; a version-1 epoch carrying the record is refused.
+/// Without chunk prefixes, a page whose content moved goes as zstd with
+/// its old content as prefix, in an epoch marked wire version 2; epochs
+/// without such a record stay version 1; a version-1 epoch carrying the
+/// record is refused.
 #[test]
 fn moved_content_goes_as_prefix_zstd_in_version_2() {
     let ps = 4096;
@@ -302,7 +303,11 @@ fn moved_content_goes_as_prefix_zstd_in_version_2() {
     let mut moved = old.clone();
     moved.copy_within(100..ps - 24, 124);
     moved[100..124].copy_from_slice(b"twenty-four new bytes!!!");
-    let mut enc = Encoder::new(EncoderConfig::default()).expect("encoder");
+    let mut enc = Encoder::new(EncoderConfig {
+        chunk_refs: 0,
+        ..EncoderConfig::default()
+    })
+    .expect("encoder");
     let mut dec = Decoder::new(DecoderConfig::default()).expect("decoder");
     let mut replica = VecMemory::new(4, ps);
     let version = |b: &[u8]| u16::from_le_bytes([b[4], b[5]]);
@@ -330,6 +335,7 @@ fn moved_content_goes_as_prefix_zstd_in_version_2() {
     // Without the option: version 1, same image.
     let mut enc = Encoder::new(EncoderConfig {
         prefix_zstd: false,
+        chunk_refs: 0,
         ..EncoderConfig::default()
     })
     .expect("encoder");
@@ -337,6 +343,77 @@ fn moved_content_goes_as_prefix_zstd_in_version_2() {
     let plain = enc.encode(2, &[(2, &moved[..])], b"", &[]).expect("encode");
     assert_eq!(version(&plain), 1);
     assert!(plain.len() > second.len());
+}
+
+/// Pages partly rewritten (the XOR delta has runs but is long) go raw in
+/// a chunk whose zstd prefix is their own last-sent content, in version 3,
+/// smaller than the delta; the replica ends with the image. Also when
+/// that content begins with zstd's dictionary magic: it is raw content,
+/// never parsed as a dictionary.
+#[test]
+fn partly_rewritten_pages_go_with_their_old_content_as_chunk_prefix() {
+    let ps = 4096;
+    let frames = 16u64;
+    let version = |b: &[u8]| u16::from_le_bytes([b[4], b[5]]);
+    for magic in [false, true] {
+        let mut mem = vec![0u8; frames as usize * ps];
+        let mut rng = Rng::new(9);
+        for p in mem.chunks_exact_mut(ps) {
+            fill_text(&mut rng, p);
+            if magic {
+                p[..4].copy_from_slice(&0xEC30_A437u32.to_le_bytes());
+            }
+        }
+        let mut sizes = Vec::new();
+        for chunk_refs in [64, 0] {
+            let mut enc = Encoder::new(EncoderConfig {
+                chunk_refs,
+                prefix_zstd: false,
+                ..EncoderConfig::default()
+            })
+            .expect("encoder");
+            let mut dec = Decoder::new(DecoderConfig::default()).expect("decoder");
+            let mut replica = VecMemory::new(frames, ps);
+            let mut image = mem.clone();
+            let mut total = 0;
+            for epoch in 1..=3u64 {
+                if epoch > 1 {
+                    // Every other 16-byte field rewritten: a delta of
+                    // about half the page, with runs.
+                    for (f, p) in image.chunks_exact_mut(ps).enumerate() {
+                        for field in p.chunks_exact_mut(32).skip(1) {
+                            field[..16].fill(b'a' + ((f as u64 + epoch) % 26) as u8);
+                        }
+                    }
+                }
+                let pages: Vec<(u64, &[u8])> = image
+                    .chunks_exact(ps)
+                    .enumerate()
+                    .map(|(f, p)| (f as u64, p))
+                    .collect();
+                let before = enc.stats().own_prefix;
+                let wire = enc.encode(epoch, &pages, b"", &[]).expect("encode");
+                if epoch > 1 {
+                    total += wire.len();
+                    let own = enc.stats().own_prefix - before;
+                    if chunk_refs > 0 {
+                        assert_eq!(own, frames, "epoch {epoch}");
+                        assert_eq!(version(&wire), 3);
+                    } else {
+                        assert_eq!(own, 0);
+                        assert_eq!(version(&wire), 1);
+                    }
+                }
+                dec.decode(&wire, &replica)
+                    .expect("decode")
+                    .apply(&mut replica)
+                    .expect("apply");
+                assert!(replica.as_bytes() == &image[..], "epoch {epoch}");
+            }
+            sizes.push(total);
+        }
+        assert!(sizes[0] < sizes[1], "{sizes:?} (magic {magic})");
+    }
 }
 
 /// Pages made of other frames' content at another alignment go in chunks

@@ -105,7 +105,7 @@ impl ChunkCtx {
             zc: super::match_finder::chunk_compressor(level, fast_match_finder)?,
             pz: PrefixCompressor::new(level, fast_match_finder)
                 .ok_or_else(|| std::io::Error::other("zstd: no memory"))?,
-            rz: RefsCompressor::new(level)
+            rz: RefsCompressor::new(level, fast_match_finder)
                 .ok_or_else(|| std::io::Error::other("zstd: no memory"))?,
             scratch: Vec::new(),
             resolved: Vec::new(),

@@ -31,6 +31,11 @@ const TAIL_CHUNK_MIN: usize = 16 << 10;
 /// Pages ahead of the page pass whose bytes are fetched into the cache.
 const PREFETCH_AHEAD: usize = 1;
 
+/// A changed page whose XOR delta against its last-sent content has
+/// runs (it is under a page) and is longer than this is sent raw, with
+/// that content in its chunk's zstd prefix (`Encoder::own_refs`).
+const OWN_REF_MIN_DELTA: usize = 256;
+
 /// Encoder settings. `Default` gives 4 KiB pages, a 64 MiB cache, zstd level 3.
 #[derive(Debug, Clone)]
 pub struct EncoderConfig {
@@ -87,8 +92,12 @@ pub struct EncoderConfig {
     /// Most cached pages a chunk may name as its zstd prefix
     /// (`BLOCK_ZSTD_REFS`, wire version 3; xref.rs): pages whose sub-page
     /// fingerprints the chunk's raw pages share, so that content found in
-    /// the guest at another alignment compresses as matches. `0`: never
-    /// (versions 1 and 2 only).
+    /// the guest at another alignment compresses as matches, and (batched
+    /// mode) the last-sent content of the chunk's pages whose XOR delta is
+    /// partial but long: such a page goes raw, and zstd codes it as
+    /// matches into its old content plus what changed, where the delta's
+    /// runs hide what the new bytes have in common with anything else.
+    /// `0`: never (versions 1 and 2 only).
     pub chunk_refs: usize,
 }
 
@@ -139,6 +148,9 @@ pub struct EncodeStats {
     pub full_raw: u64,
     /// Pages compressed with their last-sent content as zstd prefix.
     pub prefix_zstd: u64,
+    /// Pages sent raw with their last-sent content in their chunk's zstd
+    /// prefix (also counted in `full_raw`).
+    pub own_prefix: u64,
     /// Bytes of dirty pages handed in (`pages * page_size`).
     pub page_bytes: u64,
     /// Bytes on the wire, headers and trailers included.
@@ -157,6 +169,7 @@ impl EncodeStats {
         self.full_zstd += o.full_zstd;
         self.full_raw += o.full_raw;
         self.prefix_zstd += o.prefix_zstd;
+        self.own_prefix += o.own_prefix;
         self.page_bytes += o.page_bytes;
         self.wire_bytes += o.wire_bytes;
     }
@@ -208,6 +221,13 @@ pub struct Encoder {
     /// current chunk's raw pages for the frames that sent them before.
     xref: FingerprintIndex,
     votes: U64Map<u32>,
+    /// Frames of the current chunk sent raw with their last-sent content
+    /// as part of the chunk's prefix, and that content (copied: the cache
+    /// slot takes the new bytes as the page pass moves on). The replica
+    /// still holds it when the epoch is decoded: the frame's committed
+    /// content is what was last sent.
+    own_refs: Vec<u64>,
+    own_prefix: Vec<u8>,
     /// Prefix candidates tried and taken in the current epoch, and in how
     /// many candidates one is tried this epoch (1, or [`PREFIX_SAMPLE`]
     /// after an epoch where under one try in eight paid: fresh content
@@ -250,6 +270,7 @@ impl Encoder {
         let chunk_bytes = cfg
             .chunk_bytes
             .clamp(1, (super::format::MAX_CHUNK_RAW as usize) / 2);
+        let chunk_refs = cfg.chunk_refs.min(super::format::MAX_CHUNK_REFS as usize);
         let new_ctx = || {
             ChunkCtx::new(cfg.zstd_level, cfg.fast_match_finder, cfg.page_size)
                 .map_err(|e| CodecError::corrupt(format!("zstd compressor: {e}")))
@@ -284,6 +305,8 @@ impl Encoder {
             uses_refs: false,
             xref: FingerprintIndex::new(),
             votes: map_with_capacity(0),
+            own_refs: Vec::new(),
+            own_prefix: Vec::new(),
             prefix_tries: 0,
             prefix_hits: 0,
             prefix_every: 1,
@@ -292,7 +315,11 @@ impl Encoder {
             xref_found: 0,
             xref_every: 1,
             xref_tick: 0,
-            cfg: EncoderConfig { chunk_bytes, ..cfg },
+            cfg: EncoderConfig {
+                chunk_bytes,
+                chunk_refs,
+                ..cfg
+            },
         })
     }
 
@@ -723,6 +750,17 @@ impl Encoder {
                 }
             }
         }
+        let own_ref = cached.filter(|_| {
+            best_kind == REC_DELTA_RLE && best_len > OWN_REF_MIN_DELTA && self.own_ref_allowed()
+        });
+        if let Some(old) = own_ref {
+            best_kind = REC_FULL_RAW;
+            best_len = ps;
+            best_payload = ps;
+            self.own_refs.push(frame);
+            self.own_prefix.extend_from_slice(old);
+            st.own_prefix += 1;
+        }
         if !self.cfg.per_page_zstd && best_kind == REC_DELTA_RLE && best_payload > ps / 2 {
             // Batched: zstd runs over the whole chunk, where a raw page
             // compresses at least as well as a delta this dense.
@@ -730,7 +768,8 @@ impl Encoder {
             best_len = ps;
             best_payload = ps;
         }
-        let prefix_candidate = self.cfg.prefix_zstd
+        let prefix_candidate = own_ref.is_none()
+            && self.cfg.prefix_zstd
             && cached.is_some()
             && best_len > self.cfg.rle_accept_bytes
             && best_kind != REC_DELTA_ZSTD;
@@ -853,14 +892,27 @@ impl Encoder {
         true
     }
 
+    /// Whether the page being encoded may be sent raw with its last-sent
+    /// content in the chunk's prefix: batched mode, prefix frames on, an
+    /// epoch with a base (the replica's committed content may be used),
+    /// and room left in the chunk's prefix.
+    fn own_ref_allowed(&self) -> bool {
+        !self.cfg.per_page_zstd
+            && self.chain_tail.is_some()
+            && self.own_refs.len() < self.cfg.chunk_refs
+    }
+
     fn flush_chunk(&mut self, epoch: u64, sink: &mut ChunkSink<'_>) {
-        if !self.votes.is_empty() {
+        if !self.votes.is_empty() || !self.own_refs.is_empty() {
             // Frames sent in an earlier epoch: their cached bytes are the
             // replica's committed content when this epoch applies (the
             // cache invariant); a frame rewritten earlier in this epoch
-            // holds new bytes in the cache and old ones in the replica.
+            // holds new bytes in the cache and old ones in the replica
+            // (the chunk's own pages are such frames: their old bytes were
+            // copied as the page pass went).
             let cache = &self.cache;
-            let refs = xref::choose(&self.votes, self.cfg.chunk_refs, |f| {
+            let room = self.cfg.chunk_refs - self.own_refs.len();
+            let mut refs = xref::choose(&self.votes, room, |f| {
                 cache.sent_epoch(f).is_some_and(|e| e < epoch)
             });
             for &f in &refs {
@@ -868,6 +920,10 @@ impl Encoder {
                     self.chunk.prefix.extend_from_slice(page);
                 }
             }
+            // Last: closest to the records, and in the chunk's page order.
+            refs.append(&mut self.own_refs);
+            self.chunk.prefix.extend_from_slice(&self.own_prefix);
+            self.own_prefix.clear();
             self.uses_refs |= !refs.is_empty();
             self.chunk.refs = refs;
             self.votes.clear();

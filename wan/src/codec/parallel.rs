@@ -546,7 +546,8 @@ mod tests {
 
     use crate::codec::synthetic::{fill_struct, fill_text, Rng};
     use crate::codec::{
-        CodecError, Decoder, DecoderConfig, Encoder, EncoderConfig, PageSource, VecMemory,
+        CodecError, Decoder, DecoderConfig, EncodeStats, Encoder, EncoderConfig, PageSource,
+        VecMemory,
     };
 
     #[derive(Debug, Clone)]
@@ -856,11 +857,22 @@ mod tests {
         assert!(out == expected);
     }
 
-    /// Pages whose content moves, in epochs of many chunks: the prefix
-    /// attempts run on the helpers, the bytes and the counts are those of
-    /// one thread, and some attempts pay.
+    /// Pages whose content moves, in epochs of many chunks: with chunk
+    /// prefixes, the moved pages go raw with their old content in their
+    /// chunk's prefix; without, the prefix attempts run on the helpers
+    /// and some pay. Either way the bytes and the counts are those of one
+    /// thread.
     #[test]
-    fn codec_prefix_attempts_on_helpers_same_bytes() {
+    fn codec_moved_pages_on_helpers_same_bytes() {
+        let chunk_prefixes = moved_pages_on_helpers(64);
+        assert!(chunk_prefixes.own_prefix > 100, "{chunk_prefixes:?}");
+        let attempts = moved_pages_on_helpers(0);
+        assert!(attempts.prefix_zstd > 100, "{attempts:?}");
+        assert_eq!(attempts.own_prefix, 0);
+        assert!(chunk_prefixes.wire_bytes < attempts.wire_bytes);
+    }
+
+    fn moved_pages_on_helpers(chunk_refs: usize) -> EncodeStats {
         let (ps, frames) = (4096usize, 512u64);
         let mut memory = vec![0u8; frames as usize * ps];
         let mut rng = Rng::new(7);
@@ -871,6 +883,7 @@ mod tests {
             Encoder::new(EncoderConfig {
                 chunk_bytes: 16 << 10,
                 threads,
+                chunk_refs,
                 ..EncoderConfig::default()
             })
             .expect("encoder")
@@ -906,7 +919,7 @@ mod tests {
                 .expect("apply");
             assert!(replica.as_bytes() == &memory[..], "epoch {epoch}");
         }
-        assert!(many.stats().prefix_zstd > 100, "{:?}", many.stats());
+        many.stats()
     }
 
     /// Fresh pages made of other frames' content at other alignments, in

@@ -51,21 +51,21 @@ impl PrefixCompressor {
 /// Compresses record chunks with other pages as prefix
 /// (`BLOCK_ZSTD_REFS`); one context reused for every chunk.
 ///
-/// These frames keep the level's own match finder (level 3: "double
-/// fast"), not `EncoderConfig::fast_match_finder`'s: over up to 256 KiB
-/// of prefix pages the fast finder's single small table misses much of
-/// what the prefix holds (sort 113,965 bytes/epoch against 106,063 with
-/// the level's, gzip and db 0.1-1.5 % more) for a few per cent of speed.
+/// With `EncoderConfig::fast_match_finder` these frames get a fast
+/// finder of their own, with a larger table than the chunks'
+/// (match_finder.rs): the prefix holds up to 256 KiB.
 pub(crate) struct RefsCompressor {
     ctx: CCtx<'static>,
     level: i32,
+    fast_match_finder: bool,
 }
 
 impl RefsCompressor {
-    pub(crate) fn new(level: i32) -> Option<Self> {
+    pub(crate) fn new(level: i32, fast_match_finder: bool) -> Option<Self> {
         Some(RefsCompressor {
             ctx: CCtx::try_create()?,
             level,
+            fast_match_finder,
         })
     }
 
@@ -81,6 +81,7 @@ impl RefsCompressor {
             ctx.set_parameter(CParameter::CompressionLevel(self.level))
                 .ok()?;
             ctx.set_parameter(CParameter::WindowLog(window_log)).ok()?;
+            super::match_finder::tune_refs(ctx, self.level, self.fast_match_finder)?;
             ctx.ref_prefix(prefix).ok()?;
             ctx.compress2(out, data).ok()
         })();
@@ -88,6 +89,9 @@ impl RefsCompressor {
         r
     }
 }
+
+/// What starts a zstd dictionary with entropy tables (`ZSTD_MAGIC_DICTIONARY`).
+const ZSTD_DICT_MAGIC: u32 = 0xEC30_A437;
 
 /// Decompresses `REC_PREFIX_ZSTD` payloads and `BLOCK_ZSTD_REFS` chunks;
 /// one context reused.
@@ -113,10 +117,21 @@ impl PrefixDecompressor {
         // SAFETY: as in `PrefixCompressor::compress`: the reset drops the
         // reference to `prefix` before this returns.
         let ctx: &mut DCtx<'_> = unsafe { &mut *(&mut self.ctx as *mut DCtx<'static>).cast() };
-        let r = ctx
-            .ref_prefix(prefix)
-            .and_then(|_| ctx.decompress(out, z))
-            .map_err(zstd::zstd_safe::get_error_name);
+        // Raw content without a dictionary object when zstd allows it:
+        // `ref_prefix` goes through one, which zstd takes for cold memory
+        // on every call (a new prefix each time) and then decodes with
+        // its prefetching sequence decoder and reloads its tables, while
+        // the prefix was written just before (decode 4-8 % faster on the
+        // recorded traces). Content starting with the dictionary magic
+        // would be parsed as a structured dictionary there: it keeps
+        // `ref_prefix`, which always means raw content, as the encoder's.
+        let structured = prefix.len() >= 8 && prefix[..4] == ZSTD_DICT_MAGIC.to_le_bytes();
+        let r = if structured {
+            ctx.ref_prefix(prefix).and_then(|_| ctx.decompress(out, z))
+        } else {
+            ctx.decompress_using_dict(out, z, prefix)
+        }
+        .map_err(zstd::zstd_safe::get_error_name);
         let _ = ctx.reset(ResetDirective::SessionAndParameters);
         r
     }
