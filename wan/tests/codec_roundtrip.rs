@@ -365,10 +365,11 @@ fn partly_rewritten_pages_go_with_their_old_content_as_chunk_prefix() {
             }
         }
         let mut sizes = Vec::new();
+        // Without chunk prefixes nor prefix frames: version 1.
         for chunk_refs in [64, 0] {
             let mut enc = Encoder::new(EncoderConfig {
                 chunk_refs,
-                prefix_zstd: false,
+                prefix_zstd: chunk_refs > 0,
                 ..EncoderConfig::default()
             })
             .expect("encoder");
