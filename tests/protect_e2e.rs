@@ -725,7 +725,7 @@ fn with_witness(end: End, tap: &str, port: u16, mac: &str) {
             )
         });
         let first = protected_back(1).map(|v| v.committed_epoch).unwrap_or(1);
-        let more = if seed % 4 == 0 { 1 + seed % 19 } else { 0 };
+        let more = if seed.is_multiple_of(4) { 1 + seed % 19 } else { 0 };
         wait_until(
             "dc2 commits more checkpoints at dc1",
             Duration::from_secs(60),

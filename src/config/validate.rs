@@ -357,7 +357,7 @@ impl Validator {
         // to its minimum (2 s with its default election timeout): the
         // lease the sites count on must be the one etcd enforces.
         let lease = cfg.failover.lease_ms;
-        if lease % 1000 != 0 || lease < ETCD_MIN_LEASE_MS {
+        if !lease.is_multiple_of(1000) || lease < ETCD_MIN_LEASE_MS {
             self.push(
                 "failover.lease_ms",
                 format!(

@@ -110,7 +110,7 @@ impl Vm {
                 h.reset();
             }
             t.pending = vec![u64::MAX; words];
-            if frames % 64 != 0 {
+            if !frames.is_multiple_of(64) {
                 t.pending[words - 1] = (1u64 << (frames % 64)) - 1;
             }
             t.synced = true;

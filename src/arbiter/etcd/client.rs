@@ -280,7 +280,7 @@ pub async fn etcd_loop(
                     debug!(vm, member = kv.member(), error = %why, "etcd member unreachable: trying the next");
                 }
                 kv.next_member();
-                let wait = if failures % kv.members() == 0 {
+                let wait = if failures.is_multiple_of(kv.members()) {
                     retry
                 } else {
                     Duration::ZERO

@@ -677,7 +677,7 @@ impl Sim {
                 Action::PreCopyStep => {
                     self.next_epoch += 1;
                     self.precopy_steps += 1;
-                    if self.precopy_steps % 3 == 0 {
+                    if self.precopy_steps.is_multiple_of(3) {
                         self.c.handle_precopy_finished();
                     }
                 }

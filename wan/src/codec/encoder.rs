@@ -785,7 +785,7 @@ impl Encoder {
         let mut deferred = None;
         let sampled = prefix_candidate && {
             self.prefix_tick = self.prefix_tick.wrapping_add(1);
-            self.prefix_tick % self.prefix_every == 0
+            self.prefix_tick.is_multiple_of(self.prefix_every)
         };
         if let Some(old) = cached.filter(|_| sampled && self.cache.prefix_worth_trying(frame)) {
             prefix_paid = Some(false);
@@ -870,7 +870,9 @@ impl Encoder {
                 let base = self.chain_tail.is_some();
                 // An epoch without base (the whole image after a reset) is
                 // indexed in full whatever the last epochs found.
-                if self.cfg.chunk_refs > 0 && (!base || self.xref_tick % self.xref_every == 0) {
+                if self.cfg.chunk_refs > 0
+                    && (!base || self.xref_tick.is_multiple_of(self.xref_every))
+                {
                     // Votes only where the epoch has a base: without one
                     // the replica's committed content may not be used.
                     let votes = base.then_some(&mut self.votes);

@@ -79,6 +79,7 @@
 //! criterion bench and `remus-wan bench codec`. [`fuzz_decode`] is the decoder's fuzzing entry point
 //! (`wan/fuzz`).
 
+mod anchors;
 mod block;
 mod chunk_decode;
 mod chunk_plan;

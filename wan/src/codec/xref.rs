@@ -9,7 +9,7 @@
 //! fingerprints: content-defined anchors (a gear rolling hash over the
 //! page, anchors where its low 8 bits are zero, about one per 256 bytes:
 //! the same content gives the same anchors whatever its offset), and an
-//! xxh3 of the 32 bytes after each. The low bits of a gear hash depend on
+//! xxh3 of the 32 bytes after each (anchors.rs). The low bits of a gear hash depend on
 //! the last 8 bytes only, so an anchor inside a text line does not move
 //! when the line's neighbours change (sorted lines): anchors on the top
 //! bits, which depend on the last 64 bytes, gave sort 1 % instead of 11 %.
@@ -22,30 +22,20 @@
 //! content has changed, which costs some prefix room, never correctness
 //! (the decoder uses whatever the listed frames hold).
 
+use super::anchors::{Anchors, LANES};
 use super::fasthash::U64Map;
 
-/// Anchors where the rolling hash's low 8 bits are zero: one per 256
-/// bytes on average (16 per 4 KiB page). Measured on the recorded traces:
-/// one per 64 bytes made sort 11 % larger (the table crowds), gzip equal.
-const ANCHOR_BITS: u32 = 8;
 /// Bytes hashed after an anchor: long enough that text lines (30–100
 /// bytes in `sort`'s rows) match only where they really repeat.
 const FP_LEN: usize = 32;
 /// Table of 2^18 buckets of two entries (4 MiB): a 64 MiB cache holds
 /// about 256 Ki fingerprints at 16 per page.
 const TABLE_BITS: u32 = 18;
-/// Stretches of a page hashed side by side (see `sample`).
-const LANES: usize = 4;
-/// Anchors kept per stretch: 16 expected in a whole 4 KiB page, more only
-/// in degenerate content (a run of one byte value anchors everywhere or
-/// nowhere), where the first ones are as good as any. Positions are
-/// `u16`: pages are at most 64 KiB.
-const MAX_LANE_HITS: usize = 64;
 /// A frame needs this many votes from a chunk to be a prefix candidate:
 /// one shared 32-byte run is as often chance (a common header) as content.
 const MIN_VOTES: u32 = 2;
 
-/// Fingerprint table and the gear hash's byte table.
+/// Fingerprint table and the anchor finder.
 pub(super) struct FingerprintIndex {
     /// Per bucket, the newest entry and the one before (0 = empty): content
     /// copied again (a read buffer, a sorted array) would otherwise hide
@@ -58,26 +48,18 @@ pub(super) struct FingerprintIndex {
     /// 256 KiB of useless prefix (synthetic random trace: encode 1,517 ->
     /// 553 MB/s per core).
     table: Vec<[u64; 2]>,
-    gear: [u32; 256],
-    /// Scratch: fingerprints of the current page.
+    anchors: Anchors,
+    /// Scratch: anchors and fingerprints of the current page.
+    hits: Vec<u16>,
     fps: Vec<u64>,
 }
 
 impl FingerprintIndex {
     pub fn new() -> Self {
-        // Any fixed pseudo-random table: it only decides where anchors fall,
-        // on the sender alone.
-        let mut gear = [0u32; 256];
-        let mut x = 0x9e37_79b9_7f4a_7c15_u64;
-        for g in gear.iter_mut() {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            *g = x as u32;
-        }
         FingerprintIndex {
             table: vec![[0; 2]; 1 << TABLE_BITS],
-            gear,
+            anchors: Anchors::new(),
+            hits: Vec::with_capacity(64),
             fps: Vec::with_capacity(64),
         }
     }
@@ -93,64 +75,18 @@ impl FingerprintIndex {
         if page.len() < 2 * FP_LEN + LANES {
             return;
         }
-        // Anchors are positions i in FP_LEN..=len-FP_LEN whose hash over
-        // the bytes up to i has its low 8 bits zero. Those bits depend on
-        // the last 8 bytes only (each step shifts the older bytes' share
-        // left), so the page splits into LANES stretches hashed side by
-        // side, each warmed up on the 8 bytes before it: independent
-        // chains instead of one serial one (the single chain was 7 % of
-        // the encoder's samples on sort), same anchors.
-        let mask = (1u32 << ANCHOR_BITS) - 1;
-        let first = FP_LEN;
-        let end = page.len() - FP_LEN + 1;
-        let len = (end - first) / LANES;
-        let mut h = [0u32; LANES];
-        let mut hits = [[0u16; MAX_LANE_HITS]; LANES];
-        let mut nhits = [0usize; LANES];
-        let start = |l: usize| first + l * len;
-        for (l, hl) in h.iter_mut().enumerate() {
-            for &b in &page[start(l) - 8..start(l)] {
-                *hl = (*hl << 1).wrapping_add(self.gear[b as usize]);
-            }
-        }
-        let g = &self.gear;
-        let lane = |l: usize| &page[start(l)..start(l) + len];
-        let (s0, s1, s2, s3) = (lane(0), lane(1), lane(2), lane(3));
-        for (j, (((&b0, &b1), &b2), &b3)) in s0.iter().zip(s1).zip(s2).zip(s3).enumerate() {
-            h[0] = (h[0] << 1).wrapping_add(g[b0 as usize]);
-            h[1] = (h[1] << 1).wrapping_add(g[b1 as usize]);
-            h[2] = (h[2] << 1).wrapping_add(g[b2 as usize]);
-            h[3] = (h[3] << 1).wrapping_add(g[b3 as usize]);
-            // Rare (one position in 64 of the four): the branch is cheap.
-            if (h[0] & mask) * (h[1] & mask) * (h[2] & mask) * (h[3] & mask) == 0 {
-                for l in 0..LANES {
-                    if h[l] & mask == 0 && nhits[l] < MAX_LANE_HITS {
-                        hits[l][nhits[l]] = (start(l) + j) as u16;
-                        nhits[l] += 1;
-                    }
-                }
-            }
-        }
-        // The last lane's remainder.
-        let l = LANES - 1;
-        for (i, &b) in page.iter().enumerate().take(end).skip(start(LANES)) {
-            h[l] = (h[l] << 1).wrapping_add(g[b as usize]);
-            if h[l] & mask == 0 && nhits[l] < MAX_LANE_HITS {
-                hits[l][nhits[l]] = i as u16;
-                nhits[l] += 1;
-            }
-        }
+        // Anchors are positions i in FP_LEN..=len-FP_LEN (anchors.rs).
+        self.anchors
+            .find(page, FP_LEN, page.len() - FP_LEN + 1, &mut self.hits);
         // In page order, fingerprints that do not overlap: a run of one
         // byte value would otherwise anchor at every position.
         let mut next = 0usize;
-        for l in 0..LANES {
-            for &i in &hits[l][..nhits[l]] {
-                let i = usize::from(i);
-                if i >= next {
-                    self.fps
-                        .push(xxhash_rust::xxh3::xxh3_64(&page[i..i + FP_LEN]));
-                    next = i + FP_LEN;
-                }
+        for &i in &self.hits {
+            let i = usize::from(i);
+            if i >= next {
+                self.fps
+                    .push(xxhash_rust::xxh3::xxh3_64(&page[i..i + FP_LEN]));
+                next = i + FP_LEN;
             }
         }
     }

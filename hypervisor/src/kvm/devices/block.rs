@@ -176,7 +176,7 @@ impl Block {
     fn range_ok(&self, sector: u64, len: usize) -> Option<u64> {
         let off = sector.checked_mul(SECTOR)?;
         let end = off.checked_add(len as u64)?;
-        (len as u64 % SECTOR == 0 && end <= self.capacity * SECTOR).then_some(off)
+        ((len as u64).is_multiple_of(SECTOR) && end <= self.capacity * SECTOR).then_some(off)
     }
 
     fn process(&mut self) {

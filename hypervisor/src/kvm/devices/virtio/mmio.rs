@@ -238,7 +238,7 @@ impl MmioDevice for MmioTransport {
             self.dev().read_config(offset - REG_CONFIG, data);
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             data.fill(0);
             return;
         }
@@ -253,7 +253,7 @@ impl MmioDevice for MmioTransport {
         let Ok(b) = <[u8; 4]>::try_from(data) else {
             return;
         };
-        if offset % 4 == 0 {
+        if offset.is_multiple_of(4) {
             self.write_u32(offset, u32::from_le_bytes(b));
         }
     }
