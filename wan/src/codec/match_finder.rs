@@ -63,18 +63,17 @@ pub(super) fn chunk_compressor(
 
 /// Sets the referencing chunks' match finder on a context whose level is set.
 pub(super) fn tune_refs(ctx: &mut CCtx<'_>, level: i32, fast: bool) -> Option<()> {
-    if fast && applies(level) {
-        for p in REFS {
-            ctx.set_parameter(p).ok()?;
-        }
-    }
-    Some(())
+    tune(ctx, &REFS, level, fast)
 }
 
 /// Sets the prefix frames' match finder on a context whose level is set.
 pub(super) fn tune_prefix(ctx: &mut CCtx<'_>, level: i32, fast: bool) -> Option<()> {
+    tune(ctx, &PREFIX, level, fast)
+}
+
+fn tune(ctx: &mut CCtx<'_>, params: &[CParameter], level: i32, fast: bool) -> Option<()> {
     if fast && applies(level) {
-        for p in PREFIX {
+        for &p in params {
             ctx.set_parameter(p).ok()?;
         }
     }

@@ -9,6 +9,7 @@
 //! returning, so the context never references a prefix after the call: the
 //! lifetime is erased for the duration of one call only.
 
+use zstd::zstd_safe::zstd_sys::ZSTD_MAGIC_DICTIONARY;
 use zstd::zstd_safe::{CCtx, CParameter, DCtx, ResetDirective};
 
 /// Compresses pages with a prefix; one context reused for every page.
@@ -90,9 +91,6 @@ impl RefsCompressor {
     }
 }
 
-/// What starts a zstd dictionary with entropy tables (`ZSTD_MAGIC_DICTIONARY`).
-const ZSTD_DICT_MAGIC: u32 = 0xEC30_A437;
-
 /// Decompresses `REC_PREFIX_ZSTD` payloads and `BLOCK_ZSTD_REFS` chunks;
 /// one context reused.
 pub(crate) struct PrefixDecompressor {
@@ -125,7 +123,7 @@ impl PrefixDecompressor {
         // recorded traces). Content starting with the dictionary magic
         // would be parsed as a structured dictionary there: it keeps
         // `ref_prefix`, which always means raw content, as the encoder's.
-        let structured = prefix.len() >= 8 && prefix[..4] == ZSTD_DICT_MAGIC.to_le_bytes();
+        let structured = prefix.len() >= 8 && prefix[..4] == ZSTD_MAGIC_DICTIONARY.to_le_bytes();
         let r = if structured {
             ctx.ref_prefix(prefix).and_then(|_| ctx.decompress(out, z))
         } else {
