@@ -19,7 +19,7 @@ use super::format::{
 use super::helper_threads::HelperThreads;
 use super::page_cache::PageCache;
 use super::parallel::{helper_loop, ModeChooser, Pipeline, Shared, Spare};
-use super::rle::{encode_xor, xor_into};
+use super::rle::{encode_xor, xor_delta_len, xor_into};
 use super::wire::{put_uleb, uleb_len, zigzag};
 use super::xref::{self, FingerprintIndex};
 
@@ -212,7 +212,6 @@ pub struct Encoder {
     chunk: ChunkPlan,
     /// Outcomes of the current epoch's deferred prefix attempts.
     outcomes: Vec<Outcome>,
-    rle: Vec<u8>,
     xor: Vec<u8>,
     zbuf: Vec<u8>,
     zbest: Vec<u8>,
@@ -301,7 +300,6 @@ impl Encoder {
                 ..ChunkPlan::default()
             },
             outcomes: Vec::new(),
-            rle: Vec::with_capacity(cfg.page_size),
             xor: vec![0; cfg.page_size],
             zbuf: vec![0; cfg.page_size],
             zbest: vec![0; cfg.page_size],
@@ -726,8 +724,8 @@ impl Encoder {
         // batched, nothing has been compressed yet.
         let mut dense = self.cfg.per_page_zstd;
         if let Some(old) = cached {
-            self.rle.clear();
-            if let Some(n) = encode_xor(data, old, &mut self.rle, ps - 1) {
+            // Measured only: the delta is written below if it is what goes.
+            if let Some(n) = xor_delta_len(data, old, ps - 1) {
                 if n == 0 {
                     st.unchanged += 1;
                     self.cache.store(frame, data, hash, epoch);
@@ -846,8 +844,13 @@ impl Encoder {
         let payload_at = self.chunk.raw.len();
         match best_kind {
             REC_DELTA_RLE => {
-                put_uleb(&mut self.chunk.raw, self.rle.len() as u64);
-                self.chunk.raw.extend_from_slice(&self.rle);
+                put_uleb(&mut self.chunk.raw, best_payload as u64);
+                // Still the content measured above: the cache changes
+                // only at the end of this page.
+                if let Some(old) = self.cache.get(frame) {
+                    let n = encode_xor(data, old, &mut self.chunk.raw, usize::MAX);
+                    debug_assert_eq!(n, Some(best_payload));
+                }
                 st.delta_rle += 1;
             }
             REC_DELTA_ZSTD | REC_FULL_ZSTD | REC_PREFIX_ZSTD => {

@@ -6,7 +6,7 @@
 //! typical guest write changes one or two bytes of a counter or pointer.
 
 use super::error::CodecError;
-use super::wire::{put_uleb, Reader};
+use super::wire::{put_uleb, uleb_len, Reader};
 
 /// Zero gaps up to this many bytes are folded into the surrounding literal:
 /// a new run costs at least two header bytes, so shorter gaps are cheaper inline.
@@ -22,10 +22,14 @@ fn word(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(w)
 }
 
+/// The runs of a delta as they are found, in page order: merged, then
+/// counted, and written when there is somewhere to write them.
 struct Runs<'a> {
     new: &'a [u8],
     old: &'a [u8],
-    out: &'a mut Vec<u8>,
+    out: Option<&'a mut Vec<u8>>,
+    /// Encoded length of the runs emitted so far.
+    len: usize,
     emitted: usize,
     cur: Option<(usize, usize)>,
 }
@@ -44,15 +48,65 @@ impl Runs<'_> {
     }
 
     fn emit(&mut self, s: usize, e: usize) {
-        put_uleb(self.out, (s - self.emitted) as u64);
-        put_uleb(self.out, (e - s) as u64);
-        self.out.extend(
-            self.new[s..e]
-                .iter()
-                .zip(&self.old[s..e])
-                .map(|(a, b)| a ^ b),
-        );
+        let (gap, lit) = ((s - self.emitted) as u64, (e - s) as u64);
+        self.len += uleb_len(gap) + uleb_len(lit) + (e - s);
+        if let Some(out) = self.out.as_deref_mut() {
+            put_uleb(out, gap);
+            put_uleb(out, lit);
+            out.extend(
+                self.new[s..e]
+                    .iter()
+                    .zip(&self.old[s..e])
+                    .map(|(a, b)| a ^ b),
+            );
+        }
         self.emitted = e;
+    }
+
+    /// Finds every run; `false` as soon as the encoding exceeds `limit`
+    /// (checked after each block that differs). `simd`: the whole blocks
+    /// with AVX-512 where the CPU has it (the same runs either way).
+    fn scan(&mut self, limit: usize, simd: bool) -> bool {
+        let (new, old) = (self.new, self.old);
+        let n = new.len().min(old.len());
+        #[allow(unused_mut)]
+        let mut off = 0;
+        #[cfg(target_arch = "x86_64")]
+        if simd && avx512_available() {
+            // SAFETY: the CPU has the features (checked just above).
+            match unsafe { full_blocks_avx512(self, n, limit) } {
+                Some(done) => off = done,
+                None => return false,
+            }
+        }
+        while off < n {
+            let end = (off + BLOCK).min(n);
+            if new[off..end] != old[off..end] {
+                let mut w = off;
+                while w + 8 <= end {
+                    let x = word(new, w) ^ word(old, w);
+                    if x != 0 {
+                        let s = w + (x.trailing_zeros() / 8) as usize;
+                        let e = w + 8 - (x.leading_zeros() / 8) as usize;
+                        self.add(s, e);
+                    }
+                    w += 8;
+                }
+                for i in w..end {
+                    if new[i] != old[i] {
+                        self.add(i, i + 1);
+                    }
+                }
+                if self.len > limit {
+                    return false;
+                }
+            }
+            off = end;
+        }
+        if let Some((s, e)) = self.cur.take() {
+            self.emit(s, e);
+        }
+        self.len <= limit
     }
 }
 
@@ -62,50 +116,118 @@ impl Runs<'_> {
 /// encoding would exceed `limit` bytes: the caller then has a better choice.
 /// An empty encoding means the pages are equal.
 pub fn encode_xor(new: &[u8], old: &[u8], out: &mut Vec<u8>, limit: usize) -> Option<usize> {
-    let n = new.len().min(old.len());
+    encode_xor_with(new, old, out, limit, true)
+}
+
+fn encode_xor_with(
+    new: &[u8],
+    old: &[u8],
+    out: &mut Vec<u8>,
+    limit: usize,
+    simd: bool,
+) -> Option<usize> {
     let start = out.len();
     let mut runs = Runs {
         new,
         old,
-        out,
+        out: Some(out),
+        len: 0,
         emitted: 0,
         cur: None,
     };
+    if runs.scan(limit, simd) {
+        return Some(runs.len);
+    }
+    if let Some(out) = runs.out {
+        out.truncate(start);
+    }
+    None
+}
+
+/// What [`encode_xor`] would return, without writing the delta: deciding
+/// whether a page goes as a delta at all needs only its length, and many
+/// pages with a long delta go raw.
+pub fn xor_delta_len(new: &[u8], old: &[u8], limit: usize) -> Option<usize> {
+    xor_delta_len_with(new, old, limit, true)
+}
+
+fn xor_delta_len_with(new: &[u8], old: &[u8], limit: usize, simd: bool) -> Option<usize> {
+    let mut runs = Runs {
+        new,
+        old,
+        out: None,
+        len: 0,
+        emitted: 0,
+        cur: None,
+    };
+    runs.scan(limit, simd).then_some(runs.len)
+}
+
+/// The whole [`BLOCK`]s of the first `n` bytes, 64 bytes per compare:
+/// the same runs, in the same order, as the word loop of [`encode_xor`]
+/// (a word's run spans its first to its last differing byte), so the
+/// bytes do not depend on the machine. Returns where the word loop goes
+/// on, or `None` once the encoding exceeds `limit`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn full_blocks_avx512(runs: &mut Runs<'_>, n: usize, limit: usize) -> Option<usize> {
+    use std::arch::x86_64::{_mm512_cmpneq_epi8_mask, _mm512_loadu_si512};
+    const _: () = assert!(BLOCK == 64);
+    let (new, old) = (runs.new, runs.old);
     let mut off = 0;
-    while off < n {
-        let end = (off + BLOCK).min(n);
-        if new[off..end] != old[off..end] {
-            let mut w = off;
-            while w + 8 <= end {
-                let x = word(new, w) ^ word(old, w);
-                if x != 0 {
-                    let s = w + (x.trailing_zeros() / 8) as usize;
-                    let e = w + 8 - (x.leading_zeros() / 8) as usize;
-                    runs.add(s, e);
-                }
-                w += 8;
+    while off + BLOCK <= n {
+        // SAFETY: `off + 64 <= n`, within both slices.
+        let diff = unsafe {
+            _mm512_cmpneq_epi8_mask(
+                _mm512_loadu_si512(new.as_ptr().add(off).cast()),
+                _mm512_loadu_si512(old.as_ptr().add(off).cast()),
+            )
+        };
+        if diff != 0 {
+            let mut f = word_spans(diff);
+            while f != 0 {
+                let s = f.trailing_zeros() as usize;
+                let len = (!(f >> s)).trailing_zeros() as usize;
+                runs.add(off + s, off + s + len);
+                f &= (!0u64).checked_shl((s + len) as u32).unwrap_or(0);
             }
-            for i in w..end {
-                if new[i] != old[i] {
-                    runs.add(i, i + 1);
-                }
-            }
-            if runs.out.len() - start > limit {
-                runs.out.truncate(start);
+            if runs.len > limit {
                 return None;
             }
         }
-        off = end;
+        off += BLOCK;
     }
-    if let Some((s, e)) = runs.cur.take() {
-        runs.emit(s, e);
+    Some(off)
+}
+
+/// For a mask of differing bytes (bit i: byte i), each 8-bit lane filled
+/// from its lowest to its highest set bit: the bytes the word loop puts in
+/// a run.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn word_spans(m: u64) -> u64 {
+    const LANE_LO: [u64; 3] = [
+        0xFEFE_FEFE_FEFE_FEFE,
+        0xFCFC_FCFC_FCFC_FCFC,
+        0xF0F0_F0F0_F0F0_F0F0,
+    ];
+    const LANE_HI: [u64; 3] = [
+        0x7F7F_7F7F_7F7F_7F7F,
+        0x3F3F_3F3F_3F3F_3F3F,
+        0x0F0F_0F0F_0F0F_0F0F,
+    ];
+    let (mut up, mut down) = (m, m);
+    for (i, sh) in [1, 2, 4].into_iter().enumerate() {
+        up |= (up << sh) & LANE_LO[i];
+        down |= (down >> sh) & LANE_HI[i];
     }
-    let len = runs.out.len() - start;
-    if len > limit {
-        runs.out.truncate(start);
-        return None;
-    }
-    Some(len)
+    up & down
+}
+
+/// Whether this CPU runs [`full_blocks_avx512`] (checked once by std).
+#[cfg(target_arch = "x86_64")]
+fn avx512_available() -> bool {
+    std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw")
 }
 
 /// Checks that `runs` is a well-formed delta for a page of `page_size` bytes.
@@ -207,6 +329,84 @@ mod tests {
         let mut enc = vec![9u8];
         assert_eq!(encode_xor(&new, &old, &mut enc, 100), None);
         assert_eq!(enc, vec![9u8]);
+    }
+
+    /// Pages with changes of every shape: single bytes, short and long
+    /// runs, gaps of 1-3 bytes (the merge limit), whole blocks, and
+    /// lengths that are not a multiple of 64.
+    fn changed(len: usize, seed: u64, edits: &[(u16, u8, u8)]) -> (Vec<u8>, Vec<u8>) {
+        let old: Vec<u8> = (0..len)
+            .map(|i| (i as u64).wrapping_mul(seed | 1).wrapping_shr(7) as u8)
+            .collect();
+        let mut new = old.clone();
+        for &(at, run, gap) in edits {
+            let mut i = at as usize % len.max(1);
+            for _ in 0..run {
+                if i >= len {
+                    break;
+                }
+                new[i] = new[i].wrapping_add(1 + gap % 7);
+                i += 1 + usize::from(gap % 4);
+            }
+        }
+        (new, old)
+    }
+
+    proptest::proptest! {
+        /// The AVX-512 blocks give the same runs as the word loop, and
+        /// measuring gives the length (or the refusal) that writing does.
+        #[test]
+        fn simd_blocks_and_measuring_agree_with_the_word_loop(
+            len in proptest::prop_oneof![0usize..300, proptest::strategy::Just(4096usize)],
+            seed in proptest::prelude::any::<u64>(),
+            edits in proptest::collection::vec(
+                (proptest::prelude::any::<u16>(), 0u8..200, proptest::prelude::any::<u8>()), 0..40),
+            limit in proptest::prop_oneof![
+                proptest::strategy::Just(usize::MAX), 0usize..64, 64usize..5000],
+        ) {
+            let (new, old) = changed(len, seed, &edits);
+            let (mut words, mut blocks) = (vec![5u8], vec![5u8]);
+            let a = encode_xor_with(&new, &old, &mut words, limit, false);
+            let b = encode_xor_with(&new, &old, &mut blocks, limit, true);
+            proptest::prop_assert_eq!(a, b);
+            proptest::prop_assert_eq!(&words, &blocks);
+            proptest::prop_assert_eq!(xor_delta_len_with(&new, &old, limit, false), a);
+            proptest::prop_assert_eq!(xor_delta_len_with(&new, &old, limit, true), a);
+            match a {
+                Some(n) => {
+                    proptest::prop_assert_eq!(words.len(), n + 1);
+                    let mut dst = old.clone();
+                    apply_xor(&words[1..], &mut dst).expect("valid runs");
+                    proptest::prop_assert_eq!(dst, new);
+                }
+                None => proptest::prop_assert_eq!(words, vec![5u8]),
+            }
+        }
+    }
+
+    /// The lane fill itself: each byte of the mask spans its lowest to its
+    /// highest set bit.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn word_spans_fill_each_lane_between_its_ends() {
+        assert_eq!(word_spans(0), 0);
+        assert_eq!(word_spans(0b1000_0001), 0xFF);
+        assert_eq!(word_spans(0b0010_0100 << 8), 0b0011_1100 << 8);
+        assert_eq!(word_spans(1 << 63 | 1), 1 << 63 | 1);
+        assert_eq!(word_spans(0x0100_0000_0000_0080), 0x0100_0000_0000_0080);
+        for m in [0x1234_5678_9ABC_DEF0u64, u64::MAX, 0x8001_0000_0100_8000] {
+            let f = word_spans(m);
+            for lane in 0..8 {
+                let b = (m >> (8 * lane)) as u8;
+                let want = if b == 0 {
+                    0
+                } else {
+                    let (lo, hi) = (b.trailing_zeros(), 7 - b.leading_zeros());
+                    ((0xFFu16 << lo) as u8) & (0xFFu8 >> (7 - hi))
+                };
+                assert_eq!((f >> (8 * lane)) as u8, want, "mask {m:#x} lane {lane}");
+            }
+        }
     }
 
     #[test]
