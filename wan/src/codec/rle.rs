@@ -152,6 +152,15 @@ pub fn xor_delta_len(new: &[u8], old: &[u8], limit: usize) -> Option<usize> {
 }
 
 fn xor_delta_len_with(new: &[u8], old: &[u8], limit: usize, simd: bool) -> Option<usize> {
+    #[cfg(target_arch = "x86_64")]
+    if simd && avx512_available() {
+        let n = new.len().min(old.len());
+        if n.is_multiple_of(BLOCK) && n <= MAP_BYTES {
+            // SAFETY: the CPU has the features (checked just above).
+            let len = unsafe { delta_len_avx512(&new[..n], &old[..n]) };
+            return (len <= limit).then_some(len);
+        }
+    }
     let mut runs = Runs {
         new,
         old,
@@ -222,6 +231,92 @@ fn word_spans(m: u64) -> u64 {
         down |= (down >> sh) & LANE_HI[i];
     }
     up & down
+}
+
+/// Longest input [`delta_len_avx512`] measures: every length and gap then
+/// fits a 2-byte ULEB128.
+#[cfg(target_arch = "x86_64")]
+const MAP_BYTES: usize = 8192;
+
+/// The encoded length of the delta of `new` (a whole number of blocks, at
+/// most [`MAP_BYTES`]) against `old`, from bitmaps of the bytes in runs
+/// rather than run by run: pages rewritten throughout have hundreds of
+/// short runs. Bit `i` of the map is byte `i`. The runs are the word spans
+/// (as in the word loop) with gaps of up to [`MERGE_GAP`] bytes filled;
+/// each costs its literal bytes, plus one byte for its gap and one for its
+/// length, plus one more for each of those that is 128 or more.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,popcnt")]
+unsafe fn delta_len_avx512(new: &[u8], old: &[u8]) -> usize {
+    use std::arch::x86_64::{_mm512_cmpneq_epi8_mask, _mm512_loadu_si512};
+    const _: () = assert!(BLOCK == 64 && MERGE_GAP == 2);
+    const WORDS: usize = MAP_BYTES / 64;
+    let words = new.len() / BLOCK;
+    // Word spans, with an empty word on either side of the page.
+    let mut spans = [0u64; WORDS + 2];
+    let mut any = 0;
+    for k in 0..words {
+        // SAFETY: `(k + 1) * 64 <= new.len() == old.len()`.
+        let diff = unsafe {
+            _mm512_cmpneq_epi8_mask(
+                _mm512_loadu_si512(new.as_ptr().add(k * BLOCK).cast()),
+                _mm512_loadu_si512(old.as_ptr().add(k * BLOCK).cast()),
+            )
+        };
+        any |= diff;
+        spans[k + 1] = word_spans(diff);
+    }
+    if any == 0 {
+        return 0;
+    }
+    // Gaps of one or two bytes filled: byte i joins when a run byte is at
+    // most two before it and one at most two after it, with at most two
+    // bytes between them.
+    let mut map = [0u64; WORDS + 2];
+    let (mut literal, mut runs) = (0usize, 0usize);
+    for k in 1..=words {
+        let (p, c, nx) = (spans[k - 1], spans[k], spans[k + 1]);
+        let (l1, l2) = (c << 1 | p >> 63, c << 2 | p >> 62);
+        let (r1, r2) = (c >> 1 | nx << 63, c >> 2 | nx << 62);
+        let m = c | (l1 & r1) | (l2 & r1) | (l1 & r2);
+        let starts = m & !(m << 1 | map[k - 1] >> 63);
+        map[k] = m;
+        literal += m.count_ones() as usize;
+        runs += starts.count_ones() as usize;
+    }
+    // Runs and gaps of 128 bytes or more cover a whole word: look only
+    // around whole words of ones or zeros.
+    let mut long = 0;
+    let mut k = 1;
+    while k <= words {
+        let w = map[k];
+        if w != 0 && w != u64::MAX {
+            k += 1;
+            continue;
+        }
+        let mut j = k;
+        while j < words && map[j + 1] == w {
+            j += 1;
+        }
+        let whole = 64 * (j - k + 1);
+        let (before, after) = (map[k - 1], map[j + 1]);
+        if w == u64::MAX {
+            let len = whole + before.leading_ones() as usize + after.trailing_ones() as usize;
+            long += usize::from(len >= 128);
+        } else if j < words {
+            // A gap: zeros followed by a run (the zeros after the last run
+            // are not coded). The first gap counts from the page start.
+            let ahead = if k == 1 {
+                0
+            } else {
+                before.leading_zeros() as usize
+            };
+            let len = whole + ahead + after.trailing_zeros() as usize;
+            long += usize::from(len >= 128);
+        }
+        k = j + 1;
+    }
+    literal + 2 * runs + long
 }
 
 /// Whether this CPU runs [`full_blocks_avx512`] (checked once by std).
@@ -380,6 +475,28 @@ mod tests {
                     proptest::prop_assert_eq!(dst, new);
                 }
                 None => proptest::prop_assert_eq!(words, vec![5u8]),
+            }
+        }
+    }
+
+    /// Runs and gaps around 128 bytes, where their length takes a second
+    /// ULEB128 byte, at every alignment to the 64-byte blocks.
+    #[test]
+    fn measured_lengths_at_the_two_byte_boundary() {
+        let old = vec![0u8; 1024];
+        for len in 120..=136 {
+            for at in 0..=70 {
+                // One run of `len` bytes at `at`, then a gap of `len` and one byte.
+                let mut new = old.clone();
+                new[at..at + len].fill(1);
+                new[at + 2 * len] = 1;
+                for simd in [false, true] {
+                    let mut out = Vec::new();
+                    let want = encode_xor_with(&new, &old, &mut out, usize::MAX, false);
+                    assert_eq!(want, Some(out.len()));
+                    let got = xor_delta_len_with(&new, &old, usize::MAX, simd);
+                    assert_eq!(got, want, "len {len} at {at} simd {simd}");
+                }
             }
         }
     }
