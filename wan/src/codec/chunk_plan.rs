@@ -55,8 +55,20 @@ pub(super) struct ChunkPlan {
     /// Frames whose committed content is the chunk's zstd prefix
     /// (`BLOCK_ZSTD_REFS`, see xref.rs); empty: an ordinary block.
     pub refs: Vec<u64>,
-    /// Their content, copied when the chunk was closed (the cache moves on).
+    /// Their content (copied: the cache moves on), then a copy of the
+    /// records: zstd then sees one contiguous window, prefix and records,
+    /// without a further copy (see [`ChunkPlan::window`]). The content
+    /// sits at the end of `headroom` bytes: the chunk's own pages' old
+    /// content goes in as the page pass reaches them, right after the
+    /// headroom, and the frames voted for, known only when the chunk
+    /// closes, go right before it (`Encoder::flush_chunk`).
     pub prefix: Vec<u8>,
+    /// Where the prefix content starts in `prefix`, and where the records
+    /// start.
+    pub prefix_start: usize,
+    pub records_at: usize,
+    /// Bytes kept at the start of `prefix` for the voted frames.
+    pub headroom: usize,
 }
 
 impl ChunkPlan {
@@ -67,7 +79,26 @@ impl ChunkPlan {
         self.tries.clear();
         self.pages.clear();
         self.refs.clear();
-        self.prefix.clear();
+        // The headroom stays: zeroing it again for every chunk would cost
+        // as much as the copies the layout saves.
+        self.prefix.truncate(self.headroom);
+        self.prefix_start = 0;
+        self.records_at = 0;
+    }
+
+    /// Makes room for `headroom` bytes before the prefix content: once per
+    /// buffer, kept by [`ChunkPlan::clear`].
+    pub fn reserve_headroom(&mut self, headroom: usize) {
+        if self.headroom != headroom || self.prefix.len() < headroom {
+            self.prefix.clear();
+            self.prefix.resize(headroom, 0);
+            self.headroom = headroom;
+        }
+    }
+
+    /// A referencing chunk's prefix and records, back to back.
+    fn window(&self) -> (&[u8], &[u8]) {
+        self.prefix[self.prefix_start..].split_at(self.records_at - self.prefix_start)
     }
 
     /// Whether finishing the chunk is more than copying it: a zstd pass or
@@ -131,11 +162,18 @@ impl ChunkCtx {
             // sees one contiguous window and runs its plain match finder,
             // not the slower external-dictionary variant it uses for a
             // prefix elsewhere in memory (10 % of the encoder's samples
-            // on sort before; the bytes are the same either way).
-            self.joined.clear();
-            self.joined.extend_from_slice(&plan.prefix);
-            self.joined.extend_from_slice(records);
-            let (prefix, records) = self.joined.split_at(plan.prefix.len());
+            // on sort before; the bytes are the same either way). The page
+            // pass laid them out so; records rewritten by prefix attempts
+            // are joined here.
+            let (prefix, records) = if plan.tries.is_empty() {
+                plan.window()
+            } else {
+                let (prefix, _) = plan.window();
+                self.joined.clear();
+                self.joined.extend_from_slice(prefix);
+                self.joined.extend_from_slice(records);
+                self.joined.split_at(prefix.len())
+            };
             if put_refs_block(
                 wire,
                 records,

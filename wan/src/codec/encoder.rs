@@ -232,7 +232,6 @@ pub struct Encoder {
     /// still holds it when the epoch is decoded: the frame's committed
     /// content is what was last sent.
     own_refs: Vec<u64>,
-    own_prefix: Vec<u8>,
     /// Prefix candidates tried and taken in the current epoch, and in how
     /// many candidates one is tried this epoch (1, or [`PREFIX_SAMPLE`]
     /// after an epoch where under one try in eight paid: fresh content
@@ -310,7 +309,6 @@ impl Encoder {
             xref: FingerprintIndex::new(),
             votes: map_with_capacity(0),
             own_refs: Vec::new(),
-            own_prefix: Vec::new(),
             prefix_tries: 0,
             prefix_hits: 0,
             prefix_every: 1,
@@ -762,7 +760,8 @@ impl Encoder {
             best_len = ps;
             best_payload = ps;
             self.own_refs.push(frame);
-            self.own_prefix.extend_from_slice(old);
+            self.chunk.reserve_headroom(self.cfg.chunk_refs * ps);
+            self.chunk.prefix.extend_from_slice(old);
             st.own_prefix += 1;
         }
         if !self.cfg.per_page_zstd && best_kind == REC_DELTA_RLE && best_payload > ps / 2 {
@@ -930,15 +929,28 @@ impl Encoder {
             let mut refs = xref::choose(&self.votes, room, |f| {
                 cache.sent_epoch(f).is_some_and(|e| e < epoch)
             });
-            for &f in &refs {
-                if let Some(page) = self.cache.get(f) {
-                    self.chunk.prefix.extend_from_slice(page);
+            let ps = self.cfg.page_size;
+            self.chunk.reserve_headroom(self.cfg.chunk_refs * ps);
+            // The voted frames right before the own pages' old content
+            // (which is right after the headroom): closest to the records,
+            // and in the chunk's page order, come the own pages.
+            let mut start = self.chunk.headroom;
+            refs.retain(|&f| cache.get(f).is_some());
+            start -= refs.len() * ps;
+            for (i, &f) in refs.iter().enumerate() {
+                if let Some(page) = cache.get(f) {
+                    self.chunk.prefix[start + i * ps..][..ps].copy_from_slice(page);
                 }
             }
-            // Last: closest to the records, and in the chunk's page order.
             refs.append(&mut self.own_refs);
-            self.chunk.prefix.extend_from_slice(&self.own_prefix);
-            self.own_prefix.clear();
+            if refs.is_empty() {
+                self.chunk.prefix.truncate(self.chunk.headroom);
+            } else {
+                self.chunk.prefix_start = start;
+                self.chunk.records_at = self.chunk.prefix.len();
+                let ChunkPlan { prefix, raw, .. } = &mut self.chunk;
+                prefix.extend_from_slice(raw);
+            }
             self.uses_refs |= !refs.is_empty();
             self.chunk.refs = refs;
             self.votes.clear();
