@@ -19,7 +19,7 @@ use super::format::{
 use super::helper_threads::HelperThreads;
 use super::page_cache::PageCache;
 use super::parallel::{helper_loop, ModeChooser, Pipeline, Shared, Spare};
-use super::rle::{encode_xor, xor_delta_len, xor_into};
+use super::rle::{measure_xor, write_xor, xor_into, DeltaScan};
 use super::wire::{put_uleb, uleb_len, zigzag};
 use super::xref::{self, FingerprintIndex};
 
@@ -212,6 +212,8 @@ pub struct Encoder {
     chunk: ChunkPlan,
     /// Outcomes of the current epoch's deferred prefix attempts.
     outcomes: Vec<Outcome>,
+    /// The current page's delta as measured, written if it is what goes.
+    delta: DeltaScan,
     xor: Vec<u8>,
     zbuf: Vec<u8>,
     zbest: Vec<u8>,
@@ -299,6 +301,7 @@ impl Encoder {
                 ..ChunkPlan::default()
             },
             outcomes: Vec::new(),
+            delta: DeltaScan::default(),
             xor: vec![0; cfg.page_size],
             zbuf: vec![0; cfg.page_size],
             zbest: vec![0; cfg.page_size],
@@ -723,7 +726,7 @@ impl Encoder {
         let mut dense = self.cfg.per_page_zstd;
         if let Some(old) = cached {
             // Measured only: the delta is written below if it is what goes.
-            if let Some(n) = xor_delta_len(data, old, ps - 1) {
+            if let Some(n) = measure_xor(data, old, ps - 1, &mut self.delta) {
                 if n == 0 {
                     st.unchanged += 1;
                     self.cache.store(frame, data, hash, epoch);
@@ -847,8 +850,9 @@ impl Encoder {
                 // Still the content measured above: the cache changes
                 // only at the end of this page.
                 if let Some(old) = self.cache.get(frame) {
-                    let n = encode_xor(data, old, &mut self.chunk.raw, usize::MAX);
-                    debug_assert_eq!(n, Some(best_payload));
+                    let at = self.chunk.raw.len();
+                    write_xor(&self.delta, data, old, &mut self.chunk.raw);
+                    debug_assert_eq!(self.chunk.raw.len() - at, best_payload);
                 }
                 st.delta_rle += 1;
             }

@@ -144,20 +144,75 @@ fn encode_xor_with(
     None
 }
 
-/// What [`encode_xor`] would return, without writing the delta: deciding
-/// whether a page goes as a delta at all needs only its length, and many
-/// pages with a long delta go raw.
-pub fn xor_delta_len(new: &[u8], old: &[u8], limit: usize) -> Option<usize> {
-    xor_delta_len_with(new, old, limit, true)
+/// A delta measured by [`measure_xor`], for [`write_xor`]: where the CPU
+/// measures it from bitmaps (AVX-512), the bitmap of the bytes in runs,
+/// so that writing it walks the runs without comparing the pages again.
+#[derive(Default)]
+pub struct DeltaScan {
+    /// Bit `i` of word `k + 1`: byte `64 k + i` is in a run (words 0 and
+    /// last are empty, for the neighbours of the page's first and last).
+    map: Vec<u64>,
+    /// Whether `map` holds the last measured delta.
+    mapped: bool,
 }
 
-fn xor_delta_len_with(new: &[u8], old: &[u8], limit: usize, simd: bool) -> Option<usize> {
+/// What [`encode_xor`] would return, without writing the delta: deciding
+/// whether a page goes as a delta at all needs only its length, and many
+/// pages with a long delta go raw. [`write_xor`] writes it.
+pub fn measure_xor(new: &[u8], old: &[u8], limit: usize, scan: &mut DeltaScan) -> Option<usize> {
+    measure_xor_with(new, old, limit, scan, true)
+}
+
+/// Appends the delta last measured into `scan` (same `new` and `old`) to
+/// `out`: what [`encode_xor`] appends.
+pub fn write_xor(scan: &DeltaScan, new: &[u8], old: &[u8], out: &mut Vec<u8>) {
+    if !scan.mapped {
+        encode_xor(new, old, out, usize::MAX);
+        return;
+    }
+    let bits = &scan.map[1..scan.map.len() - 1];
+    let mut emitted = 0;
+    let mut pos = 0;
+    while let Some(s) = next_bit(bits, pos, false) {
+        let e = next_bit(bits, s, true).unwrap_or(64 * bits.len());
+        put_uleb(out, (s - emitted) as u64);
+        put_uleb(out, (e - s) as u64);
+        out.extend(new[s..e].iter().zip(&old[s..e]).map(|(a, b)| a ^ b));
+        emitted = e;
+        pos = e;
+    }
+}
+
+/// The first bit at or after `from` that is set (`clear`: not set).
+fn next_bit(bits: &[u64], from: usize, clear: bool) -> Option<usize> {
+    let flip = if clear { u64::MAX } else { 0 };
+    let mut w = from / 64;
+    let mut x = (bits.get(w)? ^ flip) & (u64::MAX << (from % 64));
+    loop {
+        if x != 0 {
+            return Some(64 * w + x.trailing_zeros() as usize);
+        }
+        w += 1;
+        x = bits.get(w)? ^ flip;
+    }
+}
+
+fn measure_xor_with(
+    new: &[u8],
+    old: &[u8],
+    limit: usize,
+    scan: &mut DeltaScan,
+    simd: bool,
+) -> Option<usize> {
+    scan.mapped = false;
     #[cfg(target_arch = "x86_64")]
     if simd && avx512_available() {
         let n = new.len().min(old.len());
         if n.is_multiple_of(BLOCK) && n <= MAP_BYTES {
+            scan.map.resize(n / BLOCK + 2, 0);
             // SAFETY: the CPU has the features (checked just above).
-            let len = unsafe { delta_len_avx512(&new[..n], &old[..n]) };
+            let len = unsafe { delta_len_avx512(&new[..n], &old[..n], &mut scan.map) };
+            scan.mapped = true;
             return (len <= limit).then_some(len);
         }
     }
@@ -247,13 +302,12 @@ const MAP_BYTES: usize = 8192;
 /// length, plus one more for each of those that is 128 or more.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,popcnt")]
-unsafe fn delta_len_avx512(new: &[u8], old: &[u8]) -> usize {
+unsafe fn delta_len_avx512(new: &[u8], old: &[u8], map: &mut [u64]) -> usize {
     use std::arch::x86_64::{_mm512_cmpneq_epi8_mask, _mm512_loadu_si512};
     const _: () = assert!(BLOCK == 64 && MERGE_GAP == 2);
-    const WORDS: usize = MAP_BYTES / 64;
     let words = new.len() / BLOCK;
-    // Word spans, with an empty word on either side of the page.
-    let mut spans = [0u64; WORDS + 2];
+    // First every block's compare, into the map (word k + 1): nothing else
+    // in the loop, so many loads are in flight at once.
     let mut any = 0;
     for k in 0..words {
         // SAFETY: `(k + 1) * 64 <= new.len() == old.len()`.
@@ -263,19 +317,28 @@ unsafe fn delta_len_avx512(new: &[u8], old: &[u8]) -> usize {
                 _mm512_loadu_si512(old.as_ptr().add(k * BLOCK).cast()),
             )
         };
+        map[k + 1] = diff;
         any |= diff;
-        spans[k + 1] = word_spans(diff);
     }
+    map[0] = 0;
+    map[words + 1] = 0;
     if any == 0 {
         return 0;
     }
-    // Gaps of one or two bytes filled: byte i joins when a run byte is at
-    // most two before it and one at most two after it, with at most two
-    // bytes between them.
-    let mut map = [0u64; WORDS + 2];
+    // Then, in place, the word spans with gaps of one or two bytes filled:
+    // byte i joins when a run byte is at most two before it and one at
+    // most two after it, with at most two bytes between them.
     let (mut literal, mut runs) = (0usize, 0usize);
+    let (mut p, mut c) = (0u64, word_spans(map[1]));
     for k in 1..=words {
-        let (p, c, nx) = (spans[k - 1], spans[k], spans[k + 1]);
+        let nx = word_spans(map[k + 1]);
+        if p | c | nx == 0 {
+            // Nothing changed here or next to it (most blocks of pages
+            // with a few words written).
+            map[k] = 0;
+            (p, c) = (c, nx);
+            continue;
+        }
         let (l1, l2) = (c << 1 | p >> 63, c << 2 | p >> 62);
         let (r1, r2) = (c >> 1 | nx << 63, c >> 2 | nx << 62);
         let m = c | (l1 & r1) | (l2 & r1) | (l1 & r2);
@@ -283,6 +346,10 @@ unsafe fn delta_len_avx512(new: &[u8], old: &[u8]) -> usize {
         map[k] = m;
         literal += m.count_ones() as usize;
         runs += starts.count_ones() as usize;
+        (p, c) = (c, nx);
+    }
+    if runs == 0 {
+        return 0;
     }
     // Runs and gaps of 128 bytes or more cover a whole word: look only
     // around whole words of ones or zeros.
@@ -465,8 +532,17 @@ mod tests {
             let b = encode_xor_with(&new, &old, &mut blocks, limit, true);
             proptest::prop_assert_eq!(a, b);
             proptest::prop_assert_eq!(&words, &blocks);
-            proptest::prop_assert_eq!(xor_delta_len_with(&new, &old, limit, false), a);
-            proptest::prop_assert_eq!(xor_delta_len_with(&new, &old, limit, true), a);
+            let mut scan = DeltaScan::default();
+            for simd in [false, true] {
+                let m = measure_xor_with(&new, &old, limit, &mut scan, simd);
+                proptest::prop_assert_eq!(m, a);
+                if m.is_some() {
+                    // Written from the measurement: what encode_xor writes.
+                    let mut written = vec![5u8];
+                    write_xor(&scan, &new, &old, &mut written);
+                    proptest::prop_assert_eq!(&written, &words);
+                }
+            }
             match a {
                 Some(n) => {
                     proptest::prop_assert_eq!(words.len(), n + 1);
@@ -494,8 +570,12 @@ mod tests {
                     let mut out = Vec::new();
                     let want = encode_xor_with(&new, &old, &mut out, usize::MAX, false);
                     assert_eq!(want, Some(out.len()));
-                    let got = xor_delta_len_with(&new, &old, usize::MAX, simd);
+                    let mut scan = DeltaScan::default();
+                    let got = measure_xor_with(&new, &old, usize::MAX, &mut scan, simd);
                     assert_eq!(got, want, "len {len} at {at} simd {simd}");
+                    let mut written = Vec::new();
+                    write_xor(&scan, &new, &old, &mut written);
+                    assert!(written == out, "len {len} at {at} simd {simd}");
                 }
             }
         }
