@@ -149,11 +149,25 @@ fn encode_xor_with(
 /// so that writing it walks the runs without comparing the pages again.
 #[derive(Default)]
 pub struct DeltaScan {
-    /// Bit `i` of word `k + 1`: byte `64 k + i` is in a run (words 0 and
-    /// last are empty, for the neighbours of the page's first and last).
+    /// Word `k + 1` (words 0 and last are empty, for the neighbours of the
+    /// page's first and last block): with [`Scan::Bitmap`], bit `i` is
+    /// set when byte `64 k + i` is in a run; with [`Scan::Blocks`], when
+    /// it differs.
     map: Vec<u64>,
-    /// Whether `map` holds the last measured delta.
-    mapped: bool,
+    scan: Scan,
+}
+
+/// What a [`DeltaScan`] holds of the last measured delta.
+#[derive(Default, Clone, Copy, PartialEq)]
+enum Scan {
+    /// Nothing: the pages are compared again to write it.
+    #[default]
+    Words,
+    /// The bytes in runs.
+    Bitmap,
+    /// The differing bytes, of a few blocks: their runs are cheaper to
+    /// walk one by one than the whole page's bitmap is to build.
+    Blocks,
 }
 
 /// What [`encode_xor`] would return, without writing the delta: deciding
@@ -166,20 +180,65 @@ pub fn measure_xor(new: &[u8], old: &[u8], limit: usize, scan: &mut DeltaScan) -
 /// Appends the delta last measured into `scan` (same `new` and `old`) to
 /// `out`: what [`encode_xor`] appends.
 pub fn write_xor(scan: &DeltaScan, new: &[u8], old: &[u8], out: &mut Vec<u8>) {
-    if !scan.mapped {
-        encode_xor(new, old, out, usize::MAX);
-        return;
+    match scan.scan {
+        Scan::Words => {
+            encode_xor(new, old, out, usize::MAX);
+        }
+        #[cfg(target_arch = "x86_64")]
+        Scan::Blocks => {
+            block_runs(&scan.map, new, old, Some(out));
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        Scan::Blocks => unreachable!("only measured with AVX-512"),
+        Scan::Bitmap => {
+            let bits = &scan.map[1..scan.map.len() - 1];
+            let mut emitted = 0;
+            let mut pos = 0;
+            while let Some(s) = next_bit(bits, pos, false) {
+                let e = next_bit(bits, s, true).unwrap_or(64 * bits.len());
+                put_uleb(out, (s - emitted) as u64);
+                put_uleb(out, (e - s) as u64);
+                out.extend(new[s..e].iter().zip(&old[s..e]).map(|(a, b)| a ^ b));
+                emitted = e;
+                pos = e;
+            }
+        }
     }
-    let bits = &scan.map[1..scan.map.len() - 1];
-    let mut emitted = 0;
-    let mut pos = 0;
-    while let Some(s) = next_bit(bits, pos, false) {
-        let e = next_bit(bits, s, true).unwrap_or(64 * bits.len());
-        put_uleb(out, (s - emitted) as u64);
-        put_uleb(out, (e - s) as u64);
-        out.extend(new[s..e].iter().zip(&old[s..e]).map(|(a, b)| a ^ b));
-        emitted = e;
-        pos = e;
+}
+
+/// The runs of the differing blocks in `map` (as [`Scan::Blocks`] holds
+/// them), counted, and written to `out` if given: the word loop's runs.
+#[cfg(target_arch = "x86_64")]
+fn block_runs(map: &[u64], new: &[u8], old: &[u8], out: Option<&mut Vec<u8>>) -> usize {
+    let mut runs = Runs {
+        new,
+        old,
+        out,
+        len: 0,
+        emitted: 0,
+        cur: None,
+    };
+    for (k, &diff) in map[1..map.len() - 1].iter().enumerate() {
+        if diff != 0 {
+            add_spans(&mut runs, k * BLOCK, diff);
+        }
+    }
+    if let Some((s, e)) = runs.cur.take() {
+        runs.emit(s, e);
+    }
+    runs.len
+}
+
+/// Adds the runs of a block at `off` whose differing bytes are `diff`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn add_spans(runs: &mut Runs<'_>, off: usize, diff: u64) {
+    let mut f = word_spans(diff);
+    while f != 0 {
+        let s = f.trailing_zeros() as usize;
+        let len = (!(f >> s)).trailing_zeros() as usize;
+        runs.add(off + s, off + s + len);
+        f &= (!0u64).checked_shl((s + len) as u32).unwrap_or(0);
     }
 }
 
@@ -204,15 +263,24 @@ fn measure_xor_with(
     scan: &mut DeltaScan,
     simd: bool,
 ) -> Option<usize> {
-    scan.mapped = false;
+    scan.scan = Scan::Words;
     #[cfg(target_arch = "x86_64")]
     if simd && avx512_available() {
         let n = new.len().min(old.len());
         if n.is_multiple_of(BLOCK) && n <= MAP_BYTES {
             scan.map.resize(n / BLOCK + 2, 0);
+            let (new, old) = (&new[..n], &old[..n]);
             // SAFETY: the CPU has the features (checked just above).
-            let len = unsafe { delta_len_avx512(&new[..n], &old[..n], &mut scan.map) };
-            scan.mapped = true;
+            let len = match unsafe { delta_len_avx512(new, old, &mut scan.map) } {
+                Some(len) => {
+                    scan.scan = Scan::Bitmap;
+                    len
+                }
+                None => {
+                    scan.scan = Scan::Blocks;
+                    block_runs(&scan.map, new, old, None)
+                }
+            };
             return (len <= limit).then_some(len);
         }
     }
@@ -248,13 +316,7 @@ unsafe fn full_blocks_avx512(runs: &mut Runs<'_>, n: usize, limit: usize) -> Opt
             )
         };
         if diff != 0 {
-            let mut f = word_spans(diff);
-            while f != 0 {
-                let s = f.trailing_zeros() as usize;
-                let len = (!(f >> s)).trailing_zeros() as usize;
-                runs.add(off + s, off + s + len);
-                f &= (!0u64).checked_shl((s + len) as u32).unwrap_or(0);
-            }
+            add_spans(runs, off, diff);
             if runs.len > limit {
                 return None;
             }
@@ -288,13 +350,20 @@ fn word_spans(m: u64) -> u64 {
     up & down
 }
 
+/// Up to this many differing blocks, a delta is measured run by run
+/// ([`Scan::Blocks`]): pages with a few words written (sparse writes: one
+/// core 3-4 % slower with every page's bitmap built).
+#[cfg(target_arch = "x86_64")]
+const SPARSE_BLOCKS: usize = 8;
+
 /// Longest input [`delta_len_avx512`] measures: every length and gap then
 /// fits a 2-byte ULEB128.
 #[cfg(target_arch = "x86_64")]
 const MAP_BYTES: usize = 8192;
 
 /// The encoded length of the delta of `new` (a whole number of blocks, at
-/// most [`MAP_BYTES`]) against `old`, from bitmaps of the bytes in runs
+/// most [`MAP_BYTES`]) against `old`, or `None` when at most
+/// [`SPARSE_BLOCKS`] blocks differ (their masks are then in `map`), from bitmaps of the bytes in runs
 /// rather than run by run: pages rewritten throughout have hundreds of
 /// short runs. Bit `i` of the map is byte `i`. The runs are the word spans
 /// (as in the word loop) with gaps of up to [`MERGE_GAP`] bytes filled;
@@ -302,13 +371,13 @@ const MAP_BYTES: usize = 8192;
 /// length, plus one more for each of those that is 128 or more.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,popcnt")]
-unsafe fn delta_len_avx512(new: &[u8], old: &[u8], map: &mut [u64]) -> usize {
+unsafe fn delta_len_avx512(new: &[u8], old: &[u8], map: &mut [u64]) -> Option<usize> {
     use std::arch::x86_64::{_mm512_cmpneq_epi8_mask, _mm512_loadu_si512};
     const _: () = assert!(BLOCK == 64 && MERGE_GAP == 2);
     let words = new.len() / BLOCK;
     // First every block's compare, into the map (word k + 1): nothing else
     // in the loop, so many loads are in flight at once.
-    let mut any = 0;
+    let mut differing = 0;
     for k in 0..words {
         // SAFETY: `(k + 1) * 64 <= new.len() == old.len()`.
         let diff = unsafe {
@@ -318,12 +387,13 @@ unsafe fn delta_len_avx512(new: &[u8], old: &[u8], map: &mut [u64]) -> usize {
             )
         };
         map[k + 1] = diff;
-        any |= diff;
+        differing += usize::from(diff != 0);
     }
     map[0] = 0;
     map[words + 1] = 0;
-    if any == 0 {
-        return 0;
+    if differing <= SPARSE_BLOCKS {
+        // The differing bytes are in the map: walked run by run instead.
+        return None;
     }
     // Then, in place, the word spans with gaps of one or two bytes filled:
     // byte i joins when a run byte is at most two before it and one at
@@ -349,7 +419,7 @@ unsafe fn delta_len_avx512(new: &[u8], old: &[u8], map: &mut [u64]) -> usize {
         (p, c) = (c, nx);
     }
     if runs == 0 {
-        return 0;
+        return Some(0);
     }
     // Runs and gaps of 128 bytes or more cover a whole word: look only
     // around whole words of ones or zeros.
@@ -383,7 +453,7 @@ unsafe fn delta_len_avx512(new: &[u8], old: &[u8], map: &mut [u64]) -> usize {
         }
         k = j + 1;
     }
-    literal + 2 * runs + long
+    Some(literal + 2 * runs + long)
 }
 
 /// Whether this CPU runs [`full_blocks_avx512`] (checked once by std).
@@ -560,12 +630,22 @@ mod tests {
     #[test]
     fn measured_lengths_at_the_two_byte_boundary() {
         let old = vec![0u8; 1024];
-        for len in 120..=136 {
-            for at in 0..=70 {
-                // One run of `len` bytes at `at`, then a gap of `len` and one byte.
+        for (len, at, busy) in
+            (120..=136).flat_map(|l| (0..=70).flat_map(move |a| [(l, a, false), (l, a, true)]))
+        {
+            {
+                // One run of `len` bytes at `at`, then a gap of `len` and one
+                // byte; `busy`: one byte changed in each of the last eight
+                // blocks too, so that more than `SPARSE_BLOCKS` blocks differ
+                // and the length comes from the bitmap.
                 let mut new = old.clone();
                 new[at..at + len].fill(1);
                 new[at + 2 * len] = 1;
+                if busy {
+                    for b in 8..16 {
+                        new[64 * b + 17] = 1;
+                    }
+                }
                 for simd in [false, true] {
                     let mut out = Vec::new();
                     let want = encode_xor_with(&new, &old, &mut out, usize::MAX, false);
