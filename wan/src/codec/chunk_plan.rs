@@ -123,9 +123,6 @@ pub(super) struct ChunkCtx {
     rz: RefsCompressor,
     pub scratch: Vec<u8>,
     resolved: Vec<u8>,
-    /// A referencing chunk's prefix and records, back to back (see
-    /// `finish`).
-    joined: Vec<u8>,
     zbuf: Vec<u8>,
     page_size: usize,
 }
@@ -140,7 +137,6 @@ impl ChunkCtx {
                 .ok_or_else(|| std::io::Error::other("zstd: no memory"))?,
             scratch: Vec::new(),
             resolved: Vec::new(),
-            joined: Vec::new(),
             zbuf: vec![0; page_size],
             page_size,
         })
@@ -157,23 +153,19 @@ impl ChunkCtx {
             &self.resolved
         };
         wire.extend_from_slice(&plan.records.to_le_bytes());
-        if !plan.refs.is_empty() {
-            // The prefix right before the records in one buffer: zstd then
-            // sees one contiguous window and runs its plain match finder,
-            // not the slower external-dictionary variant it uses for a
-            // prefix elsewhere in memory (10 % of the encoder's samples
-            // on sort before; the bytes are the same either way). The page
-            // pass laid them out so; records rewritten by prefix attempts
-            // are joined here.
-            let (prefix, records) = if plan.tries.is_empty() {
-                plan.window()
-            } else {
-                let (prefix, _) = plan.window();
-                self.joined.clear();
-                self.joined.extend_from_slice(prefix);
-                self.joined.extend_from_slice(records);
-                self.joined.split_at(prefix.len())
-            };
+        // Chunks that name prefix frames never carry deferred prefix
+        // attempts (a changed page's old content goes into the chunk's
+        // prefix instead: `Encoder::own_refs_on`), so their records are
+        // the ones laid out after the prefix.
+        debug_assert!(plan.refs.is_empty() || plan.tries.is_empty());
+        if !plan.refs.is_empty() && plan.tries.is_empty() {
+            // The prefix right before the records in one buffer (laid out
+            // so by the page pass): zstd then sees one contiguous window
+            // and runs its plain match finder, not the slower
+            // external-dictionary variant it uses for a prefix elsewhere
+            // in memory (10 % of the encoder's samples on sort before;
+            // the bytes are the same either way).
+            let (prefix, records) = plan.window();
             if put_refs_block(
                 wire,
                 records,

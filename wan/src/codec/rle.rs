@@ -34,7 +34,18 @@ struct Runs<'a> {
     cur: Option<(usize, usize)>,
 }
 
-impl Runs<'_> {
+impl<'a> Runs<'a> {
+    fn new(new: &'a [u8], old: &'a [u8], out: Option<&'a mut Vec<u8>>) -> Self {
+        Runs {
+            new,
+            old,
+            out,
+            len: 0,
+            emitted: 0,
+            cur: None,
+        }
+    }
+
     #[inline]
     fn add(&mut self, s: usize, e: usize) {
         match self.cur {
@@ -127,14 +138,7 @@ fn encode_xor_with(
     simd: bool,
 ) -> Option<usize> {
     let start = out.len();
-    let mut runs = Runs {
-        new,
-        old,
-        out: Some(out),
-        len: 0,
-        emitted: 0,
-        cur: None,
-    };
+    let mut runs = Runs::new(new, old, Some(out));
     if runs.scan(limit, simd) {
         return Some(runs.len);
     }
@@ -191,15 +195,13 @@ pub fn write_xor(scan: &DeltaScan, new: &[u8], old: &[u8], out: &mut Vec<u8>) {
         #[cfg(not(target_arch = "x86_64"))]
         Scan::Blocks => unreachable!("only measured with AVX-512"),
         Scan::Bitmap => {
+            // The bitmap's runs are already merged: each is emitted as is.
             let bits = &scan.map[1..scan.map.len() - 1];
-            let mut emitted = 0;
+            let mut runs = Runs::new(new, old, Some(out));
             let mut pos = 0;
             while let Some(s) = next_bit(bits, pos, false) {
                 let e = next_bit(bits, s, true).unwrap_or(64 * bits.len());
-                put_uleb(out, (s - emitted) as u64);
-                put_uleb(out, (e - s) as u64);
-                out.extend(new[s..e].iter().zip(&old[s..e]).map(|(a, b)| a ^ b));
-                emitted = e;
+                runs.emit(s, e);
                 pos = e;
             }
         }
@@ -210,14 +212,7 @@ pub fn write_xor(scan: &DeltaScan, new: &[u8], old: &[u8], out: &mut Vec<u8>) {
 /// them), counted, and written to `out` if given: the word loop's runs.
 #[cfg(target_arch = "x86_64")]
 fn block_runs(map: &[u64], new: &[u8], old: &[u8], out: Option<&mut Vec<u8>>) -> usize {
-    let mut runs = Runs {
-        new,
-        old,
-        out,
-        len: 0,
-        emitted: 0,
-        cur: None,
-    };
+    let mut runs = Runs::new(new, old, out);
     for (k, &diff) in map[1..map.len() - 1].iter().enumerate() {
         if diff != 0 {
             add_spans(&mut runs, k * BLOCK, diff);
@@ -284,14 +279,7 @@ fn measure_xor_with(
             return (len <= limit).then_some(len);
         }
     }
-    let mut runs = Runs {
-        new,
-        old,
-        out: None,
-        len: 0,
-        emitted: 0,
-        cur: None,
-    };
+    let mut runs = Runs::new(new, old, None);
     runs.scan(limit, simd).then_some(runs.len)
 }
 
@@ -303,18 +291,13 @@ fn measure_xor_with(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn full_blocks_avx512(runs: &mut Runs<'_>, n: usize, limit: usize) -> Option<usize> {
-    use std::arch::x86_64::{_mm512_cmpneq_epi8_mask, _mm512_loadu_si512};
     const _: () = assert!(BLOCK == 64);
     let (new, old) = (runs.new, runs.old);
     let mut off = 0;
     while off + BLOCK <= n {
-        // SAFETY: `off + 64 <= n`, within both slices.
-        let diff = unsafe {
-            _mm512_cmpneq_epi8_mask(
-                _mm512_loadu_si512(new.as_ptr().add(off).cast()),
-                _mm512_loadu_si512(old.as_ptr().add(off).cast()),
-            )
-        };
+        // SAFETY: `off + 64 <= n`, within both slices; the caller's
+        // features are this function's.
+        let diff = unsafe { block_diff(new, old, off) };
         if diff != 0 {
             add_spans(runs, off, diff);
             if runs.len > limit {
@@ -324,6 +307,26 @@ unsafe fn full_blocks_avx512(runs: &mut Runs<'_>, n: usize, limit: usize) -> Opt
         off += BLOCK;
     }
     Some(off)
+}
+
+/// The mask of the bytes that differ between `new` and `old` in the 64
+/// bytes at `off`.
+///
+/// # Safety
+/// `off + 64` is within both slices, and the CPU has AVX-512 F and BW.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+unsafe fn block_diff(new: &[u8], old: &[u8], off: usize) -> u64 {
+    use std::arch::x86_64::{_mm512_cmpneq_epi8_mask, _mm512_loadu_si512};
+    debug_assert!(off + 64 <= new.len().min(old.len()));
+    // SAFETY: as the caller promises.
+    unsafe {
+        _mm512_cmpneq_epi8_mask(
+            _mm512_loadu_si512(new.as_ptr().add(off).cast()),
+            _mm512_loadu_si512(old.as_ptr().add(off).cast()),
+        )
+    }
 }
 
 /// For a mask of differing bytes (bit i: byte i), each 8-bit lane filled
@@ -372,20 +375,15 @@ const MAP_BYTES: usize = 8192;
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,popcnt")]
 unsafe fn delta_len_avx512(new: &[u8], old: &[u8], map: &mut [u64]) -> Option<usize> {
-    use std::arch::x86_64::{_mm512_cmpneq_epi8_mask, _mm512_loadu_si512};
     const _: () = assert!(BLOCK == 64 && MERGE_GAP == 2);
     let words = new.len() / BLOCK;
     // First every block's compare, into the map (word k + 1): nothing else
     // in the loop, so many loads are in flight at once.
     let mut differing = 0;
     for k in 0..words {
-        // SAFETY: `(k + 1) * 64 <= new.len() == old.len()`.
-        let diff = unsafe {
-            _mm512_cmpneq_epi8_mask(
-                _mm512_loadu_si512(new.as_ptr().add(k * BLOCK).cast()),
-                _mm512_loadu_si512(old.as_ptr().add(k * BLOCK).cast()),
-            )
-        };
+        // SAFETY: `(k + 1) * 64 <= new.len() == old.len()`; the caller's
+        // features are this function's.
+        let diff = unsafe { block_diff(new, old, k * BLOCK) };
         map[k + 1] = diff;
         differing += usize::from(diff != 0);
     }
